@@ -1,0 +1,236 @@
+"""Scan ops for every recurrent family, behind one API. The contract is ``kernels/README.md``.
+
+Each public op validates its arguments (``ValueError`` naming the argument and expected shape),
+then dispatches to a backend: ``"reference"`` (the step-by-step recurrence), ``"torch"``
+(chunked/parallel PyTorch) or ``"triton"``; see :mod:`kernels._dispatch` for the rule.
+All return ``(output, final_state or None)``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from kernels._checks import check_floating, check_log_decay, check_same_dtype, check_tensor
+from kernels._dispatch import BACKENDS, choose_backend, resolve
+
+__all__ = [
+    "BACKENDS", "linear_scan", "gla", "delta_rule", "dplr", "softmax_scan", "recurrent_delta", "srwm",
+]
+
+
+def _run(op: str, backend: Optional[str], device: torch.device, *args, **kwargs):
+    return resolve(op, choose_backend(backend, device))(*args, **kwargs)
+
+
+def _default_scale(scale: Optional[float], K: int) -> float:
+    return float(K) ** -0.5 if scale is None else float(scale)
+
+
+def linear_scan(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    initial_state: Optional[torch.Tensor] = None,
+    output_final_state: bool = False,
+    backend: Optional[str] = None,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``h_t = a_t * h_{t-1} + b_t`` for a, b: [B, T, D] (linear-space a, any sign).
+
+    Returns all h_t [B, T, D] and, if requested, h_T [B, D] (fp32).
+    """
+    sizes: dict = {}
+    check_tensor("a", a, ("B", "T", "D"), sizes)
+    check_floating("a", a)
+    check_tensor("b", b, ("B", "T", "D"), sizes, ref=a)
+    check_same_dtype([("a", a), ("b", b)])
+    if initial_state is not None:
+        check_tensor("initial_state", initial_state, ("B", "D"), sizes, ref=a)
+    return _run("linear_scan", backend, a.device, a, b, initial_state, output_final_state)
+
+
+def _check_qkv(q, k, v, sizes):
+    check_tensor("q", q, ("B", "T", "H", "K"), sizes)
+    check_floating("q", q)
+    check_tensor("k", k, ("B", "T", "H", "K"), sizes, ref=q)
+    check_tensor("v", v, ("B", "T", "H", "V"), sizes, ref=q)
+    check_same_dtype([("q", q), ("k", k), ("v", v)])
+
+
+def _check_matrix_state(initial_state, sizes, q):
+    if initial_state is not None:
+        check_tensor("initial_state", initial_state, ("B", "H", "K", "V"), sizes, ref=q)
+
+
+def gla(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    scale: Optional[float] = None,
+    initial_state: Optional[torch.Tensor] = None,
+    output_final_state: bool = False,
+    backend: Optional[str] = None,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Gated linear attention: ``S_t = exp(g_t)[:, None] * S_{t-1} + k_t v_t^T``; ``o_t = scale S_t^T q_t``.
+
+    q, k: [B, T, H, K]; v: [B, T, H, V]; g: [B, T, H, K] (per-key) or [B, T, H] (per-head), <= 0.
+    """
+    sizes: dict = {}
+    _check_qkv(q, k, v, sizes)
+    if g.dim() == 3:
+        check_tensor("g", g, ("B", "T", "H"), sizes, ref=q)
+    else:
+        check_tensor("g", g, ("B", "T", "H", "K"), sizes, ref=q)
+    check_log_decay("g", g)
+    _check_matrix_state(initial_state, sizes, q)
+    scale = _default_scale(scale, q.shape[-1])
+    return _run("gla", backend, q.device, q, k, v, g, scale, initial_state, output_final_state)
+
+
+def delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    g: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+    initial_state: Optional[torch.Tensor] = None,
+    output_final_state: bool = False,
+    backend: Optional[str] = None,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(Gated) delta rule: ``S' = exp(g_t) S_{t-1}``; ``S_t = S' + beta_t k_t (v_t - S'^T k_t)^T``.
+
+    q, k: [B, T, H, K]; v: [B, T, H, V]; beta, g: [B, T, H] (g <= 0, None for no decay).
+    """
+    sizes: dict = {}
+    _check_qkv(q, k, v, sizes)
+    check_tensor("beta", beta, ("B", "T", "H"), sizes, ref=q)
+    if g is not None:
+        check_tensor("g", g, ("B", "T", "H"), sizes, ref=q)
+        check_log_decay("g", g)
+    _check_matrix_state(initial_state, sizes, q)
+    scale = _default_scale(scale, q.shape[-1])
+    return _run("delta_rule", backend, q.device, q, k, v, beta, g, scale, initial_state, output_final_state)
+
+
+def dplr(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    g: torch.Tensor,
+    scale: Optional[float] = None,
+    initial_state: Optional[torch.Tensor] = None,
+    output_final_state: bool = False,
+    backend: Optional[str] = None,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Diagonal plus low rank: ``S_t = (diag(exp(g_t)) + b_t a_t^T) S_{t-1} + k_t v_t^T``.
+
+    q, k, a, b, g: [B, T, H, K] (g <= 0); v: [B, T, H, V].
+    """
+    sizes: dict = {}
+    _check_qkv(q, k, v, sizes)
+    for name, x in (("a", a), ("b", b), ("g", g)):
+        check_tensor(name, x, ("B", "T", "H", "K"), sizes, ref=q)
+    check_log_decay("g", g)
+    _check_matrix_state(initial_state, sizes, q)
+    scale = _default_scale(scale, q.shape[-1])
+    return _run("dplr", backend, q.device, q, k, v, a, b, g, scale, initial_state, output_final_state)
+
+
+def softmax_scan(
+    s: torch.Tensor,
+    v: torch.Tensor,
+    initial_state: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
+    output_final_state: bool = False,
+    backend: Optional[str] = None,
+):
+    """Attention as a scan (Aaren): ``o_t = sum_{i<=t} exp(s_i) v_i / sum_{i<=t} exp(s_i)``.
+
+    s: [B, T, H]; v: [B, T, H, V]; state (m [B, H], u [B, H], w [B, H, V]).
+    """
+    sizes: dict = {}
+    check_tensor("s", s, ("B", "T", "H"), sizes)
+    check_floating("s", s)
+    check_tensor("v", v, ("B", "T", "H", "V"), sizes, ref=s)
+    if initial_state is not None:
+        if len(initial_state) != 3:
+            raise ValueError("initial_state: expected a tuple (m [B, H], u [B, H], w [B, H, V])")
+        m, u, w = initial_state
+        check_tensor("initial_state[0] (m)", m, ("B", "H"), sizes, ref=s)
+        check_tensor("initial_state[1] (u)", u, ("B", "H"), sizes, ref=s)
+        check_tensor("initial_state[2] (w)", w, ("B", "H", "V"), sizes, ref=s)
+    return _run("softmax_scan", backend, s.device, s, v, initial_state, output_final_state)
+
+
+def recurrent_delta(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    r_q: torch.Tensor,
+    r_k: torch.Tensor,
+    r_v: torch.Tensor,
+    r_b: torch.Tensor,
+    initial_state: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    output_final_state: bool = False,
+    backend: Optional[str] = None,
+):
+    """Recurrent delta rule (recurrent fast weight programmer), see kernels/README.md.
+
+    q, k: [B, T, H, K]; v: [B, T, H, V]; beta: [B, T, H] (pre-activations of the input part);
+    r_q, r_k: [H, K, V]; r_v: [H, V, V]; r_b: [H, V]; state (S [B, H, K, V], y [B, H, V]).
+    """
+    sizes: dict = {}
+    _check_qkv(q, k, v, sizes)
+    check_tensor("beta", beta, ("B", "T", "H"), sizes, ref=q)
+    check_tensor("r_q", r_q, ("H", "K", "V"), sizes, ref=q)
+    check_tensor("r_k", r_k, ("H", "K", "V"), sizes, ref=q)
+    check_tensor("r_v", r_v, ("H", "V", "V"), sizes, ref=q)
+    check_tensor("r_b", r_b, ("H", "V"), sizes, ref=q)
+    if initial_state is not None:
+        if len(initial_state) != 2:
+            raise ValueError("initial_state: expected a tuple (S [B, H, K, V], y [B, H, V])")
+        check_tensor("initial_state[0] (S)", initial_state[0], ("B", "H", "K", "V"), sizes, ref=q)
+        check_tensor("initial_state[1] (y)", initial_state[1], ("B", "H", "V"), sizes, ref=q)
+    return _run(
+        "recurrent_delta", backend, q.device, q, k, v, beta, r_q, r_k, r_v, r_b,
+        initial_state, output_final_state,
+    )
+
+
+def srwm(
+    x: torch.Tensor,
+    w_y: Optional[torch.Tensor],
+    w_q: Optional[torch.Tensor],
+    w_k: Optional[torch.Tensor],
+    w_b: Optional[torch.Tensor],
+    initial_state: Optional[Tuple[torch.Tensor, ...]] = None,
+    output_final_state: bool = False,
+    backend: Optional[str] = None,
+):
+    """Self-referential weight matrix, see kernels/README.md.
+
+    x: [B, T, H, D]; initial weights w_y: [H, V, D], w_q, w_k: [H, D, D], w_b: [H, 4, D] (or with a
+    leading batch dim). ``initial_state`` (the four batched matrices) replaces them when given.
+    """
+    sizes: dict = {}
+    check_tensor("x", x, ("B", "T", "H", "D"), sizes)
+    check_floating("x", x)
+    if initial_state is not None:
+        if len(initial_state) != 4:
+            raise ValueError("initial_state: expected a tuple (W_y, W_q, W_k, w_b) of batched weights")
+        names = ("initial_state[0] (W_y)", "initial_state[1] (W_q)", "initial_state[2] (W_k)",
+                 "initial_state[3] (w_b)")
+        shapes = (("B", "H", "V", "D"), ("B", "H", "D", "D"), ("B", "H", "D", "D"), ("B", "H", 4, "D"))
+        for name, w, shape in zip(names, initial_state, shapes):
+            check_tensor(name, w, shape, sizes, ref=x)
+    else:
+        for name, w, shape in (("w_y", w_y, ("H", "V", "D")), ("w_q", w_q, ("H", "D", "D")),
+                               ("w_k", w_k, ("H", "D", "D")), ("w_b", w_b, ("H", 4, "D"))):
+            if w is None:
+                raise ValueError(f"{name}: required when initial_state is None")
+            check_tensor(name, w, ("B",) + shape if w.dim() == 4 else shape, sizes, ref=x)
+    return _run("srwm", backend, x.device, x, w_y, w_q, w_k, w_b, initial_state, output_final_state)

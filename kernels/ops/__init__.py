@@ -1,0 +1,1 @@
+"""One sub-package per op: ``reference.py`` (the specification) beside its fast paths."""

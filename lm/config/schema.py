@@ -1,0 +1,215 @@
+"""The typed schema of an experiment: every key a YAML file or a ``key=value`` override may set.
+
+An experiment is one :class:`ExperimentConfig`. ``configs/<group>/*.yaml`` files fill its sections
+(``data``, ``model``, ``train``), ``configs/experiment/*.yaml`` compose them, and the loader
+(:mod:`lm.config.loader`) rejects unknown keys and wrong types with the full key path.
+Family-specific token-mixer options live in ``model.mixer`` and are checked against the
+family's own dataclass (see :mod:`lm.models.registry`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+# ----------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class SourceConfig:
+    """Where documents come from.
+
+    kind:
+      ``stdlib``  the Python standard library's own source files (embedded default, no network);
+      ``text``    local text files / globs in ``paths``; a document per file, or per blank-line
+                  separated block when ``split_by: blank_line``;
+      ``json`` / ``jsonl`` / ``parquet`` / ``csv``  local files read by HF ``datasets``, text in
+                  ``text_field``;
+      ``hf``      a dataset on the HF hub (``hf_name``, ``hf_config``, ``hf_split``), streamed when
+                  ``streaming`` is true.
+    """
+
+    kind: str = "stdlib"
+    paths: List[str] = field(default_factory=list)
+    split_by: str = "file"
+    text_field: str = "text"
+    hf_name: Optional[str] = None
+    hf_config: Optional[str] = None
+    hf_split: str = "train"
+    streaming: bool = False
+    max_documents: Optional[int] = None
+    max_bytes: Optional[int] = None
+    encoding_errors: str = "replace"  # replace | fail
+
+
+@dataclass
+class TokenizerConfig:
+    """A byte-level BPE trained on the training split, or an existing tokenizer.
+
+    ``path``: None trains one; otherwise a ``tokenizer.json`` file or a HF hub tokenizer name.
+    """
+
+    path: Optional[str] = None
+    vocab_size: int = 8192
+    min_frequency: int = 2
+    train_max_bytes: int = 40_000_000
+    eod_token: str = "<|endoftext|>"
+    pad_token: str = "<|pad|>"
+
+
+@dataclass
+class DataConfig:
+    """A tokenized corpus: source, tokenizer, split and where the shards go."""
+
+    name: str = "stdlib"
+    source: SourceConfig = field(default_factory=SourceConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    out_dir: str = "artifacts/data/${.name}"
+    validation_fraction: float = 0.02
+    test_fraction: float = 0.0
+    split_seed: int = 1234
+    num_proc: int = 0  # 0: one worker per CPU core
+    batch_size: int = 256  # documents per tokenization batch
+    shard_tokens: int = 64 * 1024 * 1024
+
+
+# ---------------------------------------------------------------------------------------- model
+
+
+@dataclass
+class ModelConfig:
+    """The shared skeleton: embedding -> n_layers x [norm, mixer, norm, mlp] -> norm -> head.
+
+    ``family``/``variant`` pick the token mixer from the registry; ``mixer`` holds that family's
+    own options (validated against its dataclass). ``vocab_size: 0`` takes the tokenizer's size
+    rounded up to a multiple of 64.
+    """
+
+    family: str = "transformer"
+    variant: Optional[str] = None
+    vocab_size: int = 0
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    head_dim: Optional[int] = None  # default d_model // n_heads
+    mlp: str = "swiglu"  # swiglu | rwkv_cmix | none
+    mlp_ratio: float = 4.0
+    norm: str = "rmsnorm"  # rmsnorm | layernorm
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    max_seq_len: int = 2048
+    init_std: float = 0.02
+    dropout: float = 0.0
+    input_dim: Optional[int] = None  # continuous inputs (regression tasks): linear embedding
+    output_dim: Optional[int] = None  # continuous outputs: linear readout instead of the LM head
+    kernel_backend: Optional[str] = None  # reference | torch | triton (None: by device)
+    chunk_size: int = 64
+    mixer: Dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------- train
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, batch shapes, precision and distribution."""
+
+    seq_len: int = 256
+    micro_batch_size: int = 8
+    accumulate_grad_batches: int = 1
+    max_steps: int = 1000
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    precision: str = "32-true"  # 32-true | bf16-mixed | 16-mixed | bf16-true
+    accelerator: str = "auto"  # auto | cpu | gpu
+    devices: int = 1  # processes per node (0: all visible GPUs)
+    num_nodes: int = 1
+    strategy: str = "auto"  # auto | ddp | deepspeed
+    zero_stage: int = 2
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    activation_checkpointing: bool = False
+    compile: bool = False
+    loss_chunk_size: int = 0  # > 0: LM-head cross-entropy in chunks of this many tokens
+    val_every_n_steps: int = 200
+    val_batches: int = 20
+    log_every_n_steps: int = 10
+    max_nonfinite_steps: int = 5
+    num_workers: int = 0
+    deterministic: bool = True
+    progress_bar: bool = True
+    sample_prompt: str = ""
+    sample_tokens: int = 64
+
+
+@dataclass
+class CheckpointConfig:
+    every_n_steps: int = 500
+    keep_last: int = 3
+    save_on_signal: bool = True
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "disabled"  # disabled | offline | online
+    project: str = "rnn-lm"
+    entity: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+
+
+@dataclass
+class LoggingConfig:
+    csv: bool = True
+    tensorboard: bool = True
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class ProbesConfig:
+    every_n_steps: int = 0  # 0: off
+    batch_size: int = 2
+    seq_len: int = 64
+    probes: List[str] = field(default_factory=lambda: ["form", "attention", "lsa_fit"])
+    lsa_rank: int = 16
+
+
+@dataclass
+class SlurmConfig:
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    time: str = "01:00:00"
+    nodes: int = 1
+    gpus_per_node: int = 0
+    cpus_per_task: int = 2
+    mem: Optional[str] = None
+    signal_grace_s: int = 120
+    extra_sbatch: List[str] = field(default_factory=list)
+    setup: List[str] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------------- experiment
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "default"
+    seed: int = 1234
+    run_dir: str = "runs/${name}"
+    resume: str = "none"  # none | auto | <checkpoint path>
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    probes: ProbesConfig = field(default_factory=ProbesConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+
+
+#: config groups: a YAML file in ``configs/<group>/`` fills the section of the same name
+GROUPS: Dict[str, type] = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
