@@ -21,7 +21,8 @@ __all__ = [
 
 
 def _run(op: str, backend: Optional[str], device: torch.device, *args, **kwargs):
-    return resolve(op, choose_backend(backend, device))(*args, **kwargs)
+    T = args[0].shape[1]
+    return resolve(op, choose_backend(backend, device), device, T)(*args, **kwargs)
 
 
 def _default_scale(scale: Optional[float], K: int) -> float:

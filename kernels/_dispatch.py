@@ -1,4 +1,10 @@
-"""Backend selection: explicit ``backend=`` > ``$LM_KERNEL_BACKEND`` > device default."""
+"""Backend selection: explicit ``backend=`` > ``$LM_KERNEL_BACKEND`` > automatic.
+
+Automatic: ``triton`` for CUDA tensors (when installed), ``torch`` otherwise; on the CPU a
+sequence shorter than :data:`SHORT_T` (decoding one token at a time) runs the reference step,
+which is exactly one recurrence step with no chunk padding. If the chosen op lacks that backend,
+the automatic choice falls back to ``torch``, then ``reference``; an explicit choice is an error.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,7 @@ import torch
 
 BACKENDS = ("reference", "torch", "triton")
 ENV_VAR = "LM_KERNEL_BACKEND"
+SHORT_T = 8
 
 
 def triton_available() -> bool:
@@ -24,10 +31,11 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def choose_backend(backend: Optional[str], device: torch.device) -> str:
+def choose_backend(backend: Optional[str], device: torch.device) -> Optional[str]:
+    """The requested backend, validated; None means automatic (see :func:`resolve_auto`)."""
     name = backend or os.environ.get(ENV_VAR) or None
     if name is None:
-        return "triton" if device.type == "cuda" and triton_available() else "torch"
+        return None
     if name not in BACKENDS:
         source = "backend" if backend else ENV_VAR
         raise ValueError(f"{source}: unknown kernel backend '{name}'; choose one of {', '.join(BACKENDS)}")
@@ -42,10 +50,24 @@ def choose_backend(backend: Optional[str], device: torch.device) -> str:
     return name
 
 
-def resolve(op: str, backend: str) -> Callable:
-    """The implementation of ``op`` for ``backend`` (imported on first use)."""
-    module = importlib.import_module(f"kernels.ops.{op}")
-    table: Dict[str, Callable[[], Callable]] = module.BACKENDS
+def _table(op: str) -> Dict[str, Callable[[], Callable]]:
+    return importlib.import_module(f"kernels.ops.{op}").BACKENDS
+
+
+def resolve_auto(op: str, device: torch.device, T: int) -> Callable:
+    table = _table(op)
+    if device.type == "cuda" and triton_available() and "triton" in table:
+        return table["triton"]()
+    if device.type != "cuda" and T < SHORT_T:
+        return table["reference"]()
+    return table["torch"]() if "torch" in table else table["reference"]()
+
+
+def resolve(op: str, backend: Optional[str], device: torch.device, T: int) -> Callable:
+    """The implementation of ``op`` for ``backend`` (None: automatic), imported on first use."""
+    if backend is None:
+        return resolve_auto(op, device, T)
+    table = _table(op)
     if backend not in table:
         raise ValueError(f"op '{op}' has no '{backend}' backend; available: {', '.join(table)}")
     return table[backend]()

@@ -260,7 +260,7 @@ def _load_validators() -> None:
     """Import the packages that register validators (kept lazy: configs load without torch)."""
     import importlib
 
-    for module in ("lm.models.registry",):
+    for module in ("lm.models",):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as e:  # only tolerate the module itself being absent

@@ -1,0 +1,175 @@
+"""``gated_rnn``: the gated linear RNN of "Gated recurrent neural networks discover attention"
+(Zucchet et al., 2023), with a static (LRU) or input-dependent (RG-LRU / HGRN) recurrence.
+
+Equations (N hidden units, one diagonal recurrence per unit)::
+
+    u_t = (W_v x_t) * act_in(W_g x_t)                  multiplicative input gating (GLU)
+    lambda_t = exp(-exp(nu))                           static: learned per unit (LRU)
+             = exp(-c softplus(Lambda) sigmoid(W_r x_t))   input-dependent (RG-LRU), c = 8
+    h_t = lambda_t * h_{t-1} + s_t * u_t               s_t = sqrt(1 - lambda_t^2) if normalize_input else 1
+    y_t = W_o (act_out(W_q x_t) * h_t)                 multiplicative output gating, linear readout
+
+With identity gate activations and lambda = 1 the layer can compute any linear self-attention
+layer exactly (:func:`set_lsa_construction`): unit (h, i, j) stores v_i k_j, the output gate
+multiplies it by q_j and W_o sums over j. The ungated variant (no multiplicative gates) cannot.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+from lm.errors import ConfigError
+from lm.models.mixer import TokenMixer, get
+from lm.models.registry import register
+
+ACTIVATIONS = {"identity": lambda x: x, "sigmoid": torch.sigmoid, "silu": F.silu}
+
+
+@dataclass
+class GatedRNNOptions:
+    state_dim: int = 0  # hidden units N; 0: state_expand * d_model
+    state_expand: float = 1.0
+    recurrence: str = "static"  # static | input_dependent
+    input_gating: bool = True
+    output_gating: bool = True
+    input_activation: str = "identity"  # identity | sigmoid | silu (the gate branch)
+    output_activation: str = "identity"
+    normalize_input: bool = False
+    lambda_min: float = 0.9  # init range of the static lambda
+    lambda_max: float = 0.999
+    rg_lru_c: float = 8.0
+
+
+VARIANTS = {
+    # the paper's model: linear gates, static recurrence
+    "static": {},
+    # RG-LRU / HGRN style: input-dependent decay, sigmoid-gated input, normalised input
+    "input_dependent": {"recurrence": "input_dependent", "input_activation": "sigmoid",
+                        "normalize_input": True},
+    # the ablation without multiplicative gating (a plain diagonal linear RNN)
+    "ungated": {"input_gating": False, "output_gating": False},
+}
+
+
+@register("gated_rnn", GatedRNNOptions, variants=VARIANTS, default_variant="static")
+class GatedRNN(TokenMixer):
+    """Gated linear RNN: GLU input gating, diagonal linear recurrence, multiplicative output gating."""
+
+    def __init__(self, cfg: Any, options: GatedRNNOptions, layer_idx: int):
+        super().__init__(cfg, options, layer_idx)
+        o = options
+        D = self.d_model
+        self.state_dim = N = o.state_dim or int(round(o.state_expand * D))
+        self.w_v = nn.Linear(D, N, bias=False)
+        self.w_g = nn.Linear(D, N, bias=False) if o.input_gating else None
+        self.w_q = nn.Linear(D, N, bias=False) if o.output_gating else None
+        self.w_o = nn.Linear(N, D, bias=False)
+        self.w_o.is_residual_out = True
+        self.nu = nn.Parameter(torch.zeros(N))  # static: lambda = exp(-exp(nu))
+        if o.recurrence == "input_dependent":
+            self.w_r = nn.Linear(D, N, bias=True)
+        else:
+            self.w_r = None
+        self.reset_parameters()
+
+    @staticmethod
+    def check_config(cfg: Any, options: GatedRNNOptions) -> None:
+        if options.recurrence not in ("static", "input_dependent"):
+            raise ConfigError(f"model.mixer.recurrence: '{options.recurrence}' is not static|input_dependent")
+        for key in ("input_activation", "output_activation"):
+            if getattr(options, key) not in ACTIVATIONS:
+                raise ConfigError(f"model.mixer.{key}: '{getattr(options, key)}' is not one of {', '.join(ACTIVATIONS)}")
+        if not 0 < options.lambda_min <= options.lambda_max < 1:
+            raise ConfigError("model.mixer.lambda_min/lambda_max: need 0 < lambda_min <= lambda_max < 1")
+
+    def reset_parameters(self) -> None:
+        o = self.options
+        with torch.no_grad():
+            # LRU init: lambda uniform in [lambda_min, lambda_max] -> nu = log(-log(lambda))
+            lam = torch.empty_like(self.nu).uniform_(o.lambda_min, o.lambda_max)
+            self.nu.copy_(torch.log(-torch.log(lam)))
+            if self.w_r is not None:
+                nn.init.zeros_(self.w_r.bias)
+
+    def log_lambda(self, x: torch.Tensor) -> torch.Tensor:
+        """log lambda_t: [N] (static) or [B, T, N] (input-dependent), always <= 0."""
+        if self.w_r is None:
+            return -torch.exp(self.nu)
+        rate = F.softplus(-self.nu)  # positive per unit
+        return -self.options.rg_lru_c * rate * torch.sigmoid(self.w_r(x).float())
+
+    def forward(self, x, state=None, return_state=False):
+        o = self.options
+        B, T, _ = x.shape
+        u = self.w_v(x)
+        if self.w_g is not None:
+            u = u * ACTIVATIONS[o.input_activation](self.w_g(x))
+        log_lam = self.log_lambda(x)
+        lam = torch.exp(log_lam).to(u.dtype)
+        if o.normalize_input:
+            u = u * torch.sqrt(-torch.expm1(2 * log_lam)).to(u.dtype)
+        a = lam.expand(B, T, self.state_dim) if lam.dim() == 1 else lam
+        h, h_last = kernels.linear_scan(a, u, initial_state=get(state, "h"),
+                                        output_final_state=return_state, backend=self.backend)
+        if self.w_q is not None:
+            h = h * ACTIVATIONS[o.output_activation](self.w_q(x))
+        return self.w_o(h), ({"h": h_last} if return_state else None)
+
+    def init_state(self, batch_size, device=None, dtype=None):
+        return {"h": torch.zeros(batch_size, self.state_dim, device=device)}
+
+
+# ------------------------------------------------------------------ the explicit construction
+
+
+def linear_self_attention(x: torch.Tensor, W_Q, W_K, W_V, W_O) -> torch.Tensor:
+    """Causal linear self-attention, unnormalised: ``y_t = W_O sum_{s<=t} v_s (k_s . q_t)`` per head.
+
+    x: [B, T, D]; W_Q, W_K: [H, dk, D]; W_V: [H, dv, D]; W_O: [D_out, H * dv].
+    """
+    q = torch.einsum("hkd,btd->bthk", W_Q, x)
+    k = torch.einsum("hkd,btd->bthk", W_K, x)
+    v = torch.einsum("hvd,btd->bthv", W_V, x)
+    scores = torch.einsum("bthk,bshk->bhts", q, k)
+    T = x.shape[1]
+    mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+    scores = scores.masked_fill(~mask, 0.0)
+    heads = torch.einsum("bhts,bshv->bthv", scores, v)
+    return heads.reshape(*heads.shape[:2], -1) @ W_O.t()
+
+
+@torch.no_grad()
+def set_lsa_construction(layer: GatedRNN, W_Q, W_K, W_V, W_O) -> None:
+    """Set ``layer``'s weights so that it computes :func:`linear_self_attention` exactly.
+
+    Needs identity gate activations, both gates, a static recurrence without input
+    normalisation, and ``state_dim == H * dv * dk``. Unit (h, i, j) receives v_i k_j (input
+    gate), keeps it forever (lambda = 1), is multiplied by q_j (output gate) and W_o sums the
+    units of (h, i) into output column i of head h.
+    """
+    o = layer.options
+    if not (o.input_gating and o.output_gating and o.recurrence == "static" and not o.normalize_input
+            and o.input_activation == "identity" and o.output_activation == "identity"):
+        raise ValueError("the construction needs the 'static' variant with identity gates and no input normalisation")
+    H, dk, D = W_Q.shape
+    dv = W_V.shape[1]
+    if layer.state_dim != H * dv * dk:
+        raise ValueError(f"state_dim must be H*dv*dk = {H * dv * dk}, got {layer.state_dim}")
+    if W_O.shape != (layer.d_model, H * dv):
+        raise ValueError(f"W_O: expected shape ({layer.d_model}, {H * dv}), got {tuple(W_O.shape)}")
+    # unit index n = (h * dv + i) * dk + j
+    value_rows = W_V[:, :, None, :].expand(H, dv, dk, D).reshape(-1, D)
+    key_rows = W_K[:, None, :, :].expand(H, dv, dk, D).reshape(-1, D)
+    query_rows = W_Q[:, None, :, :].expand(H, dv, dk, D).reshape(-1, D)
+    layer.w_v.weight.copy_(value_rows)
+    layer.w_g.weight.copy_(key_rows)
+    layer.w_q.weight.copy_(query_rows)
+    layer.w_o.weight.copy_(W_O.repeat_interleave(dk, dim=1))
+    layer.nu.fill_(-math.inf)  # lambda = exp(-exp(-inf)) = 1 exactly

@@ -1,0 +1,195 @@
+"""``linear_attention``: linear Transformers as fast weight programmers, on the ``gla`` and
+``delta_rule`` kernels. Per head (q, k in R^K, v in R^V, state S in R^{K x V})::
+
+    linear_transformer  S_t = S_{t-1} + phi(k_t) v_t^T,  o_t = S_t^T phi(q_t) / (phi(q_t) . sum_s phi(k_s)),
+                        phi(x) = elu(x) + 1                                      (Katharopoulos et al.)
+    retnet              S_t = gamma_h S_{t-1} + k_t v_t^T,  gamma_h = 1 - 2^(-5-h) fixed per head
+    gla                 S_t = diag(alpha_t) S_{t-1} + k_t v_t^T,
+                        log alpha_t = logsigmoid(W_2 W_1 x_t + b) / tau  (per key, low rank)
+    deltanet            S_t = S_{t-1} + beta_t k_t (v_t - S_{t-1}^T k_t)^T,  beta_t = sigmoid(w_b x_t),
+                        q, k = L2norm(silu(conv(W x)))                       (Yang et al., 2024)
+    gated_deltanet      S' = exp(g_t) S_{t-1};  S_t = S' + beta_t k_t (v_t - S'^T k_t)^T,
+                        g_t = -exp(A_log) softplus(w_a x_t + dt_bias)        (per head)
+
+    o_t = scale S_t^T q_t  ->  per-head RMS norm (optional)  ->  * silu(W_g x_t) (optional)  ->  W_o
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+from lm.errors import ConfigError
+from lm.models.layers import HeadNorm, ShortConv, l2_normalize
+from lm.models.mixer import TokenMixer, get
+from lm.models.registry import register
+
+FEATURE_MAPS = {
+    "identity": lambda x: x,
+    "elu1": lambda x: F.elu(x) + 1.0,
+    "silu": F.silu,
+    "relu": F.relu,
+}
+
+
+@dataclass
+class LinearAttentionOptions:
+    rule: str = "additive"  # additive (gla kernel) | delta (delta_rule kernel)
+    gate: str = "none"  # none | fixed (RetNet) | per_key (GLA) | per_head (Mamba-2 style)
+    expand_k: float = 1.0  # key dim per head = expand_k * head_dim
+    expand_v: float = 1.0
+    feature_map: str = "identity"  # identity | elu1 | silu | relu
+    normalize_qk: bool = False
+    short_conv: bool = False
+    conv_size: int = 4
+    denominator: bool = False  # divide by phi(q) . sum phi(k) (the original linear Transformer)
+    output_norm: bool = True
+    output_gate: bool = True
+    gate_low_rank: int = 16
+    gate_normalizer: float = 16.0
+
+
+VARIANTS = {
+    "linear_transformer": {"feature_map": "elu1", "denominator": True, "output_norm": False,
+                           "output_gate": False},
+    "retnet": {"gate": "fixed"},
+    "gla": {"gate": "per_key"},
+    "deltanet": {"rule": "delta", "short_conv": True, "normalize_qk": True, "output_gate": False},
+    "gated_deltanet": {"rule": "delta", "gate": "per_head", "short_conv": True, "normalize_qk": True},
+}
+
+
+@register("linear_attention", LinearAttentionOptions, variants=VARIANTS, default_variant="gla")
+class LinearAttention(TokenMixer):
+    """Linear attention / fast weight programmers with additive or delta-rule updates."""
+
+    def __init__(self, cfg: Any, options: LinearAttentionOptions, layer_idx: int):
+        super().__init__(cfg, options, layer_idx)
+        o = options
+        D, H = self.d_model, self.n_heads
+        self.key_dim = K = int(self.head_dim * o.expand_k)
+        self.value_dim = V = int(self.head_dim * o.expand_v)
+        self.q_proj = nn.Linear(D, H * K, bias=False)
+        self.k_proj = nn.Linear(D, H * K, bias=False)
+        self.v_proj = nn.Linear(D, H * V, bias=False)
+        self.o_proj = nn.Linear(H * V, D, bias=False)
+        self.o_proj.is_residual_out = True
+        if o.short_conv:
+            self.conv_q = ShortConv(H * K, o.conv_size)
+            self.conv_k = ShortConv(H * K, o.conv_size)
+            self.conv_v = ShortConv(H * V, o.conv_size)
+        if o.rule == "delta":
+            self.b_proj = nn.Linear(D, H, bias=True)
+        if o.gate == "fixed":
+            gamma = 1.0 - torch.pow(2.0, -5.0 - torch.arange(H, dtype=torch.float64))
+            self.register_buffer("log_gamma", torch.log(gamma).float(), persistent=False)
+        elif o.gate == "per_key":
+            self.g_down = nn.Linear(D, o.gate_low_rank, bias=False)
+            self.g_up = nn.Linear(o.gate_low_rank, H * K, bias=True)
+        elif o.gate == "per_head":
+            self.a_proj = nn.Linear(D, H, bias=False)
+            self.A_log = nn.Parameter(torch.zeros(H))
+            self.dt_bias = nn.Parameter(torch.zeros(H))
+        if o.output_norm:
+            self.o_norm = HeadNorm(H, V, eps=float(cfg.norm_eps))
+        if o.output_gate:
+            self.gate_proj = nn.Linear(D, H * V, bias=False)
+        self.reset_parameters()
+
+    @staticmethod
+    def check_config(cfg: Any, options: LinearAttentionOptions) -> None:
+        choices = {"rule": ("additive", "delta"), "gate": ("none", "fixed", "per_key", "per_head"),
+                   "feature_map": tuple(FEATURE_MAPS)}
+        for key, allowed in choices.items():
+            if getattr(options, key) not in allowed:
+                raise ConfigError(f"model.mixer.{key}: '{getattr(options, key)}' is not one of {', '.join(allowed)}")
+        if options.rule == "delta" and options.gate in ("fixed", "per_key"):
+            raise ConfigError("model.mixer.gate: the delta rule takes a per-head gate only (none | per_head)")
+        if options.rule == "delta" and options.denominator:
+            raise ConfigError("model.mixer.denominator: not defined for the delta rule")
+
+    def reset_parameters(self) -> None:
+        o = self.options
+        with torch.no_grad():
+            if o.gate == "per_head":
+                H = self.n_heads
+                self.A_log.copy_(torch.log(torch.empty(H).uniform_(1.0, 16.0)))
+                dt = torch.exp(torch.empty(H).uniform_(math.log(1e-3), math.log(0.1)))
+                self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
+            if o.rule == "delta":
+                nn.init.zeros_(self.b_proj.bias)
+
+    # --------------------------------------------------------------------------------- pieces
+    def log_decay(self, x: torch.Tensor):
+        """Log decay per head [B, T, H] or per key [B, T, H, K]; None when there is no decay."""
+        o = self.options
+        B, T, _ = x.shape
+        if o.gate == "fixed":
+            return self.log_gamma.to(x.device).expand(B, T, self.n_heads)
+        if o.gate == "per_key":
+            g = F.logsigmoid(self.g_up(self.g_down(x)).float()) / o.gate_normalizer
+            return g.view(B, T, self.n_heads, self.key_dim)
+        if o.gate == "per_head":
+            return -torch.exp(self.A_log.float()) * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
+        return None
+
+    def forward(self, x, state=None, return_state=False):
+        o = self.options
+        B, T, _ = x.shape
+        H, K, V = self.n_heads, self.key_dim, self.value_dim
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        new_state = {}
+        if o.short_conv:
+            q, new_state["conv_q"] = self.conv_q(q, get(state, "conv_q"))
+            k, new_state["conv_k"] = self.conv_k(k, get(state, "conv_k"))
+            v, new_state["conv_v"] = self.conv_v(v, get(state, "conv_v"))
+        q = FEATURE_MAPS[o.feature_map](q.view(B, T, H, K))
+        k = FEATURE_MAPS[o.feature_map](k.view(B, T, H, K))
+        v = v.view(B, T, H, V)
+        if o.normalize_qk:
+            q, k = l2_normalize(q), l2_normalize(k)
+        g = self.log_decay(x)
+        S0 = get(state, "S")
+        if o.rule == "delta":
+            beta = torch.sigmoid(self.b_proj(x).float()).to(x.dtype)
+            out, S = kernels.delta_rule(q, k, v, beta, None if g is None else g.to(x.dtype),
+                                        initial_state=S0, output_final_state=return_state,
+                                        backend=self.backend)
+        else:
+            if g is None:
+                g = x.new_zeros(B, T, H)
+            scale = None
+            if o.denominator:
+                v = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
+                scale = 1.0
+            out, S = kernels.gla(q, k, v, g.to(x.dtype), scale=scale, initial_state=S0,
+                                 output_final_state=return_state, backend=self.backend)
+            if o.denominator:
+                out = out[..., :V] / (out[..., V:].float() + 1e-6).to(out.dtype)
+        if o.output_norm:
+            out = self.o_norm(out)
+        if o.output_gate:
+            out = out * F.silu(self.gate_proj(x)).view(B, T, H, V)
+        y = self.o_proj(out.reshape(B, T, H * V))
+        if not return_state:
+            return y, None
+        new_state["S"] = S
+        return y, new_state
+
+    def init_state(self, batch_size, device=None, dtype=None):
+        o = self.options
+        V = self.value_dim + (1 if o.denominator else 0)
+        state = {"S": torch.zeros(batch_size, self.n_heads, self.key_dim, V, device=device)}
+        if o.short_conv:
+            pad = o.conv_size - 1
+            HK, HV = self.n_heads * self.key_dim, self.n_heads * self.value_dim
+            state["conv_q"] = torch.zeros(batch_size, pad, HK, device=device, dtype=dtype)
+            state["conv_k"] = torch.zeros(batch_size, pad, HK, device=device, dtype=dtype)
+            state["conv_v"] = torch.zeros(batch_size, pad, HV, device=device, dtype=dtype)
+        return state

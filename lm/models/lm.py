@@ -1,0 +1,146 @@
+"""The one skeleton every family shares::
+
+    h_0 = embed(tokens)                                  (or a linear map of continuous inputs)
+    h   = h + mixer_l(norm(h));  h = h + mlp_l(norm(h))  for l = 1..n_layers
+    logits = head(norm_f(h))                             (tied to the embedding, or not)
+
+``forward(tokens, state=None) -> (logits, state)`` serves training, evaluation of long documents
+in pieces, and generation alike; the state is one entry per layer (for the Transformer a KV cache).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.checkpoint import checkpoint
+
+from lm.config.schema import ModelConfig
+from lm.models.layers import init_linear_, make_mlp, make_norm
+from lm.models.registry import get_family, resolve_options, resolve_variant
+
+ModelState = List[Dict[str, Any]]
+
+
+def as_model_config(cfg: Any) -> ModelConfig:
+    """A :class:`ModelConfig` from a dataclass, DictConfig or dict (validated by the schema)."""
+    if isinstance(cfg, ModelConfig):
+        return cfg
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    node = OmegaConf.merge(OmegaConf.structured(ModelConfig), cfg)
+    return OmegaConf.to_object(node)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: token mixer then channel mixer."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int, options: Any):
+        super().__init__()
+        spec = get_family(cfg.family)
+        self.norm1 = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
+        self.mixer = spec.mixer(cfg, options, layer_idx)
+        self.mlp = make_mlp(cfg.mlp, cfg.d_model, cfg.mlp_ratio)
+        self.norm2 = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps) if self.mlp is not None else None
+        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, state: Optional[Dict[str, Any]] = None, return_state: bool = False):
+        mix_state = None if state is None else state.get("mixer")
+        h, mix_state = self.mixer(self.norm1(x), mix_state, return_state=return_state)
+        x = x + self.dropout(h)
+        mlp_state = None
+        if self.mlp is not None:
+            m, mlp_state = self.mlp(self.norm2(x), None if state is None else state.get("mlp"))
+            x = x + self.dropout(m)
+        return x, ({"mixer": mix_state, "mlp": mlp_state} if return_state else None)
+
+    def init_state(self, batch_size: int, device=None, dtype=None) -> Dict[str, Any]:
+        mlp_state = self.mlp.init_state(batch_size, device, dtype) if self.mlp is not None else None
+        return {"mixer": self.mixer.init_state(batch_size, device, dtype), "mlp": mlp_state}
+
+
+class LanguageModel(nn.Module):
+    def __init__(self, cfg: Any):
+        super().__init__()
+        cfg = as_model_config(cfg)
+        cfg.variant = resolve_variant(cfg.family, cfg.variant)
+        if cfg.vocab_size <= 0 and cfg.input_dim is None:
+            raise ValueError("model.vocab_size must be set (> 0) before building the model")
+        self.cfg = cfg
+        if cfg.input_dim:
+            self.embed: nn.Module = nn.Linear(cfg.input_dim, cfg.d_model, bias=True)
+        else:
+            self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        options = resolve_options(cfg.family, cfg.variant, cfg.mixer)
+        self.blocks = nn.ModuleList(Block(cfg, i, options) for i in range(cfg.n_layers))
+        self.norm_f = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
+        out_dim = cfg.output_dim or cfg.vocab_size
+        tie = cfg.tie_embeddings and not cfg.input_dim and not cfg.output_dim
+        self.head: Optional[nn.Linear] = None if tie else nn.Linear(cfg.d_model, out_dim, bias=bool(cfg.output_dim))
+        self.gradient_checkpointing = False  # set by the trainer (train.activation_checkpointing)
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------------------ parameters
+    def reset_parameters(self) -> None:
+        init_linear_(self, self.cfg.init_std, self.cfg.n_layers)
+        for block in self.blocks:
+            reset = getattr(block.mixer, "reset_parameters", None)
+            if reset is not None:
+                reset()
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings and isinstance(self.embed, nn.Embedding):
+            n -= self.embed.weight.numel()
+        return n
+
+    # --------------------------------------------------------------------------------- forward
+    def init_state(self, batch_size: int, device=None, dtype=None) -> ModelState:
+        """The state before any token: one entry per layer."""
+        return [b.init_state(batch_size, device, dtype) for b in self.blocks]
+
+    def hidden_states(
+        self, tokens: torch.Tensor, state: Optional[ModelState] = None, return_state: bool = False
+    ) -> Tuple[torch.Tensor, Optional[ModelState]]:
+        """Final-norm hidden states [B, T, D] (before the head) and the new state."""
+        x = self.embed(tokens)
+        new_state: List[Dict[str, Any]] = []
+        for i, block in enumerate(self.blocks):
+            layer_state = None if state is None else state[i]
+            if self.gradient_checkpointing and self.training and not return_state and layer_state is None:
+                x = checkpoint(lambda inp, b=block: b(inp)[0], x, use_reentrant=False)
+                s = None
+            else:
+                x, s = block(x, layer_state, return_state=return_state)
+            new_state.append(s)
+        return self.norm_f(x), (new_state if return_state else None)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The LM head (tied to the embedding unless configured otherwise)."""
+        if self.head is None:
+            return h @ self.embed.weight.t()
+        return self.head(h)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        state: Optional[ModelState] = None,
+        return_state: Optional[bool] = None,
+    ) -> Tuple[torch.Tensor, Optional[ModelState]]:
+        """tokens [B, T] (or [B, T, input_dim]) -> (logits [B, T, V], state).
+
+        The state is returned when one was passed in or ``return_state=True``.
+        """
+        if return_state is None:
+            return_state = state is not None
+        h, new_state = self.hidden_states(tokens, state, return_state)
+        return self.logits(h), new_state
+
+    @torch.no_grad()
+    def step(self, token: torch.Tensor, state: ModelState) -> Tuple[torch.Tensor, ModelState]:
+        """One token per sequence: token [B] -> (logits [B, V], state)."""
+        logits, state = self.forward(token[:, None], state, return_state=True)
+        return logits[:, 0], state

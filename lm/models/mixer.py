@@ -1,0 +1,52 @@
+"""The token-mixer interface every family implements.
+
+A mixer maps ``x [B, T, D] -> y [B, T, D]`` causally. It has two equivalent forms:
+
+* the whole-sequence (training) form ``forward(x, state=None, return_state=False)``, built on the
+  fast kernels, which can start from and return a state, and
+* the recurrent form ``step(x_t [B, D], state) -> (y_t [B, D], state)``.
+
+States are dicts of tensors (or None entries) so that a sequence can be processed in pieces,
+generated token by token, or probed. ``init_state(batch)`` gives the state before any token.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+State = Optional[Dict[str, Any]]
+
+
+class TokenMixer(nn.Module):
+    def __init__(self, cfg: Any, options: Any, layer_idx: int):
+        super().__init__()
+        self.cfg = cfg
+        self.options = options
+        self.layer_idx = layer_idx
+        self.d_model = int(cfg.d_model)
+        self.n_heads = int(cfg.n_heads)
+        self.head_dim = int(cfg.head_dim) if cfg.head_dim else self.d_model // self.n_heads
+        self.backend = cfg.kernel_backend
+
+    def forward(self, x: torch.Tensor, state: State = None, return_state: bool = False) -> Tuple[torch.Tensor, State]:
+        raise NotImplementedError
+
+    def step(self, x_t: torch.Tensor, state: State) -> Tuple[torch.Tensor, State]:
+        """One token: the whole-sequence form on a length-1 sequence with the carried state."""
+        y, state = self.forward(x_t[:, None], state, return_state=True)
+        return y[:, 0], state
+
+    def init_state(self, batch_size: int, device=None, dtype=None) -> Dict[str, Any]:
+        raise NotImplementedError
+
+    @staticmethod
+    def check_config(cfg: Any, options: Any) -> None:
+        """Raise ConfigError for option combinations the family cannot build (default: none)."""
+
+
+def get(state: State, key: str):
+    """``state[key]`` or None for a fresh sequence."""
+    return None if state is None else state.get(key)

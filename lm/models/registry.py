@@ -1,0 +1,138 @@
+"""Registry of token-mixer families and their variants, and the model-config validator.
+
+A family registers its mixer class with a dataclass of options and a preset of options per
+variant::
+
+    @register("linear_attention", LinearAttentionOptions,
+              variants={"gla": {...}, "deltanet": {...}}, default_variant="gla")
+    class LinearAttention(TokenMixer): ...
+
+``model.mixer`` in a config overrides the variant's preset; unknown option keys are rejected
+with the full key path and a suggestion.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Type
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from lm.errors import ConfigError
+
+
+@dataclass
+class FamilySpec:
+    name: str
+    mixer: type
+    options: type
+    variants: Dict[str, Dict[str, Any]]
+    default_variant: str
+    doc: str = ""
+    aliases: List[str] = field(default_factory=list)
+
+
+FAMILIES: Dict[str, FamilySpec] = {}
+
+
+def register(
+    name: str,
+    options: type,
+    variants: Optional[Dict[str, Dict[str, Any]]] = None,
+    default_variant: Optional[str] = None,
+) -> Callable[[type], type]:
+    """Class decorator adding a token-mixer family to :data:`FAMILIES`."""
+
+    def wrap(cls: type) -> type:
+        table = variants or {name: {}}
+        FAMILIES[name] = FamilySpec(
+            name=name, mixer=cls, options=options, variants=table,
+            default_variant=default_variant or next(iter(table)),
+            doc=(cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else "",
+        )
+        return cls
+
+    return wrap
+
+
+def _suggest(word: str, options) -> str:
+    close = difflib.get_close_matches(str(word), list(options), n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def get_family(name: str) -> FamilySpec:
+    if name not in FAMILIES:
+        known = ", ".join(sorted(FAMILIES))
+        raise ConfigError(f"model.family: unknown family '{name}'{_suggest(name, FAMILIES)}; known: {known}")
+    return FAMILIES[name]
+
+
+def resolve_variant(family: str, variant: Optional[str]) -> str:
+    spec = get_family(family)
+    if variant is None or variant == "":
+        return spec.default_variant
+    if variant not in spec.variants:
+        known = ", ".join(spec.variants)
+        raise ConfigError(
+            f"model.variant: unknown variant '{variant}' of family '{family}'"
+            f"{_suggest(variant, spec.variants)}; known: {known}"
+        )
+    return variant
+
+
+def resolve_options(family: str, variant: Optional[str], mixer: Any) -> Any:
+    """The family's options dataclass: defaults <- variant preset <- ``model.mixer``."""
+    spec = get_family(family)
+    variant = resolve_variant(family, variant)
+    node = OmegaConf.structured(spec.options)
+    user = OmegaConf.create(mixer if mixer is not None else {})
+    try:
+        node = OmegaConf.merge(node, spec.variants[variant], user)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", "") or ""
+        leaf = key.rpartition(".")[2]
+        fields = [f.name for f in dataclasses.fields(spec.options)]
+        if leaf and leaf not in fields:
+            raise ConfigError(
+                f"model.mixer: unknown key 'model.mixer.{key}' for family '{family}'"
+                f"{_suggest(leaf, fields)}; options: {', '.join(fields)}"
+            ) from None
+        msg = (getattr(e, "msg", None) or str(e)).splitlines()[0]
+        raise ConfigError(f"model.mixer.{key}: {msg}") from None
+    return OmegaConf.to_object(node)
+
+
+def head_dim(cfg: Any) -> int:
+    return int(cfg.head_dim) if cfg.head_dim else int(cfg.d_model) // int(cfg.n_heads)
+
+
+def validate_model_config(cfg: Any) -> None:
+    """Family, variant and options exist; dimensions are consistent. ``cfg`` is the model node."""
+    spec = get_family(cfg.family)
+    variant = resolve_variant(cfg.family, cfg.variant)
+    options = resolve_options(cfg.family, variant, cfg.mixer)
+    if not cfg.head_dim and cfg.d_model % cfg.n_heads != 0:
+        raise ConfigError(
+            f"model.d_model ({cfg.d_model}) must be divisible by model.n_heads ({cfg.n_heads}) "
+            "(or set model.head_dim)"
+        )
+    check = getattr(spec.mixer, "check_config", None)
+    if check is not None:
+        check(cfg, options)
+
+
+def _experiment_validator(cfg: DictConfig) -> None:
+    validate_model_config(cfg.model)
+
+
+def _install_validator() -> None:
+    from lm.config import loader
+
+    if _experiment_validator not in loader.VALIDATORS:
+        loader.VALIDATORS.append(_experiment_validator)
+
+
+_install_validator()

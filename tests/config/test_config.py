@@ -1,0 +1,112 @@
+"""The config system: composition, overrides, typed schema errors with full key paths and
+suggestions, and `lm config show`."""
+
+import pytest
+import yaml
+
+from lm.cli.main import main
+from lm.config import load_experiment
+from lm.config.loader import compose, parse_overrides
+from lm.errors import ConfigError
+
+
+def write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture
+def config_dir(tmp_path, monkeypatch):
+    root = tmp_path / "configs"
+    write(root / "data" / "d1.yaml", "name: d1\nsource: {kind: text, paths: [a.txt]}\n")
+    write(root / "model" / "m" / "small.yaml", "family: transformer\nd_model: 64\nn_heads: 4\nn_layers: 2\n")
+    write(root / "model" / "other.yaml", "family: linear_attention\nvariant: gla\nd_model: 32\nn_heads: 2\n")
+    write(root / "train" / "t.yaml", "max_steps: 7\nlr: 0.01\n")
+    write(root / "experiment" / "exp.yaml",
+          "defaults: {data: d1, model: m/small, train: t}\ntrain: {max_steps: 9}\n")
+    monkeypatch.setenv("LM_CONFIG_DIR", str(root))
+    return root
+
+
+def test_composition_order(config_dir):
+    cfg = load_experiment("exp")
+    assert cfg.name == "exp"  # from the file name
+    assert cfg.data.name == "d1" and cfg.data.out_dir == "artifacts/data/d1"
+    assert cfg.model.d_model == 64 and cfg.train.lr == 0.01
+    assert cfg.train.max_steps == 9  # the experiment body beats the group file
+    cfg = load_experiment("exp", ["train.max_steps=11", "model=other", "name=x"])
+    assert cfg.train.max_steps == 11 and cfg.model.family == "linear_attention" and cfg.name == "x"
+    assert cfg.run_dir == "runs/x"
+    assert yaml.safe_load(__import__("lm.config", fromlist=["to_yaml"]).to_yaml(cfg))["run_dir"] == "runs/x"
+
+
+def test_unknown_key_suggests(config_dir):
+    with pytest.raises(ConfigError) as e:
+        load_experiment("exp", ["train.max_stpes=3"])
+    msg = str(e.value)
+    assert "train.max_stpes" in msg and "did you mean 'max_steps'" in msg and "command line" in msg
+
+
+def test_unknown_key_in_file_names_file(config_dir):
+    write(config_dir / "train" / "t.yaml", "max_steps: 7\nlearning_rate: 0.1\n")
+    with pytest.raises(ConfigError) as e:
+        load_experiment("exp")
+    assert "t.yaml" in str(e.value) and "train.learning_rate" in str(e.value)
+
+
+def test_wrong_type_names_key(config_dir):
+    with pytest.raises(ConfigError) as e:
+        load_experiment("exp", ["train.max_steps=many"])
+    assert "train.max_steps" in str(e.value) and "many" in str(e.value)
+
+
+def test_enumerated_value_suggests(config_dir):
+    with pytest.raises(ConfigError) as e:
+        load_experiment("exp", ["train.strategy=deepspeeed"])
+    assert "train.strategy" in str(e.value) and "did you mean 'deepspeed'" in str(e.value)
+
+
+def test_unknown_group_config_lists_known(config_dir):
+    with pytest.raises(ConfigError) as e:
+        load_experiment("exp", ["model=m/smal"])
+    assert "m/small" in str(e.value) and "unknown model config" in str(e.value)
+
+
+def test_ranges(config_dir):
+    with pytest.raises(ConfigError, match="train.seq_len: must be > 0"):
+        load_experiment("exp", ["train.seq_len=0"])
+    with pytest.raises(ConfigError, match="data.validation_fraction"):
+        load_experiment("exp", ["data.validation_fraction=1.5"])
+
+
+def test_bad_override_syntax():
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_overrides(["train.lr"])
+
+
+def test_invalid_yaml_names_line(config_dir):
+    write(config_dir / "experiment" / "bad.yaml", "train:\n  lr: [1, 2\n")
+    with pytest.raises(ConfigError) as e:
+        compose("bad")
+    assert "bad.yaml" in str(e.value) and "invalid YAML" in str(e.value)
+
+
+def test_cli_config_show(config_dir, capsys):
+    main(["config", "show", "exp", "train.lr=0.5"])
+    out = yaml.safe_load(capsys.readouterr().out)
+    assert out["train"]["lr"] == 0.5 and out["model"]["family"] == "transformer"
+
+
+def test_cli_error_is_one_line_exit_2(config_dir, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["config", "show", "exp", "model.d_modle=3"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "d_model" in err
+
+
+def test_repository_experiments_validate():
+    for name in ("default",):
+        cfg = load_experiment(name)
+        assert cfg.model.family
