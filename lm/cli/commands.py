@@ -1,3 +1,6 @@
 """Imports every command module so that each registers its commands on the app."""
 
 from lm.cli import config_cmd  # noqa: F401
+from lm.cli import data_cmd  # noqa: F401
+from lm.cli import train_cmd  # noqa: F401
+from lm.cli import export_cmd  # noqa: F401

@@ -6,7 +6,7 @@ from typing import List, Optional
 
 import typer
 
-from lm.cli.main import app
+from lm.cli.app import app
 from lm.config import load_experiment, to_yaml
 from lm.config.loader import available
 

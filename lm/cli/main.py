@@ -1,6 +1,6 @@
 """Entry point of the ``lm`` console command.
 
-Every command module registers itself on :data:`app`; :func:`main` turns user errors
+Every command module registers itself on :data:`lm.cli.app.app`; :func:`main` turns user errors
 (:class:`~lm.errors.LMError`) into ``error: <one line>`` on stderr and exit status 2.
 """
 
@@ -10,18 +10,9 @@ import sys
 from typing import List, Optional
 
 import click
-import typer
 
+from lm.cli.app import app
 from lm.errors import LMError
-
-app = typer.Typer(
-    name="lm",
-    help="Train, probe and evaluate recurrent language models that compute attention.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
 
 
 def _register() -> None:

@@ -146,6 +146,7 @@ class TrainConfig:
     progress_bar: bool = True
     sample_prompt: str = ""
     sample_tokens: int = 64
+    record_samples: bool = False  # write each step's sample indices to <run_dir>/samples/rank*.jsonl
 
 
 @dataclass

@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.checkpoint import checkpoint
 
@@ -62,6 +63,19 @@ class Block(nn.Module):
         return {"mixer": self.mixer.init_state(batch_size, device, dtype), "mlp": mlp_state}
 
 
+class TiedHead(nn.Module):
+    """The LM head tied to the embedding: ``logits = h E^T``. A module of its own (holding no
+    parameter) so that sharded strategies gather the embedding when it runs (ZeRO-3 registers
+    the embedding weight as its external parameter)."""
+
+    def __init__(self, embedding: nn.Embedding):
+        super().__init__()
+        self.__dict__["embedding"] = embedding  # a reference, not a sub-module (no duplicate keys)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(h, self.embedding.weight)
+
+
 class LanguageModel(nn.Module):
     def __init__(self, cfg: Any):
         super().__init__()
@@ -80,6 +94,7 @@ class LanguageModel(nn.Module):
         out_dim = cfg.output_dim or cfg.vocab_size
         tie = cfg.tie_embeddings and not cfg.input_dim and not cfg.output_dim
         self.head: Optional[nn.Linear] = None if tie else nn.Linear(cfg.d_model, out_dim, bias=bool(cfg.output_dim))
+        self.tied_head = TiedHead(self.embed) if tie else None
         self.gradient_checkpointing = False  # set by the trainer (train.activation_checkpointing)
         self.reset_parameters()
 
@@ -121,7 +136,7 @@ class LanguageModel(nn.Module):
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """The LM head (tied to the embedding unless configured otherwise)."""
         if self.head is None:
-            return h @ self.embed.weight.t()
+            return self.tied_head(h)
         return self.head(h)
 
     def forward(

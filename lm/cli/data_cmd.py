@@ -1,0 +1,40 @@
+"""``lm data prepare <data-config> [key=value ...] [--force]`` and ``lm data inspect <dir>``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from lm.cli.app import app
+from lm.config.loader import load_data_config
+
+data_app = typer.Typer(help="Prepare and inspect tokenized corpora.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("prepare")
+def prepare(
+    config: str = typer.Argument(..., help="name under configs/data/ or a YAML path"),
+    overrides: Optional[List[str]] = typer.Argument(
+        None, help="key=value overrides of the data section, e.g. tokenizer.vocab_size=4096"),
+    force: bool = typer.Option(False, "--force", help="rebuild even if the output is up to date"),
+) -> None:
+    """Tokenize a corpus into packed shards (skips when the output is up to date)."""
+    from data.prepare import prepare as run_prepare
+
+    cfg = load_data_config(config, overrides or [])
+    run_prepare(cfg, force=force, echo=typer.echo)
+
+
+@data_app.command("inspect")
+def inspect(
+    data_dir: Path = typer.Argument(..., help="a directory written by `lm data prepare`"),
+    tokens: int = typer.Option(200, "--tokens", help="how many tokens of sample text to decode"),
+    split: Optional[str] = typer.Option(None, "--split", help="split to sample (default validation)"),
+) -> None:
+    """Show counts per split, bytes/token, dtype, tokenizer hash and a decoded sample."""
+    from data.inspect import describe
+
+    typer.echo(describe(data_dir, sample_tokens=tokens, split=split))

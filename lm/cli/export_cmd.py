@@ -1,0 +1,22 @@
+"""``lm export <checkpoint> <dir>``: consolidated safetensors weights + config + tokenizer."""
+
+from __future__ import annotations
+
+import typer
+
+from lm.cli.app import app
+
+
+@app.command("export")
+def export_command(
+    checkpoint: str = typer.Argument(..., help="a checkpoint directory (step-*), its model.ckpt, or a run directory"),
+    out_dir: str = typer.Argument(..., help="the export directory to create"),
+) -> None:
+    """Export weights for evaluation and generation without DeepSpeed or Lightning."""
+    from lm.cli.train_cmd import quiet_libraries
+    from lm.training.export import export_checkpoint, load_model
+
+    quiet_libraries()
+    out = export_checkpoint(checkpoint, out_dir)
+    loaded = load_model(str(out))
+    typer.echo(f"exported step {loaded.step} ({loaded.model.num_parameters() / 1e6:.2f}M parameters) to {out}")

@@ -1,0 +1,1 @@
+"""Evaluation: sampling and generation, perplexity, in-context learning, lm-eval harness."""

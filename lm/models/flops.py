@@ -1,0 +1,64 @@
+"""Training FLOPs per token (forward + backward), for model-FLOPs utilisation (MFU).
+
+``6 * (matmul parameters, LM head included)`` plus three times each token mixer's forward cost
+along the sequence (the part parameters do not count):
+
+* softmax attention (causal): ``2 * 2 * d * T/2`` per layer (scores and weighted sum);
+* chunked linear attention / GLA / RetNet (chunk C): intra-chunk ``2 C (K + V)`` and state read and
+  write ``4 K V`` per head; the delta rule adds the per-chunk WY transform ``2 C K + C^2``;
+* DPLR (RWKV-7): like the delta rule with a per-key decay, ``2 C (2K + V) + C^2 + 6 K V``;
+* fused recurrences (recurrent delta, SRWM): ``~12 K V`` (read, update and readout per step);
+* scans (gated RNN, Aaren): elementwise, counted as 0.
+"""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+from lm.models.lm import LanguageModel
+
+
+def matmul_parameters(model: LanguageModel) -> int:
+    """Weights used in matrix products per token: every Linear, plus the head (tied or not)."""
+    n = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear) and m is not model.embed)
+    if model.head is None and isinstance(model.embed, nn.Embedding):
+        n += model.embed.weight.numel()
+    return n
+
+
+def mixer_forward_flops(model: LanguageModel, seq_len: int) -> float:
+    cfg = model.cfg
+    L, d, H = cfg.n_layers, cfg.d_model, cfg.n_heads
+    hd = cfg.head_dim or d // H
+    C = cfg.chunk_size
+    variant = cfg.variant
+    if cfg.family == "transformer":
+        return L * 2.0 * d * seq_len
+    if cfg.family == "linear_attention":
+        mixer = model.blocks[0].mixer
+        K, V = mixer.key_dim, mixer.value_dim
+        per_head = 2 * C * (K + V) + 4 * K * V
+        if variant in ("deltanet", "gated_deltanet"):
+            per_head += 2 * C * K + C * C
+        return L * H * float(per_head)
+    if cfg.family == "rwkv":
+        K = V = hd
+        return L * H * float(2 * C * (2 * K + V) + C * C + 6 * K * V)
+    if cfg.family == "fwp":
+        return L * H * 12.0 * hd * hd
+    return 0.0
+
+
+def training_flops_per_token(model: LanguageModel, seq_len: int) -> float:
+    return 6.0 * matmul_parameters(model) + 3.0 * mixer_forward_flops(model, seq_len)
+
+
+#: dense bf16 peak FLOP/s by device-name fragment (for MFU on GPUs)
+PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40": 362e12, "A10": 125e12, "4090": 165e12}
+
+
+def peak_flops(device_name: str) -> float:
+    for key, value in PEAK_BF16.items():
+        if key in device_name:
+            return value
+    return 0.0

@@ -1,0 +1,1 @@
+"""Training: Lightning module, strategies, checkpoints, signals, loggers and the `lm train` driver."""

@@ -1,0 +1,114 @@
+"""Consolidated weights for use without DeepSpeed or Lightning, and loading models for evaluation.
+
+``lm export <checkpoint> <dir>`` writes ``<dir>/model.safetensors`` (fp32, keys of
+:class:`~lm.models.lm.LanguageModel`), ``config.yaml`` (the resolved experiment config),
+``tokenizer.json`` and ``export.json`` (step, parameter count, tokenizer hash, source).
+:func:`load_model` opens an export, a checkpoint directory, or a run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from lm.errors import LMError
+from lm.models import build_model
+from lm.models.lm import LanguageModel
+from lm.training.checkpoint import STATE, read_manifest, resolve_checkpoint
+
+WEIGHTS = "model.safetensors"
+
+
+@dataclass
+class LoadedModel:
+    model: LanguageModel
+    config: Dict[str, Any]
+    tokenizer_path: Optional[Path]
+    tokenizer_sha256: Optional[str]
+    step: int
+    source: Path
+
+
+def _strip(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Lightning module keys ``model.*`` -> LanguageModel keys; drop metric buffers."""
+    out = {}
+    for key, value in state.items():
+        key = key.removeprefix("_forward_module.").removeprefix("module.")
+        if key.startswith("model."):
+            out[key[len("model."):]] = value
+    return out
+
+
+def checkpoint_state_dict(ckpt_dir: Path) -> Dict[str, torch.Tensor]:
+    """fp32 model weights from a checkpoint (consolidating DeepSpeed ZeRO shards when needed)."""
+    state_path = ckpt_dir / STATE
+    if state_path.is_dir():
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(state_path), tag="checkpoint")
+    else:
+        state = torch.load(state_path, map_location="cpu", weights_only=False)["state_dict"]
+    return {k: v.float().contiguous() for k, v in _strip(state).items()}
+
+
+def export_checkpoint(checkpoint: str, out_dir: str) -> Path:
+    """Write an export directory atomically (temporary directory, then rename)."""
+    ckpt_dir = resolve_checkpoint(checkpoint)
+    manifest = read_manifest(ckpt_dir)
+    state = checkpoint_state_dict(ckpt_dir)
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise LMError(f"export directory {out} exists and is not empty")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        save_file(state, str(tmp / WEIGHTS), metadata={"step": str(manifest["step"])})
+        (tmp / "config.yaml").write_text(yaml.safe_dump(manifest["config"], sort_keys=False))
+        tok = manifest.get("tokenizer", {})
+        tok_path = Path(tok.get("path", "")) if tok.get("path") else None
+        if tok_path is not None and tok_path.is_file():
+            shutil.copyfile(tok_path, tmp / "tokenizer.json")
+        info = {"step": manifest["step"], "source": str(ckpt_dir), "parameters": sum(v.numel() for v in state.values()),
+                "tokenizer_sha256": tok.get("sha256")}
+        (tmp / "export.json").write_text(json.dumps(info, indent=1))
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def load_model(path: str, device: str = "cpu") -> LoadedModel:
+    """A model in eval mode from an export directory, a checkpoint directory or a run directory."""
+    p = Path(path)
+    if (p / WEIGHTS).is_file():
+        config = yaml.safe_load((p / "config.yaml").read_text())
+        info = json.loads((p / "export.json").read_text()) if (p / "export.json").is_file() else {}
+        state = load_file(str(p / WEIGHTS))
+        tokenizer = p / "tokenizer.json" if (p / "tokenizer.json").is_file() else None
+        sha, step, source = info.get("tokenizer_sha256"), int(info.get("step", 0)), p
+    else:
+        ckpt_dir = resolve_checkpoint(path)
+        manifest = read_manifest(ckpt_dir)
+        config = manifest["config"]
+        state = checkpoint_state_dict(ckpt_dir)
+        tok = manifest.get("tokenizer", {})
+        tokenizer = Path(tok["path"]) if tok.get("path") else None
+        sha, step, source = tok.get("sha256"), int(manifest["step"]), ckpt_dir
+    model = build_model(config["model"])
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise LMError(f"{path}: weights do not match the model config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    model.to(device).eval()
+    return LoadedModel(model, config, tokenizer, sha, step, source)

@@ -1,0 +1,199 @@
+"""The Lightning module that trains any registered model on next-token prediction.
+
+* loss: mean token cross-entropy of ``model(tokens[:, :-1])`` against ``tokens[:, 1:]``, the LM
+  head optionally applied in chunks (``train.loss_chunk_size``);
+* AdamW with weight decay on 2-D weights only; linear warmup then cosine decay, stepped per
+  optimizer step; gradient clipping and accumulation by the Trainer (or DeepSpeed);
+* metrics: loss, perplexity, bits per byte (``loss / ln 2 / bytes_per_token``), tokens/s, step
+  time, estimated MFU (:mod:`lm.models.flops`), peak GPU memory;
+* guard: a non-finite loss (agreed across ranks) skips the step and is counted; ``K`` in a row
+  abort training with :class:`NonFiniteLossError`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any, Dict, Optional
+
+import pytorch_lightning as pl
+import torch
+import torch.distributed as dist
+from torchmetrics import SumMetric
+
+from lm.models import build_model
+from lm.models.flops import peak_flops, training_flops_per_token
+from lm.training.losses import cross_entropy_sum
+from lm.training.schedule import lr_multiplier
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised after ``train.max_nonfinite_steps`` consecutive non-finite losses."""
+
+
+class LMModule(pl.LightningModule):
+    def __init__(self, config: Dict[str, Any], bytes_per_token: float = 0.0):
+        """config: the resolved experiment config as a plain dict (model.vocab_size already set)."""
+        super().__init__()
+        self.save_hyperparameters({"config": config, "bytes_per_token": bytes_per_token})
+        self.config = config
+        self.train_cfg = config["train"]
+        self.bytes_per_token = float(bytes_per_token)
+        self.model = build_model(config["model"])
+        self.model.gradient_checkpointing = bool(self.train_cfg.get("activation_checkpointing", False))
+        self.val_loss_sum = SumMetric()
+        self.val_tokens = SumMetric()
+        self.nonfinite_total = 0
+        self.nonfinite_streak = 0
+        self._step_started: Optional[float] = None
+        self._flops_per_token: Optional[float] = None
+        self._zero_lr_this_step = False
+
+    def setup(self, stage: str) -> None:
+        """Under ZeRO-3 the tied head uses the (partitioned) embedding weight: register it."""
+        from pytorch_lightning.strategies import DeepSpeedStrategy
+
+        strategy = self.trainer.strategy
+        if isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3 and self.model.tied_head is not None:
+            import deepspeed
+
+            deepspeed.zero.register_external_parameter(self.model.tied_head, self.model.embed.weight)
+
+    # ------------------------------------------------------------------------------- forward
+    def forward(self, tokens: torch.Tensor, state=None):
+        return self.model(tokens, state)
+
+    def loss_sum(self, tokens: torch.Tensor) -> tuple:
+        """(summed cross-entropy, number of target tokens) for tokens [B, T+1]."""
+        inputs, targets = tokens[:, :-1], tokens[:, 1:]
+        h, _ = self.model.hidden_states(inputs)
+        total = cross_entropy_sum(self.model.logits, h.reshape(-1, h.shape[-1]), targets.reshape(-1),
+                                  chunk_size=int(self.train_cfg.get("loss_chunk_size", 0)))
+        return total, targets.numel()
+
+    # ------------------------------------------------------------------------------ training
+    def _distributed(self) -> bool:
+        return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+    def _uses_deepspeed(self) -> bool:
+        from pytorch_lightning.strategies import DeepSpeedStrategy
+
+        return self._trainer is not None and isinstance(self.trainer.strategy, DeepSpeedStrategy)
+
+    def training_step(self, batch: Dict[str, torch.Tensor], batch_idx: int):
+        total, count = self.loss_sum(batch["tokens"])
+        loss = total / count
+        finite = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)
+        if self._distributed():
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if finite.item() < 1.0:
+            return self._handle_nonfinite(loss)
+        self.nonfinite_streak = 0
+        self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
+        if batch_idx % max(1, int(self.train_cfg.get("log_every_n_steps", 10))) == 0:
+            loss_value = loss.detach().float()
+            self.log("train/ppl", torch.exp(loss_value.clamp(max=30.0)), on_step=True, on_epoch=False)
+            if self.bytes_per_token > 0:
+                self.log("train/bpb", loss_value / math.log(2) / self.bytes_per_token, on_step=True, on_epoch=False)
+        return loss
+
+    def _handle_nonfinite(self, loss: torch.Tensor):
+        self.nonfinite_total += 1
+        self.nonfinite_streak += 1
+        limit = int(self.train_cfg.get("max_nonfinite_steps", 5))
+        step = self.global_step
+        self.log("train/nonfinite_steps", float(self.nonfinite_total), on_step=True, on_epoch=False)
+        if self.nonfinite_streak >= limit:
+            raise NonFiniteLossError(
+                f"the loss was non-finite for {self.nonfinite_streak} consecutive steps (last at step {step}); "
+                f"aborting: lower train.lr, check the data, or raise train.max_nonfinite_steps"
+            )
+        log.warning("non-finite loss at step %d: step skipped (%d in a row, %d total)", step,
+                    self.nonfinite_streak, self.nonfinite_total)
+        if not self._uses_deepspeed():
+            return None  # Lightning skips backward and the optimizer leaves every weight untouched
+        # DeepSpeed cannot skip a backward: back-propagate exact zeros and run this step at lr 0
+        self._zero_lr_this_step = True
+        return sum((p * 0.0).sum() for p in self.parameters() if p.requires_grad) + loss.detach().nan_to_num(0.0) * 0
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if self._zero_lr_this_step:
+            for group in optimizer.param_groups:
+                group["lr"] = 0.0
+            self._zero_lr_this_step = False
+
+    # --------------------------------------------------------------------------- validation
+    def validation_step(self, batch: Dict[str, torch.Tensor], batch_idx: int) -> None:
+        total, count = self.loss_sum(batch["tokens"])
+        self.val_loss_sum.update(total.detach().float())
+        self.val_tokens.update(torch.tensor(float(count), device=total.device))
+
+    def on_validation_epoch_end(self) -> None:
+        tokens = self.val_tokens.compute()
+        if tokens <= 0:
+            return
+        loss = self.val_loss_sum.compute() / tokens
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+        self.log("val/ppl", torch.exp(loss.clamp(max=30.0)), sync_dist=True)
+        if self.bytes_per_token > 0:
+            self.log("val/bpb", loss / math.log(2) / self.bytes_per_token, prog_bar=True, sync_dist=True)
+        self.val_loss_sum.reset()
+        self.val_tokens.reset()
+
+    # ------------------------------------------------------------------------- throughput
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        if self._step_started is None:
+            self._step_started = time.perf_counter()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        accumulate = max(1, int(self.trainer.accumulate_grad_batches))
+        if (batch_idx + 1) % accumulate != 0 or self._step_started is None:
+            return
+        elapsed = time.perf_counter() - self._step_started
+        self._step_started = None
+        tokens = batch["tokens"][:, 1:].numel() * accumulate * self.trainer.world_size
+        if self._flops_per_token is None:
+            self._flops_per_token = training_flops_per_token(self.model, batch["tokens"].shape[1] - 1)
+        tps = tokens / max(elapsed, 1e-9)
+        metrics = {"perf/step_time_s": elapsed, "perf/tokens_per_s": tps}
+        if torch.cuda.is_available() and self.device.type == "cuda":
+            peak = peak_flops(torch.cuda.get_device_name(self.device))
+            if peak > 0:
+                metrics["perf/mfu"] = self._flops_per_token * tps / (peak * self.trainer.world_size)
+            metrics["perf/peak_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
+        self.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=False)
+
+    # ---------------------------------------------------------------------------- optimizer
+    def configure_optimizers(self):
+        cfg = self.train_cfg
+        decay, no_decay = [], []
+        for p in self.parameters():
+            if p.requires_grad:
+                (decay if p.dim() >= 2 else no_decay).append(p)
+        groups = [{"params": decay, "weight_decay": float(cfg["weight_decay"])},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        kwargs = dict(lr=float(cfg["lr"]), betas=(float(cfg["beta1"]), float(cfg["beta2"])), eps=float(cfg["eps"]))
+        if cfg.get("offload_optimizer") and cfg.get("strategy") == "deepspeed":
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            optimizer = DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
+        else:
+            optimizer = torch.optim.AdamW(groups, **kwargs)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda step: lr_multiplier(step, int(cfg["warmup_steps"]), int(cfg["max_steps"]), float(cfg["min_lr_ratio"])),
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step", "frequency": 1}}
+
+    # ---------------------------------------------------------------------------- checkpoint
+    def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        checkpoint["lm_config"] = self.config
+        checkpoint["nonfinite"] = {"total": self.nonfinite_total, "streak": self.nonfinite_streak}
+
+    def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        state = checkpoint.get("nonfinite", {})
+        self.nonfinite_total = int(state.get("total", 0))
+        self.nonfinite_streak = int(state.get("streak", 0))

@@ -1,0 +1,310 @@
+"""``lm train``: data, model and Trainer from one validated experiment config.
+
+Order of work: validate the whole config (before anything heavy), prepare the token shards if
+needed (rank 0; the others wait), resolve the vocabulary, pick the checkpoint to resume from,
+build datamodule + module + loggers + callbacks + strategy, ``Trainer.fit``, then (rank 0) report
+validation perplexity and bits per byte and print a generated sample.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from lm.config.loader import plain, to_yaml
+from lm.errors import ConfigError, LMError
+from lm.training.checkpoint import CheckpointManager, STATE, latest_complete, resolve_checkpoint, read_manifest
+from lm.training.loggers import build_loggers
+from lm.training.module import LMModule, NonFiniteLossError
+from lm.training.signals import StopRequest, requeue_slurm_job
+from lm.training.strategies import build_strategy, uses_gpu
+
+log = logging.getLogger("lm.train")
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    checkpoint: Optional[Path]
+    global_step: int
+    val_loss: Optional[float] = None
+    val_ppl: Optional[float] = None
+    val_bpb: Optional[float] = None
+    sample: Optional[str] = None
+    stopped_by_signal: Optional[str] = None
+    requeued: bool = False
+    metrics: Dict[str, float] = field(default_factory=dict)
+
+
+def launch_rank() -> int:
+    """This process's global rank before torch.distributed exists (launcher / SLURM variables)."""
+    for key in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        if key in os.environ:
+            return int(os.environ[key])
+    return 0
+
+
+def world_shape(train: Any) -> tuple:
+    """(devices per node, nodes): from the config, or from SLURM's allocation when set there."""
+    devices, nodes = int(train.devices), int(train.num_nodes)
+    if "SLURM_NTASKS_PER_NODE" in os.environ and "SLURM_JOB_ID" in os.environ:
+        devices = int(os.environ["SLURM_NTASKS_PER_NODE"].split("(")[0])
+        nodes = int(os.environ.get("SLURM_NNODES", nodes))
+    if devices <= 0:
+        devices = max(1, torch.cuda.device_count()) if uses_gpu(train) else 1
+    return devices, nodes
+
+
+# ---------------------------------------------------------------------------------------- data
+
+
+def prepare_data(cfg: DictConfig, progress: bool = True) -> Path:
+    """Token shards for ``cfg.data`` (built once; other ranks wait for rank 0)."""
+    from data.prepare import prepare
+
+    out = Path(cfg.data.out_dir)
+    lock = out.with_name(out.name + ".preparing")
+    if launch_rank() == 0:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        lock.write_text(str(os.getpid()))
+        try:
+            prepare(cfg.data, progress=progress)
+        finally:
+            lock.unlink(missing_ok=True)
+        return out
+    deadline = time.time() + 6 * 3600
+    while lock.exists() or not (out / "metadata.json").is_file():
+        if time.time() > deadline:
+            raise LMError(f"timed out waiting for rank 0 to prepare {out}")
+        time.sleep(1.0)
+    return out
+
+
+def resolve_vocab(cfg: DictConfig, data_vocab: int) -> int:
+    """model.vocab_size: 0 takes the tokenizer's size rounded up to 64; smaller than it is an error."""
+    v = int(cfg.model.vocab_size)
+    if v == 0:
+        return 64 * math.ceil(data_vocab / 64)
+    if v < data_vocab:
+        raise ConfigError(
+            f"model.vocab_size ({v}) is smaller than the tokenizer's vocabulary ({data_vocab}) of "
+            f"{cfg.data.out_dir}; set model.vocab_size=0 to take it from the data"
+        )
+    return v
+
+
+# ------------------------------------------------------------------------------------- resume
+
+
+def resume_checkpoint(cfg: DictConfig, ckpt_dir: Path) -> Optional[Path]:
+    mode = str(cfg.resume)
+    if mode in ("none", "", "null", "None"):
+        return None
+    if mode == "auto":
+        return latest_complete(ckpt_dir)
+    return resolve_checkpoint(mode)
+
+
+def _write_run_files(run_dir: Path, cfg: DictConfig) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / ".config.yaml.tmp"
+    tmp.write_text(to_yaml(cfg))
+    os.replace(tmp, run_dir / "config.yaml")
+
+
+# -------------------------------------------------------------------------------------- train
+
+
+def train(cfg: DictConfig, echo=print) -> TrainResult:
+    """Run one training job described by a validated experiment config."""
+    from data.datamodule import TokenDataModule
+
+    run_dir = Path(cfg.run_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    resume_from = resume_checkpoint(cfg, ckpt_dir)
+    if resume_from is not None:
+        manifest = read_manifest(resume_from)
+        if int(manifest["step"]) >= int(cfg.train.max_steps):
+            echo(f"{run_dir}: already trained to step {manifest['step']} (train.max_steps={cfg.train.max_steps})")
+            return TrainResult(run_dir, resume_from, int(manifest["step"]))
+
+    data_dir = prepare_data(cfg, progress=bool(cfg.train.progress_bar))
+    probe = TokenDataModule(data_dir, int(cfg.train.seq_len), int(cfg.train.micro_batch_size), int(cfg.seed))
+    cfg.model.vocab_size = resolve_vocab(cfg, probe.vocab_size)
+    config = plain(cfg)
+    if launch_rank() == 0:
+        _write_run_files(run_dir, cfg)
+
+    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    datamodule = TokenDataModule(
+        data_dir, int(cfg.train.seq_len), int(cfg.train.micro_batch_size), int(cfg.seed),
+        num_workers=int(cfg.train.num_workers), val_batches=int(cfg.train.val_batches),
+        expected_tokenizer_hash=probe.tokenizer_sha256,
+    )
+    module = LMModule(config, bytes_per_token=probe.bytes_per_token)
+    if launch_rank() == 0:
+        n = module.model.num_parameters()
+        echo(f"model: {cfg.model.family}/{cfg.model.variant} with {n / 1e6:.2f}M parameters; "
+             f"data: {data_dir} (vocab {probe.vocab_size}); run: {run_dir}"
+             + (f"; resuming from {resume_from}" if resume_from else ""))
+
+    stop = StopRequest() if cfg.checkpoint.save_on_signal else None
+    manifest_extra = {"config": config, "tokenizer": {"path": str(probe.tokenizer_path),
+                                                      "sha256": probe.tokenizer_sha256},
+                      "data_dir": str(data_dir)}
+    checkpoints = CheckpointManager(ckpt_dir, int(cfg.checkpoint.every_n_steps), int(cfg.checkpoint.keep_last),
+                                    manifest_extra, stop=stop, resume_from=resume_from)
+    callbacks: List[Any] = [checkpoints]
+    if cfg.train.record_samples:
+        from lm.training.callbacks import SampleRecorder
+
+        callbacks.append(SampleRecorder(run_dir))
+    if cfg.train.progress_bar:
+        from pytorch_lightning.callbacks import TQDMProgressBar
+
+        callbacks.append(TQDMProgressBar(refresh_rate=max(1, int(cfg.train.log_every_n_steps))))
+    from pytorch_lightning.callbacks import LearningRateMonitor
+
+    loggers = build_loggers(cfg, run_dir, config)
+    if loggers:
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
+    probe_cb = _probe_callback(cfg, run_dir)
+    if probe_cb is not None:
+        callbacks.append(probe_cb)
+
+    devices, nodes = world_shape(cfg.train)
+    strategy = build_strategy(cfg.train, devices, nodes)
+    is_deepspeed = cfg.train.strategy == "deepspeed"
+    accumulate = int(cfg.train.accumulate_grad_batches)
+    trainer = pl.Trainer(
+        accelerator="gpu" if uses_gpu(cfg.train) else "cpu",
+        devices=devices,
+        num_nodes=nodes,
+        strategy=strategy,
+        precision=_precision(cfg.train.precision),
+        max_steps=int(cfg.train.max_steps),
+        max_epochs=-1,
+        val_check_interval=int(cfg.train.val_every_n_steps) * accumulate if cfg.train.val_every_n_steps else None,
+        check_val_every_n_epoch=None,
+        limit_val_batches=int(cfg.train.val_batches) if cfg.train.val_every_n_steps else 0,
+        num_sanity_val_steps=0,
+        accumulate_grad_batches=accumulate,
+        gradient_clip_val=None if is_deepspeed or not cfg.train.grad_clip else float(cfg.train.grad_clip),
+        logger=loggers or False,
+        callbacks=callbacks,
+        enable_checkpointing=False,
+        use_distributed_sampler=False,
+        deterministic=bool(cfg.train.deterministic),
+        log_every_n_steps=int(cfg.train.log_every_n_steps),
+        default_root_dir=str(run_dir),
+        enable_progress_bar=bool(cfg.train.progress_bar),
+        enable_model_summary=False,
+        benchmark=False,
+    )
+    if cfg.train.compile:
+        module.model = torch.compile(module.model)
+
+    try:
+        trainer.fit(module, datamodule=datamodule,
+                    ckpt_path=str(resume_from / STATE) if resume_from is not None else None)
+    except NonFiniteLossError as e:
+        raise LMError(str(e)) from None
+
+    result = TrainResult(run_dir, checkpoints.saved[-1] if checkpoints.saved else resume_from,
+                         trainer.global_step, stopped_by_signal=checkpoints.stopped_by_signal)
+    if checkpoints.stopped_by_signal:
+        if stop is not None and stop.wants_requeue and trainer.is_global_zero:
+            result.requeued = requeue_slurm_job()
+        if trainer.is_global_zero:
+            echo(f"stopped by {checkpoints.stopped_by_signal} at step {trainer.global_step}; "
+                 f"checkpoint {result.checkpoint}" + ("; job requeued" if result.requeued else ""))
+        return result
+    result.metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    if trainer.is_global_zero:
+        _final_report(cfg, module, datamodule, trainer, result, echo)
+    return result
+
+
+def _precision(value: str) -> str:
+    return "32-true" if value == "32" else str(value)
+
+
+def _probe_callback(cfg: DictConfig, run_dir: Path):
+    if int(cfg.probes.every_n_steps) <= 0:
+        return None
+    try:
+        from lm.probes.callback import ProbeCallback
+    except ModuleNotFoundError as e:
+        if e.name and e.name.startswith("lm.probes"):
+            raise ConfigError("probes.every_n_steps > 0 but the probes package is not installed") from None
+        raise
+    return ProbeCallback(cfg.probes, run_dir)
+
+
+@torch.no_grad()
+def _final_report(cfg, module: LMModule, datamodule, trainer, result: TrainResult, echo) -> None:
+    """Validation loss, perplexity and bits/byte on rank 0, and a generated sample."""
+    from data.tokenizer import load_tokenizer
+    from lm.evaluation.sampling import sample_text
+
+    model = module.model
+    if cfg.train.strategy == "deepspeed" and int(cfg.train.zero_stage) == 3 and result.checkpoint is not None:
+        from lm.training.export import load_model
+
+        model = load_model(str(result.checkpoint)).model.to(next(module.parameters()).device)
+        module = LMModule(plain(cfg), bytes_per_token=module.bytes_per_token)
+        module.model = model
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    loader = datamodule.val_dataloader()
+    device = next(model.parameters()).device
+    for i, batch in enumerate(loader):
+        if cfg.train.val_batches and i >= int(cfg.train.val_batches):
+            break
+        s, n = module.loss_sum(batch["tokens"].to(device))
+        total += float(s)
+        count += n
+    if count:
+        result.val_loss = total / count
+        result.val_ppl = math.exp(min(result.val_loss, 30.0))
+        if module.bytes_per_token > 0:
+            result.val_bpb = result.val_loss / math.log(2) / module.bytes_per_token
+    tokenizer = load_tokenizer(datamodule.tokenizer_path)
+    if int(cfg.train.sample_tokens) > 0:
+        result.sample = sample_text(
+            model, lambda s: tokenizer.encode(s).ids, lambda ids: tokenizer.decode(ids),
+            str(cfg.train.sample_prompt), int(cfg.train.sample_tokens), temperature=0.8, top_k=50,
+            seed=int(cfg.seed), stop_token=datamodule.eod_id,
+        )
+    model.train(was_training)
+    summary = {"step": result.global_step, "checkpoint": str(result.checkpoint), "val_loss": result.val_loss,
+               "val_ppl": result.val_ppl, "val_bpb": result.val_bpb, "sample": result.sample}
+    tmp = result.run_dir / ".summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=1))
+    os.replace(tmp, result.run_dir / "summary.json")
+    metrics_csv = result.run_dir / "logs" / "metrics.csv"
+    plot = None
+    if metrics_csv.is_file():
+        from lm.training.callbacks import plot_loss_curves
+
+        plot = plot_loss_curves(metrics_csv, result.run_dir / "loss.png")
+    echo("")
+    echo(f"finished at step {result.global_step}; checkpoint: {result.checkpoint}"
+         + (f"; loss curves: {plot}" if plot else ""))
+    if result.val_loss is not None:
+        bpb = f", bits/byte {result.val_bpb:.3f}" if result.val_bpb is not None else ""
+        echo(f"validation: loss {result.val_loss:.4f}, perplexity {result.val_ppl:.2f}{bpb}")
+    if result.sample is not None:
+        echo("sample:")
+        echo(result.sample)
