@@ -13,4 +13,5 @@ if not torch.cuda.is_available():
     # Triton kernels run on the CPU interpreter; must be set before any kernel module is imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# tests use small tensors: one thread per process (pytest-xdist runs a process per core)
+torch.set_num_threads(1)

@@ -32,11 +32,11 @@ from lm.errors import ConfigError
 
 #: allowed values of enumerated string keys (key path relative to the experiment root)
 CHOICES: Dict[str, Sequence[str]] = {
-    "data.source.kind": ("stdlib", "text", "json", "jsonl", "parquet", "csv", "hf"),
+    "data.source.kind": ("stdlib", "text", "json", "jsonl", "parquet", "csv", "hf", "task"),
     "data.source.split_by": ("file", "blank_line"),
     "data.source.encoding_errors": ("replace", "fail"),
     "model.mlp": ("swiglu", "rwkv_cmix", "none"),
-    "model.norm": ("rmsnorm", "layernorm"),
+    "model.norm": ("rmsnorm", "layernorm", "none"),
     "model.kernel_backend": ("reference", "torch", "triton"),
     "train.precision": ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true"),
     "train.accelerator": ("auto", "cpu", "gpu", "cuda"),
@@ -254,6 +254,18 @@ def validate(cfg: DictConfig) -> DictConfig:
     for fn in VALIDATORS:
         fn(cfg)
     return cfg
+
+
+def _check_task(cfg: DictConfig) -> None:
+    """A synthetic task's name and parameters (only when ``data.source.kind`` is ``task``)."""
+    if OmegaConf.select(cfg, "data.source.kind", default=None) != "task":
+        return
+    from data.tasks import build_task
+
+    build_task(str(cfg.data.task.name), plain(cfg.data.task.params))
+
+
+VALIDATORS.append(_check_task)
 
 
 def _load_validators() -> None:

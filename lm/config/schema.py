@@ -58,8 +58,20 @@ class TokenizerConfig:
 
 
 @dataclass
+class TaskConfig:
+    """A synthetic task generated on the fly (``source.kind: task``); see ``data/tasks``.
+
+    ``params`` are the task's own parameters, checked against its dataclass.
+    """
+
+    name: str = "associative_recall"
+    params: Dict[str, Any] = field(default_factory=dict)
+    val_examples: int = 256
+
+
+@dataclass
 class DataConfig:
-    """A tokenized corpus: source, tokenizer, split and where the shards go."""
+    """A tokenized corpus (source, tokenizer, split, shards) or a synthetic task."""
 
     name: str = "stdlib"
     source: SourceConfig = field(default_factory=SourceConfig)
@@ -71,6 +83,7 @@ class DataConfig:
     num_proc: int = 0  # 0: one worker per CPU core
     batch_size: int = 256  # documents per tokenization batch
     shard_tokens: int = 64 * 1024 * 1024
+    task: TaskConfig = field(default_factory=TaskConfig)
 
 
 # ---------------------------------------------------------------------------------------- model

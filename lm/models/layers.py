@@ -16,7 +16,9 @@ import torch.nn.functional as F
 
 
 def make_norm(kind: str, dim: int, eps: float) -> nn.Module:
-    """``rmsnorm`` (``x / rms(x) * w``) or ``layernorm``."""
+    """``rmsnorm`` (``x / rms(x) * w``), ``layernorm``, or ``none`` (identity, for synthetic tasks)."""
+    if kind == "none":
+        return nn.Identity()
     if kind == "rmsnorm":
         return nn.RMSNorm(dim, eps=eps)
     if kind == "layernorm":

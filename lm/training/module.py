@@ -34,6 +34,37 @@ class NonFiniteLossError(RuntimeError):
     """Raised after ``train.max_nonfinite_steps`` consecutive non-finite losses."""
 
 
+def task_loss(model, batch: Dict[str, torch.Tensor], output: str) -> tuple:
+    """Loss over the masked positions of a task batch, and accuracy counts.
+
+    classes: cross-entropy; vectors: squared error summed over output dims; multilabel: binary
+    cross-entropy averaged over labels. ``correct`` counts right positions (argmax, or every label
+    right at threshold 0.5), ``seq_correct`` sequences right at every scored position.
+    """
+    import torch.nn.functional as F
+
+    out, _ = model(batch["inputs"])
+    mask = batch["mask"].bool()
+    targets = batch["targets"]
+    count = mask.sum()
+    extra: Dict[str, torch.Tensor] = {}
+    if output == "classes":
+        per_pos = F.cross_entropy(out.float().transpose(1, 2), targets, reduction="none")
+        right = out.argmax(-1) == targets
+    elif output == "vectors":
+        per_pos = (out.float() - targets.float()).pow(2).sum(-1)
+        right = None
+    else:
+        per_pos = F.binary_cross_entropy_with_logits(out.float(), targets.float(), reduction="none").mean(-1)
+        right = ((out > 0) == (targets > 0.5)).all(-1)
+    total = (per_pos * mask).sum()
+    if right is not None:
+        right = right | ~mask
+        extra = {"correct": (right & mask).sum().detach().float(), "seq_correct": right.all(-1).sum().detach().float(),
+                 "sequences": torch.tensor(float(mask.shape[0]), device=out.device)}
+    return total, count, extra
+
+
 class LMModule(pl.LightningModule):
     def __init__(self, config: Dict[str, Any], bytes_per_token: float = 0.0):
         """config: the resolved experiment config as a plain dict (model.vocab_size already set)."""
@@ -46,6 +77,7 @@ class LMModule(pl.LightningModule):
         self.model.gradient_checkpointing = bool(self.train_cfg.get("activation_checkpointing", False))
         self.val_loss_sum = SumMetric()
         self.val_tokens = SumMetric()
+        self.val_extra = torch.nn.ModuleDict({k: SumMetric() for k in ("correct", "seq_correct", "sequences")})
         self.nonfinite_total = 0
         self.nonfinite_streak = 0
         self._step_started: Optional[float] = None
@@ -74,6 +106,18 @@ class LMModule(pl.LightningModule):
                                   chunk_size=int(self.train_cfg.get("loss_chunk_size", 0)))
         return total, targets.numel()
 
+    def batch_loss(self, batch: Dict[str, torch.Tensor]) -> tuple:
+        """(loss sum, scored count, extra sums) for a corpus batch (``tokens``) or a task batch
+        (``inputs``/``targets``/``mask``; loss by the task's output kind)."""
+        if "tokens" in batch:
+            total, count = self.loss_sum(batch["tokens"])
+            return total, count, {}
+        return task_loss(self.model, batch, self.task_output)
+
+    @property
+    def task_output(self) -> str:
+        return self.config["data"].get("task_output", "classes")
+
     # ------------------------------------------------------------------------------ training
     def _distributed(self) -> bool:
         return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -84,7 +128,7 @@ class LMModule(pl.LightningModule):
         return self._trainer is not None and isinstance(self.trainer.strategy, DeepSpeedStrategy)
 
     def training_step(self, batch: Dict[str, torch.Tensor], batch_idx: int):
-        total, count = self.loss_sum(batch["tokens"])
+        total, count, _ = self.batch_loss(batch)
         loss = total / count
         finite = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)
         if self._distributed():
@@ -127,9 +171,11 @@ class LMModule(pl.LightningModule):
 
     # --------------------------------------------------------------------------- validation
     def validation_step(self, batch: Dict[str, torch.Tensor], batch_idx: int) -> None:
-        total, count = self.loss_sum(batch["tokens"])
+        total, count, extra = self.batch_loss(batch)
         self.val_loss_sum.update(total.detach().float())
         self.val_tokens.update(torch.tensor(float(count), device=total.device))
+        for name, value in extra.items():
+            self.val_extra[name].update(torch.as_tensor(value, dtype=torch.float32, device=total.device))
 
     def on_validation_epoch_end(self) -> None:
         tokens = self.val_tokens.compute()
@@ -142,6 +188,12 @@ class LMModule(pl.LightningModule):
             self.log("val/bpb", loss / math.log(2) / self.bytes_per_token, prog_bar=True, sync_dist=True)
         self.val_loss_sum.reset()
         self.val_tokens.reset()
+        sequences = self.val_extra["sequences"].compute() if self.val_extra["sequences"].update_called else 0
+        if sequences > 0:
+            self.log("val/acc", self.val_extra["correct"].compute() / tokens, prog_bar=True, sync_dist=True)
+            self.log("val/seq_acc", self.val_extra["seq_correct"].compute() / sequences, sync_dist=True)
+        for metric in self.val_extra.values():
+            metric.reset()
 
     # ------------------------------------------------------------------------- throughput
     def on_train_batch_start(self, batch, batch_idx) -> None:
@@ -154,9 +206,10 @@ class LMModule(pl.LightningModule):
             return
         elapsed = time.perf_counter() - self._step_started
         self._step_started = None
-        tokens = batch["tokens"][:, 1:].numel() * accumulate * self.trainer.world_size
+        seq = batch["tokens"][:, 1:] if "tokens" in batch else batch["mask"]
+        tokens = seq.numel() * accumulate * self.trainer.world_size
         if self._flops_per_token is None:
-            self._flops_per_token = training_flops_per_token(self.model, batch["tokens"].shape[1] - 1)
+            self._flops_per_token = training_flops_per_token(self.model, seq.shape[1])
         tps = tokens / max(elapsed, 1e-9)
         metrics = {"perf/step_time_s": elapsed, "perf/tokens_per_s": tps}
         if torch.cuda.is_available() and self.device.type == "cuda":

@@ -138,30 +138,36 @@ def train(cfg: DictConfig, echo=print) -> TrainResult:
             echo(f"{run_dir}: already trained to step {manifest['step']} (train.max_steps={cfg.train.max_steps})")
             return TrainResult(run_dir, resume_from, int(manifest["step"]))
 
-    data_dir = prepare_data(cfg, progress=bool(cfg.train.progress_bar))
-    probe = TokenDataModule(data_dir, int(cfg.train.seq_len), int(cfg.train.micro_batch_size), int(cfg.seed))
-    cfg.model.vocab_size = resolve_vocab(cfg, probe.vocab_size)
+    if cfg.data.source.kind == "task":
+        datamodule, bytes_per_token, tokenizer = _task_data(cfg)
+        data_dir = None
+    else:
+        data_dir = prepare_data(cfg, progress=bool(cfg.train.progress_bar))
+        probe = TokenDataModule(data_dir, int(cfg.train.seq_len), int(cfg.train.micro_batch_size), int(cfg.seed))
+        cfg.model.vocab_size = resolve_vocab(cfg, probe.vocab_size)
+        datamodule = TokenDataModule(
+            data_dir, int(cfg.train.seq_len), int(cfg.train.micro_batch_size), int(cfg.seed),
+            num_workers=int(cfg.train.num_workers), val_batches=int(cfg.train.val_batches),
+            expected_tokenizer_hash=probe.tokenizer_sha256,
+        )
+        bytes_per_token = probe.bytes_per_token
+        tokenizer = {"path": str(probe.tokenizer_path), "sha256": probe.tokenizer_sha256}
     config = plain(cfg)
+    if cfg.data.source.kind == "task":
+        config["data"]["task_output"] = datamodule.task.spec.output
     if launch_rank() == 0:
         _write_run_files(run_dir, cfg)
 
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    datamodule = TokenDataModule(
-        data_dir, int(cfg.train.seq_len), int(cfg.train.micro_batch_size), int(cfg.seed),
-        num_workers=int(cfg.train.num_workers), val_batches=int(cfg.train.val_batches),
-        expected_tokenizer_hash=probe.tokenizer_sha256,
-    )
-    module = LMModule(config, bytes_per_token=probe.bytes_per_token)
+    module = LMModule(config, bytes_per_token=bytes_per_token)
     if launch_rank() == 0:
         n = module.model.num_parameters()
+        source = data_dir if data_dir is not None else f"task {cfg.data.task.name}"
         echo(f"model: {cfg.model.family}/{cfg.model.variant} with {n / 1e6:.2f}M parameters; "
-             f"data: {data_dir} (vocab {probe.vocab_size}); run: {run_dir}"
-             + (f"; resuming from {resume_from}" if resume_from else ""))
+             f"data: {source}; run: {run_dir}" + (f"; resuming from {resume_from}" if resume_from else ""))
 
     stop = StopRequest() if cfg.checkpoint.save_on_signal else None
-    manifest_extra = {"config": config, "tokenizer": {"path": str(probe.tokenizer_path),
-                                                      "sha256": probe.tokenizer_sha256},
-                      "data_dir": str(data_dir)}
+    manifest_extra = {"config": config, "tokenizer": tokenizer, "data_dir": str(data_dir) if data_dir else None}
     checkpoints = CheckpointManager(ckpt_dir, int(cfg.checkpoint.every_n_steps), int(cfg.checkpoint.keep_last),
                                     manifest_extra, stop=stop, resume_from=resume_from)
     callbacks: List[Any] = [checkpoints]
@@ -235,6 +241,24 @@ def train(cfg: DictConfig, echo=print) -> TrainResult:
     return result
 
 
+def _task_data(cfg: DictConfig):
+    """The datamodule of a synthetic task, with the model's input/output shapes set from it."""
+    from data.tasks import build_task
+    from data.tasks.datamodule import TaskDataModule
+
+    task = build_task(str(cfg.data.task.name), plain(cfg.data.task.params))
+    spec = task.spec
+    if spec.input_dim:
+        cfg.model.input_dim = spec.input_dim
+        cfg.model.vocab_size = 0
+    else:
+        cfg.model.vocab_size = spec.vocab_size
+    cfg.model.output_dim = spec.output_dim if spec.output != "classes" else None
+    datamodule = TaskDataModule(task, int(cfg.train.micro_batch_size), int(cfg.seed),
+                                val_examples=int(cfg.data.task.val_examples), num_workers=int(cfg.train.num_workers))
+    return datamodule, 0.0, {}
+
+
 def _precision(value: str) -> str:
     return "32-true" if value == "32" else str(value)
 
@@ -267,21 +291,28 @@ def _final_report(cfg, module: LMModule, datamodule, trainer, result: TrainResul
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
+    correct, seq_correct, sequences = 0.0, 0.0, 0.0
     loader = datamodule.val_dataloader()
     device = next(model.parameters()).device
     for i, batch in enumerate(loader):
         if cfg.train.val_batches and i >= int(cfg.train.val_batches):
             break
-        s, n = module.loss_sum(batch["tokens"].to(device))
+        s, n, extra = module.batch_loss({k: v.to(device) for k, v in batch.items()})
         total += float(s)
-        count += n
+        count += int(n)
+        correct += float(extra.get("correct", 0.0))
+        seq_correct += float(extra.get("seq_correct", 0.0))
+        sequences += float(extra.get("sequences", 0.0))
+    if sequences:
+        result.metrics["val/acc"] = correct / count
+        result.metrics["val/seq_acc"] = seq_correct / sequences
     if count:
         result.val_loss = total / count
         result.val_ppl = math.exp(min(result.val_loss, 30.0))
         if module.bytes_per_token > 0:
             result.val_bpb = result.val_loss / math.log(2) / module.bytes_per_token
-    tokenizer = load_tokenizer(datamodule.tokenizer_path)
-    if int(cfg.train.sample_tokens) > 0:
+    tokenizer = load_tokenizer(datamodule.tokenizer_path) if cfg.data.source.kind != "task" else None
+    if tokenizer is not None and int(cfg.train.sample_tokens) > 0:
         result.sample = sample_text(
             model, lambda s: tokenizer.encode(s).ids, lambda ids: tokenizer.decode(ids),
             str(cfg.train.sample_prompt), int(cfg.train.sample_tokens), temperature=0.8, top_k=50,
@@ -289,7 +320,8 @@ def _final_report(cfg, module: LMModule, datamodule, trainer, result: TrainResul
         )
     model.train(was_training)
     summary = {"step": result.global_step, "checkpoint": str(result.checkpoint), "val_loss": result.val_loss,
-               "val_ppl": result.val_ppl, "val_bpb": result.val_bpb, "sample": result.sample}
+               "val_ppl": result.val_ppl, "val_bpb": result.val_bpb, "sample": result.sample,
+               "val_acc": result.metrics.get("val/acc"), "val_seq_acc": result.metrics.get("val/seq_acc")}
     tmp = result.run_dir / ".summary.json.tmp"
     tmp.write_text(json.dumps(summary, indent=1))
     os.replace(tmp, result.run_dir / "summary.json")
@@ -302,7 +334,11 @@ def _final_report(cfg, module: LMModule, datamodule, trainer, result: TrainResul
     echo("")
     echo(f"finished at step {result.global_step}; checkpoint: {result.checkpoint}"
          + (f"; loss curves: {plot}" if plot else ""))
-    if result.val_loss is not None:
+    if result.val_loss is not None and cfg.data.source.kind == "task":
+        acc = (f", accuracy {result.metrics['val/acc']:.3f}, sequence accuracy {result.metrics['val/seq_acc']:.3f}"
+               if "val/acc" in result.metrics else "")
+        echo(f"validation: loss {result.val_loss:.5f}{acc}")
+    elif result.val_loss is not None:
         bpb = f", bits/byte {result.val_bpb:.3f}" if result.val_bpb is not None else ""
         echo(f"validation: loss {result.val_loss:.4f}, perplexity {result.val_ppl:.2f}{bpb}")
     if result.sample is not None:

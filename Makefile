@@ -1,0 +1,26 @@
+# Two commands set everything up (see README.md):
+#   make demo   create .venv, install, prepare the default corpus and train the small demo model
+#   make test   create .venv if needed, install, run the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+
+.PHONY: install demo test clean
+
+$(BIN)/lm: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e ".[dev,eval]"
+	touch $(BIN)/lm
+
+install: $(BIN)/lm
+
+demo: install
+	$(BIN)/lm train main
+
+test: install
+	$(BIN)/python -m pytest -n 2 --dist loadgroup --timeout 1200 -q
+
+clean:
+	rm -rf runs artifacts

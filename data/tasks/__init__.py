@@ -1,0 +1,47 @@
+"""Synthetic tasks that serve both as training data (``data.source.kind: task``) and as the
+in-context-learning evaluation suite (``lm eval icl``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import Any, Dict, Mapping
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from data.tasks.base import Task, TaskSpec, rng_for
+from data.tasks.formal import FormalLanguage
+from data.tasks.recall import AssociativeRecall, Induction
+from data.tasks.regression import ICLRegression, LSATeacher, one_step_gd_loss
+
+TASKS: Dict[str, type] = {cls.name: cls for cls in (AssociativeRecall, Induction, ICLRegression, LSATeacher,
+                                                     FormalLanguage)}
+
+
+def build_task(name: str, params: Mapping[str, Any] = None, prefix: str = "data.task") -> Task:
+    """A task by name with validated parameters (unknown keys and names suggest the closest)."""
+    from lm.errors import ConfigError
+
+    if name not in TASKS:
+        close = difflib.get_close_matches(name, list(TASKS), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"{prefix}.name: unknown task '{name}'{hint}; known: {', '.join(TASKS)}")
+    cls = TASKS[name]
+    node = OmegaConf.structured(cls.Options)
+    try:
+        node = OmegaConf.merge(node, dict(params or {}))
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", "") or ""
+        fields = [f.name for f in dataclasses.fields(cls.Options)]
+        leaf = key.rpartition(".")[2]
+        if leaf and leaf not in fields:
+            close = difflib.get_close_matches(leaf, fields, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"{prefix}.params.{key}: unknown parameter of task '{name}'{hint}; "
+                              f"parameters: {', '.join(fields)}") from None
+        raise ConfigError(f"{prefix}.params.{key}: {(getattr(e, 'msg', None) or str(e)).splitlines()[0]}") from None
+    return cls(OmegaConf.to_object(node))
+
+
+__all__ = ["TASKS", "Task", "TaskSpec", "build_task", "one_step_gd_loss", "rng_for"]
