@@ -15,3 +15,14 @@ if not torch.cuda.is_available():
 
 # tests use small tensors: one thread per process (pytest-xdist runs a process per core)
 torch.set_num_threads(1)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """A small prepared corpus shared by the session (see tests/helpers.py)."""
+    from tests.helpers import prepare_tiny_data
+
+    return prepare_tiny_data(tmp_path_factory.mktemp("data") / "stdlib-tiny")

@@ -186,25 +186,32 @@ class LoggingConfig:
 
 @dataclass
 class ProbesConfig:
-    every_n_steps: int = 0  # 0: off
-    batch_size: int = 2
+    """Attention-equivalence probes during training (lm/probes); ``every_n_steps: 0`` is off."""
+
+    every_n_steps: int = 0
+    batch_size: int = 8  # >= 4 for the LSA fit (fit, ridge selection and held-out halves)
     seq_len: int = 64
     probes: List[str] = field(default_factory=lambda: ["form", "attention", "lsa_fit"])
-    lsa_rank: int = 16
+    lsa_rank: int = 6
+    seed: int = 0
 
 
 @dataclass
 class SlurmConfig:
+    """``lm submit``: the sbatch job (templates in ``slurm/``; see docs/slurm.md)."""
+
     partition: Optional[str] = None
     account: Optional[str] = None
-    time: str = "01:00:00"
+    time: str = "01:00:00"  # MM | MM:SS | HH:MM:SS | D-HH | D-HH:MM | D-HH:MM:SS
     nodes: int = 1
-    gpus_per_node: int = 0
+    gpus_per_node: int = 0  # 0: the CPU template (train.devices ranks per node); > 0: one rank per GPU
     cpus_per_task: int = 2
-    mem: Optional[str] = None
-    signal_grace_s: int = 120
-    extra_sbatch: List[str] = field(default_factory=list)
-    setup: List[str] = field(default_factory=list)
+    mem: Optional[str] = None  # per node, e.g. 64G (sbatch --mem)
+    signal_grace_s: int = 120  # USR1 this many seconds before the time limit: checkpoint and requeue
+    job_name: Optional[str] = None  # default: the experiment's name
+    template: Optional[str] = None  # a custom template file (default: slurm/<variant>.sbatch)
+    extra_sbatch: List[str] = field(default_factory=list)  # more options, e.g. ["--qos=high"]
+    setup: List[str] = field(default_factory=list)  # shell lines run before training (module load ...)
 
 
 # ----------------------------------------------------------------------------------- experiment

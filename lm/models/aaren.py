@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 import kernels
-from lm.models.mixer import TokenMixer, get
+from lm.models.mixer import ImplicitAttention, TokenMixer, get, onehot_values
 from lm.models.registry import register
 
 
@@ -63,6 +63,16 @@ class Aaren(TokenMixer):
         if not return_state:
             return y, None
         return y, {"m": final[0], "u": final[1], "w": final[2]}
+
+    def implicit_attention(self, x: torch.Tensor) -> ImplicitAttention:
+        """Softmax weights of the learned query over the prefix (the scan on one-hot values)."""
+        B, T, _ = x.shape
+        H, K = self.n_heads, self.head_dim
+        v = self.v_proj(x).view(B, T, H, K)
+        s = self.scores(x).to(x.dtype)
+        out, _ = kernels.softmax_scan(s, v, backend=self.backend)
+        weights, _ = kernels.softmax_scan(s, onehot_values(B, T, H, x.device).to(v.dtype), backend=self.backend)
+        return ImplicitAttention(weights.permute(0, 2, 1, 3), v, out)
 
     def init_state(self, batch_size, device=None, dtype=None):
         H, K = self.n_heads, self.head_dim

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 import kernels
 from lm.errors import ConfigError
-from lm.models.mixer import TokenMixer, get
+from lm.models.mixer import ImplicitAttention, TokenMixer, get
 from lm.models.registry import register
 
 ACTIVATIONS = {"identity": lambda x: x, "sigmoid": torch.sigmoid, "silu": F.silu}
@@ -94,7 +94,11 @@ class GatedRNN(TokenMixer):
         with torch.no_grad():
             # LRU init: lambda uniform in [lambda_min, lambda_max] -> nu = log(-log(lambda))
             lam = torch.empty_like(self.nu).uniform_(o.lambda_min, o.lambda_max)
-            self.nu.copy_(torch.log(-torch.log(lam)))
+            if self.w_r is None:
+                self.nu.copy_(torch.log(-torch.log(lam)))
+            else:  # softplus(-nu) = -log(lambda) / c, so that lambda_t = lambda at full gate
+                rate = -torch.log(lam) / o.rg_lru_c
+                self.nu.copy_(-torch.log(torch.expm1(rate)))
             if self.w_r is not None:
                 nn.init.zeros_(self.w_r.bias)
 
@@ -105,7 +109,8 @@ class GatedRNN(TokenMixer):
         rate = F.softplus(-self.nu)  # positive per unit
         return -self.options.rg_lru_c * rate * torch.sigmoid(self.w_r(x).float())
 
-    def forward(self, x, state=None, return_state=False):
+    def scan(self, x: torch.Tensor, h0=None, return_state: bool = False):
+        """The output-gated hidden states act_out(W_q x_t) * h_t [B, T, N] (before W_o), and h_T."""
         o = self.options
         B, T, _ = x.shape
         u = self.w_v(x)
@@ -116,14 +121,42 @@ class GatedRNN(TokenMixer):
         if o.normalize_input:
             u = u * torch.sqrt(-torch.expm1(2 * log_lam)).to(u.dtype)
         a = lam.expand(B, T, self.state_dim) if lam.dim() == 1 else lam
-        h, h_last = kernels.linear_scan(a, u, initial_state=get(state, "h"),
-                                        output_final_state=return_state, backend=self.backend)
+        h, h_last = kernels.linear_scan(a, u, initial_state=h0, output_final_state=return_state,
+                                        backend=self.backend)
         if self.w_q is not None:
             h = h * ACTIVATIONS[o.output_activation](self.w_q(x))
+        return h, h_last
+
+    def forward(self, x, state=None, return_state=False):
+        h, h_last = self.scan(x, get(state, "h"), return_state)
         return self.w_o(h), ({"h": h_last} if return_state else None)
 
     def init_state(self, batch_size, device=None, dtype=None):
         return {"h": torch.zeros(batch_size, self.state_dim, device=device)}
+
+    def implicit_attention(self, x: torch.Tensor) -> ImplicitAttention:
+        """Per unit n (a "head" of width 1): ``q_t,n h_t,n = sum_s A_n[t, s] v_s,n`` with
+        ``A_n[t, s] = act_out(q_t,n) * prod_{r=s+1..t} lambda_r,n * s_s,n * act_in(g_s,n)`` and
+        values ``v = W_v x``; the decay product is formed as exp of a masked difference of
+        cumulative log-lambdas (never a positive exponent)."""
+        o = self.options
+        B, T, _ = x.shape
+        N = self.state_dim
+        v = self.w_v(x)
+        log_lam = self.log_lambda(x)
+        ll = (log_lam.expand(B, T, N) if log_lam.dim() == 1 else log_lam).double().clamp_min(-1e4)
+        cum = torch.cumsum(ll, 1).transpose(1, 2)  # [B, N, T]
+        mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+        decay = torch.exp((cum[..., :, None] - cum[..., None, :]).masked_fill(~mask, float("-inf"))).float()
+        col = torch.ones(B, T, N, device=x.device)
+        if self.w_g is not None:
+            col = col * ACTIVATIONS[o.input_activation](self.w_g(x)).float()
+        if o.normalize_input:
+            col = col * torch.sqrt(-torch.expm1(2 * ll)).float()
+        row = ACTIVATIONS[o.output_activation](self.w_q(x)).float() if self.w_q is not None else torch.ones(B, T, N, device=x.device)
+        weights = row.transpose(1, 2)[..., :, None] * decay * col.transpose(1, 2)[..., None, :]
+        out, _ = self.scan(x)
+        return ImplicitAttention(weights, v.float()[..., None], out.float()[..., None])
 
 
 # ------------------------------------------------------------------ the explicit construction

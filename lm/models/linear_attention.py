@@ -1,6 +1,7 @@
 """``linear_attention``: linear Transformers as fast weight programmers, on the ``gla`` and
 ``delta_rule`` kernels. Per head (q, k in R^K, v in R^V, state S in R^{K x V})::
 
+    lsa                 S_t = S_{t-1} + k_t v_t^T,  o_t = scale S_t^T q_t   (linear self-attention)
     linear_transformer  S_t = S_{t-1} + phi(k_t) v_t^T,  o_t = S_t^T phi(q_t) / (phi(q_t) . sum_s phi(k_s)),
                         phi(x) = elu(x) + 1                                      (Katharopoulos et al.)
     retnet              S_t = gamma_h S_{t-1} + k_t v_t^T,  gamma_h = 1 - 2^(-5-h) fixed per head
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 import kernels
 from lm.errors import ConfigError
 from lm.models.layers import HeadNorm, ShortConv, l2_normalize
-from lm.models.mixer import TokenMixer, get
+from lm.models.mixer import ImplicitAttention, TokenMixer, get, onehot_values
 from lm.models.registry import register
 
 FEATURE_MAPS = {
@@ -56,6 +57,8 @@ class LinearAttentionOptions:
 
 
 VARIANTS = {
+    # plain unnormalised linear self-attention, y_t = W_o sum_s v_s (k_s . q_t): the LSA layer
+    "lsa": {"output_norm": False, "output_gate": False},
     "linear_transformer": {"feature_map": "elu1", "denominator": True, "output_norm": False,
                            "output_gate": False},
     "retnet": {"gate": "fixed"},
@@ -139,39 +142,48 @@ class LinearAttention(TokenMixer):
             return -torch.exp(self.A_log.float()) * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
         return None
 
-    def forward(self, x, state=None, return_state=False):
+    def features(self, x: torch.Tensor, state=None):
+        """Kernel inputs q, k [B,T,H,K], v [B,T,H,V], log decay g, beta [B,T,H], and conv states."""
         o = self.options
         B, T, _ = x.shape
         H, K, V = self.n_heads, self.key_dim, self.value_dim
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        new_state = {}
+        conv_state = {}
         if o.short_conv:
-            q, new_state["conv_q"] = self.conv_q(q, get(state, "conv_q"))
-            k, new_state["conv_k"] = self.conv_k(k, get(state, "conv_k"))
-            v, new_state["conv_v"] = self.conv_v(v, get(state, "conv_v"))
+            q, conv_state["conv_q"] = self.conv_q(q, get(state, "conv_q"))
+            k, conv_state["conv_k"] = self.conv_k(k, get(state, "conv_k"))
+            v, conv_state["conv_v"] = self.conv_v(v, get(state, "conv_v"))
         q = FEATURE_MAPS[o.feature_map](q.view(B, T, H, K))
         k = FEATURE_MAPS[o.feature_map](k.view(B, T, H, K))
         v = v.view(B, T, H, V)
         if o.normalize_qk:
             q, k = l2_normalize(q), l2_normalize(k)
         g = self.log_decay(x)
-        S0 = get(state, "S")
+        g = x.new_zeros(B, T, H) if g is None and o.rule != "delta" else g
+        g = None if g is None else g.to(x.dtype)
+        beta = torch.sigmoid(self.b_proj(x).float()).to(x.dtype) if o.rule == "delta" else None
+        return q, k, v, g, beta, conv_state
+
+    def mix(self, q, k, v, g, beta, S0=None, return_state=False):
+        """The kernel: o_t = scale S_t^T q_t (divided by the normaliser for the linear Transformer)."""
+        o = self.options
         if o.rule == "delta":
-            beta = torch.sigmoid(self.b_proj(x).float()).to(x.dtype)
-            out, S = kernels.delta_rule(q, k, v, beta, None if g is None else g.to(x.dtype),
-                                        initial_state=S0, output_final_state=return_state,
-                                        backend=self.backend)
-        else:
-            if g is None:
-                g = x.new_zeros(B, T, H)
-            scale = None
-            if o.denominator:
-                v = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
-                scale = 1.0
-            out, S = kernels.gla(q, k, v, g.to(x.dtype), scale=scale, initial_state=S0,
-                                 output_final_state=return_state, backend=self.backend)
-            if o.denominator:
-                out = out[..., :V] / (out[..., V:].float() + 1e-6).to(out.dtype)
+            return kernels.delta_rule(q, k, v, beta, g, initial_state=S0, output_final_state=return_state,
+                                      backend=self.backend)
+        if not o.denominator:
+            return kernels.gla(q, k, v, g, initial_state=S0, output_final_state=return_state, backend=self.backend)
+        V = v.shape[-1]
+        ones = torch.ones_like(v[..., :1])
+        out, S = kernels.gla(q, k, torch.cat([v, ones], dim=-1), g, scale=1.0, initial_state=S0,
+                             output_final_state=return_state, backend=self.backend)
+        return out[..., :V] / (out[..., V:].float() + 1e-6).to(out.dtype), S
+
+    def forward(self, x, state=None, return_state=False):
+        o = self.options
+        B, T, _ = x.shape
+        H, V = self.n_heads, self.value_dim
+        q, k, v, g, beta, new_state = self.features(x, state)
+        out, S = self.mix(q, k, v, g, beta, get(state, "S"), return_state)
         if o.output_norm:
             out = self.o_norm(out)
         if o.output_gate:
@@ -181,6 +193,21 @@ class LinearAttention(TokenMixer):
             return y, None
         new_state["S"] = S
         return y, new_state
+
+    def implicit_attention(self, x: torch.Tensor) -> ImplicitAttention:
+        """Every variant is linear in v (S_0 = 0): running the kernel on one-hot values gives the
+        weights (for DeltaNet this is the product form of the delta rule; the linear Transformer's
+        rows are normalised by its denominator)."""
+        q, k, v, g, beta, _ = self.features(x)
+        B, T, H, _ = q.shape
+        eye = onehot_values(B, T, H, x.device).to(v.dtype)
+        out, _ = self.mix(q, k, v, g, beta)
+        if self.options.denominator:
+            num, _ = kernels.gla(q, k, eye, g, scale=1.0, backend=self.backend)
+            weights = num / (num.sum(-1, keepdim=True).float() + 1e-6).to(num.dtype)
+        else:
+            weights, _ = self.mix(q, k, eye, g, beta)
+        return ImplicitAttention(weights.permute(0, 2, 1, 3), v, out)
 
     def init_state(self, batch_size, device=None, dtype=None):
         o = self.options

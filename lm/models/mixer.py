@@ -12,12 +12,38 @@ generated token by token, or probed. ``init_state(batch)`` gives the state befor
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
 State = Optional[Dict[str, Any]]
+
+
+@dataclass
+class ImplicitAttention:
+    """The linear map a token mixer applies along time: ``output = weights @ values`` per head.
+
+    weights: [B, H, T, T] (causal); values: [B, T, H, V]; output: [B, T, H, V], what the mixer
+    actually computed at that point (before per-token post-processing such as norms and gates).
+    """
+
+    weights: torch.Tensor
+    values: torch.Tensor
+    output: torch.Tensor
+
+    def reconstruction_error(self) -> float:
+        """max |weights @ values - output| / max |output| (0 when the closed form is exact)."""
+        rebuilt = torch.einsum("bhts,bshv->bthv", self.weights.double(), self.values.double())
+        scale = self.output.double().abs().max().clamp_min(1e-12)
+        return float((rebuilt - self.output.double()).abs().max() / scale)
+
+
+def onehot_values(B: int, T: int, H: int, device) -> torch.Tensor:
+    """Identity values [B, T, H, T]: a kernel linear in v, run on them, returns its weights."""
+    eye = torch.eye(T, device=device)
+    return eye[None, :, None, :].expand(B, T, H, T).contiguous()
 
 
 class TokenMixer(nn.Module):
@@ -41,6 +67,11 @@ class TokenMixer(nn.Module):
 
     def init_state(self, batch_size: int, device=None, dtype=None) -> Dict[str, Any]:
         raise NotImplementedError
+
+    def implicit_attention(self, x: torch.Tensor) -> Optional[ImplicitAttention]:
+        """The attention matrix this mixer applies to x [B, T, D] in closed form, or None for
+        mixers that have none (the fast weight programmers with recurrent feedback)."""
+        return None
 
     @staticmethod
     def check_config(cfg: Any, options: Any) -> None:

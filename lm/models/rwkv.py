@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 import kernels
 from lm.models.layers import HeadNorm, l2_normalize, token_shift
-from lm.models.mixer import TokenMixer, get
+from lm.models.mixer import ImplicitAttention, TokenMixer, get, onehot_values
 from lm.models.registry import register
 
 BRANCHES = ("r", "w", "k", "v", "a", "g")
@@ -86,7 +86,8 @@ class RWKV7TimeMix(TokenMixer):
             nn.init.ones_(self.k_a)
             self.k_k.fill_(0.85)
 
-    def forward(self, x, state=None, return_state=False):
+    def features(self, x: torch.Tensor, state=None):
+        """r, k, v [B,T,H,K], the removal key kk, learning rate a, log decay, gate, last input."""
         B, T, D = x.shape
         H, K = self.n_heads, self.head_dim
         prev, last = token_shift(x, get(state, "shift"))
@@ -100,13 +101,27 @@ class RWKV7TimeMix(TokenMixer):
         gate = self.g_up(torch.sigmoid(self.g_down(xg)))
         kk = l2_normalize((k * self.k_k).view(B, T, H, K))
         k = (k * (1 + (a - 1) * self.k_a)).view(B, T, H, K)
-        a = a.view(B, T, H, K)
-        out, S = kernels.dplr(r, k, v, -kk, kk * a, log_w.view(B, T, H, K).to(x.dtype), scale=1.0,
-                              initial_state=get(state, "S"), output_final_state=return_state,
-                              backend=self.backend)
+        return r, k, v, kk, a.view(B, T, H, K), log_w.view(B, T, H, K).to(x.dtype), gate, last
+
+    def forward(self, x, state=None, return_state=False):
+        B, T, D = x.shape
+        H, K = self.n_heads, self.head_dim
+        r, k, v, kk, a, log_w, gate, last = self.features(x, state)
+        out, S = kernels.dplr(r, k, v, -kk, kk * a, log_w, scale=1.0, initial_state=get(state, "S"),
+                              output_final_state=return_state, backend=self.backend)
         out = self.o_norm(out) + (r * k * self.r_k).sum(-1, keepdim=True) * v
         y = self.output((out.reshape(B, T, H * K)) * gate)
         return y, ({"S": S, "shift": last} if return_state else None)
+
+    def implicit_attention(self, x: torch.Tensor) -> ImplicitAttention:
+        """The DPLR readout S_t^T r_t is linear in v: the kernel on one-hot values gives the weights
+        (the current-token bonus is added after the head norm and is not part of them)."""
+        r, k, v, kk, a, log_w, _, _ = self.features(x)
+        B, T, H, _ = r.shape
+        eye = onehot_values(B, T, H, x.device).to(v.dtype)
+        out, _ = kernels.dplr(r, k, v, -kk, kk * a, log_w, scale=1.0, backend=self.backend)
+        weights, _ = kernels.dplr(r, k, eye, -kk, kk * a, log_w, scale=1.0, backend=self.backend)
+        return ImplicitAttention(weights.permute(0, 2, 1, 3), v, out)
 
     def init_state(self, batch_size, device=None, dtype=None):
         return {"S": torch.zeros(batch_size, self.n_heads, self.head_dim, self.head_dim, device=device),

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lm.models.mixer import TokenMixer, get
+from lm.models.mixer import ImplicitAttention, TokenMixer, get
 from lm.models.registry import register
 
 
@@ -73,16 +73,18 @@ class Attention(TokenMixer):
         y = self.o_proj(out.transpose(1, 2).reshape(B, T, H * K))
         return y, ({"k": k, "v": v} if return_state else None)
 
-    def attention_weights(self, x: torch.Tensor) -> torch.Tensor:
-        """The softmax attention matrix [B, H, T, T] of a whole sequence (for probes)."""
+    def implicit_attention(self, x: torch.Tensor) -> ImplicitAttention:
+        """The softmax attention matrix of a whole sequence, and the values it weights."""
         B, T, _ = x.shape
         H, K = self.n_heads, self.head_dim
-        q, k, _ = self.qkv(x).view(B, T, 3, H, K).permute(2, 0, 3, 1, 4)
-        q = rotary(q, 0, self.options.rope_theta).float()
-        k = rotary(k, 0, self.options.rope_theta).float()
-        scores = q @ k.transpose(-1, -2) * K ** -0.5
+        q, k, v = self.qkv(x).view(B, T, 3, H, K).permute(2, 0, 3, 1, 4)
+        q = rotary(q, 0, self.options.rope_theta)
+        k = rotary(k, 0, self.options.rope_theta)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
+        scores = q.float() @ k.float().transpose(-1, -2) * K ** -0.5
         mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-        return torch.softmax(scores.masked_fill(~mask, float("-inf")), -1)
+        weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), -1)
+        return ImplicitAttention(weights, v.transpose(1, 2), out)
 
     def init_state(self, batch_size, device=None, dtype=None):
         H, K = self.n_heads, self.head_dim

@@ -1,0 +1,26 @@
+"""``lm probe <checkpoint>``: attention-equivalence probes on a trained model, as a report."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from lm.cli.app import app
+
+
+@app.command("probe")
+def probe_command(
+    checkpoint: str = typer.Argument(..., help="an export, a checkpoint directory or a run directory"),
+    out: Optional[str] = typer.Option(None, "--out", help="report directory (default: <checkpoint>/probe-report)"),
+    batch_size: int = typer.Option(8, "--batch-size", help="probe sequences (>= 4 for the LSA fit)"),
+    seq_len: int = typer.Option(64, "--seq-len", help="probe length"),
+    lsa_rank: int = typer.Option(6, "--lsa-rank", help="random projection rank of the LSA fit"),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Form equivalence, implicit attention and LSA fit per layer: report.md + probes.json + probes.png."""
+    from lm.probes.report import write_report
+
+    path = write_report(checkpoint, out, batch_size, seq_len, lsa_rank, seed)
+    typer.echo((path / "report.md").read_text())
+    typer.echo(f"report written to {path}")
