@@ -163,7 +163,8 @@ def train(cfg: DictConfig, echo=print) -> TrainResult:
     if launch_rank() == 0:
         n = module.model.num_parameters()
         source = data_dir if data_dir is not None else f"task {cfg.data.task.name}"
-        echo(f"model: {cfg.model.family}/{cfg.model.variant} with {n / 1e6:.2f}M parameters; "
+        size = f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n:,}"
+        echo(f"model: {cfg.model.family}/{cfg.model.variant} with {size} parameters; "
              f"data: {source}; run: {run_dir}" + (f"; resuming from {resume_from}" if resume_from else ""))
 
     stop = StopRequest() if cfg.checkpoint.save_on_signal else None
@@ -229,11 +230,18 @@ def train(cfg: DictConfig, echo=print) -> TrainResult:
     result = TrainResult(run_dir, checkpoints.saved[-1] if checkpoints.saved else resume_from,
                          trainer.global_step, stopped_by_signal=checkpoints.stopped_by_signal)
     if checkpoints.stopped_by_signal:
+        stopped = (f"stopped by {checkpoints.stopped_by_signal} at step {trainer.global_step}; "
+                   f"checkpoint {result.checkpoint}")
         if stop is not None and stop.wants_requeue and trainer.is_global_zero:
+            # said before the requeue: SLURM terminates the job's processes as soon as it is requeued
+            echo(f"{stopped}; requeueing SLURM job {os.environ.get('SLURM_JOB_ID')}")
             result.requeued = requeue_slurm_job()
-        if trainer.is_global_zero:
-            echo(f"stopped by {checkpoints.stopped_by_signal} at step {trainer.global_step}; "
-                 f"checkpoint {result.checkpoint}" + ("; job requeued" if result.requeued else ""))
+            if not result.requeued:
+                # exiting 0 here would record the unfinished job as COMPLETED
+                raise LMError(f"{stopped}, but `scontrol requeue` failed: resubmit the job (lm submit, which "
+                              f"resumes with resume=auto)")
+        elif trainer.is_global_zero:
+            echo(stopped)
         return result
     result.metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     if trainer.is_global_zero:

@@ -22,6 +22,11 @@ DECAYS = ("strong", "moderate", "none")
 TOL = {torch.float32: 1e-4, torch.float64: 1e-9, torch.bfloat16: 3e-2, torch.float16: 1e-2}
 
 
+def device_for(backend: str) -> str:
+    """Triton runs on CUDA tensors when a GPU exists (else on the CPU interpreter)."""
+    return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+
+
 def _log_decay(shape, decay: str, gen: torch.Generator) -> torch.Tensor:
     if decay == "strong":
         return torch.full(shape, -5.0)
@@ -42,6 +47,7 @@ def make_inputs(
     with_state: bool = False,
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
+    device: str = "cpu",
 ) -> Tuple[Dict[str, torch.Tensor], Optional[object]]:
     """Random, well-conditioned inputs (leaf tensors with requires_grad) and optionally a state."""
     gen = torch.Generator().manual_seed(seed)
@@ -102,9 +108,9 @@ def make_inputs(
                           (args["w_y"], args["w_q"], args["w_k"], args["w_b"]))
     else:
         raise ValueError(op)
-    args = {n: x.to(dtype).requires_grad_() for n, x in args.items()}
+    args = {n: x.to(device=device, dtype=dtype).requires_grad_() for n, x in args.items()}
     if state is not None:
-        state = _map(lambda x: x.float().requires_grad_(), state)
+        state = _map(lambda x: x.to(device).float().requires_grad_(), state)
     return args, state
 
 
@@ -131,9 +137,9 @@ def forward_backward(op: str, args, state, backend: str, seed: int = 1, **kw):
     state = None if state is None else _map(lambda x: x.detach().clone().requires_grad_(), state)
     out, final = run(op, args, state, backend, **kw)
     gen = torch.Generator().manual_seed(seed)
-    loss = (out.float() * torch.randn(out.shape, generator=gen)).sum()
+    loss = (out.float() * torch.randn(out.shape, generator=gen).to(out.device)).sum()
     for s in _flat(final):
-        loss = loss + (s.float() * torch.randn(s.shape, generator=gen)).sum()
+        loss = loss + (s.float() * torch.randn(s.shape, generator=gen).to(s.device)).sum()
     inputs = list(args.values()) + _flat(state)
     grads = torch.autograd.grad(loss, inputs, allow_unused=True)
     names = list(args) + [f"initial_state[{i}]" for i in range(len(_flat(state)))]
@@ -163,6 +169,7 @@ def compare_backends(op: str, backend: str, tol: Optional[float] = None, dtype=t
 
     For low precision the reference runs on the same (rounded) inputs in fp32.
     """
+    make_kw.setdefault("device", device_for(backend))
     args, state = make_inputs(op, dtype=dtype, **make_kw)
     tol = TOL[dtype] if tol is None else tol
     ref_args = {n: x.detach().float() for n, x in args.items()} if dtype != torch.float32 else args
@@ -183,6 +190,7 @@ def compare_backends(op: str, backend: str, tol: Optional[float] = None, dtype=t
 
 def check_split(op: str, backend: str, split: int, tol: float = 1e-4, **make_kw) -> None:
     """Running [0, split) then [split, T) with the carried state equals one pass."""
+    make_kw.setdefault("device", device_for(backend))
     args, state = make_inputs(op, **make_kw)
     with torch.no_grad():
         o_full, s_full = run(op, args, state, backend)

@@ -7,5 +7,17 @@ def _reference():
     return gla_reference
 
 
+def _torch():
+    from kernels.ops.gla.chunk import gla_chunked
+
+    return gla_chunked
+
+
+def _triton():
+    from kernels.ops.gla.triton_chunk import gla_triton
+
+    return gla_triton
+
+
 #: backend name -> loader returning the implementation (same signature as the reference)
-BACKENDS = {"reference": _reference}
+BACKENDS = {"reference": _reference, "torch": _torch, "triton": _triton}

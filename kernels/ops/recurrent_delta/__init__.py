@@ -7,5 +7,17 @@ def _reference():
     return recurrent_delta_reference
 
 
+def _torch():
+    from kernels.ops.recurrent_delta.torch_loop import recurrent_delta_torch
+
+    return recurrent_delta_torch
+
+
+def _triton():
+    from kernels.ops.recurrent_delta.triton_loop import recurrent_delta_triton
+
+    return recurrent_delta_triton
+
+
 #: backend name -> loader returning the implementation (same signature as the reference)
-BACKENDS = {"reference": _reference}
+BACKENDS = {"reference": _reference, "torch": _torch, "triton": _triton}

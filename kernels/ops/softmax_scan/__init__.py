@@ -7,5 +7,17 @@ def _reference():
     return softmax_scan_reference
 
 
+def _torch():
+    from kernels.ops.softmax_scan.chunk import softmax_scan_chunked
+
+    return softmax_scan_chunked
+
+
+def _triton():
+    from kernels.ops.softmax_scan.triton_scan import softmax_scan_triton
+
+    return softmax_scan_triton
+
+
 #: backend name -> loader returning the implementation (same signature as the reference)
-BACKENDS = {"reference": _reference}
+BACKENDS = {"reference": _reference, "torch": _torch, "triton": _triton}

@@ -7,5 +7,17 @@ def _reference():
     return srwm_reference
 
 
+def _torch():
+    from kernels.ops.srwm.torch_loop import srwm_torch
+
+    return srwm_torch
+
+
+def _triton():
+    from kernels.ops.srwm.triton_loop import srwm_triton
+
+    return srwm_triton
+
+
 #: backend name -> loader returning the implementation (same signature as the reference)
-BACKENDS = {"reference": _reference}
+BACKENDS = {"reference": _reference, "torch": _torch, "triton": _triton}

@@ -1,0 +1,479 @@
+"""Chunked Triton kernels for gated linear attention (forward and backward), and ``gla_triton``.
+
+Notation as in ``chunk.py``: chunks of C = 64 steps, sub-blocks of 16 rows, ``b`` the cumulative
+log decay inside a chunk (per key; a per-head gate is broadcast over K by the cumsum kernel),
+``S_n`` the state after chunk n. Kernels (grid axis 0 is batch x head everywhere):
+
+- ``_chunk_cumsum``: b = cumsum of g inside every chunk (fp32).
+- ``_fwd_states``: ``hs[n]`` = state entering chunk n, ``hs[N]`` = final state; loop over chunks,
+  ``S <- exp(b_last) S + (k * exp(b_last - b))^T v``  (grid: K blocks x V blocks).
+- ``_fwd_output``: per 16-row sub-block i: ``o_i = scale ((q_i e^b_i) S_prev + sum_{j<=i} A_ij v_j)``;
+  ``A_ij`` (``_scores``) uses the reference point r_j = b at the end of block j for j < i (both
+  factors <= 1, one ``tl.dot``) and the explicit masked ``exp(b_t - b_s)`` on the diagonal.
+- backward: ``_bwd_states`` (``dhs[n]`` = dL/d(state entering chunk n), reverse loop:
+  ``dS <- exp(b_last) dS + scale (q e^b)^T do``), ``_bwd_dqk`` (dq, dk and ``q dq - k dk``),
+  ``_bwd_dv`` (dv), ``_bwd_dg`` (dg: a reverse cumulative sum of ``q dq - k dk`` inside the chunk
+  plus ``sum_v S_n * dS_n``, the explicit dependence of ``S_n`` on b_last; arranged so that no
+  two O(1) terms cancel, see the kernel).
+
+The dg identity: the loss depends on chunk n's b only through ``q e^b``, ``k e^-b`` and the factor
+``e^{b_last}`` of ``S_n``, so ``dL/db_t = q_t dq_t - k_t dk_t + [t = last] sum_v S_n dS_n``, and
+``dg_t = sum_{t' >= t in the chunk} dL/db_t'``. States are recomputed in backward, not stored.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.ops.gla.triton_common import dot, masked_exp
+
+CHUNK = 64
+SUB = 16
+#: sequences up to this length use the fused-recurrent kernel in ``gla_triton``
+FUSED_MAX_T = 16
+
+
+def _block(n: int, cap: int = 64) -> int:
+    return min(cap, max(16, triton.next_power_of_2(n)))
+
+
+#: K block of the dq/dk kernel, which holds a [16, 16, BK] decay tensor
+DQK_BLOCK_K = 32
+#: 8 warps: no register spills for 64 x 64 fp32 state tiles (checked by compiling for sm_90)
+NUM_WARPS = 8
+
+
+@triton.jit
+def _chunk_cumsum_kernel(g_ptr, b_ptr, T, H, K, PER_HEAD: tl.constexpr, C: tl.constexpr, BK: tl.constexpr):
+    i_bh, i_n, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    t = i_n * C + tl.arange(0, C)
+    kk = i_k * BK + tl.arange(0, BK)
+    tok = i_b.to(tl.int64) * T * H + t * H + i_h
+    ok = (t < T)[:, None] & (kk < K)[None, :]
+    if PER_HEAD:
+        g = tl.load(g_ptr + tok, mask=t < T, other=0.0).to(tl.float32)
+        g = tl.zeros([C, BK], dtype=tl.float32) + g[:, None]
+    else:
+        g = tl.load(g_ptr + tok[:, None] * K + kk[None, :], mask=ok, other=0.0).to(tl.float32)
+    tl.store(b_ptr + tok[:, None] * K + kk[None, :], tl.cumsum(g, 0), mask=ok)
+
+
+@triton.jit
+def _fwd_states_kernel(
+    k_ptr, v_ptr, b_ptr, h0_ptr, hs_ptr, T, H, K, V, N,
+    HAS_H0: tl.constexpr, LOWP: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+):
+    i_bh, i_k, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    kk = i_k * BK + tl.arange(0, BK)
+    vv = i_v * BV + tl.arange(0, BV)
+    kv_ok = (kk < K)[:, None] & (vv < V)[None, :]
+    state_offs = kk[:, None] * V + vv[None, :]
+    hs_base = hs_ptr + i_bh.to(tl.int64) * (N + 1) * K * V
+    if HAS_H0:
+        S = tl.load(h0_ptr + i_bh.to(tl.int64) * K * V + state_offs, mask=kv_ok, other=0.0).to(tl.float32)
+    else:
+        S = tl.zeros([BK, BV], dtype=tl.float32)
+    tok0 = i_b.to(tl.int64) * T * H + i_h
+    rows = tl.arange(0, C)
+    for n in range(0, N):
+        tl.store(hs_base + n * K * V + state_offs, S, mask=kv_ok)
+        t = n * C + rows
+        t_ok = t < T
+        tok = tok0 + t * H
+        k = tl.load(k_ptr + tok[:, None] * K + kk[None, :], mask=t_ok[:, None] & (kk < K)[None, :], other=0.0)
+        v = tl.load(v_ptr + tok[:, None] * V + vv[None, :], mask=t_ok[:, None] & (vv < V)[None, :], other=0.0)
+        b = tl.load(b_ptr + tok[:, None] * K + kk[None, :], mask=t_ok[:, None] & (kk < K)[None, :], other=0.0)
+        t_last = tl.minimum(n * C + C, T) - 1
+        b_last = tl.load(b_ptr + (tok0 + t_last * H) * K + kk, mask=kk < K, other=0.0)
+        k_out = k.to(tl.float32) * masked_exp(b_last[None, :] - b, t_ok[:, None])
+        S = S * tl.exp(b_last)[:, None] + dot(tl.trans(k_out), v.to(tl.float32), LOWP)
+    tl.store(hs_base + N * K * V + state_offs, S, mask=kv_ok)
+
+
+@triton.jit
+def _diagonal_decays(b_t, b_s, t_ok, SUB: tl.constexpr):
+    """[SUB(t), SUB(s), k] tensor exp(b_tk - b_sk) for s <= t (and t valid), 0 elsewhere;
+    the exponent is masked to -inf before the exp, so nothing positive is exponentiated."""
+    r_idx = tl.arange(0, SUB)
+    keep = (r_idx[:, None] >= r_idx[None, :])[:, :, None] & t_ok[:, None, None]
+    return masked_exp(b_t[:, None, :] - b_s[None, :, :], keep)
+
+
+@triton.jit
+def _scores(
+    q_ptr, k_ptr, b_ptr, tok0, T, H, K, row0, col0,
+    LOWP: tl.constexpr, SUB: tl.constexpr, BK: tl.constexpr,
+):
+    """A[t, s] = sum_k q_tk k_sk exp(b_tk - b_sk), rows t = row0.., columns s = col0.. (col0 <= row0)."""
+    r_idx = tl.arange(0, SUB)
+    t = row0 + r_idx
+    s = col0 + r_idx
+    t_ok = t < T
+    s_ok = s < T
+    A = tl.zeros([SUB, SUB], dtype=tl.float32)
+    if col0 < row0:  # earlier block: reference point r = b at its last row (both factors <= 1)
+        for k0 in range(0, K, BK):
+            kk = k0 + tl.arange(0, BK)
+            k_ok = kk < K
+            q = tl.load(q_ptr + (tok0 + t * H)[:, None] * K + kk[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+            b_t = tl.load(b_ptr + (tok0 + t * H)[:, None] * K + kk[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0)
+            k = tl.load(k_ptr + (tok0 + s * H)[:, None] * K + kk[None, :], mask=s_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+            b_s = tl.load(b_ptr + (tok0 + s * H)[:, None] * K + kk[None, :], mask=s_ok[:, None] & k_ok[None, :], other=0.0)
+            r = tl.load(b_ptr + (tok0 + (col0 + SUB - 1) * H) * K + kk, mask=k_ok, other=0.0)
+            q_in = q * masked_exp(b_t - r[None, :], t_ok[:, None])
+            k_in = k * tl.exp(r[None, :] - b_s)
+            A += dot(q_in, tl.trans(k_in), LOWP)
+    else:  # diagonal block: explicit [SUB, SUB, 16] decays, 16 keys at a time
+        for k0 in range(0, K, 16):
+            kk = k0 + tl.arange(0, 16)
+            ok = t_ok[:, None] & (kk < K)[None, :]
+            q = tl.load(q_ptr + (tok0 + t * H)[:, None] * K + kk[None, :], mask=ok, other=0.0).to(tl.float32)
+            k = tl.load(k_ptr + (tok0 + t * H)[:, None] * K + kk[None, :], mask=ok, other=0.0).to(tl.float32)
+            b = tl.load(b_ptr + (tok0 + t * H)[:, None] * K + kk[None, :], mask=ok, other=0.0)
+            E = _diagonal_decays(b, b, t_ok, SUB)
+            A += tl.sum(q[:, None, :] * k[None, :, :] * E, 2)
+    return A
+
+
+@triton.jit
+def _fwd_output_kernel(
+    q_ptr, k_ptr, v_ptr, b_ptr, hs_ptr, o_ptr, scale, T, H, K, V, N,
+    LOWP: tl.constexpr, C: tl.constexpr, SUB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+):
+    i_bh, i_sub, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    NSUB: tl.constexpr = C // SUB
+    i_n = i_sub // NSUB
+    i_i = i_sub % NSUB
+    row0 = i_n * C + i_i * SUB
+    tok0 = i_b.to(tl.int64) * T * H + i_h
+    t = row0 + tl.arange(0, SUB)
+    t_ok = t < T
+    vv = i_v * BV + tl.arange(0, BV)
+    v_ok = vv < V
+    hs_base = hs_ptr + (i_bh.to(tl.int64) * (N + 1) + i_n) * K * V
+    if row0 >= T:  # a sub-block past the end of the sequence
+        return
+    acc = tl.zeros([SUB, BV], dtype=tl.float32)
+    for k0 in range(0, K, BK):  # inter-chunk: (q e^b) S_prev
+        kk = k0 + tl.arange(0, BK)
+        k_ok = kk < K
+        q = tl.load(q_ptr + (tok0 + t * H)[:, None] * K + kk[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + (tok0 + t * H)[:, None] * K + kk[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0)
+        S = tl.load(hs_base + kk[:, None] * V + vv[None, :], mask=k_ok[:, None] & v_ok[None, :], other=0.0)
+        acc += dot(q * tl.exp(b), S, LOWP)
+    for j in range(0, i_i + 1):  # intra-chunk: sum_{j <= i} A_ij v_j
+        col0 = i_n * C + j * SUB
+        A = _scores(q_ptr, k_ptr, b_ptr, tok0, T, H, K, row0, col0, LOWP, SUB, BK)
+        s = col0 + tl.arange(0, SUB)
+        v = tl.load(v_ptr + (tok0 + s * H)[:, None] * V + vv[None, :], mask=(s < T)[:, None] & v_ok[None, :], other=0.0).to(tl.float32)
+        acc += dot(A, v, LOWP)
+    tl.store(o_ptr + (tok0 + t * H)[:, None] * V + vv[None, :], (acc * scale).to(o_ptr.dtype.element_ty),
+             mask=t_ok[:, None] & v_ok[None, :])
+
+
+@triton.jit
+def _bwd_states_kernel(
+    q_ptr, do_ptr, b_ptr, dht_ptr, dhs_ptr, scale, T, H, K, V, N,
+    HAS_DHT: tl.constexpr, LOWP: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+):
+    i_bh, i_k, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    kk = i_k * BK + tl.arange(0, BK)
+    vv = i_v * BV + tl.arange(0, BV)
+    kv_ok = (kk < K)[:, None] & (vv < V)[None, :]
+    state_offs = kk[:, None] * V + vv[None, :]
+    dhs_base = dhs_ptr + i_bh.to(tl.int64) * (N + 1) * K * V
+    if HAS_DHT:
+        dS = tl.load(dht_ptr + i_bh.to(tl.int64) * K * V + state_offs, mask=kv_ok, other=0.0).to(tl.float32)
+    else:
+        dS = tl.zeros([BK, BV], dtype=tl.float32)
+    tok0 = i_b.to(tl.int64) * T * H + i_h
+    rows = tl.arange(0, C)
+    for i in range(0, N):
+        n = N - 1 - i
+        tl.store(dhs_base + (n + 1) * K * V + state_offs, dS, mask=kv_ok)
+        t = n * C + rows
+        t_ok = t < T
+        tok = tok0 + t * H
+        q = tl.load(q_ptr + tok[:, None] * K + kk[None, :], mask=t_ok[:, None] & (kk < K)[None, :], other=0.0)
+        do = tl.load(do_ptr + tok[:, None] * V + vv[None, :], mask=t_ok[:, None] & (vv < V)[None, :], other=0.0)
+        b = tl.load(b_ptr + tok[:, None] * K + kk[None, :], mask=t_ok[:, None] & (kk < K)[None, :], other=0.0)
+        t_last = tl.minimum(n * C + C, T) - 1
+        b_last = tl.load(b_ptr + (tok0 + t_last * H) * K + kk, mask=kk < K, other=0.0)
+        q_in = q.to(tl.float32) * masked_exp(b, t_ok[:, None]) * scale
+        dS = dS * tl.exp(b_last)[:, None] + dot(tl.trans(q_in), do.to(tl.float32), LOWP)
+    tl.store(dhs_base + state_offs, dS, mask=kv_ok)
+
+
+@triton.jit
+def _bwd_dqk_kernel(
+    q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, hs_ptr, dhs_ptr, dq_ptr, dk_ptr, x_ptr, scale, T, H, K, V, N,
+    LOWP: tl.constexpr, C: tl.constexpr, SUB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+):
+    """dq, dk of the rows of sub-block i (K block i_k), and x = q dq - k dk for dg."""
+    i_bh, i_sub, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    NSUB: tl.constexpr = C // SUB
+    i_n = i_sub // NSUB
+    i_i = i_sub % NSUB
+    n_valid = tl.cdiv(tl.minimum(C, T - i_n * C), SUB)  # sub-blocks of this chunk holding tokens
+    row0 = i_n * C + i_i * SUB
+    if row0 >= T:  # a sub-block past the end: then every earlier block is complete
+        return
+    tok0 = i_b.to(tl.int64) * T * H + i_h
+    r_idx = tl.arange(0, SUB)
+    t = row0 + r_idx
+    t_ok = t < T
+    kk = i_k * BK + tl.arange(0, BK)
+    k_ok = kk < K
+    ik_ok = t_ok[:, None] & k_ok[None, :]
+    qk_offs = (tok0 + t * H)[:, None] * K + kk[None, :]
+    q_i = tl.load(q_ptr + qk_offs, mask=ik_ok, other=0.0).to(tl.float32)
+    k_i = tl.load(k_ptr + qk_offs, mask=ik_ok, other=0.0).to(tl.float32)
+    b_i = tl.load(b_ptr + qk_offs, mask=ik_ok, other=0.0)
+    t_last = tl.minimum(i_n * C + C, T) - 1
+    b_last = tl.load(b_ptr + (tok0 + t_last * H) * K + kk, mask=k_ok, other=0.0)
+    hs_base = hs_ptr + (i_bh.to(tl.int64) * (N + 1) + i_n) * K * V  # state entering chunk n
+    dhs_base = dhs_ptr + (i_bh.to(tl.int64) * (N + 1) + i_n + 1) * K * V  # dL/d(state after chunk n)
+    dq = tl.zeros([SUB, BK], dtype=tl.float32)
+    dk = tl.zeros([SUB, BK], dtype=tl.float32)
+    P_ii = tl.zeros([SUB, SUB], dtype=tl.float32)  # do_t . v_s inside block i
+    for v0 in range(0, V, BV):  # state terms and P_ii
+        vv = v0 + tl.arange(0, BV)
+        v_ok = vv < V
+        do_i = tl.load(do_ptr + (tok0 + t * H)[:, None] * V + vv[None, :], mask=t_ok[:, None] & v_ok[None, :], other=0.0).to(tl.float32)
+        v_i = tl.load(v_ptr + (tok0 + t * H)[:, None] * V + vv[None, :], mask=t_ok[:, None] & v_ok[None, :], other=0.0).to(tl.float32)
+        S = tl.load(hs_base + kk[:, None] * V + vv[None, :], mask=k_ok[:, None] & v_ok[None, :], other=0.0)
+        dS = tl.load(dhs_base + kk[:, None] * V + vv[None, :], mask=k_ok[:, None] & v_ok[None, :], other=0.0)
+        dq += dot(do_i, tl.trans(S), LOWP)
+        dk += dot(v_i, tl.trans(dS), LOWP)
+        P_ii += dot(do_i, tl.trans(v_i), LOWP)
+    dq = dq * scale * masked_exp(b_i, t_ok[:, None])
+    dk = dk * masked_exp(b_last[None, :] - b_i, t_ok[:, None])
+    dk_state_last = tl.where((t == t_last)[:, None], dk, 0.0)  # kept out of x, see _bwd_dg_kernel
+    for j in range(0, i_i):  # earlier blocks j feed dq_i
+        s = i_n * C + j * SUB + r_idx
+        P = tl.zeros([SUB, SUB], dtype=tl.float32)
+        for v0 in range(0, V, BV):
+            vv = v0 + tl.arange(0, BV)
+            v_ok = vv < V
+            do_i = tl.load(do_ptr + (tok0 + t * H)[:, None] * V + vv[None, :], mask=t_ok[:, None] & v_ok[None, :], other=0.0).to(tl.float32)
+            v_j = tl.load(v_ptr + (tok0 + s * H)[:, None] * V + vv[None, :], mask=v_ok[None, :], other=0.0).to(tl.float32)
+            P += dot(do_i, tl.trans(v_j), LOWP)
+        k_j = tl.load(k_ptr + (tok0 + s * H)[:, None] * K + kk[None, :], mask=k_ok[None, :], other=0.0).to(tl.float32)
+        b_j = tl.load(b_ptr + (tok0 + s * H)[:, None] * K + kk[None, :], mask=k_ok[None, :], other=0.0)
+        r = tl.load(b_ptr + (tok0 + (i_n * C + j * SUB + SUB - 1) * H) * K + kk, mask=k_ok, other=0.0)
+        dq += scale * masked_exp(b_i - r[None, :], t_ok[:, None]) * dot(P, k_j * tl.exp(r[None, :] - b_j), LOWP)
+    r_i = tl.load(b_ptr + (tok0 + (row0 + SUB - 1) * H) * K + kk, mask=k_ok & ((kk * 0 + row0 + SUB - 1) < T), other=0.0)
+    for m in range(i_i + 1, n_valid):  # later blocks m feed dk_i (block i is then complete)
+        tm = i_n * C + m * SUB + r_idx
+        tm_ok = tm < T
+        P = tl.zeros([SUB, SUB], dtype=tl.float32)  # P[t, s] = do_t . v_s
+        for v0 in range(0, V, BV):
+            vv = v0 + tl.arange(0, BV)
+            v_ok = vv < V
+            do_m = tl.load(do_ptr + (tok0 + tm * H)[:, None] * V + vv[None, :], mask=tm_ok[:, None] & v_ok[None, :], other=0.0).to(tl.float32)
+            v_i = tl.load(v_ptr + (tok0 + t * H)[:, None] * V + vv[None, :], mask=t_ok[:, None] & v_ok[None, :], other=0.0).to(tl.float32)
+            P += dot(do_m, tl.trans(v_i), LOWP)
+        q_m = tl.load(q_ptr + (tok0 + tm * H)[:, None] * K + kk[None, :], mask=tm_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        b_m = tl.load(b_ptr + (tok0 + tm * H)[:, None] * K + kk[None, :], mask=tm_ok[:, None] & k_ok[None, :], other=0.0)
+        q_in = q_m * masked_exp(b_m - r_i[None, :], tm_ok[:, None])
+        dk += scale * tl.exp(r_i[None, :] - b_i) * dot(tl.trans(P), q_in, LOWP)
+    # diagonal block: explicit masked decays E[t, s, k]
+    E = _diagonal_decays(b_i, b_i, t_ok, SUB)
+    dq += scale * tl.sum(P_ii[:, :, None] * k_i[None, :, :] * E, 1)
+    dk += scale * tl.sum(P_ii[:, :, None] * q_i[:, None, :] * E, 0)
+    tl.store(dq_ptr + qk_offs, dq.to(dq_ptr.dtype.element_ty), mask=ik_ok)
+    tl.store(dk_ptr + qk_offs, dk.to(dk_ptr.dtype.element_ty), mask=ik_ok)
+    tl.store(x_ptr + qk_offs, q_i * dq - k_i * (dk - dk_state_last), mask=ik_ok)
+
+
+@triton.jit
+def _bwd_dv_kernel(
+    q_ptr, k_ptr, b_ptr, do_ptr, dhs_ptr, dv_ptr, scale, T, H, K, V, N,
+    LOWP: tl.constexpr, C: tl.constexpr, SUB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+):
+    """dv_j = sum_{i >= j} A_ij^T do_i + (k_j e^(b_last - b_j)) dS_n, rows of sub-block j."""
+    i_bh, i_sub, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    NSUB: tl.constexpr = C // SUB
+    i_n = i_sub // NSUB
+    i_j = i_sub % NSUB
+    n_valid = tl.cdiv(tl.minimum(C, T - i_n * C), SUB)
+    col0 = i_n * C + i_j * SUB
+    if col0 >= T:
+        return
+    tok0 = i_b.to(tl.int64) * T * H + i_h
+    s = col0 + tl.arange(0, SUB)
+    s_ok = s < T
+    vv = i_v * BV + tl.arange(0, BV)
+    v_ok = vv < V
+    dhs_base = dhs_ptr + (i_bh.to(tl.int64) * (N + 1) + i_n + 1) * K * V
+    t_last = tl.minimum(i_n * C + C, T) - 1
+    acc = tl.zeros([SUB, BV], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        kk = k0 + tl.arange(0, BK)
+        k_ok = kk < K
+        k = tl.load(k_ptr + (tok0 + s * H)[:, None] * K + kk[None, :], mask=s_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + (tok0 + s * H)[:, None] * K + kk[None, :], mask=s_ok[:, None] & k_ok[None, :], other=0.0)
+        b_last = tl.load(b_ptr + (tok0 + t_last * H) * K + kk, mask=k_ok, other=0.0)
+        dS = tl.load(dhs_base + kk[:, None] * V + vv[None, :], mask=k_ok[:, None] & v_ok[None, :], other=0.0)
+        acc += dot(k * masked_exp(b_last[None, :] - b, s_ok[:, None]), dS, LOWP)
+    for i in range(i_j, n_valid):
+        row0 = i_n * C + i * SUB
+        A = _scores(q_ptr, k_ptr, b_ptr, tok0, T, H, K, row0, col0, LOWP, SUB, BK)
+        t = row0 + tl.arange(0, SUB)
+        do = tl.load(do_ptr + (tok0 + t * H)[:, None] * V + vv[None, :], mask=(t < T)[:, None] & v_ok[None, :], other=0.0).to(tl.float32)
+        acc += scale * dot(tl.trans(A), do, LOWP)
+    tl.store(dv_ptr + (tok0 + s * H)[:, None] * V + vv[None, :], acc.to(dv_ptr.dtype.element_ty), mask=s_ok[:, None] & v_ok[None, :])
+
+
+@triton.jit
+def _bwd_dg_kernel(
+    x_ptr, k_ptr, v_ptr, hs_ptr, dhs_ptr, dg_ptr, T, H, K, V, N,
+    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+):
+    """dg_t = sum_{t' >= t in the chunk} x_t' + sum_v (S_n - k_l v_l^T) dS_n, l the chunk's last step.
+
+    ``x = q dq - k dk`` except that at step l the state part ``dS_n v_l`` of dk is left out: it
+    equals ``sum_v k_l v_l^T dS_n``, so both sides drop it. What remains,
+    ``S_n - k_l v_l^T = e^{g_l} S_{l-1}``, is small under strong decay, so dg does not come out of
+    the cancellation of two O(1) terms (computed with different roundings)."""
+    i_bh, i_n, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    t = i_n * C + tl.arange(0, C)
+    kk = i_k * BK + tl.arange(0, BK)
+    k_ok = kk < K
+    tok = i_b.to(tl.int64) * T * H + t * H + i_h
+    ok = (t < T)[:, None] & k_ok[None, :]
+    x = tl.load(x_ptr + tok[:, None] * K + kk[None, :], mask=ok, other=0.0)
+    rev = tl.sum(x, 0)[None, :] - tl.cumsum(x, 0) + x
+    base = (i_bh.to(tl.int64) * (N + 1) + i_n + 1) * K * V
+    tok_last = i_b.to(tl.int64) * T * H + (tl.minimum(i_n * C + C, T) - 1) * H + i_h
+    k_last = tl.load(k_ptr + tok_last * K + kk, mask=k_ok, other=0.0).to(tl.float32)
+    edge = tl.zeros([BK], dtype=tl.float32)
+    for v0 in range(0, V, BV):
+        vv = v0 + tl.arange(0, BV)
+        m = k_ok[:, None] & (vv < V)[None, :]
+        S = tl.load(hs_ptr + base + kk[:, None] * V + vv[None, :], mask=m, other=0.0)
+        dS = tl.load(dhs_ptr + base + kk[:, None] * V + vv[None, :], mask=m, other=0.0)
+        v_last = tl.load(v_ptr + tok_last * V + vv, mask=vv < V, other=0.0).to(tl.float32)
+        edge += tl.sum((S - k_last[:, None] * v_last[None, :]) * dS, 1)
+    tl.store(dg_ptr + tok[:, None] * K + kk[None, :], rev + edge[None, :], mask=ok)
+
+
+class _Shapes:
+    def __init__(self, q: torch.Tensor, v: torch.Tensor):
+        self.B, self.T, self.H, self.K = q.shape
+        self.V = v.shape[-1]
+        self.N = triton.cdiv(self.T, CHUNK)
+        self.BK, self.BV = _block(self.K), _block(self.V)
+        self.lowp = q.dtype != torch.float32
+
+
+def _cumsum(g: torch.Tensor, s: _Shapes) -> torch.Tensor:
+    b = torch.empty(s.B, s.T, s.H, s.K, device=g.device, dtype=torch.float32)
+    _chunk_cumsum_kernel[(s.B * s.H, s.N, triton.cdiv(s.K, s.BK))](
+        g, b, s.T, s.H, s.K, PER_HEAD=g.dim() == 3, C=CHUNK, BK=s.BK, num_warps=NUM_WARPS)
+    return b
+
+
+def _states(k, v, b, h0, s: _Shapes) -> torch.Tensor:
+    hs = torch.empty(s.B, s.H, s.N + 1, s.K, s.V, device=k.device, dtype=torch.float32)
+    _fwd_states_kernel[(s.B * s.H, triton.cdiv(s.K, s.BK), triton.cdiv(s.V, s.BV))](
+        k, v, b, h0 if h0 is not None else hs, hs, s.T, s.H, s.K, s.V, s.N,
+        HAS_H0=h0 is not None, LOWP=s.lowp, C=CHUNK, BK=s.BK, BV=s.BV, num_warps=NUM_WARPS)
+    return hs
+
+
+class _GLAChunkTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, g, scale, h0):
+        q, k, v, g = (x.contiguous() for x in (q, k, v, g))
+        h0c = None if h0 is None else h0.float().contiguous()
+        s = _Shapes(q, v)
+        b = _cumsum(g, s)
+        hs = _states(k, v, b, h0c, s)
+        o = torch.empty_like(v)
+        _fwd_output_kernel[(s.B * s.H, s.N * (CHUNK // SUB), triton.cdiv(s.V, s.BV))](
+            q, k, v, b, hs, o, scale, s.T, s.H, s.K, s.V, s.N,
+            LOWP=s.lowp, C=CHUNK, SUB=SUB, BK=s.BK, BV=s.BV, num_warps=NUM_WARPS)
+        ctx.save_for_backward(q, k, v, g, h0c)
+        ctx.scale, ctx.h0_dtype = scale, (None if h0 is None else h0.dtype)
+        return o, hs[:, :, s.N].clone()
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        q, k, v, g, h0c = ctx.saved_tensors
+        scale = ctx.scale
+        s = _Shapes(q, v)
+        do = torch.zeros_like(v) if do is None else do.contiguous()
+        b = _cumsum(g, s)
+        hs = _states(k, v, b, h0c, s)  # recomputed rather than stored
+        dhs = torch.empty_like(hs)
+        _bwd_states_kernel[(s.B * s.H, triton.cdiv(s.K, s.BK), triton.cdiv(s.V, s.BV))](
+            q, do, b, dht.contiguous() if dht is not None else dhs, dhs, scale, s.T, s.H, s.K, s.V, s.N,
+            HAS_DHT=dht is not None, LOWP=s.lowp, C=CHUNK, BK=s.BK, BV=s.BV, num_warps=NUM_WARPS)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        x = torch.empty_like(b)
+        n_sub = s.N * (CHUNK // SUB)
+        bk = _block(s.K, DQK_BLOCK_K)
+        _bwd_dqk_kernel[(s.B * s.H, n_sub, triton.cdiv(s.K, bk))](
+            q, k, v, b, do, hs, dhs, dq, dk, x, scale, s.T, s.H, s.K, s.V, s.N,
+            LOWP=s.lowp, C=CHUNK, SUB=SUB, BK=bk, BV=s.BV, num_warps=NUM_WARPS)
+        _bwd_dv_kernel[(s.B * s.H, n_sub, triton.cdiv(s.V, s.BV))](
+            q, k, b, do, dhs, dv, scale, s.T, s.H, s.K, s.V, s.N,
+            LOWP=s.lowp, C=CHUNK, SUB=SUB, BK=s.BK, BV=s.BV, num_warps=NUM_WARPS)
+        dg = torch.empty_like(b)
+        _bwd_dg_kernel[(s.B * s.H, s.N, triton.cdiv(s.K, s.BK))](
+            x, k, v, hs, dhs, dg, s.T, s.H, s.K, s.V, s.N, C=CHUNK, BK=s.BK, BV=s.BV, num_warps=NUM_WARPS)
+        dg = (dg.sum(-1) if g.dim() == 3 else dg).to(g.dtype)
+        dh0 = None if h0c is None else dhs[:, :, 0].to(ctx.h0_dtype)
+        return dq, dk, dv, dg, None, dh0
+
+
+def _empty_result(q, v, initial_state, output_final_state):
+    B, _, H, K = q.shape
+    V = v.shape[-1]
+    S = q.new_zeros(B, H, K, V, dtype=torch.float32) if initial_state is None else initial_state.float()
+    return q.new_zeros(B, 0, H, V), (S if output_final_state else None)
+
+
+def gla_triton_chunked(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    scale: float,
+    initial_state: Optional[torch.Tensor] = None,
+    output_final_state: bool = False,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Chunked Triton GLA, same contract as ``gla_reference``."""
+    if q.shape[1] == 0:
+        return _empty_result(q, v, initial_state, output_final_state)
+    o, final = _GLAChunkTriton.apply(q, k, v, g, scale, initial_state)
+    return o, (final if output_final_state else None)
+
+
+def gla_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    scale: float,
+    initial_state: Optional[torch.Tensor] = None,
+    output_final_state: bool = False,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The ``"triton"`` backend: fused-recurrent for T <= FUSED_MAX_T (generation), chunked otherwise."""
+    if q.shape[1] <= FUSED_MAX_T:
+        from kernels.ops.gla.triton_fused import gla_triton_fused
+
+        return gla_triton_fused(q, k, v, g, scale, initial_state, output_final_state)
+    return gla_triton_chunked(q, k, v, g, scale, initial_state, output_final_state)

@@ -1,0 +1,230 @@
+"""gla: the "torch" (chunked, sub-blocked) path and the Triton chunked and fused-recurrent paths
+equal the reference recurrence: outputs, final state, gradients of q, k, v, g and the initial
+state; per-key and per-head gates; decays strong (-5 per step), moderate and none; fp32 tight, bf16
+loose; odd lengths; K != V; resuming from a state.
+"""
+
+import pytest
+import torch
+
+import kernels
+from kernels._dispatch import triton_available, triton_interpret
+from tests.kernels.harness import DECAYS, assert_close, check_split, compare_backends, forward_backward, make_inputs
+
+OP = "gla"
+needs_triton = [
+    pytest.mark.triton,
+    pytest.mark.skipif(not (triton_available() and (triton_interpret() or torch.cuda.is_available())),
+                       reason="Triton tests run on CPU tensors under TRITON_INTERPRET=1"),
+]
+
+
+def triton_test(fn):
+    for mark in needs_triton:
+        fn = mark(fn)
+    return fn
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny step-by-step reference ops: one thread avoids an OpenMP sync per op on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(params=["chunked", "fused"])
+def triton_path(request, monkeypatch):
+    """Route backend="triton" to one path for every T (gla_triton picks by length otherwise)."""
+    from kernels.ops.gla import triton_chunk
+
+    monkeypatch.setattr(triton_chunk, "FUSED_MAX_T", 0 if request.param == "chunked" else 10 ** 9)
+    return request.param
+
+
+GATES = [pytest.param(False, id="per_key"), pytest.param(True, id="per_head")]
+
+
+@pytest.mark.parametrize("T", [1, 7, 63, 64, 65, 200])
+@pytest.mark.parametrize("decay", DECAYS)
+@pytest.mark.parametrize("per_head_gate", GATES)
+@pytest.mark.parametrize("with_state", [False, True])
+def test_torch_matches_reference(T, decay, per_head_gate, with_state):
+    compare_backends(OP, "torch", T=T, decay=decay, per_head_gate=per_head_gate, with_state=with_state,
+                     B=2, H=2, K=8, V=6)
+
+
+@pytest.mark.parametrize("per_head_gate", GATES)
+@pytest.mark.parametrize("decay", ["strong", "moderate"])
+def test_torch_bf16(per_head_gate, decay):
+    compare_backends(OP, "torch", dtype=torch.bfloat16, T=130, decay=decay, per_head_gate=per_head_gate,
+                     with_state=True, B=1, H=2, K=16, V=8)
+
+
+@pytest.mark.parametrize("per_head_gate", GATES)
+def test_torch_extreme_decay_no_overflow(per_head_gate):
+    """g = -30 per step: exp(b_t) underflows and any exp(-b) would overflow; results stay exact."""
+    args, state = make_inputs(OP, T=100, B=1, H=2, K=8, V=4, per_head_gate=per_head_gate, with_state=True)
+    args["g"] = (args["g"].detach() * 0 - 30.0).requires_grad_()
+    o_ref, s_ref, g_ref = forward_backward(OP, args, state, "reference")
+    o, s, g = forward_backward(OP, args, state, "torch")
+    assert_close("output", o, o_ref, 1e-4)
+    assert_close("final_state", s, s_ref, 1e-4)
+    for name in g_ref:
+        assert_close(f"grad {name}", g[name], g_ref[name], 1e-4)
+
+
+def test_torch_segments_carry_the_state():
+    """Long inputs on CPU run in segments of SEGMENT_CPU tokens; forcing tiny segments is exact."""
+    from kernels.ops.gla import chunk
+
+    args, state = make_inputs(OP, T=300, B=1, H=2, K=8, V=4, with_state=True)
+    out, final = chunk.gla_chunked(**args, scale=0.3, initial_state=state, output_final_state=True,
+                                   segment=128)
+    ref, ref_final = chunk.gla_chunked(**args, scale=0.3, initial_state=state, output_final_state=True,
+                                       segment=None)
+    assert_close("output", out, ref, 1e-5)
+    assert_close("final_state", final, ref_final, 1e-5)
+
+
+@pytest.mark.parametrize("per_head_gate", GATES)
+@pytest.mark.parametrize("split", [64, 41])
+def test_torch_split_equals_one_pass(per_head_gate, split):
+    check_split(OP, "torch", split, T=150, per_head_gate=per_head_gate, with_state=True,
+                B=2, H=2, K=8, V=6)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_non_contiguous_inputs(backend):
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 2, 20, 16, generator=gen).transpose(1, 2)  # [B, T, H, K], strided
+    k = torch.randn(2, 16, 20, 2, generator=gen).permute(0, 2, 3, 1)
+    v = torch.randn(2, 2, 20, 16, generator=gen).transpose(1, 2)
+    g = -torch.rand(2, 2, 20, generator=gen).transpose(1, 2)  # per head
+    assert not any(x.is_contiguous() for x in (q, k, v, g))
+    out, final = kernels.gla(q, k, v, g, output_final_state=True, backend=backend)
+    ref, ref_final = kernels.gla(q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(),
+                                 output_final_state=True, backend="reference")
+    assert_close("output", out, ref, 1e-5)
+    assert_close("final_state", final, ref_final, 1e-5)
+
+
+def test_bad_shapes_and_positive_decays_raise():
+    q, k, v = torch.randn(1, 5, 2, 4), torch.randn(1, 5, 2, 4), torch.randn(1, 5, 2, 3)
+    g = -torch.rand(1, 5, 2, 4)
+    with pytest.raises(ValueError, match="^v:"):
+        kernels.gla(q, k, v[:, :4], g, backend="torch")
+    with pytest.raises(ValueError, match="^g:"):
+        kernels.gla(q, k, v, g[..., :3], backend="torch")
+    with pytest.raises(ValueError, match="^g: log-space decays must be <= 0"):
+        kernels.gla(q, k, v, g.abs() + 0.1, backend="torch")
+
+
+# ---- Triton (CPU interpreter): small shapes --------------------------------------------------
+
+TRITON_CASES = [  # (T, decay, per_head_gate, with_state, H): both paths
+    pytest.param(1, "none", False, True, 2, id="T1-none-key-state"),
+    pytest.param(7, "strong", True, False, 2, id="T7-strong-head"),
+    pytest.param(65, "strong", False, True, 2, id="T65-strong-key-state"),
+    pytest.param(65, "moderate", True, True, 1, id="T65-moderate-head-state"),
+]
+
+
+@triton_test
+@pytest.mark.parametrize("T,decay,per_head_gate,with_state,H", TRITON_CASES)
+def test_triton_matches_reference(triton_path, T, decay, per_head_gate, with_state, H):
+    compare_backends(OP, "triton", T=T, decay=decay, per_head_gate=per_head_gate, with_state=with_state,
+                     B=1, H=H, K=32, V=16)
+
+
+@triton_test
+@pytest.mark.parametrize("T,per_head_gate", [(7, True), (65, False)])
+def test_triton_bf16(triton_path, T, per_head_gate):
+    compare_backends(OP, "triton", dtype=torch.bfloat16, T=T, decay="moderate", per_head_gate=per_head_gate,
+                     with_state=True, B=1, H=1, K=16, V=32)
+
+
+@triton_test
+@pytest.mark.parametrize("K,V", [(8, 20), (80, 72)], ids=["K8-V20", "K80-V72"])
+def test_triton_chunked_block_sizes(K, V):
+    """K = 8, V = 20: single padded blocks; K = 80, V = 72: several K and V blocks, the last partial."""
+    from kernels.ops.gla import triton_chunk
+
+    assert triton_chunk.FUSED_MAX_T < 70
+    compare_backends(OP, "triton", T=70, decay="moderate", with_state=True, B=1, H=1, K=K, V=V)
+
+
+@triton_test
+def test_triton_split_equals_one_pass():
+    """Chunked pass (T = 40) then fused pass (T = 12, the default choice for short T)."""
+    check_split(OP, "triton", 40, T=52, with_state=True, B=1, H=2, K=16, V=16)
+
+
+# ---- every Triton kernel of gla, linear_scan and softmax_scan compiles for a CUDA GPU ----------
+
+_COMPILE_SCRIPT = r'''
+import os, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from kernels.ops.gla import triton_chunk as gc, triton_fused as gf
+from kernels.ops.linear_scan import triton_scan as ls
+from kernels.ops.softmax_scan import triton_scan as ss
+
+IO = ("q", "k", "v", "g", "a", "b", "s", "do", "o", "dq", "dk", "dv", "da", "db", "dout", "out", "h")
+JOBS = [  # (kernel, constexprs, fp32 scalar args, "b" is the fp32 cumulative decay)
+    (ls._linear_scan_fwd_kernel, dict(HAS_H0=True, BLOCK_T=64, BLOCK_D=32), (), False),
+    (ls._linear_scan_bwd_kernel, dict(HAS_H0=True, HAS_DFINAL=True, BLOCK_T=64, BLOCK_D=32), (), False),
+    (ss._softmax_scan_fwd_kernel, dict(HAS_STATE=True, LOWP=True, BLOCK_T=32, BLOCK_V=64), (), False),
+    (ss._softmax_scan_bwd_kernel, dict(LOWP=True, BLOCK_T=32, BLOCK_V=128), (), False),
+    (gc._chunk_cumsum_kernel, dict(PER_HEAD=True, C=64, BK=64), (), True),
+    (gc._fwd_states_kernel, dict(HAS_H0=True, LOWP=True, C=64, BK=64, BV=64), (), True),
+    (gc._fwd_output_kernel, dict(LOWP=True, C=64, SUB=16, BK=64, BV=64), ("scale",), True),
+    (gc._bwd_states_kernel, dict(HAS_DHT=True, LOWP=True, C=64, BK=64, BV=64), ("scale",), True),
+    (gc._bwd_dqk_kernel, dict(LOWP=True, C=64, SUB=16, BK=32, BV=64), ("scale",), True),
+    (gc._bwd_dv_kernel, dict(LOWP=True, C=64, SUB=16, BK=64, BV=64), ("scale",), True),
+    (gc._bwd_dg_kernel, dict(C=64, BK=64, BV=64), (), True),
+    (gf._fused_fwd_kernel, dict(PER_HEAD=False, HAS_H0=True, BK=128, BV=64), ("scale",), False),
+    (gf._fused_bwd_kernel, dict(PER_HEAD=True, HAS_H0=True, HAS_DHT=True, BK=128, BV=64), ("scale",), False),
+]
+failed = []
+for kernel, consts, floats, b_is_fp32 in JOBS:
+    sig = {}
+    for name in kernel.arg_names:
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            io = name[:-4] in IO and not (b_is_fp32 and name == "b_ptr")
+            sig[name] = "*bf16" if io else "*fp32"
+        else:
+            sig[name] = "fp32" if name in floats else "i32"
+    src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=consts)
+    try:
+        triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+    except Exception as exc:
+        failed.append(f"{kernel.fn.__name__}: {type(exc).__name__}: {exc}")
+print("\n".join(failed) if failed else "ALL OK")
+'''
+
+
+@pytest.mark.triton
+@pytest.mark.skipif(not triton_available(), reason="needs Triton")
+def test_triton_kernels_compile_for_cuda():
+    """The interpreter does not compile: this builds every kernel (bf16 inputs) for sm_90 with the
+    real compiler (no GPU needed; ptxas ships with Triton), catching GPU-only errors."""
+    import os
+    import subprocess
+    import sys
+
+    import triton
+
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    if not os.path.exists(ptxas):
+        pytest.skip("this Triton install has no bundled ptxas")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().endswith("ALL OK"), proc.stdout[-3000:]

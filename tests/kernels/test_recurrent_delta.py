@@ -1,0 +1,190 @@
+"""recurrent_delta: the "torch" and "triton" paths equal the reference recurrence.
+
+Outputs, final states (S, y) and the gradients of every input (q, k, v, beta, r_q, r_k, r_v, r_b and
+the initial state) under a random cotangent; fp32 tight, bf16 loose; K != V; resuming from a state.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import kernels
+from kernels.ops.recurrent_delta import torch_loop
+from tests.kernels.harness import (
+    assert_close, check_split, compare_backends, forward_backward, make_inputs,
+)
+
+OP = "recurrent_delta"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The step-by-step ops are tiny: one intra-op thread avoids an OpenMP synchronisation per op,
+    which on a busy 2-core machine makes these tests several times faster."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("T", [1, 7, 63, 64, 65, 200])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_torch_matches_reference_fp32(T, with_state):
+    compare_backends(OP, "torch", T=T, with_state=with_state, B=2, H=2, K=8, V=6)
+
+
+def test_torch_matches_reference_bf16():
+    compare_backends(OP, "torch", dtype=torch.bfloat16, T=40, with_state=True, B=2, H=2, K=8, V=6)
+
+
+@pytest.mark.parametrize("checkpoint", [5, 10 ** 9])
+def test_torch_state_rebuild_across_segments(monkeypatch, checkpoint):
+    """The backward rebuilds S_{t-1} by inverting the update: exact with many short segments and
+    with a single segment (the inversion alone over the whole sequence)."""
+    monkeypatch.setattr(torch_loop, "CHECKPOINT", checkpoint)
+    compare_backends(OP, "torch", T=150, with_state=True, B=1, H=3, K=6, V=9)
+
+
+@pytest.mark.parametrize("with_state", [False, True])
+def test_torch_split_equals_one_pass(with_state):
+    check_split(OP, "torch", split=17, T=40, with_state=with_state, B=2, H=2, K=8, V=6)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
+def test_empty_sequence_passes_the_state_through(backend):
+    if backend == "triton":
+        pytest.importorskip("triton")
+    args, state = make_inputs(OP, T=0, with_state=True, B=2, H=2, K=4, V=3)
+    o, (S, y) = kernels.recurrent_delta(**args, initial_state=state, output_final_state=True,
+                                        backend=backend)
+    assert o.shape == (2, 0, 2, 3)
+    assert torch.equal(S, state[0]) and torch.equal(y, state[1])
+    (S.sum() + 2 * y.sum()).backward()
+    assert torch.equal(state[0].grad, torch.ones_like(S))
+    assert torch.equal(state[1].grad, torch.full_like(y, 2.0))
+
+
+def _strided(x: torch.Tensor) -> torch.Tensor:
+    """The same values stored with the dimension order reversed (non-contiguous)."""
+    dims = list(range(x.dim()))[::-1]
+    return x.detach().permute(*dims).contiguous().permute(*dims)
+
+
+@pytest.mark.parametrize("backend,T,B,H", [
+    ("torch", 23, 2, 3), pytest.param("triton", 5, 1, 2, marks=pytest.mark.triton)])
+def test_non_contiguous_inputs(backend, T, B, H):
+    if backend == "triton":
+        pytest.importorskip("triton")
+    args, state = make_inputs(OP, T=T, with_state=True, B=B, H=H, K=5, V=4)
+    strided = {n: _strided(x) for n, x in args.items()}
+    assert not any(x.is_contiguous() for x in strided.values())
+    o_ref, s_ref, g_ref = forward_backward(OP, args, state, "reference")
+    o, s, g = forward_backward(OP, strided, state, backend)
+    assert_close("output", o, o_ref, 1e-4)
+    for i in range(2):
+        assert_close(f"final_state[{i}]", s[i], s_ref[i], 1e-4)
+    for name in g_ref:
+        assert_close(f"grad {name}", g[name], g_ref[name], 1e-4)
+
+
+def test_torch_saves_far_less_than_a_state_per_step():
+    """Saved for backward besides the inputs: O(T V) per row plus a state every CHECKPOINT steps,
+    not one state per step."""
+    args, state = make_inputs(OP, T=256, with_state=True, B=2, H=2, K=16, V=16)
+    inputs = {x.untyped_storage().data_ptr() for x in list(args.values()) + list(state)}
+    sizes = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in inputs:
+            sizes[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        kernels.recurrent_delta(**args, initial_state=state, backend="torch")
+    per_step_states = 256 * 2 * 2 * 16 * 16 * 4
+    assert sum(sizes.values()) < per_step_states / 4
+
+
+@pytest.mark.parametrize("bad", ["r_v", "initial_state"])
+def test_bad_shapes_raise_value_error(bad):
+    args, state = make_inputs(OP, T=5, with_state=True, B=2, H=2, K=4, V=3)
+    if bad == "r_v":
+        args["r_v"] = torch.zeros(2, 4, 3)  # expected [H, V, V]
+    else:
+        state = (state[0], torch.zeros(2, 2, 4))  # y must be [B, H, V]
+    with pytest.raises(ValueError, match=bad):
+        kernels.recurrent_delta(**args, initial_state=state, backend="torch")
+
+
+# ----------------------------------------------------------------------------------- Triton
+TRITON_SHAPE = dict(B=1, H=2, K=16, V=16)
+
+
+@pytest.fixture
+def triton_backend():
+    pytest.importorskip("triton")
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("T,with_state", [(1, False), (7, True)])
+def test_triton_matches_reference_fp32(triton_backend, T, with_state):
+    compare_backends(OP, "triton", T=T, with_state=with_state, **TRITON_SHAPE)
+
+
+@pytest.mark.triton
+def test_triton_segments_and_k_ne_v(triton_backend, monkeypatch):
+    """T = 33 with checkpoints every 8 steps (the backward rebuilds S across 5 segments), K != V."""
+    from kernels.ops.recurrent_delta import triton_loop
+
+    monkeypatch.setattr(triton_loop, "CHECKPOINT", 8)
+    compare_backends(OP, "triton", T=33, with_state=True, B=1, H=2, K=16, V=8)
+
+
+@pytest.mark.triton
+def test_triton_matches_reference_bf16(triton_backend):
+    compare_backends(OP, "triton", dtype=torch.bfloat16, T=7, with_state=True, **TRITON_SHAPE)
+
+
+@pytest.mark.triton
+def test_triton_split_equals_one_pass(triton_backend):
+    check_split(OP, "triton", split=3, T=7, with_state=True, **TRITON_SHAPE)
+
+
+#: compiles both kernels for an H100 (sm_90) with Triton's own compiler and ptxas: no GPU needed,
+#: and it catches what the interpreter lets through (types of loop-carried values, layouts)
+COMPILE_FOR_SM90 = r"""
+import inspect
+import triton
+try:
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+except ImportError:
+    print("SKIP: no ahead-of-time compile API in this Triton")
+    raise SystemExit(0)
+import kernels.ops.recurrent_delta.triton_loop as m
+consts = {"CHECKPOINT": 64, "BK": 16, "BV": 32}
+for fn in (m._rdn_fwd_kernel, m._rdn_bwd_kernel):
+    params = list(inspect.signature(fn.fn).parameters)
+    sig = {p: "constexpr" if p in consts else "i32" if p in ("T", "H", "K", "V", "NC") else
+           "*bf16" if p in ("q_ptr", "k_ptr", "v_ptr", "beta_ptr", "do_ptr") else "*fp32" for p in params}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(params.index(p),): v for p, v in consts.items()})
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    assert kernel.asm["cubin"], fn.__name__
+print("compiled")
+"""
+
+
+@pytest.mark.triton
+def test_triton_kernels_compile_for_sm90(triton_backend):
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    proc = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90], env=env, capture_output=True,
+                          text=True, timeout=600)
+    if proc.stdout.startswith("SKIP"):
+        pytest.skip(proc.stdout.strip())
+    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
