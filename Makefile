@@ -20,7 +20,7 @@ demo: install
 	$(BIN)/lm train main
 
 test: install
-	$(BIN)/python -m pytest -n 2 --dist loadgroup --timeout 1200 -q
+	$(BIN)/python -m pytest -n 2 --dist loadfile --timeout 1200 -q
 
 clean:
 	rm -rf runs artifacts

@@ -12,7 +12,7 @@ from typing import Dict, List
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 
 
 def prepare_tiny_data(out: Path) -> Path:

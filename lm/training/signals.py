@@ -25,11 +25,31 @@ HANDLED = ("SIGTERM", "SIGINT", "SIGUSR1")
 
 
 class StopRequest:
-    def __init__(self, requeue_on: tuple = ("SIGUSR1",)):
+    """The stop flag and its signal handlers.
+
+    Under SLURM (``SLURM_JOB_ID`` set) the requeue signal's handler is installed at once, when the
+    object is created before ``Trainer.fit``: a USR1 that comes while the job is still starting
+    is remembered (instead of killing the rank) and acted on at the first step boundary, and
+    Lightning, which finds a handler already there, does not add its own SLURM handler (that one
+    saves a checkpoint inside the handler and requeues at once). The other signals keep their
+    default behaviour until :meth:`install` (Ctrl-C still interrupts data preparation).
+    """
+
+    def __init__(self, requeue_on: tuple = ("SIGUSR1",), early: Optional[bool] = None):
         self.requested = False
         self.signal_name: Optional[str] = None
         self.requeue_on = requeue_on
         self._previous: Dict[int, object] = {}
+        if early is None:
+            early = "SLURM_JOB_ID" in os.environ
+        if early:
+            for name in requeue_on:
+                sig = getattr(signal, name, None)
+                if sig is not None:
+                    try:
+                        signal.signal(sig, self._handler)
+                    except ValueError:  # not in the main thread
+                        pass
 
     def _handler(self, signum, frame) -> None:
         name = signal.Signals(signum).name

@@ -192,6 +192,12 @@ def train(cfg: DictConfig, echo=print) -> TrainResult:
     devices, nodes = world_shape(cfg.train)
     strategy = build_strategy(cfg.train, devices, nodes)
     is_deepspeed = cfg.train.strategy == "deepspeed"
+    plugins = []
+    if isinstance(strategy, str):
+        from pytorch_lightning.plugins.environments import SLURMEnvironment
+
+        if SLURMEnvironment.detect():  # our own signal handling requeues; Lightning's must not
+            plugins.append(SLURMEnvironment(auto_requeue=False))
     accumulate = int(cfg.train.accumulate_grad_batches)
     trainer = pl.Trainer(
         accelerator="gpu" if uses_gpu(cfg.train) else "cpu",
@@ -217,6 +223,7 @@ def train(cfg: DictConfig, echo=print) -> TrainResult:
         enable_progress_bar=bool(cfg.train.progress_bar),
         enable_model_summary=False,
         benchmark=False,
+        plugins=plugins or None,
     )
     if cfg.train.compile:
         module.model = torch.compile(module.model)
