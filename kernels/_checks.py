@@ -65,7 +65,7 @@ def check_log_decay(name: str, g: Optional[torch.Tensor]) -> None:
     if bool((g > 0).any()):
         raise ValueError(
             f"{name}: log-space decays must be <= 0 (decay factor exp({name}) <= 1); "
-            f"got a maximum of {float(g.max()):.4g}"
+            f"got a maximum of {float(g.detach().max()):.4g}"
         )
 
 

@@ -1,0 +1,362 @@
+"""Chunked Triton kernels for ``delta_rule`` (gated when ``g`` is given): forward and backward.
+
+Per chunk of BT = 64 steps (32 for heads wider than 64, see ``chunk_length``) with entering state
+S, b = chunk-local cumsum(g), gamma = exp(b) (derivation in :mod:`kernels.ops.delta_rule.chunked`):
+
+    A = strict_lower(diag(beta) (exp(b_i - b_j)) * K K^T),  Ai = (I + A)^-1   (16-block substitution)
+    W = Ai diag(beta gamma) K,   U~ = Ai diag(beta) V,   U = U~ - W S
+    O = scale (diag(gamma) Q S + (M * Q K^T) U),   S' = gamma_C S + (K * exp(b_C - b))^T U
+
+Forward kernels: ``_prep_fwd`` (per chunk: Ai, W, U~), ``_state_fwd`` (per head and V block: loop
+over chunks, stores each entering state and U), ``_output_fwd`` (per chunk and V block).
+Backward kernels: ``_state_bwd`` (reverse loop: the gradient of every leaving state and dU),
+``_grads_output_state`` and ``_grads_solve`` (per chunk: dq, dk, dv, dbeta, db; two kernels to keep
+the live tiles, and so shared memory, small); then dg = reverse chunk cumsum of db on the host.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.ops.delta_rule._chunks import empty_result
+from kernels.ops.delta_rule._triton_utils import (
+    LAUNCH, block_size, chunk_length, chunk_cumsum, chunk_reverse_cumsum, dot_precision, load_rows, load_steps,
+    load_tile, store_rows, store_steps, store_tile, unit_lower_inverse,
+)
+
+_STATE_BV = 64  # V block of the state-passing kernels
+
+
+@triton.jit
+def _decay_matrix(bc, GATED: tl.constexpr, STRICT: tl.constexpr, BT: tl.constexpr):
+    """exp(b_t - b_i) on i < t (STRICT) or i <= t, 0 above; all ones/zeros without gating."""
+    rows = tl.arange(0, BT)
+    if STRICT:
+        mask = rows[:, None] > rows[None, :]
+    else:
+        mask = rows[:, None] >= rows[None, :]
+    if GATED:
+        return tl.exp(tl.where(mask, bc[:, None] - bc[None, :], float("-inf")))
+    else:
+        return mask.to(tl.float32)
+
+
+@triton.jit
+def _prep_fwd(k_ptr, v_ptr, beta_ptr, bcum_ptr, ainv_ptr, w_ptr, ut_ptr,
+              T, H, K, V, Tp,
+              GATED: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+              PREC: tl.constexpr):
+    i_n, i_bh = tl.program_id(0), tl.program_id(1)
+    b, h = i_bh // H, i_bh % H
+    t0 = i_n * BT
+    row0 = i_bh * Tp + t0
+    rows = tl.arange(0, BT)
+    k = load_rows(k_ptr, b, h, t0, T, H, K, 0, BT, BK)
+    v = load_rows(v_ptr, b, h, t0, T, H, V, 0, BT, BV)
+    beta = load_steps(beta_ptr, b, h, t0, T, H, BT)
+    if GATED:
+        bc = tl.load(bcum_ptr + row0 + rows)
+    else:
+        bc = tl.zeros([BT], dtype=tl.float32)
+    A = beta[:, None] * _decay_matrix(bc, GATED, True, BT) * tl.dot(k, tl.trans(k), input_precision=PREC)
+    ainv = unit_lower_inverse(A, BT, PREC)
+    store_tile(ainv_ptr, ainv, row0, BT, BT, 0, BT, BT)
+    w = tl.dot(ainv, k * (beta * tl.exp(bc))[:, None], input_precision=PREC)
+    ut = tl.dot(ainv, v * beta[:, None], input_precision=PREC)
+    store_tile(w_ptr, w, row0, BT, K, 0, BT, BK)
+    store_tile(ut_ptr, ut, row0, BT, V, 0, BT, BV)
+
+
+@triton.jit
+def _state_fwd(k_ptr, w_ptr, ut_ptr, bcum_ptr, h0_ptr, states_ptr, u_ptr, ht_ptr,
+               T, H, K, V, Tp, NT,
+               GATED: tl.constexpr, HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr,
+               BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    i_v, i_bh = tl.program_id(0), tl.program_id(1)
+    b, h = i_bh // H, i_bh % H
+    v0 = i_v * BV
+    rk = tl.arange(0, BK)
+    rv = v0 + tl.arange(0, BV)
+    rows = tl.arange(0, BT)
+    kv_offs = rk[:, None] * V + rv[None, :]
+    kv_mask = (rk[:, None] < K) & (rv[None, :] < V)
+    S = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_H0:
+        S += tl.load(h0_ptr + i_bh.to(tl.int64) * K * V + kv_offs, mask=kv_mask, other=0.0)
+    n = 0
+    while n < NT:  # not range(): breaks the Triton 3.6 interpreter
+        t0 = n * BT
+        row0 = i_bh * Tp + t0
+        tl.store(states_ptr + (i_bh.to(tl.int64) * NT + n) * K * V + kv_offs, S, mask=kv_mask)
+        w = load_tile(w_ptr, row0, BT, K, 0, BT, BK)
+        u = load_tile(ut_ptr, row0, BT, V, v0, BT, BV) - tl.dot(w, S, input_precision=PREC)
+        store_tile(u_ptr, u, row0, BT, V, v0, BT, BV)
+        k = load_rows(k_ptr, b, h, t0, T, H, K, 0, BT, BK)
+        if GATED:
+            bc = tl.load(bcum_ptr + row0 + rows)
+            b_last = tl.load(bcum_ptr + row0 + BT - 1)
+            k = k * tl.exp(b_last - bc)[:, None]
+            S = S * tl.exp(b_last)
+        S += tl.dot(tl.trans(k), u, input_precision=PREC)
+        n += 1
+    if STORE_FINAL:
+        tl.store(ht_ptr + i_bh.to(tl.int64) * K * V + kv_offs, S, mask=kv_mask)
+
+
+@triton.jit
+def _output_fwd(q_ptr, k_ptr, bcum_ptr, states_ptr, u_ptr, o_ptr, scale,
+                T, H, K, V, Tp, NT,
+                GATED: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                PREC: tl.constexpr):
+    i_n, i_bh, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, h = i_bh // H, i_bh % H
+    t0, v0 = i_n * BT, i_v * BV
+    row0 = i_bh * Tp + t0
+    q = load_rows(q_ptr, b, h, t0, T, H, K, 0, BT, BK)
+    k = load_rows(k_ptr, b, h, t0, T, H, K, 0, BT, BK)
+    S = load_tile(states_ptr, (i_bh * NT + i_n) * K, K, V, v0, BK, BV)
+    u = load_tile(u_ptr, row0, BT, V, v0, BT, BV)
+    if GATED:
+        bc = tl.load(bcum_ptr + row0 + tl.arange(0, BT))
+    else:
+        bc = tl.zeros([BT], dtype=tl.float32)
+    scores = tl.dot(q, tl.trans(k), input_precision=PREC) * _decay_matrix(bc, GATED, False, BT)
+    o = tl.dot(q, S, input_precision=PREC) * tl.exp(bc)[:, None] + tl.dot(scores, u, input_precision=PREC)
+    store_rows(o_ptr, o * scale, b, h, t0, T, H, V, v0, BT, BV)
+
+
+@triton.jit
+def _state_bwd(q_ptr, k_ptr, do_ptr, w_ptr, bcum_ptr, dht_ptr, dstates_ptr, du_ptr, dh0_ptr, scale,
+               T, H, K, V, Tp, NT,
+               GATED: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
+               BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    """Reverse loop: dS (gradient of the state leaving chunk n) and dU = scale scores^T dO + Kd dS."""
+    i_v, i_bh = tl.program_id(0), tl.program_id(1)
+    b, h = i_bh // H, i_bh % H
+    v0 = i_v * BV
+    rk = tl.arange(0, BK)
+    rv = v0 + tl.arange(0, BV)
+    rows = tl.arange(0, BT)
+    kv_offs = rk[:, None] * V + rv[None, :]
+    kv_mask = (rk[:, None] < K) & (rv[None, :] < V)
+    dS = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_DHT:
+        dS += tl.load(dht_ptr + i_bh.to(tl.int64) * K * V + kv_offs, mask=kv_mask, other=0.0)
+    i = 0
+    while i < NT:  # not range(): breaks the Triton 3.6 interpreter
+        n = NT - 1 - i
+        t0 = n * BT
+        row0 = i_bh * Tp + t0
+        tl.store(dstates_ptr + (i_bh.to(tl.int64) * NT + n) * K * V + kv_offs, dS, mask=kv_mask)
+        q = load_rows(q_ptr, b, h, t0, T, H, K, 0, BT, BK)
+        k = load_rows(k_ptr, b, h, t0, T, H, K, 0, BT, BK)
+        do = load_rows(do_ptr, b, h, t0, T, H, V, v0, BT, BV)
+        w = load_tile(w_ptr, row0, BT, K, 0, BT, BK)
+        if GATED:
+            bc = tl.load(bcum_ptr + row0 + rows)
+            b_last = tl.load(bcum_ptr + row0 + BT - 1)
+        else:
+            bc = tl.zeros([BT], dtype=tl.float32)
+            b_last = 0.0
+        # scores^T[i, t] = exp(b_t - b_i) k_i . q_t for t >= i
+        scores_t = tl.dot(k, tl.trans(q), input_precision=PREC) * tl.trans(_decay_matrix(bc, GATED, False, BT))
+        kd = k * tl.exp(b_last - bc)[:, None]
+        du = scale * tl.dot(scores_t, do, input_precision=PREC) + tl.dot(kd, dS, input_precision=PREC)
+        store_tile(du_ptr, du, row0, BT, V, v0, BT, BV)
+        qg = q * (scale * tl.exp(bc))[:, None]
+        dS = dS * tl.exp(b_last) + tl.dot(tl.trans(qg), do, input_precision=PREC) \
+            - tl.dot(tl.trans(w), du, input_precision=PREC)
+        i += 1
+    if STORE_DH0:
+        tl.store(dh0_ptr + i_bh.to(tl.int64) * K * V + kv_offs, dS, mask=kv_mask)
+
+
+@triton.jit
+def _grads_output_state(q_ptr, k_ptr, bcum_ptr, u_ptr, states_ptr, dstates_ptr, do_ptr,
+                        dq_ptr, dk_ptr, db_ptr, scale,
+                        T, H, K, V, Tp, NT,
+                        GATED: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                        PREC: tl.constexpr):
+    """Per chunk, the output and state-update paths: dq, dk (part), db (part; b = chunk cumsum of g).
+
+    Terms whose decay exponent is exactly 0 (the scores' diagonal, the chunk's last step in the state
+    update) are left out of db, so that they do not leave rounding noise in tiny decay gradients."""
+    i_n, i_bh = tl.program_id(0), tl.program_id(1)
+    b, h = i_bh // H, i_bh % H
+    t0 = i_n * BT
+    row0 = i_bh * Tp + t0
+    rows = tl.arange(0, BT)
+    q = load_rows(q_ptr, b, h, t0, T, H, K, 0, BT, BK)
+    k = load_rows(k_ptr, b, h, t0, T, H, K, 0, BT, BK)
+    do = load_rows(do_ptr, b, h, t0, T, H, V, 0, BT, BV)
+    u = load_tile(u_ptr, row0, BT, V, 0, BT, BV)
+    S = load_tile(states_ptr, (i_bh * NT + i_n) * K, K, V, 0, BK, BV)
+    dS = load_tile(dstates_ptr, (i_bh * NT + i_n) * K, K, V, 0, BK, BV)
+    if GATED:
+        bc = tl.load(bcum_ptr + row0 + rows)
+        b_last = tl.load(bcum_ptr + row0 + BT - 1)
+    else:
+        bc = tl.zeros([BT], dtype=tl.float32)
+        b_last = 0.0
+    # output: O = scale (diag(gamma) Q S + (M * Q K^T) U)
+    p = tl.dot(do, tl.trans(u), input_precision=PREC) * _decay_matrix(bc, GATED, False, BT) * scale
+    dq_gamma = tl.dot(do, tl.trans(S), input_precision=PREC) * (scale * tl.exp(bc))[:, None]
+    dq = dq_gamma + tl.dot(p, k, input_precision=PREC)
+    dk = tl.dot(tl.trans(p), q, input_precision=PREC)
+    pqk = tl.where(rows[:, None] > rows[None, :], p * tl.dot(q, tl.trans(k), input_precision=PREC), 0.0)
+    db = tl.sum(dq_gamma * q, 1) + tl.sum(pqk, 1) - tl.sum(pqk, 0)
+    # state update: S' = gamma_C S + (K * exp(b_C - b))^T U
+    dk_state = tl.dot(u, tl.trans(dS), input_precision=PREC) * tl.exp(b_last - bc)[:, None]
+    dk += dk_state
+    d_end = tl.where(rows < BT - 1, tl.sum(dk_state * k, 1), 0.0)
+    db -= d_end
+    db_last = tl.sum(d_end, 0) + tl.exp(b_last) * tl.sum(tl.sum(dS * S, 1), 0)
+    db = tl.where(rows == BT - 1, db + db_last, db)
+    store_rows(dq_ptr, dq, b, h, t0, T, H, K, 0, BT, BK)
+    store_rows(dk_ptr, dk, b, h, t0, T, H, K, 0, BT, BK)
+    if GATED:
+        tl.store(db_ptr + row0 + rows, db)
+
+
+@triton.jit
+def _grads_solve(k_ptr, v_ptr, beta_ptr, bcum_ptr, ainv_ptr, w_ptr, ut_ptr, states_ptr, du_ptr,
+                 dk_ptr, dv_ptr, dbeta_ptr, db_ptr,
+                 T, H, K, V, Tp, NT,
+                 GATED: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                 PREC: tl.constexpr):
+    """Per chunk, the WY path U = U~ - W S, [U~ | W] = Ai [diag(beta) V | diag(beta gamma) K]:
+    dv, dbeta, and the rest of dk and db (added to what ``_grads_output_state`` stored)."""
+    i_n, i_bh = tl.program_id(0), tl.program_id(1)
+    b, h = i_bh // H, i_bh % H
+    t0 = i_n * BT
+    row0 = i_bh * Tp + t0
+    rows = tl.arange(0, BT)
+    k = load_rows(k_ptr, b, h, t0, T, H, K, 0, BT, BK)
+    v = load_rows(v_ptr, b, h, t0, T, H, V, 0, BT, BV)
+    beta = load_steps(beta_ptr, b, h, t0, T, H, BT)
+    ainv = load_tile(ainv_ptr, row0, BT, BT, 0, BT, BT)
+    du = load_tile(du_ptr, row0, BT, V, 0, BT, BV)
+    S = load_tile(states_ptr, (i_bh * NT + i_n) * K, K, V, 0, BK, BV)
+    if GATED:
+        bc = tl.load(bcum_ptr + row0 + rows)
+    else:
+        bc = tl.zeros([BT], dtype=tl.float32)
+    gamma = tl.exp(bc)
+    dxv = tl.dot(tl.trans(ainv), du, input_precision=PREC)
+    dxk = -tl.dot(tl.trans(ainv), tl.dot(du, tl.trans(S), input_precision=PREC), input_precision=PREC)
+    dxk_k = tl.sum(dxk * k, 1)
+    dbeta = tl.sum(dxv * v, 1) + gamma * dxk_k
+    db = beta * gamma * dxk_k
+    dk = dxk * (beta * gamma)[:, None]
+    store_rows(dv_ptr, dxv * beta[:, None], b, h, t0, T, H, V, 0, BT, BV)
+    # Ai = (I + A)^-1, A = strict_lower(diag(beta) exp(b_t - b_j) K K^T): dA = -(dXv U~^T + dXk W^T)
+    da = tl.dot(dxv, tl.trans(load_tile(ut_ptr, row0, BT, V, 0, BT, BV)), input_precision=PREC) \
+        + tl.dot(dxk, tl.trans(load_tile(w_ptr, row0, BT, K, 0, BT, BK)), input_precision=PREC)
+    da = -da * _decay_matrix(bc, GATED, True, BT)
+    kk = tl.dot(k, tl.trans(k), input_precision=PREC)
+    dbeta += tl.sum(da * kk, 1)
+    dkk = da * beta[:, None]
+    dk += tl.dot(dkk, k, input_precision=PREC) + tl.dot(tl.trans(dkk), k, input_precision=PREC)
+    da_a = dkk * kk  # dA * A
+    db += tl.sum(da_a, 1) - tl.sum(da_a, 0)
+    store_steps(dbeta_ptr, dbeta, b, h, t0, T, H, BT)
+    store_rows(dk_ptr, dk + load_rows(dk_ptr, b, h, t0, T, H, K, 0, BT, BK), b, h, t0, T, H, K, 0, BT, BK)
+    if GATED:
+        tl.store(db_ptr + row0 + rows, db + tl.load(db_ptr + row0 + rows))
+
+
+def _sizes(q, v):
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    BT = chunk_length(K, V)
+    NT = triton.cdiv(T, BT)
+    return B, T, H, K, V, BT, NT, NT * BT
+
+
+def _forward(q, k, v, beta, bcum, scale, h0, need_final):
+    B, T, H, K, V, BT, NT, Tp = _sizes(q, v)
+    BK, BV = block_size(K), block_size(V)
+    BVs = min(BV, _STATE_BV)
+    prec = dot_precision(q.dtype)
+    gated = bcum is not None
+    f32 = dict(device=q.device, dtype=torch.float32)
+    ainv = torch.empty(B, H, Tp, BT, **f32)
+    w = torch.empty(B, H, Tp, K, **f32)
+    ut = torch.empty(B, H, Tp, V, **f32)
+    u = torch.empty(B, H, Tp, V, **f32)
+    states = torch.empty(B, H, NT, K, V, **f32)
+    ht = torch.empty(B, H, K, V, **f32) if need_final else states
+    bc = bcum if gated else w  # placeholder pointer when ungated
+    _prep_fwd[(NT, B * H)](k, v, beta, bc, ainv, w, ut, T, H, K, V, Tp,
+                           GATED=gated, BT=BT, BK=BK, BV=BV, PREC=prec, **LAUNCH)
+    _state_fwd[(triton.cdiv(V, BVs), B * H)](
+        k, w, ut, bc, h0 if h0 is not None else states, states, u, ht, T, H, K, V, Tp, NT,
+        GATED=gated, HAS_H0=h0 is not None, STORE_FINAL=need_final, BT=BT, BK=BK, BV=BVs, PREC=prec, **LAUNCH)
+    o = torch.empty(B, T, H, V, device=q.device, dtype=q.dtype)
+    _output_fwd[(NT, B * H, triton.cdiv(V, BVs))](
+        q, k, bc, states, u, o, scale, T, H, K, V, Tp, NT,
+        GATED=gated, BT=BT, BK=BK, BV=BVs, PREC=prec, **LAUNCH)
+    return o, (ht if need_final else None), (ainv, w, ut, u, states)
+
+
+class DeltaRuleChunkFunction(torch.autograd.Function):
+    """Autograd wrapper of the chunked kernels; inputs contiguous, states fp32 [B, H, K, V]."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, beta, g, scale, h0, output_final_state):
+        bcum = chunk_cumsum(g, chunk_length(q.shape[-1], v.shape[-1])) if g is not None else None
+        o, ht, saved = _forward(q, k, v, beta, bcum, scale, h0, output_final_state)
+        ctx.save_for_backward(q, k, v, beta, bcum, *saved)
+        ctx.scale, ctx.gated, ctx.has_h0 = scale, g is not None, h0 is not None
+        ctx.g_dtype = g.dtype if g is not None else None
+        return o, ht
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        q, k, v, beta, bcum, ainv, w, ut, u, states = ctx.saved_tensors
+        B, T, H, K, V, BT, NT, Tp = _sizes(q, v)
+        BK, BV = block_size(K), block_size(V)
+        BVs = min(BV, _STATE_BV)
+        prec = dot_precision(q.dtype)
+        gated = ctx.gated
+        do = do.contiguous()
+        f32 = dict(device=q.device, dtype=torch.float32)
+        dstates = torch.empty(B, H, NT, K, V, **f32)
+        du = torch.empty(B, H, Tp, V, **f32)
+        dh0 = torch.empty(B, H, K, V, **f32) if ctx.has_h0 else None
+        bc = bcum if gated else w
+        _state_bwd[(triton.cdiv(V, BVs), B * H)](
+            q, k, do, w, bc, dht.contiguous() if dht is not None else dstates, dstates, du,
+            dh0 if dh0 is not None else dstates, ctx.scale, T, H, K, V, Tp, NT,
+            GATED=gated, HAS_DHT=dht is not None, STORE_DH0=dh0 is not None,
+            BT=BT, BK=BK, BV=BVs, PREC=prec, **LAUNCH)
+        dq = torch.empty(B, T, H, K, **f32)
+        dk = torch.empty(B, T, H, K, **f32)
+        dv = torch.empty(B, T, H, V, **f32)
+        dbeta = torch.empty(B, T, H, **f32)
+        db = torch.empty(B, H, Tp, **f32) if gated else None
+        _grads_output_state[(NT, B * H)](
+            q, k, bc, u, states, dstates, do, dq, dk, db if gated else dbeta, ctx.scale, T, H, K, V, Tp, NT,
+            GATED=gated, BT=BT, BK=BK, BV=BV, PREC=prec, **LAUNCH)
+        _grads_solve[(NT, B * H)](
+            k, v, beta, bc, ainv, w, ut, states, du, dk, dv, dbeta, db if gated else dbeta, T, H, K, V, Tp, NT,
+            GATED=gated, BT=BT, BK=BK, BV=BV, PREC=prec, **LAUNCH)
+        dg = chunk_reverse_cumsum(db, T, BT).to(ctx.g_dtype) if gated else None
+        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbeta.to(beta.dtype), dg, None, dh0, None)
+
+
+def delta_rule_triton_chunked(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, g: Optional[torch.Tensor],
+    scale: float, initial_state: Optional[torch.Tensor] = None, output_final_state: bool = False,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Chunked Triton path; same signature and result as the reference."""
+    if q.shape[1] == 0:
+        return empty_result(q, v, initial_state, output_final_state)
+    q, k, v, beta = (x.contiguous() for x in (q, k, v, beta))
+    g = g.contiguous() if g is not None else None
+    h0 = initial_state.float().contiguous() if initial_state is not None else None
+    return DeltaRuleChunkFunction.apply(q, k, v, beta, g, float(scale), h0, bool(output_final_state))
