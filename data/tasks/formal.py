@@ -1,9 +1,13 @@
 """Formal languages of "Practical Computational Power of Linear Transformers and Their Recurrent
 and Self-Referential Extensions" (Irie et al., 2023), trained on short strings, tested on longer.
 
-parity (classification, as in Deletang et al.)::
+parity (``parity_target: class``, classification as in Deletang et al.)::
 
     BOS b_1 ... b_n =        scored at '=': the class '0' or '1' (parity of the bits)
+
+parity (``parity_target: next_symbols``, character prediction as in Bhattamishra et al., the
+setting of Irie et al.): strings of bits with an even number of 1s; after every prefix the set of
+valid next symbols is {0, 1}, plus end-of-string when the prefix has an even number of 1s.
 
 (aa)*, (abab)*, a^n b^n, a^n b^n c^n, Dyck-1, reset Dyck-1 (character prediction, as in
 Bhattamishra et al., 2020): after every prefix predict the SET of symbols that may follow
@@ -31,6 +35,7 @@ class FormalOptions:
     min_length: int = 2
     max_length: int = 40
     eval_lengths: List[int] = field(default_factory=lambda: [20, 40, 80, 160])
+    parity_target: str = "class"  # parity only: class | next_symbols (see the module docstring)
 
 
 def _round(n: int, multiple: int) -> int:
@@ -80,6 +85,8 @@ def _next_sets(language: str, s: str) -> List[set]:
                 sets.append({"c"})
             else:
                 sets.append({"$"})
+        elif language == "parity":
+            sets.append({"0", "1"} | ({"$"} if p.count("1") % 2 == 0 else set()))
         elif language in ("dyck1", "reset_dyck1"):
             depth = 0
             for ch in p:
@@ -92,6 +99,10 @@ def _next_sets(language: str, s: str) -> List[set]:
 
 
 def _string(language: str, rng, n: int) -> str:
+    if language == "parity":  # random bits with an even number of 1s (the last bit fixes it)
+        bits = rng.integers(0, 2, size=n)
+        bits[-1] = bits[:-1].sum() % 2
+        return "".join(str(b) for b in bits)
     if language == "aa_star":
         return "a" * _round(n, 2)
     if language == "abab_star":
@@ -124,20 +135,28 @@ class FormalLanguage(Task):
 
             raise ConfigError(f"data.task.params.language: unknown language '{options.language}'; "
                               f"known: {', '.join(ALPHABETS)}")
+        if options.parity_target not in ("class", "next_symbols"):
+            from lm.errors import ConfigError
+
+            raise ConfigError(f"data.task.params.parity_target: '{options.parity_target}' is not one of class, "
+                              f"next_symbols")
         self.alphabet = ALPHABETS[options.language]
         self.token = {ch: 2 + i for i, ch in enumerate(self.alphabet)}
+        self.classify = options.language == "parity" and options.parity_target == "class"
+        #: multi-label targets: one label per symbol that can appear, then end-of-string
+        self.labels = (["0", "1"] if options.language == "parity" else list(self.alphabet)) + ["$"]
 
     @property
     def spec(self) -> TaskSpec:
         vocab = 2 + len(self.alphabet)
-        if self.options.language == "parity":
+        if self.classify:
             return TaskSpec(vocab_size=vocab, output="classes", pad_id=PAD)
-        return TaskSpec(vocab_size=vocab, output="multilabel", output_dim=len(self.alphabet) + 1, pad_id=PAD)
+        return TaskSpec(vocab_size=vocab, output="multilabel", output_dim=len(self.labels), pad_id=PAD)
 
     def example(self, rng: np.random.Generator, length: int = 0) -> Example:
         o = self.options
         n = length or int(rng.integers(o.min_length, o.max_length + 1))
-        if o.language == "parity":
+        if self.classify:
             bits = rng.integers(0, 2, size=n)
             inputs = np.array([BOS] + [self.token[str(b)] for b in bits] + [self.token["="]], dtype=np.int64)
             targets = np.zeros(len(inputs), dtype=np.int64)
@@ -147,8 +166,7 @@ class FormalLanguage(Task):
             return {"inputs": inputs, "targets": targets, "mask": mask}
         s = _string(o.language, rng, n)
         inputs = np.array([BOS] + [self.token[ch] for ch in s], dtype=np.int64)
-        labels = list(self.alphabet) + ["$"]
-        targets = np.array([[ch in allowed for ch in labels] for allowed in _next_sets(o.language, s)],
+        targets = np.array([[ch in allowed for ch in self.labels] for allowed in _next_sets(o.language, s)],
                            dtype=np.float32)
         return {"inputs": inputs, "targets": targets, "mask": np.ones(len(inputs), dtype=bool)}
 

@@ -1,0 +1,34 @@
+"""The fingerprint that decides whether a prepared directory is up to date.
+
+``sha256`` over the resolved data config (minus keys that do not change the output: ``out_dir``,
+``num_proc``, ``batch_size``, ``task``), every source file's path, size and modification time, and the
+content hash of a local ``tokenizer.path``. Same fingerprint -> ``lm data prepare`` skips.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional
+
+#: data-config keys that do not change what is written (where, how fast; ``task`` is only used
+#: by ``source.kind: task``, which is never prepared)
+NOT_IN_FINGERPRINT = ("out_dir", "num_proc", "batch_size", "task")
+
+
+def file_signature(files: List[Path]) -> List[List[Any]]:
+    """``[path, size, mtime_ns]`` for each file, in order."""
+    out = []
+    for p in files:
+        st = p.stat()
+        out.append([str(p.resolve()), st.st_size, st.st_mtime_ns])
+    return out
+
+
+def fingerprint(config: Mapping[str, Any], files: List[Path], tokenizer_sha: Optional[str] = None) -> str:
+    """The hash of what determines a prepared directory's content (see module docstring)."""
+    relevant: Dict[str, Any] = {k: v for k, v in config.items() if k not in NOT_IN_FINGERPRINT}
+    payload = {"config": relevant, "files": file_signature(files), "tokenizer_sha256": tokenizer_sha}
+    text = json.dumps(payload, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()

@@ -1,0 +1,173 @@
+"""Batch samplers over window indices: shuffled + resumable for training, strided for evaluation.
+
+Training order (:class:`ResumableBatchSampler`). Epoch ``e`` uses the permutation
+``perm_e = randperm(N, generator seeded by mix(seed, e))`` of the ``N`` windows. Rank ``r`` of
+``W`` takes ``perm_e[c + r :: W]`` where ``c`` is the number of samples all ranks together have
+consumed this epoch, cut to whole batches and to the same count on every rank (drop_last). So after
+``k`` batches of size ``B`` on every rank, exactly ``perm_e[: k * B * W]`` has been seen, and the
+state ``{epoch, consumed = k * B * W, seed, num_windows, ...}`` is the same on all ranks: resuming
+from it continues the uninterrupted sequence (and still covers the rest of the epoch when the world
+size changed).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Dict, Iterator, List, Optional
+
+import torch
+from torch.utils.data import Sampler
+
+from lm.errors import DataError
+
+_MASK63 = (1 << 63) - 1
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The generator seed of one epoch: a SplitMix64 mix of ``(seed, epoch)``."""
+    from data.split import splitmix64
+
+    return splitmix64(splitmix64(seed & ((1 << 64) - 1)) ^ epoch) & _MASK63
+
+
+def epoch_permutation(num_windows: int, seed: int, epoch: int) -> torch.Tensor:
+    """LongTensor [num_windows]: the epoch's order of all window indices."""
+    g = torch.Generator()
+    g.manual_seed(epoch_seed(seed, epoch))
+    return torch.randperm(num_windows, generator=g)
+
+
+class _EpochHook:
+    """What Lightning finds at ``loader.batch_sampler.sampler``: forwards ``set_epoch``.
+
+    Lightning's fit loop calls ``set_epoch`` on a loader's ``sampler`` and on its
+    ``batch_sampler.sampler``, not on the batch sampler itself.
+    """
+
+    def __init__(self, owner: "ResumableBatchSampler"):
+        self._owner = owner
+
+    def set_epoch(self, epoch: int) -> None:
+        self._owner.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return self._owner.samples_per_epoch
+
+
+class ResumableBatchSampler(Sampler[List[int]]):
+    """Shuffled, rank-sharded, resumable batches of window indices (see module docstring).
+
+    ``state_dict()`` -> ``{"epoch", "consumed", "seed", "num_windows", "world_size",
+    "batch_size"}``; ``consumed`` counts samples over all ranks and includes every batch this
+    sampler has handed out. After the last batch of an epoch the sampler moves to the next epoch;
+    ``set_epoch(e)`` with a new ``e`` starts that epoch from its beginning, with the current epoch
+    it changes nothing (so a restored mid-epoch position survives Lightning's call).
+    """
+
+    def __init__(self, num_windows: int, batch_size: int, seed: int, rank: int = 0,
+                 world_size: int = 1):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world of size {world_size}")
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be > 0, got {batch_size}")
+        self.num_windows = int(num_windows)
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self.rank = int(rank)
+        self.world_size = int(world_size)
+        self.epoch = 0
+        self.consumed = 0
+        self.sampler = _EpochHook(self)
+        if self.batches_per_epoch == 0:
+            raise DataError(
+                f"train split too small: {self.num_windows} windows cannot give each of "
+                f"{self.world_size} rank(s) one batch of {self.batch_size} (lower "
+                f"train.micro_batch_size or train.seq_len, or use more data)"
+            )
+
+    # -- sizes
+    @property
+    def batches_per_epoch(self) -> int:
+        """Batches per rank in a full epoch (the same on every rank)."""
+        return self.num_windows // self.world_size // self.batch_size
+
+    @property
+    def samples_per_epoch(self) -> int:
+        return self.batches_per_epoch * self.batch_size
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def remaining_batches(self) -> int:
+        """Batches this rank still has in the current epoch."""
+        left = max(0, self.num_windows - self.consumed)
+        return left // self.world_size // self.batch_size
+
+    # -- epochs and state
+    def set_epoch(self, epoch: int) -> None:
+        if int(epoch) != self.epoch:
+            self.epoch = int(epoch)
+            self.consumed = 0
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"epoch": self.epoch, "consumed": self.consumed, "seed": self.seed,
+                "num_windows": self.num_windows, "world_size": self.world_size,
+                "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        if int(state["num_windows"]) != self.num_windows:
+            raise DataError(
+                f"cannot resume the data order: the checkpoint's train split has "
+                f"{state['num_windows']} windows, this one {self.num_windows} "
+                f"(different data directory or seq_len)"
+            )
+        if int(state["seed"]) != self.seed:
+            warnings.warn(f"resuming the data order of seed {state['seed']} (configured seed "
+                          f"{self.seed})", stacklevel=2)
+        if int(state.get("world_size", self.world_size)) != self.world_size:
+            warnings.warn(
+                f"resuming with world size {self.world_size} (checkpoint: {state['world_size']}): "
+                f"the rest of the epoch is re-divided among the ranks", stacklevel=2)
+        self.seed = int(state["seed"])
+        self.epoch = int(state["epoch"])
+        self.consumed = int(state["consumed"])
+
+    # -- iteration
+    def rank_indices(self) -> torch.Tensor:
+        """This rank's remaining window indices of the current epoch (whole batches only)."""
+        perm = epoch_permutation(self.num_windows, self.seed, self.epoch)
+        mine = perm[self.consumed + self.rank::self.world_size]
+        return mine[: self.remaining_batches() * self.batch_size]
+
+    def __iter__(self) -> Iterator[List[int]]:
+        indices = self.rank_indices().tolist()
+        step = self.batch_size * self.world_size
+        for b in range(0, len(indices), self.batch_size):
+            self.consumed += step
+            yield indices[b:b + self.batch_size]
+        # the epoch ran out: the next iteration starts the next epoch
+        self.epoch += 1
+        self.consumed = 0
+
+
+class StridedBatchSampler(Sampler[List[int]]):
+    """Evaluation batches: windows ``0..N-1`` in order, rank ``r`` takes ``r, r + W, ...``.
+
+    Every rank gets the same number of windows (``N // W``, at most ``max_batches * batch_size``);
+    the last batch may be short (the same length on every rank).
+    """
+
+    def __init__(self, num_windows: int, batch_size: int, rank: int = 0, world_size: int = 1,
+                 max_batches: Optional[int] = None):
+        per_rank = num_windows // world_size
+        if max_batches is not None:
+            per_rank = min(per_rank, max_batches * batch_size)
+        self.indices = list(range(rank, per_rank * world_size, world_size))
+        self.batch_size = batch_size
+
+    def __len__(self) -> int:
+        return -(-len(self.indices) // self.batch_size)
+
+    def __iter__(self) -> Iterator[List[int]]:
+        for b in range(0, len(self.indices), self.batch_size):
+            yield self.indices[b:b + self.batch_size]
