@@ -27,6 +27,24 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
 
 
 @torch.no_grad()
+def prefill(model: LanguageModel, tokens: torch.Tensor, chunk: Optional[int] = None, state=None):
+    """Read prompts tokens [B, T] (in pieces of ``chunk`` tokens when set, carrying the state) and
+    return the next-token logits [B, V] of the last position and the state.
+
+    Only the last position goes through the LM head, so reading a long prompt in pieces holds
+    one piece's activations at a time (constant memory for the recurrent families).
+    """
+    T = tokens.shape[1]
+    if T == 0:
+        raise ValueError("prefill needs at least one token per prompt")
+    size = int(chunk) if chunk and chunk > 0 else T
+    h = None
+    for start in range(0, T, size):
+        h, state = model.hidden_states(tokens[:, start:start + size], state, return_state=True)
+    return model.logits(h[:, -1]), state
+
+
+@torch.no_grad()
 def generate_tokens(
     model: LanguageModel,
     prompts: List[List[int]],
@@ -36,11 +54,13 @@ def generate_tokens(
     top_p: float = 1.0,
     seed: Optional[int] = None,
     stop_token: Optional[int] = None,
+    prefill_chunk: Optional[int] = None,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every sequence [B] at each step (streaming).
 
-    Prompts of different lengths are read one by one (each its own state), then decoded together.
-    Temperature 0 means greedy decoding. A sequence that produced ``stop_token`` keeps emitting it.
+    Prompts of different lengths are read one by one (each its own state, in pieces of
+    ``prefill_chunk`` tokens when set), then decoded together. Temperature 0 means greedy
+    decoding. A sequence that produced ``stop_token`` keeps emitting it.
     """
     device = next(model.parameters()).device
     generator = torch.Generator(device=device)
@@ -49,9 +69,9 @@ def generate_tokens(
     states, last_logits = [], []
     for prompt in prompts:
         tokens = torch.tensor([prompt], dtype=torch.long, device=device)
-        logits, state = model(tokens, return_state=True)
+        logits, state = prefill(model, tokens, prefill_chunk)
         states.append(state)
-        last_logits.append(logits[:, -1])
+        last_logits.append(logits)
     state = merge_states(states)
     logits = torch.cat(last_logits, 0)
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
