@@ -10,7 +10,6 @@ in pieces, and generation alike; the state is one entry per layer (for the Trans
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch

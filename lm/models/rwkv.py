@@ -21,7 +21,6 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import kernels
 from lm.models.layers import HeadNorm, l2_normalize, token_shift

@@ -109,7 +109,7 @@ def main(argv=None) -> None:
 
 def print_table(results: Dict[str, Dict[int, dict]], lengths: List[int]) -> None:
     base = results.get("transformer", {})
-    header = f"| model | params | " + " | ".join(f"tok/s T={T} (×Transformer)" for T in lengths) + \
+    header = "| model | params | " + " | ".join(f"tok/s T={T} (×Transformer)" for T in lengths) + \
              f" | T={lengths[0]}→{lengths[-1]} |"
     print()
     print(header)

@@ -9,7 +9,6 @@ import math
 from pathlib import Path
 from typing import Dict, List
 
-import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
 
 
@@ -67,7 +66,7 @@ def plot_loss_curves(metrics_csv: Path, out_png: Path) -> Path:
         steps = sorted(val)
         ax.plot(steps, [val[s] for s in steps], "o-", label="validation loss")
     ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

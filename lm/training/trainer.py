@@ -19,11 +19,12 @@ from typing import Any, Dict, List, Optional
 
 import pytorch_lightning as pl
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from lm.config.loader import plain, to_yaml
 from lm.errors import ConfigError, LMError
-from lm.training.checkpoint import CheckpointManager, STATE, latest_complete, resolve_checkpoint, read_manifest
+from lm.training.checkpoint import STATE, latest_complete, read_manifest, resolve_checkpoint
+from lm.training.checkpoint_manager import CheckpointManager
 from lm.training.loggers import build_loggers
 from lm.training.module import LMModule, NonFiniteLossError
 from lm.training.signals import StopRequest, requeue_slurm_job

@@ -7,7 +7,7 @@ and the gradients of every input (initial state included), for a random cotangen
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F

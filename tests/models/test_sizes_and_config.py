@@ -1,7 +1,6 @@
 """Named sizes match their parameter counts (meta device), the construction makes a gated RNN an
 exact linear self-attention layer, and bad model configs fail at config time with key names."""
 
-import re
 from pathlib import Path
 
 import pytest

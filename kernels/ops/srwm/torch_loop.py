@@ -76,7 +76,6 @@ def _forward(X: torch.Tensor, WT: torch.Tensor, V: int):
 def _backward(X, Z, Dd, ckpt, WT_T, dY, dWT, V: int):
     """Reverse-time adjoint loop on transposed states. Returns dX [T, N, 1, D] and dW_0^T."""
     T, N, _, D = X.shape
-    R = WT_T.shape[-1]
     V2D = V + 2 * D
     rows = beta_row_index(V, D, WT_T.device)
     # [R, 4]: sums the rows of each matrix

@@ -1,0 +1,143 @@
+"""The callback that writes checkpoints during training (layout: :mod:`lm.training.checkpoint`).
+
+:class:`CheckpointManager` saves every ``every_n_steps`` optimizer steps, at the last step, and when
+a stop was requested (signal), keeping the newest ``keep_last``; it also keeps the training RNG
+stream independent of validation and probes, so that resumed runs are bit-exact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import pytorch_lightning as pl
+import torch
+import torch.distributed as dist
+from pytorch_lightning.callbacks import Callback
+
+from lm.training.checkpoint import (
+    MANIFEST,
+    STATE,
+    files_with_sizes,
+    checkpoint_name,
+    list_complete,
+    rng_state,
+    set_rng_state,
+    write_atomic_text,
+)
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+class CheckpointManager(Callback):
+    """Save every ``every_n_steps`` optimizer steps, at ``max_steps`` and on a stop request.
+
+    ``stop`` is a :class:`lm.training.signals.StopRequest`; when any rank saw a signal, all ranks
+    agree at the next step boundary, save one checkpoint together and stop (and, under SLURM with
+    requeue, the job is requeued).
+    """
+
+    def __init__(self, directory: Path, every_n_steps: int, keep_last: int, manifest_extra: Dict[str, Any],
+                 stop=None, resume_from: Optional[Path] = None):
+        super().__init__()
+        self.directory = Path(directory)
+        self.every_n_steps = int(every_n_steps)
+        self.keep_last = int(keep_last)
+        self.manifest_extra = manifest_extra
+        self.stop = stop
+        self.resume_from = resume_from
+        self.last_saved_step: Optional[int] = None
+        self._train_rng: Optional[Dict[str, Any]] = None
+        self.saved: List[Path] = []
+        self.stopped_by_signal: Optional[str] = None
+
+    # ------------------------------------------------------------------------------- resume
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.last_saved_step = trainer.global_step if self.resume_from is not None else None
+        if self.stop is not None:
+            self.stop.install()
+        if self.resume_from is not None:
+            rng_file = self.resume_from / "rng" / f"rank{trainer.global_rank:05d}.pt"
+            if rng_file.is_file():
+                self._train_rng = torch.load(rng_file, weights_only=False)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        # The training RNG stream continues from the end of the previous training batch, whatever
+        # ran in between (validation draws loader seeds, probes sample): an uninterrupted run and a
+        # resumed one (state restored from the checkpoint's rng/ files) draw the same numbers.
+        if self._train_rng is not None:
+            set_rng_state(self._train_rng)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.stop is not None:
+            self.stop.uninstall()
+
+    # ------------------------------------------------------------------------------- saving
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._train_rng = rng_state()
+        accumulate = max(1, int(trainer.accumulate_grad_batches))
+        if (batch_idx + 1) % accumulate != 0:
+            return
+        step = trainer.global_step
+        stop_now = self.stop.agreed() if self.stop is not None else False
+        due = (self.every_n_steps > 0 and step % self.every_n_steps == 0) or (
+            trainer.max_steps > 0 and step >= trainer.max_steps)
+        if (due or stop_now) and step != self.last_saved_step and step > 0:
+            self.save(trainer)
+        if stop_now:
+            self.stopped_by_signal = self.stop.signal_name
+            trainer.should_stop = True
+
+    def save(self, trainer: pl.Trainer) -> Path:
+        step = trainer.global_step
+        name = checkpoint_name(step)
+        final = self.directory / name
+        tmp = self.directory / f".tmp-{name}"
+        rank = trainer.global_rank
+        if rank == 0:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            for stale in self.directory.glob(".tmp-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            if final.exists():  # e.g. an earlier attempt reached this step: replace it
+                shutil.rmtree(final)
+            tmp.mkdir(parents=True)
+        _barrier()
+        trainer.save_checkpoint(str(tmp / STATE))
+        (tmp / "rng").mkdir(exist_ok=True)
+        torch.save(self._train_rng if self._train_rng is not None else rng_state(),
+                   tmp / "rng" / f"rank{rank:05d}.pt")
+        _barrier()
+        if rank == 0:
+            manifest = {
+                "step": step, "epoch": trainer.current_epoch, "world_size": trainer.world_size,
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "files": files_with_sizes(tmp), **self.manifest_extra,
+            }
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
+            os.replace(tmp, final)
+            write_atomic_text(self.directory / "last", name + "\n")
+            self._prune(keep=final)
+        _barrier()
+        self.last_saved_step = step
+        self.saved.append(final)
+        return final
+
+    def _prune(self, keep: Path) -> None:
+        complete = list_complete(self.directory)
+        excess = len(complete) - self.keep_last
+        for old in complete:
+            if excess <= 0:
+                break
+            if old != keep:
+                shutil.rmtree(old, ignore_errors=True)
+                excess -= 1
