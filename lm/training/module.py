@@ -75,6 +75,11 @@ class LMModule(pl.LightningModule):
         self.bytes_per_token = float(bytes_per_token)
         self.model = build_model(config["model"])
         self.model.gradient_checkpointing = bool(self.train_cfg.get("activation_checkpointing", False))
+        if self.train_cfg.get("compile"):
+            # in place, block by block: keeps parameter names and every entry point (hidden_states,
+            # logits, step) going through the compiled blocks
+            for block in self.model.blocks:
+                block.compile()
         self.val_loss_sum = SumMetric()
         self.val_tokens = SumMetric()
         self.val_extra = torch.nn.ModuleDict({k: SumMetric() for k in ("correct", "seq_correct", "sequences")})

@@ -226,8 +226,6 @@ def train(cfg: DictConfig, echo=print) -> TrainResult:
         benchmark=False,
         plugins=plugins or None,
     )
-    if cfg.train.compile:
-        module.model = torch.compile(module.model)
 
     try:
         trainer.fit(module, datamodule=datamodule,
