@@ -16,6 +16,7 @@ import time
 import torch
 
 from lm.models import build_model
+from lm.training.cpu_allocator import keep_freed_memory
 from lm.probes.runner import probe_batch, run_probes
 from lm.training.bench import model_config, time_steps
 
@@ -31,6 +32,7 @@ def main(argv=None) -> None:
     p.add_argument("--probe-len", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args(argv)
+    keep_freed_memory()  # as `lm train` does on CPU
     rows = []
     for name in args.names:
         torch.manual_seed(0)

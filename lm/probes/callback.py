@@ -59,7 +59,10 @@ class ProbeCallback(Callback):
         with self._gather(trainer, pl_module):
             result = run_probes(pl_module.model, inputs, self.probes, self._batch["period"], self.lsa_rank)
         if trainer.is_global_zero:
-            pl_module.log_dict(result.scalars, on_step=True, on_epoch=False, rank_zero_only=True)
+            # straight to the loggers, once: ``LightningModule.log`` would repeat the last probe
+            # values in every later logged row until the next probe run
+            for logger in trainer.loggers:
+                logger.log_metrics(result.scalars, step=step)
             png = plot_probes(result, self.out_dir / f"step-{step:08d}.png", title=f"probes at step {step}")
             self._log_image(trainer, png, step)
         self.seconds += time.perf_counter() - start

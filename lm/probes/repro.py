@@ -126,7 +126,8 @@ def icl_regression(run_dirs: Sequence[str], out_dir: str, n_examples: int = 4096
         batch = probe_batch(cfg, 512, 0, seed)
         probes = run_probes(loaded.model, batch["inputs"], ("lsa_fit",), None, lsa_rank=rank)
         model = cfg["model"]
-        rows.append({"run": str(run), "model": f"{model['family']}/{model.get('variant')}", "step": loaded.step,
+        name = "/".join(str(x) for x in (model["family"], model.get("variant")) if x)
+        rows.append({"run": str(run), "model": name, "step": loaded.step,
                      "test_loss": loss, "lsa_r2": probes.scalars.get("probe/lsa_r2/mean")})
     gd_loss, eta = one_step_gd_loss(task, n_examples=n_examples, seed=seed)
     zero_loss = float(task.options.dx * task.options.dy)  # predicting 0: E||W x||^2
@@ -144,6 +145,8 @@ def icl_regression(run_dirs: Sequence[str], out_dir: str, n_examples: int = 4096
     ax.bar(range(len(names)), values, color=["tab:blue"] * len(rows) + ["tab:gray"])
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels(names, rotation=20, fontsize=8)
+    ax.axhline(zero_loss, ls="--", lw=0.8, color="k", label="predict 0")
+    ax.legend(fontsize=8, loc="upper left")
     ax.set_ylabel("test loss (squared error)")
     ax.set_title("in-context linear regression", fontsize=10)
     fig.tight_layout()

@@ -23,6 +23,7 @@ import torch
 import yaml
 
 from lm.models import build_model
+from lm.training.cpu_allocator import keep_freed_memory
 from lm.models.flops import peak_flops, training_flops_per_token
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -72,6 +73,8 @@ def main(argv=None) -> None:
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
+    if args.device == "cpu":
+        keep_freed_memory()  # large per-step temporaries are not page-faulted in anew (see its docstring)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     results: Dict[str, Dict[int, dict]] = {}

@@ -159,6 +159,10 @@ def train(cfg: DictConfig, echo=print) -> TrainResult:
     if launch_rank() == 0:
         _write_run_files(run_dir, cfg)
 
+    if not uses_gpu(cfg.train):
+        from lm.training.cpu_allocator import keep_freed_memory
+
+        keep_freed_memory()
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     module = LMModule(config, bytes_per_token=bytes_per_token)
     if launch_rank() == 0:

@@ -99,6 +99,9 @@ def test_callback_logs_scalars_and_writes_png(tmp_path, tiny_data):
     columns = _probe_columns(run)
     for key in ("form_out_rel", "attn_entropy", "attn_induction", "lsa_r2"):
         assert f"probe/{key}/layer0" in columns and f"probe/{key}/layer1" in columns, columns
+    rows = list(csv.DictReader(open(run / "logs" / "metrics.csv")))
+    probed = sorted(int(r["step"]) for r in rows if r.get("probe/lsa_r2/mean"))
+    assert probed == [5, 10], probed  # logged once per probe run, at its step, not carried forward
     # and offline
     out = tmp_path / "report"
     proc = run_lm("probe", str(run), "--out", str(out), "--batch-size", "4", "--seq-len", "16")
