@@ -176,11 +176,14 @@ def train(cfg: DictConfig, echo=print) -> TrainResult:
     manifest_extra = {"config": config, "tokenizer": tokenizer, "data_dir": str(data_dir) if data_dir else None}
     checkpoints = CheckpointManager(ckpt_dir, int(cfg.checkpoint.every_n_steps), int(cfg.checkpoint.keep_last),
                                     manifest_extra, stop=stop, resume_from=resume_from)
-    callbacks: List[Any] = [checkpoints]
+    callbacks: List[Any] = []
     if cfg.train.record_samples:
         from lm.training.callbacks import SampleRecorder
 
+        # before the checkpoint callback: a step is recorded before a checkpoint can include it, so
+        # a kill between the two never leaves a checkpointed step without its record
         callbacks.append(SampleRecorder(run_dir))
+    callbacks.append(checkpoints)
     if cfg.train.progress_bar:
         from pytorch_lightning.callbacks import TQDMProgressBar
 

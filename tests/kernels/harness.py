@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional, Tuple
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 import kernels
+from kernels._dispatch import triton_available, triton_interpret
 
 OPS = ("linear_scan", "gla", "delta_rule", "dplr", "softmax_scan", "recurrent_delta", "srwm")
 
@@ -20,6 +22,22 @@ OPS = ("linear_scan", "gla", "delta_rule", "dplr", "softmax_scan", "recurrent_de
 DECAYS = ("strong", "moderate", "none")
 
 TOL = {torch.float32: 1e-4, torch.float64: 1e-9, torch.bfloat16: 3e-2, torch.float16: 1e-2}
+
+
+#: marks of a test (or a parametrised case) that runs Triton kernels: on a GPU, or on CPU tensors
+#: under TRITON_INTERPRET=1
+needs_triton = [
+    pytest.mark.triton,
+    pytest.mark.skipif(not (triton_available() and (triton_interpret() or torch.cuda.is_available())),
+                       reason="Triton tests run on CPU tensors under TRITON_INTERPRET=1"),
+]
+
+
+def triton_test(fn):
+    """Decorator form of :data:`needs_triton`."""
+    for mark in needs_triton:
+        fn = mark(fn)
+    return fn
 
 
 def device_for(backend: str) -> str:

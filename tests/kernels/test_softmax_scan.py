@@ -7,33 +7,12 @@ import pytest
 import torch
 
 import kernels
-from kernels._dispatch import triton_available, triton_interpret
 from kernels.ops.softmax_scan.reference import empty_state
-from tests.kernels.harness import assert_close, check_split, compare_backends, forward_backward, make_inputs
+from tests.kernels.harness import (
+    assert_close, check_split, compare_backends, forward_backward, make_inputs, needs_triton, triton_test,
+)
 
 OP = "softmax_scan"
-needs_triton = [
-    pytest.mark.triton,
-    pytest.mark.skipif(not (triton_available() and (triton_interpret() or torch.cuda.is_available())),
-                       reason="Triton tests run on CPU tensors under TRITON_INTERPRET=1"),
-]
-
-
-def triton_test(fn):
-    for mark in needs_triton:
-        fn = mark(fn)
-    return fn
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny step-by-step reference ops: one thread avoids an OpenMP sync per op on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _compare(args, state, backend, tol=1e-4, state_tol=None):
     o_ref, s_ref, g_ref = forward_backward(OP, args, state, "reference")
     o, s, g = forward_backward(OP, args, state, backend)

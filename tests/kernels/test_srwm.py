@@ -43,16 +43,6 @@ def _batched(args, B, names=WEIGHTS, seed=3):
     return out
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The step-by-step ops are tiny: one intra-op thread avoids an OpenMP synchronisation per op,
-    which on a busy 2-core machine makes these tests several times faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("T", [1, 7, 63, 64, 65, 200])
 @pytest.mark.parametrize("with_state", [False, True])
 def test_torch_matches_reference_fp32(T, with_state):
