@@ -53,6 +53,19 @@ def test_torch_bf16():
     harness.compare_backends(OP, "torch", dtype=torch.bfloat16, T=130, with_state=True)
 
 
+@pytest.mark.parametrize("gated", [True, False])
+def test_torch_segments_carry_the_state(monkeypatch, gated):
+    """Long inputs on CPU run in passes of SEGMENT_CPU tokens; with segments of 64 (four passes
+    over T=200, the last one short) outputs, state and every gradient still equal the reference."""
+    from kernels.ops.delta_rule import chunked
+
+    monkeypatch.setattr(chunked, "SEGMENT_CPU", 64)
+    if gated:
+        harness.compare_backends(OP, "torch", T=200, decay="moderate", with_state=True, seed=3)
+    else:
+        _compare_without_gate("torch", T=200, with_state=True, seed=3)
+
+
 @pytest.mark.parametrize("split", [50, 64])
 def test_torch_split_equals_one_pass(split):
     harness.check_split(OP, "torch", split, T=150, with_state=True)

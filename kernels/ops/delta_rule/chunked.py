@@ -10,7 +10,8 @@ gamma_t = exp(b_t):
     S_end = gamma_C S0 + (K * exp(b_C - b))^T U
 
 Everything but the state passing (a loop over T / C chunks) is batched over all chunks. Every
-exponent is masked to <= 0 before ``exp``.
+exponent is masked to <= 0 before ``exp``. On CPU long inputs run in passes of ``SEGMENT_CPU``
+tokens with the state carried, which keeps the temporaries cache-sized (cost per token flat in T).
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from typing import Optional, Tuple
 import torch
 
 from kernels.ops.delta_rule._chunks import chunk_size_for, from_chunks, per_chunk, to_chunks
+
+#: tokens per chunked pass on CPU (see ``delta_rule_chunked``)
+SEGMENT_CPU = 1024
 
 
 def delta_rule_chunked(
@@ -32,13 +36,38 @@ def delta_rule_chunked(
     initial_state: Optional[torch.Tensor] = None,
     output_final_state: bool = False,
     chunk_size: int = 64,
+    segment: Optional[int] = -1,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """q, k: [B, T, H, K]; v: [B, T, H, V]; beta, g: [B, T, H]; state [B, H, K, V] (fp32)."""
+    """q, k: [B, T, H, K]; v: [B, T, H, V]; beta, g: [B, T, H]; state [B, H, K, V] (fp32).
+
+    ``segment``: tokens per chunked pass, the state carried between passes (None: all at once;
+    -1: the device default, ``SEGMENT_CPU`` on CPU so the temporaries stay cache-sized and the cost
+    per token flat in T, one pass on GPU).
+    """
     B, T, H, K = q.shape
     V = v.shape[-1]
     S = q.new_zeros(B, H, K, V, dtype=torch.float32) if initial_state is None else initial_state.float()
     if T == 0:
         return q.new_zeros(B, 0, H, V), (S if output_final_state else None)
+    if segment == -1:
+        segment = SEGMENT_CPU if q.device.type == "cpu" else None
+    if segment is None or T <= segment:
+        o, S = _chunked_pass(q, k, v, beta, g, scale, S, chunk_size)
+    else:  # torch.split: its backward is one concatenation (slicing would zero-fill per piece)
+        outs = []
+        pieces = [torch.split(x, segment, 1) for x in (q, k, v, beta)]
+        pieces.append(torch.split(g, segment, 1) if g is not None else [None] * len(pieces[0]))
+        for q_s, k_s, v_s, beta_s, g_s in zip(*pieces):
+            o, S = _chunked_pass(q_s, k_s, v_s, beta_s, g_s, scale, S, chunk_size)
+            outs.append(o)
+        o = torch.cat(outs, 1)
+    return o, (S if output_final_state else None)
+
+
+def _chunked_pass(q, k, v, beta, g, scale: float, S: torch.Tensor, chunk_size: int):
+    """One chunked pass from state S [B, H, K, V] (fp32): o [B, T, H, V] in q's dtype and the final S."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
     C = chunk_size_for(T, chunk_size)
     qc, kc, vc, bc = (to_chunks(x, C) for x in (q, k, v, beta))  # [N, B, H, C, (K|V)]
     idx = torch.arange(C, device=q.device)
@@ -81,5 +110,4 @@ def delta_rule_chunked(
         S = torch.baddbmm(S if gamma_n is None else gamma_n * S, k_n, u)
     entering = torch.stack(states).view(N, B, H, K, V)
     o = q_in @ entering + scores @ torch.stack(us).view(N, B, H, C, V)
-    S = S.view(B, H, K, V)
-    return from_chunks(o, T).to(q.dtype), (S if output_final_state else None)
+    return from_chunks(o, T).to(q.dtype), S.view(B, H, K, V)
