@@ -10,7 +10,8 @@ import torch
 import kernels
 from kernels._dispatch import triton_available
 from tests.kernels.harness import (
-    DECAYS, assert_close, check_split, compare_backends, forward_backward, make_inputs, needs_triton, triton_test,
+    DECAYS, assert_close, check_split, compare_backends, forward_backward, make_inputs, needs_triton,
+    run_compiler_script, triton_test,
 )
 
 OP = "gla"
@@ -193,18 +194,12 @@ def test_triton_kernels_compile_for_cuda():
     """The interpreter does not compile: this builds every kernel (bf16 inputs) for sm_90 with the
     real compiler (no GPU needed; ptxas ships with Triton), catching GPU-only errors."""
     import os
-    import subprocess
-    import sys
 
     import triton
 
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     if not os.path.exists(ptxas):
         pytest.skip("this Triton install has no bundled ptxas")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True,
-                          timeout=600)
+    proc = run_compiler_script(_COMPILE_SCRIPT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().endswith("ALL OK"), proc.stdout[-3000:]

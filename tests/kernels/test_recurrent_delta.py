@@ -4,17 +4,14 @@ Outputs, final states (S, y) and the gradients of every input (q, k, v, beta, r_
 the initial state) under a random cotangent; fp32 tight, bf16 loose; K != V; resuming from a state.
 """
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 import kernels
 from kernels.ops.recurrent_delta import torch_loop
 from tests.kernels.harness import (
-    assert_close, check_split, compare_backends, forward_backward, make_inputs,
+    assert_close, check_split, compare_backends, forward_backward, make_inputs, require_triton,
+    run_compiler_script,
 )
 
 OP = "recurrent_delta"
@@ -46,7 +43,7 @@ def test_torch_split_equals_one_pass(with_state):
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
 def test_empty_sequence_passes_the_state_through(backend):
     if backend == "triton":
-        pytest.importorskip("triton")
+        require_triton()
     args, state = make_inputs(OP, T=0, with_state=True, B=2, H=2, K=4, V=3)
     o, (S, y) = kernels.recurrent_delta(**args, initial_state=state, output_final_state=True,
                                         backend=backend)
@@ -67,7 +64,7 @@ def _strided(x: torch.Tensor) -> torch.Tensor:
     ("torch", 23, 2, 3), pytest.param("triton", 5, 1, 2, marks=pytest.mark.triton)])
 def test_non_contiguous_inputs(backend, T, B, H):
     if backend == "triton":
-        pytest.importorskip("triton")
+        require_triton()
     args, state = make_inputs(OP, T=T, with_state=True, B=B, H=H, K=5, V=4)
     strided = {n: _strided(x) for n, x in args.items()}
     assert not any(x.is_contiguous() for x in strided.values())
@@ -115,7 +112,7 @@ TRITON_SHAPE = dict(B=1, H=2, K=16, V=16)
 
 @pytest.fixture
 def triton_backend():
-    pytest.importorskip("triton")
+    require_triton()
 
 
 @pytest.mark.triton
@@ -169,12 +166,7 @@ print("compiled")
 
 @pytest.mark.triton
 def test_triton_kernels_compile_for_sm90(triton_backend):
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    proc = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90], env=env, capture_output=True,
-                          text=True, timeout=600)
+    proc = run_compiler_script(COMPILE_FOR_SM90)
     if proc.stdout.startswith("SKIP"):
         pytest.skip(proc.stdout.strip())
     assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]

@@ -5,17 +5,14 @@ Outputs, the four final weight matrices and the gradients of x and of the initia
 random cotangent; fp32 tight, bf16 loose; V != D; resuming from a state.
 """
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 import kernels
 from kernels.ops.srwm import torch_loop
 from tests.kernels.harness import (
-    assert_close, check_split, compare_backends, forward_backward, make_inputs,
+    assert_close, check_split, compare_backends, forward_backward, make_inputs, require_triton,
+    run_compiler_script,
 )
 
 OP = "srwm"
@@ -76,7 +73,7 @@ def test_torch_split_equals_one_pass(with_state):
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
 def test_empty_sequence_returns_the_initial_weights(backend):
     if backend == "triton":
-        pytest.importorskip("triton")
+        require_triton()
     args, _ = make_inputs(OP, T=0, B=2, H=2, K=4, V=3)
     o, final = kernels.srwm(**args, output_final_state=True, backend=backend)
     assert o.shape == (2, 0, 2, 3)
@@ -97,7 +94,7 @@ def _strided(x: torch.Tensor) -> torch.Tensor:
     ("torch", 23, 2, 3), pytest.param("triton", 5, 1, 2, marks=pytest.mark.triton)])
 def test_non_contiguous_inputs(backend, T, B, H):
     if backend == "triton":
-        pytest.importorskip("triton")
+        require_triton()
     args, _ = make_inputs(OP, T=T, B=B, H=H, K=5, V=4)
     strided = {n: _strided(x) for n, x in args.items()}
     assert not any(x.is_contiguous() for x in strided.values())
@@ -141,7 +138,7 @@ TRITON_SHAPE = dict(B=1, H=2, K=16, V=16)
 
 @pytest.fixture
 def triton_backend():
-    pytest.importorskip("triton")
+    require_triton()
 
 
 @pytest.mark.triton
@@ -197,12 +194,7 @@ print("compiled")
 
 @pytest.mark.triton
 def test_triton_kernels_compile_for_sm90(triton_backend):
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    proc = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90], env=env, capture_output=True,
-                          text=True, timeout=600)
+    proc = run_compiler_script(COMPILE_FOR_SM90)
     if proc.stdout.startswith("SKIP"):
         pytest.skip(proc.stdout.strip())
     assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
