@@ -2,34 +2,16 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Dict, List
 
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> Path:
-    """Save through a temporary file and a rename (never a half-written PNG)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
-    return path
+from lm.plotting import pyplot, save_figure
 
 
 def plot_loss_by_position(result: Dict[str, Any], path: Path) -> Path:
     """Mean loss per position bucket within documents (log-scaled position axis), with the
     training length marked."""
-    plt = _pyplot()
+    plt = pyplot()
     buckets = result["loss_by_position"]
     fig, ax = plt.subplots(figsize=(7, 4))
     xs = [max(0.5, (b["start"] + b["end"] - 1) / 2) for b in buckets]
@@ -45,14 +27,14 @@ def plot_loss_by_position(result: Dict[str, Any], path: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    out = _save(fig, path)
+    out = save_figure(fig, path)
     plt.close(fig)
     return out
 
 
 def plot_sweep(task: str, key: str, rows: List[Dict[str, Any]], path: Path, model: str = "") -> Path:
     """Accuracy (per position and per sequence) or loss against the swept parameter of one task."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     labels = [str(r["value"]) for r in rows]
     xs = list(range(len(rows)))
@@ -74,6 +56,6 @@ def plot_sweep(task: str, key: str, rows: List[Dict[str, Any]], path: Path, mode
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    out = _save(fig, path)
+    out = save_figure(fig, path)
     plt.close(fig)
     return out
