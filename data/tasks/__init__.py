@@ -45,3 +45,9 @@ def build_task(name: str, params: Mapping[str, Any] = None, prefix: str = "data.
 
 
 __all__ = ["TASKS", "Task", "TaskSpec", "build_task", "one_step_gd_loss", "rng_for"]
+
+
+def task_from_config(data_cfg: Mapping[str, Any]) -> Task:
+    """The task of a (resolved) ``data`` config section whose source kind is ``task``."""
+    task = data_cfg["task"]
+    return build_task(str(task["name"]), task.get("params") or {})

@@ -7,7 +7,7 @@ import json
 import os
 import resource
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
@@ -23,6 +23,7 @@ class Checkpoint:
 
     loaded: LoadedModel
     path: str
+    _tokenizer: Any = field(default=None, init=False, repr=False)
 
     @property
     def model(self):
@@ -62,14 +63,23 @@ class Checkpoint:
         return f"{self.family}/{self.variant}"
 
     def tokenizer(self):
-        """The checkpoint's tokenizer (one-line error when it has none)."""
+        """The checkpoint's tokenizer, loaded once (one-line error when it has none)."""
         from data.tokenizer import load_tokenizer
 
-        path = self.loaded.tokenizer_path
-        if path is None or not Path(path).is_file():
-            why = "it was trained on a synthetic task" if self.task_trained else f"{path} is missing"
-            raise LMError(f"{self.path}: the checkpoint has no tokenizer ({why})")
-        return load_tokenizer(path)
+        if self._tokenizer is None:
+            path = self.loaded.tokenizer_path
+            if path is None or not Path(path).is_file():
+                why = "it was trained on a synthetic task" if self.task_trained else f"{path} is missing"
+                raise LMError(f"{self.path}: the checkpoint has no tokenizer ({why})")
+            self._tokenizer = load_tokenizer(path)
+        return self._tokenizer
+
+    def task(self, name: str):
+        """The suite task ``name`` for this checkpoint: the task it was trained on (with its
+        parameters) for task-trained checkpoints, else ``name`` with default parameters."""
+        from data.tasks import build_task, task_from_config
+
+        return task_from_config(self.config["data"]) if self.task_trained else build_task(name, {})
 
     def eod_id(self, tokenizer) -> int:
         """The end-of-document id: the data config's ``eod_token`` in the tokenizer."""

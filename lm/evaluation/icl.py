@@ -42,8 +42,8 @@ from lm.evaluation.common import Checkpoint, write_atomic, write_json
 FORMAL_LANGUAGES = ["parity", "aa_star", "abab_star", "anbn", "anbncn", "dyck1", "reset_dyck1"]
 TOKEN_TASKS = ["associative_recall", "induction"]
 SUITE = TOKEN_TASKS + ["icl_regression", "lsa_teacher"] + FORMAL_LANGUAGES + ["lm_icl_score"]
-#: generator streams: examples use the test stream; per-example parameter draws their own
-TEST_STREAM, DRAW_STREAM = 2, 3
+#: per-example parameter draws have their own generator stream (examples use TEST_STREAM)
+DRAW_STREAM = 3
 
 SweepValue = Union[int, Tuple[int, int]]
 
@@ -151,6 +151,7 @@ def make_examples(task, seed: int, n: int, key: Optional[str], value: Optional[S
                   remap: Optional[TokenRemap] = None) -> List[Dict[str, np.ndarray]]:
     """``n`` test-stream examples with ``key`` set to ``value`` (a range: drawn per example)."""
     from data.tasks import rng_for
+    from data.tasks.datamodule import TEST_STREAM
 
     if key is not None and key not in example_parameters(task):
         raise LMError(f"--sweep: task '{task.name}' has no per-example parameter '{key}'")
@@ -215,14 +216,12 @@ def _sweeps(task, overrides: Dict[str, List[SweepValue]]) -> Dict[Optional[str],
 def evaluate_task(ckpt: Checkpoint, name: str, sweeps: Dict[str, List[SweepValue]], n_examples: int,
                   batch_size: int, seed: int) -> Dict[str, Any]:
     """One suite task on the checkpoint: trained on it, or remapped onto an LM's vocabulary."""
-    from data.tasks import build_task, one_step_gd_loss
+    from data.tasks import one_step_gd_loss
 
+    task = ckpt.task(name)
     if ckpt.task_trained:
-        t = ckpt.config["data"]["task"]
-        task = build_task(str(t["name"]), t.get("params") or {})
         remap, kind, output = None, "trained", task.spec.output
     else:
-        task = build_task(name, {})
         tokenizer = ckpt.tokenizer()
         remap = TokenRemap(task.spec.vocab_size, tokenizer, ckpt.eod_id(tokenizer), seed)
         kind, output = "remapped onto the LM vocabulary", "classes"
@@ -243,20 +242,13 @@ def evaluate_task(ckpt: Checkpoint, name: str, sweeps: Dict[str, List[SweepValue
 
 def _check_sweep_keys(ckpt: Checkpoint, names: Sequence[str], sweeps: Dict[str, List[SweepValue]]) -> None:
     """Every ``--sweep`` key must be a per-example parameter of at least one requested task."""
-    from data.tasks import build_task
-
     if not sweeps:
         return
     accepted: Dict[str, List[str]] = {}
     for name in names:
         if name == "lm_icl_score":
             continue
-        if ckpt.task_trained:
-            t = ckpt.config["data"]["task"]
-            task = build_task(str(t["name"]), t.get("params") or {})
-        else:
-            task = build_task(name, {})
-        accepted[name] = example_parameters(task)
+        accepted[name] = example_parameters(ckpt.task(name))
     for key in sweeps:
         if not any(key in params for params in accepted.values()):
             have = "; ".join(f"{n}: {', '.join(p) or '-'}" for n, p in accepted.items()) or "no swept task requested"

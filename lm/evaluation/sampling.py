@@ -114,7 +114,7 @@ def merge_states(states: list):
             return torch.cat(items, 0)
         return first
 
-    return [cat([s[i] for s in states]) for i in range(len(states[0]))]
+    return cat(states)
 
 
 def sample_text(model: LanguageModel, encode: Callable[[str], List[int]], decode: Callable[[List[int]], str],

@@ -50,12 +50,17 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, state: Optional[Dict[str, Any]] = None, return_state: bool = False):
         mix_state = None if state is None else state.get("mixer")
         h, mix_state = self.mixer(self.norm1(x), mix_state, return_state=return_state)
-        x = x + self.dropout(h)
-        mlp_state = None
-        if self.mlp is not None:
-            m, mlp_state = self.mlp(self.norm2(x), None if state is None else state.get("mlp"))
-            x = x + self.dropout(m)
+        x, mlp_state = self.add_mixer_output(x, h, None if state is None else state.get("mlp"))
         return x, ({"mixer": mix_state, "mlp": mlp_state} if return_state else None)
+
+    def add_mixer_output(self, x: torch.Tensor, h: torch.Tensor, mlp_state: Any = None):
+        """The block after its token mixer: the residual ``x + h``, then the channel mixer (if any).
+        Returns the block output and the channel mixer's new state."""
+        x = x + self.dropout(h)
+        if self.mlp is None:
+            return x, None
+        m, mlp_state = self.mlp(self.norm2(x), mlp_state)
+        return x + self.dropout(m), mlp_state
 
     def init_state(self, batch_size: int, device=None, dtype=None) -> Dict[str, Any]:
         mlp_state = self.mlp.init_state(batch_size, device, dtype) if self.mlp is not None else None

@@ -27,8 +27,10 @@ def row_distributions(weights: torch.Tensor) -> torch.Tensor:
     return a / a.sum(-1, keepdim=True).clamp_min(1e-30)
 
 
-def attention_stats(ia: ImplicitAttention, period: Optional[int] = None) -> Dict[str, float]:
-    p = row_distributions(ia.weights)
+def attention_stats(ia: ImplicitAttention, period: Optional[int] = None,
+                    p: Optional[torch.Tensor] = None) -> Dict[str, float]:
+    """The statistics above; ``p`` is ``row_distributions(ia.weights)`` when already computed."""
+    p = row_distributions(ia.weights) if p is None else p
     T = p.shape[-1]
     t = torch.arange(T, dtype=torch.float64)
     entropy = -(p * torch.log(p.clamp_min(1e-30))).sum(-1)  # [B, H, T]
@@ -41,8 +43,3 @@ def attention_stats(ia: ImplicitAttention, period: Optional[int] = None) -> Dict
         rows = torch.arange(period + 1, T)
         stats["induction"] = float(p[..., rows, rows - period + 1].mean())
     return stats
-
-
-def mean_map(ia: ImplicitAttention) -> torch.Tensor:
-    """The [T, T] map shown in heatmaps: row-normalised |A| averaged over batch and heads."""
-    return row_distributions(ia.weights).mean((0, 1)).float()

@@ -1,6 +1,6 @@
 """The probes as a Lightning callback: every ``probes.every_n_steps`` optimizer steps, on a fixed
 probe batch, scalars go to every logger and one PNG per probe run is written to
-``<run_dir>/probes/step-XXXXXXXX.png`` (and logged as an image to TensorBoard / wandb).
+``<run_dir>/probes/step-<step, 8 digits>.png`` (and logged as an image to TensorBoard / wandb).
 
 Distributed runs: every rank runs the same probes on the same batch (under ZeRO-3 inside one
 collective parameter gather), so no rank waits for another; only rank 0 logs and writes files.
@@ -11,7 +11,6 @@ and the probe batch has its own generator).
 from __future__ import annotations
 
 import logging
-import time
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -34,8 +33,6 @@ class ProbeCallback(Callback):
         self.seed = int(cfg.seed)
         self.out_dir = Path(run_dir) / "probes"
         self._batch = None
-        self.seconds = 0.0
-        self.runs = 0
 
     def _gather(self, trainer: pl.Trainer, module: pl.LightningModule):
         from pytorch_lightning.strategies import DeepSpeedStrategy
@@ -52,7 +49,6 @@ class ProbeCallback(Callback):
         step = trainer.global_step
         if self.every <= 0 or (batch_idx + 1) % accumulate != 0 or step % self.every != 0:
             return
-        start = time.perf_counter()
         if self._batch is None:
             self._batch = probe_batch(pl_module.config, self.batch_size, self.seq_len, self.seed)
         inputs = self._batch["inputs"].to(pl_module.device)
@@ -65,8 +61,6 @@ class ProbeCallback(Callback):
                 logger.log_metrics(result.scalars, step=step)
             png = plot_probes(result, self.out_dir / f"step-{step:08d}.png", title=f"probes at step {step}")
             self._log_image(trainer, png, step)
-        self.seconds += time.perf_counter() - start
-        self.runs += 1
 
     def _log_image(self, trainer: pl.Trainer, png: Path, step: int) -> None:
         for logger in trainer.loggers:

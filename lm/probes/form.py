@@ -5,7 +5,7 @@ outputs and of the final state; a warning is raised above the tolerance of the d
 from __future__ import annotations
 
 import warnings
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -31,15 +31,22 @@ def _errors(a: torch.Tensor, b: torch.Tensor) -> tuple:
 
 
 @torch.no_grad()
-def form_equivalence(mixer, x: torch.Tensor) -> Dict[str, float]:
-    """{out_abs, out_rel, state_abs, state_rel} for one mixer on x [B, T, D]."""
-    full, final = mixer(x, return_state=True)
+def stepped_outputs(mixer, x: torch.Tensor) -> Tuple[torch.Tensor, Any]:
+    """The mixer applied token by token from ``init_state``: outputs [B, T, D] and the final state."""
     state = mixer.init_state(x.shape[0], device=x.device, dtype=x.dtype)
     steps = []
     for t in range(x.shape[1]):
         y, state = mixer.step(x[:, t], state)
         steps.append(y)
-    stepped = torch.stack(steps, 1)
+    return torch.stack(steps, 1), state
+
+
+@torch.no_grad()
+def form_equivalence(mixer, x: torch.Tensor, whole: Optional[Tuple[torch.Tensor, Any]] = None) -> Dict[str, float]:
+    """{out_abs, out_rel, state_abs, state_rel} for one mixer on x [B, T, D]; ``whole`` is the
+    whole-sequence form's (output, final state) when already computed."""
+    full, final = whole if whole is not None else mixer(x, return_state=True)
+    stepped, state = stepped_outputs(mixer, x)
     out_abs, out_rel = _errors(stepped, full)
     state_abs, state_rel = 0.0, 0.0
     for a, b in zip(flatten_state(state), flatten_state(final)):

@@ -3,11 +3,10 @@
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Optional
 
+from lm.evaluation.common import write_atomic, write_json
 from lm.probes.runner import PROBES, ProbeResult, plot_probes, probe_batch, run_probes
 
 COLUMNS = [("form_out_rel", "form err (out)"), ("form_state_rel", "form err (state)"),
@@ -48,7 +47,7 @@ def write_report(checkpoint: str, out_dir: Optional[str] = None, batch_size: int
     plot_probes(result, out / "probes.png", title=title)
     payload = {"checkpoint": str(loaded.source), "step": loaded.step, "model": model, "scalars": result.scalars,
                "per_layer": result.per_layer, "batch_size": batch_size, "seq_len": seq_len, "lsa_rank": lsa_rank}
-    _atomic_write(out / "probes.json", json.dumps(payload, indent=1))
+    write_json(out / "probes.json", payload)
     B, T = batch["inputs"].shape[:2]
     text = [f"# Probe report: {title}", "", f"Checkpoint: `{loaded.source}`  ", f"Probe batch: {B} x {T}"
             + (f" (second half repeats the first: induction period {batch['period']})" if batch["period"] else ""),
@@ -58,11 +57,5 @@ def write_report(checkpoint: str, out_dir: Optional[str] = None, batch_size: int
             "entropy / distance / prev-token / induction are statistics of the row-normalised |A|; "
             "LSA R² = held-out share of the layer's input->output map explained by one linear self-attention "
             "layer (on random projections of rank " + str(lsa_rank) + "). n/a: no closed-form attention.", ""]
-    _atomic_write(out / "report.md", "\n".join(text))
+    write_atomic(out / "report.md", "\n".join(text))
     return out
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -9,42 +9,29 @@
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Dict, List, Sequence
 
 import torch
 
+from lm.evaluation.common import write_atomic, write_json
 from lm.models.gated_rnn import GatedRNN, linear_self_attention, set_lsa_construction
 from lm.models.lm import as_model_config
 from lm.models.registry import resolve_options
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+from lm.plotting import pyplot, save_figure
+from lm.probes.form import stepped_outputs
 
 
 def _save(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
+    pyplot().close(fig)
 
 
 def construction(out_dir: str, settings: Sequence[tuple] = ((1, 4, 4), (2, 3, 5), (4, 8, 8)), d_model: int = 16,
                  seq_len: int = 64, batch: int = 4, seed: int = 0) -> List[Dict]:
     """For each (heads, dk, dv): max relative error between the constructed RNN and the LSA layer,
     in the whole-sequence and the stepped form (fp32)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
@@ -62,15 +49,12 @@ def construction(out_dir: str, settings: Sequence[tuple] = ((1, 4, 4), (2, 3, 5)
         x = torch.randn(batch, seq_len, d_model, generator=gen)
         with torch.no_grad():
             y, _ = layer(x)
-            state, steps = layer.init_state(batch), []
-            for t in range(seq_len):
-                y_t, state = layer.step(x[:, t], state)
-                steps.append(y_t)
+            stepped, _ = stepped_outputs(layer, x)
             expected = linear_self_attention(x, W_Q, W_K, W_V, W_O)
         denom = expected.abs().max()
         rows.append({"heads": heads, "dk": dk, "dv": dv, "units": heads * dk * dv,
                      "error": float((y - expected).abs().max() / denom),
-                     "error_stepped": float((torch.stack(steps, 1) - expected).abs().max() / denom)})
+                     "error_stepped": float((stepped - expected).abs().max() / denom)})
         last = (expected.flatten(), y.flatten())
     fig, ax = plt.subplots(figsize=(4.2, 4))
     ax.scatter(last[0].numpy(), last[1].numpy(), s=2, alpha=0.4)
@@ -82,33 +66,16 @@ def construction(out_dir: str, settings: Sequence[tuple] = ((1, 4, 4), (2, 3, 5)
     table = ["| heads | d_k | d_v | RNN units | max rel. error | stepped |", "|---|---|---|---|---|---|"]
     table += [f"| {r['heads']} | {r['dk']} | {r['dv']} | {r['units']} | {r['error']:.1e} | {r['error_stepped']:.1e} |"
               for r in rows]
-    _write(out / "construction.md", "\n".join(table) + "\n")
-    _write(out / "construction.json", json.dumps(rows, indent=1))
+    write_atomic(out / "construction.md", "\n".join(table) + "\n")
+    write_json(out / "construction.json", rows)
     return rows
-
-
-@torch.no_grad()
-def _test_loss(model, task, n_examples: int, seed: int) -> float:
-    from data.tasks.datamodule import TEST_STREAM, TaskExamples, collate_examples
-    from lm.training.module import task_loss
-
-    examples = TaskExamples(task, seed, TEST_STREAM)
-    total, count = 0.0, 0
-    for start in range(0, n_examples, 256):
-        batch = collate_examples([examples[i] for i in range(start, min(start + 256, n_examples))])
-        s, n, _ = task_loss(model, batch, "vectors")
-        total, count = total + float(s), count + int(n)
-    return total / count
 
 
 def icl_regression(run_dirs: Sequence[str], out_dir: str, n_examples: int = 4096, seed: int = 1234) -> List[Dict]:
     """Test loss per trained run, the one-step-GD baseline, and each run's LSA-fit R^2."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from data.tasks import build_task, one_step_gd_loss
+    plt = pyplot()
+    from data.tasks import one_step_gd_loss, task_from_config
+    from lm.evaluation.icl import make_examples, score_examples
     from lm.probes.runner import probe_batch, run_probes
     from lm.training.export import load_model
 
@@ -119,8 +86,9 @@ def icl_regression(run_dirs: Sequence[str], out_dir: str, n_examples: int = 4096
     for run in run_dirs:
         loaded = load_model(run)
         cfg = loaded.config
-        task = build_task(cfg["data"]["task"]["name"], cfg["data"]["task"].get("params", {}))
-        loss = _test_loss(loaded.model, task, n_examples, seed)
+        task = task_from_config(cfg["data"])
+        examples = make_examples(task, seed, n_examples, None, None)
+        loss = score_examples(loaded.model, examples, "vectors", batch_size=256)["loss"]
         # inputs span dx + dy dims: a projection of that rank is lossless; enough sequences for its features
         rank = task.spec.input_dim
         batch = probe_batch(cfg, 512, 0, seed)
@@ -136,9 +104,9 @@ def icl_regression(run_dirs: Sequence[str], out_dir: str, n_examples: int = 4096
               + (f"{r['lsa_r2']:.3f}" if r['lsa_r2'] is not None else "n/a") + " |" for r in rows]
     table += [f"| one step of GD (best lr {eta:.4f}) | - | {gd_loss:.4f} | - |",
               f"| predict 0 | - | {zero_loss:.4f} | - |"]
-    _write(out / "icl_regression.md", "\n".join(table) + "\n")
-    _write(out / "icl_regression.json", json.dumps({"runs": rows, "one_step_gd": {"loss": gd_loss, "lr": eta},
-                                                    "zero": zero_loss}, indent=1))
+    write_atomic(out / "icl_regression.md", "\n".join(table) + "\n")
+    write_json(out / "icl_regression.json", {"runs": rows, "one_step_gd": {"loss": gd_loss, "lr": eta},
+                                              "zero": zero_loss})
     fig, ax = plt.subplots(figsize=(6, 3.5))
     names = [r["model"] for r in rows] + ["1-step GD"]
     values = [r["test_loss"] for r in rows] + [gd_loss]

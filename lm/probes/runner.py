@@ -10,7 +10,8 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from lm.models.lm import LanguageModel
-from lm.probes.attention import attention_stats, mean_map
+from lm.plotting import pyplot, save_figure
+from lm.probes.attention import attention_stats, row_distributions
 from lm.probes.capture import capture_layers
 from lm.probes.form import form_equivalence
 from lm.probes.lsa_fit import lsa_r2
@@ -31,10 +32,10 @@ def probe_batch(config: Dict[str, Any], batch_size: int, seq_len: int, seed: int
     gen = torch.Generator().manual_seed(seed)
     data = config.get("data", {})
     if data.get("source", {}).get("kind") == "task":
-        from data.tasks import build_task
+        from data.tasks import task_from_config
         from data.tasks.datamodule import TaskExamples, VAL_STREAM, collate_examples
 
-        task = build_task(data["task"]["name"], data["task"].get("params", {}))
+        task = task_from_config(data)
         examples = TaskExamples(task, seed, VAL_STREAM)
         batch = collate_examples([examples[i] for i in range(batch_size)], task.spec.pad_id)
         return {"inputs": batch["inputs"], "period": None}
@@ -66,12 +67,13 @@ def run_probes(model: LanguageModel, inputs: torch.Tensor, probes: Sequence[str]
             mixer = model.blocks[io.layer].mixer
             row: Dict[str, Any] = {"layer": io.layer}
             if "form" in probes:
-                row.update({f"form_{k}": v for k, v in form_equivalence(mixer, io.x).items()})
+                row.update({f"form_{k}": v for k, v in form_equivalence(mixer, io.x, (io.y, io.state)).items()})
             if "attention" in probes:
                 ia = mixer.implicit_attention(io.x)
                 if ia is not None:
-                    row.update({f"attn_{k}": v for k, v in attention_stats(ia, period).items()})
-                    result.maps[io.layer] = mean_map(ia).cpu()
+                    p = row_distributions(ia.weights)
+                    row.update({f"attn_{k}": v for k, v in attention_stats(ia, period, p).items()})
+                    result.maps[io.layer] = p.mean((0, 1)).float().cpu()  # the heatmap: mean over batch, heads
             if "lsa_fit" in probes and io.x.shape[0] >= 4:
                 row["lsa_r2"] = lsa_r2(io.x, io.y, rank=lsa_rank)
             result.per_layer.append(row)
@@ -90,11 +92,7 @@ def run_probes(model: LanguageModel, inputs: torch.Tensor, probes: Sequence[str]
 
 def plot_probes(result: ProbeResult, path: Path, title: str = "") -> Path:
     """One PNG: a heatmap per layer (implicit attention) and bars of the per-layer scalars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     n_maps = len(result.maps)
     cols = max(1, min(4, n_maps))
     map_rows = math.ceil(n_maps / cols) if n_maps else 0
@@ -121,10 +119,6 @@ def plot_probes(result: ProbeResult, path: Path, title: str = "") -> Path:
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    save_figure(fig, path, dpi=100)
     plt.close(fig)
-    tmp.replace(path)
-    return path
+    return Path(path)
