@@ -80,13 +80,18 @@ def make_tasks(
 _WORKER: dict = {}
 
 
+def _load_tokenizer(tokenizer_json: str) -> Tokenizer:
+    """The tokenizer to encode with: special tokens in the text stay plain text."""
+    tok = Tokenizer.from_str(tokenizer_json)
+    tok.encode_special_tokens = True
+    return tok
+
+
 def _init_worker(tokenizer_json: str, eod_id: int, dtype: str) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and terminates us
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the parent's cleanup handler (data.atomic)
-    tok = Tokenizer.from_str(tokenizer_json)
-    tok.encode_special_tokens = True
-    _WORKER.update(tok=tok, eod_id=eod_id, dtype=dtype)
+    _WORKER.update(tok=_load_tokenizer(tokenizer_json), eod_id=eod_id, dtype=dtype)
 
 
 def _encode_task(task: Task) -> Result:
@@ -146,8 +151,7 @@ class ParallelEncoder:
                 self._pool = ctx.Pool(self.workers, initializer=_init_worker,
                                       initargs=(self.tokenizer_json, self.eod_id, self.dtype))
         else:
-            self._tok = Tokenizer.from_str(self.tokenizer_json)
-            self._tok.encode_special_tokens = True
+            self._tok = _load_tokenizer(self.tokenizer_json)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -30,7 +30,7 @@ from data.atomic import atomic_directory
 from data.encode import ParallelEncoder, default_workers, make_tasks
 from data.fingerprint import fingerprint
 from data.shards import FORMAT, METADATA_FILE, SplitWriter, read_metadata
-from data.sources import Document, ReadStats, Source, open_source
+from data.sources import Document, ReadStats, Source, open_source, utf8_len
 from data.split import SPLIT_SALT, SPLITS, TEST, TRAIN, VALIDATION, assign_splits, label_of, unit_hash
 from data.tokenizer import (
     TOKENIZER_FILE, TrainingSample, ensure_special_tokens, resolve_tokenizer, sha256_text,
@@ -215,7 +215,7 @@ def _build(tmp: Path, conf: Dict[str, Any], source: Source, fp: str,
         tok = train_tokenizer(texts, int(tok_cfg["vocab_size"]), int(tok_cfg["min_frequency"]),
                               specials, show_progress=progress, length=len(texts))
         tok_origin: Dict[str, Any] = {"trained": True, "train_documents": len(texts),
-                                      "train_bytes": sum(len(x.encode("utf-8")) for x in texts)}
+                                      "train_bytes": sum(utf8_len(x) for x in texts)}
     else:
         tok, where = resolve_tokenizer(str(tok_cfg["path"]))
         tok_origin = {"trained": False, "from": where}

@@ -15,7 +15,6 @@ end-of-document id. ``np.load(path, mmap_mode="r")`` opens any shard without rea
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
@@ -27,7 +26,6 @@ METADATA_FILE = "metadata.json"
 FORMAT = "lm-token-shards/1"
 #: bytes reserved for a shard's .npy header (magic, version, length, padded dict); see write_npy_header
 NPY_HEADER_BYTES = 128
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 # -------------------------------------------------------------------------------------- writing

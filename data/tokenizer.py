@@ -9,12 +9,14 @@ A tokenizer is identified by the sha256 of its ``tokenizer.json`` text.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import re
 from pathlib import Path
 from typing import Iterable, List, Optional, Tuple, Union
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from data.split import TOKENIZER_SAMPLE_SALT, unit_hash
 from lm.errors import DataError
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -131,8 +133,6 @@ class TrainingSample:
     """
 
     def __init__(self, max_bytes: int, seed: int):
-        from data.split import TOKENIZER_SAMPLE_SALT, unit_hash
-
         if max_bytes <= 0:
             raise DataError(f"tokenizer.train_max_bytes: must be > 0, got {max_bytes}")
         self.max_bytes = int(max_bytes)
@@ -142,8 +142,6 @@ class TrainingSample:
         self._first: Optional[Tuple[int, str]] = None
 
     def offer(self, index: int, text: str, nbytes: int) -> None:
-        import heapq
-
         if self._first is None:
             self._first = (index, text)
         heapq.heappush(self._heap, (-self._key(index), index, text, nbytes))

@@ -8,6 +8,7 @@ Validation uses the first ``val_examples`` examples of stream 1 (split across ra
 
 from __future__ import annotations
 
+import functools
 import itertools
 from typing import Any, Dict, Iterator, List, Optional
 
@@ -82,6 +83,8 @@ class TaskDataModule(pl.LightningDataModule):
         self.val_examples = int(val_examples)
         self.num_workers = int(num_workers)
         self._rank, self._world = rank, world_size
+        # a plain function (not a bound method): workers do not receive a copy of the datamodule
+        self._collate = functools.partial(collate_examples, pad_id=task.spec.pad_id)
 
     def rank_and_world(self):
         if self._rank is not None:
@@ -91,20 +94,17 @@ class TaskDataModule(pl.LightningDataModule):
             return trainer.global_rank, trainer.world_size
         return 0, 1
 
-    def _collate(self, batch):
-        return collate_examples(batch, self.task.spec.pad_id)
-
     def train_dataloader(self) -> StatefulDataLoader:
         rank, world = self.rank_and_world()
         return StatefulDataLoader(TaskExamples(self.task, self.seed, TRAIN_STREAM), batch_size=self.micro_batch_size,
                                   sampler=StridedStream(rank, world), collate_fn=self._collate,
                                   num_workers=self.num_workers, generator=torch.Generator().manual_seed(self.seed))
 
-    def _eval_loader(self, stream: int, **overrides) -> StatefulDataLoader:
+    def _eval_loader(self, stream: int) -> StatefulDataLoader:
         rank, world = self.rank_and_world()
         per_rank = self.val_examples // world
         indices = [rank + world * i for i in range(per_rank)]
-        dataset = torch.utils.data.Subset(TaskExamples(self.task, self.seed, stream, **overrides), indices)
+        dataset = torch.utils.data.Subset(TaskExamples(self.task, self.seed, stream), indices)
         return StatefulDataLoader(dataset, batch_size=self.micro_batch_size, shuffle=False, collate_fn=self._collate,
                                   num_workers=self.num_workers)
 

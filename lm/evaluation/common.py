@@ -92,7 +92,9 @@ class Checkpoint:
     def data_dir(self) -> Optional[Path]:
         """The training data directory recorded in the checkpoint's config, if it still exists."""
         out = self.config.get("data", {}).get("out_dir")
-        if out and (Path(out) / "metadata.json").is_file():
+        from data.shards import METADATA_FILE
+
+        if out and (Path(out) / METADATA_FILE).is_file():
             return Path(out)
         return None
 
