@@ -12,9 +12,17 @@ Stable API (other ops import these read-only):
 - ``masked_exp_diff(x_t, x_s, mask)``: ``exp(x_t - x_s)`` where ``mask`` holds, exactly 0 elsewhere,
   without ever forming ``exp`` of an unmasked (possibly positive, overflowing) difference and with
   zero (not NaN) gradients in the masked region.
+- ``chunk_length(T, chunk, power_of_two=False)``: the chunk length for a sequence of T steps:
+  ``chunk`` for long inputs, ``T`` for short ones (rounded up to a power of two if asked).
+- ``empty_result(q, v, initial_state, output_final_state)``: the result of a length-0 sequence for
+  the ops with a matrix state [B, H, K, V] (delta_rule, dplr, gla).
+- ``default_segment(device, cpu_tokens)`` and ``run_in_segments(pass_fn, tensors, S, segment, ...)``:
+  on CPU long inputs run in passes of ``cpu_tokens`` steps with the state carried between them.
 """
 
 from __future__ import annotations
+
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -58,3 +66,50 @@ def masked_exp_diff(x_t: torch.Tensor, x_s: torch.Tensor, mask: torch.Tensor) ->
     """
     diff = x_t - x_s
     return torch.exp(torch.where(mask, diff, torch.full_like(diff, float("-inf"))))
+
+
+def chunk_length(T: int, chunk: int, power_of_two: bool = False) -> int:
+    """``chunk`` for long inputs, else ``T`` (at least 1); with ``power_of_two`` the result is then
+    rounded up to the smallest power of two (ops whose chunk algorithm needs one)."""
+    C = min(chunk, max(1, T))
+    if power_of_two:
+        return 1 if C <= 1 else 1 << (C - 1).bit_length()
+    return C
+
+
+def empty_result(q: torch.Tensor, v: torch.Tensor, initial_state, output_final_state: bool):
+    """(output [B, 0, H, V], final state) of a length-0 sequence: the state passes through unchanged."""
+    B, _, H, K = q.shape
+    V = v.shape[-1]
+    S = initial_state.float() if initial_state is not None else q.new_zeros(B, H, K, V, dtype=torch.float32)
+    return q.new_zeros(B, 0, H, V), (S if output_final_state else None)
+
+
+def default_segment(device: torch.device, cpu_tokens: int) -> Optional[int]:
+    """Tokens per pass: ``cpu_tokens`` on CPU (cache-sized temporaries, so the cost per token stays
+    flat in T), None (one pass) elsewhere."""
+    return cpu_tokens if device.type == "cpu" else None
+
+
+def run_in_segments(
+    pass_fn: Callable[..., Tuple[torch.Tensor, torch.Tensor]],
+    tensors: Sequence[Optional[torch.Tensor]],
+    S: torch.Tensor,
+    segment: Optional[int],
+    time_dim: int = 1,
+    out_dim: int = 1,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``pass_fn(*tensors, S) -> (o, S)`` over the whole input, or over pieces of ``segment`` steps
+    along ``time_dim`` of every tensor (None entries stay None) with the state carried from one
+    piece to the next, the outputs concatenated along ``out_dim``. ``segment`` None: one pass."""
+    T = next(x for x in tensors if x is not None).shape[time_dim]
+    if segment is None or T <= segment:
+        return pass_fn(*tensors, S)
+    # torch.split: its backward is one concatenation (slicing would zero-fill per piece)
+    n = -(-T // segment)
+    pieces = [torch.split(x, segment, time_dim) if x is not None else [None] * n for x in tensors]
+    outs = []
+    for piece in zip(*pieces):
+        o, S = pass_fn(*piece, S)
+        outs.append(o)
+    return torch.cat(outs, out_dim), S

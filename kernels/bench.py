@@ -34,11 +34,12 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from kernels._dispatch import BACKENDS, _table
+
 OPS = ("linear_scan", "gla", "delta_rule", "dplr", "softmax_scan", "recurrent_delta", "srwm")
 #: table rows per op: (label, input variant); gla runs with a per-key and a per-head gate
 CASES = {op: [(op, "")] for op in OPS}
 CASES["gla"] = [("gla (g per key)", ""), ("gla (g per head)", "head")]
-BACKENDS = ("reference", "torch", "triton")
 
 
 @dataclass
@@ -169,19 +170,19 @@ def time_op(op: str, backend: str, s: Shape, repeats: int, variant: str = "") ->
     import kernels
 
     fn = getattr(kernels, op)
-    args, kw = make_inputs(op, s, variant), {}
+    args = make_inputs(op, s, variant)
     with torch.no_grad():
-        out, _ = fn(**args, backend=backend, **kw)
+        out, _ = fn(**args, backend=backend)
     cot = torch.randn(out.shape, device=s.device, dtype=torch.float32)
 
     def forward():
         with torch.no_grad():
-            fn(**args, backend=backend, **kw)
+            fn(**args, backend=backend)
 
     leaves = {n: x.detach().clone().requires_grad_() for n, x in args.items()}
 
     def forward_backward():
-        o, _ = fn(**leaves, backend=backend, **kw)
+        o, _ = fn(**leaves, backend=backend)
         torch.autograd.grad((o.float() * cot).sum(), list(leaves.values()))
 
     # the reference loop takes seconds: one warm-up-free run is representative
@@ -221,9 +222,7 @@ def copy_bandwidth(device: torch.device, nbytes: int, repeats: int) -> float:
 
 def available_backends(op: str, wanted: Sequence[str], device: torch.device) -> Tuple[List[str], List[str]]:
     """Backends of ``op`` that can run here, and notes on the ones skipped."""
-    import importlib
-
-    table = importlib.import_module(f"kernels.ops.{op}").BACKENDS
+    table = _table(op)
     ok, notes = [], []
     for name in wanted:
         if name not in table:
@@ -292,8 +291,7 @@ def run(args) -> Tuple[List[Row], List[str]]:
             flops = 4 * s.B * s.H * s.T * s.T * s.K / 2
             rows.append(Row("sdpa (causal)", "torch", T, t_f * 1e3, t_fb * 1e3, s.B * T, flops, "GFLOP/s",
                             3.5 * flops, note="flash/mem-efficient attention baseline"))
-            ls = Shape(args.B, T, args.H, args.K, args.V, dtype, device)
-            nbytes = int(work_model("linear_scan", ls)[0] * 2 / 3)  # the size of a + b
+            nbytes = int(work_model("linear_scan", s)[0] * 2 / 3)  # the size of a + b
             notes.append(f"device copy bandwidth ({nbytes / 2**20:.0f} MiB): "
                          f"{copy_bandwidth(device, nbytes, args.repeats):.0f} GB/s (read + write)")
     return rows, notes

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 import kernels
+from kernels.ops.softmax_scan.reference import empty_state
 from lm.models.mixer import ImplicitAttention, TokenMixer, get, onehot_values
 from lm.models.registry import register
 
@@ -76,6 +77,5 @@ class Aaren(TokenMixer):
 
     def init_state(self, batch_size, device=None, dtype=None):
         H, K = self.n_heads, self.head_dim
-        return {"m": torch.full((batch_size, H), float("-inf"), device=device),
-                "u": torch.zeros(batch_size, H, device=device),
-                "w": torch.zeros(batch_size, H, K, device=device)}
+        m, u, w = empty_state(batch_size, H, K, device)
+        return {"m": m, "u": u, "w": w}

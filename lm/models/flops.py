@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from lm.models.lm import LanguageModel
+from lm.models.registry import head_dim
 
 
 def matmul_parameters(model: LanguageModel) -> int:
@@ -29,7 +30,7 @@ def matmul_parameters(model: LanguageModel) -> int:
 def mixer_forward_flops(model: LanguageModel, seq_len: int) -> float:
     cfg = model.cfg
     L, d, H = cfg.n_layers, cfg.d_model, cfg.n_heads
-    hd = cfg.head_dim or d // H
+    hd = head_dim(cfg)
     C = cfg.chunk_size
     variant = cfg.variant
     if cfg.family == "transformer":

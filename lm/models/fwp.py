@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 import kernels
+from kernels.ops.srwm.reference import broadcast_weights
 from lm.models.layers import HeadNorm
 from lm.models.mixer import TokenMixer, get
 from lm.models.registry import register
@@ -103,5 +104,4 @@ class FastWeightProgrammer(TokenMixer):
             return {"S": torch.zeros(batch_size, H, K, K, device=device),
                     "y": torch.zeros(batch_size, H, K, device=device)}
         weights = (self.w_y, self.w_q, self.w_k, self.w_b)
-        return {"W": tuple(w.detach().float().unsqueeze(0).expand(batch_size, *w.shape).clone().to(device)
-                           for w in weights)}
+        return {"W": tuple(broadcast_weights(w.detach().float(), batch_size).clone().to(device) for w in weights)}

@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
+from kernels._chunk_utils import causal_mask, masked_exp_diff
 from lm.errors import ConfigError
 from lm.models.mixer import ImplicitAttention, TokenMixer, get
 from lm.models.registry import register
@@ -146,8 +147,7 @@ class GatedRNN(TokenMixer):
         log_lam = self.log_lambda(x)
         ll = (log_lam.expand(B, T, N) if log_lam.dim() == 1 else log_lam).double().clamp_min(-1e4)
         cum = torch.cumsum(ll, 1).transpose(1, 2)  # [B, N, T]
-        mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-        decay = torch.exp((cum[..., :, None] - cum[..., None, :]).masked_fill(~mask, float("-inf"))).float()
+        decay = masked_exp_diff(cum[..., :, None], cum[..., None, :], causal_mask(T, x.device)).float()
         col = torch.ones(B, T, N, device=x.device)
         if self.w_g is not None:
             col = col * ACTIVATIONS[o.input_activation](self.w_g(x)).float()
@@ -172,8 +172,7 @@ def linear_self_attention(x: torch.Tensor, W_Q, W_K, W_V, W_O) -> torch.Tensor:
     v = torch.einsum("hvd,btd->bthv", W_V, x)
     scores = torch.einsum("bthk,bshk->bhts", q, k)
     T = x.shape[1]
-    mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-    scores = scores.masked_fill(~mask, 0.0)
+    scores = scores.masked_fill(~causal_mask(T, x.device), 0.0)
     heads = torch.einsum("bhts,bshv->bthv", scores, v)
     return heads.reshape(*heads.shape[:2], -1) @ W_O.t()
 

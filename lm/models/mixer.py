@@ -18,6 +18,8 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from lm.models.registry import head_dim
+
 State = Optional[Dict[str, Any]]
 
 
@@ -54,7 +56,7 @@ class TokenMixer(nn.Module):
         self.layer_idx = layer_idx
         self.d_model = int(cfg.d_model)
         self.n_heads = int(cfg.n_heads)
-        self.head_dim = int(cfg.head_dim) if cfg.head_dim else self.d_model // self.n_heads
+        self.head_dim = head_dim(cfg)
         self.backend = cfg.kernel_backend
 
     def forward(self, x: torch.Tensor, state: State = None, return_state: bool = False) -> Tuple[torch.Tensor, State]:

@@ -14,13 +14,13 @@ with the full key path and a suggestion.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from lm.config.loader import _suggest
 from lm.errors import ConfigError
 
 
@@ -56,11 +56,6 @@ def register(
         return cls
 
     return wrap
-
-
-def _suggest(word: str, options) -> str:
-    close = difflib.get_close_matches(str(word), list(options), n=1, cutoff=0.5)
-    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 def get_family(name: str) -> FamilySpec:
@@ -106,6 +101,7 @@ def resolve_options(family: str, variant: Optional[str], mixer: Any) -> Any:
 
 
 def head_dim(cfg: Any) -> int:
+    """Width of one head: ``model.head_dim`` if set, else ``d_model // n_heads``."""
     return int(cfg.head_dim) if cfg.head_dim else int(cfg.d_model) // int(cfg.n_heads)
 
 

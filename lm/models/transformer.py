@@ -11,12 +11,13 @@ a sequence and ``step`` decodes one token; memory grows with the context, unlike
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kernels._chunk_utils import causal_mask
 from lm.models.mixer import ImplicitAttention, TokenMixer, get
 from lm.models.registry import register
 
@@ -26,17 +27,18 @@ class TransformerOptions:
     rope_theta: float = 10000.0
 
 
-def rotary(x: torch.Tensor, offset: int, theta: float) -> torch.Tensor:
-    """Rotate each pair (x_i, x_{i+d/2}) by the angle pos * theta^(-2i/d) (half-split RoPE).
-
-    x: [B, H, T, d] with positions offset .. offset + T - 1.
-    """
-    d = x.shape[-1]
-    T = x.shape[-2]
-    inv_freq = theta ** (-torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)
-    pos = torch.arange(offset, offset + T, device=x.device, dtype=torch.float32)
+def rotary_angles(T: int, offset: int, d: int, theta: float, device=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) [T, d/2] (fp32) of the angles pos * theta^(-2i/d), positions offset .. offset + T - 1."""
+    inv_freq = theta ** (-torch.arange(0, d, 2, device=device, dtype=torch.float32) / d)
+    pos = torch.arange(offset, offset + T, device=device, dtype=torch.float32)
     angles = pos[:, None] * inv_freq[None]  # [T, d/2]
-    cos, sin = angles.cos(), angles.sin()
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each pair (x_i, x_{i+d/2}) of x [B, H, T, d] by the angles of :func:`rotary_angles`
+    (half-split RoPE); computed once per forward and applied to both q and k."""
+    d = x.shape[-1]
     x1, x2 = x.float()[..., : d // 2], x.float()[..., d // 2:]
     out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
     return out.to(x.dtype)
@@ -59,8 +61,8 @@ class Attention(TokenMixer):
         q, k, v = self.qkv(x).view(B, T, 3, H, K).permute(2, 0, 3, 1, 4)  # each [B, H, T, K]
         past_k, past_v = get(state, "k"), get(state, "v")
         offset = 0 if past_k is None else past_k.shape[2]
-        q = rotary(q, offset, self.options.rope_theta)
-        k = rotary(k, offset, self.options.rope_theta)
+        cos, sin = rotary_angles(T, offset, K, self.options.rope_theta, x.device)  # shared by q and k
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if past_k is not None:
             k = torch.cat([past_k.to(k.dtype), k], dim=2)
             v = torch.cat([past_v.to(v.dtype), v], dim=2)
@@ -78,12 +80,11 @@ class Attention(TokenMixer):
         B, T, _ = x.shape
         H, K = self.n_heads, self.head_dim
         q, k, v = self.qkv(x).view(B, T, 3, H, K).permute(2, 0, 3, 1, 4)
-        q = rotary(q, 0, self.options.rope_theta)
-        k = rotary(k, 0, self.options.rope_theta)
+        cos, sin = rotary_angles(T, 0, K, self.options.rope_theta, x.device)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
         scores = q.float() @ k.float().transpose(-1, -2) * K ** -0.5
-        mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-        weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), -1)
+        weights = torch.softmax(scores.masked_fill(~causal_mask(T, x.device), float("-inf")), -1)
         return ImplicitAttention(weights, v.transpose(1, 2), out)
 
     def init_state(self, batch_size, device=None, dtype=None):

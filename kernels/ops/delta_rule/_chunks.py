@@ -4,6 +4,8 @@
 ``[N, B, H, C, *rest]`` (T zero-padded to ``N * C``; chunk-major so that the state-passing loop
 reads contiguous slices); ``from_chunks`` undoes it for an output ``[N, B, H, C, V]``.
 Zero padding (k = v = beta = a = b = 0, g = 0) leaves the final state of both ops unchanged.
+``empty_result`` (the result of a length-0 sequence) lives in :mod:`kernels._chunk_utils` and is
+re-exported here.
 """
 
 from __future__ import annotations
@@ -13,18 +15,9 @@ from typing import Tuple
 import torch
 import torch.nn.functional as F
 
+from kernels._chunk_utils import empty_result
 
-def empty_result(q: torch.Tensor, v: torch.Tensor, initial_state, output_final_state: bool):
-    """(output [B, 0, H, V], final state) of a length-0 sequence: the state passes through unchanged."""
-    B, _, H, K = q.shape
-    V = v.shape[-1]
-    S = initial_state.float() if initial_state is not None else q.new_zeros(B, H, K, V, dtype=torch.float32)
-    return q.new_zeros(B, 0, H, V), (S if output_final_state else None)
-
-
-def chunk_size_for(T: int, chunk: int = 64, multiple: int = 1) -> int:
-    """The chunk length: ``chunk`` for long inputs, ``T`` rounded up to ``multiple`` for short ones."""
-    return min(chunk, max(multiple, -(-T // multiple) * multiple))
+__all__ = ["empty_result", "from_chunks", "per_chunk", "to_chunks"]
 
 
 def to_chunks(x: torch.Tensor, C: int) -> torch.Tensor:

@@ -20,7 +20,9 @@ from typing import Optional, Tuple
 
 import torch
 
-from kernels.ops.delta_rule._chunks import chunk_size_for, from_chunks, per_chunk, to_chunks
+from kernels._chunk_utils import (causal_mask, chunk_length, default_segment, empty_result, masked_exp_diff,
+                                  run_in_segments)
+from kernels.ops.delta_rule._chunks import from_chunks, per_chunk, to_chunks
 
 #: tokens per chunked pass on CPU (see ``delta_rule_chunked``)
 SEGMENT_CPU = 1024
@@ -44,23 +46,18 @@ def delta_rule_chunked(
     -1: the device default, ``SEGMENT_CPU`` on CPU so the temporaries stay cache-sized and the cost
     per token flat in T, one pass on GPU).
     """
-    B, T, H, K = q.shape
+    if q.shape[1] == 0:
+        return empty_result(q, v, initial_state, output_final_state)
+    B, _, H, K = q.shape
     V = v.shape[-1]
     S = q.new_zeros(B, H, K, V, dtype=torch.float32) if initial_state is None else initial_state.float()
-    if T == 0:
-        return q.new_zeros(B, 0, H, V), (S if output_final_state else None)
     if segment == -1:
-        segment = SEGMENT_CPU if q.device.type == "cpu" else None
-    if segment is None or T <= segment:
-        o, S = _chunked_pass(q, k, v, beta, g, scale, S, chunk_size)
-    else:  # torch.split: its backward is one concatenation (slicing would zero-fill per piece)
-        outs = []
-        pieces = [torch.split(x, segment, 1) for x in (q, k, v, beta)]
-        pieces.append(torch.split(g, segment, 1) if g is not None else [None] * len(pieces[0]))
-        for q_s, k_s, v_s, beta_s, g_s in zip(*pieces):
-            o, S = _chunked_pass(q_s, k_s, v_s, beta_s, g_s, scale, S, chunk_size)
-            outs.append(o)
-        o = torch.cat(outs, 1)
+        segment = default_segment(q.device, SEGMENT_CPU)
+
+    def one_pass(q, k, v, beta, g, S):
+        return _chunked_pass(q, k, v, beta, g, scale, S, chunk_size)
+
+    o, S = run_in_segments(one_pass, (q, k, v, beta, g), S, segment, time_dim=1, out_dim=1)
     return o, (S if output_final_state else None)
 
 
@@ -68,25 +65,23 @@ def _chunked_pass(q, k, v, beta, g, scale: float, S: torch.Tensor, chunk_size: i
     """One chunked pass from state S [B, H, K, V] (fp32): o [B, T, H, V] in q's dtype and the final S."""
     B, T, H, K = q.shape
     V = v.shape[-1]
-    C = chunk_size_for(T, chunk_size)
+    C = chunk_length(T, chunk_size)
     qc, kc, vc, bc = (to_chunks(x, C) for x in (q, k, v, beta))  # [N, B, H, C, (K|V)]
-    idx = torch.arange(C, device=q.device)
-    incl = idx[:, None] >= idx[None, :]
-    strict = idx[:, None] > idx[None, :]
+    strict = causal_mask(C, q.device, diagonal=-1)  # i < t
 
     if g is not None:
         bcum = to_chunks(g, C).cumsum(-1)  # [N, B, H, C]
-        diff = bcum[..., :, None] - bcum[..., None, :]
         # M, inclusive lower; the diagonal (exponent exactly 0) is a constant, so no gradient cancels
-        decay = torch.exp(diff.masked_fill(~strict, float("-inf"))) + torch.eye(C, device=q.device)
+        decay = masked_exp_diff(bcum[..., :, None], bcum[..., None, :], strict) + torch.eye(C, device=q.device)
         gamma = bcum.exp()
         gamma_last = gamma[..., -1, None, None]  # [N, B, H, 1, 1]
         # exp(b_C - b_t); the last step's exponent is exactly 0 and kept out of the gradient
-        k_to_end = kc * torch.exp((bcum[..., -1:] - bcum) * (idx < C - 1))[..., None]
+        not_last = torch.arange(C, device=q.device) < C - 1
+        k_to_end = kc * torch.exp((bcum[..., -1:] - bcum) * not_last)[..., None]
         q_in = qc * (scale * gamma)[..., None]
         rhs_k = kc * (bc * gamma)[..., None]
     else:
-        decay = incl.to(qc.dtype)
+        decay = causal_mask(C, q.device).to(qc.dtype)  # i <= t
         gamma_last = None
         k_to_end = kc
         q_in = qc * scale

@@ -22,6 +22,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from kernels._chunk_utils import chunk_length, empty_result
 from kernels.ops.delta_rule._chunks import from_chunks, per_chunk, to_chunks
 from kernels.ops.dplr.scores import decayed_scores
 
@@ -29,14 +30,6 @@ from kernels.ops.dplr.scores import decayed_scores
 def _shift_down(x: torch.Tensor) -> torch.Tensor:
     """Rows moved down by one along dim -2 (row 0 becomes 0): y[t] = x[t - 1]."""
     return F.pad(x[..., :-1, :], (0, 0, 1, 0))
-
-
-def _chunk_length(T: int, chunk_size: int) -> int:
-    """chunk_size for long inputs, else the smallest power of two >= T (the score tree needs one)."""
-    C = 1
-    while C < min(T, chunk_size):
-        C *= 2
-    return C
 
 
 def dplr_chunked(
@@ -54,10 +47,10 @@ def dplr_chunked(
     """q, k, a, b, g: [B, T, H, K]; v: [B, T, H, V]; state [B, H, K, V] (fp32)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
-    S = q.new_zeros(B, H, K, V, dtype=torch.float32) if initial_state is None else initial_state.float()
     if T == 0:
-        return q.new_zeros(B, 0, H, V), (S if output_final_state else None)
-    C = _chunk_length(T, chunk_size)
+        return empty_result(q, v, initial_state, output_final_state)
+    S = q.new_zeros(B, H, K, V, dtype=torch.float32) if initial_state is None else initial_state.float()
+    C = chunk_length(T, chunk_size, power_of_two=True)  # the score tree needs a power of two
     qc, kc, vc, ac, bc, gc = (to_chunks(x, C) for x in (q, k, v, a, b, g))  # [N, B, H, C, *]
     G = gc.cumsum(-2)
     G_excl = _shift_down(G)  # G'_t = G_{t-1}: a copy, so no gradient cancels through g_t

@@ -28,7 +28,9 @@ from typing import Optional, Tuple
 
 import torch
 
-from kernels._chunk_utils import causal_mask, masked_exp_diff, merge_chunks, pad_to_multiple, split_chunks
+from kernels import _chunk_utils
+from kernels._chunk_utils import (causal_mask, empty_result, masked_exp_diff, merge_chunks, pad_to_multiple,
+                                  run_in_segments, split_chunks)
 
 CHUNK = 64
 SUB = 16
@@ -136,7 +138,7 @@ def _gla_pass(q, k, v, g, scale: float, S: torch.Tensor, chunk: int) -> Tuple[to
 def default_segment(device: torch.device) -> Optional[int]:
     """Tokens per pass: on CPU long sequences go in cache-sized segments (state carried between
     them), which keeps the cost per token flat in T; on GPU one pass."""
-    return SEGMENT_CPU if device.type == "cpu" else None
+    return _chunk_utils.default_segment(device, SEGMENT_CPU)
 
 
 def gla_chunked(
@@ -157,17 +159,15 @@ def gla_chunked(
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
-    S = q.new_zeros(B, H, K, V, dtype=torch.float32) if initial_state is None else initial_state.float()
     if T == 0:
-        return q.new_zeros(B, 0, H, V), (S if output_final_state else None)
+        return empty_result(q, v, initial_state, output_final_state)
+    S = q.new_zeros(B, H, K, V, dtype=torch.float32) if initial_state is None else initial_state.float()
     if segment == -1:
         segment = default_segment(q.device)
-    if segment is None or T <= segment:
-        o, S = _gla_pass(q, k, v, g, scale, S, chunk)
-    else:  # torch.split: its backward is one concatenation (slicing would zero-fill per piece)
-        outs = []
-        for pieces in zip(*(torch.split(x, segment, 1) for x in (q, k, v, g))):
-            o, S = _gla_pass(*pieces[:3], pieces[3], scale, S, chunk)
-            outs.append(o)
-        o = torch.cat(outs, 2)
+
+    def one_pass(q, k, v, g, S):
+        return _gla_pass(q, k, v, g, scale, S, chunk)
+
+    # the passes return heads-first outputs [B, H, T, V]: concatenated along dim 2
+    o, S = run_in_segments(one_pass, (q, k, v, g), S, segment, time_dim=1, out_dim=2)
     return o.transpose(1, 2).to(q.dtype), (S if output_final_state else None)

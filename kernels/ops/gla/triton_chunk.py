@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels._chunk_utils import empty_result
 from kernels.ops.gla.triton_common import dot, masked_exp
 
 CHUNK = 64
@@ -439,13 +440,6 @@ class _GLAChunkTriton(torch.autograd.Function):
         return dq, dk, dv, dg, None, dh0
 
 
-def _empty_result(q, v, initial_state, output_final_state):
-    B, _, H, K = q.shape
-    V = v.shape[-1]
-    S = q.new_zeros(B, H, K, V, dtype=torch.float32) if initial_state is None else initial_state.float()
-    return q.new_zeros(B, 0, H, V), (S if output_final_state else None)
-
-
 def gla_triton_chunked(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -457,7 +451,7 @@ def gla_triton_chunked(
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Chunked Triton GLA, same contract as ``gla_reference``."""
     if q.shape[1] == 0:
-        return _empty_result(q, v, initial_state, output_final_state)
+        return empty_result(q, v, initial_state, output_final_state)
     o, final = _GLAChunkTriton.apply(q, k, v, g, scale, initial_state)
     return o, (final if output_final_state else None)
 

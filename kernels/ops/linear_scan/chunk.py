@@ -23,7 +23,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from kernels._chunk_utils import merge_chunks, pad_to_multiple, split_chunks
+from kernels._chunk_utils import chunk_length, merge_chunks, pad_to_multiple, split_chunks
 
 CHUNK = 64
 
@@ -42,7 +42,7 @@ def _scan_within_chunks(A: torch.Tensor, L: torch.Tensor) -> None:
 def scan(a: torch.Tensor, b: torch.Tensor, h0: Optional[torch.Tensor], chunk: int = CHUNK) -> torch.Tensor:
     """All states ``h_t`` [B, T, D] (fp32, no autograd) of the recurrence from ``h0`` [B, D] or 0."""
     B, T, D = a.shape
-    chunk = min(chunk, 1 << max(0, (T - 1).bit_length()))  # short sequences: no padding to 64
+    chunk = chunk_length(T, chunk, power_of_two=True)  # short sequences: no padding to 64
     # fresh contiguous fp32 copies (scanned in place); padding a = 1, b = 0 keeps the state
     A = pad_to_multiple(a.float(), chunk, 1, value=1.0).contiguous()
     L = pad_to_multiple(b.float(), chunk, 1, value=0.0).contiguous()

@@ -32,6 +32,8 @@ from typing import Optional, Tuple
 import torch
 from torch.autograd.function import once_differentiable
 
+from kernels.ops.srwm.reference import broadcast_weights
+
 #: steps between saved states in the forward (the backward resets its rebuilt state there)
 CHECKPOINT = 64
 
@@ -44,8 +46,7 @@ def beta_row_index(V: int, D: int, device) -> torch.Tensor:
 
 def stack_weights(weights, B: int) -> torch.Tensor:
     """(W_y, W_q, W_k, w_b), each [H, r, D] or [B, H, r, D] -> fp32 [B, H, R, D] (a new tensor)."""
-    return torch.cat([(w.unsqueeze(0).expand(B, *w.shape) if w.dim() == 3 else w).float()
-                      for w in weights], -2)
+    return torch.cat([broadcast_weights(w, B).float() for w in weights], -2)
 
 
 def _forward(X: torch.Tensor, WT: torch.Tensor, V: int):
