@@ -240,6 +240,9 @@ def check_ranges(cfg: DictConfig) -> None:
     stage = OmegaConf.select(cfg, "train.zero_stage", default=None)
     if stage is not None and stage not in (1, 2, 3):
         raise ConfigError(f"train.zero_stage: must be 1, 2 or 3, got {stage}")
+    if (OmegaConf.select(cfg, "train.strategy", default=None) == "deepspeed"
+            and OmegaConf.select(cfg, "train.offload_params", default=False) and stage != 3):
+        raise ConfigError("train.offload_params needs train.zero_stage=3")
 
 
 def validate(cfg: DictConfig) -> DictConfig:
@@ -306,11 +309,11 @@ def load_data_config(name: str, overrides: Sequence[str] = ()) -> DictConfig:
             raise ConfigError(f"command line: cannot parse override '{item}': {e}") from None
         cfg = _merge(cfg, update, "command line", prefix="data.")
     try:
-        OmegaConf.to_container(cfg, resolve=True)
+        resolved = OmegaConf.to_container(cfg, resolve=True)
     except OmegaConfBaseException as e:
         raise _config_error(e, cfg, str(path), prefix="data.") from None
     check_choices(cfg, prefix="data.")
-    check_ranges(OmegaConf.create({"data": OmegaConf.to_container(cfg, resolve=True)}))
+    check_ranges(OmegaConf.create({"data": resolved}))
     return cfg
 
 

@@ -39,7 +39,6 @@ class JobSpec:
     gpus_per_node: int
     cpus_per_task: int
     time: str
-    time_s: int
     signal_grace_s: int
     partition: Optional[str] = None
     account: Optional[str] = None
@@ -57,10 +56,6 @@ class JobSpec:
         if self.gpus_per_node == 0:
             return "cpu"
         return "gpu-single-node" if self.nodes == 1 else "gpu-multi-node"
-
-    @property
-    def world_size(self) -> int:
-        return self.nodes * self.tasks_per_node
 
     @property
     def slurm_dir(self) -> Path:
@@ -169,7 +164,7 @@ def job_spec(cfg: DictConfig) -> JobSpec:
     job_name = _name(slurm.job_name, "job_name") or re.sub(r"[^A-Za-z0-9_.+-]", "_", str(cfg.name))
     return JobSpec(
         job_name=job_name, run_dir=run_dir, nodes=nodes, tasks_per_node=tasks, gpus_per_node=gpus,
-        cpus_per_task=cpus, time=str(slurm.time).strip(), time_s=time_s, signal_grace_s=grace,
+        cpus_per_task=cpus, time=str(slurm.time).strip(), signal_grace_s=grace,
         partition=_name(slurm.partition, "partition"), account=_name(slurm.account, "account"), mem=mem,
         extra_sbatch=extra, setup=[str(s) for s in slurm.setup], template=template,
         workdir=Path.cwd().resolve(), config_dir=config_root().resolve(), python=sys.executable,

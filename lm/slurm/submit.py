@@ -11,7 +11,6 @@ Files written under ``<run_dir>/slurm/``::
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import time
@@ -22,6 +21,7 @@ from typing import Any, Callable, Dict, List, Optional
 from lm.errors import LMError
 from lm.slurm.render import render
 from lm.slurm.spec import JobSpec, apply_flags, check_resume, job_spec
+from lm.training.checkpoint import write_atomic_text
 
 JOBS = "jobs.jsonl"
 
@@ -52,13 +52,6 @@ def prepare_submission(experiment: str, overrides: List[str], flags: Dict[str, A
     return Submission(spec, render(spec), config=cfg)
 
 
-def _write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
-
-
 def sbatch_path() -> str:
     path = shutil.which("sbatch")
     if path is None:
@@ -79,8 +72,8 @@ def submit(experiment: str, overrides: List[str], flags: Dict[str, Any], dry_run
     sbatch = sbatch_path()
     spec = sub.spec
     spec.slurm_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(spec.snapshot_path, to_yaml(sub.config))
-    _write_atomic(spec.script_path, sub.script, 0o755)
+    write_atomic_text(spec.snapshot_path, to_yaml(sub.config), mode=0o644)
+    write_atomic_text(spec.script_path, sub.script, mode=0o755)
     proc = subprocess.run([sbatch, "--parsable", str(spec.script_path)], capture_output=True, text=True)
     if proc.returncode != 0:
         lines = (proc.stderr or proc.stdout).strip().splitlines()

@@ -11,6 +11,8 @@ from typing import Dict, List
 
 from pytorch_lightning.callbacks import Callback
 
+from lm.training.steps import ends_optimizer_step
+
 
 class SampleRecorder(Callback):
     """Append ``{"step", "batch_idx", "index"}`` per micro-batch to ``samples/rank<r>.jsonl``.
@@ -29,8 +31,7 @@ class SampleRecorder(Callback):
         self._file = open(path, "a", buffering=1)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        accumulate = max(1, int(trainer.accumulate_grad_batches))
-        step = trainer.global_step if (batch_idx + 1) % accumulate == 0 else trainer.global_step + 1
+        step = trainer.global_step if ends_optimizer_step(trainer, batch_idx) else trainer.global_step + 1
         record = {"step": step, "batch_idx": batch_idx, "index": [int(i) for i in batch["index"].tolist()]}
         self._file.write(json.dumps(record) + "\n")
 
@@ -50,11 +51,9 @@ def read_metrics_csv(path: Path) -> List[Dict[str, float]]:
 
 def plot_loss_curves(metrics_csv: Path, out_png: Path) -> Path:
     """Training loss per step and validation loss (and bits/byte when present) as a PNG."""
-    import matplotlib
+    from lm.plotting import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rows = read_metrics_csv(metrics_csv)
     train = {int(r["step"]): r["train/loss"] for r in rows if "train/loss" in r and math.isfinite(r["train/loss"])}
     val = {int(r["step"]): r["val/loss"] for r in rows if "val/loss" in r}
@@ -70,8 +69,7 @@ def plot_loss_curves(metrics_csv: Path, out_png: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = out_png.with_name(f".{out_png.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(out_png)
-    return out_png
+    try:
+        return save_figure(fig, out_png, dpi=110)
+    finally:
+        plt.close(fig)

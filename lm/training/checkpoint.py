@@ -10,7 +10,8 @@ Layout of ``<run_dir>/checkpoints/``::
     .tmp-step-00000600/       a checkpoint being written (never loaded; removed on the next save)
 
 A checkpoint is complete when its manifest exists and every file it lists has the recorded size.
-This module reads and checks that layout (no Lightning import: evaluation loads fast);
+This module reads and checks that layout (no torch or Lightning import: evaluation and ``lm status``
+load fast);
 :class:`lm.training.checkpoint_manager.CheckpointManager` writes it during training.
 """
 
@@ -18,12 +19,8 @@ from __future__ import annotations
 
 import json
 import os
-import random
 from pathlib import Path
-from typing import Any, Dict, List, Optional
-
-import numpy as np
-import torch
+from typing import Any, Dict, List, Optional, Tuple
 
 from lm.errors import LMError
 
@@ -40,50 +37,74 @@ def files_with_sizes(root: Path) -> Dict[str, int]:
     return {str(p.relative_to(root)): p.stat().st_size for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def write_atomic_text(path: Path, text: str) -> None:
+def write_atomic_text(path: Path, text: str, mode: Optional[int] = None) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename (``mode``: chmod it first)."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(text)
+    if mode is not None:
+        os.chmod(tmp, mode)
     os.replace(tmp, path)
+
+
+def _complete_manifest(ckpt_dir: Path) -> Optional[Dict[str, Any]]:
+    """The manifest of a complete checkpoint (see :func:`is_complete`), else None; read once."""
+    manifest = ckpt_dir / MANIFEST
+    if not manifest.is_file():
+        return None
+    try:
+        info = json.loads(manifest.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    for rel, size in info.get("files", {}).items():
+        f = ckpt_dir / rel
+        if not f.is_file() or f.stat().st_size != size:
+            return None
+    return info if info.get("files") else None
 
 
 def is_complete(ckpt_dir: Path) -> bool:
     """True when the manifest exists and every listed file is present with its recorded size."""
-    manifest = ckpt_dir / MANIFEST
-    if not manifest.is_file():
-        return False
-    try:
-        info = json.loads(manifest.read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    for rel, size in info.get("files", {}).items():
-        f = ckpt_dir / rel
-        if not f.is_file() or f.stat().st_size != size:
-            return False
-    return bool(info.get("files"))
+    return _complete_manifest(ckpt_dir) is not None
 
 
 def read_manifest(ckpt_dir: Path) -> Dict[str, Any]:
     return json.loads((Path(ckpt_dir) / MANIFEST).read_text())
 
 
-def list_complete(directory: Path) -> List[Path]:
-    """Complete checkpoints in ``directory``, oldest first."""
+def _complete_with_steps(directory: Path) -> List[Tuple[int, Path]]:
+    """(step, path) of the complete checkpoints in ``directory``, oldest first (one manifest read each)."""
     if not directory.is_dir():
         return []
-    found = [p for p in directory.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and is_complete(p)]
-    return sorted(found, key=lambda p: read_manifest(p)["step"])
+    found = []
+    for p in directory.iterdir():
+        if p.is_dir() and p.name.startswith(PREFIX):
+            info = _complete_manifest(p)
+            if info is not None:
+                found.append((info["step"], p))
+    return sorted(found, key=lambda item: item[0])
+
+
+def list_complete(directory: Path) -> List[Path]:
+    """Complete checkpoints in ``directory``, oldest first."""
+    return [p for _, p in _complete_with_steps(directory)]
 
 
 def latest_complete(directory: Path) -> Optional[Path]:
     """The checkpoint named by ``last`` if complete, else the newest complete one, else None."""
+    complete = _complete_with_steps(directory)
     pointer = directory / "last"
     if pointer.is_file():
         candidate = directory / pointer.read_text().strip()
-        if candidate.is_dir() and is_complete(candidate):
-            newer = [p for p in list_complete(directory) if read_manifest(p)["step"] > read_manifest(candidate)["step"]]
+        steps = {p: step for step, p in complete}
+        if candidate in steps:
+            candidate_step = steps[candidate]
+        else:  # not a step-* directory of this one: check it on its own
+            info = _complete_manifest(candidate) if candidate.is_dir() else None
+            candidate_step = info["step"] if info is not None else None
+        if candidate_step is not None:
+            newer = [p for step, p in complete if step > candidate_step]
             return newer[-1] if newer else candidate
-    complete = list_complete(directory)
-    return complete[-1] if complete else None
+    return complete[-1][1] if complete else None
 
 
 def resolve_checkpoint(path: str) -> Path:
@@ -101,21 +122,3 @@ def resolve_checkpoint(path: str) -> Path:
     if not is_complete(p):
         raise LMError(f"checkpoint {path} is incomplete (no manifest or missing/truncated files); refusing to load it")
     return p
-
-
-# ------------------------------------------------------------------------------------ RNG state
-
-
-def rng_state() -> Dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: Dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
@@ -25,10 +27,9 @@ from lm.training.checkpoint import (
     files_with_sizes,
     checkpoint_name,
     list_complete,
-    rng_state,
-    set_rng_state,
     write_atomic_text,
 )
+from lm.training.steps import ends_optimizer_step
 
 
 def _barrier() -> None:
@@ -36,8 +37,20 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+def rng_state() -> Dict[str, Any]:
+    """This process's RNG states: torch, numpy, python (and CUDA when available)."""
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class CheckpointManager(Callback):
@@ -86,8 +99,7 @@ class CheckpointManager(Callback):
     # ------------------------------------------------------------------------------- saving
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._train_rng = rng_state()
-        accumulate = max(1, int(trainer.accumulate_grad_batches))
-        if (batch_idx + 1) % accumulate != 0:
+        if not ends_optimizer_step(trainer, batch_idx):
             return
         step = trainer.global_step
         stop_now = self.stop.agreed() if self.stop is not None else False

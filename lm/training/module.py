@@ -26,6 +26,7 @@ from lm.models import build_model
 from lm.models.flops import peak_flops, training_flops_per_token
 from lm.training.losses import cross_entropy_sum
 from lm.training.schedule import lr_multiplier
+from lm.training.steps import ends_optimizer_step
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,47 @@ def task_loss(model, batch: Dict[str, torch.Tensor], output: str) -> tuple:
         extra = {"correct": (right & mask).sum().detach().float(), "seq_correct": right.all(-1).sum().detach().float(),
                  "sequences": torch.tensor(float(mask.shape[0]), device=out.device)}
     return total, count, extra
+
+
+def token_loss(model, tokens: torch.Tensor, chunk_size: int = 0) -> tuple:
+    """(summed cross-entropy, number of target tokens) of next-token prediction on tokens [B, T+1]."""
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    h, _ = model.hidden_states(inputs)
+    total = cross_entropy_sum(model.logits, h.reshape(-1, h.shape[-1]), targets.reshape(-1), chunk_size=chunk_size)
+    return total, targets.numel()
+
+
+def batch_loss(model, batch: Dict[str, torch.Tensor], task_output: str = "classes", chunk_size: int = 0) -> tuple:
+    """(loss sum, scored count, extra sums) for a corpus batch (``tokens``: :func:`token_loss`) or a
+    task batch (``inputs``/``targets``/``mask``: :func:`task_loss` by the task's output kind)."""
+    if "tokens" in batch:
+        total, count = token_loss(model, batch["tokens"], chunk_size)
+        return total, count, {}
+    return task_loss(model, batch, task_output)
+
+
+#: validation metrics shown in the progress bar
+VAL_PROG_BAR = ("val/loss", "val/bpb", "val/acc")
+
+
+def validation_metrics(loss_sum, count, bytes_per_token: float, correct=0.0, seq_correct=0.0,
+                       sequences=0.0) -> Dict[str, Any]:
+    """``val/loss``, ``val/ppl`` (``exp`` capped at loss 30), ``val/bpb`` (``loss / ln 2 /
+    bytes_per_token``, when that is > 0) and, when sequences were counted, ``val/acc`` (per scored
+    position) and ``val/seq_acc`` from summed loss/counts (tensors or floats; empty when count <= 0)."""
+    if count <= 0:
+        return {}
+    loss = loss_sum / count
+    metrics: Dict[str, Any] = {
+        "val/loss": loss,
+        "val/ppl": torch.exp(loss.clamp(max=30.0)) if isinstance(loss, torch.Tensor) else math.exp(min(loss, 30.0)),
+    }
+    if bytes_per_token > 0:
+        metrics["val/bpb"] = loss / math.log(2) / bytes_per_token
+    if sequences > 0:
+        metrics["val/acc"] = correct / count
+        metrics["val/seq_acc"] = seq_correct / sequences
+    return metrics
 
 
 class LMModule(pl.LightningModule):
@@ -103,21 +145,20 @@ class LMModule(pl.LightningModule):
     def forward(self, tokens: torch.Tensor, state=None):
         return self.model(tokens, state)
 
+    @property
+    def loss_chunk_size(self) -> int:
+        return int(self.train_cfg.get("loss_chunk_size", 0))
+
     def loss_sum(self, tokens: torch.Tensor) -> tuple:
         """(summed cross-entropy, number of target tokens) for tokens [B, T+1]."""
-        inputs, targets = tokens[:, :-1], tokens[:, 1:]
-        h, _ = self.model.hidden_states(inputs)
-        total = cross_entropy_sum(self.model.logits, h.reshape(-1, h.shape[-1]), targets.reshape(-1),
-                                  chunk_size=int(self.train_cfg.get("loss_chunk_size", 0)))
-        return total, targets.numel()
+        return token_loss(self.model, tokens, self.loss_chunk_size)
 
     def batch_loss(self, batch: Dict[str, torch.Tensor]) -> tuple:
-        """(loss sum, scored count, extra sums) for a corpus batch (``tokens``) or a task batch
-        (``inputs``/``targets``/``mask``; loss by the task's output kind)."""
+        """:func:`batch_loss` of this module's model; corpus batches go through :meth:`loss_sum`."""
         if "tokens" in batch:
             total, count = self.loss_sum(batch["tokens"])
             return total, count, {}
-        return task_loss(self.model, batch, self.task_output)
+        return batch_loss(self.model, batch, self.task_output)
 
     @property
     def task_output(self) -> str:
@@ -186,17 +227,15 @@ class LMModule(pl.LightningModule):
         tokens = self.val_tokens.compute()
         if tokens <= 0:
             return
-        loss = self.val_loss_sum.compute() / tokens
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
-        self.log("val/ppl", torch.exp(loss.clamp(max=30.0)), sync_dist=True)
-        if self.bytes_per_token > 0:
-            self.log("val/bpb", loss / math.log(2) / self.bytes_per_token, prog_bar=True, sync_dist=True)
+        loss_sum = self.val_loss_sum.compute()
+        sequences = self.val_extra["sequences"].compute() if self.val_extra["sequences"].update_called else 0
+        counts = {"correct": self.val_extra["correct"].compute(),
+                  "seq_correct": self.val_extra["seq_correct"].compute()} if sequences > 0 else {}
+        metrics = validation_metrics(loss_sum, tokens, self.bytes_per_token, sequences=sequences, **counts)
+        for name, value in metrics.items():
+            self.log(name, value, prog_bar=name in VAL_PROG_BAR, sync_dist=True)
         self.val_loss_sum.reset()
         self.val_tokens.reset()
-        sequences = self.val_extra["sequences"].compute() if self.val_extra["sequences"].update_called else 0
-        if sequences > 0:
-            self.log("val/acc", self.val_extra["correct"].compute() / tokens, prog_bar=True, sync_dist=True)
-            self.log("val/seq_acc", self.val_extra["seq_correct"].compute() / sequences, sync_dist=True)
         for metric in self.val_extra.values():
             metric.reset()
 
@@ -206,13 +245,12 @@ class LMModule(pl.LightningModule):
             self._step_started = time.perf_counter()
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        accumulate = max(1, int(self.trainer.accumulate_grad_batches))
-        if (batch_idx + 1) % accumulate != 0 or self._step_started is None:
+        if not ends_optimizer_step(self.trainer, batch_idx) or self._step_started is None:
             return
         elapsed = time.perf_counter() - self._step_started
         self._step_started = None
         seq = batch["tokens"][:, 1:] if "tokens" in batch else batch["mask"]
-        tokens = seq.numel() * accumulate * self.trainer.world_size
+        tokens = seq.numel() * max(1, int(self.trainer.accumulate_grad_batches)) * self.trainer.world_size
         if self._flops_per_token is None:
             self._flops_per_token = training_flops_per_token(self.model, seq.shape[1])
         tps = tokens / max(elapsed, 1e-9)
@@ -248,7 +286,6 @@ class LMModule(pl.LightningModule):
 
     # ---------------------------------------------------------------------------- checkpoint
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
-        checkpoint["lm_config"] = self.config
         checkpoint["nonfinite"] = {"total": self.nonfinite_total, "streak": self.nonfinite_streak}
 
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:

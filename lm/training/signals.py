@@ -22,6 +22,8 @@ import torch.distributed as dist
 log = logging.getLogger(__name__)
 
 HANDLED = ("SIGTERM", "SIGINT", "SIGUSR1")
+#: the signals that ask for a requeue after the checkpoint (under SLURM)
+REQUEUE_ON = ("SIGUSR1",)
 
 
 class StopRequest:
@@ -35,15 +37,13 @@ class StopRequest:
     default behaviour until :meth:`install` (Ctrl-C still interrupts data preparation).
     """
 
-    def __init__(self, requeue_on: tuple = ("SIGUSR1",), early: Optional[bool] = None):
+    def __init__(self):
         self.requested = False
         self.signal_name: Optional[str] = None
-        self.requeue_on = requeue_on
+        self.requeue_on = REQUEUE_ON
         self._previous: Dict[int, object] = {}
-        if early is None:
-            early = "SLURM_JOB_ID" in os.environ
-        if early:
-            for name in requeue_on:
+        if "SLURM_JOB_ID" in os.environ:
+            for name in self.requeue_on:
                 sig = getattr(signal, name, None)
                 if sig is not None:
                     try:

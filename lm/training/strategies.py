@@ -56,11 +56,7 @@ def deepspeed_config(train: Any) -> Dict[str, Any]:
                             "overlap_comm": False}
     if train.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
-    if train.offload_params:
-        if int(train.zero_stage) != 3:
-            from lm.errors import ConfigError
-
-            raise ConfigError("train.offload_params needs train.zero_stage=3")
+    if train.offload_params:  # needs zero_stage=3: checked with the config (lm.config.loader.check_ranges)
         zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     config: Dict[str, Any] = {
         "zero_optimization": zero,

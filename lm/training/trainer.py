@@ -9,7 +9,6 @@ validation perplexity and bits per byte and print a generated sample.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import time
@@ -23,14 +22,12 @@ from omegaconf import DictConfig
 
 from lm.config.loader import plain, to_yaml
 from lm.errors import ConfigError, LMError
-from lm.training.checkpoint import STATE, latest_complete, read_manifest, resolve_checkpoint
+from lm.training.checkpoint import STATE, latest_complete, read_manifest, resolve_checkpoint, write_atomic_text
 from lm.training.checkpoint_manager import CheckpointManager
 from lm.training.loggers import build_loggers
-from lm.training.module import LMModule, NonFiniteLossError
+from lm.training.module import LMModule, NonFiniteLossError, batch_loss, validation_metrics
 from lm.training.signals import StopRequest, requeue_slurm_job
 from lm.training.strategies import build_strategy, uses_gpu
-
-log = logging.getLogger("lm.train")
 
 
 @dataclass
@@ -118,9 +115,7 @@ def resume_checkpoint(cfg: DictConfig, ckpt_dir: Path) -> Optional[Path]:
 
 def _write_run_files(run_dir: Path, cfg: DictConfig) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / ".config.yaml.tmp"
-    tmp.write_text(to_yaml(cfg))
-    os.replace(tmp, run_dir / "config.yaml")
+    write_atomic_text(run_dir / "config.yaml", to_yaml(cfg))
 
 
 # -------------------------------------------------------------------------------------- train
@@ -144,15 +139,13 @@ def train(cfg: DictConfig, echo=print) -> TrainResult:
         data_dir = None
     else:
         data_dir = prepare_data(cfg, progress=bool(cfg.train.progress_bar))
-        probe = TokenDataModule(data_dir, int(cfg.train.seq_len), int(cfg.train.micro_batch_size), int(cfg.seed))
-        cfg.model.vocab_size = resolve_vocab(cfg, probe.vocab_size)
         datamodule = TokenDataModule(
             data_dir, int(cfg.train.seq_len), int(cfg.train.micro_batch_size), int(cfg.seed),
             num_workers=int(cfg.train.num_workers), val_batches=int(cfg.train.val_batches),
-            expected_tokenizer_hash=probe.tokenizer_sha256,
         )
-        bytes_per_token = probe.bytes_per_token
-        tokenizer = {"path": str(probe.tokenizer_path), "sha256": probe.tokenizer_sha256}
+        cfg.model.vocab_size = resolve_vocab(cfg, datamodule.vocab_size)
+        bytes_per_token = datamodule.bytes_per_token
+        tokenizer = {"path": str(datamodule.tokenizer_path), "sha256": datamodule.tokenizer_sha256}
     config = plain(cfg)
     if cfg.data.source.kind == "task":
         config["data"]["task_output"] = datamodule.task.spec.output
@@ -306,32 +299,29 @@ def _final_report(cfg, module: LMModule, datamodule, trainer, result: TrainResul
     if cfg.train.strategy == "deepspeed" and int(cfg.train.zero_stage) == 3 and result.checkpoint is not None:
         from lm.training.export import load_model
 
+        # the module's parameters are partitioned across ranks: evaluate the consolidated weights
         model = load_model(str(result.checkpoint)).model.to(next(module.parameters()).device)
-        module = LMModule(plain(cfg), bytes_per_token=module.bytes_per_token)
-        module.model = model
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
-    correct, seq_correct, sequences = 0.0, 0.0, 0.0
+    sums = {"loss_sum": 0.0, "count": 0, "correct": 0.0, "seq_correct": 0.0, "sequences": 0.0}
     loader = datamodule.val_dataloader()
     device = next(model.parameters()).device
     for i, batch in enumerate(loader):
         if cfg.train.val_batches and i >= int(cfg.train.val_batches):
             break
-        s, n, extra = module.batch_loss({k: v.to(device) for k, v in batch.items()})
-        total += float(s)
-        count += int(n)
-        correct += float(extra.get("correct", 0.0))
-        seq_correct += float(extra.get("seq_correct", 0.0))
-        sequences += float(extra.get("sequences", 0.0))
-    if sequences:
-        result.metrics["val/acc"] = correct / count
-        result.metrics["val/seq_acc"] = seq_correct / sequences
-    if count:
-        result.val_loss = total / count
-        result.val_ppl = math.exp(min(result.val_loss, 30.0))
-        if module.bytes_per_token > 0:
-            result.val_bpb = result.val_loss / math.log(2) / module.bytes_per_token
+        s, n, extra = batch_loss(model, {k: v.to(device) for k, v in batch.items()}, module.task_output,
+                                 module.loss_chunk_size)
+        sums["loss_sum"] += float(s)
+        sums["count"] += int(n)
+        for name in ("correct", "seq_correct", "sequences"):
+            sums[name] += float(extra.get(name, 0.0))
+    metrics = validation_metrics(bytes_per_token=module.bytes_per_token, **sums)
+    for name in ("val/acc", "val/seq_acc"):
+        if name in metrics:
+            result.metrics[name] = metrics[name]
+    if "val/loss" in metrics:
+        result.val_loss, result.val_ppl = metrics["val/loss"], metrics["val/ppl"]
+        result.val_bpb = metrics.get("val/bpb")
     tokenizer = load_tokenizer(datamodule.tokenizer_path) if cfg.data.source.kind != "task" else None
     if tokenizer is not None and int(cfg.train.sample_tokens) > 0:
         result.sample = sample_text(
@@ -343,9 +333,7 @@ def _final_report(cfg, module: LMModule, datamodule, trainer, result: TrainResul
     summary = {"step": result.global_step, "checkpoint": str(result.checkpoint), "val_loss": result.val_loss,
                "val_ppl": result.val_ppl, "val_bpb": result.val_bpb, "sample": result.sample,
                "val_acc": result.metrics.get("val/acc"), "val_seq_acc": result.metrics.get("val/seq_acc")}
-    tmp = result.run_dir / ".summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=1))
-    os.replace(tmp, result.run_dir / "summary.json")
+    write_atomic_text(result.run_dir / "summary.json", json.dumps(summary, indent=1))
     metrics_csv = result.run_dir / "logs" / "metrics.csv"
     plot = None
     if metrics_csv.is_file():
