@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Dict, List
 
 import torch
-import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -46,12 +45,10 @@ def current_rss_mb() -> float:
 
 def build(name: str, size: str, vocab: int, max_len: int):
     from lm.models import build_model
+    from lm.training.bench import model_config
 
-    cfg = yaml.safe_load((ROOT / "configs" / "model" / name / f"{size}.yaml").read_text())
-    cfg["vocab_size"] = vocab
-    cfg["max_seq_len"] = max(int(cfg.get("max_seq_len", 0)), max_len)
     torch.manual_seed(0)
-    return build_model(cfg).eval()
+    return build_model(model_config(name, size, vocab, max_len)).eval()
 
 
 @torch.no_grad()

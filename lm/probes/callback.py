@@ -19,6 +19,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
 
 from lm.probes.runner import plot_probes, probe_batch, run_probes
+from lm.training.steps import ends_optimizer_step
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +46,8 @@ class ProbeCallback(Callback):
         return nullcontext()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx) -> None:
-        accumulate = max(1, int(trainer.accumulate_grad_batches))
         step = trainer.global_step
-        if self.every <= 0 or (batch_idx + 1) % accumulate != 0 or step % self.every != 0:
+        if self.every <= 0 or not ends_optimizer_step(trainer, batch_idx) or step % self.every != 0:
             return
         if self._batch is None:
             self._batch = probe_batch(pl_module.config, self.batch_size, self.seq_len, self.seed)

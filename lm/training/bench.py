@@ -31,10 +31,11 @@ DEFAULT_NAMES = ["transformer", "gated_rnn", "rglru", "rwkv7", "linear_transform
                  "gated_deltanet", "recurrent_delta", "srwm", "aaren"]
 
 
-def model_config(name: str, size: str, vocab: int) -> dict:
+def model_config(name: str, size: str, vocab: int, max_len: int = 65536) -> dict:
+    """``configs/model/<name>/<size>.yaml`` with ``vocab_size`` set and ``max_seq_len`` >= ``max_len``."""
     cfg = yaml.safe_load((ROOT / "configs" / "model" / name / f"{size}.yaml").read_text())
     cfg["vocab_size"] = vocab
-    cfg["max_seq_len"] = max(cfg.get("max_seq_len", 0), 65536)
+    cfg["max_seq_len"] = max(int(cfg.get("max_seq_len", 0)), max_len)
     return cfg
 
 
