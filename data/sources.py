@@ -17,6 +17,7 @@ dropped; ``max_documents`` / ``max_bytes`` keep the first documents in source or
 
 from __future__ import annotations
 
+import abc
 import codecs
 import glob
 import os
@@ -140,7 +141,7 @@ def stdlib_files() -> List[Path]:
 # -------------------------------------------------------------------------------------- sources
 
 
-class Source:
+class Source(abc.ABC):
     """A corpus described by a ``data.source`` config section (a plain mapping)."""
 
     def __init__(self, cfg: Mapping[str, Any]):
@@ -169,8 +170,9 @@ class Source:
         return {"kind": self.kind, "files": len(self.files())}
 
     # -- reading
+    @abc.abstractmethod
     def _raw_documents(self, stats: ReadStats) -> Iterator[str]:
-        raise NotImplementedError
+        """The source's documents as raw text, in source order (read problems counted in ``stats``)."""
 
     def documents(self, stats: Optional[ReadStats] = None) -> Iterator[Document]:
         """Yield documents in source order; whitespace-only ones dropped, caps applied."""

@@ -13,6 +13,7 @@ resumed run sees exactly the examples an uninterrupted one would have.
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
@@ -35,7 +36,7 @@ class TaskSpec:
     pad_id: int = 0
 
 
-class Task:
+class Task(abc.ABC):
     """Base class: ``options`` is the task's dataclass of parameters."""
 
     name: str = ""
@@ -45,12 +46,13 @@ class Task:
         self.options = options
 
     @property
+    @abc.abstractmethod
     def spec(self) -> TaskSpec:
-        raise NotImplementedError
+        """What the task's examples look like (input and output kinds, sizes, padding id)."""
 
+    @abc.abstractmethod
     def example(self, rng: np.random.Generator, **overrides: Any) -> Example:
         """One example; ``overrides`` change per-example parameters (e.g. length for evaluation)."""
-        raise NotImplementedError
 
     def eval_settings(self) -> Dict[str, list]:
         """Parameter sweeps ``lm eval icl`` reports accuracy against (e.g. {"n_pairs": [...]})."""

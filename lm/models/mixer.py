@@ -12,6 +12,7 @@ generated token by token, or probed. ``init_state(batch)`` gives the state befor
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
@@ -48,7 +49,7 @@ def onehot_values(B: int, T: int, H: int, device) -> torch.Tensor:
     return eye[None, :, None, :].expand(B, T, H, T).contiguous()
 
 
-class TokenMixer(nn.Module):
+class TokenMixer(nn.Module, abc.ABC):
     def __init__(self, cfg: Any, options: Any, layer_idx: int):
         super().__init__()
         self.cfg = cfg
@@ -59,16 +60,18 @@ class TokenMixer(nn.Module):
         self.head_dim = head_dim(cfg)
         self.backend = cfg.kernel_backend
 
+    @abc.abstractmethod
     def forward(self, x: torch.Tensor, state: State = None, return_state: bool = False) -> Tuple[torch.Tensor, State]:
-        raise NotImplementedError
+        """The whole-sequence form: x [B, T, D] from ``state`` -> (y [B, T, D], the state after x or None)."""
 
     def step(self, x_t: torch.Tensor, state: State) -> Tuple[torch.Tensor, State]:
         """One token: the whole-sequence form on a length-1 sequence with the carried state."""
         y, state = self.forward(x_t[:, None], state, return_state=True)
         return y[:, 0], state
 
+    @abc.abstractmethod
     def init_state(self, batch_size: int, device=None, dtype=None) -> Dict[str, Any]:
-        raise NotImplementedError
+        """The state before any token."""
 
     def implicit_attention(self, x: torch.Tensor) -> Optional[ImplicitAttention]:
         """The attention matrix this mixer applies to x [B, T, D] in closed form, or None for
