@@ -307,8 +307,9 @@ class DatasetsFileSource(Source):
                     f"{path}: no field '{field}' (source.text_field); "
                     f"columns: {', '.join(ds.column_names) or '(none)'}"
                 )
-            for batch in ds.select_columns([field]).iter(batch_size=1024):
-                yield from _rows_text(({field: v} for v in batch[field]), field, str(path))
+            batches = ds.select_columns([field]).iter(batch_size=1024)
+            # one row stream per file, so an error names the row's index in the file
+            yield from _rows_text(({field: v} for batch in batches for v in batch[field]), field, str(path))
 
 
 class HubSource(Source):

@@ -121,6 +121,16 @@ def test_jsonl_missing_field_names_file_field_and_columns(tmp_path):
     assert texts({"kind": "jsonl", "paths": [str(p)], "text_field": "body"}) == ["hello"]
 
 
+def test_non_text_value_names_its_row_in_the_file(tmp_path):
+    """Rows are counted across the reader's batches of 1024: the bad row is named by its index."""
+    p = tmp_path / "long.jsonl"
+    rows = [{"text": f"doc {i}"} for i in range(1100)]
+    rows[1050] = {"text": 7}
+    p.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    with pytest.raises(DataError, match=r"long\.jsonl: row 1050: field 'text' holds int, expected text"):
+        texts({"kind": "jsonl", "paths": [str(p)]})
+
+
 def test_hf_hub_offline_is_one_line_error(monkeypatch):
     import datasets.config
 
