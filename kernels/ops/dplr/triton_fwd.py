@@ -1,0 +1,163 @@
+"""Forward kernels of the chunked ``dplr`` Triton path (equations in :mod:`kernels.ops.dplr.triton_chunk`).
+
+``_scores_fwd`` (per chunk and row sub-block r, keys in blocks): the sub-blocks (r, c <= r) of the
+inclusive score matrices Aqk, Aqb, Pn, Rn. An off-diagonal pair (r > c) factors through the
+reference step e = last step of block c: rows of block r get exp(G - G_e), columns of block c get
+exp(G_e - G), both <= 1. The diagonal sub-block forms [BS, BS, KEY_SLICE] masked exponent differences.
+``_solve_fwd`` (per chunk): Ti = (I - R)^-1 with R = Rn moved down one row.
+``_state_fwd`` (per head and value block, loop over chunks): Z = Ti (A' S + P V) and the next state.
+``_output_fwd`` (per chunk and value block, keys in blocks): O.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from kernels.ops.delta_rule._triton_utils import load_rows, load_tile, store_rows, store_tile, unit_lower_inverse
+from kernels.ops.dplr.triton_tiles import load_next_rows, load_prev, load_row
+
+
+@triton.jit
+def _scores_fwd(q_ptr, k_ptr, a_ptr, b_ptr, G_ptr, aqk_ptr, aqb_ptr, pn_ptr, rn_ptr,
+                T, H, K, Tp,
+                BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BKC: tl.constexpr, PREC: tl.constexpr):
+    """Row sub-block r of Aqk, Aqb (rows of q) and Pn, Rn (rows of a_next[t] = a[t + 1]) against the
+    columns of k and b; zero right of the diagonal."""
+    i_nr, i_bh = tl.program_id(0), tl.program_id(1)
+    i_n, r = i_nr // (BT // BS), i_nr % (BT // BS)
+    bb, h = i_bh // H, i_bh % H
+    t0 = i_n * BT
+    tr = t0 + r * BS
+    row0 = i_bh * Tp + t0  # buffer row of the chunk's first step
+    rr = row0 + r * BS
+    c = 0
+    while c < r:  # off-diagonal sub-blocks (not range(): breaks the Triton 3.6 interpreter)
+        tc = t0 + c * BS
+        s_qk = tl.zeros([BS, BS], dtype=tl.float32)
+        s_qb = tl.zeros([BS, BS], dtype=tl.float32)
+        s_ak = tl.zeros([BS, BS], dtype=tl.float32)
+        s_ab = tl.zeros([BS, BS], dtype=tl.float32)
+        k0 = 0
+        while k0 < K:
+            Ge = load_row(G_ptr, row0 + c * BS + BS - 1, K, k0, BK)[None, :]
+            el = tl.exp(load_tile(G_ptr, rr, BS, K, k0, BS, BK) - Ge)
+            er = tl.exp(Ge - load_tile(G_ptr, row0 + c * BS, BS, K, k0, BS, BK))
+            lq = load_rows(q_ptr, bb, h, tr, T, H, K, k0, BS, BK) * el
+            la = load_next_rows(a_ptr, bb, h, tr, t0 + BT, T, H, K, k0, BS, BK) * el
+            kc = tl.trans(load_rows(k_ptr, bb, h, tc, T, H, K, k0, BS, BK) * er)
+            bc = tl.trans(load_rows(b_ptr, bb, h, tc, T, H, K, k0, BS, BK) * er)
+            s_qk += tl.dot(lq, kc, input_precision=PREC)
+            s_qb += tl.dot(lq, bc, input_precision=PREC)
+            s_ak += tl.dot(la, kc, input_precision=PREC)
+            s_ab += tl.dot(la, bc, input_precision=PREC)
+            k0 += BK
+        store_tile(aqk_ptr, s_qk, rr, BS, BT, c * BS, BS, BS)
+        store_tile(aqb_ptr, s_qb, rr, BS, BT, c * BS, BS, BS)
+        store_tile(pn_ptr, s_ak, rr, BS, BT, c * BS, BS, BS)
+        store_tile(rn_ptr, s_ab, rr, BS, BT, c * BS, BS, BS)
+        c += 1
+    # diagonal sub-block: [BS, BS, BKC] masked exponent differences, keys in slices
+    rs = tl.arange(0, BS)
+    incl = (rs[:, None] >= rs[None, :])[:, :, None]
+    s_qk = tl.zeros([BS, BS], dtype=tl.float32)
+    s_qb = tl.zeros([BS, BS], dtype=tl.float32)
+    s_ak = tl.zeros([BS, BS], dtype=tl.float32)
+    s_ab = tl.zeros([BS, BS], dtype=tl.float32)
+    k0 = 0
+    while k0 < K:
+        xq = load_rows(q_ptr, bb, h, tr, T, H, K, k0, BS, BKC)[:, None, :]
+        xa = load_next_rows(a_ptr, bb, h, tr, t0 + BT, T, H, K, k0, BS, BKC)[:, None, :]
+        yk = load_rows(k_ptr, bb, h, tr, T, H, K, k0, BS, BKC)[None, :, :]
+        yb = load_rows(b_ptr, bb, h, tr, T, H, K, k0, BS, BKC)[None, :, :]
+        Gr = load_tile(G_ptr, rr, BS, K, k0, BS, BKC)
+        e = tl.exp(tl.where(incl, Gr[:, None, :] - Gr[None, :, :], float("-inf")))
+        xqe = xq * e
+        xae = xa * e
+        s_qk += tl.sum(xqe * yk, 2)
+        s_qb += tl.sum(xqe * yb, 2)
+        s_ak += tl.sum(xae * yk, 2)
+        s_ab += tl.sum(xae * yb, 2)
+        k0 += BKC
+    store_tile(aqk_ptr, s_qk, rr, BS, BT, r * BS, BS, BS)
+    store_tile(aqb_ptr, s_qb, rr, BS, BT, r * BS, BS, BS)
+    store_tile(pn_ptr, s_ak, rr, BS, BT, r * BS, BS, BS)
+    store_tile(rn_ptr, s_ab, rr, BS, BT, r * BS, BS, BS)
+    zero = tl.zeros([BS, BS], dtype=tl.float32)
+    c = r + 1
+    while c < BT // BS:  # above the diagonal
+        store_tile(aqk_ptr, zero, rr, BS, BT, c * BS, BS, BS)
+        store_tile(aqb_ptr, zero, rr, BS, BT, c * BS, BS, BS)
+        store_tile(pn_ptr, zero, rr, BS, BT, c * BS, BS, BS)
+        store_tile(rn_ptr, zero, rr, BS, BT, c * BS, BS, BS)
+        c += 1
+
+
+@triton.jit
+def _solve_fwd(rn_ptr, tinv_ptr, Tp, BT: tl.constexpr, PREC: tl.constexpr):
+    """Ti = (I - R)^-1 of a chunk; R[t] = Rn[t - 1] (strictly lower)."""
+    i_n, i_bh = tl.program_id(0), tl.program_id(1)
+    row0 = i_bh * Tp + i_n * BT
+    r = load_prev(rn_ptr, row0, 0, BT, 0, BT, BT)
+    store_tile(tinv_ptr, unit_lower_inverse(-r, BT, PREC), row0, BT, BT, 0, BT, BT)
+
+
+@triton.jit
+def _state_fwd(k_ptr, v_ptr, a_ptr, b_ptr, G_ptr, pn_ptr, tinv_ptr, h0_ptr, states_ptr, z_ptr, ht_ptr,
+               T, H, K, V, Tp, NT,
+               HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr,
+               BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    """Loop over chunks for one head and value block: stores each entering state and Z, where
+    Z = Ti (A' S + P V), A' = a e^{G'}, P = Pn moved down one row."""
+    i_v, i_bh = tl.program_id(0), tl.program_id(1)
+    bb, h = i_bh // H, i_bh % H
+    v0 = i_v * BV
+    rk = tl.arange(0, BK)
+    rv = v0 + tl.arange(0, BV)
+    kv_offs = rk[:, None] * V + rv[None, :]
+    kv_mask = (rk[:, None] < K) & (rv[None, :] < V)
+    S = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_H0:
+        S += tl.load(h0_ptr + i_bh.to(tl.int64) * K * V + kv_offs, mask=kv_mask, other=0.0)
+    n = 0
+    while n < NT:  # not range(): breaks the Triton 3.6 interpreter
+        t0 = n * BT
+        row0 = i_bh * Tp + t0
+        tl.store(states_ptr + (i_bh.to(tl.int64) * NT + n) * K * V + kv_offs, S, mask=kv_mask)
+        v = load_rows(v_ptr, bb, h, t0, T, H, V, v0, BT, BV)
+        ap = load_rows(a_ptr, bb, h, t0, T, H, K, 0, BT, BK) * tl.exp(load_prev(G_ptr, row0, 0, K, 0, BT, BK))
+        rhs = tl.dot(ap, S, input_precision=PREC) \
+            + tl.dot(load_prev(pn_ptr, row0, 0, BT, 0, BT, BT), v, input_precision=PREC)
+        z = tl.dot(load_tile(tinv_ptr, row0, BT, BT, 0, BT, BT), rhs, input_precision=PREC)
+        store_tile(z_ptr, z, row0, BT, V, v0, BT, BV)
+        g_last = load_row(G_ptr, row0 + BT - 1, K, 0, BK)
+        to_end = tl.exp(g_last[None, :] - load_tile(G_ptr, row0, BT, K, 0, BT, BK))
+        kd = load_rows(k_ptr, bb, h, t0, T, H, K, 0, BT, BK) * to_end
+        bd = load_rows(b_ptr, bb, h, t0, T, H, K, 0, BT, BK) * to_end
+        S = S * tl.exp(g_last)[:, None] + tl.dot(tl.trans(kd), v, input_precision=PREC) \
+            + tl.dot(tl.trans(bd), z, input_precision=PREC)
+        n += 1
+    if STORE_FINAL:
+        tl.store(ht_ptr + i_bh.to(tl.int64) * K * V + kv_offs, S, mask=kv_mask)
+
+
+@triton.jit
+def _output_fwd(q_ptr, v_ptr, G_ptr, aqk_ptr, aqb_ptr, states_ptr, z_ptr, o_ptr, scale,
+                T, H, K, V, Tp, NT,
+                BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    """O = scale ((q e^G) S + Aqk V + Aqb Z) for one chunk and value block; keys in blocks."""
+    i_n, i_bh, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    bb, h = i_bh // H, i_bh % H
+    t0, v0 = i_n * BT, i_v * BV
+    row0 = i_bh * Tp + t0
+    o = tl.dot(load_tile(aqk_ptr, row0, BT, BT, 0, BT, BT), load_rows(v_ptr, bb, h, t0, T, H, V, v0, BT, BV),
+               input_precision=PREC)
+    o += tl.dot(load_tile(aqb_ptr, row0, BT, BT, 0, BT, BT), load_tile(z_ptr, row0, BT, V, v0, BT, BV),
+                input_precision=PREC)
+    srow = (i_bh * NT + i_n) * K  # row of the entering state's first key
+    k0 = 0
+    while k0 < K:
+        qg = load_rows(q_ptr, bb, h, t0, T, H, K, k0, BT, BK) * tl.exp(load_tile(G_ptr, row0, BT, K, k0, BT, BK))
+        o += tl.dot(qg, load_tile(states_ptr, srow + k0, K - k0, V, v0, BK, BV), input_precision=PREC)
+        k0 += BK
+    store_rows(o_ptr, o * scale, bb, h, t0, T, H, V, v0, BT, BV)

@@ -1,0 +1,87 @@
+"""Block sizes and tile loads of the chunked ``dplr`` Triton kernels.
+
+Every kernel holds at most a bounded block of the head dimension: score and gradient kernels walk the
+keys (and values) in blocks of at most ``_BLOCK`` = 64 with partial sums; the two state-passing loops,
+whose solve needs the full key contraction S^T a, hold the state's column block [K, BV] with
+K * BV <= ``_STATE_ELEMS`` (BV = 64, 32, 16 for K = 64, 128, 256).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import triton
+import triton.language as tl
+
+from kernels.ops.delta_rule._triton_utils import block_size, chunk_length
+
+#: widest key / value block of the blocked kernels
+_BLOCK = 64
+#: sub-block of the score matrices (steps) and key slice of their diagonal sub-blocks
+SUB = 16
+KEY_SLICE = 16
+#: elements of the [K, BV] state block held by the state-passing loops
+_STATE_ELEMS = 64 * 64
+#: elements of each [BT, BK] accumulator of the per-chunk gradient kernel
+_GRAD_ELEMS = 32 * 64
+#: widest head (keys or values) the chunked kernels take; wider heads use the PyTorch path
+MAX_HEAD = 256
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """Chunk length and tile widths for heads of K keys and V values."""
+
+    BT: int  # chunk length
+    BKF: int  # full key width of the state-passing loops
+    BVS: int  # value block of the state-passing loops
+    BK: int  # key block of the blocked kernels
+    BV: int  # value block of the blocked kernels
+    BKG: int  # key block of the per-chunk state-gradient kernel
+    NC: int  # sub-blocks per chunk
+
+
+def blocks(K: int, V: int) -> Blocks:
+    BT = chunk_length(K, V)
+    BKF = block_size(K)
+    return Blocks(BT=BT, BKF=BKF, BVS=min(block_size(V), max(16, _STATE_ELEMS // BKF)),
+                  BK=min(BKF, _BLOCK), BV=min(block_size(V), _BLOCK),
+                  BKG=min(BKF, max(16, _GRAD_ELEMS // BT)), NC=BT // SUB)
+
+
+@triton.jit
+def load_prev(ptr, row0, t_in, D, d0, BR: tl.constexpr, BD: tl.constexpr):
+    """Rows t_in - 1.. of a chunk (chunk row 0 at buffer row row0; the row before the chunk reads 0):
+    [BR, BD] from the row-major [*, D] fp32 buffer, features d0.."""
+    rows = t_in + tl.arange(0, BR)
+    cols = d0 + tl.arange(0, BD)
+    offs = (row0 + rows[:, None] - 1).to(tl.int64) * D + cols[None, :]
+    mask = (rows[:, None] >= 1) & (cols[None, :] < D)
+    return tl.load(ptr + offs, mask=mask, other=0.0)
+
+
+@triton.jit
+def load_next(ptr, row0, t_in, BT, D, d0, BR: tl.constexpr, BD: tl.constexpr):
+    """Rows t_in + 1.. of a chunk of BT rows (0 past the chunk's end): [BR, BD] of a [*, D] buffer."""
+    rows = t_in + 1 + tl.arange(0, BR)
+    cols = d0 + tl.arange(0, BD)
+    offs = (row0 + rows[:, None]).to(tl.int64) * D + cols[None, :]
+    mask = (rows[:, None] < BT) & (cols[None, :] < D)
+    return tl.load(ptr + offs, mask=mask, other=0.0)
+
+
+@triton.jit
+def load_row(ptr, row, D, d0, BD: tl.constexpr):
+    """Features d0.. of one row of a [*, D] fp32 buffer: [BD]."""
+    cols = d0 + tl.arange(0, BD)
+    return tl.load(ptr + row.to(tl.int64) * D + cols, mask=cols < D, other=0.0)
+
+
+@triton.jit
+def load_next_rows(ptr, bb, h, t, t_end, T, H, K, d0, BR: tl.constexpr, BK: tl.constexpr):
+    """Steps t+1.. (the next steps'), features d0.. of a [B, T, H, K] input; zero from step t_end on."""
+    rows = t + 1 + tl.arange(0, BR)
+    cols = d0 + tl.arange(0, BK)
+    offs = (bb.to(tl.int64) * T * H + h) * K + rows[:, None].to(tl.int64) * H * K + cols[None, :]
+    mask = (rows[:, None] < T) & (rows[:, None] < t_end) & (cols[None, :] < K)
+    return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
