@@ -1,7 +1,7 @@
 """The fingerprint that decides whether a prepared directory is up to date.
 
 ``sha256`` over the resolved data config (minus keys that do not change the output: ``out_dir``,
-``num_proc``, ``batch_size``, ``task``), every source file's path, size and modification time, and the
+``num_proc``, ``batch_size``, ``task``, ``task_output``, ``source.max_invalid_utf8``), every source file's path, size and modification time, and the
 content hash of a local ``tokenizer.path``. Same fingerprint -> ``lm data prepare`` skips.
 """
 
@@ -14,7 +14,9 @@ from typing import Any, Dict, List, Mapping, Optional
 
 #: data-config keys that do not change what is written (where, how fast; ``task`` is only used
 #: by ``source.kind: task``, which is never prepared)
-NOT_IN_FINGERPRINT = ("out_dir", "num_proc", "batch_size", "task")
+NOT_IN_FINGERPRINT = ("out_dir", "num_proc", "batch_size", "task", "task_output")
+#: source keys that only decide whether preparation fails (a prepared directory stays valid)
+SOURCE_NOT_IN_FINGERPRINT = ("max_invalid_utf8",)
 
 
 def file_signature(files: List[Path]) -> List[List[Any]]:
@@ -29,6 +31,8 @@ def file_signature(files: List[Path]) -> List[List[Any]]:
 def fingerprint(config: Mapping[str, Any], files: List[Path], tokenizer_sha: Optional[str] = None) -> str:
     """The hash of what determines a prepared directory's content (see module docstring)."""
     relevant: Dict[str, Any] = {k: v for k, v in config.items() if k not in NOT_IN_FINGERPRINT}
+    if isinstance(relevant.get("source"), Mapping):
+        relevant["source"] = {k: v for k, v in relevant["source"].items() if k not in SOURCE_NOT_IN_FINGERPRINT}
     payload = {"config": relevant, "files": file_signature(files), "tokenizer_sha256": tokenizer_sha}
     text = json.dumps(payload, sort_keys=True, default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()

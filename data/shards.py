@@ -227,7 +227,8 @@ class TokenShards:
             try:
                 arr = np.load(path, mmap_mode="r")
             except (OSError, ValueError) as e:
-                raise DataError(f"{path}: cannot open shard ({e})") from None
+                raise DataError(f"{path}: cannot open shard ({str(e).splitlines()[0]}); re-run lm data prepare "
+                                f"--force") from None
             if arr.ndim != 1 or arr.dtype != self.dtype or len(arr) != shard["tokens"]:
                 raise DataError(
                     f"{path}: shard is {arr.dtype}[{len(arr)}], metadata says "
@@ -235,7 +236,15 @@ class TokenShards:
                 )
             arrays.append(arr)
         self._tokens = FlatTokens(arrays)
-        self._doc_starts = np.load(self.dir / self.info["doc_starts"], mmap_mode="r")
+        path = self.dir / self.info["doc_starts"]
+        try:
+            self._doc_starts = np.load(path, mmap_mode="r")
+        except (OSError, ValueError) as e:
+            raise DataError(f"{path}: cannot read the document offsets ({str(e).splitlines()[0]}); the directory is "
+                            f"damaged: re-run lm data prepare --force") from None
+        if self._doc_starts.ndim != 1 or len(self._doc_starts) != int(self.info.get("documents", len(self._doc_starts))):
+            raise DataError(f"{path}: holds {self._doc_starts.shape} offsets, metadata says "
+                            f"{self.info.get('documents')} documents; re-run lm data prepare --force")
 
     def __getstate__(self):
         state = dict(self.__dict__)

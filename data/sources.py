@@ -59,19 +59,24 @@ class ReadStats:
 
 # ------------------------------------------------------------------------------- UTF-8 decoding
 
-_REPLACED = [0]
+_REPLACED = [0, 0]  # invalid sequences, invalid bytes
 
 
 def _count_and_replace(exc: UnicodeDecodeError):
     _REPLACED[0] += 1
+    _REPLACED[1] += exc.end - exc.start
     return "\ufffd", exc.end
 
 
 codecs.register_error("data.count_replace", _count_and_replace)
 
 
-def decode_utf8(raw: bytes, path: Path, errors: str, stats: ReadStats) -> str:
-    """Decode ``raw``; ``errors='replace'`` counts replaced sequences, ``'fail'`` raises a DataError."""
+def decode_utf8(raw: bytes, path: Path, errors: str, stats: ReadStats, max_invalid: float = 1.0) -> str:
+    """Decode ``raw``; ``errors='replace'`` counts replaced sequences, ``'fail'`` raises a DataError.
+
+    With ``replace``, a file whose share of invalid bytes is above ``max_invalid`` (a binary file,
+    not text) is a DataError naming the share and ``source.max_invalid_utf8``.
+    """
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -80,9 +85,15 @@ def decode_utf8(raw: bytes, path: Path, errors: str, stats: ReadStats) -> str:
                 f"{path}: invalid UTF-8 at byte {e.start} (source.encoding_errors=fail; "
                 f"use 'replace' to substitute U+FFFD)"
             ) from None
-    before = _REPLACED[0]
+    before, before_bytes = _REPLACED
     text = raw.decode("utf-8", "data.count_replace")
     stats.replaced += _REPLACED[0] - before
+    share = (_REPLACED[1] - before_bytes) / max(1, len(raw))
+    if share > max_invalid:
+        raise DataError(
+            f"{path}: {share:.1%} of its bytes are invalid UTF-8 (limit source.max_invalid_utf8={max_invalid:g}): "
+            f"not a text file? remove it from source.paths, or raise source.max_invalid_utf8 (1.0 accepts anything)"
+        )
     return text
 
 
@@ -200,7 +211,8 @@ class _FileSource(Source):
         except OSError as e:
             raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
         stats.files += 1
-        return decode_utf8(raw, path, str(self.cfg.get("encoding_errors", "replace")), stats)
+        return decode_utf8(raw, path, str(self.cfg.get("encoding_errors", "replace")), stats,
+                           float(self.cfg.get("max_invalid_utf8", 1.0)))
 
 
 class StdlibSource(_FileSource):

@@ -19,8 +19,16 @@ def probe_command(
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
     """Form equivalence, implicit attention and LSA fit per layer: report.md + probes.json + probes.png."""
-    from lm.probes.report import write_report
+    from pathlib import Path
 
+    from lm.probes.report import write_report
+    from lm.training.checkpoint import resolve_checkpoint
+    from lm.training.export import WEIGHTS
+    from lm.training.run_lock import check_output_dir
+
+    if out is None:  # the default, <checkpoint>/probe-report: never inside a live or read-only run
+        source = Path(checkpoint) if (Path(checkpoint) / WEIGHTS).is_file() else resolve_checkpoint(checkpoint)
+        check_output_dir(source / "probe-report")
     path = write_report(checkpoint, out, batch_size, seq_len, lsa_rank, seed)
     typer.echo((path / "report.md").read_text())
     typer.echo(f"report written to {path}")

@@ -32,9 +32,15 @@ def train_command(
     experiment: str = typer.Argument(..., help="name under configs/experiment/ or a YAML path"),
     overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides (e.g. train.max_steps=100 resume=auto)"),
 ) -> None:
-    """Train a model: prepares the data if needed, checkpoints, resumes (resume=auto|<path>)."""
+    """Train a model: prepares the data if needed, checkpoints, resumes (resume=auto|<path>).
+
+    Exit status: 0 when done; 2 with a one-line error; after a stop by a signal (checkpoint
+    saved), 128 + the signal's number (SIGINT 130, SIGTERM 143, SIGUSR1 138), or 0 when the stop
+    requeued the SLURM job."""
     cfg = load_experiment(experiment, overrides or [])
     quiet_libraries()
     from lm.training.trainer import train
 
-    train(cfg, echo=typer.echo)
+    result = train(cfg, echo=typer.echo)
+    if result.exit_code:
+        raise typer.Exit(result.exit_code)

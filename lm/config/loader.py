@@ -35,6 +35,7 @@ CHOICES: Dict[str, Sequence[str]] = {
     "data.source.kind": ("stdlib", "text", "json", "jsonl", "parquet", "csv", "hf", "task"),
     "data.source.split_by": ("file", "blank_line"),
     "data.source.encoding_errors": ("replace", "fail"),
+    "data.task_output": ("classes", "vectors", "multilabel"),
     "model.mlp": ("swiglu", "rwkv_cmix", "none"),
     "model.norm": ("rmsnorm", "layernorm", "none"),
     "model.kernel_backend": ("reference", "torch", "triton"),
@@ -229,6 +230,12 @@ def check_ranges(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key, default=None)
         if value is not None and value < 0:
             raise ConfigError(f"{key}: must be >= 0, got {value}")
+    lr = OmegaConf.select(cfg, "train.lr", default=None)
+    if lr is not None and lr == 0:
+        raise ConfigError("train.lr: 0 would train nothing (the weights never change); set a positive learning rate")
+    invalid = OmegaConf.select(cfg, "data.source.max_invalid_utf8", default=None)
+    if invalid is not None and not 0 <= invalid <= 1:
+        raise ConfigError(f"data.source.max_invalid_utf8: must be in [0, 1], got {invalid}")
     for key in ("data.validation_fraction", "data.test_fraction"):
         value = OmegaConf.select(cfg, key, default=None)
         if value is not None and not 0 <= value < 1:

@@ -40,6 +40,8 @@ class SourceConfig:
     max_documents: Optional[int] = None
     max_bytes: Optional[int] = None
     encoding_errors: str = "replace"  # replace | fail
+    # replace: a file whose share of invalid UTF-8 bytes is above this fails (binary, not text); 1.0: off
+    max_invalid_utf8: float = 0.01
 
 
 @dataclass
@@ -84,6 +86,9 @@ class DataConfig:
     batch_size: int = 256  # documents per tokenization batch
     shard_tokens: int = 64 * 1024 * 1024
     task: TaskConfig = field(default_factory=TaskConfig)
+    # filled by the trainer for task runs (the task's output kind: classes | vectors | multilabel) and
+    # recorded in config.yaml and the checkpoint manifests; not set by users
+    task_output: Optional[str] = None
 
 
 # ---------------------------------------------------------------------------------------- model
@@ -223,6 +228,7 @@ class ExperimentConfig:
     seed: int = 1234
     run_dir: str = "runs/${name}"
     resume: str = "none"  # none | auto | <checkpoint path>
+    overwrite: bool = False  # a fresh run (resume: none) may replace the checkpoints of an earlier run in run_dir
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

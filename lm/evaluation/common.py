@@ -99,11 +99,19 @@ class Checkpoint:
         return None
 
     def default_out_dir(self, name: str) -> Path:
-        """``<run dir>/eval/<name>`` for checkpoints (never inside a checkpoint), ``<export>/eval/<name>``."""
+        """``<run dir>/eval/<name>`` for checkpoints (never inside a checkpoint), ``<export>/eval/<name>``.
+
+        One-line error naming ``--out`` when that run is live (being trained) or not writable.
+        """
+        from lm.training.run_lock import check_output_dir
+
         source = Path(self.loaded.source)
         if (source / "manifest.json").is_file() and source.parent.name == "checkpoints":
-            return source.parent.parent / "eval" / name
-        return source / "eval" / name
+            target = source.parent.parent / "eval" / name
+        else:
+            target = source / "eval" / name
+        check_output_dir(target)
+        return target
 
 
 def open_checkpoint(path: str, device: str = "cpu") -> Checkpoint:

@@ -5,11 +5,14 @@ Layout of ``<run_dir>/checkpoints/``::
     step-00000500/            one complete checkpoint
         model.ckpt            Lightning checkpoint (a directory under DeepSpeed)
         rng/rank00000.pt      per-rank RNG states (torch, CUDA, numpy, python)
-        manifest.json         written last: step, files and sizes, config, tokenizer
+        manifest.json         written last: step, files with sizes and SHA-256, config, tokenizer
     last                      text file naming the newest complete checkpoint
     .tmp-step-00000600/       a checkpoint being written (never loaded; removed on the next save)
 
-A checkpoint is complete when its manifest exists and every file it lists has the recorded size.
+A checkpoint is complete when its manifest exists and every file it lists has the recorded size;
+it is *verified* when, in addition, every file's SHA-256 equals the manifest's (streamed; done
+before a checkpoint is loaded: resume, export, evaluation). A checkpoint that fails is rejected
+with its reason (:func:`latest_complete` reports it) and the next older one is used.
 This module reads and checks that layout (no torch or Lightning import: evaluation and ``lm status``
 load fast);
 :class:`lm.training.checkpoint_manager.CheckpointManager` writes it during training.
@@ -17,6 +20,7 @@ load fast);
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -27,6 +31,7 @@ from lm.errors import LMError
 MANIFEST = "manifest.json"
 STATE = "model.ckpt"
 PREFIX = "step-"
+_CHUNK = 1 << 20
 
 
 def checkpoint_name(step: int) -> str:
@@ -37,29 +42,65 @@ def files_with_sizes(root: Path) -> Dict[str, int]:
     return {str(p.relative_to(root)): p.stat().st_size for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+def sha256_file(path: Path) -> str:
+    """SHA-256 of a file, read in 1 MiB pieces."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for piece in iter(lambda: f.read(_CHUNK), b""):
+            digest.update(piece)
+    return digest.hexdigest()
+
+
+def files_with_digests(root: Path) -> Dict[str, str]:
+    """relative path -> SHA-256 of every file under ``root``."""
+    return {str(p.relative_to(root)): sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file()}
+
+
 def write_atomic_text(path: Path, text: str, mode: Optional[int] = None) -> None:
     """Write ``text`` to ``path`` through a temporary file and a rename (``mode``: chmod it first)."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    if mode is not None:
-        os.chmod(tmp, mode)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        if mode is not None:
+            os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def check_checkpoint(ckpt_dir: Path, verify: bool = False) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
+    """(manifest, None) for a complete checkpoint, else (None, the reason it is rejected).
+
+    ``verify``: also compare every file's SHA-256 with the manifest (manifests written before
+    checksums existed are checked by size only).
+    """
+    manifest = ckpt_dir / MANIFEST
+    if not manifest.is_file():
+        return None, "no manifest.json (the save did not finish)"
+    try:
+        info = json.loads(manifest.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        return None, f"unreadable manifest.json ({type(e).__name__})"
+    if not isinstance(info, dict) or not info.get("files") or "step" not in info:
+        return None, "manifest.json lists no files"
+    for rel, size in info["files"].items():
+        f = ckpt_dir / rel
+        if not f.is_file():
+            return None, f"{rel} is missing"
+        actual = f.stat().st_size
+        if actual != size:
+            return None, f"{rel} has {actual} bytes, the manifest says {size}"
+    if verify:
+        for rel, expected in (info.get("sha256") or {}).items():
+            if sha256_file(ckpt_dir / rel) != expected:
+                return None, f"{rel} fails its SHA-256 check (corrupt)"
+    return info, None
 
 
 def _complete_manifest(ckpt_dir: Path) -> Optional[Dict[str, Any]]:
     """The manifest of a complete checkpoint (see :func:`is_complete`), else None; read once."""
-    manifest = ckpt_dir / MANIFEST
-    if not manifest.is_file():
-        return None
-    try:
-        info = json.loads(manifest.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    for rel, size in info.get("files", {}).items():
-        f = ckpt_dir / rel
-        if not f.is_file() or f.stat().st_size != size:
-            return None
-    return info if info.get("files") else None
+    return check_checkpoint(ckpt_dir)[0]
 
 
 def is_complete(ckpt_dir: Path) -> bool:
@@ -71,16 +112,24 @@ def read_manifest(ckpt_dir: Path) -> Dict[str, Any]:
     return json.loads((Path(ckpt_dir) / MANIFEST).read_text())
 
 
-def _complete_with_steps(directory: Path) -> List[Tuple[int, Path]]:
-    """(step, path) of the complete checkpoints in ``directory``, oldest first (one manifest read each)."""
+def step_dirs(directory: Path) -> List[Path]:
+    """Every ``step-*`` directory in ``directory`` (complete or not), by name."""
     if not directory.is_dir():
         return []
+    return sorted(p for p in directory.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
+
+
+def _complete_with_steps(directory: Path,
+                         rejected: Optional[List[Tuple[Path, str]]] = None) -> List[Tuple[int, Path]]:
+    """(step, path) of the complete checkpoints in ``directory``, oldest first (one manifest read each);
+    the others are added to ``rejected`` with their reason."""
     found = []
-    for p in directory.iterdir():
-        if p.is_dir() and p.name.startswith(PREFIX):
-            info = _complete_manifest(p)
-            if info is not None:
-                found.append((info["step"], p))
+    for p in step_dirs(directory):
+        info, reason = check_checkpoint(p)
+        if info is not None:
+            found.append((info["step"], p))
+        elif rejected is not None:
+            rejected.append((p, reason))
     return sorted(found, key=lambda item: item[0])
 
 
@@ -89,36 +138,48 @@ def list_complete(directory: Path) -> List[Path]:
     return [p for _, p in _complete_with_steps(directory)]
 
 
-def latest_complete(directory: Path) -> Optional[Path]:
-    """The checkpoint named by ``last`` if complete, else the newest complete one, else None."""
-    complete = _complete_with_steps(directory)
+def latest_complete(directory: Path, verify: bool = False,
+                    rejected: Optional[List[Tuple[Path, str]]] = None) -> Optional[Path]:
+    """The checkpoint named by ``last`` if complete, else the newest complete one, else None.
+
+    ``verify``: check content checksums too, newest first, falling back to older checkpoints.
+    ``rejected``: a list that receives (path, reason) of every newer checkpoint passed over.
+    """
+    order: List[Tuple[int, Path]] = _complete_with_steps(directory, rejected)
     pointer = directory / "last"
     if pointer.is_file():
         candidate = directory / pointer.read_text().strip()
-        steps = {p: step for step, p in complete}
-        if candidate in steps:
-            candidate_step = steps[candidate]
-        else:  # not a step-* directory of this one: check it on its own
-            info = _complete_manifest(candidate) if candidate.is_dir() else None
-            candidate_step = info["step"] if info is not None else None
-        if candidate_step is not None:
-            newer = [p for step, p in complete if step > candidate_step]
-            return newer[-1] if newer else candidate
-    return complete[-1][1] if complete else None
+        steps = {p: step for step, p in order}
+        if candidate not in steps and candidate.is_dir():  # not a step-* directory of this one
+            info = _complete_manifest(candidate)
+            if info is not None and not any(step > info["step"] for step, _ in order):
+                order.append((info["step"], candidate))
+    for _, path in reversed(order):
+        if not verify:
+            return path
+        info, reason = check_checkpoint(path, verify=True)
+        if info is not None:
+            return path
+        if rejected is not None:
+            rejected.append((path, reason))
+    return None
 
 
-def resolve_checkpoint(path: str) -> Path:
-    """A checkpoint directory from a user path (the directory, its model.ckpt, or a run dir)."""
+def resolve_checkpoint(path: str, verify: bool = True) -> Path:
+    """A verified checkpoint directory from a user path (the directory, its model.ckpt, or a run dir)."""
     p = Path(path)
     if p.name == STATE:
         p = p.parent
     if (p / "checkpoints").is_dir() and not (p / MANIFEST).exists():
-        latest = latest_complete(p / "checkpoints")
+        rejected: List[Tuple[Path, str]] = []
+        latest = latest_complete(p / "checkpoints", verify=verify, rejected=rejected)
         if latest is None:
-            raise LMError(f"no complete checkpoint in {p / 'checkpoints'}")
+            why = f" ({rejected[0][0].name}: {rejected[0][1]})" if rejected else ""
+            raise LMError(f"no complete checkpoint in {p / 'checkpoints'}{why}")
         return latest
     if not p.exists():
         raise LMError(f"checkpoint not found: {path}")
-    if not is_complete(p):
-        raise LMError(f"checkpoint {path} is incomplete (no manifest or missing/truncated files); refusing to load it")
+    info, reason = check_checkpoint(p, verify=verify)
+    if info is None:
+        raise LMError(f"checkpoint {path} is incomplete or corrupt ({reason}); refusing to load it")
     return p

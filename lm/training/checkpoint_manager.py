@@ -3,11 +3,19 @@
 :class:`CheckpointManager` saves every ``every_n_steps`` optimizer steps, at the last step, and when
 a stop was requested (signal), keeping the newest ``keep_last``; it also keeps the training RNG
 stream independent of validation and probes, so that resumed runs are bit-exact.
+
+Never destroying the last good state: no checkpoint is written while the loss is non-finite (a
+streak of skipped steps) or when the weights themselves are non-finite, and the newest checkpoint
+from before a streak is never pruned for the rest of the run (so ``keep_last + 1`` may remain).
+A save that fails (full disk, permissions) removes its partial directory and stops training with
+a one-line :class:`~lm.errors.LMError`; the earlier checkpoints stay intact.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import random
 import shutil
@@ -21,15 +29,19 @@ import torch
 import torch.distributed as dist
 from pytorch_lightning.callbacks import Callback
 
+from lm.errors import LMError
 from lm.training.checkpoint import (
     MANIFEST,
     STATE,
+    files_with_digests,
     files_with_sizes,
     checkpoint_name,
     list_complete,
     write_atomic_text,
 )
 from lm.training.steps import ends_optimizer_step
+
+log = logging.getLogger(__name__)
 
 
 def _barrier() -> None:
@@ -74,6 +86,9 @@ class CheckpointManager(Callback):
         self._train_rng: Optional[Dict[str, Any]] = None
         self.saved: List[Path] = []
         self.stopped_by_signal: Optional[str] = None
+        self.skipped_nonfinite: Optional[int] = None  # the last step not saved because of non-finite values
+        self._protected: Optional[Path] = None  # newest checkpoint from before a non-finite streak
+        self._in_streak = False
 
     # ------------------------------------------------------------------------------- resume
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -106,10 +121,36 @@ class CheckpointManager(Callback):
         due = (self.every_n_steps > 0 and step % self.every_n_steps == 0) or (
             trainer.max_steps > 0 and step >= trainer.max_steps)
         if (due or stop_now) and step != self.last_saved_step and step > 0:
-            self.save(trainer)
+            if self._healthy(trainer, pl_module):
+                self.save(trainer)
+            else:
+                self.skipped_nonfinite = step
+                if trainer.is_global_zero:
+                    log.warning("step %d: no checkpoint written (non-finite loss or weights); the last good one "
+                                "is kept", step)
         if stop_now:
             self.stopped_by_signal = self.stop.signal_name
             trainer.should_stop = True
+
+    def _healthy(self, trainer: pl.Trainer, pl_module) -> bool:
+        """False during a non-finite streak or when any weight is non-finite (agreed across ranks).
+
+        Under ZeRO-3 each rank sees only its own (possibly empty) partitions of the weights.
+        """
+        streak = int(getattr(pl_module, "nonfinite_streak", 0)) > 0
+        finite = not streak and all(bool(torch.isfinite(p).all()) for p in pl_module.parameters() if p.numel())
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            device = pl_module.device if dist.get_backend() == "nccl" else torch.device("cpu")
+            flag = torch.tensor([1.0 if finite else 0.0], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            finite = flag.item() > 0
+        if not finite and not self._in_streak:
+            self._in_streak = True
+            if self.saved or self.resume_from is not None:
+                self._protected = self.saved[-1] if self.saved else self.resume_from
+        elif finite:
+            self._in_streak = False
+        return finite
 
     def save(self, trainer: pl.Trainer) -> Path:
         step = trainer.global_step
@@ -117,32 +158,50 @@ class CheckpointManager(Callback):
         final = self.directory / name
         tmp = self.directory / f".tmp-{name}"
         rank = trainer.global_rank
-        if rank == 0:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            for stale in self.directory.glob(".tmp-*"):
-                shutil.rmtree(stale, ignore_errors=True)
-            if final.exists():  # e.g. an earlier attempt reached this step: replace it
-                shutil.rmtree(final)
-            tmp.mkdir(parents=True)
-        _barrier()
-        trainer.save_checkpoint(str(tmp / STATE))
-        (tmp / "rng").mkdir(exist_ok=True)
-        torch.save(self._train_rng if self._train_rng is not None else rng_state(),
-                   tmp / "rng" / f"rank{rank:05d}.pt")
-        _barrier()
-        if rank == 0:
-            manifest = {
-                "step": step, "epoch": trainer.current_epoch, "world_size": trainer.world_size,
-                "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "files": files_with_sizes(tmp), **self.manifest_extra,
-            }
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
-            os.replace(tmp, final)
-            write_atomic_text(self.directory / "last", name + "\n")
-            self._prune(keep=final)
+        try:
+            if rank == 0:
+                self.directory.mkdir(parents=True, exist_ok=True)
+                for stale in self.directory.glob(".tmp-*"):
+                    shutil.rmtree(stale, ignore_errors=True)
+                if final.exists():  # e.g. an earlier attempt reached this step: replace it
+                    shutil.rmtree(final)
+                tmp.mkdir(parents=True)
+            _barrier()
+            trainer.save_checkpoint(str(tmp / STATE))
+            (tmp / "rng").mkdir(exist_ok=True)
+            torch.save(self._train_rng if self._train_rng is not None else rng_state(),
+                       tmp / "rng" / f"rank{rank:05d}.pt")
+            _barrier()
+            if rank == 0:
+                manifest = {
+                    "step": step, "epoch": trainer.current_epoch, "world_size": trainer.world_size,
+                    "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "files": files_with_sizes(tmp),
+                    "sha256": files_with_digests(tmp), **self.manifest_extra,
+                }
+                (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
+                os.replace(tmp, final)
+                write_atomic_text(self.directory / "last", name + "\n")
+                self._prune(keep=final)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise LMError(self._save_failed(name, e)) from None
         _barrier()
         self.last_saved_step = step
         self.saved.append(final)
         return final
+
+    def _save_failed(self, name: str, e: OSError) -> str:
+        """The one-line message of a failed save: what happened, what survived, what to do."""
+        newest = self.saved[-1] if self.saved else self.resume_from
+        kept = f"the earlier checkpoints are intact (newest: {newest})" if newest else "no earlier checkpoint exists"
+        if e.errno == errno.ENOSPC:
+            what, fix = "no space left on the device", "free space"
+        elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            what, fix = f"not writable ({e.strerror})", "make it writable"
+        else:
+            what, fix = e.strerror or str(e), "fix the cause"
+        return (f"cannot write checkpoint {name} in {self.directory}: {what}; {kept}; {fix} and continue with "
+                f"resume=auto")
 
     def _prune(self, keep: Path) -> None:
         complete = list_complete(self.directory)
@@ -150,6 +209,6 @@ class CheckpointManager(Callback):
         for old in complete:
             if excess <= 0:
                 break
-            if old != keep:
+            if old != keep and old != self._protected:
                 shutil.rmtree(old, ignore_errors=True)
                 excess -= 1

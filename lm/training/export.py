@@ -62,12 +62,14 @@ def checkpoint_state_dict(ckpt_dir: Path) -> Dict[str, torch.Tensor]:
 
 def export_checkpoint(checkpoint: str, out_dir: str) -> Path:
     """Write an export directory atomically (temporary directory, then rename)."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise LMError(f"export directory {out} is an existing file; name a new directory")
+    if out.exists() and any(out.iterdir()):
+        raise LMError(f"export directory {out} exists and is not empty; name a new directory")
     ckpt_dir = resolve_checkpoint(checkpoint)
     manifest = read_manifest(ckpt_dir)
     state = checkpoint_state_dict(ckpt_dir)
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise LMError(f"export directory {out} exists and is not empty")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:

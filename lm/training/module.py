@@ -130,6 +130,8 @@ class LMModule(pl.LightningModule):
         self._step_started: Optional[float] = None
         self._flops_per_token: Optional[float] = None
         self._zero_lr_this_step = False
+        #: set by the trainer when a resume changes optimizer settings (lm.training.resume_policy)
+        self.apply_optimizer_settings_on_start = False
 
     def setup(self, stage: str) -> None:
         """Under ZeRO-3 the tied head uses the (partitioned) embedding weight: register it."""
@@ -196,6 +198,8 @@ class LMModule(pl.LightningModule):
         limit = int(self.train_cfg.get("max_nonfinite_steps", 5))
         step = self.global_step
         self.log("train/nonfinite_steps", float(self.nonfinite_total), on_step=True, on_epoch=False)
+        # a skipped step logs NaN as its loss, never the previous step's value
+        self.log("train/loss", float("nan"), prog_bar=True, on_step=True, on_epoch=False)
         if self.nonfinite_streak >= limit:
             raise NonFiniteLossError(
                 f"the loss was non-finite for {self.nonfinite_streak} consecutive steps (last at step {step}); "
@@ -283,6 +287,29 @@ class LMModule(pl.LightningModule):
             lambda step: lr_multiplier(step, int(cfg["warmup_steps"]), int(cfg["max_steps"]), float(cfg["min_lr_ratio"])),
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step", "frequency": 1}}
+
+    def on_train_start(self) -> None:
+        if self.apply_optimizer_settings_on_start:
+            self._apply_optimizer_settings()
+
+    def _apply_optimizer_settings(self) -> None:
+        """After a resume: this config's lr (the schedule's base), betas, eps and weight decay replace
+        the values restored from the checkpoint's optimizer and scheduler states."""
+        cfg = self.train_cfg
+        for config in self.trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            scheduler.base_lrs = [float(cfg["lr"])] * len(scheduler.base_lrs)
+        for optimizer in self.trainer.optimizers:
+            for i, group in enumerate(optimizer.param_groups):
+                group["initial_lr"] = float(cfg["lr"])
+                group["betas"] = (float(cfg["beta1"]), float(cfg["beta2"]))
+                group["eps"] = float(cfg["eps"])
+                if i == 0:  # the decayed group (see configure_optimizers)
+                    group["weight_decay"] = float(cfg["weight_decay"])
+        for config in self.trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_lr()):
+                group["lr"] = lr
 
     # ---------------------------------------------------------------------------- checkpoint
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:

@@ -1,9 +1,13 @@
 """``lm train``: data, model and Trainer from one validated experiment config.
 
-Order of work: validate the whole config (before anything heavy), prepare the token shards if
-needed (rank 0; the others wait), resolve the vocabulary, pick the checkpoint to resume from,
-build datamodule + module + loggers + callbacks + strategy, ``Trainer.fit``, then (rank 0) report
-validation perplexity and bits per byte and print a generated sample.
+Order of work: validate the whole config (before anything heavy); the launching process (global
+rank 0) takes the run-directory lock (:mod:`lm.training.run_lock`) and checks the run directory:
+writable, a fresh run does not silently replace an earlier run's checkpoints, ``resume=auto``
+finds a verified checkpoint (rejected ones are named with their reason) and the new config may
+resume it (:mod:`lm.training.resume_policy`) -- all before anything is written; then prepare the
+token shards if needed (rank 0; the others wait), resolve the vocabulary, build datamodule +
+module + loggers + callbacks + strategy, ``Trainer.fit``, then (rank 0) report validation
+perplexity and bits per byte and print a generated sample.
 """
 
 from __future__ import annotations
@@ -11,6 +15,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
+import signal
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,10 +29,19 @@ from omegaconf import DictConfig
 
 from lm.config.loader import plain, to_yaml
 from lm.errors import ConfigError, LMError
-from lm.training.checkpoint import STATE, latest_complete, read_manifest, resolve_checkpoint, write_atomic_text
+from lm.training.checkpoint import (
+    STATE,
+    latest_complete,
+    read_manifest,
+    resolve_checkpoint,
+    step_dirs,
+    write_atomic_text,
+)
 from lm.training.checkpoint_manager import CheckpointManager
 from lm.training.loggers import build_loggers
 from lm.training.module import LMModule, NonFiniteLossError, batch_loss, validation_metrics
+from lm.training.resume_policy import check_resume
+from lm.training.run_lock import LOCK_FILE, RunLock
 from lm.training.signals import StopRequest, requeue_slurm_job
 from lm.training.strategies import build_strategy, uses_gpu
 
@@ -42,6 +58,13 @@ class TrainResult:
     stopped_by_signal: Optional[str] = None
     requeued: bool = False
     metrics: Dict[str, float] = field(default_factory=dict)
+
+    @property
+    def exit_code(self) -> int:
+        """0, or 128 + the signal's number after a signal stop (0 when the stop requeued a SLURM job)."""
+        if not self.stopped_by_signal or self.requeued:
+            return 0
+        return 128 + int(getattr(signal, self.stopped_by_signal))
 
 
 def launch_rank() -> int:
@@ -104,13 +127,63 @@ def resolve_vocab(cfg: DictConfig, data_vocab: int) -> int:
 # ------------------------------------------------------------------------------------- resume
 
 
-def resume_checkpoint(cfg: DictConfig, ckpt_dir: Path) -> Optional[Path]:
-    mode = str(cfg.resume)
-    if mode in ("none", "", "null", "None"):
+def _fresh(cfg: DictConfig) -> bool:
+    return str(cfg.resume) in ("none", "", "null", "None")
+
+
+def resume_checkpoint(cfg: DictConfig, ckpt_dir: Path, echo=print) -> Optional[Path]:
+    """The verified checkpoint to resume from (None: a fresh start); rejected ones are named.
+
+    ``resume=auto`` with checkpoint directories but none usable is a one-line error: nothing is
+    deleted, appended or overwritten.
+    """
+    if _fresh(cfg):
         return None
-    if mode == "auto":
-        return latest_complete(ckpt_dir)
-    return resolve_checkpoint(mode)
+    if str(cfg.resume) != "auto":
+        return resolve_checkpoint(str(cfg.resume))
+    rejected: List = []
+    found = latest_complete(ckpt_dir, verify=True, rejected=rejected)
+    if launch_rank() == 0:
+        for path, reason in rejected:
+            echo(f"note: checkpoint {path} rejected: {reason}")
+    if found is None and step_dirs(ckpt_dir):
+        path, reason = rejected[-1] if rejected else (ckpt_dir, "none is complete")
+        raise LMError(f"resume=auto: no usable checkpoint in {ckpt_dir} (newest {path.name}: {reason}); nothing was "
+                      f"changed: restore a checkpoint, pass resume=<checkpoint>, or start over with a new run_dir=... "
+                      f"or overwrite=true")
+    return found
+
+
+def check_writable(directory: Path) -> None:
+    """One-line error unless a file can be created in ``directory`` (when it exists)."""
+    if not directory.is_dir():
+        return
+    try:
+        with tempfile.TemporaryFile(dir=directory, prefix=".write-test"):
+            pass
+    except OSError as e:
+        raise LMError(f"{directory} is not writable ({e.strerror or e}): make it writable, or choose another "
+                      f"run_dir=... (to evaluate a read-only run, pass --out to lm eval)") from None
+
+
+def prepare_run_dir(cfg: DictConfig, echo=print) -> None:
+    """Launching process, lock held: refuse a fresh run over an earlier run's checkpoints unless
+    ``overwrite=true``, which removes that run's files (every file in run_dir but the lock)."""
+    run_dir = Path(cfg.run_dir)
+    check_writable(run_dir)
+    check_writable(run_dir / "checkpoints")
+    if cfg.overwrite and not _fresh(cfg):
+        raise ConfigError(f"overwrite=true starts {run_dir} over; it cannot be combined with resume={cfg.resume}")
+    existing = step_dirs(run_dir / "checkpoints")
+    if not _fresh(cfg) or not existing:
+        return
+    if not cfg.overwrite:
+        raise LMError(f"run_dir {run_dir} already holds checkpoints of an earlier run (newest {existing[-1].name}); "
+                      f"continue it with resume=auto, or start over with a new run_dir=... or overwrite=true")
+    for entry in run_dir.iterdir():
+        if entry.name != LOCK_FILE:
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+    echo(f"overwrite=true: removed the earlier run's files from {run_dir}")
 
 
 def _write_run_files(run_dir: Path, cfg: DictConfig) -> None:
@@ -122,17 +195,43 @@ def _write_run_files(run_dir: Path, cfg: DictConfig) -> None:
 
 
 def train(cfg: DictConfig, echo=print) -> TrainResult:
-    """Run one training job described by a validated experiment config."""
+    """Run one training job described by a validated experiment config.
+
+    The launching process holds the run-directory lock for the whole run; if it created the run
+    directory and the run fails before writing anything, the directory is removed again.
+    """
+    run_dir = Path(cfg.run_dir)
+    if launch_rank() != 0:
+        return _train(cfg, echo)
+    created = not run_dir.exists()
+    lock = RunLock(run_dir, echo).acquire()
+    try:
+        prepare_run_dir(cfg, echo)
+        return _train(cfg, echo)
+    finally:
+        lock.release()
+        if created and [p.name for p in run_dir.iterdir()] == [LOCK_FILE]:
+            shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _train(cfg: DictConfig, echo) -> TrainResult:
     from data.datamodule import TokenDataModule
 
     run_dir = Path(cfg.run_dir)
     ckpt_dir = run_dir / "checkpoints"
-    resume_from = resume_checkpoint(cfg, ckpt_dir)
+    resume_from = resume_checkpoint(cfg, ckpt_dir, echo)
+    apply_optimizer_settings = False
     if resume_from is not None:
         manifest = read_manifest(resume_from)
+        changes = check_resume(manifest.get("config", {}), plain(cfg), str(resume_from))
+        _check_world_size(cfg, manifest, resume_from)
         if int(manifest["step"]) >= int(cfg.train.max_steps):
             echo(f"{run_dir}: already trained to step {manifest['step']} (train.max_steps={cfg.train.max_steps})")
             return TrainResult(run_dir, resume_from, int(manifest["step"]))
+        if changes.notices and launch_rank() == 0:
+            echo(f"note: resuming step {manifest['step']} with changed settings, applied from here on "
+                 f"(the schedule keeps its step): {'; '.join(changes.notices)}")
+        apply_optimizer_settings = changes.optimizer_changed
 
     if cfg.data.source.kind == "task":
         datamodule, bytes_per_token, tokenizer = _task_data(cfg)
@@ -146,9 +245,13 @@ def train(cfg: DictConfig, echo=print) -> TrainResult:
         cfg.model.vocab_size = resolve_vocab(cfg, datamodule.vocab_size)
         bytes_per_token = datamodule.bytes_per_token
         tokenizer = {"path": str(datamodule.tokenizer_path), "sha256": datamodule.tokenizer_sha256}
-    config = plain(cfg)
     if cfg.data.source.kind == "task":
-        config["data"]["task_output"] = datamodule.task.spec.output
+        output = datamodule.task.spec.output
+        if cfg.data.task_output not in (None, output):
+            raise ConfigError(f"data.task_output: the task {cfg.data.task.name} outputs {output!r}, not "
+                              f"{cfg.data.task_output!r} (it is filled from the task: remove the key)")
+        cfg.data.task_output = output
+    config = plain(cfg)
     if launch_rank() == 0:
         _write_run_files(run_dir, cfg)
 
@@ -158,6 +261,7 @@ def train(cfg: DictConfig, echo=print) -> TrainResult:
         keep_freed_memory()
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     module = LMModule(config, bytes_per_token=bytes_per_token)
+    module.apply_optimizer_settings_on_start = apply_optimizer_settings
     if launch_rank() == 0:
         n = module.model.num_parameters()
         source = data_dir if data_dir is not None else f"task {cfg.data.task.name}"
@@ -231,13 +335,17 @@ def train(cfg: DictConfig, echo=print) -> TrainResult:
         trainer.fit(module, datamodule=datamodule,
                     ckpt_path=str(resume_from / STATE) if resume_from is not None else None)
     except NonFiniteLossError as e:
-        raise LMError(str(e)) from None
+        newest = checkpoints.saved[-1] if checkpoints.saved else resume_from
+        kept = f"; the last good checkpoint is {newest}" if newest else ""
+        raise LMError(f"{e}{kept}") from None
 
     result = TrainResult(run_dir, checkpoints.saved[-1] if checkpoints.saved else resume_from,
                          trainer.global_step, stopped_by_signal=checkpoints.stopped_by_signal)
     if checkpoints.stopped_by_signal:
+        unsaved = (f" (step {checkpoints.skipped_nonfinite} not saved: non-finite loss or weights)"
+                   if checkpoints.skipped_nonfinite == trainer.global_step else "")
         stopped = (f"stopped by {checkpoints.stopped_by_signal} at step {trainer.global_step}; "
-                   f"checkpoint {result.checkpoint}")
+                   f"checkpoint {result.checkpoint}{unsaved}")
         if stop is not None and stop.wants_requeue and trainer.is_global_zero:
             # said before the requeue: SLURM terminates the job's processes as soon as it is requeued
             echo(f"{stopped}; requeueing SLURM job {os.environ.get('SLURM_JOB_ID')}")
@@ -253,6 +361,17 @@ def train(cfg: DictConfig, echo=print) -> TrainResult:
     if trainer.is_global_zero:
         _final_report(cfg, module, datamodule, trainer, result, echo)
     return result
+
+
+def _check_world_size(cfg: DictConfig, manifest: Dict[str, Any], resume_from: Path) -> None:
+    """DeepSpeed's ZeRO checkpoints are partitioned per rank: resume them on as many ranks."""
+    if cfg.train.strategy != "deepspeed":
+        return
+    devices, nodes = world_shape(cfg.train)
+    before = int(manifest.get("world_size", devices * nodes))
+    if before != devices * nodes:
+        raise ConfigError(f"resume from {resume_from}: the DeepSpeed checkpoint was written by {before} ranks, this run "
+                          f"has {devices * nodes} (train.devices x train.num_nodes); resume it on {before} ranks")
 
 
 def _task_data(cfg: DictConfig):
