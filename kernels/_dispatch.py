@@ -9,12 +9,13 @@ the automatic choice falls back to ``torch``, then ``reference``; an explicit ch
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 from typing import Callable, Dict, Optional
 
 import torch
 
-BACKENDS = ("reference", "torch", "triton")
+BACKENDS = ("reference", "torch", "triton", "fla")
 ENV_VAR = "LM_KERNEL_BACKEND"
 SHORT_T = 8
 
@@ -47,7 +48,24 @@ def choose_backend(backend: Optional[str], device: torch.device) -> Optional[str
                 f"backend 'triton' needs CUDA tensors (got {device.type}); set TRITON_INTERPRET=1 to "
                 "run Triton kernels on the CPU interpreter"
             )
+    if name == "fla":
+        _check_fla(device)
     return name
+
+
+def fla_available() -> bool:
+    """flash-linear-attention's ops (``pip install rnn-lm[fla]``) importable."""
+    return importlib.util.find_spec("fla") is not None and importlib.util.find_spec("fla.ops") is not None
+
+
+def _check_fla(device: torch.device) -> None:
+    """``backend="fla"``: never chosen automatically; needs fla, and CUDA or the Triton interpreter."""
+    if not fla_available():
+        raise ValueError("backend 'fla' requested but flash-linear-attention is not installed "
+                         "(pip install 'rnn-lm[fla]')")
+    if device.type != "cuda" and not triton_interpret():
+        raise ValueError(f"backend 'fla' runs Triton kernels and needs CUDA tensors (got {device.type}); set "
+                         "TRITON_INTERPRET=1 to run them on the CPU interpreter")
 
 
 def _table(op: str) -> Dict[str, Callable[[], Callable]]:

@@ -49,5 +49,11 @@ def _triton():
     return delta_rule_triton
 
 
+def _fla():
+    from kernels.ops.delta_rule.fla import delta_rule_fla
+
+    return delta_rule_fla
+
+
 #: backend name -> loader returning the implementation (same signature as the reference)
-BACKENDS = {"reference": _reference, "torch": _torch, "triton": _triton}
+BACKENDS = {"reference": _reference, "torch": _torch, "triton": _triton, "fla": _fla}

@@ -50,5 +50,11 @@ def _triton():
     return dplr_triton
 
 
+def _fla():
+    from kernels.ops.dplr.fla import dplr_fla
+
+    return dplr_fla
+
+
 #: backend name -> loader returning the implementation (same signature as the reference)
-BACKENDS = {"reference": _reference, "torch": _torch, "triton": _triton}
+BACKENDS = {"reference": _reference, "torch": _torch, "triton": _triton, "fla": _fla}

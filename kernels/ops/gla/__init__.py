@@ -19,5 +19,11 @@ def _triton():
     return gla_triton
 
 
+def _fla():
+    from kernels.ops.gla.fla import gla_fla
+
+    return gla_fla
+
+
 #: backend name -> loader returning the implementation (same signature as the reference)
-BACKENDS = {"reference": _reference, "torch": _torch, "triton": _triton}
+BACKENDS = {"reference": _reference, "torch": _torch, "triton": _triton, "fla": _fla}
