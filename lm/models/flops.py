@@ -4,7 +4,7 @@
 along the sequence (the part parameters do not count):
 
 * softmax attention (causal): ``2 * 2 * d * T/2`` per layer (scores and weighted sum);
-* chunked linear attention / GLA / RetNet (chunk C): intra-chunk ``2 C (K + V)`` and state read and
+* chunked linear attention / GLA / RetNet (chunk C, the kernels' own, :func:`kernel_chunk`): intra-chunk ``2 C (K + V)`` and state read and
   write ``4 K V`` per head; the delta rule adds the per-chunk WY transform ``2 C K + C^2``;
 * DPLR (RWKV-7): like the delta rule with a per-key decay, ``2 C (2K + V) + C^2 + 6 K V``;
 * fused recurrences (recurrent delta, SRWM): ``~12 K V`` (read, update and readout per step);
@@ -27,23 +27,40 @@ def matmul_parameters(model: LanguageModel) -> int:
     return n
 
 
+def kernel_chunk(op: str, K: int, V: int) -> int:
+    """Chunk length of the kernel that trains ``op`` on a GPU (the Triton path: ``gla`` 64 steps,
+    ``delta_rule``/``dplr`` 64, or 32 for heads wider than 64); the chunked PyTorch paths' 64 when
+    Triton is not installed."""
+    from kernels.ops.gla.chunk import CHUNK
+
+    if op == "gla":
+        return CHUNK
+    try:
+        from kernels.ops.delta_rule._triton_utils import chunk_length
+    except ImportError:
+        return CHUNK
+    return chunk_length(K, V)
+
+
 def mixer_forward_flops(model: LanguageModel, seq_len: int) -> float:
     cfg = model.cfg
     L, d, H = cfg.n_layers, cfg.d_model, cfg.n_heads
     hd = head_dim(cfg)
-    C = cfg.chunk_size
     variant = cfg.variant
     if cfg.family == "transformer":
         return L * 2.0 * d * seq_len
     if cfg.family == "linear_attention":
         mixer = model.blocks[0].mixer
         K, V = mixer.key_dim, mixer.value_dim
+        delta = variant in ("deltanet", "gated_deltanet")
+        C = kernel_chunk("delta_rule" if delta else "gla", K, V)
         per_head = 2 * C * (K + V) + 4 * K * V
-        if variant in ("deltanet", "gated_deltanet"):
+        if delta:
             per_head += 2 * C * K + C * C
         return L * H * float(per_head)
     if cfg.family == "rwkv":
         K = V = hd
+        C = kernel_chunk("dplr", K, V)
         return L * H * float(2 * C * (2 * K + V) + C * C + 6 * K * V)
     if cfg.family == "fwp":
         return L * H * 12.0 * hd * hd

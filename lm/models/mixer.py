@@ -58,7 +58,7 @@ class TokenMixer(nn.Module, abc.ABC):
         self.d_model = int(cfg.d_model)
         self.n_heads = int(cfg.n_heads)
         self.head_dim = head_dim(cfg)
-        self.backend = cfg.kernel_backend
+        self.backend = None if cfg.kernel_backend in (None, "auto") else cfg.kernel_backend  # None: by device
 
     @abc.abstractmethod
     def forward(self, x: torch.Tensor, state: State = None, return_state: bool = False) -> Tuple[torch.Tensor, State]:

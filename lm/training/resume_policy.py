@@ -23,7 +23,7 @@ from lm.errors import ConfigError
 OVERRIDABLE = frozenset({
     "name", "run_dir", "resume", "overwrite",
     "data.num_proc", "data.batch_size", "data.task.val_examples",
-    "model.kernel_backend", "model.chunk_size",
+    "model.kernel_backend",
     "train.max_steps", "train.accelerator", "train.activation_checkpointing", "train.compile",
     "train.loss_chunk_size", "train.val_every_n_steps", "train.val_batches", "train.log_every_n_steps",
     "train.max_nonfinite_steps", "train.num_workers", "train.deterministic", "train.progress_bar",
