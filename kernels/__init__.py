@@ -1,6 +1,7 @@
 """Scan ops for every recurrent family, behind one API. The contract is ``kernels/README.md``.
 
-Each public op validates its arguments (``ValueError`` naming the argument and expected shape),
+Each public op validates its arguments (``ValueError`` naming the argument and expected shape; the
+log-decay sign, a value check, only on the reference backend or with ``LM_KERNEL_CHECKS=1``),
 then dispatches to a backend: ``"reference"`` (the step-by-step recurrence), ``"torch"``
 (chunked/parallel PyTorch) or ``"triton"``; see :mod:`kernels._dispatch` for the rule.
 All return ``(output, final_state or None)``.
@@ -12,17 +13,22 @@ from typing import Optional, Tuple
 
 import torch
 
-from kernels._checks import check_floating, check_log_decay, check_same_dtype, check_tensor
-from kernels._dispatch import BACKENDS, choose_backend, resolve
+from kernels._checks import check_floating, check_log_decay, check_same_dtype, check_tensor, value_checks_enabled
+from kernels._dispatch import BACKENDS, choose_backend, is_reference, resolve
 
 __all__ = [
     "BACKENDS", "linear_scan", "gla", "delta_rule", "dplr", "softmax_scan", "recurrent_delta", "srwm",
 ]
 
 
-def _run(op: str, backend: Optional[str], device: torch.device, *args, **kwargs):
+def _run(op: str, backend: Optional[str], device: torch.device, *args, log_decay=None):
+    """Resolve the backend and call it; ``log_decay`` (g) is value-checked first on the reference
+    backend or with ``LM_KERNEL_CHECKS=1`` (no host-device sync on the fast paths)."""
     T = args[0].shape[1]
-    return resolve(op, choose_backend(backend, device), device, T)(*args, **kwargs)
+    fn = resolve(op, choose_backend(backend, device), device, T)
+    if log_decay is not None and value_checks_enabled(is_reference(op, fn)):
+        check_log_decay("g", log_decay)
+    return fn(*args)
 
 
 def _default_scale(scale: Optional[float], K: int) -> float:
@@ -83,10 +89,9 @@ def gla(
         check_tensor("g", g, ("B", "T", "H"), sizes, ref=q)
     else:
         check_tensor("g", g, ("B", "T", "H", "K"), sizes, ref=q)
-    check_log_decay("g", g)
     _check_matrix_state(initial_state, sizes, q)
     scale = _default_scale(scale, q.shape[-1])
-    return _run("gla", backend, q.device, q, k, v, g, scale, initial_state, output_final_state)
+    return _run("gla", backend, q.device, q, k, v, g, scale, initial_state, output_final_state, log_decay=g)
 
 
 def delta_rule(
@@ -109,10 +114,10 @@ def delta_rule(
     check_tensor("beta", beta, ("B", "T", "H"), sizes, ref=q)
     if g is not None:
         check_tensor("g", g, ("B", "T", "H"), sizes, ref=q)
-        check_log_decay("g", g)
     _check_matrix_state(initial_state, sizes, q)
     scale = _default_scale(scale, q.shape[-1])
-    return _run("delta_rule", backend, q.device, q, k, v, beta, g, scale, initial_state, output_final_state)
+    return _run("delta_rule", backend, q.device, q, k, v, beta, g, scale, initial_state, output_final_state,
+                log_decay=g)
 
 
 def dplr(
@@ -135,10 +140,9 @@ def dplr(
     _check_qkv(q, k, v, sizes)
     for name, x in (("a", a), ("b", b), ("g", g)):
         check_tensor(name, x, ("B", "T", "H", "K"), sizes, ref=q)
-    check_log_decay("g", g)
     _check_matrix_state(initial_state, sizes, q)
     scale = _default_scale(scale, q.shape[-1])
-    return _run("dplr", backend, q.device, q, k, v, a, b, g, scale, initial_state, output_final_state)
+    return _run("dplr", backend, q.device, q, k, v, a, b, g, scale, initial_state, output_final_state, log_decay=g)
 
 
 def softmax_scan(

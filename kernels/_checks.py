@@ -3,6 +3,7 @@ the argument and the expected shape."""
 
 from __future__ import annotations
 
+import os
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -58,8 +59,20 @@ def check_same_dtype(names_and_tensors: Sequence[Tuple[str, torch.Tensor]]) -> N
             raise ValueError(f"{name}: dtype {x.dtype} differs from {first_name}'s {first.dtype}")
 
 
+#: set to 1 to run the value checks (which read tensor values) on every backend, not only the reference
+CHECKS_ENV = "LM_KERNEL_CHECKS"
+
+
+def value_checks_enabled(reference: bool) -> bool:
+    """Whether to run value checks: always on the reference backend (a step loop, where one more read
+    costs nothing), elsewhere only with ``LM_KERNEL_CHECKS=1`` -- reading a CUDA tensor's values on
+    the host waits for the GPU, which a per-layer check would do on every forward."""
+    return reference or os.environ.get(CHECKS_ENV, "0") not in ("", "0")
+
+
 def check_log_decay(name: str, g: Optional[torch.Tensor]) -> None:
-    """Log-space decays must be <= 0 (a decay factor exp(g) <= 1)."""
+    """Log-space decays must be <= 0 (a decay factor exp(g) <= 1). Reads the values: see
+    :func:`value_checks_enabled` for when the ops call it."""
     if g is None or _compiling():
         return
     if bool((g > 0).any()):

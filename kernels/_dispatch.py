@@ -72,6 +72,11 @@ def _table(op: str) -> Dict[str, Callable[[], Callable]]:
     return importlib.import_module(f"kernels.ops.{op}").BACKENDS
 
 
+def is_reference(op: str, fn: Callable) -> bool:
+    """Whether ``fn`` (from :func:`resolve`) is ``op``'s reference step loop."""
+    return fn is _table(op)["reference"]()
+
+
 def resolve_auto(op: str, device: torch.device, T: int) -> Callable:
     table = _table(op)
     if device.type == "cuda" and triton_available() and "triton" in table:

@@ -7,10 +7,6 @@ and the gradients of every input (initial state included), for a random cotangen
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import pytest
@@ -42,15 +38,6 @@ def require_triton() -> None:
     pytest.importorskip("triton")
     if not torch.cuda.is_available() and not triton_interpret():
         pytest.skip("needs CUDA or TRITON_INTERPRET=1")
-
-
-def run_compiler_script(script: str) -> subprocess.CompletedProcess:
-    """Run ``script`` in a fresh interpreter without TRITON_INTERPRET (so ``triton.compile`` builds
-    real GPU code; no GPU is needed), with the repository importable."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH", "")])
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
 
 
 def triton_test(fn):

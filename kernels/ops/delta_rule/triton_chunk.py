@@ -29,6 +29,9 @@ from kernels.ops.delta_rule._triton_utils import (
 )
 
 _STATE_BV = 64  # V block of the state-passing kernels
+#: the backward kernels hold more live [BT, BK] / [BK, BV] tiles than 4 warps have registers for:
+#: at 4 warps ptxas spilled 72-504 bytes per thread (sm_90, K = V = 64; ``python -m kernels.compile_check``)
+_BWD_LAUNCH = dict(LAUNCH, num_warps=8)
 
 
 @triton.jit
@@ -333,7 +336,7 @@ class DeltaRuleChunkFunction(torch.autograd.Function):
             q, k, do, w, bc, dht.contiguous() if dht is not None else dstates, dstates, du,
             dh0 if dh0 is not None else dstates, ctx.scale, T, H, K, V, Tp, NT,
             GATED=gated, HAS_DHT=dht is not None, STORE_DH0=dh0 is not None,
-            BT=BT, BK=BK, BV=BVs, PREC=prec, **LAUNCH)
+            BT=BT, BK=BK, BV=BVs, PREC=prec, **_BWD_LAUNCH)
         dq = torch.empty(B, T, H, K, **f32)
         dk = torch.empty(B, T, H, K, **f32)
         dv = torch.empty(B, T, H, V, **f32)
@@ -341,10 +344,10 @@ class DeltaRuleChunkFunction(torch.autograd.Function):
         db = torch.empty(B, H, Tp, **f32) if gated else None
         _grads_output_state[(NT, B * H)](
             q, k, bc, u, states, dstates, do, dq, dk, db if gated else dbeta, ctx.scale, T, H, K, V, Tp, NT,
-            GATED=gated, BT=BT, BK=BK, BV=BV, PREC=prec, **LAUNCH)
+            GATED=gated, BT=BT, BK=BK, BV=BV, PREC=prec, **_BWD_LAUNCH)
         _grads_solve[(NT, B * H)](
             k, v, beta, bc, ainv, w, ut, states, du, dk, dv, dbeta, db if gated else dbeta, T, H, K, V, Tp, NT,
-            GATED=gated, BT=BT, BK=BK, BV=BV, PREC=prec, **LAUNCH)
+            GATED=gated, BT=BT, BK=BK, BV=BV, PREC=prec, **_BWD_LAUNCH)
         dg = chunk_reverse_cumsum(db, T, BT).to(ctx.g_dtype) if gated else None
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbeta.to(beta.dtype), dg, None, dh0, None)
 
