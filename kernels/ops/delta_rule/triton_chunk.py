@@ -29,8 +29,10 @@ from kernels.ops.delta_rule._triton_utils import (
 )
 
 _STATE_BV = 64  # V block of the state-passing kernels
-#: the backward kernels hold more live [BT, BK] / [BK, BV] tiles than 4 warps have registers for:
-#: at 4 warps ptxas spilled 72-504 bytes per thread (sm_90, K = V = 64; ``python -m kernels.compile_check``)
+#: launch options of the backward kernels, which hold more live [BT, BK] / [BK, BV] tiles than 4 warps
+#: have registers for (sm_90, ``python -m kernels.compile_check``): at K = V = 64 4 warps spilled up to
+#: 504 bytes per thread, 8 warps at most 148; at K = V = 128 8 warps still spill 816 bytes in
+#: ``_grads_output_state`` (16 warps cap registers at 128 per thread and spill more)
 _BWD_LAUNCH = dict(LAUNCH, num_warps=8)
 
 
