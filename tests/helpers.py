@@ -1,10 +1,15 @@
 """Helpers shared by the test packages: a small prepared corpus, experiment files, and running
-``lm`` in a subprocess. The ``tiny_data`` fixture (tests/conftest.py) prepares the corpus once."""
+``lm`` in a subprocess. The ``tiny_data`` fixture (tests/conftest.py) prepares the corpus once.
+
+Every process a helper starts runs in its own process group (session), and the whole group is
+killed when the helper gives up (timeout, failure, interruption): rank processes that Lightning
+or DeepSpeed start never outlive a test."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -63,9 +68,30 @@ def lm_command(*args: str) -> List[str]:
     return [sys.executable, "-m", "lm.cli.main", *args]
 
 
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL ``proc``'s whole process group (it was started with ``start_new_session=True``)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def run_group(cmd: List[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """``subprocess.run`` in a new session; on timeout or any interruption the whole group is killed."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, **kwargs)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except BaseException:
+        kill_group(proc)
+        proc.communicate()
+        raise
+    kill_group(proc)  # leftovers of a finished command (e.g. an orphaned rank) go too
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def run_lm(*args: str, timeout: float = 600, check: bool = True, env=None) -> subprocess.CompletedProcess:
-    proc = subprocess.run(lm_command(*args), capture_output=True, text=True, timeout=timeout,
-                          env=env or lm_env(), cwd=REPO)
+    proc = run_group(lm_command(*args), timeout, env=env or lm_env(), cwd=REPO)
     if check and proc.returncode != 0:
         raise AssertionError(f"lm {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc

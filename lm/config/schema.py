@@ -120,9 +120,8 @@ class ModelConfig:
     dropout: float = 0.0
     input_dim: Optional[int] = None  # continuous inputs (regression tasks): linear embedding
     output_dim: Optional[int] = None  # continuous outputs: linear readout instead of the LM head
-    # auto | reference | torch | triton | fla: the scan ops' backend (kernels/README.md); auto (or null):
-    # by device, fla: flash-linear-attention's kernels (the fla extra; gla, delta_rule, dplr only)
-    kernel_backend: Optional[str] = "auto"
+    kernel_backend: Optional[str] = None  # reference | torch | triton (None: by device)
+    chunk_size: int = 64
     mixer: Dict[str, Any] = field(default_factory=dict)
 
 
@@ -161,9 +160,7 @@ class TrainConfig:
     log_every_n_steps: int = 10
     max_nonfinite_steps: int = 5
     num_workers: int = 0
-    # torch.use_deterministic_algorithms: off by default, because CUDA has no deterministic kernels for
-    # some ops (that setting makes them raise); CPU runs resume bit-exactly either way (tested)
-    deterministic: bool = False
+    deterministic: bool = True
     progress_bar: bool = True
     sample_prompt: str = ""
     sample_tokens: int = 64

@@ -297,6 +297,10 @@ def _train(cfg: DictConfig, echo) -> TrainResult:
     devices, nodes = world_shape(cfg.train)
     strategy = build_strategy(cfg.train, devices, nodes)
     is_deepspeed = cfg.train.strategy == "deepspeed"
+    if is_deepspeed and not uses_gpu(cfg.train):
+        from lm.training.ds_ops import prebuild_cpu_ops
+
+        prebuild_cpu_ops(echo if launch_rank() == 0 else (lambda line: None))
     plugins = []
     if isinstance(strategy, str):
         from pytorch_lightning.plugins.environments import SLURMEnvironment

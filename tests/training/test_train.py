@@ -20,6 +20,7 @@ from lm.config import load_experiment
 from lm.training.checkpoint import is_complete, latest_complete, list_complete, read_manifest
 from lm.training.export import checkpoint_state_dict, load_model
 from lm.training.trainer import train
+from tests.helpers import kill_group, run_group
 from tests.training.conftest import experiment, lm_command, lm_env, read_samples, run_lm, REPO
 
 
@@ -156,6 +157,8 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, tiny_data):
         assert proc.wait(120) == 128 + signal.SIGTERM  # documented: a signal stop exits 128 + signum
     finally:
         log.close()
+        if proc.poll() is None:
+            kill_group(proc)
     output = (Path(log.name)).read_text()
     assert "stopped by SIGTERM" in output
     latest = latest_complete(tmp_path / "exp" / "checkpoints")
@@ -211,8 +214,7 @@ def test_wandb_offline_run_directory(tmp_path, tiny_data):
                       logging={"wandb": {"mode": "offline", "project": "test"}})
     env = lm_env()
     env.pop("WANDB_MODE", None)
-    proc = subprocess.run(lm_command("train", str(path)), capture_output=True, text=True, env=env, cwd=REPO,
-                          timeout=300)
+    proc = run_group(lm_command("train", str(path)), 300, env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "exp"
     run_id = (run / "wandb_run_id").read_text().strip()
