@@ -38,7 +38,7 @@ CHOICES: Dict[str, Sequence[str]] = {
     "data.task_output": ("classes", "vectors", "multilabel"),
     "model.mlp": ("swiglu", "rwkv_cmix", "none"),
     "model.norm": ("rmsnorm", "layernorm", "none"),
-    "model.kernel_backend": ("reference", "torch", "triton"),
+    "model.kernel_backend": ("auto", "reference", "torch", "triton", "fla"),
     "train.precision": ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true"),
     "train.accelerator": ("auto", "cpu", "gpu", "cuda"),
     "train.strategy": ("auto", "single", "ddp", "deepspeed"),
@@ -218,7 +218,7 @@ def check_ranges(cfg: DictConfig) -> None:
     positive = [
         "model.d_model", "model.n_layers", "model.n_heads", "train.seq_len",
         "train.micro_batch_size", "train.accumulate_grad_batches", "train.max_steps",
-        "model.chunk_size", "checkpoint.keep_last", "data.tokenizer.vocab_size",
+        "checkpoint.keep_last", "data.tokenizer.vocab_size",
     ]
     for key in positive:
         value = OmegaConf.select(cfg, key, default=None)

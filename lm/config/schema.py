@@ -120,8 +120,9 @@ class ModelConfig:
     dropout: float = 0.0
     input_dim: Optional[int] = None  # continuous inputs (regression tasks): linear embedding
     output_dim: Optional[int] = None  # continuous outputs: linear readout instead of the LM head
-    kernel_backend: Optional[str] = None  # reference | torch | triton (None: by device)
-    chunk_size: int = 64
+    # auto | reference | torch | triton | fla: the scan ops' backend (kernels/README.md); auto (or null):
+    # by device, fla: flash-linear-attention's kernels (the fla extra; gla, delta_rule, dplr only)
+    kernel_backend: Optional[str] = "auto"
     mixer: Dict[str, Any] = field(default_factory=dict)
 
 
@@ -160,7 +161,9 @@ class TrainConfig:
     log_every_n_steps: int = 10
     max_nonfinite_steps: int = 5
     num_workers: int = 0
-    deterministic: bool = True
+    # torch.use_deterministic_algorithms: off by default, because CUDA has no deterministic kernels for
+    # some ops (that setting makes them raise); CPU runs resume bit-exactly either way (tested)
+    deterministic: bool = False
     progress_bar: bool = True
     sample_prompt: str = ""
     sample_tokens: int = 64
