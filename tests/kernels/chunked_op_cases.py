@@ -17,6 +17,8 @@ class ChunkedOpCases:
     OP_MODULE: ModuleType
     #: small shapes for the Triton kernels (the CPU interpreter is slow)
     TRITON_SHAPE: Dict[str, int]
+    #: a head width (keys) above the chunked Triton kernels' limit
+    WIDE_HEAD_K: int = 130
 
     # ------------------------------------------------------------ chunked PyTorch path
 
@@ -119,7 +121,7 @@ class ChunkedOpCases:
     @pytest.mark.triton
     def test_triton_falls_back_for_very_wide_heads(self):
         harness.require_triton()
-        args, state = harness.make_inputs(self.OP, B=1, T=20, H=1, K=130, V=8, with_state=True)
+        args, state = harness.make_inputs(self.OP, B=1, T=20, H=1, K=self.WIDE_HEAD_K, V=8, with_state=True)
         with pytest.warns(UserWarning, match="chunked PyTorch path"):
             o, s = harness.run(self.OP, args, state, "triton")
         o_ref, s_ref = harness.run(self.OP, args, state, "reference")

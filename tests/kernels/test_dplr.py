@@ -2,6 +2,8 @@
 outputs, final states and the gradients of every input (initial state included). The cases shared
 with delta_rule are in :mod:`tests.kernels.chunked_op_cases`."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -17,6 +19,27 @@ class TestDplr(ChunkedOpCases):
     OP = OP
     OP_MODULE = dplr_op
     TRITON_SHAPE = dict(B=1, H=2, K=16, V=32)
+    WIDE_HEAD_K = 260  # the chunked kernels take heads up to 256 wide
+
+
+@harness.triton_test
+def test_triton_chunk_blocks_over_keys_and_values(monkeypatch):
+    # blocks shrunk so that K = 40 keys and V = 24 values take 3 key blocks (the last half empty) and 2
+    # value blocks in every blocked loop, and 32-step chunks: each loop runs more than once and masks
+    # its end, as K = V = 128 / 256 do on a GPU
+    import kernels.ops.delta_rule._triton_utils as triton_utils
+    from kernels.ops.dplr import triton_tiles
+
+    monkeypatch.setattr(triton_tiles, "_BLOCK", 16)
+    monkeypatch.setattr(triton_tiles, "_STATE_ELEMS", 64 * 16)
+    monkeypatch.setattr(triton_tiles, "_GRAD_ELEMS", 32 * 16)
+    monkeypatch.setattr(triton_utils, "WIDE_HEAD", 16)
+    bl = triton_tiles.blocks(40, 24)
+    assert (bl.BT, bl.BK, bl.BV, bl.BKF, bl.BVS, bl.BKG) == (32, 16, 16, 64, 16, 16)
+    monkeypatch.setattr(dplr_op, "RECURRENT_MAX_T", 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback to the PyTorch path
+        harness.compare_backends(OP, "triton", B=1, T=40, H=1, K=40, V=24, decay="moderate", with_state=True)
 
 
 def test_bad_shapes_name_the_argument():

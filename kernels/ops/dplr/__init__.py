@@ -27,9 +27,9 @@ def _torch():
 def dplr_triton(q, k, v, a, b, g, scale, initial_state=None, output_final_state=False):
     """Triton path: fused-recurrent for short T, chunked otherwise (same signature as the reference).
 
-    Heads wider than ``MAX_HEAD`` keys or values do not fit the chunked kernels' tiles on chip; they
-    take the chunked PyTorch path (with a warning)."""
-    from kernels.ops.delta_rule._triton_utils import MAX_HEAD
+    Heads wider than ``MAX_HEAD`` (256) keys or values would make the state-passing loops' [K, BV]
+    tiles too large; they take the chunked PyTorch path (with a warning)."""
+    from kernels.ops.dplr.triton_tiles import MAX_HEAD
 
     if q.shape[1] <= RECURRENT_MAX_T:
         from kernels.ops.dplr.triton_recurrent import dplr_fused_recurrent as fn

@@ -24,11 +24,12 @@ from kernels.ops.dplr.triton_tiles import load_next, load_next_rows, load_prev, 
 
 
 @triton.jit
-def _state_bwd(q_ptr, a_ptr, b_ptr, G_ptr, do_ptr, aqb_ptr, tinv_ptr, dht_ptr, dstates_ptr, dy_ptr, dh0_ptr,
+def _state_bwd(qg_ptr, bd_ptr, ap_ptr, G_ptr, do_ptr, aqb_ptr, tinv_ptr, dht_ptr, dstates_ptr, dy_ptr, dh0_ptr,
                scale, T, H, K, V, Tp, NT,
                HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
                BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
-    """Reverse loop: dS leaving each chunk, dZ = scale Aqb^T dO + Bd dS, dY = Ti^T dZ."""
+    """Reverse loop: dS leaving each chunk, dZ = scale Aqb^T dO + Bd dS, dY = Ti^T dZ; qg, bd, ap are
+    q e^G, b e^{G_C - G}, a e^{G'} (``_decay_inputs``)."""
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     bb, h = i_bh // H, i_bh % H
     v0 = i_v * BV
@@ -45,18 +46,14 @@ def _state_bwd(q_ptr, a_ptr, b_ptr, G_ptr, do_ptr, aqb_ptr, tinv_ptr, dht_ptr, d
         t0 = n * BT
         row0 = i_bh * Tp + t0
         tl.store(dstates_ptr + (i_bh.to(tl.int64) * NT + n) * K * V + kv_offs, dS, mask=kv_mask)
-        G = load_tile(G_ptr, row0, BT, K, 0, BT, BK)
-        g_last = load_row(G_ptr, row0 + BT - 1, K, 0, BK)
         do = load_rows(do_ptr, bb, h, t0, T, H, V, v0, BT, BV)
-        bd = load_rows(b_ptr, bb, h, t0, T, H, K, 0, BT, BK) * tl.exp(g_last[None, :] - G)
         dz = scale * tl.dot(tl.trans(load_tile(aqb_ptr, row0, BT, BT, 0, BT, BT)), do, input_precision=PREC) \
-            + tl.dot(bd, dS, input_precision=PREC)
+            + tl.dot(load_tile(bd_ptr, row0, BT, K, 0, BT, BK), dS, input_precision=PREC)
         dy = tl.dot(tl.trans(load_tile(tinv_ptr, row0, BT, BT, 0, BT, BT)), dz, input_precision=PREC)
         store_tile(dy_ptr, dy, row0, BT, V, v0, BT, BV)
-        qg = load_rows(q_ptr, bb, h, t0, T, H, K, 0, BT, BK) * tl.exp(G) * scale
-        ap = load_rows(a_ptr, bb, h, t0, T, H, K, 0, BT, BK) * tl.exp(load_prev(G_ptr, row0, 0, K, 0, BT, BK))
-        dS = dS * tl.exp(g_last)[:, None] + tl.dot(tl.trans(qg), do, input_precision=PREC) \
-            + tl.dot(tl.trans(ap), dy, input_precision=PREC)
+        dS = dS * tl.exp(load_row(G_ptr, row0 + BT - 1, K, 0, BK))[:, None] \
+            + tl.dot(tl.trans(load_tile(qg_ptr, row0, BT, K, 0, BT, BK)), do * scale, input_precision=PREC) \
+            + tl.dot(tl.trans(load_tile(ap_ptr, row0, BT, K, 0, BT, BK)), dy, input_precision=PREC)
         i += 1
     if STORE_DH0:
         tl.store(dh0_ptr + i_bh.to(tl.int64) * K * V + kv_offs, dS, mask=kv_mask)
@@ -96,7 +93,7 @@ def _dscores_bwd(do_ptr, dy_ptr, v_ptr, z_ptr, daqk_ptr, daqb_ptr, dpn_ptr, drn_
 
 
 @triton.jit
-def _dv_bwd(k_ptr, G_ptr, do_ptr, aqk_ptr, pn_ptr, dstates_ptr, dy_ptr, dv_ptr, scale,
+def _dv_bwd(kd_ptr, do_ptr, aqk_ptr, pn_ptr, dstates_ptr, dy_ptr, dv_ptr, scale,
             T, H, K, V, Tp, NT,
             BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     """dV = scale Aqk^T dO + P^T dY + (k e^{G_C - G}) dS for one chunk and value block; keys in blocks."""
@@ -111,9 +108,8 @@ def _dv_bwd(k_ptr, G_ptr, do_ptr, aqk_ptr, pn_ptr, dstates_ptr, dy_ptr, dv_ptr, 
     srow = (i_bh * NT + i_n) * K
     k0 = 0
     while k0 < K:
-        to_end = tl.exp(load_row(G_ptr, row0 + BT - 1, K, k0, BK)[None, :] - load_tile(G_ptr, row0, BT, K, k0, BT, BK))
-        kd = load_rows(k_ptr, bb, h, t0, T, H, K, k0, BT, BK) * to_end
-        dv += tl.dot(kd, load_tile(dstates_ptr, srow + k0, K - k0, V, v0, BK, BV), input_precision=PREC)
+        dv += tl.dot(load_tile(kd_ptr, row0, BT, K, k0, BT, BK), load_tile(dstates_ptr, srow + k0, K - k0, V, v0, BK, BV),
+                     input_precision=PREC)
         k0 += BK
     store_rows(dv_ptr, dv, bb, h, t0, T, H, V, v0, BT, BV)
 

@@ -31,10 +31,10 @@ import torch
 import triton
 
 from kernels.ops.delta_rule._chunks import empty_result
-from kernels.ops.delta_rule._triton_utils import LAUNCH, chunk_cumsum, chunk_reverse_cumsum, dot_precision
+from kernels.ops.delta_rule._triton_utils import chunk_cumsum, chunk_reverse_cumsum, dot_precision
 from kernels.ops.dplr.triton_bwd import _dscores_bwd, _dv_bwd, _grads_diag, _grads_scores, _grads_state, _state_bwd
-from kernels.ops.dplr.triton_fwd import _output_fwd, _scores_fwd, _solve_fwd, _state_fwd
-from kernels.ops.dplr.triton_tiles import KEY_SLICE, SUB, Blocks, blocks
+from kernels.ops.dplr.triton_fwd import _decay_inputs, _output_fwd, _scores_fwd, _solve_fwd, _state_fwd
+from kernels.ops.dplr.triton_tiles import KEY_SLICE, LAUNCH, SUB, Blocks, blocks
 
 
 def _shift_down_in_chunks(x: torch.Tensor, BT: int) -> torch.Tensor:
@@ -52,8 +52,17 @@ def _sizes(q, v) -> Tuple[int, int, int, int, int, int, int, Blocks]:
     return B, T, H, K, V, NT, NT * bl.BT, bl
 
 
+def _decayed(q, k, a, b, G, sizes):
+    """q e^G, k e^{G_C - G}, b e^{G_C - G}, a e^{G'}: fp32 [B, H, Tp, K] each."""
+    B, T, H, K, V, NT, Tp, bl = sizes
+    out = [torch.empty(B, H, Tp, K, device=q.device, dtype=torch.float32) for _ in range(4)]
+    _decay_inputs[(NT, B * H, triton.cdiv(K, bl.BK))](q, k, a, b, G, *out, T, H, K, Tp, BT=bl.BT, BK=bl.BK, **LAUNCH)
+    return out
+
+
 def _forward(q, k, v, a, b, G, scale, h0, need_final):
-    B, T, H, K, V, NT, Tp, bl = _sizes(q, v)
+    sizes = _sizes(q, v)
+    B, T, H, K, V, NT, Tp, bl = sizes
     BT = bl.BT
     prec = dot_precision(q.dtype)
     f32 = dict(device=q.device, dtype=torch.float32)
@@ -61,36 +70,41 @@ def _forward(q, k, v, a, b, G, scale, h0, need_final):
     _scores_fwd[(NT * bl.NC, B * H)](q, k, a, b, G, aqk, aqb, pn, rn, T, H, K, Tp,
                                      BT=BT, BS=SUB, BK=bl.BK, BKC=KEY_SLICE, PREC=prec, **LAUNCH)
     _solve_fwd[(NT, B * H)](rn, tinv, Tp, BT=BT, PREC=prec, **LAUNCH)
+    qg, kd, bd, ap = _decayed(q, k, a, b, G, sizes)
     z = torch.empty(B, H, Tp, V, **f32)
     states = torch.empty(B, H, NT, K, V, **f32)
     ht = torch.empty(B, H, K, V, **f32) if need_final else states
     _state_fwd[(triton.cdiv(V, bl.BVS), B * H)](
-        k, v, a, b, G, pn, tinv, h0 if h0 is not None else states, states, z, ht, T, H, K, V, Tp, NT,
+        v, G, kd, bd, ap, pn, tinv, h0 if h0 is not None else states, states, z, ht, T, H, K, V, Tp, NT,
         HAS_H0=h0 is not None, STORE_FINAL=need_final, BT=BT, BK=bl.BKF, BV=bl.BVS, PREC=prec, **LAUNCH)
     o = torch.empty(B, T, H, V, device=q.device, dtype=q.dtype)
-    _output_fwd[(NT, B * H, triton.cdiv(V, bl.BV))](q, v, G, aqk, aqb, states, z, o, scale, T, H, K, V, Tp, NT,
+    _output_fwd[(NT, B * H, triton.cdiv(V, bl.BV))](qg, v, aqk, aqb, states, z, o, scale, T, H, K, V, Tp, NT,
                                                      BT=BT, BK=bl.BK, BV=bl.BV, PREC=prec, **LAUNCH)
     return o, (ht if need_final else None), (aqk, aqb, pn, tinv, states, z)
 
 
 def _backward(q, k, v, a, b, G, aqk, aqb, pn, tinv, states, z, do, dht, scale, has_h0):
     """Gradients (fp32) of q, k, v, a, b, G's step decays g, and the initial state (or None)."""
-    B, T, H, K, V, NT, Tp, bl = _sizes(q, v)
+    sizes = _sizes(q, v)
+    B, T, H, K, V, NT, Tp, bl = sizes
     BT = bl.BT
     prec = dot_precision(q.dtype)
     f32 = dict(device=q.device, dtype=torch.float32)
+    qg, kd, bd, ap = _decayed(q, k, a, b, G, sizes)  # recomputed rather than kept from the forward
     dstates = torch.empty(B, H, NT, K, V, **f32)
     dy = torch.empty(B, H, Tp, V, **f32)
     dh0 = torch.empty(B, H, K, V, **f32) if has_h0 else None
     _state_bwd[(triton.cdiv(V, bl.BVS), B * H)](
-        q, a, b, G, do, aqb, tinv, dht if dht is not None else dstates, dstates, dy,
+        qg, bd, ap, G, do, aqb, tinv, dht if dht is not None else dstates, dstates, dy,
         dh0 if dh0 is not None else dstates, scale, T, H, K, V, Tp, NT,
         HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, BT=BT, BK=bl.BKF, BV=bl.BVS, PREC=prec, **LAUNCH)
+    del qg, bd, ap
     d_scores = [torch.empty(B, H, Tp, BT, **f32) for _ in range(4)]  # dAqk, dAqb, dPn, dRn
     _dscores_bwd[(NT, B * H, 2)](do, dy, v, z, *d_scores, scale, T, H, V, Tp, BT=BT, BV=bl.BV, PREC=prec, **LAUNCH)
     dv = torch.empty(B, T, H, V, **f32)
-    _dv_bwd[(NT, B * H, triton.cdiv(V, bl.BV))](k, G, do, aqk, pn, dstates, dy, dv, scale, T, H, K, V, Tp, NT,
+    _dv_bwd[(NT, B * H, triton.cdiv(V, bl.BV))](kd, do, aqk, pn, dstates, dy, dv, scale, T, H, K, V, Tp, NT,
                                                 BT=BT, BK=bl.BK, BV=bl.BV, PREC=prec, **LAUNCH)
+    del kd
     dq, dk, da, db = (torch.empty(B, T, H, K, **f32) for _ in range(4))
     dG, dGx, dan = (torch.empty(B, H, Tp, K, **f32) for _ in range(3))
     _grads_state[(NT, B * H, triton.cdiv(K, bl.BKG))](

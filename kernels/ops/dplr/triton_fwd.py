@@ -5,6 +5,8 @@ inclusive score matrices Aqk, Aqb, Pn, Rn. An off-diagonal pair (r > c) factors 
 reference step e = last step of block c: rows of block r get exp(G - G_e), columns of block c get
 exp(G_e - G), both <= 1. The diagonal sub-block forms [BS, BS, KEY_SLICE] masked exponent differences.
 ``_solve_fwd`` (per chunk): Ti = (I - R)^-1 with R = Rn moved down one row.
+``_decay_inputs`` (per chunk and key block): q e^G, k e^{G_C - G}, b e^{G_C - G}, a e^{G'}, so that the
+state-passing loops load their [BT, K] operands ready (fewer live tiles) instead of forming them.
 ``_state_fwd`` (per head and value block, loop over chunks): Z = Ti (A' S + P V) and the next state.
 ``_output_fwd`` (per chunk and value block, keys in blocks): O.
 """
@@ -103,12 +105,30 @@ def _solve_fwd(rn_ptr, tinv_ptr, Tp, BT: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
-def _state_fwd(k_ptr, v_ptr, a_ptr, b_ptr, G_ptr, pn_ptr, tinv_ptr, h0_ptr, states_ptr, z_ptr, ht_ptr,
+def _decay_inputs(q_ptr, k_ptr, a_ptr, b_ptr, G_ptr, qg_ptr, kd_ptr, bd_ptr, ap_ptr, T, H, K, Tp,
+                  BT: tl.constexpr, BK: tl.constexpr):
+    """One chunk and key block of q e^G, k e^{G_C - G}, b e^{G_C - G} and A' = a e^{G'} (exponents <= 0)
+    into row-major [*, K] fp32 buffers."""
+    i_n, i_bh, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    bb, h = i_bh // H, i_bh % H
+    t0, k0 = i_n * BT, i_k * BK
+    row0 = i_bh * Tp + t0
+    G = load_tile(G_ptr, row0, BT, K, k0, BT, BK)
+    to_end = tl.exp(load_row(G_ptr, row0 + BT - 1, K, k0, BK)[None, :] - G)
+    store_tile(qg_ptr, load_rows(q_ptr, bb, h, t0, T, H, K, k0, BT, BK) * tl.exp(G), row0, BT, K, k0, BT, BK)
+    store_tile(kd_ptr, load_rows(k_ptr, bb, h, t0, T, H, K, k0, BT, BK) * to_end, row0, BT, K, k0, BT, BK)
+    store_tile(bd_ptr, load_rows(b_ptr, bb, h, t0, T, H, K, k0, BT, BK) * to_end, row0, BT, K, k0, BT, BK)
+    ap = load_rows(a_ptr, bb, h, t0, T, H, K, k0, BT, BK) * tl.exp(load_prev(G_ptr, row0, 0, K, k0, BT, BK))
+    store_tile(ap_ptr, ap, row0, BT, K, k0, BT, BK)
+
+
+@triton.jit
+def _state_fwd(v_ptr, G_ptr, kd_ptr, bd_ptr, ap_ptr, pn_ptr, tinv_ptr, h0_ptr, states_ptr, z_ptr, ht_ptr,
                T, H, K, V, Tp, NT,
                HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr,
                BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     """Loop over chunks for one head and value block: stores each entering state and Z, where
-    Z = Ti (A' S + P V), A' = a e^{G'}, P = Pn moved down one row."""
+    Z = Ti (A' S + P V), P = Pn moved down one row; kd, bd = k, b e^{G_C - G} (``_decay_inputs``)."""
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     bb, h = i_bh // H, i_bh % H
     v0 = i_v * BV
@@ -125,24 +145,20 @@ def _state_fwd(k_ptr, v_ptr, a_ptr, b_ptr, G_ptr, pn_ptr, tinv_ptr, h0_ptr, stat
         row0 = i_bh * Tp + t0
         tl.store(states_ptr + (i_bh.to(tl.int64) * NT + n) * K * V + kv_offs, S, mask=kv_mask)
         v = load_rows(v_ptr, bb, h, t0, T, H, V, v0, BT, BV)
-        ap = load_rows(a_ptr, bb, h, t0, T, H, K, 0, BT, BK) * tl.exp(load_prev(G_ptr, row0, 0, K, 0, BT, BK))
-        rhs = tl.dot(ap, S, input_precision=PREC) \
+        rhs = tl.dot(load_tile(ap_ptr, row0, BT, K, 0, BT, BK), S, input_precision=PREC) \
             + tl.dot(load_prev(pn_ptr, row0, 0, BT, 0, BT, BT), v, input_precision=PREC)
         z = tl.dot(load_tile(tinv_ptr, row0, BT, BT, 0, BT, BT), rhs, input_precision=PREC)
         store_tile(z_ptr, z, row0, BT, V, v0, BT, BV)
-        g_last = load_row(G_ptr, row0 + BT - 1, K, 0, BK)
-        to_end = tl.exp(g_last[None, :] - load_tile(G_ptr, row0, BT, K, 0, BT, BK))
-        kd = load_rows(k_ptr, bb, h, t0, T, H, K, 0, BT, BK) * to_end
-        bd = load_rows(b_ptr, bb, h, t0, T, H, K, 0, BT, BK) * to_end
-        S = S * tl.exp(g_last)[:, None] + tl.dot(tl.trans(kd), v, input_precision=PREC) \
-            + tl.dot(tl.trans(bd), z, input_precision=PREC)
+        S = S * tl.exp(load_row(G_ptr, row0 + BT - 1, K, 0, BK))[:, None] \
+            + tl.dot(tl.trans(load_tile(kd_ptr, row0, BT, K, 0, BT, BK)), v, input_precision=PREC) \
+            + tl.dot(tl.trans(load_tile(bd_ptr, row0, BT, K, 0, BT, BK)), z, input_precision=PREC)
         n += 1
     if STORE_FINAL:
         tl.store(ht_ptr + i_bh.to(tl.int64) * K * V + kv_offs, S, mask=kv_mask)
 
 
 @triton.jit
-def _output_fwd(q_ptr, v_ptr, G_ptr, aqk_ptr, aqb_ptr, states_ptr, z_ptr, o_ptr, scale,
+def _output_fwd(qg_ptr, v_ptr, aqk_ptr, aqb_ptr, states_ptr, z_ptr, o_ptr, scale,
                 T, H, K, V, Tp, NT,
                 BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     """O = scale ((q e^G) S + Aqk V + Aqb Z) for one chunk and value block; keys in blocks."""
@@ -157,7 +173,7 @@ def _output_fwd(q_ptr, v_ptr, G_ptr, aqk_ptr, aqb_ptr, states_ptr, z_ptr, o_ptr,
     srow = (i_bh * NT + i_n) * K  # row of the entering state's first key
     k0 = 0
     while k0 < K:
-        qg = load_rows(q_ptr, bb, h, t0, T, H, K, k0, BT, BK) * tl.exp(load_tile(G_ptr, row0, BT, K, k0, BT, BK))
-        o += tl.dot(qg, load_tile(states_ptr, srow + k0, K - k0, V, v0, BK, BV), input_precision=PREC)
+        o += tl.dot(load_tile(qg_ptr, row0, BT, K, k0, BT, BK), load_tile(states_ptr, srow + k0, K - k0, V, v0, BK, BV),
+                    input_precision=PREC)
         k0 += BK
     store_rows(o_ptr, o * scale, bb, h, t0, T, H, V, v0, BT, BV)

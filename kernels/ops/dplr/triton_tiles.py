@@ -3,7 +3,7 @@
 Every kernel holds at most a bounded block of the head dimension: score and gradient kernels walk the
 keys (and values) in blocks of at most ``_BLOCK`` = 64 with partial sums; the two state-passing loops,
 whose solve needs the full key contraction S^T a, hold the state's column block [K, BV] with
-K * BV <= ``_STATE_ELEMS`` (BV = 64, 32, 16 for K = 64, 128, 256).
+K * BV <= ``_STATE_ELEMS`` (BV = 32, 16, 16 for K = 64, 128, 256).
 """
 
 from __future__ import annotations
@@ -19,13 +19,17 @@ from kernels.ops.delta_rule._triton_utils import block_size, chunk_length
 _BLOCK = 64
 #: sub-block of the score matrices (steps) and key slice of their diagonal sub-blocks
 SUB = 16
-KEY_SLICE = 16
+KEY_SLICE = 8
 #: elements of the [K, BV] state block held by the state-passing loops
-_STATE_ELEMS = 64 * 64
+_STATE_ELEMS = 64 * 32
 #: elements of each [BT, BK] accumulator of the per-chunk gradient kernel
 _GRAD_ELEMS = 32 * 64
 #: widest head (keys or values) the chunked kernels take; wider heads use the PyTorch path
 MAX_HEAD = 256
+#: launch options of every dplr kernel: 8 warps keep the [BT, K] tiles of the state loops and the
+#: score sub-blocks' address tiles in registers without spilling (ptxas -v, sm_80 / sm_90); one
+#: pipeline stage keeps the loops' shared memory small
+LAUNCH = dict(num_warps=8, num_stages=1)
 
 
 @dataclass(frozen=True)
