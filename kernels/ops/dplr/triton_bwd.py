@@ -1,7 +1,9 @@
 """Backward kernels of the chunked ``dplr`` Triton path (equations in :mod:`kernels.ops.dplr.triton_chunk`).
 
+``_solve_bwd`` (per chunk): Wb = Ti^T Bd and dYo = scale Ti^T Aqb^T dO, the parts of dY = Ti^T dZ,
+dZ = scale Aqb^T dO + Bd dS, that do not depend on dS.
 ``_state_bwd`` (per head and value block, reverse loop over chunks): dS leaving each chunk and
-dY = Ti^T dZ with dZ = scale Aqb^T dO + Bd dS.
+dY = dYo + Wb dS.
 ``_dscores_bwd`` (per chunk and operand, values in blocks): the score matrices' gradients, masked to
 their triangles: dAqk, dAqb from dO, dPn, dRn from dY moved up one row (P, R are Pn, Rn moved down).
 ``_dv_bwd`` (per chunk and value block, keys in blocks): dV.
@@ -24,12 +26,35 @@ from kernels.ops.dplr.triton_tiles import load_next, load_next_rows, load_prev, 
 
 
 @triton.jit
-def _state_bwd(qg_ptr, bd_ptr, ap_ptr, G_ptr, do_ptr, aqb_ptr, tinv_ptr, dht_ptr, dstates_ptr, dy_ptr, dh0_ptr,
+def _solve_bwd(tinv_ptr, aqb_ptr, bd_ptr, do_ptr, wb_ptr, dyo_ptr, scale, T, H, K, V, Tp,
+               BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    """Per chunk: Wb = Ti^T Bd (keys in blocks) and dYo = scale Ti^T Aqb^T dO (values in blocks), so that
+    dY = Ti^T dZ = dYo + Wb dS."""
+    i_n, i_bh = tl.program_id(0), tl.program_id(1)
+    bb, h = i_bh // H, i_bh % H
+    t0 = i_n * BT
+    row0 = i_bh * Tp + t0
+    tinv_t = tl.trans(load_tile(tinv_ptr, row0, BT, BT, 0, BT, BT))
+    k0 = 0
+    while k0 < K:
+        wb = tl.dot(tinv_t, load_tile(bd_ptr, row0, BT, K, k0, BT, BK), input_precision=PREC)
+        store_tile(wb_ptr, wb, row0, BT, K, k0, BT, BK)
+        k0 += BK
+    m = tl.dot(tinv_t, tl.trans(load_tile(aqb_ptr, row0, BT, BT, 0, BT, BT)), input_precision=PREC) * scale
+    v0 = 0
+    while v0 < V:
+        dyo = tl.dot(m, load_rows(do_ptr, bb, h, t0, T, H, V, v0, BT, BV), input_precision=PREC)
+        store_tile(dyo_ptr, dyo, row0, BT, V, v0, BT, BV)
+        v0 += BV
+
+
+@triton.jit
+def _state_bwd(qg_ptr, wb_ptr, ap_ptr, G_ptr, do_ptr, dyo_ptr, dht_ptr, dstates_ptr, dy_ptr, dh0_ptr,
                scale, T, H, K, V, Tp, NT,
                HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
                BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
-    """Reverse loop: dS leaving each chunk, dZ = scale Aqb^T dO + Bd dS, dY = Ti^T dZ; qg, bd, ap are
-    q e^G, b e^{G_C - G}, a e^{G'} (``_decay_inputs``)."""
+    """Reverse loop: dS leaving each chunk and dY = dYo + Wb dS (``_solve_bwd``); qg, ap are q e^G and
+    a e^{G'} (``_decay_inputs``)."""
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     bb, h = i_bh // H, i_bh % H
     v0 = i_v * BV
@@ -46,13 +71,12 @@ def _state_bwd(qg_ptr, bd_ptr, ap_ptr, G_ptr, do_ptr, aqb_ptr, tinv_ptr, dht_ptr
         t0 = n * BT
         row0 = i_bh * Tp + t0
         tl.store(dstates_ptr + (i_bh.to(tl.int64) * NT + n) * K * V + kv_offs, dS, mask=kv_mask)
-        do = load_rows(do_ptr, bb, h, t0, T, H, V, v0, BT, BV)
-        dz = scale * tl.dot(tl.trans(load_tile(aqb_ptr, row0, BT, BT, 0, BT, BT)), do, input_precision=PREC) \
-            + tl.dot(load_tile(bd_ptr, row0, BT, K, 0, BT, BK), dS, input_precision=PREC)
-        dy = tl.dot(tl.trans(load_tile(tinv_ptr, row0, BT, BT, 0, BT, BT)), dz, input_precision=PREC)
+        dy = load_tile(dyo_ptr, row0, BT, V, v0, BT, BV) \
+            + tl.dot(load_tile(wb_ptr, row0, BT, K, 0, BT, BK), dS, input_precision=PREC)
         store_tile(dy_ptr, dy, row0, BT, V, v0, BT, BV)
         dS = dS * tl.exp(load_row(G_ptr, row0 + BT - 1, K, 0, BK))[:, None] \
-            + tl.dot(tl.trans(load_tile(qg_ptr, row0, BT, K, 0, BT, BK)), do * scale, input_precision=PREC) \
+            + tl.dot(tl.trans(load_tile(qg_ptr, row0, BT, K, 0, BT, BK)),
+                     load_rows(do_ptr, bb, h, t0, T, H, V, v0, BT, BV) * scale, input_precision=PREC) \
             + tl.dot(tl.trans(load_tile(ap_ptr, row0, BT, K, 0, BT, BK)), dy, input_precision=PREC)
         i += 1
     if STORE_DH0:

@@ -7,7 +7,7 @@ in :mod:`kernels.ops.dplr.chunked`):
 
     Aqk[t, i] = sum_k q_tk k_ik e^{G_tk - G_ik},  Aqb: same with b      (i <= t)
     P[t, i]   = sum_k a_tk k_ik e^{G'_tk - G_ik}, R: same with b         (i < t)
-    Ti = (I - R)^-1,  Z = Ti (A' S + P V),  A' = a * e^{G'}
+    Ti = (I - R)^-1,  Z = Ti (A' S + P V) = Zv + Wz S,  A' = a * e^{G'}
     O = scale ((q * e^G) S + Aqk V + Aqb Z),  S' = e^{G_C} * S + (k e^{G_C - G})^T V + (b e^{G_C - G})^T Z
 
 P and R are computed as the inclusive scores of a_next[t] = a[t+1] moved down one row (row t-1 of
@@ -32,7 +32,7 @@ import triton
 
 from kernels.ops.delta_rule._chunks import empty_result
 from kernels.ops.delta_rule._triton_utils import chunk_cumsum, chunk_reverse_cumsum, dot_precision
-from kernels.ops.dplr.triton_bwd import _dscores_bwd, _dv_bwd, _grads_diag, _grads_scores, _grads_state, _state_bwd
+from kernels.ops.dplr.triton_bwd import _dscores_bwd, _solve_bwd, _dv_bwd, _grads_diag, _grads_scores, _grads_state, _state_bwd
 from kernels.ops.dplr.triton_fwd import _decay_inputs, _output_fwd, _scores_fwd, _solve_fwd, _state_fwd
 from kernels.ops.dplr.triton_tiles import KEY_SLICE, LAUNCH, SUB, Blocks, blocks
 
@@ -69,13 +69,16 @@ def _forward(q, k, v, a, b, G, scale, h0, need_final):
     aqk, aqb, pn, rn, tinv = (torch.empty(B, H, Tp, BT, **f32) for _ in range(5))
     _scores_fwd[(NT * bl.NC, B * H)](q, k, a, b, G, aqk, aqb, pn, rn, T, H, K, Tp,
                                      BT=BT, BS=SUB, BK=bl.BK, BKC=KEY_SLICE, PREC=prec, **LAUNCH)
-    _solve_fwd[(NT, B * H)](rn, tinv, Tp, BT=BT, PREC=prec, **LAUNCH)
     qg, kd, bd, ap = _decayed(q, k, a, b, G, sizes)
+    wz, zv = torch.empty(B, H, Tp, K, **f32), torch.empty(B, H, Tp, V, **f32)
+    _solve_fwd[(NT, B * H)](rn, pn, v, ap, tinv, wz, zv, T, H, K, V, Tp, BT=BT, BK=bl.BK, BV=bl.BV, PREC=prec,
+                            **LAUNCH)
+    del ap, rn
     z = torch.empty(B, H, Tp, V, **f32)
     states = torch.empty(B, H, NT, K, V, **f32)
     ht = torch.empty(B, H, K, V, **f32) if need_final else states
     _state_fwd[(triton.cdiv(V, bl.BVS), B * H)](
-        v, G, kd, bd, ap, pn, tinv, h0 if h0 is not None else states, states, z, ht, T, H, K, V, Tp, NT,
+        v, G, kd, bd, wz, zv, h0 if h0 is not None else states, states, z, ht, T, H, K, V, Tp, NT,
         HAS_H0=h0 is not None, STORE_FINAL=need_final, BT=BT, BK=bl.BKF, BV=bl.BVS, PREC=prec, **LAUNCH)
     o = torch.empty(B, T, H, V, device=q.device, dtype=q.dtype)
     _output_fwd[(NT, B * H, triton.cdiv(V, bl.BV))](qg, v, aqk, aqb, states, z, o, scale, T, H, K, V, Tp, NT,
@@ -94,11 +97,14 @@ def _backward(q, k, v, a, b, G, aqk, aqb, pn, tinv, states, z, do, dht, scale, h
     dstates = torch.empty(B, H, NT, K, V, **f32)
     dy = torch.empty(B, H, Tp, V, **f32)
     dh0 = torch.empty(B, H, K, V, **f32) if has_h0 else None
+    wb, dyo = torch.empty(B, H, Tp, K, **f32), torch.empty(B, H, Tp, V, **f32)
+    _solve_bwd[(NT, B * H)](tinv, aqb, bd, do, wb, dyo, scale, T, H, K, V, Tp, BT=BT, BK=bl.BK, BV=bl.BV, PREC=prec,
+                            **LAUNCH)
     _state_bwd[(triton.cdiv(V, bl.BVS), B * H)](
-        qg, bd, ap, G, do, aqb, tinv, dht if dht is not None else dstates, dstates, dy,
+        qg, wb, ap, G, do, dyo, dht if dht is not None else dstates, dstates, dy,
         dh0 if dh0 is not None else dstates, scale, T, H, K, V, Tp, NT,
         HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, BT=BT, BK=bl.BKF, BV=bl.BVS, PREC=prec, **LAUNCH)
-    del qg, bd, ap
+    del qg, bd, ap, wb, dyo
     d_scores = [torch.empty(B, H, Tp, BT, **f32) for _ in range(4)]  # dAqk, dAqb, dPn, dRn
     _dscores_bwd[(NT, B * H, 2)](do, dy, v, z, *d_scores, scale, T, H, V, Tp, BT=BT, BV=bl.BV, PREC=prec, **LAUNCH)
     dv = torch.empty(B, T, H, V, **f32)

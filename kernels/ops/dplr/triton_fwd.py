@@ -4,10 +4,10 @@
 inclusive score matrices Aqk, Aqb, Pn, Rn. An off-diagonal pair (r > c) factors through the
 reference step e = last step of block c: rows of block r get exp(G - G_e), columns of block c get
 exp(G_e - G), both <= 1. The diagonal sub-block forms [BS, BS, KEY_SLICE] masked exponent differences.
-``_solve_fwd`` (per chunk): Ti = (I - R)^-1 with R = Rn moved down one row.
-``_decay_inputs`` (per chunk and key block): q e^G, k e^{G_C - G}, b e^{G_C - G}, a e^{G'}, so that the
-state-passing loops load their [BT, K] operands ready (fewer live tiles) instead of forming them.
-``_state_fwd`` (per head and value block, loop over chunks): Z = Ti (A' S + P V) and the next state.
+``_decay_inputs`` (per chunk and key block): q e^G, k e^{G_C - G}, b e^{G_C - G}, A' = a e^{G'}.
+``_solve_fwd`` (per chunk): Ti = (I - R)^-1 with R = Rn moved down one row, Wz = Ti A', Zv = Ti P V.
+``_state_fwd`` (per head and value block, loop over chunks): Z = Zv + Wz S and the next state; its
+[BT, K] operands come ready from the two kernels before it, which keeps its live tiles few.
 ``_output_fwd`` (per chunk and value block, keys in blocks): O.
 """
 
@@ -96,12 +96,27 @@ def _scores_fwd(q_ptr, k_ptr, a_ptr, b_ptr, G_ptr, aqk_ptr, aqb_ptr, pn_ptr, rn_
 
 
 @triton.jit
-def _solve_fwd(rn_ptr, tinv_ptr, Tp, BT: tl.constexpr, PREC: tl.constexpr):
-    """Ti = (I - R)^-1 of a chunk; R[t] = Rn[t - 1] (strictly lower)."""
+def _solve_fwd(rn_ptr, pn_ptr, v_ptr, ap_ptr, tinv_ptr, wz_ptr, zv_ptr, T, H, K, V, Tp,
+               BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    """Per chunk: Ti = (I - R)^-1 (R[t] = Rn[t - 1], strictly lower), Wz = Ti A' (keys in blocks) and
+    Zv = Ti P V (values in blocks; P[t] = Pn[t - 1]), so that Z = Zv + Wz S."""
     i_n, i_bh = tl.program_id(0), tl.program_id(1)
-    row0 = i_bh * Tp + i_n * BT
-    r = load_prev(rn_ptr, row0, 0, BT, 0, BT, BT)
-    store_tile(tinv_ptr, unit_lower_inverse(-r, BT, PREC), row0, BT, BT, 0, BT, BT)
+    bb, h = i_bh // H, i_bh % H
+    t0 = i_n * BT
+    row0 = i_bh * Tp + t0
+    tinv = unit_lower_inverse(-load_prev(rn_ptr, row0, 0, BT, 0, BT, BT), BT, PREC)
+    store_tile(tinv_ptr, tinv, row0, BT, BT, 0, BT, BT)
+    k0 = 0
+    while k0 < K:
+        wz = tl.dot(tinv, load_tile(ap_ptr, row0, BT, K, k0, BT, BK), input_precision=PREC)
+        store_tile(wz_ptr, wz, row0, BT, K, k0, BT, BK)
+        k0 += BK
+    tp = tl.dot(tinv, load_prev(pn_ptr, row0, 0, BT, 0, BT, BT), input_precision=PREC)
+    v0 = 0
+    while v0 < V:
+        zv = tl.dot(tp, load_rows(v_ptr, bb, h, t0, T, H, V, v0, BT, BV), input_precision=PREC)
+        store_tile(zv_ptr, zv, row0, BT, V, v0, BT, BV)
+        v0 += BV
 
 
 @triton.jit
@@ -123,12 +138,12 @@ def _decay_inputs(q_ptr, k_ptr, a_ptr, b_ptr, G_ptr, qg_ptr, kd_ptr, bd_ptr, ap_
 
 
 @triton.jit
-def _state_fwd(v_ptr, G_ptr, kd_ptr, bd_ptr, ap_ptr, pn_ptr, tinv_ptr, h0_ptr, states_ptr, z_ptr, ht_ptr,
+def _state_fwd(v_ptr, G_ptr, kd_ptr, bd_ptr, wz_ptr, zv_ptr, h0_ptr, states_ptr, z_ptr, ht_ptr,
                T, H, K, V, Tp, NT,
                HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr,
                BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
-    """Loop over chunks for one head and value block: stores each entering state and Z, where
-    Z = Ti (A' S + P V), P = Pn moved down one row; kd, bd = k, b e^{G_C - G} (``_decay_inputs``)."""
+    """Loop over chunks for one head and value block: stores each entering state and Z = Zv + Wz S
+    (``_solve_fwd``); kd, bd = k, b e^{G_C - G} (``_decay_inputs``)."""
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     bb, h = i_bh // H, i_bh % H
     v0 = i_v * BV
@@ -144,13 +159,12 @@ def _state_fwd(v_ptr, G_ptr, kd_ptr, bd_ptr, ap_ptr, pn_ptr, tinv_ptr, h0_ptr, s
         t0 = n * BT
         row0 = i_bh * Tp + t0
         tl.store(states_ptr + (i_bh.to(tl.int64) * NT + n) * K * V + kv_offs, S, mask=kv_mask)
-        v = load_rows(v_ptr, bb, h, t0, T, H, V, v0, BT, BV)
-        rhs = tl.dot(load_tile(ap_ptr, row0, BT, K, 0, BT, BK), S, input_precision=PREC) \
-            + tl.dot(load_prev(pn_ptr, row0, 0, BT, 0, BT, BT), v, input_precision=PREC)
-        z = tl.dot(load_tile(tinv_ptr, row0, BT, BT, 0, BT, BT), rhs, input_precision=PREC)
+        z = load_tile(zv_ptr, row0, BT, V, v0, BT, BV) \
+            + tl.dot(load_tile(wz_ptr, row0, BT, K, 0, BT, BK), S, input_precision=PREC)
         store_tile(z_ptr, z, row0, BT, V, v0, BT, BV)
         S = S * tl.exp(load_row(G_ptr, row0 + BT - 1, K, 0, BK))[:, None] \
-            + tl.dot(tl.trans(load_tile(kd_ptr, row0, BT, K, 0, BT, BK)), v, input_precision=PREC) \
+            + tl.dot(tl.trans(load_tile(kd_ptr, row0, BT, K, 0, BT, BK)),
+                     load_rows(v_ptr, bb, h, t0, T, H, V, v0, BT, BV), input_precision=PREC) \
             + tl.dot(tl.trans(load_tile(bd_ptr, row0, BT, K, 0, BT, BK)), z, input_precision=PREC)
         n += 1
     if STORE_FINAL:
