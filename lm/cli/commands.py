@@ -4,6 +4,7 @@ from lm.cli import config_cmd  # noqa: F401
 from lm.cli import data_cmd  # noqa: F401
 from lm.cli import train_cmd  # noqa: F401
 from lm.cli import export_cmd  # noqa: F401
+from lm.cli import import_cmd  # noqa: F401
 from lm.cli import probe_cmd  # noqa: F401
 from lm.cli import eval_cmd  # noqa: F401
 from lm.cli import generate_cmd  # noqa: F401

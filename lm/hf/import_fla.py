@@ -1,0 +1,154 @@
+"""Import a flash-linear-attention (fla-hub) Hugging Face checkpoint: a directory with
+``config.json`` (``model_type``) and ``model.safetensors`` (optionally ``tokenizer.json``).
+
+Done: ``gla`` (GLAForCausalLM) -> ``linear_attention/gla``. The mapping per layer::
+
+    attn_norm -> norm1;  attn.{q,k,v,o}_proj -> mixer.{q,k,v,o}_proj;  attn.g_proj -> mixer.gate_proj
+    attn.gk_proj.0 / .1 -> mixer.g_down / g_up   (log alpha = logsigmoid(.) / 16, both)
+    attn.g_norm(_swish_gate).weight [Dv] -> mixer.o_norm.weight [H, Dv] (shared by the heads)
+    mlp_norm -> norm2;  mlp.{gate,up}_proj -> mlp.gate_up (gate rows first);  mlp.down_proj -> mlp.down
+    model.embeddings -> embed;  model.norm -> norm_f;  lm_head -> head (or tied)
+
+Features fla has and this project does not (grouped key/value heads, clamped gates, hybrid
+softmax-attention layers, attention residuals, un-normalised/affine-free variants, ...) are refused
+by name. Only the weights and config are read: neither fla nor transformers is needed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+
+from lm.errors import LMError
+from lm.hf.import_common import Unsupported, read_weights, swiglu_ratio, take, write_export
+
+#: fla's config defaults (GLAConfig) for keys a config.json may omit
+GLA_DEFAULTS = {"expand_k": 0.5, "expand_v": 1.0, "hidden_ratio": 4, "intermediate_size": None, "num_kv_heads": None,
+                "feature_map": None, "use_short_conv": False, "conv_size": 4, "use_output_gate": True,
+                "clamp_min": None, "hidden_act": "swish", "max_position_embeddings": 2048,
+                "elementwise_affine": True, "norm_eps": 1e-6, "use_gk": True, "use_gv": False, "attn": None,
+                "tie_word_embeddings": False, "attnres_block_size": None}
+
+
+def _refuse_if(source: Any, cfg: Dict[str, Any], key: str, ok, feature: str) -> None:
+    if not ok(cfg.get(key)):
+        raise Unsupported(source, f"{feature} ({key}={cfg.get(key)!r})")
+
+
+def intermediate_size(cfg: Dict[str, Any]) -> int:
+    """fla's GatedMLP width: ``intermediate_size`` or 2/3 * hidden_ratio * d rounded up to 256."""
+    if cfg.get("intermediate_size"):
+        return int(cfg["intermediate_size"])
+    ratio = cfg.get("hidden_ratio") or 4
+    width = int(cfg["hidden_size"] * ratio * 2 / 3)
+    return 256 * ((width + 255) // 256)
+
+
+def gla_config(cfg: Dict[str, Any], source: Any) -> Dict[str, Any]:
+    """Our model config for an fla GLAConfig (refusing what has no equivalent)."""
+    cfg = {**GLA_DEFAULTS, **cfg}
+    _refuse_if(source, cfg, "attn", lambda v: v is None, "hybrid softmax-attention layers")
+    _refuse_if(source, cfg, "attnres_block_size", lambda v: v is None, "attention residuals")
+    _refuse_if(source, cfg, "num_kv_heads", lambda v: v is None or v == cfg["num_heads"],
+               "grouped key/value heads")
+    _refuse_if(source, cfg, "clamp_min", lambda v: v is None, "a clamped log gate")
+    _refuse_if(source, cfg, "use_gk", lambda v: v is True, "a GLA without the per-key gate")
+    _refuse_if(source, cfg, "use_gv", lambda v: not v, "a per-value gate")
+    _refuse_if(source, cfg, "hidden_act", lambda v: v == "swish", "an activation other than swish")
+    _refuse_if(source, cfg, "use_short_conv", lambda v: not v, "GLA with a short convolution")
+    _refuse_if(source, cfg, "feature_map", lambda v: v is None, "a q/k feature map in GLA")
+    D, H = int(cfg["hidden_size"]), int(cfg["num_heads"])
+    if (D * cfg["expand_k"]) % H or (D * cfg["expand_v"]) % H:
+        raise LMError(f"{source}: hidden_size * expand_k/v must be divisible by num_heads")
+    return {
+        "family": "linear_attention", "variant": "gla", "vocab_size": int(cfg["vocab_size"]), "d_model": D,
+        "n_layers": int(cfg["num_hidden_layers"]), "n_heads": H, "mlp": "swiglu",
+        "mlp_ratio": swiglu_ratio(intermediate_size(cfg), D, source), "norm": "rmsnorm",
+        "norm_eps": float(cfg["norm_eps"]), "tie_embeddings": bool(cfg["tie_word_embeddings"]),
+        "max_seq_len": int(cfg["max_position_embeddings"]),
+        "mixer": {"expand_k": float(cfg["expand_k"]), "expand_v": float(cfg["expand_v"]), "gate_low_rank": 16,
+                  "gate_normalizer": 16.0, "output_gate": bool(cfg["use_output_gate"]), "output_norm": True},
+    }
+
+
+def _norm_weight(src: Dict[str, torch.Tensor], prefix: str, n: int, source: Any, affine: bool) -> torch.Tensor:
+    """A norm's weight (ones when the source's norm has none)."""
+    key = f"{prefix}.weight"
+    if key in src:
+        return src.pop(key)
+    if affine:
+        raise LMError(f"{source}: missing weight '{key}'")
+    return torch.ones(n)
+
+
+def gla_state(src: Dict[str, torch.Tensor], cfg: Dict[str, Any], model_cfg: Dict[str, Any],
+              source: Any) -> Dict[str, torch.Tensor]:
+    """Our state dict from an fla GLAForCausalLM state dict (every source key consumed)."""
+    cfg = {**GLA_DEFAULTS, **cfg}
+    src = dict(src)
+    H = model_cfg["n_heads"]
+    affine = bool(cfg["elementwise_affine"])
+    out = {"embed.weight": take(src, "model.embeddings.weight", source),
+           "norm_f.weight": take(src, "model.norm.weight", source)}
+    if model_cfg["tie_embeddings"]:
+        src.pop("lm_head.weight", None)
+    else:
+        out["head.weight"] = take(src, "lm_head.weight", source)
+    for i in range(model_cfg["n_layers"]):
+        a, b = f"model.layers.{i}", f"blocks.{i}"
+        out[f"{b}.norm1.weight"] = take(src, f"{a}.attn_norm.weight", source)
+        out[f"{b}.norm2.weight"] = take(src, f"{a}.mlp_norm.weight", source)
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            out[f"{b}.mixer.{name}.weight"] = take(src, f"{a}.attn.{name}.weight", source)
+        if model_cfg["mixer"]["output_gate"]:
+            out[f"{b}.mixer.gate_proj.weight"] = take(src, f"{a}.attn.g_proj.weight", source)
+        out[f"{b}.mixer.g_down.weight"] = take(src, f"{a}.attn.gk_proj.0.weight", source)
+        out[f"{b}.mixer.g_up.weight"] = take(src, f"{a}.attn.gk_proj.1.weight", source)
+        out[f"{b}.mixer.g_up.bias"] = take(src, f"{a}.attn.gk_proj.1.bias", source)
+        norm = f"{a}.attn.g_norm_swish_gate" if f"{a}.attn.g_norm_swish_gate.weight" in src else f"{a}.attn.g_norm"
+        dv = int(model_cfg["d_model"] * model_cfg["mixer"]["expand_v"]) // H
+        out[f"{b}.mixer.o_norm.weight"] = _norm_weight(src, norm, dv, source, affine).expand(H, dv).clone()
+        gate, up = take(src, f"{a}.mlp.gate_proj.weight", source), take(src, f"{a}.mlp.up_proj.weight", source)
+        out[f"{b}.mlp.gate_up.weight"] = torch.cat([gate, up], dim=0)
+        out[f"{b}.mlp.down.weight"] = take(src, f"{a}.mlp.down_proj.weight", source)
+    if src:
+        raise Unsupported(source, f"weights this importer does not know ({', '.join(sorted(src)[:4])})")
+    return out
+
+
+CONVERTERS = {"gla": (gla_config, gla_state)}
+
+
+def tokenizer_files(src: Path) -> Tuple[Optional[Path], Optional[str], Optional[str]]:
+    """(tokenizer.json, the token that starts a document (bos, else eos), pad) of a HF directory."""
+    tok = src / "tokenizer.json"
+    if not tok.is_file():
+        return None, None, None
+    conf: Dict[str, Any] = {}
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        if (src / name).is_file():
+            conf = {**json.loads((src / name).read_text()), **conf}
+
+    def text(v):
+        return v.get("content") if isinstance(v, dict) else v
+
+    return tok, text(conf.get("bos_token")) or text(conf.get("eos_token")), text(conf.get("pad_token"))
+
+
+def import_fla(source: str, out_dir: str) -> Path:
+    """Convert an fla Hugging Face directory into this project's export directory."""
+    src = Path(source)
+    if not (src / "config.json").is_file():
+        raise LMError(f"{source}: no config.json (expected a Hugging Face model directory)")
+    cfg = json.loads((src / "config.json").read_text())
+    kind = cfg.get("model_type")
+    if kind not in CONVERTERS:
+        raise LMError(f"{source}/config.json: model_type '{kind}' is not importable; known: {', '.join(CONVERTERS)}")
+    to_config, to_state = CONVERTERS[kind]
+    model_cfg = to_config(cfg, source)
+    state = to_state(read_weights(src), cfg, model_cfg, source)
+    tok, eod, pad = tokenizer_files(src)
+    return write_export(Path(out_dir), model_cfg, state, source, tok, eod, pad)
