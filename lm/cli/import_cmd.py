@@ -12,7 +12,7 @@ def import_command(
     source: str = typer.Argument(..., help="an fla-hub Hugging Face model directory (config.json + weights)"),
     out_dir: str = typer.Argument(..., help="the export directory to create"),
 ) -> None:
-    """Convert a published model (fla's GLA) into an export for lm eval/generate/probe."""
+    """Convert a published model (fla's GLA or DeltaNet) into an export for lm eval/generate/probe."""
     from lm.cli.train_cmd import quiet_libraries
     from lm.hf.import_fla import import_fla
     from lm.training.export import load_model

@@ -1,7 +1,9 @@
 """Import a flash-linear-attention (fla-hub) Hugging Face checkpoint: a directory with
 ``config.json`` (``model_type``) and ``model.safetensors`` (optionally ``tokenizer.json``).
 
-Done: ``gla`` (GLAForCausalLM) -> ``linear_attention/gla``. The mapping per layer::
+Done: ``gla`` (GLAForCausalLM) -> ``linear_attention/gla`` and ``delta_net`` (DeltaNetForCausalLM)
+-> ``linear_attention/deltanet`` (its short convolutions and beta projection added to the same
+mapping). Not yet: ``gated_deltanet``, ``rwkv7``. The GLA mapping per layer::
 
     attn_norm -> norm1;  attn.{q,k,v,o}_proj -> mixer.{q,k,v,o}_proj;  attn.g_proj -> mixer.gate_proj
     attn.gk_proj.0 / .1 -> mixer.g_down / g_up   (log alpha = logsigmoid(.) / 16, both)
@@ -119,7 +121,74 @@ def gla_state(src: Dict[str, torch.Tensor], cfg: Dict[str, Any], model_cfg: Dict
     return out
 
 
-CONVERTERS = {"gla": (gla_config, gla_state)}
+DELTANET_DEFAULTS = {"expand_k": 1.0, "expand_v": 1.0, "use_gate": False, "use_short_conv": True,
+                     "allow_neg_eigval": False, "conv_size": 4, "use_beta": True, "use_output_norm": True,
+                     "qk_norm": "l2", "qk_activation": "silu", "max_position_embeddings": 2048, "hidden_ratio": 4,
+                     "intermediate_size": None, "hidden_act": "swish", "norm_eps": 1e-6, "attn": None,
+                     "tie_word_embeddings": False, "attnres_block_size": None, "conv_bias": False}
+
+
+def deltanet_config(cfg: Dict[str, Any], source: Any) -> Dict[str, Any]:
+    """Our ``linear_attention/deltanet`` config for an fla DeltaNetConfig."""
+    cfg = {**DELTANET_DEFAULTS, **cfg}
+    _refuse_if(source, cfg, "attn", lambda v: v is None, "hybrid softmax-attention layers")
+    _refuse_if(source, cfg, "attnres_block_size", lambda v: v is None, "attention residuals")
+    _refuse_if(source, cfg, "use_gate", lambda v: not v, "DeltaNet with an output gate")
+    _refuse_if(source, cfg, "use_short_conv", lambda v: v is True, "DeltaNet without the short convolution")
+    _refuse_if(source, cfg, "allow_neg_eigval", lambda v: not v, "negative eigenvalues (beta in (0, 2))")
+    _refuse_if(source, cfg, "use_beta", lambda v: v is True, "a fixed beta of 1")
+    _refuse_if(source, cfg, "use_output_norm", lambda v: v is True, "DeltaNet without the output norm")
+    _refuse_if(source, cfg, "qk_norm", lambda v: v == "l2", "a q/k normalisation other than L2")
+    _refuse_if(source, cfg, "qk_activation", lambda v: v == "silu", "a q/k activation other than silu")
+    _refuse_if(source, cfg, "hidden_act", lambda v: v == "swish", "an activation other than swish")
+    D, H = int(cfg["hidden_size"]), int(cfg["num_heads"])
+    return {
+        "family": "linear_attention", "variant": "deltanet", "vocab_size": int(cfg["vocab_size"]), "d_model": D,
+        "n_layers": int(cfg["num_hidden_layers"]), "n_heads": H, "mlp": "swiglu",
+        "mlp_ratio": swiglu_ratio(intermediate_size(cfg), D, source), "norm": "rmsnorm",
+        "norm_eps": float(cfg["norm_eps"]), "tie_embeddings": bool(cfg["tie_word_embeddings"]),
+        "max_seq_len": int(cfg["max_position_embeddings"]),
+        "mixer": {"expand_k": float(cfg["expand_k"]), "expand_v": float(cfg["expand_v"]),
+                  "conv_size": int(cfg["conv_size"])},
+    }
+
+
+def deltanet_state(src: Dict[str, torch.Tensor], cfg: Dict[str, Any], model_cfg: Dict[str, Any],
+                   source: Any) -> Dict[str, torch.Tensor]:
+    """Our state dict from an fla DeltaNetForCausalLM state dict: as GLA's, plus the short
+    convolutions (weight [C, 1, K] -> [C, K], bias or zeros) and beta's projection (bias zeros)."""
+    src = dict(src)
+    H = model_cfg["n_heads"]
+    out = {"embed.weight": take(src, "model.embeddings.weight", source),
+           "norm_f.weight": take(src, "model.norm.weight", source)}
+    if model_cfg["tie_embeddings"]:
+        src.pop("lm_head.weight", None)
+    else:
+        out["head.weight"] = take(src, "lm_head.weight", source)
+    for i in range(model_cfg["n_layers"]):
+        a, b = f"model.layers.{i}", f"blocks.{i}"
+        out[f"{b}.norm1.weight"] = take(src, f"{a}.attn_norm.weight", source)
+        out[f"{b}.norm2.weight"] = take(src, f"{a}.mlp_norm.weight", source)
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            out[f"{b}.mixer.{name}.weight"] = take(src, f"{a}.attn.{name}.weight", source)
+        for ours, theirs in (("conv_q", "q_conv1d"), ("conv_k", "k_conv1d"), ("conv_v", "v_conv1d")):
+            w = take(src, f"{a}.attn.{theirs}.weight", source)
+            out[f"{b}.mixer.{ours}.weight"] = w.reshape(w.shape[0], -1)
+            out[f"{b}.mixer.{ours}.bias"] = src.pop(f"{a}.attn.{theirs}.bias", torch.zeros(w.shape[0]))
+        beta = take(src, f"{a}.attn.b_proj.weight", source)
+        out[f"{b}.mixer.b_proj.weight"] = beta
+        out[f"{b}.mixer.b_proj.bias"] = src.pop(f"{a}.attn.b_proj.bias", torch.zeros(beta.shape[0]))
+        dv = int(model_cfg["d_model"] * model_cfg["mixer"]["expand_v"]) // H
+        out[f"{b}.mixer.o_norm.weight"] = take(src, f"{a}.attn.o_norm.weight", source).expand(H, dv).clone()
+        gate, up = take(src, f"{a}.mlp.gate_proj.weight", source), take(src, f"{a}.mlp.up_proj.weight", source)
+        out[f"{b}.mlp.gate_up.weight"] = torch.cat([gate, up], dim=0)
+        out[f"{b}.mlp.down.weight"] = take(src, f"{a}.mlp.down_proj.weight", source)
+    if src:
+        raise Unsupported(source, f"weights this importer does not know ({', '.join(sorted(src)[:4])})")
+    return out
+
+
+CONVERTERS = {"gla": (gla_config, gla_state), "delta_net": (deltanet_config, deltanet_state)}
 
 
 def tokenizer_files(src: Path) -> Tuple[Optional[Path], Optional[str], Optional[str]]:

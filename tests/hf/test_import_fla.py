@@ -112,3 +112,21 @@ def test_cli_import_then_generate(tmp_path, fla_interpreter):
     assert gen.returncode == 0
     line = error_line(run_lm("import", str(tmp_path / "nowhere"), str(tmp_path / "x"), check=False))
     assert "no config.json" in line
+
+
+def test_import_deltanet_matches_fla(tmp_path, fla_interpreter):
+    from fla.models import DeltaNetConfig, DeltaNetForCausalLM
+
+    from lm.hf.import_fla import import_fla
+    from lm.training.export import load_model
+
+    cfg = DeltaNetConfig(hidden_size=64, num_hidden_layers=2, num_heads=2, vocab_size=96, intermediate_size=128,
+                         fuse_cross_entropy=False)
+    fla_model = randomize(DeltaNetForCausalLM(cfg))
+    fla_model.save_pretrained(str(tmp_path / "fla"))
+    ours = load_model(str(import_fla(str(tmp_path / "fla"), str(tmp_path / "ours")))).model
+    x = torch.randint(0, 96, (2, 11), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = fla_model(x).logits.float()
+        got, _ = ours(x)
+    assert (got - want).abs().max().item() <= 1e-4
