@@ -1,9 +1,11 @@
 """Import a flash-linear-attention (fla-hub) Hugging Face checkpoint: a directory with
 ``config.json`` (``model_type``) and ``model.safetensors`` (optionally ``tokenizer.json``).
 
-Done: ``gla`` (GLAForCausalLM) -> ``linear_attention/gla`` and ``delta_net`` (DeltaNetForCausalLM)
--> ``linear_attention/deltanet`` (its short convolutions and beta projection added to the same
-mapping). Not yet: ``gated_deltanet``, ``rwkv7``. The GLA mapping per layer::
+``gla`` (GLAForCausalLM) -> ``linear_attention/gla``; ``delta_net`` (DeltaNetForCausalLM) ->
+``linear_attention/deltanet`` (its short convolutions and beta projection added to the same
+mapping); ``gated_deltanet`` (GatedDeltaNetForCausalLM) -> ``linear_attention/gated_deltanet``
+(DeltaNet's mapping plus ``a_proj``, ``A_log``, ``dt_bias`` and the output gate ``g_proj``);
+``rwkv7`` (RWKV7ForCausalLM) -> ``rwkv/rwkv7`` in :mod:`lm.hf.import_rwkv7`. The GLA mapping per layer::
 
     attn_norm -> norm1;  attn.{q,k,v,o}_proj -> mixer.{q,k,v,o}_proj;  attn.g_proj -> mixer.gate_proj
     attn.gk_proj.0 / .1 -> mixer.g_down / g_up   (log alpha = logsigmoid(.) / 16, both)
@@ -178,7 +180,7 @@ def deltanet_state(src: Dict[str, torch.Tensor], cfg: Dict[str, Any], model_cfg:
         beta = take(src, f"{a}.attn.b_proj.weight", source)
         out[f"{b}.mixer.b_proj.weight"] = beta
         out[f"{b}.mixer.b_proj.bias"] = src.pop(f"{a}.attn.b_proj.bias", torch.zeros(beta.shape[0]))
-        dv = int(model_cfg["d_model"] * model_cfg["mixer"]["expand_v"]) // H
+        dv = int((model_cfg.get("head_dim") or model_cfg["d_model"] // H) * model_cfg["mixer"]["expand_v"])
         out[f"{b}.mixer.o_norm.weight"] = take(src, f"{a}.attn.o_norm.weight", source).expand(H, dv).clone()
         gate, up = take(src, f"{a}.mlp.gate_proj.weight", source), take(src, f"{a}.mlp.up_proj.weight", source)
         out[f"{b}.mlp.gate_up.weight"] = torch.cat([gate, up], dim=0)
@@ -188,7 +190,58 @@ def deltanet_state(src: Dict[str, torch.Tensor], cfg: Dict[str, Any], model_cfg:
     return out
 
 
-CONVERTERS = {"gla": (gla_config, gla_state), "delta_net": (deltanet_config, deltanet_state)}
+GATED_DELTANET_DEFAULTS = {"expand_v": 2.0, "use_gate": True, "use_short_conv": True, "allow_neg_eigval": False,
+                           "conv_size": 4, "head_dim": 256, "num_heads": 6, "num_v_heads": None,
+                           "max_position_embeddings": 2048, "hidden_ratio": 4, "intermediate_size": None,
+                           "hidden_act": "swish", "norm_eps": 1e-6, "attn": None, "tie_word_embeddings": False,
+                           "attnres_block_size": None, "output_gate_activation": "swish", "conv_bias": False}
+
+
+def gated_deltanet_config(cfg: Dict[str, Any], source: Any) -> Dict[str, Any]:
+    """Our ``linear_attention/gated_deltanet`` config for an fla GatedDeltaNetConfig: fla's
+    ``head_dim`` is the key width per head (``model.head_dim``, ``expand_k`` 1) and the value width
+    is ``head_dim * expand_v``; the output gate is silu after the per-head RMS norm."""
+    cfg = {**GATED_DELTANET_DEFAULTS, **cfg}
+    _refuse_if(source, cfg, "attn", lambda v: v is None, "hybrid softmax-attention layers")
+    _refuse_if(source, cfg, "attnres_block_size", lambda v: v is None, "attention residuals")
+    _refuse_if(source, cfg, "num_v_heads", lambda v: v is None or v == cfg["num_heads"],
+               "grouped value heads (num_v_heads != num_heads)")
+    _refuse_if(source, cfg, "use_short_conv", lambda v: v is True, "Gated DeltaNet without the short convolution")
+    _refuse_if(source, cfg, "allow_neg_eigval", lambda v: not v, "negative eigenvalues (beta in (0, 2))")
+    _refuse_if(source, cfg, "output_gate_activation", lambda v: v in ("swish", "silu"),
+               "an output gate activation other than swish")
+    _refuse_if(source, cfg, "hidden_act", lambda v: v == "swish", "an activation other than swish")
+    D, H, K = int(cfg["hidden_size"]), int(cfg["num_heads"]), int(cfg["head_dim"])
+    if abs(K * float(cfg["expand_v"]) - round(K * float(cfg["expand_v"]))) > 1e-6:
+        raise LMError(f"{source}: head_dim * expand_v must be an integer")
+    return {
+        "family": "linear_attention", "variant": "gated_deltanet", "vocab_size": int(cfg["vocab_size"]),
+        "d_model": D, "n_layers": int(cfg["num_hidden_layers"]), "n_heads": H, "head_dim": K, "mlp": "swiglu",
+        "mlp_ratio": swiglu_ratio(intermediate_size(cfg), D, source), "norm": "rmsnorm",
+        "norm_eps": float(cfg["norm_eps"]), "tie_embeddings": bool(cfg["tie_word_embeddings"]),
+        "max_seq_len": int(cfg["max_position_embeddings"]),
+        "mixer": {"expand_k": 1.0, "expand_v": float(cfg["expand_v"]), "conv_size": int(cfg["conv_size"]),
+                  "output_gate": bool(cfg["use_gate"])},
+    }
+
+
+def gated_deltanet_state(src: Dict[str, torch.Tensor], cfg: Dict[str, Any], model_cfg: Dict[str, Any],
+                         source: Any) -> Dict[str, torch.Tensor]:
+    """Our state dict from an fla GatedDeltaNetForCausalLM state dict: DeltaNet's mapping plus the
+    decay (``a_proj``, ``A_log``, ``dt_bias`` by name) and the output gate ``g_proj -> gate_proj``."""
+    src = dict(src)
+    a_keys = {}
+    for i in range(model_cfg["n_layers"]):
+        a, b = f"model.layers.{i}.attn", f"blocks.{i}.mixer"
+        for theirs, ours in (("a_proj.weight", "a_proj.weight"), ("A_log", "A_log"), ("dt_bias", "dt_bias")):
+            a_keys[f"{b}.{ours}"] = take(src, f"{a}.{theirs}", source)
+        if model_cfg["mixer"]["output_gate"]:
+            a_keys[f"{b}.gate_proj.weight"] = take(src, f"{a}.g_proj.weight", source)
+    return {**deltanet_state(src, cfg, model_cfg, source), **a_keys}
+
+
+CONVERTERS = {"gla": (gla_config, gla_state), "delta_net": (deltanet_config, deltanet_state),
+              "gated_deltanet": (gated_deltanet_config, gated_deltanet_state)}
 
 
 def tokenizer_files(src: Path) -> Tuple[Optional[Path], Optional[str], Optional[str]]:

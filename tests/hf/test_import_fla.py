@@ -130,3 +130,42 @@ def test_import_deltanet_matches_fla(tmp_path, fla_interpreter):
         want = fla_model(x).logits.float()
         got, _ = ours(x)
     assert (got - want).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("overrides", [{}, {"use_gate": False, "expand_v": 1.0, "fuse_norm": False}],
+                         ids=["gated", "nogate-plain"])
+def test_import_gated_deltanet_matches_fla(tmp_path, fla_interpreter, overrides):
+    from fla.models import GatedDeltaNetConfig, GatedDeltaNetForCausalLM
+
+    from lm.hf.import_fla import import_fla
+    from lm.training.export import load_model
+
+    cfg = GatedDeltaNetConfig(hidden_size=64, num_hidden_layers=2, num_heads=2, head_dim=16, vocab_size=96,
+                              intermediate_size=128, fuse_cross_entropy=False, **overrides)
+    fla_model = randomize(GatedDeltaNetForCausalLM(cfg))
+    fla_model.save_pretrained(str(tmp_path / "fla"))
+    loaded = load_model(str(import_fla(str(tmp_path / "fla"), str(tmp_path / "ours"))))
+    assert loaded.config["model"]["variant"] == "gated_deltanet" and loaded.config["model"]["head_dim"] == 16
+    x = torch.randint(0, 96, (2, 11), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = fla_model(x).logits.float()
+        got, _ = loaded.model(x)
+    assert (got - want).abs().max().item() <= 1e-4
+
+
+def test_import_gated_deltanet_refuses_missing_features(tmp_path):
+    from lm.errors import LMError
+    from lm.hf.import_fla import import_fla
+
+    src = tmp_path / "fla"
+    src.mkdir()
+    base = {"model_type": "gated_deltanet", "hidden_size": 64, "num_hidden_layers": 1, "num_heads": 2,
+            "head_dim": 16, "vocab_size": 96}
+    for extra, feature in [({"num_v_heads": 4}, "grouped value heads"), ({"allow_neg_eigval": True}, "negative eigen"),
+                           ({"output_gate_activation": "sigmoid"}, "output gate activation"),
+                           ({"use_short_conv": False}, "without the short convolution"),
+                           ({"attn": {"layers": [0]}}, "hybrid softmax-attention")]:
+        (src / "config.json").write_text(json.dumps({**base, **extra}))
+        with pytest.raises(LMError, match=feature):
+            import_fla(str(src), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
