@@ -9,7 +9,7 @@ import torch
 
 import kernels
 from tests.kernels.harness import (
-    DECAYS, assert_close, check_split, compare_backends, forward_backward, make_inputs, needs_triton,
+    DECAYS, TOL, assert_close, check_split, compare_backends, forward_backward, make_inputs, needs_triton,
     triton_test,
 )
 
@@ -139,3 +139,76 @@ def test_triton_chunked_block_sizes(K, V):
 def test_triton_split_equals_one_pass():
     """Chunked pass (T = 40) then fused pass (T = 12, the default choice for short T)."""
     check_split(OP, "triton", 40, T=52, with_state=True, B=1, H=2, K=16, V=16)
+
+
+# ---- packed sequences (cu_seqlens), native paths vs each sequence run alone -------------------
+
+#: boundaries inside chunks, at chunk edges, length-1 and length-0 sequences
+VARLEN_CUS = [
+    pytest.param([0, 5, 70, 71, 71, 130, 200], id="inside-chunks"),
+    pytest.param([0, 0, 64, 64, 128, 129, 150], id="chunk-edges"),
+    pytest.param([0, 3, 3, 10], id="short"),
+]
+
+
+def _per_sequence_reference(q, k, v, g, scale, h0, cu):
+    from kernels.ops.gla.reference import gla_reference
+
+    outs, finals = [], []
+    for n in range(len(cu) - 1):
+        a, b = cu[n], cu[n + 1]
+        o, s = gla_reference(q[:, a:b], k[:, a:b], v[:, a:b], g[:, a:b], scale,
+                             None if h0 is None else h0[n:n + 1], True)
+        outs.append(o)
+        finals.append(s)
+    return torch.cat(outs, 1), torch.cat(finals, 0)
+
+
+def check_varlen(fn, cu, per_head_gate, with_state, decay="moderate", dtype=torch.float32, H=2, K=8, V=6,
+                 device="cpu", **kw):
+    """``fn(..., cu_seqlens=cu)`` equals the per-sequence reference: outputs, final states, every gradient."""
+    gen = torch.Generator().manual_seed(0)
+    T, N = cu[-1], len(cu) - 1
+    q = torch.randn(1, T, H, K, generator=gen)
+    k = torch.randn(1, T, H, K, generator=gen) / K ** 0.5
+    v = torch.randn(1, T, H, V, generator=gen)
+    gs = (1, T, H) if per_head_gate else (1, T, H, K)
+    g = {"strong": torch.full(gs, -5.0), "none": torch.zeros(gs)}.get(decay, -torch.rand(gs, generator=gen))
+    h0 = torch.randn(N, H, K, V, generator=gen) if with_state else None
+    inputs = [x.to(dtype) for x in (q, k, v, g)] + ([h0] if with_state else [])
+    results = []
+    for run_fn, cast in ((None, torch.float32), (fn, dtype)):
+        xs = [x.detach().to(cast if i < 4 else torch.float32).to(device).requires_grad_()
+              for i, x in enumerate(inputs)]
+        state = xs[4] if with_state else None
+        if run_fn is None:
+            o, s = _per_sequence_reference(*xs[:4], 0.3, state, cu)
+        else:
+            o, s = run_fn(*xs[:4], 0.3, state, True, cu_seqlens=torch.tensor(cu, device=device), **kw)
+        cot = torch.Generator().manual_seed(1)
+        loss = (o.float() * torch.randn(o.shape, generator=cot).to(device)).sum()
+        loss = loss + (s * torch.randn(s.shape, generator=cot).to(device)).sum()
+        results.append([o, s] + list(torch.autograd.grad(loss, xs)))
+    tol = TOL[dtype]
+    names = ["output", "final_state", "grad q", "grad k", "grad v", "grad g", "grad initial_state"]
+    for name, actual, expected in zip(names, results[1], results[0]):
+        assert_close(name, actual, expected, tol)
+
+
+@pytest.mark.parametrize("cu", VARLEN_CUS)
+@pytest.mark.parametrize("per_head_gate", GATES)
+@pytest.mark.parametrize("with_state", [False, True])
+@pytest.mark.parametrize("decay", ["strong", "moderate"])
+def test_torch_varlen_native(cu, per_head_gate, with_state, decay):
+    from kernels.ops.gla.chunk import gla_chunked
+
+    assert getattr(gla_chunked, "varlen", False)
+    check_varlen(gla_chunked, cu, per_head_gate, with_state, decay)
+
+
+def test_torch_varlen_segments_and_bf16():
+    """CPU passes of 128 steps carry the state across a sequence; bf16 inputs loosely."""
+    from kernels.ops.gla.chunk import gla_chunked
+
+    check_varlen(gla_chunked, [0, 100, 101, 300], False, True, segment=128)
+    check_varlen(gla_chunked, [0, 5, 70, 71, 130], True, True, dtype=torch.bfloat16)

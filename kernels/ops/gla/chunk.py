@@ -135,6 +135,85 @@ def _gla_pass(q, k, v, g, scale: float, S: torch.Tensor, chunk: int) -> Tuple[to
     return merge_chunks(o, 2)[:, :, :T], S
 
 
+def _gla_pass_varlen(q, k, v, g, scale: float, S: torch.Tensor, chunk: int, seqc: torch.Tensor,
+                     flows: torch.Tensor, X: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``_gla_pass`` over packed sequences (B = 1), see ``varlen.py``: pairs masked to one sequence, the
+    entering state only for the rows of the chunk's first sequence, the state passed on only when that
+    sequence continues. ``seqc`` long [N, C]: sequence per step; ``flows`` bool [N]; ``X`` [H, N + 1, K, V]
+    or None: initial states injected into the recurrence (``X[0]`` is ignored: S is the entering state).
+    Returns o (fp32 [1, H, T, V]), the entering states of the chunks [H, N, K, V] and the state
+    entering the chunk after the last one (the next pass's)."""
+    T = q.shape[1]
+    qc, kc, vc, gc = (_heads_first_chunks(x, chunk) for x in (q, k, v, g))
+    same = seqc[:, :, None] == seqc[:, None, :]  # [N, C, C]
+    first = (seqc == seqc[:, :1]).float()  # rows of the chunk's first sequence
+    tail = (seqc == seqc[:, -1:]).float() * flows[:, None]  # rows whose state passes on
+    carry = flows & (seqc[:, 0] == seqc[:, -1])  # the entering state itself passes on
+    if g.dim() == 3:  # per head: b [1, H, N, C]
+        b = gc.cumsum(-1)
+        A = (qc @ kc.transpose(-1, -2)) * masked_exp_diff(b[..., :, None], b[..., None, :],
+                                                          causal_mask(chunk, q.device) & same)
+        b_last = b[..., -1]
+        q_in = qc * (torch.exp(b) * first)[..., None]
+        k_out = kc * (torch.exp(b_last[..., None] - b) * tail)[..., None]
+        decay = (torch.exp(b_last) * carry)[..., None, None]  # [1, H, N, 1, 1]
+    else:  # per key: b [1, H, N, C, K]
+        b = gc.cumsum(-2)
+        A = intra_scores_per_key(qc, kc, b) * same
+        b_last = b[..., -1, :]
+        q_in = qc * torch.exp(b) * first[..., None]
+        k_out = kc * torch.exp(b_last[..., None, :] - b) * tail[..., None]
+        decay = (torch.exp(b_last) * carry[:, None])[..., None]  # [1, H, N, K, 1]
+    o = A @ vc
+    updates = k_out.transpose(-1, -2) @ vc  # [1, H, N, K, V]
+    injected = X[None, :, 1:].unbind(2) if X is not None else [None] * qc.shape[2]
+    entering = []
+    for decay_n, update_n, x_n in zip(decay.unbind(2), updates.unbind(2), injected):
+        entering.append(S)
+        S = decay_n * S + update_n
+        if x_n is not None:
+            S = S + x_n
+    entering = torch.stack(entering, 2)
+    o = scale * (o + q_in @ entering)
+    return merge_chunks(o, 2)[:, :, :T], entering[0], S
+
+
+def gla_chunked_varlen(q, k, v, g, scale: float, initial_state, output_final_state: bool, cu_seqlens,
+                       chunk: int = CHUNK, segment: Optional[int] = -1):
+    """``gla_chunked`` over packed sequences: q, k, v, g [1, T, ...]; initial/final states [N, H, K, V]."""
+    from kernels.ops.gla import varlen
+
+    T, H, K, V = q.shape[1], q.shape[2], q.shape[3], v.shape[-1]
+    L = varlen.Layout(cu_seqlens, T, chunk, q.device)
+    if T == 0:
+        S = initial_state.float() if initial_state is not None else q.new_zeros(L.N, H, K, V, dtype=torch.float32)
+        return q.new_zeros(1, 0, H, V), (S if output_final_state else None)
+    h0 = L.select(initial_state)
+    X = varlen.injection(g, h0, L)
+    seqc, flows = L.seq_chunks(), L.flows()
+    S = X[:, 0][None] if X is not None else q.new_zeros(1, H, K, V, dtype=torch.float32)
+    if segment == -1:
+        segment = default_segment(q.device)
+    step = T if segment is None else segment
+    outs, entering = [], []
+    for a in range(0, T, step):  # passes of ``segment`` steps (a multiple of chunk), state carried
+        n0, n1 = a // chunk, -(-min(a + step, T) // chunk)
+        x = X[:, n0:n1 + 1] if X is not None else None
+        o, ent, S = _gla_pass_varlen(q[:, a:a + step], k[:, a:a + step], v[:, a:a + step], g[:, a:a + step],
+                                  scale, S, chunk, seqc[n0:n1], flows[n0:n1], x)
+        outs.append(o)
+        entering.append(ent)
+    o = torch.cat(outs, 2).transpose(1, 2)[0]  # [T, H, V]
+    extra = varlen.initial_state_output(q, g, h0, L, scale)
+    if extra is not None:
+        o = o + extra
+    o = o[None].to(q.dtype)
+    if not output_final_state:
+        return o, None
+    finals = varlen.final_states(k, v, g, torch.cat(entering, 1), h0, L)
+    return o, varlen.assemble_finals(finals, initial_state, L)
+
+
 def default_segment(device: torch.device) -> Optional[int]:
     """Tokens per pass: on CPU long sequences go in cache-sized segments (state carried between
     them), which keeps the cost per token flat in T; on GPU one pass."""
@@ -151,12 +230,17 @@ def gla_chunked(
     output_final_state: bool = False,
     chunk: int = CHUNK,
     segment: Optional[int] = -1,
+    cu_seqlens: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Same contract as ``gla_reference``: q, k [B,T,H,K], v [B,T,H,V], g [B,T,H,K] or [B,T,H].
 
     ``segment``: tokens per chunked pass (a multiple of ``chunk``; None: all at once; -1: the
-    device default, see ``default_segment``).
+    device default, see ``default_segment``). ``cu_seqlens`` [N+1]: packed sequences (B = 1, states
+    [N, H, K, V]), handled natively (``gla_chunked_varlen``).
     """
+    if cu_seqlens is not None:
+        return gla_chunked_varlen(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens,
+                                  chunk, segment)
     B, T, H, K = q.shape
     V = v.shape[-1]
     if T == 0:
@@ -171,3 +255,6 @@ def gla_chunked(
     # the passes return heads-first outputs [B, H, T, V]: concatenated along dim 2
     o, S = run_in_segments(one_pass, (q, k, v, g), S, segment, time_dim=1, out_dim=2)
     return o.transpose(1, 2).to(q.dtype), (S if output_final_state else None)
+
+
+gla_chunked.varlen = True
