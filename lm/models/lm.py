@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lm.config.schema import ModelConfig
 from lm.models.layers import init_linear_, make_mlp, make_norm
+from lm.models.mixer import shared_kwargs
 from lm.models.registry import get_family, resolve_options, resolve_variant
 
 ModelState = List[Dict[str, Any]]
@@ -36,20 +37,28 @@ def as_model_config(cfg: Any) -> ModelConfig:
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: token mixer then channel mixer."""
+    """Pre-norm residual block: token mixer then channel mixer. Block 0 of a family whose options
+    set ``embed_norm`` (RWKV-7's ln0) first normalises the embedding: ``h_0 = norm0(embed(tokens))``."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int, options: Any):
         super().__init__()
         spec = get_family(cfg.family)
+        embed_norm = layer_idx == 0 and getattr(options, "embed_norm", False)
+        self.norm0 = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps) if embed_norm else None
         self.norm1 = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
         self.mixer = spec.mixer(cfg, options, layer_idx)
         self.mlp = make_mlp(cfg.mlp, cfg.d_model, cfg.mlp_ratio)
         self.norm2 = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps) if self.mlp is not None else None
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor, state: Optional[Dict[str, Any]] = None, return_state: bool = False):
+    def forward(self, x: torch.Tensor, state: Optional[Dict[str, Any]] = None, return_state: bool = False,
+                shared: Optional[Dict[str, Any]] = None):
+        """``shared``: the pass's cross-layer dict (see ``TokenMixer.uses_shared``)."""
         mix_state = None if state is None else state.get("mixer")
-        h, mix_state = self.mixer(self.norm1(x), mix_state, return_state=return_state)
+        if self.norm0 is not None:
+            x = self.norm0(x)
+        h, mix_state = self.mixer(self.norm1(x), mix_state, return_state=return_state,
+                                  **shared_kwargs(self.mixer, shared))
         x, mlp_state = self.add_mixer_output(x, h, None if state is None else state.get("mlp"))
         return x, ({"mixer": mix_state, "mlp": mlp_state} if return_state else None)
 
@@ -127,13 +136,14 @@ class LanguageModel(nn.Module):
         """Final-norm hidden states [B, T, D] (before the head) and the new state."""
         x = self.embed(tokens)
         new_state: List[Dict[str, Any]] = []
+        shared: Dict[str, Any] = {}  # per-token values later layers read (RWKV-7: layer 0's v)
         for i, block in enumerate(self.blocks):
             layer_state = None if state is None else state[i]
             if self.gradient_checkpointing and self.training and not return_state and layer_state is None:
-                x = checkpoint(lambda inp, b=block: b(inp)[0], x, use_reentrant=False)
+                x = checkpoint(lambda inp, b=block: b(inp, shared=shared)[0], x, use_reentrant=False)
                 s = None
             else:
-                x, s = block(x, layer_state, return_state=return_state)
+                x, s = block(x, layer_state, return_state=return_state, shared=shared)
             new_state.append(s)
         return self.norm_f(x), (new_state if return_state else None)
 

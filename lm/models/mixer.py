@@ -50,6 +50,11 @@ def onehot_values(B: int, T: int, H: int, device) -> torch.Tensor:
 
 
 class TokenMixer(nn.Module, abc.ABC):
+    #: True for mixers whose ``forward``/``step``/``implicit_attention`` take ``shared``: a dict of
+    #: per-token tensors [B, T, ...] written by earlier layers of the same pass (RWKV-7's value
+    #: residual: layer 0's values). The skeleton passes one dict through all layers of a pass.
+    uses_shared = False
+
     def __init__(self, cfg: Any, options: Any, layer_idx: int):
         super().__init__()
         self.cfg = cfg
@@ -64,9 +69,10 @@ class TokenMixer(nn.Module, abc.ABC):
     def forward(self, x: torch.Tensor, state: State = None, return_state: bool = False) -> Tuple[torch.Tensor, State]:
         """The whole-sequence form: x [B, T, D] from ``state`` -> (y [B, T, D], the state after x or None)."""
 
-    def step(self, x_t: torch.Tensor, state: State) -> Tuple[torch.Tensor, State]:
-        """One token: the whole-sequence form on a length-1 sequence with the carried state."""
-        y, state = self.forward(x_t[:, None], state, return_state=True)
+    def step(self, x_t: torch.Tensor, state: State, **shared: Any) -> Tuple[torch.Tensor, State]:
+        """One token: the whole-sequence form on a length-1 sequence with the carried state
+        (``shared=`` this token's cross-layer inputs [B, 1, ...], for mixers with ``uses_shared``)."""
+        y, state = self.forward(x_t[:, None], state, return_state=True, **shared)
         return y[:, 0], state
 
     @abc.abstractmethod
@@ -86,3 +92,8 @@ class TokenMixer(nn.Module, abc.ABC):
 def get(state: State, key: str):
     """``state[key]`` or None for a fresh sequence."""
     return None if state is None else state.get(key)
+
+
+def shared_kwargs(mixer: nn.Module, shared: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """``{"shared": shared}`` for a mixer with ``uses_shared``, else ``{}`` (the others' signature)."""
+    return {"shared": shared} if getattr(mixer, "uses_shared", False) else {}

@@ -4,25 +4,55 @@
     r = W_r x'_r,  k = W_k x'_k,  v = W_v x'_v                   receptance, key, value
     log w_t = -e^{-1/2} sigmoid(w_0 + tanh(x'_w A_w) B_w)        data-dependent decay in (e^{-0.61}, 1)
     a_t = sigmoid(a_0 + x'_a A_a B_a)                            in-context learning rate
+    v = v + (v_1 - v) * sigmoid(v_0 + x'_v A_v B_v)              value residual (layers > 0; v_1: layer 0's v)
     kk = L2norm(k * k_k);  k = k * (1 + (a - 1) * k_a)           removal key, adjusted key
     S_t = (diag(w_t) - (a_t * kk_t) kk_t^T) S_{t-1} + k_t v_t^T   = dplr(a = -kk, b = a * kk)
-    o_t = HeadNorm(S_t^T r_t) + (r_t . (r_k * k_t)) v_t           readout plus the current-token bonus
+    o_t = GroupNorm_h(S_t^T r_t) + (r_t . (r_k * k_t)) v_t        readout plus the current-token bonus
     y_t = W_o (o_t * (sigmoid(x'_g G_1) G_2))                    output gate
 
-Left out from the reference model: the cross-layer value residual (v mixing with layer 0's v).
-The channel mixer is RWKV's (``mlp: rwkv_cmix``, in :mod:`lm.models.layers`).
+Against the reference (BlinkDL/RWKV-LM ``RWKV-v7``, ``rwkv_v7_demo.py`` and
+``train_temp/src/model.py``; fla's ``RWKV7Attention``), with ``model.norm: layernorm`` and
+``model.mlp: rwkv_cmix`` as in ``configs/model/rwkv7``:
+
+* the same by default: token shift and its six lerps, the decay
+  ``exp(-e^{-1/2} sigmoid(.))`` (BlinkDL writes ``w = -softplus(-(.)) - 0.5`` and ``exp(-exp(w))``:
+  equal), the low-rank maps (``w1/w2`` -> ``w_down/w_up``, ``a1/a2``, ``v1/v2``, ``g1/g2``), ``k_k``,
+  ``k_a``, ``r_k``; the **value residual** (``value_residual``; its source is layer 0, the reference
+  design: values from the first layer reach every later one, which BlinkDL reports helps training);
+  the per-head **GroupNorm** ``ln_x`` (mean-centred, weight and bias, eps 64e-5 = 1e-5 * head size
+  64; ``head_norm: rms`` is the earlier RMS-only norm); **ln0**, a LayerNorm on the embedding before
+  block 0 (``embed_norm``, held by block 0 as ``norm0``); pre-LayerNorms ``ln1``/``ln2`` and
+  ``ln_out`` (``norm1``/``norm2``/``norm_f``); the channel mixer ``value(relu(key(lerp(x, x_{t-1},
+  x_k)))^2)``.
+* different: the channel mixer's hidden width is rounded up to a multiple of 64 (the reference: 4x
+  or 3.5x of the width, a multiple of 32; an importer maps only widths that are multiples of 64);
+  one head width for keys and values (fla's ``value_dim`` above ``hidden_size`` is refused on
+  import); no lower clamp on the decay (fla's ``safe_gate`` is a kernel bound, not a model change).
+* initialisation (issue 16's per-family recipe owns it): the lerps and ``v0``/``v_down``/``v_up``
+  follow the reference; the rest does not yet: ``w0`` uses an earlier schedule
+  (``-7 + 5 (n/(C-1))^(0.85 + sqrt(l/(L-1))) + 0.5``, no zigzag; the reference
+  ``-6 + 6 (n/(C-1))^(1 + (l/(L-1))^0.3) + 0.5 + 2.5 zigzag``), ``k_k`` 0.85 (ref. ``0.71 - 0.1
+  linear``), ``k_a`` 1 (1.02), ``r_k`` N(0, 0.1) (-0.04), ``a0`` 0 (``-0.19 + 0.3 zigzag + 0.4
+  linear``), ``w_up``/``a_up`` zero and ``w_down``/``a_down`` normal (the reference zeroes the down
+  maps and makes the up maps orthogonal * 0.1), the gate maps, projections, channel mixer and
+  embedding normal(init_std) (the reference: orthogonal/uniform, zero output and channel-mixer
+  value, embedding uniform(+-1e-4)), ``ln_x`` weight 1 (``((l+1)/L)^0.7``), channel-mixer lerp 0.5
+  (``1 - (n/C)^((1 - l/L)^4)``).
+* a hybrid whose layer 0 is not RWKV: its first RWKV layer is the value-residual source (its own
+  ``v0/v_down/v_up`` then go unused).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Dict, Optional
 
 import torch
 import torch.nn as nn
 
 import kernels
+from lm.errors import ConfigError
 from lm.models.layers import HeadNorm, l2_normalize, token_shift
 from lm.models.mixer import ImplicitAttention, TokenMixer, get, onehot_values
 from lm.models.registry import register
@@ -35,11 +65,35 @@ class RWKV7Options:
     decay_low_rank: int = 32
     a_low_rank: int = 32
     gate_low_rank: int = 64
+    value_residual: bool = True  # v mixed with layer 0's v (the reference design)
+    v_low_rank: int = 32
+    head_norm: str = "groupnorm"  # groupnorm (the reference's ln_x: centred, with bias) | rms
+    head_norm_eps: float = 64e-5
+    embed_norm: bool = True  # ln0: a norm on the embedding before block 0 (held by the Block)
+
+
+class HeadGroupNorm(nn.Module):
+    """GroupNorm with one group per head over ``[..., H, K]``: ``(x - mean) / sqrt(var + eps) * w + b``
+    (biased variance, per head), weights and biases ``[H, K]``."""
+
+    def __init__(self, n_heads: int, head_dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(n_heads, head_dim))
+        self.bias = nn.Parameter(torch.zeros(n_heads, head_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xc = xf - xf.mean(-1, keepdim=True)
+        y = xc * torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * self.weight.float() + self.bias.float()).to(x.dtype)
 
 
 @register("rwkv", RWKV7Options, variants={"rwkv7": {}}, default_variant="rwkv7")
 class RWKV7TimeMix(TokenMixer):
     """RWKV-7 time mixing: data-dependent decay and in-context learning rate on a DPLR state."""
+
+    uses_shared = True  # the value residual reads layer 0's v from the pass's ``shared`` dict
 
     def __init__(self, cfg: Any, options: RWKV7Options, layer_idx: int):
         super().__init__(cfg, options, layer_idx)
@@ -62,8 +116,20 @@ class RWKV7TimeMix(TokenMixer):
         self.k_k = nn.Parameter(torch.full((HK,), 0.85))
         self.k_a = nn.Parameter(torch.ones(HK))
         self.r_k = nn.Parameter(torch.zeros(H, K))
-        self.o_norm = HeadNorm(H, K, eps=64e-5)
+        if options.value_residual and layer_idx > 0:
+            self.v0 = nn.Parameter(torch.zeros(HK))
+            self.v_down = nn.Linear(D, options.v_low_rank, bias=False)
+            self.v_up = nn.Linear(options.v_low_rank, HK, bias=False)
+        if options.head_norm == "groupnorm":
+            self.o_norm: nn.Module = HeadGroupNorm(H, K, eps=options.head_norm_eps)
+        else:
+            self.o_norm = HeadNorm(H, K, eps=options.head_norm_eps)
         self.reset_parameters()
+
+    @staticmethod
+    def check_config(cfg: Any, options: RWKV7Options) -> None:
+        if options.head_norm not in ("groupnorm", "rms"):
+            raise ConfigError(f"model.mixer.head_norm: '{options.head_norm}' is not one of groupnorm, rms")
 
     def reset_parameters(self) -> None:
         D, HK = self.d_model, self.n_heads * self.head_dim
@@ -84,8 +150,27 @@ class RWKV7TimeMix(TokenMixer):
             nn.init.normal_(self.r_k, 0.0, 0.1)
             nn.init.ones_(self.k_a)
             self.k_k.fill_(0.85)
+            if hasattr(self, "v0"):  # reference: v0 = 0.73 - 0.4 * linear, v1 = 0, v2 orthogonal * 0.1
+                self.v0.copy_(0.73 - 0.4 * (n / max(HK - 1, 1) - 0.5))
+                nn.init.zeros_(self.v_down.weight)
+                nn.init.orthogonal_(self.v_up.weight, gain=0.1)
 
-    def features(self, x: torch.Tensor, state=None):
+    def value_residual(self, v: torch.Tensor, xv: torch.Tensor, shared: Optional[Dict[str, Any]]) -> torch.Tensor:
+        """``v + (v_1 - v) * sigmoid(v0 + B_v A_v x'_v)`` with v_1 = ``shared["v_first"]`` (layer 0's v,
+        [B, T, H*K]); the first RWKV layer of a pass writes its own v there and returns it unchanged."""
+        if not self.options.value_residual:
+            return v
+        first = None if shared is None else shared.get("v_first")
+        if first is None or not hasattr(self, "v0"):  # layer 0 (also when checkpointing recomputes it)
+            if shared is None and self.layer_idx > 0:
+                raise ValueError(f"RWKV-7 layer {self.layer_idx}: the value residual needs layer 0's values "
+                                 "(pass the model's shared dict: shared=...)")
+            if shared is not None:
+                shared["v_first"] = v
+            return v
+        return v + (first.to(v.dtype) - v) * torch.sigmoid(self.v0 + self.v_up(self.v_down(xv)))
+
+    def features(self, x: torch.Tensor, state=None, shared: Optional[Dict[str, Any]] = None):
         """r, k, v [B,T,H,K], the removal key kk, learning rate a, log decay, gate, last input."""
         B, T, D = x.shape
         H, K = self.n_heads, self.head_dim
@@ -94,7 +179,7 @@ class RWKV7TimeMix(TokenMixer):
         xr, xw, xk, xv, xa, xg = mixed.unbind(2)
         r = self.receptance(xr).view(B, T, H, K)
         k = self.key(xk)
-        v = self.value(xv).view(B, T, H, K)
+        v = self.value_residual(self.value(xv), xv, shared).view(B, T, H, K)
         log_w = -math.exp(-0.5) * torch.sigmoid(self.w0 + self.w_up(torch.tanh(self.w_down(xw))).float())
         a = torch.sigmoid(self.a0 + self.a_up(self.a_down(xa))).to(x.dtype)
         gate = self.g_up(torch.sigmoid(self.g_down(xg)))
@@ -102,20 +187,21 @@ class RWKV7TimeMix(TokenMixer):
         k = (k * (1 + (a - 1) * self.k_a)).view(B, T, H, K)
         return r, k, v, kk, a.view(B, T, H, K), log_w.view(B, T, H, K).to(x.dtype), gate, last
 
-    def forward(self, x, state=None, return_state=False):
+    def forward(self, x, state=None, return_state=False, shared=None):
         B, T, D = x.shape
         H, K = self.n_heads, self.head_dim
-        r, k, v, kk, a, log_w, gate, last = self.features(x, state)
+        r, k, v, kk, a, log_w, gate, last = self.features(x, state, shared)
         out, S = kernels.dplr(r, k, v, -kk, kk * a, log_w, scale=1.0, initial_state=get(state, "S"),
                               output_final_state=return_state, backend=self.backend)
         out = self.o_norm(out) + (r * k * self.r_k).sum(-1, keepdim=True) * v
         y = self.output((out.reshape(B, T, H * K)) * gate)
         return y, ({"S": S, "shift": last} if return_state else None)
 
-    def implicit_attention(self, x: torch.Tensor) -> ImplicitAttention:
+    def implicit_attention(self, x: torch.Tensor, shared=None) -> ImplicitAttention:
         """The DPLR readout S_t^T r_t is linear in v: the kernel on one-hot values gives the weights
-        (the current-token bonus is added after the head norm and is not part of them)."""
-        r, k, v, kk, a, log_w, _, _ = self.features(x)
+        (the current-token bonus is added after the head norm and is not part of them). The values
+        are after the value residual (``shared``: as in ``forward``)."""
+        r, k, v, kk, a, log_w, _, _ = self.features(x, shared=shared)
         B, T, H, _ = r.shape
         eye = onehot_values(B, T, H, x.device).to(v.dtype)
         out, _ = kernels.dplr(r, k, v, -kk, kk * a, log_w, scale=1.0, backend=self.backend)

@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, List
+from dataclasses import dataclass, field
+from typing import Any, Dict, List
 
 import torch
 
 from lm.models.lm import LanguageModel
+from lm.models.mixer import shared_kwargs
 
 
 @dataclass
 class LayerIO:
     """The token mixer of one block: its input (after the pre-norm) and output, [B, T, D], and
-    its state after the sequence."""
+    its state after the sequence; ``shared`` is what the mixer read from earlier layers (its
+    keyword arguments, e.g. ``{"shared": {"v_first": ...}}`` for RWKV-7's value residual; ``{}``
+    for mixers without cross-layer inputs)."""
 
     layer: int
     x: torch.Tensor
     y: torch.Tensor
     state: Any
+    shared: Dict[str, Any] = field(default_factory=dict)
 
 
 @torch.no_grad()
@@ -27,9 +31,14 @@ def capture_layers(model: LanguageModel, inputs: torch.Tensor) -> List[LayerIO]:
     input, output and final state."""
     h = model.embed(inputs)
     layers = []
+    shared: Dict[str, Any] = {}
     for i, block in enumerate(model.blocks):
+        if block.norm0 is not None:
+            h = block.norm0(h)
         x = block.norm1(h)
-        y, state = block.mixer(x, return_state=True)
-        layers.append(LayerIO(i, x, y, state))
+        kwargs = shared_kwargs(block.mixer, shared)
+        seen = {"shared": dict(shared)} if kwargs else {}  # before this layer adds to it
+        y, state = block.mixer(x, return_state=True, **kwargs)
+        layers.append(LayerIO(i, x, y, state, seen))
         h, _ = block.add_mixer_output(h, y)
     return layers

@@ -31,22 +31,30 @@ def _errors(a: torch.Tensor, b: torch.Tensor) -> tuple:
 
 
 @torch.no_grad()
-def stepped_outputs(mixer, x: torch.Tensor) -> Tuple[torch.Tensor, Any]:
-    """The mixer applied token by token from ``init_state``: outputs [B, T, D] and the final state."""
+def stepped_outputs(mixer, x: torch.Tensor, kwargs: Optional[Dict[str, Any]] = None) -> Tuple[torch.Tensor, Any]:
+    """The mixer applied token by token from ``init_state``: outputs [B, T, D] and the final state.
+    ``kwargs``: the whole sequence's cross-layer inputs (``LayerIO.shared``), sliced per token."""
     state = mixer.init_state(x.shape[0], device=x.device, dtype=x.dtype)
     steps = []
     for t in range(x.shape[1]):
-        y, state = mixer.step(x[:, t], state)
+        y, state = mixer.step(x[:, t], state, **_token(kwargs or {}, t))
         steps.append(y)
     return torch.stack(steps, 1), state
 
 
+def _token(kwargs: Dict[str, Any], t: int) -> Dict[str, Any]:
+    """Token t of per-token tensors [B, T, ...] in (nested dicts of) keyword arguments, as [B, 1, ...]."""
+    return {k: _token(v, t) if isinstance(v, dict) else v[:, t:t + 1] for k, v in kwargs.items()}
+
+
 @torch.no_grad()
-def form_equivalence(mixer, x: torch.Tensor, whole: Optional[Tuple[torch.Tensor, Any]] = None) -> Dict[str, float]:
+def form_equivalence(mixer, x: torch.Tensor, whole: Optional[Tuple[torch.Tensor, Any]] = None,
+                     kwargs: Optional[Dict[str, Any]] = None) -> Dict[str, float]:
     """{out_abs, out_rel, state_abs, state_rel} for one mixer on x [B, T, D]; ``whole`` is the
-    whole-sequence form's (output, final state) when already computed."""
-    full, final = whole if whole is not None else mixer(x, return_state=True)
-    stepped, state = stepped_outputs(mixer, x)
+    whole-sequence form's (output, final state) when already computed; ``kwargs`` the mixer's
+    cross-layer inputs (``LayerIO.shared``)."""
+    full, final = whole if whole is not None else mixer(x, return_state=True, **(kwargs or {}))
+    stepped, state = stepped_outputs(mixer, x, kwargs)
     out_abs, out_rel = _errors(stepped, full)
     state_abs, state_rel = 0.0, 0.0
     for a, b in zip(flatten_state(state), flatten_state(final)):

@@ -67,9 +67,10 @@ def run_probes(model: LanguageModel, inputs: torch.Tensor, probes: Sequence[str]
             mixer = model.blocks[io.layer].mixer
             row: Dict[str, Any] = {"layer": io.layer}
             if "form" in probes:
-                row.update({f"form_{k}": v for k, v in form_equivalence(mixer, io.x, (io.y, io.state)).items()})
+                form = form_equivalence(mixer, io.x, (io.y, io.state), io.shared)
+                row.update({f"form_{k}": v for k, v in form.items()})
             if "attention" in probes:
-                ia = mixer.implicit_attention(io.x)
+                ia = mixer.implicit_attention(io.x, **io.shared)
                 if ia is not None:
                     p = row_distributions(ia.weights)
                     row.update({f"attn_{k}": v for k, v in attention_stats(ia, period, p).items()})
