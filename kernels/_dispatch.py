@@ -4,6 +4,9 @@ Automatic: ``triton`` for CUDA tensors (when installed), ``torch`` otherwise; on
 sequence shorter than :data:`SHORT_T` (decoding one token at a time) runs the reference step,
 which is exactly one recurrence step with no chunk padding. If the chosen op lacks that backend,
 the automatic choice falls back to ``torch``, then ``reference``; an explicit choice is an error.
+
+Packed sequences (``cu_seqlens``): a backend marked ``varlen`` (:func:`kernels._varlen.mark_varlen`)
+gets ``cu_seqlens=``; any other runs once per sequence (:func:`kernels._varlen.per_sequence`).
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import os
 from typing import Callable, Dict, Optional
 
 import torch
+
+from kernels._varlen import is_varlen, per_sequence
 
 BACKENDS = ("reference", "torch", "triton", "fla")
 ENV_VAR = "LM_KERNEL_BACKEND"
@@ -94,3 +99,15 @@ def resolve(op: str, backend: Optional[str], device: torch.device, T: int) -> Ca
     if backend not in table:
         raise ValueError(f"op '{op}' has no '{backend}' backend; available: {', '.join(table)}")
     return table[backend]()
+
+
+def call(op: str, fn: Callable, args: tuple, cu_seqlens: Optional[torch.Tensor], offsets, n_steps: int,
+         batched=()):
+    """Call the resolved ``fn``: plainly, natively with ``cu_seqlens=`` when it is marked ``varlen``, else
+    once per sequence (``offsets``: the validated ``cu_seqlens`` as a list; zero-length sequences run
+    through the reference, which returns the state unchanged)."""
+    if cu_seqlens is None:
+        return fn(*args)
+    if is_varlen(fn):
+        return fn(*args, cu_seqlens=cu_seqlens)
+    return per_sequence(fn, offsets, args, n_steps, batched, empty_fn=_table(op)["reference"]())
