@@ -101,3 +101,32 @@ def _assert_all(o, s, g, o_ref, s_ref, g_ref, tol):
     assert_close("final_state", s, s_ref, tol)
     for name in g_ref:
         assert_close(f"grad {name}", g[name], g_ref[name], tol)
+
+
+# ---- packed sequences (cu_seqlens): native on torch and triton -------------------------------
+
+def test_packed_paths_are_native():
+    from kernels._varlen import is_varlen
+    from kernels.ops.linear_scan import BACKENDS
+
+    assert is_varlen(BACKENDS["torch"]())
+    assert not is_varlen(BACKENDS["reference"]())  # the reference is the per-sequence loop (the spec)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_packed_with_zero_and_unit_coefficients(backend):
+    """Zeros and ones in a (and of every sign) inside packed sequences: still each sequence alone."""
+    from tests.kernels.varlen_cases import compare_packed
+
+    compare_packed(OP, backend, 1e-5, with_state=True, K=5, decay="none")
+    compare_packed(OP, backend, 1e-5, lengths=(3, 0, 40, 1, 26), with_state=True, K=5, seed=7)
+
+
+def test_packed_long_row_through_the_chunk_recursion():
+    """T > C^2 (two recursion levels of chunk totals) with 40 sequences of random lengths."""
+    from tests.kernels.varlen_cases import compare_packed
+
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.randint(0, 240, (40,), generator=gen).tolist()
+    assert sum(lengths) > 64 * 64
+    compare_packed(OP, "torch", 1e-5, lengths=lengths, with_state=True, K=3)
