@@ -9,8 +9,8 @@ import torch
 
 import kernels
 from tests.kernels.harness import (
-    DECAYS, TOL, assert_close, check_split, compare_backends, forward_backward, make_inputs, needs_triton,
-    triton_test,
+    DECAYS, TOL, assert_close, check_split, compare_backends, device_for, forward_backward, make_inputs,
+    needs_triton, triton_test,
 )
 
 OP = "gla"
@@ -212,3 +212,27 @@ def test_torch_varlen_segments_and_bf16():
 
     check_varlen(gla_chunked, [0, 100, 101, 300], False, True, segment=128)
     check_varlen(gla_chunked, [0, 5, 70, 71, 130], True, True, dtype=torch.bfloat16)
+
+
+TRITON_VARLEN_CASES = [  # (cu_seqlens, per_head_gate, with_state, decay)
+    pytest.param([0, 5, 70, 71, 71, 130, 150], False, True, "moderate", id="inside-key-state"),
+    pytest.param([0, 0, 64, 64, 128, 129, 150], True, True, "strong", id="edges-head-state"),
+    pytest.param([0, 3, 3, 10, 11, 40], False, False, "moderate", id="short-key"),
+]
+
+
+@triton_test
+@pytest.mark.parametrize("cu,per_head_gate,with_state,decay", TRITON_VARLEN_CASES)
+def test_triton_varlen_native(triton_path, cu, per_head_gate, with_state, decay):
+    from kernels.ops.gla.triton_chunk import gla_triton
+
+    assert getattr(gla_triton, "varlen", False)
+    check_varlen(gla_triton, cu, per_head_gate, with_state, decay, K=16, V=16, device=device_for("triton"))
+
+
+@triton_test
+def test_triton_varlen_bf16(triton_path):
+    from kernels.ops.gla.triton_chunk import gla_triton
+
+    check_varlen(gla_triton, [0, 5, 70, 71, 90], True, True, dtype=torch.bfloat16, K=16, V=16,
+                 device=device_for("triton"))

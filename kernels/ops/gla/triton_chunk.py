@@ -66,8 +66,9 @@ def _chunk_cumsum_kernel(g_ptr, b_ptr, T, H, K, PER_HEAD: tl.constexpr, C: tl.co
 
 @triton.jit
 def _fwd_states_kernel(
-    k_ptr, v_ptr, b_ptr, h0_ptr, hs_ptr, T, H, K, V, N,
+    k_ptr, v_ptr, b_ptr, h0_ptr, hs_ptr, sid_ptr, x_ptr, T, H, K, V, N,
     HAS_H0: tl.constexpr, LOWP: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    VARLEN: tl.constexpr, HAS_X: tl.constexpr,
 ):
     i_bh, i_k, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
@@ -76,7 +77,10 @@ def _fwd_states_kernel(
     kv_ok = (kk < K)[:, None] & (vv < V)[None, :]
     state_offs = kk[:, None] * V + vv[None, :]
     hs_base = hs_ptr + i_bh.to(tl.int64) * (N + 1) * K * V
-    if HAS_H0:
+    x_base = x_ptr + i_bh.to(tl.int64) * (N + 1) * K * V
+    if HAS_X:
+        S = tl.load(x_base + state_offs, mask=kv_ok, other=0.0)
+    elif HAS_H0:
         S = tl.load(h0_ptr + i_bh.to(tl.int64) * K * V + state_offs, mask=kv_ok, other=0.0).to(tl.float32)
     else:
         S = tl.zeros([BK, BV], dtype=tl.float32)
@@ -92,9 +96,29 @@ def _fwd_states_kernel(
         b = tl.load(b_ptr + tok[:, None] * K + kk[None, :], mask=t_ok[:, None] & (kk < K)[None, :], other=0.0)
         t_last = tl.minimum(n * C + C, T) - 1
         b_last = tl.load(b_ptr + (tok0 + t_last * H) * K + kk, mask=kk < K, other=0.0)
-        k_out = k.to(tl.float32) * masked_exp(b_last[None, :] - b, t_ok[:, None])
-        S = S * tl.exp(b_last)[:, None] + dot(tl.trans(k_out), v.to(tl.float32), LOWP)
+        if VARLEN:  # only the last sequence's steps, and only if it continues into the next chunk
+            s0, s1, flows = _chunk_seqs(sid_ptr, n * C, t_last, T)
+            sid = tl.load(sid_ptr + t, mask=t_ok, other=-1)
+            k_out = k.to(tl.float32) * masked_exp(b_last[None, :] - b, (t_ok & (sid == s1) & flows)[:, None])
+            decay = tl.where(flows & (s0 == s1), tl.exp(b_last), 0.0)
+            S = S * decay[:, None] + dot(tl.trans(k_out), v.to(tl.float32), LOWP)
+            if HAS_X:
+                S += tl.load(x_base + (n + 1) * K * V + state_offs, mask=kv_ok, other=0.0)
+        else:
+            k_out = k.to(tl.float32) * masked_exp(b_last[None, :] - b, t_ok[:, None])
+            S = S * tl.exp(b_last)[:, None] + dot(tl.trans(k_out), v.to(tl.float32), LOWP)
     tl.store(hs_base + N * K * V + state_offs, S, mask=kv_ok)
+
+
+@triton.jit
+def _chunk_seqs(sid_ptr, c0, t_last, T):
+    """Packed sequences: the sequence at the chunk's first and last step, and whether the last one
+    continues into the next chunk."""
+    s0 = tl.load(sid_ptr + c0)
+    s1 = tl.load(sid_ptr + t_last)
+    nxt = tl.load(sid_ptr + tl.minimum(t_last + 1, T - 1))
+    flows = (t_last + 1 < T) & (nxt == s1)
+    return s0, s1, flows
 
 
 @triton.jit
@@ -108,8 +132,8 @@ def _diagonal_decays(b_t, b_s, t_ok, SUB: tl.constexpr):
 
 @triton.jit
 def _scores(
-    q_ptr, k_ptr, b_ptr, tok0, T, H, K, row0, col0,
-    LOWP: tl.constexpr, SUB: tl.constexpr, BK: tl.constexpr,
+    q_ptr, k_ptr, b_ptr, sid_ptr, tok0, T, H, K, row0, col0,
+    LOWP: tl.constexpr, SUB: tl.constexpr, BK: tl.constexpr, VARLEN: tl.constexpr,
 ):
     """A[t, s] = sum_k q_tk k_sk exp(b_tk - b_sk), rows t = row0.., columns s = col0.. (col0 <= row0)."""
     r_idx = tl.arange(0, SUB)
@@ -139,13 +163,24 @@ def _scores(
             b = tl.load(b_ptr + (tok0 + t * H)[:, None] * K + kk[None, :], mask=ok, other=0.0)
             E = _diagonal_decays(b, b, t_ok, SUB)
             A += tl.sum(q[:, None, :] * k[None, :, :] * E, 2)
+    if VARLEN:  # pairs of one sequence only
+        A = tl.where(_same_seq(sid_ptr, t, s, T), A, 0.0)
     return A
 
 
 @triton.jit
+def _same_seq(sid_ptr, t, s, T):
+    """bool [len(t), len(s)]: steps t and s belong to one packed sequence (and exist)."""
+    sid_t = tl.load(sid_ptr + t, mask=t < T, other=-1)
+    sid_s = tl.load(sid_ptr + s, mask=s < T, other=-2)
+    return sid_t[:, None] == sid_s[None, :]
+
+
+@triton.jit
 def _fwd_output_kernel(
-    q_ptr, k_ptr, v_ptr, b_ptr, hs_ptr, o_ptr, scale, T, H, K, V, N,
+    q_ptr, k_ptr, v_ptr, b_ptr, hs_ptr, o_ptr, sid_ptr, scale, T, H, K, V, N,
     LOWP: tl.constexpr, C: tl.constexpr, SUB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):
     i_bh, i_sub, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
@@ -162,16 +197,19 @@ def _fwd_output_kernel(
     if row0 >= T:  # a sub-block past the end of the sequence
         return
     acc = tl.zeros([SUB, BV], dtype=tl.float32)
+    first = t_ok  # rows reached by the entering state: the chunk's first sequence
+    if VARLEN:
+        first = first & (tl.load(sid_ptr + t, mask=t_ok, other=-1) == tl.load(sid_ptr + i_n * C))
     for k0 in range(0, K, BK):  # inter-chunk: (q e^b) S_prev
         kk = k0 + tl.arange(0, BK)
         k_ok = kk < K
         q = tl.load(q_ptr + (tok0 + t * H)[:, None] * K + kk[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
         b = tl.load(b_ptr + (tok0 + t * H)[:, None] * K + kk[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0)
         S = tl.load(hs_base + kk[:, None] * V + vv[None, :], mask=k_ok[:, None] & v_ok[None, :], other=0.0)
-        acc += dot(q * tl.exp(b), S, LOWP)
+        acc += dot(q * masked_exp(b, first[:, None]), S, LOWP)
     for j in range(0, i_i + 1):  # intra-chunk: sum_{j <= i} A_ij v_j
         col0 = i_n * C + j * SUB
-        A = _scores(q_ptr, k_ptr, b_ptr, tok0, T, H, K, row0, col0, LOWP, SUB, BK)
+        A = _scores(q_ptr, k_ptr, b_ptr, sid_ptr, tok0, T, H, K, row0, col0, LOWP, SUB, BK, VARLEN)
         s = col0 + tl.arange(0, SUB)
         v = tl.load(v_ptr + (tok0 + s * H)[:, None] * V + vv[None, :], mask=(s < T)[:, None] & v_ok[None, :], other=0.0).to(tl.float32)
         acc += dot(A, v, LOWP)
@@ -181,9 +219,12 @@ def _fwd_output_kernel(
 
 @triton.jit
 def _bwd_states_kernel(
-    q_ptr, do_ptr, b_ptr, dht_ptr, dhs_ptr, scale, T, H, K, V, N,
+    q_ptr, do_ptr, b_ptr, dht_ptr, dhs_ptr, sid_ptr, scale, T, H, K, V, N,
     HAS_DHT: tl.constexpr, LOWP: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):
+    """dhs[n] = dL/d(state entering chunk n) (dhs[N]: of the final state). With VARLEN, ``dht`` is
+    [B * H, N + 1, K, V]: the gradients of all entering states from outside (the final states')."""
     i_bh, i_k, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     kk = i_k * BK + tl.arange(0, BK)
@@ -191,7 +232,10 @@ def _bwd_states_kernel(
     kv_ok = (kk < K)[:, None] & (vv < V)[None, :]
     state_offs = kk[:, None] * V + vv[None, :]
     dhs_base = dhs_ptr + i_bh.to(tl.int64) * (N + 1) * K * V
-    if HAS_DHT:
+    ext_base = dht_ptr + i_bh.to(tl.int64) * (N + 1) * K * V
+    if VARLEN and HAS_DHT:
+        dS = tl.load(ext_base + N * K * V + state_offs, mask=kv_ok, other=0.0)
+    elif HAS_DHT:
         dS = tl.load(dht_ptr + i_bh.to(tl.int64) * K * V + state_offs, mask=kv_ok, other=0.0).to(tl.float32)
     else:
         dS = tl.zeros([BK, BV], dtype=tl.float32)
@@ -208,15 +252,25 @@ def _bwd_states_kernel(
         b = tl.load(b_ptr + tok[:, None] * K + kk[None, :], mask=t_ok[:, None] & (kk < K)[None, :], other=0.0)
         t_last = tl.minimum(n * C + C, T) - 1
         b_last = tl.load(b_ptr + (tok0 + t_last * H) * K + kk, mask=kk < K, other=0.0)
-        q_in = q.to(tl.float32) * masked_exp(b, t_ok[:, None]) * scale
-        dS = dS * tl.exp(b_last)[:, None] + dot(tl.trans(q_in), do.to(tl.float32), LOWP)
+        if VARLEN:
+            s0, s1, flows = _chunk_seqs(sid_ptr, n * C, t_last, T)
+            first = t_ok & (tl.load(sid_ptr + t, mask=t_ok, other=-1) == s0)
+            q_in = q.to(tl.float32) * masked_exp(b, first[:, None]) * scale
+            decay = tl.where(flows & (s0 == s1), tl.exp(b_last), 0.0)
+            dS = dS * decay[:, None] + dot(tl.trans(q_in), do.to(tl.float32), LOWP)
+            if HAS_DHT:
+                dS += tl.load(ext_base + n * K * V + state_offs, mask=kv_ok, other=0.0)
+        else:
+            q_in = q.to(tl.float32) * masked_exp(b, t_ok[:, None]) * scale
+            dS = dS * tl.exp(b_last)[:, None] + dot(tl.trans(q_in), do.to(tl.float32), LOWP)
     tl.store(dhs_base + state_offs, dS, mask=kv_ok)
 
 
 @triton.jit
 def _bwd_dqk_kernel(
-    q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, hs_ptr, dhs_ptr, dq_ptr, dk_ptr, x_ptr, scale, T, H, K, V, N,
+    q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, hs_ptr, dhs_ptr, dq_ptr, dk_ptr, x_ptr, sid_ptr, scale, T, H, K, V, N,
     LOWP: tl.constexpr, C: tl.constexpr, SUB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):
     """dq, dk of the rows of sub-block i (K block i_k), and x = q dq - k dk for dg."""
     i_bh, i_sub, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -256,8 +310,16 @@ def _bwd_dqk_kernel(
         dq += dot(do_i, tl.trans(S), LOWP)
         dk += dot(v_i, tl.trans(dS), LOWP)
         P_ii += dot(do_i, tl.trans(v_i), LOWP)
-    dq = dq * scale * masked_exp(b_i, t_ok[:, None])
-    dk = dk * masked_exp(b_last[None, :] - b_i, t_ok[:, None])
+    first = t_ok  # rows reached by the entering state
+    tail = t_ok  # rows whose k v^T enters the state passed on
+    if VARLEN:
+        s0, s1, flows = _chunk_seqs(sid_ptr, i_n * C, t_last, T)
+        sid_i = tl.load(sid_ptr + t, mask=t_ok, other=-1)
+        first = first & (sid_i == s0)
+        tail = tail & (sid_i == s1) & flows
+        P_ii = tl.where(_same_seq(sid_ptr, t, t, T), P_ii, 0.0)
+    dq = dq * scale * masked_exp(b_i, first[:, None])
+    dk = dk * masked_exp(b_last[None, :] - b_i, tail[:, None])
     dk_state_last = tl.where((t == t_last)[:, None], dk, 0.0)  # kept out of x, see _bwd_dg_kernel
     for j in range(0, i_i):  # earlier blocks j feed dq_i
         s = i_n * C + j * SUB + r_idx
@@ -268,6 +330,8 @@ def _bwd_dqk_kernel(
             do_i = tl.load(do_ptr + (tok0 + t * H)[:, None] * V + vv[None, :], mask=t_ok[:, None] & v_ok[None, :], other=0.0).to(tl.float32)
             v_j = tl.load(v_ptr + (tok0 + s * H)[:, None] * V + vv[None, :], mask=v_ok[None, :], other=0.0).to(tl.float32)
             P += dot(do_i, tl.trans(v_j), LOWP)
+        if VARLEN:
+            P = tl.where(_same_seq(sid_ptr, t, s, T), P, 0.0)
         k_j = tl.load(k_ptr + (tok0 + s * H)[:, None] * K + kk[None, :], mask=k_ok[None, :], other=0.0).to(tl.float32)
         b_j = tl.load(b_ptr + (tok0 + s * H)[:, None] * K + kk[None, :], mask=k_ok[None, :], other=0.0)
         r = tl.load(b_ptr + (tok0 + (i_n * C + j * SUB + SUB - 1) * H) * K + kk, mask=k_ok, other=0.0)
@@ -283,6 +347,8 @@ def _bwd_dqk_kernel(
             do_m = tl.load(do_ptr + (tok0 + tm * H)[:, None] * V + vv[None, :], mask=tm_ok[:, None] & v_ok[None, :], other=0.0).to(tl.float32)
             v_i = tl.load(v_ptr + (tok0 + t * H)[:, None] * V + vv[None, :], mask=t_ok[:, None] & v_ok[None, :], other=0.0).to(tl.float32)
             P += dot(do_m, tl.trans(v_i), LOWP)
+        if VARLEN:
+            P = tl.where(_same_seq(sid_ptr, tm, t, T), P, 0.0)
         q_m = tl.load(q_ptr + (tok0 + tm * H)[:, None] * K + kk[None, :], mask=tm_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
         b_m = tl.load(b_ptr + (tok0 + tm * H)[:, None] * K + kk[None, :], mask=tm_ok[:, None] & k_ok[None, :], other=0.0)
         q_in = q_m * masked_exp(b_m - r_i[None, :], tm_ok[:, None])
@@ -298,8 +364,9 @@ def _bwd_dqk_kernel(
 
 @triton.jit
 def _bwd_dv_kernel(
-    q_ptr, k_ptr, b_ptr, do_ptr, dhs_ptr, dv_ptr, scale, T, H, K, V, N,
+    q_ptr, k_ptr, b_ptr, do_ptr, dhs_ptr, dv_ptr, sid_ptr, scale, T, H, K, V, N,
     LOWP: tl.constexpr, C: tl.constexpr, SUB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):
     """dv_j = sum_{i >= j} A_ij^T do_i + (k_j e^(b_last - b_j)) dS_n, rows of sub-block j."""
     i_bh, i_sub, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -319,6 +386,10 @@ def _bwd_dv_kernel(
     dhs_base = dhs_ptr + (i_bh.to(tl.int64) * (N + 1) + i_n + 1) * K * V
     t_last = tl.minimum(i_n * C + C, T) - 1
     acc = tl.zeros([SUB, BV], dtype=tl.float32)
+    tail = s_ok
+    if VARLEN:
+        s0, s1, flows = _chunk_seqs(sid_ptr, i_n * C, t_last, T)
+        tail = tail & (tl.load(sid_ptr + s, mask=s_ok, other=-1) == s1) & flows
     for k0 in range(0, K, BK):
         kk = k0 + tl.arange(0, BK)
         k_ok = kk < K
@@ -326,10 +397,10 @@ def _bwd_dv_kernel(
         b = tl.load(b_ptr + (tok0 + s * H)[:, None] * K + kk[None, :], mask=s_ok[:, None] & k_ok[None, :], other=0.0)
         b_last = tl.load(b_ptr + (tok0 + t_last * H) * K + kk, mask=k_ok, other=0.0)
         dS = tl.load(dhs_base + kk[:, None] * V + vv[None, :], mask=k_ok[:, None] & v_ok[None, :], other=0.0)
-        acc += dot(k * masked_exp(b_last[None, :] - b, s_ok[:, None]), dS, LOWP)
+        acc += dot(k * masked_exp(b_last[None, :] - b, tail[:, None]), dS, LOWP)
     for i in range(i_j, n_valid):
         row0 = i_n * C + i * SUB
-        A = _scores(q_ptr, k_ptr, b_ptr, tok0, T, H, K, row0, col0, LOWP, SUB, BK)
+        A = _scores(q_ptr, k_ptr, b_ptr, sid_ptr, tok0, T, H, K, row0, col0, LOWP, SUB, BK, VARLEN)
         t = row0 + tl.arange(0, SUB)
         do = tl.load(do_ptr + (tok0 + t * H)[:, None] * V + vv[None, :], mask=(t < T)[:, None] & v_ok[None, :], other=0.0).to(tl.float32)
         acc += scale * dot(tl.trans(A), do, LOWP)
@@ -338,8 +409,8 @@ def _bwd_dv_kernel(
 
 @triton.jit
 def _bwd_dg_kernel(
-    x_ptr, k_ptr, v_ptr, hs_ptr, dhs_ptr, dg_ptr, T, H, K, V, N,
-    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    x_ptr, k_ptr, v_ptr, hs_ptr, dhs_ptr, dg_ptr, sid_ptr, inj_ptr, T, H, K, V, N,
+    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, VARLEN: tl.constexpr, HAS_X: tl.constexpr,
 ):
     """dg_t = sum_{t' >= t in the chunk} x_t' + sum_v (S_n - k_l v_l^T) dS_n, l the chunk's last step.
 
@@ -366,7 +437,13 @@ def _bwd_dg_kernel(
         S = tl.load(hs_ptr + base + kk[:, None] * V + vv[None, :], mask=m, other=0.0)
         dS = tl.load(dhs_ptr + base + kk[:, None] * V + vv[None, :], mask=m, other=0.0)
         v_last = tl.load(v_ptr + tok_last * V + vv, mask=vv < V, other=0.0).to(tl.float32)
+        if HAS_X:  # the injected initial state does not depend on this chunk's decays
+            S -= tl.load(inj_ptr + base + kk[:, None] * V + vv[None, :], mask=m, other=0.0)
         edge += tl.sum((S - k_last[:, None] * v_last[None, :]) * dS, 1)
+    if VARLEN:  # no state passed on: no edge term
+        t_last = tl.minimum(i_n * C + C, T) - 1
+        s0, s1, flows = _chunk_seqs(sid_ptr, i_n * C, t_last, T)
+        edge = tl.where(flows, edge, 0.0)
     tl.store(dg_ptr + tok[:, None] * K + kk[None, :], rev + edge[None, :], mask=ok)
 
 
@@ -386,58 +463,93 @@ def _cumsum(g: torch.Tensor, s: _Shapes) -> torch.Tensor:
     return b
 
 
-def _states(k, v, b, h0, s: _Shapes) -> torch.Tensor:
+def _states(k, v, b, h0, s: _Shapes, sid=None, X=None) -> torch.Tensor:
     hs = torch.empty(s.B, s.H, s.N + 1, s.K, s.V, device=k.device, dtype=torch.float32)
     _fwd_states_kernel[(s.B * s.H, triton.cdiv(s.K, s.BK), triton.cdiv(s.V, s.BV))](
-        k, v, b, h0 if h0 is not None else hs, hs, s.T, s.H, s.K, s.V, s.N,
-        HAS_H0=h0 is not None, LOWP=s.lowp, C=CHUNK, BK=s.BK, BV=s.BV, num_warps=NUM_WARPS)
+        k, v, b, h0 if h0 is not None else hs, hs, sid if sid is not None else b, X if X is not None else hs,
+        s.T, s.H, s.K, s.V, s.N, HAS_H0=h0 is not None, LOWP=s.lowp, C=CHUNK, BK=s.BK, BV=s.BV,
+        VARLEN=sid is not None, HAS_X=X is not None, num_warps=NUM_WARPS)
     return hs
 
 
 class _GLAChunkTriton(torch.autograd.Function):
+    """Returns (o, final state [B, H, K, V]); with ``sid`` (packed sequences, B = 1: the sequence of
+    every step, int32 [T]) it returns (o without the initial states' in-chunk terms, the states
+    entering every chunk [1, H, N + 1, K, V]), ``X`` being the injected initial states (varlen.py)."""
+
     @staticmethod
-    def forward(ctx, q, k, v, g, scale, h0):
+    def forward(ctx, q, k, v, g, scale, h0, sid=None, X=None):
         q, k, v, g = (x.contiguous() for x in (q, k, v, g))
         h0c = None if h0 is None else h0.float().contiguous()
+        X = None if X is None else X.contiguous()
         s = _Shapes(q, v)
         b = _cumsum(g, s)
-        hs = _states(k, v, b, h0c, s)
+        hs = _states(k, v, b, h0c, s, sid, X)
         o = torch.empty_like(v)
         _fwd_output_kernel[(s.B * s.H, s.N * (CHUNK // SUB), triton.cdiv(s.V, s.BV))](
-            q, k, v, b, hs, o, scale, s.T, s.H, s.K, s.V, s.N,
-            LOWP=s.lowp, C=CHUNK, SUB=SUB, BK=s.BK, BV=s.BV, num_warps=NUM_WARPS)
-        ctx.save_for_backward(q, k, v, g, h0c)
+            q, k, v, b, hs, o, sid if sid is not None else b, scale, s.T, s.H, s.K, s.V, s.N,
+            LOWP=s.lowp, C=CHUNK, SUB=SUB, BK=s.BK, BV=s.BV, VARLEN=sid is not None, num_warps=NUM_WARPS)
+        ctx.save_for_backward(q, k, v, g, h0c, sid, X)
         ctx.scale, ctx.h0_dtype = scale, (None if h0 is None else h0.dtype)
+        if sid is not None:
+            return o, hs
         return o, hs[:, :, s.N].clone()
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, g, h0c = ctx.saved_tensors
+        q, k, v, g, h0c, sid, X = ctx.saved_tensors
         scale = ctx.scale
         s = _Shapes(q, v)
+        varlen = sid is not None
+        sid_arg = sid if varlen else q
         do = torch.zeros_like(v) if do is None else do.contiguous()
         b = _cumsum(g, s)
-        hs = _states(k, v, b, h0c, s)  # recomputed rather than stored
+        hs = _states(k, v, b, h0c, s, sid, X)  # recomputed rather than stored
         dhs = torch.empty_like(hs)
         _bwd_states_kernel[(s.B * s.H, triton.cdiv(s.K, s.BK), triton.cdiv(s.V, s.BV))](
-            q, do, b, dht.contiguous() if dht is not None else dhs, dhs, scale, s.T, s.H, s.K, s.V, s.N,
-            HAS_DHT=dht is not None, LOWP=s.lowp, C=CHUNK, BK=s.BK, BV=s.BV, num_warps=NUM_WARPS)
+            q, do, b, dht.float().contiguous() if dht is not None else dhs, dhs, sid_arg, scale,
+            s.T, s.H, s.K, s.V, s.N, HAS_DHT=dht is not None, LOWP=s.lowp, C=CHUNK, BK=s.BK, BV=s.BV,
+            VARLEN=varlen, num_warps=NUM_WARPS)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         x = torch.empty_like(b)
         n_sub = s.N * (CHUNK // SUB)
         bk = _block(s.K, DQK_BLOCK_K)
         _bwd_dqk_kernel[(s.B * s.H, n_sub, triton.cdiv(s.K, bk))](
-            q, k, v, b, do, hs, dhs, dq, dk, x, scale, s.T, s.H, s.K, s.V, s.N,
-            LOWP=s.lowp, C=CHUNK, SUB=SUB, BK=bk, BV=s.BV, num_warps=NUM_WARPS)
+            q, k, v, b, do, hs, dhs, dq, dk, x, sid_arg, scale, s.T, s.H, s.K, s.V, s.N,
+            LOWP=s.lowp, C=CHUNK, SUB=SUB, BK=bk, BV=s.BV, VARLEN=varlen, num_warps=NUM_WARPS)
         _bwd_dv_kernel[(s.B * s.H, n_sub, triton.cdiv(s.V, s.BV))](
-            q, k, b, do, dhs, dv, scale, s.T, s.H, s.K, s.V, s.N,
-            LOWP=s.lowp, C=CHUNK, SUB=SUB, BK=s.BK, BV=s.BV, num_warps=NUM_WARPS)
+            q, k, b, do, dhs, dv, sid_arg, scale, s.T, s.H, s.K, s.V, s.N,
+            LOWP=s.lowp, C=CHUNK, SUB=SUB, BK=s.BK, BV=s.BV, VARLEN=varlen, num_warps=NUM_WARPS)
         dg = torch.empty_like(b)
         _bwd_dg_kernel[(s.B * s.H, s.N, triton.cdiv(s.K, s.BK))](
-            x, k, v, hs, dhs, dg, s.T, s.H, s.K, s.V, s.N, C=CHUNK, BK=s.BK, BV=s.BV, num_warps=NUM_WARPS)
+            x, k, v, hs, dhs, dg, sid_arg, X if X is not None else hs, s.T, s.H, s.K, s.V, s.N,
+            C=CHUNK, BK=s.BK, BV=s.BV, VARLEN=varlen, HAS_X=X is not None, num_warps=NUM_WARPS)
         dg = (dg.sum(-1) if g.dim() == 3 else dg).to(g.dtype)
         dh0 = None if h0c is None else dhs[:, :, 0].to(ctx.h0_dtype)
-        return dq, dk, dv, dg, None, dh0
+        dX = None if X is None else dhs[0]
+        return dq, dk, dv, dg, None, dh0, None, dX
+
+
+def gla_triton_chunked_varlen(q, k, v, g, scale: float, initial_state, output_final_state: bool, cu_seqlens):
+    """Chunked Triton GLA over packed sequences (B = 1, states [N, H, K, V]): one launch sequence for
+    the whole input; the initial states' in-chunk terms and the final states come from ``varlen.py``."""
+    from kernels.ops.gla import varlen
+
+    T, H, K, V = q.shape[1], q.shape[2], q.shape[3], v.shape[-1]
+    L = varlen.Layout(cu_seqlens, T, CHUNK, q.device)
+    if T == 0:
+        S = initial_state.float() if initial_state is not None else q.new_zeros(L.N, H, K, V, dtype=torch.float32)
+        return q.new_zeros(1, 0, H, V), (S if output_final_state else None)
+    h0 = L.select(initial_state)
+    X = varlen.injection(g, h0, L)
+    o, hs = _GLAChunkTriton.apply(q, k, v, g, scale, None, L.seq.to(torch.int32), X)
+    extra = varlen.initial_state_output(q, g, h0, L, scale)
+    if extra is not None:
+        o = (o.float() + extra[None]).to(q.dtype)
+    if not output_final_state:
+        return o, None
+    finals = varlen.final_states(k, v, g, hs[0, :, :L.NC], h0, L)
+    return o, varlen.assemble_finals(finals, initial_state, L)
 
 
 def gla_triton_chunked(
@@ -464,10 +576,17 @@ def gla_triton(
     scale: float,
     initial_state: Optional[torch.Tensor] = None,
     output_final_state: bool = False,
+    cu_seqlens: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """The ``"triton"`` backend: fused-recurrent for T <= FUSED_MAX_T (generation), chunked otherwise."""
+    """The ``"triton"`` backend: fused-recurrent for T <= FUSED_MAX_T (generation), chunked otherwise;
+    both handle packed sequences (``cu_seqlens``, B = 1, states [N, H, K, V]) natively."""
     if q.shape[1] <= FUSED_MAX_T:
         from kernels.ops.gla.triton_fused import gla_triton_fused
 
-        return gla_triton_fused(q, k, v, g, scale, initial_state, output_final_state)
+        return gla_triton_fused(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens=cu_seqlens)
+    if cu_seqlens is not None:
+        return gla_triton_chunked_varlen(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
     return gla_triton_chunked(q, k, v, g, scale, initial_state, output_final_state)
+
+
+gla_triton.varlen = True

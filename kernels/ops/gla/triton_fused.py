@@ -27,22 +27,42 @@ interpreter_compat.install()
 
 @triton.jit
 def _fused_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, g_ptr, h0_ptr, o_ptr, ht_ptr, scale, T, H, K, V,
-    PER_HEAD: tl.constexpr, HAS_H0: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    q_ptr, k_ptr, v_ptr, g_ptr, h0_ptr, o_ptr, ht_ptr, cu_ptr, scale, T, H, K, V, NSEQ,
+    PER_HEAD: tl.constexpr, HAS_H0: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, VARLEN: tl.constexpr,
 ):
+    """One program per (batch x head, V block); with VARLEN (B = 1) it runs the NSEQ packed sequences
+    ``cu[m] <= t < cu[m + 1]`` one after the other, each from its own initial state."""
     i_bh, i_v = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     kk = tl.arange(0, BK)
     vv = i_v * BV + tl.arange(0, BV)
     k_ok, v_ok = kk < K, vv < V
     kv_ok = k_ok[:, None] & v_ok[None, :]
-    state_offs = i_bh.to(tl.int64) * K * V + kk[:, None] * V + vv[None, :]
+    tok0 = i_b.to(tl.int64) * T * H + i_h
+    for m in range(0, NSEQ):
+        if VARLEN:
+            t_start = tl.load(cu_ptr + m)
+            t_end = tl.load(cu_ptr + m + 1)
+            state_offs = (m * H + i_h).to(tl.int64) * K * V + kk[:, None] * V + vv[None, :]
+        else:
+            t_start = T * 0
+            t_end = T
+            state_offs = i_bh.to(tl.int64) * K * V + kk[:, None] * V + vv[None, :]
+        _fused_fwd_sequence(q_ptr, k_ptr, v_ptr, g_ptr, h0_ptr, o_ptr, ht_ptr, scale, tok0, t_start, t_end,
+                            state_offs, H, K, V, kk, vv, k_ok, v_ok, kv_ok, PER_HEAD, HAS_H0, BK, BV)
+
+
+@triton.jit
+def _fused_fwd_sequence(
+    q_ptr, k_ptr, v_ptr, g_ptr, h0_ptr, o_ptr, ht_ptr, scale, tok0, t_start, t_end, state_offs,
+    H, K, V, kk, vv, k_ok, v_ok, kv_ok,
+    PER_HEAD: tl.constexpr, HAS_H0: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+):
     if HAS_H0:
         S = tl.load(h0_ptr + state_offs, mask=kv_ok, other=0.0).to(tl.float32)
     else:
         S = tl.zeros([BK, BV], dtype=tl.float32)
-    tok0 = i_b.to(tl.int64) * T * H + i_h
-    for t in range(0, T):
+    for t in range(t_start, t_end):
         tok = tok0 + t * H
         q = tl.load(q_ptr + tok * K + kk, mask=k_ok, other=0.0).to(tl.float32)
         k = tl.load(k_ptr + tok * K + kk, mask=k_ok, other=0.0).to(tl.float32)
@@ -59,9 +79,10 @@ def _fused_fwd_kernel(
 
 @triton.jit
 def _fused_bwd_kernel(
-    q_ptr, k_ptr, v_ptr, g_ptr, h0_ptr, do_ptr, dht_ptr, dq_ptr, dk_ptr, dv_ptr, dh0_ptr,
-    scale, T, H, K, V, B,
+    q_ptr, k_ptr, v_ptr, g_ptr, h0_ptr, do_ptr, dht_ptr, dq_ptr, dk_ptr, dv_ptr, dh0_ptr, cu_ptr,
+    scale, T, H, K, V, B, NSEQ,
     PER_HEAD: tl.constexpr, HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):
     i_bh, i_v = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
@@ -69,14 +90,33 @@ def _fused_bwd_kernel(
     vv = i_v * BV + tl.arange(0, BV)
     k_ok, v_ok = kk < K, vv < V
     kv_ok = k_ok[:, None] & v_ok[None, :]
-    state_offs = i_bh.to(tl.int64) * K * V + kk[:, None] * V + vv[None, :]
     part = i_v.to(tl.int64) * B * T * H * K  # dq, dk partial sums per V block: [NV, B, T, H, K]
     tok0 = i_b.to(tl.int64) * T * H + i_h
+    for m in range(0, NSEQ):
+        if VARLEN:
+            t_start = tl.load(cu_ptr + m)
+            t_end = tl.load(cu_ptr + m + 1)
+            state_offs = (m * H + i_h).to(tl.int64) * K * V + kk[:, None] * V + vv[None, :]
+        else:
+            t_start = T * 0
+            t_end = T
+            state_offs = i_bh.to(tl.int64) * K * V + kk[:, None] * V + vv[None, :]
+        _fused_bwd_sequence(q_ptr, k_ptr, v_ptr, g_ptr, h0_ptr, do_ptr, dht_ptr, dq_ptr, dk_ptr, dv_ptr, dh0_ptr,
+                            scale, tok0, part, t_start, t_end, state_offs, H, K, V, kk, vv, k_ok, v_ok, kv_ok,
+                            PER_HEAD, HAS_H0, HAS_DHT, BK, BV)
+
+
+@triton.jit
+def _fused_bwd_sequence(
+    q_ptr, k_ptr, v_ptr, g_ptr, h0_ptr, do_ptr, dht_ptr, dq_ptr, dk_ptr, dv_ptr, dh0_ptr,
+    scale, tok0, part, t_start, t_end, state_offs, H, K, V, kk, vv, k_ok, v_ok, kv_ok,
+    PER_HEAD: tl.constexpr, HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+):
     if HAS_H0:
         S = tl.load(h0_ptr + state_offs, mask=kv_ok, other=0.0).to(tl.float32)
     else:
         S = tl.zeros([BK, BV], dtype=tl.float32)
-    for t in range(0, T):  # forward in time: dq_t = scale S_t do_t
+    for t in range(t_start, t_end):  # forward in time: dq_t = scale S_t do_t
         tok = tok0 + t * H
         k = tl.load(k_ptr + tok * K + kk, mask=k_ok, other=0.0).to(tl.float32)
         v = tl.load(v_ptr + tok * V + vv, mask=v_ok, other=0.0).to(tl.float32)
@@ -91,8 +131,8 @@ def _fused_bwd_kernel(
         dS = tl.load(dht_ptr + state_offs, mask=kv_ok, other=0.0).to(tl.float32)
     else:
         dS = tl.zeros([BK, BV], dtype=tl.float32)
-    for i in range(0, T):  # backward in time
-        t = T - 1 - i
+    for i in range(t_start, t_end):  # backward in time
+        t = t_end - 1 - (i - t_start)
         tok = tok0 + t * H
         q = tl.load(q_ptr + tok * K + kk, mask=k_ok, other=0.0).to(tl.float32)
         k = tl.load(k_ptr + tok * K + kk, mask=k_ok, other=0.0).to(tl.float32)
@@ -115,56 +155,86 @@ def _blocks(K: int, V: int) -> Tuple[int, int]:
 
 
 class _GLAFusedTriton(torch.autograd.Function):
+    """(o, final states); with ``cu`` (int32 [M + 1], non-empty packed sequences, B = 1) the states
+    are per sequence [M, H, K, V]."""
+
     @staticmethod
-    def forward(ctx, q, k, v, g, scale, h0):
+    def forward(ctx, q, k, v, g, scale, h0, cu=None):
         q, k, v, g = (x.contiguous() for x in (q, k, v, g))
         B, T, H, K = q.shape
         V = v.shape[-1]
         BK, BV = _blocks(K, V)
+        nseq = 1 if cu is None else cu.numel() - 1
         h0c = None if h0 is None else h0.float().contiguous()
         o = torch.empty_like(v)
-        ht = torch.empty(B, H, K, V, device=q.device, dtype=torch.float32)
+        ht = torch.empty(B * nseq, H, K, V, device=q.device, dtype=torch.float32)
         _fused_fwd_kernel[(B * H, triton.cdiv(V, BV))](
-            q, k, v, g, h0c if h0c is not None else ht, o, ht, scale, T, H, K, V,
-            PER_HEAD=g.dim() == 3, HAS_H0=h0c is not None, BK=BK, BV=BV, num_warps=8)
-        ctx.save_for_backward(q, k, v, g, h0c, ht)
+            q, k, v, g, h0c if h0c is not None else ht, o, ht, cu if cu is not None else ht, scale, T, H, K, V,
+            nseq, PER_HEAD=g.dim() == 3, HAS_H0=h0c is not None, BK=BK, BV=BV, VARLEN=cu is not None,
+            num_warps=8)
+        ctx.save_for_backward(q, k, v, g, h0c, ht, cu)
         ctx.scale, ctx.h0_dtype = scale, (None if h0 is None else h0.dtype)
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, g, h0c, ht = ctx.saved_tensors
+        q, k, v, g, h0c, ht, cu = ctx.saved_tensors
         B, T, H, K = q.shape
         V = v.shape[-1]
         BK, BV = _blocks(K, V)
         NV = triton.cdiv(V, BV)
+        nseq = 1 if cu is None else cu.numel() - 1
         do = torch.zeros_like(v) if do is None else do.contiguous()
         dq = torch.empty(NV, B, T, H, K, device=q.device, dtype=torch.float32)
         dk = torch.empty_like(dq)
         dv = torch.empty_like(v)
-        dh0 = torch.empty(B, H, K, V, device=q.device, dtype=torch.float32) if h0c is not None else None
+        dh0 = torch.empty_like(ht) if h0c is not None else None
         dummy = ht
         _fused_bwd_kernel[(B * H, NV)](
             q, k, v, g, h0c if h0c is not None else dummy, do,
             dht.contiguous() if dht is not None else dummy, dq, dk, dv, dh0 if dh0 is not None else dummy,
-            ctx.scale, T, H, K, V, B,
+            cu if cu is not None else dummy, ctx.scale, T, H, K, V, B, nseq,
             PER_HEAD=g.dim() == 3, HAS_H0=h0c is not None, HAS_DHT=dht is not None, BK=BK, BV=BV,
-            num_warps=8)
+            VARLEN=cu is not None, num_warps=8)
         dq, dk = dq.sum(0), dk.sum(0)
-        # dg_t = sum_{t' >= t} (q dq - k dk)_t' + sum_v S_T dS_T, with the part k_T (dS_T v_T) of
-        # both last terms dropped (they cancel; the rest is small under strong decay)
-        x = q.float() * dq - k.float() * dk
-        if dht is not None:
-            k_last, v_last, dht = k[:, -1].float(), v[:, -1].float(), dht.float()
-            x[:, -1] += k_last * torch.einsum("bhkv,bhv->bhk", dht, v_last)
-        dg = x.flip(1).cumsum(1).flip(1)
-        if dht is not None:
-            edge = ((ht - k_last[..., None] * v_last[..., None, :]) * dht).sum(-1)
-            dg = dg + edge[:, None]
+        dg = _dg(q, k, v, dq, dk, ht, dht, cu)
         if g.dim() == 3:
             dg = dg.sum(-1)
         return (dq.to(q.dtype), dk.to(k.dtype), dv, dg.to(g.dtype), None,
-                None if dh0 is None else dh0.to(ctx.h0_dtype))
+                None if dh0 is None else dh0.to(ctx.h0_dtype), None)
+
+
+def _dg(q, k, v, dq, dk, ht, dht, cu):
+    """dg_t = sum_{t' >= t in t's sequence} (q dq - k dk)_t' + sum_v S_e dS_e (e: the sequence's last
+    step), with the part k_e (dS_e v_e) of both last terms dropped (they cancel; the rest is small
+    under strong decay). Without ``cu`` one sequence per batch row; with it (B = 1) each packed one."""
+    x = q.float() * dq - k.float() * dk  # [B, T, H, K]
+    T = x.shape[1]
+    if cu is None:
+        last = torch.full((1,), T - 1, dtype=torch.long, device=x.device)
+        k_last, v_last = k[:, -1].float(), v[:, -1].float()  # [B, H, K], [B, H, V]
+    else:
+        last = cu[1:].long() - 1
+        k_last, v_last = k[0, last].float(), v[0, last].float()  # [M, H, K], [M, H, V]
+    if dht is not None:
+        dht = dht.float()
+        fix = k_last * torch.einsum("bhkv,bhv->bhk", dht, v_last)
+        if cu is None:
+            x[:, -1] += fix
+        else:
+            x[0].index_add_(0, last, fix)
+    rev = x.double().flip(1).cumsum(1).flip(1)  # fp64: the per-sequence sums are differences
+    if cu is None:
+        dg = rev
+    else:
+        seq = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=x.device), cu.diff().long())
+        after = torch.cat([rev, rev.new_zeros(1, 1, *rev.shape[2:])], 1)[0, cu[1:].long()]  # [M, H, K]
+        dg = rev - after[seq][None]
+    dg = dg.float()
+    if dht is not None:
+        edge = ((ht - k_last[..., None] * v_last[..., None, :]) * dht).sum(-1)
+        dg = dg + (edge[:, None] if cu is None else edge[seq][None])
+    return dg
 
 
 def gla_triton_fused(
@@ -175,12 +245,28 @@ def gla_triton_fused(
     scale: float,
     initial_state: Optional[torch.Tensor] = None,
     output_final_state: bool = False,
+    cu_seqlens: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Fused-recurrent Triton GLA (fwd + bwd), same contract as ``gla_reference``."""
+    """Fused-recurrent Triton GLA (fwd + bwd), same contract as ``gla_reference``; with ``cu_seqlens``
+    (B = 1, states [N, H, K, V]) one launch runs every packed sequence from its own initial state."""
     B, T, H, K = q.shape
+    if cu_seqlens is not None:
+        from kernels.ops.gla import varlen
+
+        L = varlen.Layout(cu_seqlens, T, 1, q.device)
+        if L.M == 0:
+            V = v.shape[-1]
+            S = initial_state.float() if initial_state is not None else q.new_zeros(L.N, H, K, V, dtype=torch.float32)
+            return q.new_zeros(1, 0, H, V), (S if output_final_state else None)
+        cu = torch.tensor(L.starts + [T], dtype=torch.int32, device=q.device)
+        o, finals = _GLAFusedTriton.apply(q, k, v, g, scale, L.select(initial_state), cu)
+        return o, (varlen.assemble_finals(finals, initial_state, L) if output_final_state else None)
     if T == 0:
         V = v.shape[-1]
         S = q.new_zeros(B, H, K, V, dtype=torch.float32) if initial_state is None else initial_state.float()
         return q.new_zeros(B, 0, H, V), (S if output_final_state else None)
     o, final = _GLAFusedTriton.apply(q, k, v, g, scale, initial_state)
     return o, (final if output_final_state else None)
+
+
+gla_triton_fused.varlen = True
