@@ -110,3 +110,40 @@ def test_triton_several_value_blocks_and_split():
     """V = 70 spans two forward V blocks (the last partial)."""
     compare_backends(OP, "triton", T=40, with_state=True, B=1, H=2, V=70)
     check_split(OP, "triton", 33, T=80, with_state=True, B=1, H=2, V=6)
+
+
+# ---- packed sequences (cu_seqlens): native segmented scan on torch ----------------------------
+
+def test_packed_torch_is_native():
+    from kernels._varlen import is_varlen
+    from kernels.ops.softmax_scan import BACKENDS
+
+    assert is_varlen(BACKENDS["torch"]())
+
+
+@pytest.mark.parametrize("with_state", [False, True])
+def test_packed_sequences_across_many_chunks(with_state):
+    """Sequences spanning several 64-step chunks, and several chunks without a start, between short ones."""
+    from tests.kernels.varlen_cases import compare_packed
+
+    compare_packed(OP, "torch", 1e-4, lengths=(1, 300, 0, 2, 129, 64, 1, 70), with_state=with_state, H=3, V=5)
+
+
+def test_packed_large_scores_and_ties():
+    """Scores of magnitude ~50 and tied maxima inside sequences: finite, and m's gradient split like the
+    reference within each sequence."""
+    from tests.kernels.varlen_cases import compare_packed, make_packed, packed_forward_backward
+
+    lengths = (7, 40, 1, 0, 52)
+    args, state, cu = make_packed(OP, lengths, with_state=True, H=2, V=3, seed=5)
+    s = args["s"].detach() * (50.0 / 3.0)
+    s[:, 10] = s[:, 20] = s[:, 30] = s.abs().max() + 1.0  # ties inside the second sequence
+    args["s"] = s.requires_grad_()
+    o_ref, f_ref, g_ref = packed_forward_backward(OP, args, state, cu, None)
+    o, f, g = packed_forward_backward(OP, args, state, cu, "torch")
+    assert_close("output", o, o_ref, 1e-4)
+    for i in range(3):
+        assert_close(f"final_state[{i}]", f[i], f_ref[i], 1e-4)
+    for name in g_ref:
+        assert_close(f"grad {name}", g[name], g_ref[name], 1e-3 if name.startswith("initial") else 1e-4)
+    compare_packed(OP, "torch", 1e-4, lengths=lengths, H=2, V=3, seed=6)

@@ -8,9 +8,9 @@ def _reference():
 
 
 def _torch():
-    from kernels.ops.softmax_scan.chunk import softmax_scan_chunked
+    from kernels.ops.softmax_scan.varlen import softmax_scan_chunked_packed
 
-    return softmax_scan_chunked
+    return softmax_scan_chunked_packed  # the chunked scan; with cu_seqlens its segmented form
 
 
 def _triton():
