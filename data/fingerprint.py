@@ -1,7 +1,8 @@
 """The fingerprint that decides whether a prepared directory is up to date.
 
 ``sha256`` over the resolved data config (minus keys that do not change the output: ``out_dir``,
-``num_proc``, ``batch_size``, ``task``, ``task_output``, ``source.max_invalid_utf8``), every source file's path, size and modification time, and the
+``num_proc``, ``batch_size``, ``task``, ``task_output``, ``source.max_invalid_utf8``, ``source.split_regex``
+unless ``split_by: regex``), every source file's path, size and modification time, and the
 content hash of a local ``tokenizer.path``. Same fingerprint -> ``lm data prepare`` skips.
 """
 
@@ -32,7 +33,10 @@ def fingerprint(config: Mapping[str, Any], files: List[Path], tokenizer_sha: Opt
     """The hash of what determines a prepared directory's content (see module docstring)."""
     relevant: Dict[str, Any] = {k: v for k, v in config.items() if k not in NOT_IN_FINGERPRINT}
     if isinstance(relevant.get("source"), Mapping):
-        relevant["source"] = {k: v for k, v in relevant["source"].items() if k not in SOURCE_NOT_IN_FINGERPRINT}
+        source = {k: v for k, v in relevant["source"].items() if k not in SOURCE_NOT_IN_FINGERPRINT}
+        if source.get("split_by") != "regex":  # the regex only matters when it splits
+            source.pop("split_regex", None)
+        relevant["source"] = source
     payload = {"config": relevant, "files": file_signature(files), "tokenizer_sha256": tokenizer_sha}
     text = json.dumps(payload, sort_keys=True, default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()

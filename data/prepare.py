@@ -31,7 +31,9 @@ from data.encode import ParallelEncoder, default_workers, make_tasks
 from data.fingerprint import fingerprint
 from data.shards import FORMAT, METADATA_FILE, SplitWriter, read_metadata
 from data.sources import Document, ReadStats, Source, open_source, utf8_len
-from data.split import SPLIT_SALT, SPLITS, TEST, TRAIN, VALIDATION, assign_splits, label_of, unit_hash
+from data.split import (
+    SPLIT_SALT, SPLITS, TEST, TRAIN, VALIDATION, assign_splits, label_of, small_split_warning, unit_hash,
+)
 from data.tokenizer import (
     TOKENIZER_FILE, TrainingSample, ensure_special_tokens, resolve_tokenizer, sha256_text,
     token_dtype, tokenizer_sha256, train_tokenizer,
@@ -287,3 +289,6 @@ def _summary(out: Path, meta: Dict[str, Any], wall: float, echo: Callable[[str],
     for name, s in meta["splits"].items():
         bpt = f"{s['bytes_per_token']:.3f}" if s["bytes_per_token"] else "-"
         echo(f"  {name:<11}{s['documents']:>10,}{s['tokens']:>13,}{s['bytes']:>13,}{bpt:>13}")
+    warning = small_split_warning(meta)
+    if warning:
+        echo(warning)

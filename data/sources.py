@@ -4,11 +4,13 @@ Kinds (``data.source.kind``):
 
 - ``stdlib``   the ``*.py`` files of the running Python's standard library (no ``site-packages`` /
   ``dist-packages``), sorted by relative path, one document per file;
-- ``text``     local files, globs or directories in ``paths``; one document per file, or per
-  blank-line separated block with ``split_by: blank_line``;
+- ``text``     local files, globs or directories in ``paths``; one document per file, per
+  blank-line separated block with ``split_by: blank_line``, or per piece between matches of
+  ``split_regex`` with ``split_by: regex`` (default: WikiText-style article headings);
 - ``json`` / ``jsonl`` / ``parquet`` / ``csv``  local files read with HF ``datasets``' builders,
   the text in ``text_field``, one document per row;
-- ``hf``       a dataset on the HF hub (``hf_name``, ``hf_config``, ``hf_split``, ``streaming``).
+- ``hf``       a dataset on the HF hub (``hf_name``, ``hf_config``, ``hf_split``, ``streaming``), or,
+  with ``paths``, local files read by the ``datasets`` builder ``hf_name`` (``data_files=paths``).
 
 Reading the same source twice yields the same documents (the pipeline reads twice: once to plan
 the split and sample the tokenizer's training text, once to encode). Whitespace-only documents are
@@ -240,15 +242,26 @@ class TextSource(_FileSource):
         return expand_paths(list(self.cfg.get("paths") or []))
 
     def describe(self) -> Dict[str, Any]:
-        return {"kind": "text", "paths": list(self.cfg.get("paths") or []),
-                "split_by": self.cfg.get("split_by", "file"), "files": len(self.files())}
+        out = {"kind": "text", "paths": list(self.cfg.get("paths") or []),
+               "split_by": self.cfg.get("split_by", "file"), "files": len(self.files())}
+        if out["split_by"] == "regex":
+            out["split_regex"] = self._regex().pattern
+        return out
+
+    def _regex(self) -> "re.Pattern":
+        pattern = str(self.cfg.get("split_regex") or "")
+        try:
+            return re.compile(pattern)
+        except re.error as e:
+            raise DataError(f"source.split_regex: invalid regular expression {pattern!r} ({e})") from None
 
     def _raw_documents(self, stats: ReadStats) -> Iterator[str]:
-        by_block = self.cfg.get("split_by", "file") == "blank_line"
+        split_by = self.cfg.get("split_by", "file")
+        splitter = _BLANK_LINES if split_by == "blank_line" else self._regex() if split_by == "regex" else None
         for path in self.files():
             text = self._read_text(path, stats)
-            if by_block:
-                yield from _BLANK_LINES.split(text)
+            if splitter is not None:
+                yield from splitter.split(text)
             else:
                 yield text
 
@@ -325,12 +338,23 @@ class DatasetsFileSource(Source):
 
 
 class HubSource(Source):
-    """A dataset on the HF hub; fails with one line when it cannot be reached (offline)."""
+    """A dataset on the HF hub; fails with one line when it cannot be reached (offline).
+
+    With ``paths``, ``hf_name`` is a ``datasets`` builder (``parquet``, ``json``, ``csv``, ``text``, ...)
+    reading exactly those local files (``load_dataset(hf_name, data_files=paths)``), never the
+    current directory.
+    """
+
+    def _list_files(self) -> List[Path]:
+        return expand_paths(list(self.cfg.get("paths") or [])) if self.cfg.get("paths") else []
 
     def describe(self) -> Dict[str, Any]:
-        return {"kind": "hf", "name": self.cfg.get("hf_name"), "config": self.cfg.get("hf_config"),
-                "split": self.cfg.get("hf_split", "train"),
-                "streaming": bool(self.cfg.get("streaming", False)), "files": 0}
+        out = {"kind": "hf", "name": self.cfg.get("hf_name"), "config": self.cfg.get("hf_config"),
+               "split": self.cfg.get("hf_split", "train"),
+               "streaming": bool(self.cfg.get("streaming", False)), "files": len(self.files())}
+        if self.files():
+            out["paths"] = list(self.cfg.get("paths") or [])
+        return out
 
     def _raw_documents(self, stats: ReadStats) -> Iterator[str]:
         name = self.cfg.get("hf_name")
@@ -339,10 +363,12 @@ class HubSource(Source):
         config = self.cfg.get("hf_config")
         split = self.cfg.get("hf_split", "train")
         field = str(self.cfg.get("text_field", "text"))
-        where = f"HF dataset '{name}'" + (f" ({config})" if config else "") + f" split '{split}'"
+        files = [str(p) for p in self.files()]
+        where = (f"HF dataset '{name}'" + (f" ({config})" if config else "") + f" split '{split}'"
+                 + (f" of {len(files)} local file(s) ({files[0]}{', ...' if len(files) > 1 else ''})" if files else ""))
         with _quiet_datasets() as datasets:
             try:
-                ds = datasets.load_dataset(name, config, split=split,
+                ds = datasets.load_dataset(name, config, split=split, data_files=files or None,
                                            streaming=bool(self.cfg.get("streaming", False)))
             except Exception as e:
                 offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
@@ -352,7 +378,7 @@ class HubSource(Source):
         columns = getattr(ds, "column_names", None)
         if columns is not None and field not in columns:
             raise DataError(f"{where}: no field '{field}' (source.text_field); columns: {', '.join(columns)}")
-        stats.files = 0
+        stats.files = len(files)
         yield from _rows_text(iter(ds), field, where)
 
 

@@ -78,3 +78,29 @@ def assign_splits(keys: Sequence[float], validation_fraction: float, test_fracti
             pool = np.flatnonzero(labels == donor)
             labels[pool[np.argmin(keys[pool])]] = label
     return labels
+
+
+#: below either size a validation split is too small for perplexities to be compared reliably
+#: (docs/own-corpus.md): fewer documents make the average depend on which few were drawn, fewer
+#: tokens give a standard error of the mean loss above ~1%
+MIN_VALIDATION_DOCUMENTS = 100
+MIN_VALIDATION_TOKENS = 100_000
+
+
+def small_split_warning(metadata: dict, split: str = "validation") -> "str | None":
+    """A one-line warning when ``split`` of a prepared corpus (its ``metadata.json``) is below
+    :data:`MIN_VALIDATION_DOCUMENTS` documents or :data:`MIN_VALIDATION_TOKENS` tokens; else None."""
+    entry = metadata.get("splits", {}).get(split)
+    if not entry:
+        return None
+    docs, tokens = int(entry.get("documents", 0)), int(entry.get("tokens", 0))
+    short = []
+    if docs < MIN_VALIDATION_DOCUMENTS:
+        short.append(f"{docs} documents (< {MIN_VALIDATION_DOCUMENTS})")
+    if tokens < MIN_VALIDATION_TOKENS:
+        short.append(f"{tokens:,} tokens (< {MIN_VALIDATION_TOKENS:,})")
+    if not short:
+        return None
+    return (f"warning: the {split} split has only {' and '.join(short)}: its perplexity is a noisy estimate; raise "
+            f"data.validation_fraction, split the text into more documents (data.source.split_by), or score a "
+            f"held-out file with lm eval ppl --data")

@@ -29,22 +29,34 @@ def _quiet() -> None:
 def ppl_command(
     checkpoint: str = typer.Argument(..., help=CHECKPOINT_HELP),
     data: Optional[str] = typer.Option(None, "--data", help="a prepared data directory (token shards) or a UTF-8 text "
-                                       "file (one document); default: the checkpoint's training data"),
+                                       "file (cut into documents like the training text: --split-by); default: the "
+                                       "checkpoint's training data"),
     split: str = typer.Option("validation", "--split", help="split of a data directory"),
-    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="recurrent families: tokens per piece (state carried; "
-                                          "default 512); Transformer: window length (default max_seq_len)"),
-    stride: Optional[int] = typer.Option(None, "--stride", help="Transformer: tokens between window starts (default "
-                                         "half the window); ignored by recurrent families"),
+    stream: bool = typer.Option(False, "--stream/--per-document", help="score the documents concatenated into one "
+                                "stream, or (default) each document separately"),
+    context: str = typer.Option("train", "--context", help="tokens of context for every family: N (sliding windows, "
+                                "state reset per window), 'train' (default: the training seq_len) or 'full' "
+                                "(recurrent: the whole document; Transformer: max_seq_len windows)"),
+    split_by: Optional[str] = typer.Option(None, "--split-by", help="a text file's documents: file | blank_line | "
+                                           "regex (default: the checkpoint's data.source.split_by)"),
+    split_regex: Optional[str] = typer.Option(None, "--split-regex", help="with --split-by regex (default: the "
+                                              "checkpoint's data.source.split_regex)"),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="--context full: recurrent families' tokens per piece "
+                                          "(state carried; default 512), the Transformer's window (default max_seq_len)"),
+    stride: Optional[int] = typer.Option(None, "--stride", help="sliding windows: tokens between window starts "
+                                         "(default half the window)"),
     batch_size: int = typer.Option(4, "--batch-size", help="documents (or windows) per forward pass"),
     max_docs: Optional[int] = typer.Option(None, "--max-docs", help="score only the first N documents"),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="score at most N tokens"),
     out: Optional[Path] = typer.Option(None, "--out", help="output directory (ppl.json, loss_by_position.csv/.png)"),
     device: str = typer.Option("cpu", "--device"),
 ) -> None:
-    """Perplexity and bits per byte of whole documents, loss by position (length extrapolation)."""
+    """Perplexity and bits per byte of documents with a stated protocol, loss by position (length extrapolation)."""
     _quiet()
+    import sys
+
     from lm.evaluation.common import open_checkpoint
-    from lm.evaluation.ppl import format_summary, perplexity, shard_documents, text_file_document, write_ppl_outputs
+    from lm.evaluation.ppl import format_summary, perplexity, shard_documents, text_file_documents, write_ppl_outputs
 
     ckpt = open_checkpoint(checkpoint, device)
     tokenizer = ckpt.tokenizer()
@@ -54,17 +66,39 @@ def ppl_command(
         raise LMError("--data: the checkpoint's training data directory is gone; pass a data directory or a text file")
     if not source.exists():
         raise LMError(f"--data: {source} does not exist")
+    tokens_of_context = _context(context, ckpt)
     if source.is_dir():
         text = shard_documents(source, split, ckpt.loaded.tokenizer_sha256, max_docs, max_tokens)
     else:
-        text = text_file_document(source, tokenizer, eod, max_tokens)
-    if ckpt.recurrent and stride is not None:
-        typer.echo("note: --stride applies to the Transformer's sliding windows; recurrent families carry the state", err=True)
+        src = ckpt.config.get("data", {}).get("source", {})
+        how = split_by or str(src.get("split_by") or "file")
+        regex = split_regex if split_regex is not None else str(src.get("split_regex") or "")
+        if how == "regex" and not regex:
+            from lm.config.schema import SourceConfig
+
+            regex = SourceConfig().split_regex
+        text = text_file_documents(source, tokenizer, eod, max_tokens, how, regex, max_docs)
+    if ckpt.recurrent and stride is not None and tokens_of_context is None:
+        typer.echo("note: --stride applies to sliding windows; with --context full recurrent families carry the state",
+                   err=True)
         stride = None
-    result = perplexity(ckpt, text, eod, seq_len, stride, batch_size)
+    result = perplexity(ckpt, text, eod, seq_len, stride, batch_size, context=tokens_of_context,
+                        protocol="stream" if stream else "per-document", progress=sys.stderr.isatty())
     paths = write_ppl_outputs(result, out or ckpt.default_out_dir(f"ppl-{text.name}"))
     typer.echo(format_summary(result))
     typer.echo(f"wrote {paths['json']}, {paths['csv'].name}, {paths['png'].name}")
+
+
+def _context(value: str, ckpt) -> Optional[int]:
+    """--context: 'train' -> the training seq_len (the Transformer's max_seq_len when unknown), 'full' -> None, N."""
+    if value == "full":
+        return None
+    if value == "train":
+        return ckpt.train_seq_len or ckpt.max_seq_len
+    try:
+        return int(value)
+    except ValueError:
+        raise LMError(f"--context: expected a number of tokens, 'train' or 'full', got {value!r}") from None
 
 
 @eval_app.command("icl")

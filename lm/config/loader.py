@@ -33,7 +33,7 @@ from lm.errors import ConfigError
 #: allowed values of enumerated string keys (key path relative to the experiment root)
 CHOICES: Dict[str, Sequence[str]] = {
     "data.source.kind": ("stdlib", "text", "json", "jsonl", "parquet", "csv", "hf", "task"),
-    "data.source.split_by": ("file", "blank_line"),
+    "data.source.split_by": ("file", "blank_line", "regex"),
     "data.source.encoding_errors": ("replace", "fail"),
     "data.task_output": ("classes", "vectors", "multilabel"),
     "model.mlp": ("swiglu", "rwkv_cmix", "none"),
@@ -83,7 +83,36 @@ def find_config(group: str, name: str) -> Path:
     hint = _suggest(name, known)
     raise ConfigError(
         f"unknown {group} config '{name}'{hint}; known: {', '.join(known) or '(none)'}"
+        + (f" (or a prepared corpus: {PREPARED_ROOT}/<name> or its directory)" if group == "data" else "")
     )
+
+
+#: where ``data=<name>`` looks for a prepared corpus when ``configs/data/<name>.yaml`` does not exist
+PREPARED_ROOT = Path("artifacts") / "data"
+
+
+def prepared_data_config(name: str) -> Optional[Tuple[Path, Dict[str, Any]]]:
+    """``data=<name or directory>`` naming a prepared corpus: (its ``metadata.json``, the data config
+    stored there, with ``out_dir`` set to where it lies), or None when ``name`` is a data config
+    file under ``configs/data/`` or no prepared corpus of that name exists (``artifacts/data/<name>``
+    or the directory ``name``)."""
+    import json
+
+    if (config_root() / "data" / f"{name}.yaml").is_file() or Path(name).suffix in (".yaml", ".yml"):
+        return None
+    for directory in (Path(name), PREPARED_ROOT / name):
+        meta = directory / "metadata.json"
+        if not meta.is_file():
+            continue
+        try:
+            stored = json.loads(meta.read_text(encoding="utf-8")).get("config")
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"data={name}: cannot read {meta} ({e})") from None
+        if not isinstance(stored, dict):
+            raise ConfigError(f"data={name}: {meta} holds no data config (prepared by an older version? prepare "
+                              f"it again with lm data prepare)")
+        return meta, {**stored, "out_dir": str(directory)}
+    return None
 
 
 def _suggest(word: str, options: Iterable[str]) -> str:
@@ -182,6 +211,11 @@ def compose(
     group_choice, dotlist = parse_overrides(overrides)
     defaults = {**defaults, **group_choice}
     for group, name in defaults.items():
+        prepared = prepared_data_config(str(name)) if group == "data" else None
+        if prepared is not None:
+            cfg = _merge(cfg, {group: prepared[1]}, str(prepared[0]))
+            sources.append(str(prepared[0]))
+            continue
         path = find_config(group, str(name))
         cfg = _merge(cfg, {group: _read_yaml(path)}, str(path))
         sources.append(str(path))
@@ -225,7 +259,7 @@ def check_ranges(cfg: DictConfig) -> None:
         if value is not None and value <= 0:
             raise ConfigError(f"{key}: must be > 0, got {value}")
     nonneg = ["train.warmup_steps", "train.weight_decay", "train.grad_clip", "train.lr",
-              "checkpoint.every_n_steps", "probes.every_n_steps", "train.devices"]
+              "checkpoint.every_n_steps", "probes.every_n_steps", "train.devices", "train.threads"]
     for key in nonneg:
         value = OmegaConf.select(cfg, key, default=None)
         if value is not None and value < 0:
@@ -233,6 +267,14 @@ def check_ranges(cfg: DictConfig) -> None:
     lr = OmegaConf.select(cfg, "train.lr", default=None)
     if lr is not None and lr == 0:
         raise ConfigError("train.lr: 0 would train nothing (the weights never change); set a positive learning rate")
+    regex = OmegaConf.select(cfg, "data.source.split_regex", default=None)
+    if regex is not None and OmegaConf.select(cfg, "data.source.split_by", default=None) == "regex":
+        import re
+
+        try:
+            re.compile(str(regex))
+        except re.error as e:
+            raise ConfigError(f"data.source.split_regex: invalid regular expression {regex!r} ({e})") from None
     invalid = OmegaConf.select(cfg, "data.source.max_invalid_utf8", default=None)
     if invalid is not None and not 0 <= invalid <= 1:
         raise ConfigError(f"data.source.max_invalid_utf8: must be in [0, 1], got {invalid}")

@@ -21,17 +21,24 @@ class SourceConfig:
 
     kind:
       ``stdlib``  the Python standard library's own source files (embedded default, no network);
-      ``text``    local text files / globs in ``paths``; a document per file, or per blank-line
-                  separated block when ``split_by: blank_line``;
+      ``text``    local text files / globs in ``paths``; a document per file (``split_by: file``), per
+                  blank-line separated block (``blank_line``), or per piece between matches of
+                  ``split_regex`` (``regex``; its default starts a document at every WikiText-style
+                  top-level heading line `` = Title = ``, keeping `` = = Section = = `` inside);
       ``json`` / ``jsonl`` / ``parquet`` / ``csv``  local files read by HF ``datasets``, text in
                   ``text_field``;
       ``hf``      a dataset on the HF hub (``hf_name``, ``hf_config``, ``hf_split``), streamed when
-                  ``streaming`` is true.
+                  ``streaming`` is true; with ``paths``, local files read by the ``datasets`` builder
+                  named in ``hf_name`` (``parquet``, ``json``, ``csv``, ``text``, ...):
+                  ``load_dataset(hf_name, data_files=paths, split=hf_split)``.
     """
 
     kind: str = "stdlib"
     paths: List[str] = field(default_factory=list)
-    split_by: str = "file"
+    split_by: str = "file"  # file | blank_line | regex
+    # split_by: regex: a document starts at every match (zero-width lookaheads keep the matched line);
+    # the default: WikiText-style article headings " = Title = " (not " = = Section = = ")
+    split_regex: str = r"(?m)^(?=[ \t]*= (?!=)[^\n]*[^=\n] =[ \t]*$)"
     text_field: str = "text"
     hf_name: Optional[str] = None
     hf_config: Optional[str] = None
@@ -161,11 +168,14 @@ class TrainConfig:
     log_every_n_steps: int = 10
     max_nonfinite_steps: int = 5
     num_workers: int = 0
+    # CPU threads per training process (torch.set_num_threads); 0: $OMP_NUM_THREADS if set, else the
+    # physical cores, 1 per rank when several ranks share a node (lm/training/threads.py)
+    threads: int = 0
     # torch.use_deterministic_algorithms: off by default, because CUDA has no deterministic kernels for
     # some ops (that setting makes them raise); CPU runs resume bit-exactly either way (tested)
     deterministic: bool = False
     progress_bar: bool = True
-    sample_prompt: str = ""
+    sample_prompt: str = ""  # "": the start of a validation document of the corpus
     sample_tokens: int = 64
     record_samples: bool = False  # write each step's sample indices to <run_dir>/samples/rank*.jsonl
 

@@ -15,12 +15,24 @@ document in training)::
   the previous window's end, so every token is scored once with between ``window - stride`` and
   ``window`` tokens of context.
 
+With a ``context`` of N tokens (``lm eval ppl --context N``, default: the training sequence
+length) every family is scored the same way: sliding windows of N tokens with the state or cache
+starting empty in each window, so every token sees between ``N - stride`` and N tokens of its
+document. ``--context full`` gives each family its own longest reach (recurrent: the whole document;
+Transformer: windows of ``max_seq_len``), which is not the same treatment.
+
+The protocol: ``per-document`` (default) scores each document on its own (its first token sees
+only the prefix); ``stream`` concatenates them into one token stream (each document still ends
+with the end-of-document id), as whole-file scoring does.
+
 perplexity = exp(sum loss / tokens);  bits per byte = sum loss / ln 2 / UTF-8 bytes of the text.
 """
 
 from __future__ import annotations
 
 import math
+import re
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -194,15 +206,29 @@ class LossStats:
 
 def score_documents(ckpt: Checkpoint, docs: Sequence[np.ndarray], prefix_id: int, seq_len: Optional[int] = None,
                     stride: Optional[int] = None, batch_size: int = 4, exact_positions: int = 0,
+                    context: Optional[int] = None, progress: bool = False,
                     ) -> Tuple[LossStats, Dict[str, Any]]:
-    """Score every token of ``docs``; returns the sums and a description of the method used."""
+    """Score every token of ``docs``; returns the sums and a description of the method used.
+
+    ``context``: sliding windows of that many tokens for every family (see the module docstring);
+    None: the recurrent state carried across each document (pieces of ``seq_len``), the
+    Transformer's windows of ``seq_len`` (default ``max_seq_len``). ``progress``: a bar over tokens.
+    """
     if batch_size <= 0:
         raise LMError(f"--batch-size: must be > 0, got {batch_size}")
     if seq_len is not None and seq_len <= 0:
         raise LMError(f"--seq-len: must be > 0, got {seq_len}")
     max_len = max((len(d) for d in docs), default=0)
     stats = LossStats(len(docs), position_edges(max_len, [ckpt.train_seq_len]), exact_positions)
-    if ckpt.recurrent:
+    if context is not None:
+        if context <= 0:
+            raise LMError(f"--context: must be > 0 tokens (or 'full'), got {context}")
+        if not ckpt.recurrent and context > ckpt.max_seq_len:
+            raise LMError(f"--context: {context} exceeds the Transformer's max_seq_len ({ckpt.max_seq_len})")
+        stride = int(stride or max(1, context // 2))
+        method = {"method": "sliding windows (every family)", "seq_len": int(context), "stride": stride}
+        chunks = window_losses(ckpt.model, docs, prefix_id, int(context), stride, batch_size)
+    elif ckpt.recurrent:
         seq_len = int(seq_len or 512)
         method = {"method": "recurrent state carried across each document", "seq_len": seq_len, "stride": None}
         chunks = recurrent_losses(ckpt.model, docs, prefix_id, seq_len, batch_size)
@@ -213,8 +239,13 @@ def score_documents(ckpt: Checkpoint, docs: Sequence[np.ndarray], prefix_id: int
         stride = int(stride or max(1, window // 2))
         method = {"method": "sliding windows", "seq_len": window, "stride": stride}
         chunks = window_losses(ckpt.model, docs, prefix_id, window, stride, batch_size)
-    for doc, start, losses in chunks:
-        stats.add(doc, start, losses)
+    from tqdm import tqdm
+
+    with tqdm(total=int(sum(len(d) for d in docs)), desc="scoring", unit="tok", unit_scale=True, file=sys.stderr,
+              disable=not progress, dynamic_ncols=True, leave=False) as bar:
+        for doc, start, losses in chunks:
+            stats.add(doc, start, losses)
+            bar.update(len(losses))
     return stats, method
 
 
@@ -278,6 +309,31 @@ def shard_documents(data_dir: Path, split: str, expected_sha: Optional[str], max
 
 def text_file_document(path: Path, tokenizer, eod_id: int, max_tokens: Optional[int] = None) -> EvalText:
     """A UTF-8 text file as one document (followed by the end-of-document id)."""
+    return text_file_documents(path, tokenizer, eod_id, max_tokens, split_by="file")
+
+
+def split_text(text: str, split_by: str, split_regex: str = "") -> List[str]:
+    """A text's documents, cut the way ``data.source.split_by`` cuts training text (``file``: one;
+    ``blank_line``; ``regex``: a document starts at each match of ``split_regex``), blank ones dropped."""
+    from data.sources import _BLANK_LINES
+
+    if split_by == "file":
+        pieces = [text]
+    elif split_by == "blank_line":
+        pieces = _BLANK_LINES.split(text)
+    elif split_by == "regex":
+        try:
+            pieces = re.split(split_regex, text)
+        except re.error as e:
+            raise LMError(f"--split-regex: invalid regular expression {split_regex!r} ({e})") from None
+    else:
+        raise LMError(f"--split-by: expected file, blank_line or regex, got {split_by!r}")
+    return [p for p in pieces if p and not p.isspace()]
+
+
+def text_file_documents(path: Path, tokenizer, eod_id: int, max_tokens: Optional[int] = None,
+                        split_by: str = "file", split_regex: str = "", max_docs: Optional[int] = None) -> EvalText:
+    """A UTF-8 text file cut into documents by :func:`split_text`, each followed by the end-of-document id."""
     try:
         raw = Path(path).read_bytes()
         text = raw.decode("utf-8")
@@ -285,26 +341,46 @@ def text_file_document(path: Path, tokenizer, eod_id: int, max_tokens: Optional[
         raise DataError(f"--data {path}: cannot read ({e.strerror})") from None
     except UnicodeDecodeError as e:
         raise DataError(f"--data {path}: not UTF-8 text (byte {e.start})") from None
-    if not text:
+    pieces = split_text(text, split_by, split_regex)
+    if not pieces:
         raise DataError(f"--data {path}: the file is empty")
-    ids = np.array(tokenizer.encode(text).ids + [eod_id], dtype=np.int64)
-    nbytes = len(raw)
-    if max_tokens is not None and len(ids) > max_tokens:
-        ids = ids[:max_tokens]
-        nbytes = len(tokenizer.decode(ids.tolist(), skip_special_tokens=True).encode("utf-8"))
-    return EvalText([ids], nbytes, str(path), Path(path).stem, {"bytes_from": "file"})
+    if max_docs is not None:
+        pieces = pieces[:max_docs]
+    docs, taken, nbytes, cut = [], 0, 0, False
+    for piece in pieces:
+        ids = np.array(tokenizer.encode(piece).ids + [eod_id], dtype=np.int64)
+        if max_tokens is not None and taken + len(ids) > max_tokens:
+            ids, cut = ids[:max_tokens - taken], True
+        if len(ids):
+            docs.append(ids)
+            taken += len(ids)
+            nbytes += (len(tokenizer.decode(ids.tolist(), skip_special_tokens=True).encode("utf-8")) if cut
+                       else len(piece.encode("utf-8")))
+        if cut:
+            break
+    return EvalText(docs, nbytes, str(path), Path(path).stem,
+                    {"bytes_from": "file", "split_by": split_by, "file_documents": len(pieces)})
 
 
 # ------------------------------------------------------------------------------------ command
 
 
 def perplexity(ckpt: Checkpoint, text: EvalText, prefix_id: int, seq_len: Optional[int] = None,
-               stride: Optional[int] = None, batch_size: int = 4) -> Dict[str, Any]:
-    """Score ``text`` and summarise: loss, perplexity, bits per byte, loss by position bucket."""
+               stride: Optional[int] = None, batch_size: int = 4, context: Optional[int] = None,
+               protocol: str = "per-document", progress: bool = False) -> Dict[str, Any]:
+    """Score ``text`` and summarise: loss, perplexity, bits per byte, loss by position bucket.
+
+    ``protocol``: ``per-document`` scores each document separately, ``stream`` their concatenation;
+    ``context``: see :func:`score_documents`.
+    """
     if not text.docs:
         raise DataError(f"--data {text.source}: no tokens to score")
+    if protocol not in ("per-document", "stream"):
+        raise LMError(f"protocol: expected per-document or stream, got {protocol!r}")
+    docs = text.docs if protocol == "per-document" else [np.concatenate([np.asarray(d) for d in text.docs])]
     t0 = time.perf_counter()
-    stats, method = score_documents(ckpt, text.docs, prefix_id, seq_len, stride, batch_size)
+    stats, method = score_documents(ckpt, docs, prefix_id, seq_len, stride, batch_size, context=context,
+                                    progress=progress)
     wall = time.perf_counter() - t0
     loss = stats.total / stats.tokens
     train_len = ckpt.train_seq_len
@@ -323,12 +399,13 @@ def perplexity(ckpt: Checkpoint, text: EvalText, prefix_id: int, seq_len: Option
         "parameters": ckpt.model.num_parameters(),
         "data": text.source, **text.details,
         "documents": len(text.docs), "tokens": int(stats.tokens), "bytes": int(text.bytes),
+        "protocol": protocol, "context": int(context) if context is not None else "full",
         "loss": loss, "ppl": math.exp(min(loss, 50.0)),
         "bits_per_token": loss / math.log(2),
         "bits_per_byte": stats.total / math.log(2) / text.bytes if text.bytes else None,
         **method,
         "train_seq_len": train_len or None,
-        "max_document_tokens": int(max(len(d) for d in text.docs)),
+        "max_document_tokens": int(max(len(d) for d in docs)),
         "loss_within_train_len": float(stats.bucket_loss[edges < train_len].sum() / within) if within else None,
         "loss_beyond_train_len": float(stats.bucket_loss[edges >= train_len].sum() / beyond) if beyond else None,
         "tokens_beyond_train_len": int(beyond),
@@ -353,11 +430,25 @@ def write_ppl_outputs(result: Dict[str, Any], out_dir: Path) -> Dict[str, Path]:
     return paths
 
 
+def protocol_line(result: Dict[str, Any]) -> str:
+    """How the tokens were scored, in words (printed in every report so results can be compared)."""
+    how = ("each document scored separately" if result.get("protocol", "per-document") == "per-document"
+           else "documents concatenated into one stream")
+    context = result.get("context", "full")
+    if context == "full":
+        reach = ("context: full (recurrent: the whole document before each token; Transformer: windows of "
+                 "max_seq_len) -- not the same treatment for every family")
+    else:
+        reach = f"context: {context} tokens for every family (sliding windows, state reset per window)"
+    return f"{result.get('protocol', 'per-document')} ({how}); {reach}"
+
+
 def format_summary(result: Dict[str, Any]) -> str:
     lines = [f"{result['model']} step {result['step']} on {result['data']}: {result['documents']} documents, "
              f"{result['tokens']:,} tokens, {result['bytes']:,} bytes",
              f"  loss {result['loss']:.4f}  perplexity {result['ppl']:.3f}  bits/byte "
              + (f"{result['bits_per_byte']:.4f}" if result["bits_per_byte"] is not None else "-"),
+             f"  protocol: {protocol_line(result)}",
              f"  {result['method']}, seq_len {result['seq_len']}" + (f", stride {result['stride']}" if result["stride"] else "")
              + f"; {result['tokens_per_s']:,.0f} tokens/s, peak RSS {result['peak_rss_mb']:.0f} MiB"]
     if result["loss_beyond_train_len"] is not None:

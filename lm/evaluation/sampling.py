@@ -4,7 +4,7 @@ growing KV cache for the Transformer)."""
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, List, Optional
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -121,10 +121,19 @@ def sample_text(model: LanguageModel, encode: Callable[[str], List[int]], decode
                 prompt: str, max_new_tokens: int, temperature: float = 0.8, top_k: int = 50, seed: int = 0,
                 stop_token: Optional[int] = None) -> str:
     """The prompt followed by the sampled continuation, as text."""
+    return sample_with_reason(model, encode, decode, prompt, max_new_tokens, temperature, top_k, seed, stop_token)[0]
+
+
+def sample_with_reason(model: LanguageModel, encode: Callable[[str], List[int]], decode: Callable[[List[int]], str],
+                       prompt: str, max_new_tokens: int, temperature: float = 0.8, top_k: int = 50, seed: int = 0,
+                       stop_token: Optional[int] = None) -> Tuple[str, str]:
+    """(prompt + sampled continuation, why sampling stopped: the end-of-document token or the length limit)."""
     ids = encode(prompt) or ([stop_token] if stop_token is not None else [0])
     out: List[int] = []
+    reason = f"length limit ({max_new_tokens} tokens)"
     for token in generate_tokens(model, [ids], max_new_tokens, temperature, top_k, 1.0, seed, stop_token):
         if stop_token is not None and int(token[0]) == stop_token:
+            reason = f"end-of-document token after {len(out)} tokens"
             break
         out.append(int(token[0]))
-    return prompt + decode(out)
+    return prompt + decode(out), reason

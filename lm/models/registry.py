@@ -78,6 +78,14 @@ def resolve_variant(family: str, variant: Optional[str]) -> str:
     return variant
 
 
+def model_name(model_cfg: Any) -> str:
+    """``family/variant`` with the family's default variant filled in (e.g. ``transformer/transformer``):
+    the one name training, evaluation, probes and plots print for a model config (mapping or object)."""
+    get = model_cfg.get if hasattr(model_cfg, "get") else (lambda key: getattr(model_cfg, key, None))
+    family = str(get("family"))
+    return f"{family}/{resolve_variant(family, get('variant'))}"
+
+
 def resolve_options(family: str, variant: Optional[str], mixer: Any) -> Any:
     """The family's options dataclass: defaults <- variant preset <- ``model.mixer``."""
     spec = get_family(family)

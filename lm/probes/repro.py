@@ -17,7 +17,7 @@ import torch
 from lm.evaluation.common import write_atomic, write_json
 from lm.models.gated_rnn import GatedRNN, linear_self_attention, set_lsa_construction
 from lm.models.lm import as_model_config
-from lm.models.registry import resolve_options
+from lm.models.registry import model_name, resolve_options
 from lm.plotting import pyplot, save_figure
 from lm.probes.form import stepped_outputs
 
@@ -94,7 +94,7 @@ def icl_regression(run_dirs: Sequence[str], out_dir: str, n_examples: int = 4096
         batch = probe_batch(cfg, 512, 0, seed)
         probes = run_probes(loaded.model, batch["inputs"], ("lsa_fit",), None, lsa_rank=rank)
         model = cfg["model"]
-        name = "/".join(str(x) for x in (model["family"], model.get("variant")) if x)
+        name = model_name(model)
         rows.append({"run": str(run), "model": name, "step": loaded.step,
                      "test_loss": loss, "lsa_r2": probes.scalars.get("probe/lsa_r2/mean")})
     gd_loss, eta = one_step_gd_loss(task, n_examples=n_examples, seed=seed)

@@ -60,6 +60,16 @@ def checkpoint_state_dict(ckpt_dir: Path) -> Dict[str, torch.Tensor]:
     return {k: v.float().contiguous() for k, v in _strip(state).items()}
 
 
+def ordinary_modes(directory: Path) -> None:
+    """Give ``directory`` and the files in it the modes a plain ``mkdir``/``open`` would (0755 / 0644
+    under umask 022): a temporary directory is 0700 and copied files keep their source's mode."""
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for path in directory.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 def export_checkpoint(checkpoint: str, out_dir: str) -> Path:
     """Write an export directory atomically (temporary directory, then rename)."""
     out = Path(out_dir)
@@ -82,6 +92,7 @@ def export_checkpoint(checkpoint: str, out_dir: str) -> Path:
         info = {"step": manifest["step"], "source": str(ckpt_dir), "parameters": sum(v.numel() for v in state.values()),
                 "tokenizer_sha256": tok.get("sha256")}
         (tmp / "export.json").write_text(json.dumps(info, indent=1))
+        ordinary_modes(tmp)
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)

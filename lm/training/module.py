@@ -184,12 +184,13 @@ class LMModule(pl.LightningModule):
         if finite.item() < 1.0:
             return self._handle_nonfinite(loss)
         self.nonfinite_streak = 0
-        self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
-        if batch_idx % max(1, int(self.train_cfg.get("log_every_n_steps", 10))) == 0:
-            loss_value = loss.detach().float()
-            self.log("train/ppl", torch.exp(loss_value.clamp(max=30.0)), on_step=True, on_epoch=False)
-            if self.bytes_per_token > 0:
-                self.log("train/bpb", loss_value / math.log(2) / self.bytes_per_token, on_step=True, on_epoch=False)
+        # loss, perplexity and bits/byte of the same step, logged together every step: the logger writes
+        # whichever step falls on its cadence, so all three in one metrics.csv row come from that step
+        loss_value = loss.detach().float()
+        self.log("train/loss", loss_value, prog_bar=True, on_step=True, on_epoch=False)
+        self.log("train/ppl", torch.exp(loss_value.clamp(max=30.0)), on_step=True, on_epoch=False)
+        if self.bytes_per_token > 0:
+            self.log("train/bpb", loss_value / math.log(2) / self.bytes_per_token, on_step=True, on_epoch=False)
         return loss
 
     def _handle_nonfinite(self, loss: torch.Tensor):
@@ -200,6 +201,9 @@ class LMModule(pl.LightningModule):
         self.log("train/nonfinite_steps", float(self.nonfinite_total), on_step=True, on_epoch=False)
         # a skipped step logs NaN as its loss, never the previous step's value
         self.log("train/loss", float("nan"), prog_bar=True, on_step=True, on_epoch=False)
+        self.log("train/ppl", float("nan"), on_step=True, on_epoch=False)
+        if self.bytes_per_token > 0:
+            self.log("train/bpb", float("nan"), on_step=True, on_epoch=False)
         if self.nonfinite_streak >= limit:
             raise NonFiniteLossError(
                 f"the loss was non-finite for {self.nonfinite_streak} consecutive steps (last at step {step}); "

@@ -1,10 +1,11 @@
 """What may change when a run is resumed: every config key is in exactly one class.
 
-* ``OVERRIDABLE``: takes effect silently (run length, logging, checkpoint cadence, probes,
+* ``OVERRIDABLE``: takes effect silently (logging, checkpoint cadence, probes,
   SLURM, implementation choices that do not change the math's meaning);
 * ``NOTICE``: takes effect, with a printed notice naming the old and new value (optimizer
   settings: the schedule's base lr and the optimizer's betas/eps/weight decay are reset to the
-  new values; batch shape and world size: the rest of the epoch is re-divided);
+  new values; batch shape and world size: the rest of the epoch is re-divided; run length: the
+  cosine schedule decays to the new ``train.max_steps``);
 * ``FORBIDDEN``: cannot change (model shape and family, data, seed, tokenizer, sequence length,
   strategy, precision): one-line error before anything is written;
 * ``DERIVED``: filled by the trainer, compared only when the new config sets them.
@@ -24,9 +25,9 @@ OVERRIDABLE = frozenset({
     "name", "run_dir", "resume", "overwrite",
     "data.num_proc", "data.batch_size", "data.task.val_examples",
     "model.kernel_backend",
-    "train.max_steps", "train.accelerator", "train.activation_checkpointing", "train.compile",
+    "train.accelerator", "train.activation_checkpointing", "train.compile",
     "train.loss_chunk_size", "train.val_every_n_steps", "train.val_batches", "train.log_every_n_steps",
-    "train.max_nonfinite_steps", "train.num_workers", "train.deterministic", "train.progress_bar",
+    "train.max_nonfinite_steps", "train.num_workers", "train.threads", "train.deterministic", "train.progress_bar",
     "train.sample_prompt", "train.sample_tokens", "train.record_samples",
     "checkpoint.every_n_steps", "checkpoint.keep_last", "checkpoint.save_on_signal",
     "logging.csv", "logging.tensorboard", "logging.wandb.mode", "logging.wandb.project",
@@ -43,13 +44,17 @@ OPTIMIZER_KEYS = frozenset({"train.lr", "train.beta1", "train.beta2", "train.eps
 NOTICE = OPTIMIZER_KEYS | frozenset({
     "train.min_lr_ratio", "train.warmup_steps", "train.grad_clip", "train.accumulate_grad_batches",
     "train.micro_batch_size", "train.devices", "train.num_nodes", "model.dropout",
+    # the cosine schedule decays to train.max_steps: a new value changes the lr of every later step
+    "train.max_steps",
 })
+#: what a notice adds for keys whose change has a consequence worth naming
+CONSEQUENCE = {"train.max_steps": "the learning-rate schedule now decays to the new last step"}
 
 FORBIDDEN = frozenset({
     "seed",
     "data.name", "data.out_dir", "data.validation_fraction", "data.test_fraction", "data.split_seed",
     "data.shard_tokens",
-    "data.source.kind", "data.source.paths", "data.source.split_by", "data.source.text_field",
+    "data.source.kind", "data.source.paths", "data.source.split_by", "data.source.split_regex", "data.source.text_field",
     "data.source.hf_name", "data.source.hf_config", "data.source.hf_split", "data.source.streaming",
     "data.source.max_documents", "data.source.max_bytes", "data.source.encoding_errors",
     "data.source.max_invalid_utf8",
@@ -140,7 +145,8 @@ def check_resume(old: Dict[str, Any], new: Dict[str, Any], checkpoint: str) -> R
         if kind == "forbidden":
             forbidden.append(f"{key} ({_show(a)} -> {_show(b)})")
         elif kind == "notice":
-            notices.append(f"{key}: {_show(a)} -> {_show(b)}")
+            why = f" ({CONSEQUENCE[key]})" if key in CONSEQUENCE else ""
+            notices.append(f"{key}: {_show(a)} -> {_show(b)}{why}")
             optimizer_changed |= key in OPTIMIZER_KEYS
     if forbidden:
         more = f" and {len(forbidden) - 3} more" if len(forbidden) > 3 else ""

@@ -37,6 +37,7 @@ from lm.training.checkpoint import (
     step_dirs,
     write_atomic_text,
 )
+from lm.models.registry import model_name
 from lm.training.checkpoint_manager import CheckpointManager
 from lm.training.loggers import build_loggers
 from lm.training.module import LMModule, NonFiniteLossError, batch_loss, validation_metrics
@@ -111,16 +112,24 @@ def prepare_data(cfg: DictConfig, progress: bool = True) -> Path:
     return out
 
 
-def resolve_vocab(cfg: DictConfig, data_vocab: int) -> int:
-    """model.vocab_size: 0 takes the tokenizer's size rounded up to 64; smaller than it is an error."""
+def resolve_vocab(cfg: DictConfig, data_vocab: int, echo=None) -> int:
+    """model.vocab_size: 0 (every size config's default) takes the tokenizer's size rounded up to 64;
+    a fixed size smaller than it is an error, larger than that rounded size a warning (``echo``):
+    the extra embedding rows are never trained."""
     v = int(cfg.model.vocab_size)
+    rounded = 64 * math.ceil(data_vocab / 64)
     if v == 0:
-        return 64 * math.ceil(data_vocab / 64)
+        return rounded
     if v < data_vocab:
         raise ConfigError(
             f"model.vocab_size ({v}) is smaller than the tokenizer's vocabulary ({data_vocab}) of "
             f"{cfg.data.out_dir}; set model.vocab_size=0 to take it from the data"
         )
+    if v > rounded and echo is not None:
+        rows = v - data_vocab
+        echo(f"warning: model.vocab_size={v} exceeds the tokenizer's {data_vocab} tokens of {cfg.data.out_dir}: "
+             f"{rows} embedding rows ({rows * int(cfg.model.d_model):,} parameters per embedding matrix) are never "
+             f"trained; model.vocab_size=0 takes the size from the data")
     return v
 
 
@@ -186,9 +195,33 @@ def prepare_run_dir(cfg: DictConfig, echo=print) -> None:
     echo(f"overwrite=true: removed the earlier run's files from {run_dir}")
 
 
-def _write_run_files(run_dir: Path, cfg: DictConfig) -> None:
+def _write_run_files(run_dir: Path, cfg: DictConfig, resumed_step: Optional[int] = None) -> None:
+    """``config.yaml``; a resume that changes it keeps the earlier one as ``config.<step>.yaml``
+    (the config that trained up to that step)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic_text(run_dir / "config.yaml", to_yaml(cfg))
+    text = to_yaml(cfg)
+    current = run_dir / "config.yaml"
+    if resumed_step is not None and current.is_file() and current.read_text() != text:
+        write_atomic_text(run_dir / f"config.{resumed_step}.yaml", current.read_text())
+    write_atomic_text(current, text)
+
+
+def _validation_prompt(data_dir: Path, tokenizer, tokens: int = 12) -> str:
+    """The start (up to ``tokens`` tokens) of the first validation document: the end-of-training
+    sample's prompt when ``train.sample_prompt`` is empty ("" when there is no validation text)."""
+    from data.shards import TokenShards
+
+    try:
+        shards = TokenShards(data_dir, "validation")
+    except Exception:  # no validation split
+        return ""
+    if shards.num_documents == 0:
+        return ""
+    starts = list(shards.doc_starts[:2]) + [len(shards)]
+    length = min(tokens, int(starts[1]) - int(starts[0]) - 1)  # the document without its end-of-document id
+    if length <= 0:
+        return ""
+    return tokenizer.decode([int(t) for t in shards.window(int(starts[0]), length)])
 
 
 # -------------------------------------------------------------------------------------- train
@@ -221,6 +254,7 @@ def _train(cfg: DictConfig, echo) -> TrainResult:
     ckpt_dir = run_dir / "checkpoints"
     resume_from = resume_checkpoint(cfg, ckpt_dir, echo)
     apply_optimizer_settings = False
+    resumed_step: Optional[int] = None
     if resume_from is not None:
         manifest = read_manifest(resume_from)
         changes = check_resume(manifest.get("config", {}), plain(cfg), str(resume_from))
@@ -232,6 +266,11 @@ def _train(cfg: DictConfig, echo) -> TrainResult:
             echo(f"note: resuming step {manifest['step']} with changed settings, applied from here on "
                  f"(the schedule keeps its step): {'; '.join(changes.notices)}")
         apply_optimizer_settings = changes.optimizer_changed
+        resumed_step = int(manifest["step"])
+    devices, nodes = world_shape(cfg.train)
+    from lm.training.threads import apply_threads
+
+    threads, threads_from = apply_threads(int(cfg.train.threads), devices)
 
     if cfg.data.source.kind == "task":
         datamodule, bytes_per_token, tokenizer = _task_data(cfg)
@@ -242,7 +281,7 @@ def _train(cfg: DictConfig, echo) -> TrainResult:
             data_dir, int(cfg.train.seq_len), int(cfg.train.micro_batch_size), int(cfg.seed),
             num_workers=int(cfg.train.num_workers), val_batches=int(cfg.train.val_batches),
         )
-        cfg.model.vocab_size = resolve_vocab(cfg, datamodule.vocab_size)
+        cfg.model.vocab_size = resolve_vocab(cfg, datamodule.vocab_size, echo if launch_rank() == 0 else None)
         bytes_per_token = datamodule.bytes_per_token
         tokenizer = {"path": str(datamodule.tokenizer_path), "sha256": datamodule.tokenizer_sha256}
     if cfg.data.source.kind == "task":
@@ -253,7 +292,7 @@ def _train(cfg: DictConfig, echo) -> TrainResult:
         cfg.data.task_output = output
     config = plain(cfg)
     if launch_rank() == 0:
-        _write_run_files(run_dir, cfg)
+        _write_run_files(run_dir, cfg, resumed_step)
 
     if not uses_gpu(cfg.train):
         from lm.training.cpu_allocator import keep_freed_memory
@@ -266,8 +305,15 @@ def _train(cfg: DictConfig, echo) -> TrainResult:
         n = module.model.num_parameters()
         source = data_dir if data_dir is not None else f"task {cfg.data.task.name}"
         size = f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n:,}"
-        echo(f"model: {cfg.model.family}/{cfg.model.variant} with {size} parameters; "
+        echo(f"model: {model_name(cfg.model)} with {size} parameters (vocabulary {cfg.model.vocab_size}); "
              f"data: {source}; run: {run_dir}" + (f"; resuming from {resume_from}" if resume_from else ""))
+        echo(f"threads: {threads} per process ({threads_from}; set train.threads=N)")
+        if data_dir is not None:
+            from data.split import small_split_warning
+
+            warning = small_split_warning(datamodule.metadata)
+            if warning:
+                echo(warning)
 
     stop = StopRequest() if cfg.checkpoint.save_on_signal else None
     manifest_extra = {"config": config, "tokenizer": tokenizer, "data_dir": str(data_dir) if data_dir else None}
@@ -294,7 +340,6 @@ def _train(cfg: DictConfig, echo) -> TrainResult:
     if probe_cb is not None:
         callbacks.append(probe_cb)
 
-    devices, nodes = world_shape(cfg.train)
     strategy = build_strategy(cfg.train, devices, nodes)
     is_deepspeed = cfg.train.strategy == "deepspeed"
     if is_deepspeed and not uses_gpu(cfg.train):
@@ -416,7 +461,7 @@ def _probe_callback(cfg: DictConfig, run_dir: Path):
 def _final_report(cfg, module: LMModule, datamodule, trainer, result: TrainResult, echo) -> None:
     """Validation loss, perplexity and bits/byte on rank 0, and a generated sample."""
     from data.tokenizer import load_tokenizer
-    from lm.evaluation.sampling import sample_text
+    from lm.evaluation.sampling import sample_with_reason
 
     model = module.model
     if cfg.train.strategy == "deepspeed" and int(cfg.train.zero_stage) == 3 and result.checkpoint is not None:
@@ -446,15 +491,20 @@ def _final_report(cfg, module: LMModule, datamodule, trainer, result: TrainResul
         result.val_loss, result.val_ppl = metrics["val/loss"], metrics["val/ppl"]
         result.val_bpb = metrics.get("val/bpb")
     tokenizer = load_tokenizer(datamodule.tokenizer_path) if cfg.data.source.kind != "task" else None
+    stop_reason = prompt_from = None
     if tokenizer is not None and int(cfg.train.sample_tokens) > 0:
-        result.sample = sample_text(
+        prompt, prompt_from = str(cfg.train.sample_prompt), "train.sample_prompt"
+        if not prompt:
+            prompt, prompt_from = _validation_prompt(datamodule.data_dir, tokenizer), "a validation document's start"
+        result.sample, stop_reason = sample_with_reason(
             model, lambda s: tokenizer.encode(s).ids, lambda ids: tokenizer.decode(ids),
-            str(cfg.train.sample_prompt), int(cfg.train.sample_tokens), temperature=0.8, top_k=50,
+            prompt, int(cfg.train.sample_tokens), temperature=0.8, top_k=50,
             seed=int(cfg.seed), stop_token=datamodule.eod_id,
         )
     model.train(was_training)
     summary = {"step": result.global_step, "checkpoint": str(result.checkpoint), "val_loss": result.val_loss,
                "val_ppl": result.val_ppl, "val_bpb": result.val_bpb, "sample": result.sample,
+               "sample_stop": stop_reason,
                "val_acc": result.metrics.get("val/acc"), "val_seq_acc": result.metrics.get("val/seq_acc")}
     write_atomic_text(result.run_dir / "summary.json", json.dumps(summary, indent=1))
     metrics_csv = result.run_dir / "logs" / "metrics.csv"
@@ -474,5 +524,5 @@ def _final_report(cfg, module: LMModule, datamodule, trainer, result: TrainResul
         bpb = f", bits/byte {result.val_bpb:.3f}" if result.val_bpb is not None else ""
         echo(f"validation: loss {result.val_loss:.4f}, perplexity {result.val_ppl:.2f}{bpb}")
     if result.sample is not None:
-        echo("sample:")
+        echo(f"sample (prompt: {prompt_from}; stopped at the {stop_reason}):")
         echo(result.sample)

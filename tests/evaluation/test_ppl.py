@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lm.evaluation.ppl import score_documents, window_plan
+from lm.evaluation.ppl import perplexity, score_documents, text_file_documents, window_plan
 from tests.evaluation.conftest import error_line, in_memory_checkpoint, random_model, run_lm
 
 
@@ -71,8 +71,8 @@ def test_ppl_cli_on_shards_and_text_file(lm_runs, eval_data, tmp_path):
     meta = json.loads((eval_data / "metadata.json").read_text())
     val = meta["splits"]["validation"]
     out = tmp_path / "ppl-gla"
-    proc = run_lm("eval", "ppl", str(lm_runs["gla"]), "--seq-len", "48", "--out", str(out))
-    assert "bits/byte" in proc.stdout
+    proc = run_lm("eval", "ppl", str(lm_runs["gla"]), "--context", "full", "--seq-len", "48", "--out", str(out))
+    assert "bits/byte" in proc.stdout and "not the same treatment for every family" in proc.stdout
     res = json.loads((out / "ppl.json").read_text())
     assert res["tokens"] == val["tokens"] and res["documents"] == val["documents"]
     assert res["bytes"] == val["bytes"] and res["bytes_from"] == "split metadata"
@@ -90,7 +90,8 @@ def test_ppl_cli_on_shards_and_text_file(lm_runs, eval_data, tmp_path):
     text = tmp_path / "doc.txt"
     text.write_text("def f(x):\n    return [i * x for i in range(10)]\n" * 12 + "# naïve café\n", encoding="utf-8")
     out_t = tmp_path / "ppl-t"
-    run_lm("eval", "ppl", str(lm_runs["transformer"]), "--data", str(text), "--stride", "16", "--out", str(out_t))
+    run_lm("eval", "ppl", str(lm_runs["transformer"]), "--data", str(text), "--context", "full", "--stride", "16",
+           "--out", str(out_t))
     res_t = json.loads((out_t / "ppl.json").read_text())
     assert res_t["bytes"] == len(text.read_bytes()) and res_t["documents"] == 1
     assert res_t["method"] == "sliding windows" and res_t["seq_len"] == 64 and res_t["stride"] == 16
@@ -113,3 +114,60 @@ def test_ppl_rejects_shards_of_another_tokenizer(lm_runs, eval_data, tmp_path):
     assert "tokenizer sha256" in line and str(other) in line
     line = error_line(run_lm("eval", "ppl", str(lm_runs["gla"]), "--split", "nope", check=False))
     assert "--split" in line and "validation" in line
+
+
+class _Tokenizer:
+    """Bytes as tokens (ids 1..63 by byte value mod 63 + 1): enough to score text without a BPE."""
+
+    def encode(self, text):
+        return type("E", (), {"ids": [b % 63 + 1 for b in text.encode("utf-8")]})()
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "x" * len(ids)
+
+
+@pytest.mark.parametrize("name", ["gla", "transformer"])
+def test_per_document_ppl_is_the_mean_over_separately_scored_documents(tmp_path, name):
+    """--per-document on a text file (blank-line documents) gives the token-weighted mean of scoring each
+    document as its own file; --stream differs (later documents see earlier ones); the default
+    context treats both families alike (sliding windows of the training length)."""
+    torch.manual_seed(0)
+    model, cfg = random_model(name, max_seq_len=64)
+    ckpt = in_memory_checkpoint(model, {"model": cfg, "train": {"seq_len": 16}})
+    docs = ["alpha beta gamma delta " * 3, "second document, a bit longer than the first one " * 2, "third."]
+    whole = tmp_path / "all.txt"
+    whole.write_text("\n\n".join(docs), encoding="utf-8")
+    tok = _Tokenizer()
+    text = text_file_documents(whole, tok, 0, split_by="blank_line")
+    assert len(text.docs) == 3
+    result = perplexity(ckpt, text, 0, context=16)
+    assert result["method"] == "sliding windows (every family)" and result["seq_len"] == 16
+    assert result["protocol"] == "per-document" and result["context"] == 16
+    loss_sum, tokens = 0.0, 0
+    for i, doc in enumerate(docs):
+        single = tmp_path / f"doc{i}.txt"
+        single.write_text(doc, encoding="utf-8")
+        r = perplexity(ckpt, text_file_documents(single, tok, 0), 0, context=16)
+        loss_sum += r["loss"] * r["tokens"]
+        tokens += r["tokens"]
+    assert result["tokens"] == tokens
+    assert result["loss"] == pytest.approx(loss_sum / tokens, rel=1e-9)
+    assert result["ppl"] == pytest.approx(math.exp(loss_sum / tokens), rel=1e-9)
+    stream = perplexity(ckpt, text, 0, context=16, protocol="stream")
+    assert stream["tokens"] == tokens and stream["loss"] != pytest.approx(result["loss"], rel=1e-9)
+
+
+@pytest.mark.xdist_group("evaluation")
+def test_ppl_default_protocol_is_the_same_for_every_family(lm_runs, tmp_path):
+    text = tmp_path / "two.txt"
+    text.write_text("def f(x):\n    return x\n\n\nclass A:\n    pass\n" * 3, encoding="utf-8")
+    for name in ("gla", "transformer"):
+        out = tmp_path / name
+        proc = run_lm("eval", "ppl", str(lm_runs[name]), "--data", str(text), "--split-by", "blank_line",
+                      "--out", str(out))
+        assert "protocol: per-document (each document scored separately); context: 32 tokens for every family" \
+            in proc.stdout, proc.stdout
+        res = json.loads((out / "ppl.json").read_text())
+        assert res["documents"] == 6 and res["method"] == "sliding windows (every family)" and res["seq_len"] == 32
+    line = error_line(run_lm("eval", "ppl", str(lm_runs["gla"]), "--context", "lots", check=False))
+    assert "--context" in line and "'lots'" in line

@@ -250,7 +250,7 @@ def test_resume_policy_classifies_every_schema_key():
         for b in names[i + 1:]:
             assert not CLASSES[a] & CLASSES[b], f"{a} and {b} share {CLASSES[a] & CLASSES[b]}"
     assert classify("train.lr") == "notice" and classify("model.d_model") == "forbidden"
-    assert classify("train.max_steps") == "overridable"
+    assert classify("train.max_steps") == "notice" and classify("train.threads") == "overridable"
 
 
 # ------------------------------------------------------------------- 8. a task run's config
