@@ -267,10 +267,17 @@ def import_fla(source: str, out_dir: str) -> Path:
         raise LMError(f"{source}: no config.json (expected a Hugging Face model directory)")
     cfg = json.loads((src / "config.json").read_text())
     kind = cfg.get("model_type")
-    if kind not in CONVERTERS:
-        raise LMError(f"{source}/config.json: model_type '{kind}' is not importable; known: {', '.join(CONVERTERS)}")
-    to_config, to_state = CONVERTERS[kind]
-    model_cfg = to_config(cfg, source)
-    state = to_state(read_weights(src), cfg, model_cfg, source)
+    if kind not in CONVERTERS and kind != "rwkv7":
+        known = ", ".join([*CONVERTERS, "rwkv7"])
+        raise LMError(f"{source}/config.json: model_type '{kind}' is not importable; known: {known}")
+    if kind == "rwkv7":
+        from lm.hf.import_rwkv7 import fla_checked, fla_import
+
+        fla_checked(cfg, source)
+        model_cfg, state = fla_import(cfg, read_weights(src), source)
+    else:
+        to_config, to_state = CONVERTERS[kind]
+        model_cfg = to_config(cfg, source)
+        state = to_state(read_weights(src), cfg, model_cfg, source)
     tok, eod, pad = tokenizer_files(src)
     return write_export(Path(out_dir), model_cfg, state, source, tok, eod, pad)

@@ -4,6 +4,7 @@ of random tiny models (no training), one per model config."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any, Dict
 
@@ -53,3 +54,33 @@ def write_source(out: Path, model_cfg: Dict[str, Any], tokenizer_file: Path, see
     (out / "tokenizer.json").write_text(tokenizer_file.read_text())
     (out / "export.json").write_text(json.dumps({"step": 7}))
     return out
+
+
+@pytest.fixture(scope="module")
+def fla_interpreter():
+    """fla's kernel modules patched for the Triton interpreter (see tests/kernels/test_fla_backend.py);
+    skips without fla's models, or without CUDA and TRITON_INTERPRET=1."""
+    from kernels._dispatch import triton_interpret
+
+    pytest.importorskip("transformers", reason="the optional extra 'hf' (transformers) is not installed")
+    pytest.importorskip("fla.models", reason="flash-linear-attention (fla.models) is not installed")
+    if not (torch.cuda.is_available() or triton_interpret()):
+        pytest.skip("fla's models run Triton kernels: needs CUDA or TRITON_INTERPRET=1")
+    import fla.models  # noqa: F401  (imports the kernel modules the models use)
+    import triton.language as tl
+    import triton.runtime.autotuner as autotuner
+
+    from tests.kernels.test_fla_backend import _interpreter_range, _late_gather
+
+    if not triton_interpret():
+        yield
+        return
+    mp = pytest.MonkeyPatch()
+    mp.setattr(autotuner.Autotuner, "_bench", lambda self, *a, config, **kw: [0.0, 0.0, 0.0])
+    for name, module in list(sys.modules.items()):
+        if name.startswith(("fla.ops", "fla.modules")) and module is not None:
+            mp.setattr(module, "range", _interpreter_range, raising=False)
+            if getattr(module, "gather", None) is tl.gather:
+                mp.setattr(module, "gather", _late_gather)
+    yield
+    mp.undo()

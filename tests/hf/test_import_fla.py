@@ -6,7 +6,6 @@ tests/kernels/test_fla_backend.py); features without an equivalent are refused b
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 import torch
@@ -18,29 +17,6 @@ pytest.importorskip("fla.models", reason="flash-linear-attention (fla.models) is
 
 pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() or triton_interpret()),
                                 reason="fla's models run Triton kernels: needs CUDA or TRITON_INTERPRET=1")
-
-
-@pytest.fixture(scope="module")
-def fla_interpreter():
-    """fla's kernel modules patched for the Triton interpreter (see tests/kernels/test_fla_backend.py)."""
-    import fla.models  # noqa: F401  (imports the kernel modules the models use)
-    import triton.language as tl
-    import triton.runtime.autotuner as autotuner
-
-    from tests.kernels.test_fla_backend import _interpreter_range, _late_gather
-
-    if not triton_interpret():
-        yield
-        return
-    mp = pytest.MonkeyPatch()
-    mp.setattr(autotuner.Autotuner, "_bench", lambda self, *a, config, **kw: [0.0, 0.0, 0.0])
-    for name, module in list(sys.modules.items()):
-        if name.startswith(("fla.ops", "fla.modules")) and module is not None:
-            mp.setattr(module, "range", _interpreter_range, raising=False)
-            if getattr(module, "gather", None) is tl.gather:
-                mp.setattr(module, "gather", _late_gather)
-    yield
-    mp.undo()
 
 
 def randomize(model, seed=0):
