@@ -297,6 +297,46 @@ def run(args) -> Tuple[List[Row], List[str]]:
     return rows, notes
 
 
+def packed_lengths(T: int, per_2048: int = 10, seed: int = 0) -> List[int]:
+    """Random sequence lengths summing to T, about ``per_2048`` sequences per 2048 tokens."""
+    n = max(1, round(per_2048 * T / 2048))
+    gen = torch.Generator().manual_seed(seed)
+    cuts = sorted(torch.randperm(T - 1, generator=gen)[: n - 1].add(1).tolist()) if n > 1 else []
+    return [b - a for a, b in zip([0] + cuts, cuts + [T])]
+
+
+def varlen_lines(args, dtype, device) -> List[str]:
+    """``--varlen``: forward+backward tokens/s of a packed row (cu_seqlens, ~10 sequences per 2048 tokens)
+    against the same tokens without boundaries, per op and fast backend; the path is "native" when the
+    backend takes cu_seqlens itself, else the per-sequence fallback."""
+    import kernels
+    from kernels._varlen import is_varlen
+
+    lines = ["| op | backend | path | T | sequences | plain tok/s | packed tok/s | packed / plain |",
+             "|---|---|---|---|---|---|---|---|"]
+    for op in args.ops:
+        backends, _ = available_backends(op, [b for b in args.backends if b not in ("reference", "fla")], device)
+        for backend in backends:
+            path = "native" if is_varlen(_table(op)[backend]()) else "per sequence"
+            for T in args.T:
+                s = Shape(1, T, args.H, args.K, args.V, dtype, device)
+                leaves = {n: x.requires_grad_() for n, x in make_inputs(op, s).items()}
+                lengths = packed_lengths(T)
+                cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=device)
+                fn = getattr(kernels, op)
+                cot = torch.randn(fn(**leaves, backend=backend)[0].shape, device=device)
+
+                def fb(**kw):
+                    o, _ = fn(**leaves, backend=backend, **kw)
+                    torch.autograd.grad((o.float() * cot).sum(), list(leaves.values()))
+
+                t_plain = median_time(fb, device, args.repeats)
+                t_packed = median_time(lambda: fb(cu_seqlens=cu), device, args.repeats)
+                lines.append(f"| {op} | {backend} | {path} | {T} | {len(lengths)} | {T / t_plain:,.0f} | "
+                             f"{T / t_packed:,.0f} | {t_plain / t_packed:.2f} |")
+    return lines
+
+
 def _fmt_rate(work: float, ms: Optional[float], unit: str) -> str:
     if ms is None or ms <= 0:
         return "-"
@@ -360,6 +400,8 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     p.add_argument("--quick", action="store_true", help="fewer lengths and repeats")
     p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     p.add_argument("--no-extras", action="store_true", help="GPU: skip the SDPA and copy-bandwidth rows")
+    p.add_argument("--varlen", action="store_true",
+                   help="packed rows (cu_seqlens, ~10 sequences per 2048 tokens) vs the same tokens unpacked (B=1)")
     a = p.parse_args(argv)
     gpu = a.device.startswith("cuda")
     a.ops = [o for o in a.ops.split(",") if o]
@@ -389,6 +431,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     _clock = CLOCK[args.clock]
+    if args.varlen:
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+        print(f"\nkernels benchmark, packed sequences (cu_seqlens) on {args.device} ({torch.get_num_threads()} "
+              f"threads), B=1, H={args.H}, K={args.K}, V={args.V}, {args.dtype}; forward+backward, median of up "
+              f"to {args.repeats} runs\n")
+        for line in varlen_lines(args, dtype, torch.device(args.device)):
+            print(line)
+        return
     rows, notes = run(args)
     shape = f"B={args.B}, H={args.H}, K={args.K}, V={args.V} (linear_scan D={args.H * args.K}), {args.dtype}"
     clock = "wall clock" if args.device.startswith("cuda") or args.clock == "wall" else "process CPU time"
