@@ -20,7 +20,7 @@ def import_command(
                                                                        "document"),
 ) -> None:
     """Convert a published model (fla's GLA, DeltaNet, Gated DeltaNet or RWKV-7; BlinkDL's RWKV-7
-    .pth) into an export for lm eval/generate/probe and init_from=."""
+    .pth) into an export for lm eval/generate/probe."""
     from pathlib import Path
 
     from lm.cli.train_cmd import quiet_libraries

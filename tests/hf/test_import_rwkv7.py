@@ -197,6 +197,9 @@ def test_cli_import_pth_then_generate_and_probe(tmp_path, tokenizer_file):
     assert "rwkv/rwkv7" in proc.stdout
     gen = run_lm("generate", str(tmp_path / "ours"), "-p", "def ", "-n", "4", "--temperature", "0")
     assert gen.returncode == 0
+    probe = run_lm("probe", str(tmp_path / "ours"), "--out", str(tmp_path / "probes"), "--batch-size", "4",
+                   "--seq-len", "16")
+    assert probe.returncode == 0 and any((tmp_path / "probes").iterdir())
     line = error_line(run_lm("import", str(tmp_path / "missing.pth"), str(tmp_path / "x"), check=False))
     assert "missing.pth: no config.json" in line
     torch.save({"emb.weight": torch.zeros(4, 8), "blocks.0.att.time_decay": torch.zeros(8)}, tmp_path / "old.pth")
