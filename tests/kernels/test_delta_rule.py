@@ -68,3 +68,62 @@ def test_bad_shapes_name_the_argument():
         kernels.delta_rule(**args, initial_state=torch.zeros(2, 2, 8, 7), backend="torch")
     with pytest.raises(ValueError, match="^g: log-space"):
         kernels.delta_rule(**dict(args, g=args["g"].abs() + 0.1), backend="reference")
+
+
+# ---- packed sequences (cu_seqlens): the chunked PyTorch path natively, vs each sequence run alone ----
+
+def _check_varlen(cu, gated, with_state, decay="moderate", dtype=torch.float32, H=2, K=8, V=6, **kw):
+    from kernels.ops.delta_rule.chunked import delta_rule_chunked
+    from kernels.ops.delta_rule.reference import delta_rule_reference
+
+    assert getattr(delta_rule_chunked, "varlen", False)
+    gen = torch.Generator().manual_seed(0)
+    T, N = cu[-1], len(cu) - 1
+    inputs = [torch.randn(1, T, H, K, generator=gen),
+              torch.nn.functional.normalize(torch.randn(1, T, H, K, generator=gen), dim=-1),
+              torch.randn(1, T, H, V, generator=gen), torch.rand(1, T, H, generator=gen)]
+    if gated:
+        inputs.append(torch.full((1, T, H), -5.0) if decay == "strong" else -torch.rand(1, T, H, generator=gen))
+    if with_state:
+        inputs.append(torch.randn(N, H, K, V, generator=gen))
+    results = []
+    for fast in (False, True):
+        xs = [x.to(dtype if fast and i < 4 else torch.float32).requires_grad_() for i, x in enumerate(inputs)]
+        q, k, v, beta = xs[:4]
+        g = xs[4] if gated else None
+        h0 = xs[-1] if with_state else None
+        if fast:
+            o, s = delta_rule_chunked(q, k, v, beta, g, 0.3, h0, True, cu_seqlens=torch.tensor(cu), **kw)
+        else:
+            parts = [delta_rule_reference(q[:, a:b], k[:, a:b], v[:, a:b], beta[:, a:b],
+                                          None if g is None else g[:, a:b], 0.3,
+                                          None if h0 is None else h0[n:n + 1], True)
+                     for n, (a, b) in enumerate(zip(cu[:-1], cu[1:]))]
+            o, s = torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 0)
+        cot = torch.Generator().manual_seed(1)
+        loss = (o.float() * torch.randn(o.shape, generator=cot)).sum() + (s * torch.randn(s.shape, generator=cot)).sum()
+        results.append([o, s] + list(torch.autograd.grad(loss, xs)))
+    names = ["output", "final_state", "grad q", "grad k", "grad v", "grad beta"] + (["grad g"] if gated else [])
+    names += ["grad initial_state"] if with_state else []
+    for name, actual, expected in zip(names, results[1], results[0]):
+        harness.assert_close(name, actual, expected, harness.TOL[dtype])
+
+
+VARLEN_CUS = [
+    pytest.param([0, 5, 70, 71, 71, 130, 200], id="inside-chunks"),
+    pytest.param([0, 0, 64, 64, 128, 129, 150], id="chunk-edges"),
+    pytest.param([0, 3, 3, 10], id="short"),
+]
+
+
+@pytest.mark.parametrize("cu", VARLEN_CUS)
+@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_torch_varlen_native(cu, gated, with_state):
+    _check_varlen(cu, gated, with_state)
+
+
+def test_torch_varlen_strong_decay_segments_bf16():
+    _check_varlen([0, 5, 70, 71, 130], True, True, decay="strong")
+    _check_varlen([0, 100, 101, 300], True, True, segment=128)  # CPU passes carry the state
+    _check_varlen([0, 5, 70, 71, 130], True, True, dtype=torch.bfloat16)

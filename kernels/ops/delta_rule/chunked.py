@@ -39,13 +39,18 @@ def delta_rule_chunked(
     output_final_state: bool = False,
     chunk_size: int = 64,
     segment: Optional[int] = -1,
+    cu_seqlens: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """q, k: [B, T, H, K]; v: [B, T, H, V]; beta, g: [B, T, H]; state [B, H, K, V] (fp32).
 
     ``segment``: tokens per chunked pass, the state carried between passes (None: all at once;
     -1: the device default, ``SEGMENT_CPU`` on CPU so the temporaries stay cache-sized and the cost
-    per token flat in T, one pass on GPU).
+    per token flat in T, one pass on GPU). ``cu_seqlens`` [N+1]: packed sequences (B = 1, states
+    [N, H, K, V]), handled natively (``delta_rule_chunked_varlen``).
     """
+    if cu_seqlens is not None:
+        return delta_rule_chunked_varlen(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens,
+                                         chunk_size, segment)
     if q.shape[1] == 0:
         return empty_result(q, v, initial_state, output_final_state)
     B, _, H, K = q.shape
@@ -106,3 +111,131 @@ def _chunked_pass(q, k, v, beta, g, scale: float, S: torch.Tensor, chunk_size: i
     entering = torch.stack(states).view(N, B, H, K, V)
     o = q_in @ entering + scores @ torch.stack(us).view(N, B, H, C, V)
     return from_chunks(o, T).to(q.dtype), S.view(B, H, K, V)
+
+
+def delta_rule_chunked_varlen(q, k, v, beta, g, scale: float, initial_state, output_final_state: bool, cu_seqlens,
+                              chunk_size: int = 64, segment: Optional[int] = -1):
+    """``delta_rule_chunked`` over packed sequences (B = 1; states [N, H, K, V]).
+
+    As ``_chunked_pass`` with per-step sequence ids (the layout and state terms of
+    ``kernels/ops/gla/varlen.py``, with the corrected values ``u`` in place of v): the in-chunk
+    ``K K^T`` system and the scores only couple steps of one sequence (so the triangular system is
+    block diagonal per sequence); the decays of the right-hand side ``W = T diag(beta gamma) K`` are
+    taken from each sequence's first step in the chunk, ``gamma_t = exp(sum_{p <= s <= t} g_s)``; the
+    entering state reaches (through W and the output) only the chunk's first sequence, and a sequence
+    that begins inside the chunk gets ``u -= W h0`` and ``o += scale (q gamma)^T h0`` from its own
+    initial state; the state is passed on only while the last sequence continues.
+    """
+    from kernels.ops.gla import varlen
+
+    T, H, K, V = q.shape[1], q.shape[2], q.shape[3], v.shape[-1]
+    C = chunk_length(T, chunk_size)
+    L = varlen.Layout(cu_seqlens, T, C, q.device)
+    if T == 0:
+        S = initial_state.float() if initial_state is not None else q.new_zeros(L.N, H, K, V, dtype=torch.float32)
+        return q.new_zeros(1, 0, H, V), (S if output_final_state else None)
+    gate = g if g is not None else q.new_zeros(1, T, H, dtype=torch.float32)
+    h0 = L.select(initial_state)
+    X = varlen.injection(gate, h0, L)
+    seqc, flows = L.seq_chunks(), L.flows()
+    inside = [m for m in range(L.M) if L.starts[m] % C] if h0 is not None else []
+    S = X[:, 0][None] if X is not None else q.new_zeros(1, H, K, V, dtype=torch.float32)
+    if segment == -1:
+        segment = default_segment(q.device, SEGMENT_CPU)
+    step = T if segment is None or segment >= T else segment
+    outs, us, entering = [], [], []
+    for a in range(0, T, step):  # passes of ``segment`` steps (a multiple of C), the state carried
+        n0, n1 = a // C, -(-min(a + step, T) // C)
+        mine = [m for m in inside if n0 <= L.starts[m] // C < n1]
+        own = None
+        if mine:  # sequences beginning strictly inside a chunk of this pass: chunk, rows, initial state
+            chunks = [L.starts[m] // C for m in mine]
+            t = torch.tensor(chunks)[:, None] * C + torch.arange(C)
+            rows = (t >= torch.tensor([L.starts[m] for m in mine])[:, None]) & (t < torch.tensor([L.ends[m] for m in mine])[:, None])
+            own = (torch.tensor(chunks, device=q.device) - n0, rows.to(q.device),
+                   h0.index_select(0, torch.tensor(mine, device=q.device)))
+        x = X[:, n0:n1 + 1] if X is not None else None
+        sl = slice(a, a + step)
+        o, u, ent, S = _varlen_pass(q[:, sl], k[:, sl], v[:, sl], beta[:, sl], None if g is None else g[:, sl],
+                                    scale, S, C, seqc[n0:n1], flows[n0:n1], x, own)
+        outs.append(o)
+        us.append(u)
+        entering.append(ent)
+    o = torch.cat(outs, 1)[0].float()
+    extra = varlen.initial_state_output(q, gate, h0, L, scale)
+    if extra is not None:
+        o = o + extra
+    o = o[None].to(q.dtype)
+    if not output_final_state:
+        return o, None
+    finals = varlen.final_states(k, torch.cat(us, 1), gate, torch.cat(entering, 1), h0, L)
+    return o, varlen.assemble_finals(finals, initial_state, L)
+
+
+def _varlen_pass(q, k, v, beta, g, scale: float, S, C: int, seqc, flows, X, own):
+    """One chunked pass over packed sequences from the entering state S [1, H, K, V].
+
+    ``seqc`` long [N, C] (sequence per step), ``flows`` bool [N], ``X`` [H, N + 1, K, V] or None
+    (injected initial states, X[0] ignored), ``own`` None or (chunk index [M'], rows bool [M', C],
+    h0 [M', H, K, V]) for sequences beginning strictly inside a chunk. Returns o (fp32 [1, T, H, V],
+    without those sequences' ``scale (q gamma)^T h0`` term), u [1, T, H, V], the entering states
+    [H, N, K, V] and the state entering the next pass."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    qc, kc, vc, bc = (to_chunks(x, C) for x in (q, k, v, beta))  # [N, 1, H, C, (K|V)]
+    N = qc.shape[0]
+    eye = torch.eye(C, device=q.device)
+    same = (seqc[:, :, None] == seqc[:, None, :])[:, None, None]  # [N, 1, 1, C, C]
+    strict = causal_mask(C, q.device, diagonal=-1) & same
+    first = (seqc == seqc[:, :1]).float()[:, None, None]  # [N, 1, 1, C]: the chunk's first sequence
+    tail = ((seqc == seqc[:, -1:]) & flows[:, None]).float()[:, None, None]  # rows whose state passes on
+    carry = (flows & (seqc[:, 0] == seqc[:, -1])).float()[:, None, None, None, None]
+    if g is not None:
+        bcum = to_chunks(g, C).cumsum(-1)  # [N, 1, H, C]
+        decay = masked_exp_diff(bcum[..., :, None], bcum[..., None, :], strict) + eye
+        # each row's decay since its sequence's first step in the chunk (b is monotone: exponent <= 0)
+        pos = torch.arange(C, device=q.device)
+        begins = torch.cat([torch.ones_like(seqc[:, :1], dtype=torch.bool), seqc[:, 1:] != seqc[:, :-1]], 1)
+        p = torch.where(begins, pos, torch.zeros_like(pos)).cummax(1).values[:, None, None]  # [N, 1, 1, C]
+        before = torch.where(p > 0, bcum.gather(-1, (p - 1).clamp_min(0).expand_as(bcum)), torch.zeros_like(bcum))
+        gamma_seg = torch.exp(bcum - before)
+        gamma_last = bcum[..., -1, None, None].exp() * carry
+        not_last = torch.arange(C, device=q.device) < C - 1
+        k_to_end = kc * (torch.exp((bcum[..., -1:] - bcum) * not_last) * tail)[..., None]
+        q_in = qc * (scale * bcum.exp() * first)[..., None]
+    else:
+        decay = (causal_mask(C, q.device) & same).to(qc.dtype)
+        gamma_seg = torch.ones_like(bc)
+        gamma_last = carry
+        k_to_end = kc * tail[..., None]
+        q_in = qc * (scale * first)[..., None]
+    system = (kc @ kc.transpose(-1, -2)) * decay
+    system = (bc[..., None] * system).masked_fill(~strict, 0.0) + eye
+    rhs = torch.cat([kc * (bc * gamma_seg)[..., None], vc * bc[..., None]], -1)
+    sol = torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)
+    w, u_tilde = sol.split([K, V], -1)  # [N, 1, H, C, K], [N, 1, H, C, V]
+    if own is not None:  # u -= W h0 on the rows of sequences beginning inside a chunk
+        idx, rows, h0 = own
+        w_own = w[idx, 0] * rows[:, None, :, None]  # [M', H, C, K]
+        u_tilde = u_tilde.index_add(0, idx, -torch.einsum("mhck,mhkv->mhcv", w_own, h0)[:, None])
+    w = w * first[..., None]
+    scores = (qc @ kc.transpose(-1, -2)) * (decay * scale)  # [N, 1, H, C, C]
+
+    injected = X[None, :, 1:].unbind(2) if X is not None else [None] * N
+    states, us = [], []
+    S = S.reshape(H, K, V)
+    for w_n, u_tilde_n, k_n, gamma_n, x_n in zip(*map(per_chunk, (w, u_tilde, k_to_end.transpose(-1, -2),
+                                                                   gamma_last.expand(N, 1, H, 1, 1))), injected):
+        states.append(S)
+        u = torch.baddbmm(u_tilde_n, w_n, S, alpha=-1.0)
+        us.append(u)
+        S = torch.baddbmm(gamma_n * S, k_n, u)
+        if x_n is not None:
+            S = S + x_n[0]
+    entering = torch.stack(states).view(N, 1, H, K, V)
+    u_all = torch.stack(us).view(N, 1, H, C, V)
+    o = q_in @ entering + scores @ u_all
+    return from_chunks(o, T), from_chunks(u_all, T), entering[:, 0].transpose(0, 1), S.view(1, H, K, V)
+
+
+delta_rule_chunked.varlen = True
