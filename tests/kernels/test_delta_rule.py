@@ -38,6 +38,25 @@ class TestDeltaRule(ChunkedOpCases):
                               **self.TRITON_SHAPE)
 
 
+@harness.triton_test
+@pytest.mark.parametrize("gated", [True, False])
+def test_triton_chunk_grads_walk_key_blocks(monkeypatch, gated):
+    # key block of the per-chunk gradient kernel shrunk to 16 so that K = 40 takes 3 blocks (the last
+    # half empty), with 32-step chunks, as K = 128 takes 2 blocks of 64 on a GPU
+    import kernels.ops.delta_rule._triton_utils as triton_utils
+    from kernels.ops.delta_rule import triton_chunk
+
+    monkeypatch.setattr(triton_chunk, "_GRAD_BK", 16)
+    monkeypatch.setattr(triton_chunk, "_GRAD_BK_FP32", 16)
+    monkeypatch.setattr(triton_utils, "WIDE_HEAD", 16)
+    monkeypatch.setattr(delta_rule_op, "RECURRENT_MAX_T", 0)
+    shape = dict(B=1, T=40, H=1, K=40, V=24, with_state=True, seed=5)
+    if gated:
+        harness.compare_backends(OP, "triton", decay="moderate", **shape)
+    else:
+        _compare_without_gate("triton", **shape)
+
+
 @pytest.mark.parametrize("T", [1, 65, 200])
 def test_torch_without_gate(T):
     _compare_without_gate("torch", T=T, with_state=True, seed=T)

@@ -10,8 +10,9 @@ S, b = chunk-local cumsum(g), gamma = exp(b) (derivation in :mod:`kernels.ops.de
 Forward kernels: ``_prep_fwd`` (per chunk: Ai, W, U~), ``_state_fwd`` (per head and V block: loop
 over chunks, stores each entering state and U), ``_output_fwd`` (per chunk and V block).
 Backward kernels: ``_state_bwd`` (reverse loop: the gradient of every leaving state and dU),
-``_grads_output_state`` and ``_grads_solve`` (per chunk: dq, dk, dv, dbeta, db; two kernels to keep
-the live tiles, and so shared memory, small); then dg = reverse chunk cumsum of db on the host.
+``_grads_output_state`` (per chunk and key block: dq, dk and db in part) and ``_grads_solve`` (per
+chunk: the rest of dk and db, dv, dbeta; two kernels to keep the live tiles, and so shared memory,
+small); then dg = reverse chunk cumsum of db on the host.
 """
 
 from __future__ import annotations
@@ -31,9 +32,13 @@ from kernels.ops.delta_rule._triton_utils import (
 _STATE_BV = 64  # V block of the state-passing kernels
 #: launch options of the backward kernels, which hold more live [BT, BK] / [BK, BV] tiles than 4 warps
 #: have registers for (sm_90, ``python -m kernels.compile_check``): at K = V = 64 4 warps spilled up to
-#: 504 bytes per thread, 8 warps at most 148; at K = V = 128 8 warps still spill 816 bytes in
-#: ``_grads_output_state`` (16 warps cap registers at 128 per thread and spill more)
+#: 504 bytes per thread, 8 warps at most 148 (16 warps cap registers at 128 per thread and spill more)
 _BWD_LAUNCH = dict(LAUNCH, num_warps=8)
+#: key block of ``_grads_output_state`` (one program per chunk and key block, holding [BK, V] blocks
+#: of S and dS): with whole keys K = V = 128 spilled 816 bytes per thread at 8 warps (sm_90, bf16);
+#: blocks of 32 spill at most 68, and 16 for the exact fp32 dots (which ptxas lowers to FMA) at most 20
+_GRAD_BK = 32
+_GRAD_BK_FP32 = 16
 
 
 @triton.jit
@@ -186,21 +191,24 @@ def _grads_output_state(q_ptr, k_ptr, bcum_ptr, u_ptr, states_ptr, dstates_ptr, 
                         T, H, K, V, Tp, NT,
                         GATED: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                         PREC: tl.constexpr):
-    """Per chunk, the output and state-update paths: dq, dk (part), db (part; b = chunk cumsum of g).
+    """Per chunk and key block of BK (values whole, BV >= V), the output and state-update paths:
+    that block's columns of dq and dk (part), and its share of db (b = chunk cumsum of g), stored
+    at ``db_ptr``'s row block ``i_k`` ([NK, B*H*Tp]; the host sums the key blocks).
 
     Terms whose decay exponent is exactly 0 (the scores' diagonal, the chunk's last step in the state
     update) are left out of db, so that they do not leave rounding noise in tiny decay gradients."""
-    i_n, i_bh = tl.program_id(0), tl.program_id(1)
+    i_n, i_bh, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = i_bh // H, i_bh % H
-    t0 = i_n * BT
+    t0, k0 = i_n * BT, i_k * BK
     row0 = i_bh * Tp + t0
+    srow = (i_bh * NT + i_n) * K + k0
     rows = tl.arange(0, BT)
-    q = load_rows(q_ptr, b, h, t0, T, H, K, 0, BT, BK)
-    k = load_rows(k_ptr, b, h, t0, T, H, K, 0, BT, BK)
+    q = load_rows(q_ptr, b, h, t0, T, H, K, k0, BT, BK)
+    k = load_rows(k_ptr, b, h, t0, T, H, K, k0, BT, BK)
     do = load_rows(do_ptr, b, h, t0, T, H, V, 0, BT, BV)
     u = load_tile(u_ptr, row0, BT, V, 0, BT, BV)
-    S = load_tile(states_ptr, (i_bh * NT + i_n) * K, K, V, 0, BK, BV)
-    dS = load_tile(dstates_ptr, (i_bh * NT + i_n) * K, K, V, 0, BK, BV)
+    S = load_tile(states_ptr, srow, K - k0, V, 0, BK, BV)
+    dS = load_tile(dstates_ptr, srow, K - k0, V, 0, BK, BV)
     if GATED:
         bc = tl.load(bcum_ptr + row0 + rows)
         b_last = tl.load(bcum_ptr + row0 + BT - 1)
@@ -221,10 +229,10 @@ def _grads_output_state(q_ptr, k_ptr, bcum_ptr, u_ptr, states_ptr, dstates_ptr, 
     db -= d_end
     db_last = tl.sum(d_end, 0) + tl.exp(b_last) * tl.sum(tl.sum(dS * S, 1), 0)
     db = tl.where(rows == BT - 1, db + db_last, db)
-    store_rows(dq_ptr, dq, b, h, t0, T, H, K, 0, BT, BK)
-    store_rows(dk_ptr, dk, b, h, t0, T, H, K, 0, BT, BK)
+    store_rows(dq_ptr, dq, b, h, t0, T, H, K, k0, BT, BK)
+    store_rows(dk_ptr, dk, b, h, t0, T, H, K, k0, BT, BK)
     if GATED:
-        tl.store(db_ptr + row0 + rows, db)
+        tl.store(db_ptr + i_k.to(tl.int64) * tl.num_programs(1) * Tp + row0 + rows, db)
 
 
 @triton.jit
@@ -343,10 +351,13 @@ class DeltaRuleChunkFunction(torch.autograd.Function):
         dk = torch.empty(B, T, H, K, **f32)
         dv = torch.empty(B, T, H, V, **f32)
         dbeta = torch.empty(B, T, H, **f32)
-        db = torch.empty(B, H, Tp, **f32) if gated else None
-        _grads_output_state[(NT, B * H)](
-            q, k, bc, u, states, dstates, do, dq, dk, db if gated else dbeta, ctx.scale, T, H, K, V, Tp, NT,
-            GATED=gated, BT=BT, BK=BK, BV=BV, PREC=prec, **_BWD_LAUNCH)
+        BKg = min(BK, _GRAD_BK_FP32 if prec == "ieee" else _GRAD_BK)
+        NKg = triton.cdiv(K, BKg)
+        db_parts = torch.empty(NKg, B, H, Tp, **f32) if gated else None
+        _grads_output_state[(NT, B * H, NKg)](
+            q, k, bc, u, states, dstates, do, dq, dk, db_parts if gated else dbeta, ctx.scale,
+            T, H, K, V, Tp, NT, GATED=gated, BT=BT, BK=BKg, BV=BV, PREC=prec, **_BWD_LAUNCH)
+        db = db_parts.sum(0) if gated else None
         _grads_solve[(NT, B * H)](
             k, v, beta, bc, ainv, w, ut, states, du, dk, dv, dbeta, db if gated else dbeta, T, H, K, V, Tp, NT,
             GATED=gated, BT=BT, BK=BK, BV=BV, PREC=prec, **_BWD_LAUNCH)
