@@ -248,16 +248,20 @@ _REGS = re.compile(r"Used (\d+) registers")
 _SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 _SMEM = re.compile(r"(\d+) bytes smem")
 _PTXAS = re.compile(r"^(ptxas[\w-]*) info", re.M)
+_PTXAS_TIME = re.compile(r"Compile time = ([\d.]+) ms")
 
 
 def parse_ptxas_log(log: str) -> Dict[str, Optional[int]]:
-    """Registers, spilled bytes (max of stores and loads) and static shared memory from ``ptxas -v``."""
+    """Registers, spilled bytes (max of stores and loads), static shared memory and ptxas's own
+    seconds (newer ptxas print them; else None) from ``ptxas -v``."""
     regs = _REGS.search(log)
     spills = [max(int(a), int(b)) for a, b in _SPILL.findall(log)]
     smem = _SMEM.search(log)
     tool = _PTXAS.search(log)
+    times = [float(ms) / 1000 for ms in _PTXAS_TIME.findall(log)]
     return {"regs": int(regs.group(1)) if regs else None, "spill": max(spills) if spills else None,
-            "static_smem": int(smem.group(1)) if smem else 0, "ptxas": tool.group(1) if tool else None}
+            "static_smem": int(smem.group(1)) if smem else 0, "ptxas": tool.group(1) if tool else None,
+            "ptxas_s": sum(times) if times else None}
 
 
 def compile_job(job: dict) -> dict:
@@ -283,7 +287,7 @@ def compile_job(job: dict) -> dict:
     info = parse_ptxas_log(log.getvalue())
     return {"status": "ok", "seconds": seconds, "shared": int(md.shared) + info["static_smem"],
             "regs": info["regs"], "spill": info["spill"], "num_warps": md.num_warps,
-            "num_stages": md.num_stages, "ptxas": info["ptxas"]}
+            "num_stages": md.num_stages, "ptxas": info["ptxas"], "ptxas_s": info["ptxas_s"]}
 
 
 def _worker_main() -> None:
@@ -408,7 +412,7 @@ def verdict(result: dict, arch: int) -> str:
 def table(items: List[Tuple[Job, int]], results: List[dict], fallbacks) -> List[str]:
     """Markdown table rows, one per compiled (launch, arch), then the PyTorch fallbacks."""
     head = ("| op | kernel | arch | dtype | head dim | call | constexprs | warps/stages | shared mem (limit) "
-            "| regs | spill B | compile s | result |")
+            "| regs | spill B | compile s | ptxas s | result |")
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for (job, arch), res in zip(items, results):
         case = job.cases[0]
@@ -418,10 +422,11 @@ def table(items: List[Tuple[Job, int]], results: List[dict], fallbacks) -> List[
                  f"{res['num_warps']}/{res['num_stages']}" if ok else "",
                  f"{res['shared']:,} ({SMEM_LIMIT[arch]:,})" if ok else "",
                  _opt(res.get("regs")), _opt(res.get("spill")), f"{res['seconds']:.1f}",
+                 "" if res.get("ptxas_s") is None else f"{res['ptxas_s']:.1f}",
                  verdict(res, arch) + ("" if ok else f": {res.get('error', '')}")]
         lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
     for case, why in fallbacks:
-        lines.append(f"| {case.op} | (none) | | {case.dtype} | {case.head} | {case.label} | | | | | | | "
+        lines.append(f"| {case.op} | (none) | | {case.dtype} | {case.head} | {case.label} | | | | | | | | "
                      f"falls back: {why.replace('|', '/')} |")
     return lines
 

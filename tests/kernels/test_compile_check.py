@@ -72,7 +72,10 @@ def test_parse_ptxas_log_and_verdicts():
            "    64 bytes stack frame, 40 bytes spill stores, 300 bytes spill loads\n"
            "ptxas info    : Used 255 registers, used 1 barriers, 16 bytes smem, 400 bytes cmem[0]\n")
     info = cc.parse_ptxas_log(log)
-    assert info == {"regs": 255, "spill": 300, "static_smem": 16, "ptxas": "ptxas"}
+    assert info == {"regs": 255, "spill": 300, "static_smem": 16, "ptxas": "ptxas", "ptxas_s": None}
+    log_39 = log.replace("ptxas ", "ptxas-blackwell ") + "ptxas-blackwell info    : Compile time = 1794.5 ms\n"
+    timed = cc.parse_ptxas_log(log_39)
+    assert timed["ptxas"] == "ptxas-blackwell" and timed["ptxas_s"] == pytest.approx(1.7945)
     ok = {"status": "ok", "shared": 1000, "spill": 0}
     assert cc.verdict(ok, 90) == "ok"
     assert cc.verdict(dict(ok, shared=cc.SMEM_LIMIT[80] + 1), 80) == "FAIL: shared memory"
