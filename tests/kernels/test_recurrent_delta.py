@@ -2,16 +2,19 @@
 
 Outputs, final states (S, y) and the gradients of every input (q, k, v, beta, r_q, r_k, r_v, r_b and
 the initial state) under a random cotangent; fp32 tight, bf16 loose; K != V; resuming from a state.
+Packed sequences (``cu_seqlens``, native on both fast paths): rows stopping between checkpoints.
 """
 
 import pytest
 import torch
 
 import kernels
-from kernels.ops.recurrent_delta import torch_loop
+from kernels.ops.recurrent_delta import BACKENDS, torch_loop
+from kernels.ops.recurrent_delta.step_rows import step_rows
 from tests.kernels.harness import (
-    assert_close, check_split, compare_backends, forward_backward, make_inputs, require_triton,
+    TOL, assert_close, check_split, compare_backends, device_for, forward_backward, make_inputs, require_triton,
 )
+from tests.kernels.varlen_cases import compare_packed
 
 OP = "recurrent_delta"
 
@@ -137,3 +140,56 @@ def test_triton_matches_reference_bf16(triton_backend):
 @pytest.mark.triton
 def test_triton_split_equals_one_pass(triton_backend):
     check_split(OP, "triton", split=3, T=7, with_state=True, **TRITON_SHAPE)
+
+
+# ------------------------------------------------------------------- packed sequences (cu_seqlens)
+#: unsorted lengths with empty and length-1 sequences; with 5-step checkpoints the rows stop at
+#: different steps, between checkpoints and on them (the generic cases are in test_varlen.py)
+PACKED = (7, 0, 23, 1, 12, 5, 0, 16)
+
+
+def test_step_rows_layout():
+    """Rows sorted longest first; step t holds the rows of the sequences longer than t; the
+    time-major <-> packed maps are inverse; prev/last point at the previous step and the last step."""
+    rows = step_rows(1, 8, 2, [0, 3, 3, 8], "cpu")  # lengths 3, 0, 5
+    assert rows.order.tolist() == [2, 0, 1] and rows.unorder.tolist() == [1, 2, 0]
+    assert rows.counts == [4, 4, 4, 2, 2]
+    assert rows.gather.tolist() == [3, 0, 4, 1, 5, 2, 6, 7]
+    assert torch.equal(rows.gather[rows.scatter], torch.arange(8))
+    assert rows.prev.tolist() == [0, 1, 3, 4, 5, 6, 7, 9]  # t = 0: the initial state (sorted position)
+    assert rows.last.tolist() == [10, 8, 2]  # empty sequence: its initial state
+
+
+def test_native_backends_are_marked_varlen():
+    assert BACKENDS["torch"]().varlen and not hasattr(BACKENDS["reference"](), "varlen")
+
+
+@pytest.mark.parametrize("with_state", [False, True])
+def test_torch_packed_across_checkpoints(monkeypatch, with_state):
+    monkeypatch.setattr(torch_loop, "CHECKPOINT", 5)
+    compare_packed(OP, "torch", TOL[torch.float32], lengths=PACKED, with_state=with_state, H=3, K=6, V=9)
+
+
+def test_torch_packed_bf16():
+    compare_packed(OP, "torch", TOL[torch.bfloat16], dtype=torch.bfloat16, lengths=PACKED, with_state=True,
+                   H=2, K=8, V=6)
+
+
+def test_torch_one_sequence_is_the_plain_call():
+    args, state = make_inputs(OP, B=1, T=37, with_state=True, H=2, K=5, V=4)
+    with torch.no_grad():
+        o, s = kernels.recurrent_delta(**args, initial_state=state, output_final_state=True,
+                                       cu_seqlens=torch.tensor([0, 37]), backend="torch")
+        o1, s1 = kernels.recurrent_delta(**args, initial_state=state, output_final_state=True, backend="torch")
+    assert torch.equal(o, o1) and all(torch.equal(a, b) for a, b in zip(s, s1))
+
+
+@pytest.mark.triton
+def test_triton_packed_across_checkpoints(triton_backend, monkeypatch):
+    """One program per (sequence, head) from its first step; checkpoints in per-sequence slots."""
+    from kernels.ops.recurrent_delta import triton_loop
+
+    assert BACKENDS["triton"]().varlen
+    monkeypatch.setattr(triton_loop, "CHECKPOINT", 4)
+    compare_packed(OP, "triton", TOL[torch.float32], lengths=(5, 0, 9, 1, 3), with_state=True,
+                   device=device_for("triton"), H=2, K=16, V=8)

@@ -2,17 +2,19 @@
 
 Outputs, the four final weight matrices and the gradients of x and of the initial weights (shared
 [H, ...] parameters: summed over the batch; batched [B, H, ...]; or the initial_state tuple) under a
-random cotangent; fp32 tight, bf16 loose; V != D; resuming from a state.
+random cotangent; fp32 tight, bf16 loose; V != D; resuming from a state. Packed sequences
+(``cu_seqlens``, native on both fast paths): rows stopping between checkpoints, shared or per-sequence weights.
 """
 
 import pytest
 import torch
 
 import kernels
-from kernels.ops.srwm import torch_loop
+from kernels.ops.srwm import BACKENDS, torch_loop
 from tests.kernels.harness import (
-    assert_close, check_split, compare_backends, forward_backward, make_inputs, require_triton,
+    TOL, assert_close, check_split, compare_backends, device_for, forward_backward, make_inputs, require_triton,
 )
+from tests.kernels.varlen_cases import compare_packed
 
 OP = "srwm"
 WEIGHTS = ("w_y", "w_q", "w_k", "w_b")
@@ -165,3 +167,43 @@ def test_triton_matches_reference_bf16(triton_backend):
 @pytest.mark.triton
 def test_triton_split_equals_one_pass(triton_backend):
     check_split(OP, "triton", split=3, T=7, **TRITON_SHAPE)
+
+
+# ------------------------------------------------------------------- packed sequences (cu_seqlens)
+#: unsorted lengths with empty and length-1 sequences; with 5-step checkpoints the rows stop at
+#: different steps, between checkpoints and on them (the generic cases are in test_varlen.py)
+PACKED = (7, 0, 23, 1, 12, 5, 0, 16)
+
+
+@pytest.mark.parametrize("case", ["shared", "per_sequence", "state"])
+def test_torch_packed_across_checkpoints(monkeypatch, case):
+    """Shared [H, ...] weights start every sequence (gradient summed over them), [N, ...] weights or
+    an initial_state one set per sequence."""
+    monkeypatch.setattr(torch_loop, "CHECKPOINT", 5)
+    assert BACKENDS["torch"]().varlen
+    compare_packed(OP, "torch", TOL[torch.float32], lengths=PACKED, with_state=case == "state",
+                   per_sequence_weights=case == "per_sequence", H=3, K=7, V=4)
+
+
+def test_torch_packed_bf16():
+    compare_packed(OP, "torch", TOL[torch.bfloat16], dtype=torch.bfloat16, lengths=PACKED, H=2, K=8, V=6)
+
+
+def test_torch_one_sequence_is_the_plain_call():
+    args, _ = make_inputs(OP, B=1, T=37, H=2, K=5, V=4)
+    with torch.no_grad():
+        o, s = kernels.srwm(**args, output_final_state=True, cu_seqlens=torch.tensor([0, 37]), backend="torch")
+        o1, s1 = kernels.srwm(**args, output_final_state=True, backend="torch")
+    assert torch.equal(o, o1) and all(torch.equal(a, b) for a, b in zip(s, s1))
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("per_sequence", [False, True])
+def test_triton_packed_across_checkpoints(triton_backend, monkeypatch, per_sequence):
+    """One program per (sequence, head) from its first step; checkpoints in per-sequence slots."""
+    from kernels.ops.srwm import triton_loop
+
+    assert BACKENDS["triton"]().varlen
+    monkeypatch.setattr(triton_loop, "CHECKPOINT", 4)
+    compare_packed(OP, "triton", TOL[torch.float32], lengths=(5, 0, 9, 1, 3), per_sequence_weights=per_sequence,
+                   device=device_for("triton"), H=2, K=16, V=8)

@@ -25,6 +25,12 @@ steps at once from the saved ``y_{t-1}``. Adjoint of step t (``dS`` = dL/dS_t, `
 
 ``dz`` is the gradient of the input parts (q, k, v, beta); ``dR = sum_{t, batch} dz_t r_t^T`` is one
 matmul after the loop.
+
+Rows and packed sequences: the rows are sorted by sequence length and the steps stored time-major,
+step t holding only the rows still running (:mod:`kernels.ops.recurrent_delta.step_rows`), so with
+``cu_seqlens`` the N sequences run as N rows of the same loop: a row past its length is left alone in
+both directions (its state stays its final state; the final state's gradient enters at its last
+step), its initial state enters at its first step. Without ``cu_seqlens`` every row has length T.
 """
 
 from __future__ import annotations
@@ -34,21 +40,16 @@ from typing import Optional, Tuple
 import torch
 from torch.autograd.function import once_differentiable
 
+from kernels.ops.recurrent_delta.step_rows import StepRows, step_rows
+
 #: steps between saved states in the forward (the backward resets its rebuilt state there)
 CHECKPOINT = 64
 
 
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    """[B, T, H, n] -> fp32 [T, B*H, 1, n] (read only: may be a view of x)."""
-    B, T, H, n = x.shape
-    return x.float().transpose(0, 1).reshape(T, B * H, 1, n)
-
-
-def _stack_inputs(q, k, v, beta) -> torch.Tensor:
-    """The input parts as one fp32 [T, N, 1, F] tensor, F = 2K + V + 1."""
-    B, T, H, _ = q.shape
+def _stack_inputs(q, k, v, beta, rows: StepRows) -> torch.Tensor:
+    """The input parts as fp32 time-major rows [steps H, 1, F], F = 2K + V + 1."""
     x = torch.cat([q.float(), k.float(), v.float(), beta.float().unsqueeze(-1)], -1)
-    return x.transpose(0, 1).reshape(T, B * H, 1, x.shape[-1])
+    return rows.to_steps(x)
 
 
 def _stack_recurrent(r_q, r_k, r_v, r_b) -> torch.Tensor:
@@ -61,125 +62,130 @@ def _per_row(R: torch.Tensor, B: int) -> torch.Tensor:
     return R.unsqueeze(0).expand(B, *R.shape).reshape(B * R.shape[0], *R.shape[1:])
 
 
-def _forward(X: torch.Tensor, RT: torch.Tensor, S: torch.Tensor, y: torch.Tensor, K: int):
+def _forward(X: torch.Tensor, RT: torch.Tensor, S: torch.Tensor, y: torch.Tensor, K: int, counts):
     """Run the recurrence in place on ``S`` [N, K, V]; ``y`` [N, 1, V] is the previous output,
-    ``RT`` [N, V, F] is ``R^T`` per row.
+    ``RT`` [N, V, F] is ``R^T`` per row; step t updates the rows ``[:counts[t]]`` (see ``step_rows``).
 
-    Returns Y [T, N, 1, V] (all outputs), U [T, N, 1, V] (all ``u_t``) and the checkpoints
-    [ceil(T / CHECKPOINT), N, K, V] (``S`` before steps 0, CHECKPOINT, ...).
+    Returns Y [steps, 1, V] (all outputs), U [steps, 1, V] (all ``u_t``) and the checkpoints
+    [ceil(len(counts) / CHECKPOINT), N, K, V] (``S`` before steps 0, CHECKPOINT, ...; active rows).
     """
-    T, N, _, F = X.shape
-    V = S.shape[-1]
-    Y = X.new_empty(T, N, 1, V)
-    U = X.new_empty(T, N, 1, V)
-    ckpt = X.new_empty((T + CHECKPOINT - 1) // CHECKPOINT, N, K, V)
+    F = X.shape[-1]
+    N, _, V = S.shape
+    Y = X.new_empty(X.shape[0], 1, V)
+    U = X.new_empty(X.shape[0], 1, V)
+    ckpt = X.new_empty((len(counts) + CHECKPOINT - 1) // CHECKPOINT, N, K, V)
     bmm, baddbmm, tanh, softmax, sigmoid, mul, sub = (
         torch.bmm, torch.baddbmm, torch.tanh, torch.softmax, torch.sigmoid, torch.mul, torch.sub)
     K2, KV = 2 * K, 2 * K + V
-    for t, (x_t, u, y_out) in enumerate(zip(X.unbind(0), U.unbind(0), Y.unbind(0))):
+    for t, (n, x_t, u, y_out) in enumerate(zip(counts, X.split(counts), U.split(counts), Y.split(counts))):
+        S_n = S if n == N else S[:n]
         if t % CHECKPOINT == 0:
-            ckpt[t // CHECKPOINT].copy_(S)
-        z = baddbmm(x_t, tanh(y), RT)
-        p = softmax(z[:, :, :K2].view(N, 2, K), -1)
+            ckpt[t // CHECKPOINT, :n].copy_(S_n)
+        z = baddbmm(x_t, tanh(y if y.shape[0] == n else y[:n]), RT if n == N else RT[:n])
+        p = softmax(z[:, :, :K2].view(n, 2, K), -1)
         ks = p[:, 1:]
-        mul(sub(z[:, :, K2:KV], bmm(ks, S)), sigmoid(z[:, :, KV:]), out=u)
-        S.baddbmm_(ks.transpose(1, 2), u)
-        y = bmm(p[:, :1], S, out=y_out)
+        mul(sub(z[:, :, K2:KV], bmm(ks, S_n)), sigmoid(z[:, :, KV:]), out=u)
+        S_n.baddbmm_(ks.transpose(1, 2), u)
+        y = bmm(p[:, :1], S_n, out=y_out)
     return Y, U, ckpt
 
 
-def _backward(X, R, Y, U, ckpt, y0, S_T, dY, dS, dy, K: int):
-    """Reverse-time adjoint loop (``R`` [H, F, V]). Returns dZ [T, N, 1, F], dS_0 [N, K, V],
-    dy_0 [N, 1, V] and r [T, N, 1, V] (the ``tanh(y_{t-1})`` of every step)."""
-    T, N, _, F = X.shape
-    V = S_T.shape[-1]
+def _backward(X, R, Y, U, ckpt, y0, S_T, dY, dS, dy, K: int, rows: StepRows):
+    """Reverse-time adjoint loop (``R`` [H, F, V]) over the rows of ``rows.counts``. Returns
+    dZ [steps, 1, F], dS_0 [N, K, V], dy_0 [N, 1, V] and r [steps, 1, V] (``tanh(y_{t-1})`` per step)."""
+    counts = rows.counts
+    T = len(counts)
+    F = X.shape[-1]
+    N, _, V = S_T.shape
     H = R.shape[0]
-    B = N // H
-    r = torch.tanh(torch.cat([y0.unsqueeze(0), Y[:-1]], 0))
-    Z = X + torch.einsum("tbhv,hfv->tbhf", r.view(T, B, H, V), R).reshape(T, N, 1, F)
-    P = torch.softmax(Z[..., : 2 * K].reshape(T, N, 2, K), -1)
+    r = torch.tanh(torch.cat([y0, Y], 0).index_select(0, rows.expand(rows.prev)))
+    Z = X + torch.einsum("jhv,hfv->jhf", r.view(-1, H, V), R).reshape(-1, 1, F)
+    P = torch.softmax(Z[..., : 2 * K].reshape(-1, 2, K), -1)
     b = torch.sigmoid(Z[..., F - 1:])
-    one_minus_b = (1.0 - b).unbind(0)
-    one_minus_r2 = (1.0 - r * r).unbind(0)
-    b = b.unbind(0)
-    q_col = P[:, :, 0].unsqueeze(-1).unbind(0)  # [N, K, 1] each
-    k_col = P[:, :, 1].unsqueeze(-1).unbind(0)
-    k_row = P[:, :, 1:].unbind(0)  # [N, 1, K]
-    u_row, u_col = U.unbind(0), U.transpose(2, 3).unbind(0)
-    P = P.unbind(0)
-    dY = [None] * T if dY is None else dY.unbind(0)
-    R = _per_row(R, B)
+    one_minus_b = (1.0 - b).split(counts)
+    one_minus_r2 = (1.0 - r * r).split(counts)
+    b = b.split(counts)
+    q_col = P[:, 0].unsqueeze(-1).split(counts)  # [n, K, 1] each
+    k_col = P[:, 1].unsqueeze(-1).split(counts)
+    k_row = P[:, 1:].split(counts)  # [n, 1, K]
+    u_row, u_col = U.split(counts), U.transpose(1, 2).split(counts)
+    P = P.split(counts)
+    dY = [None] * T if dY is None else dY.split(counts)
+    R = _per_row(R, N // H)
     S = S_T.clone()
-    St, dSt = S.transpose(1, 2), dS.transpose(1, 2)
     if dy is None:
         dy = torch.zeros_like(y0)
     bmm, cat = torch.bmm, torch.cat
     dz_steps = []
     for t in range(T - 1, -1, -1):
+        n = counts[t]
         p, u = P[t], u_row[t]
-        if dY[t] is not None:
-            dy = dy + dY[t]
-        dS.baddbmm_(q_col[t], dy)
-        dq = bmm(dy, St)  # S_t dy
+        S_n, dS_n = S[:n], dS[:n]
+        St, dSt = S_n.transpose(1, 2), dS_n.transpose(1, 2)
+        dy_n = dy[:n] if dY[t] is None else dy[:n] + dY[t]
+        dS_n.baddbmm_(q_col[t], dy_n)
+        dq = bmm(dy_n, St)  # S_t dy
         if t % CHECKPOINT == 0:
-            S.copy_(ckpt[t // CHECKPOINT])
+            S_n.copy_(ckpt[t // CHECKPOINT, :n])
         else:
-            S.baddbmm_(k_col[t], u, alpha=-1.0)  # S_{t-1}
-        du = bmm(k_row[t], dS)
+            S_n.baddbmm_(k_col[t], u, alpha=-1.0)  # S_{t-1}
+        du = bmm(k_row[t], dS_n)
         dv = du * b[t]
         dk = bmm(u, dSt).baddbmm_(dv, St, alpha=-1.0)  # dS u - S_{t-1} dv
-        dS.baddbmm_(k_col[t], dv, alpha=-1.0)
+        dS_n.baddbmm_(k_col[t], dv, alpha=-1.0)
         pg = p * cat([dq, dk], 1)
-        dz = cat([(pg - p * pg.sum(-1, keepdim=True)).view(N, 1, 2 * K), dv,
+        dz = cat([(pg - p * pg.sum(-1, keepdim=True)).view(n, 1, 2 * K), dv,
                   bmm(du, u_col[t]) * one_minus_b[t]], -1)
         dz_steps.append(dz)
-        dy = bmm(dz, R) * one_minus_r2[t]
-    return torch.stack(dz_steps[::-1], 0), dS, dy, r
+        torch.mul(bmm(dz, R[:n]), one_minus_r2[t], out=dy[:n])
+    return torch.cat(dz_steps[::-1], 0), dS, dy, r
 
 
 class RecurrentDeltaLoop(torch.autograd.Function):
     """Autograd wrapper of the fused loop; see the module docstring for the equations."""
 
     @staticmethod
-    def forward(ctx, q, k, v, beta, r_q, r_k, r_v, r_b, S0, y0):
-        B, T, H, K = q.shape
+    def forward(ctx, q, k, v, beta, r_q, r_k, r_v, r_b, S0, y0, rows: StepRows):
+        K = q.shape[-1]
         V = v.shape[-1]
-        N = B * H
+        N, H = rows.n * rows.H, rows.H
         with torch.no_grad():
-            X = _stack_inputs(q, k, v, beta)
-            RT = _per_row(_stack_recurrent(r_q, r_k, r_v, r_b).transpose(1, 2), B)
-            S_final = (q.new_zeros(B, H, K, V, dtype=torch.float32) if S0 is None
-                       else S0.float().clone(memory_format=torch.contiguous_format))
-            S = S_final.view(N, K, V)
+            X = _stack_inputs(q, k, v, beta, rows)
+            RT = _per_row(_stack_recurrent(r_q, r_k, r_v, r_b).transpose(1, 2), rows.n)
+            S = (q.new_zeros(N, K, V, dtype=torch.float32) if S0 is None
+                 else rows.sort_state(S0.float()).clone(memory_format=torch.contiguous_format))
             y_init = (q.new_zeros(N, 1, V, dtype=torch.float32) if y0 is None
-                      else y0.float().reshape(N, 1, V).clone())
-            Y, U, ckpt = _forward(X, RT, S, y_init, K)
-            o = Y.view(T, B, H, V).transpose(0, 1).to(q.dtype, memory_format=torch.contiguous_format)
-            y_T = Y[-1].view(B, H, V).clone() if T > 0 else y_init.view(B, H, V)
-        ctx.save_for_backward(q, k, v, beta, r_q, r_k, r_v, r_b, Y, U, ckpt, y_init, S_final)
+                      else rows.sort_state(y0.float()).reshape(N, 1, V).clone())
+            Y, U, ckpt = _forward(X, RT, S, y_init, K, rows.counts)
+            o = rows.to_packed(Y, (*q.shape[:-1], V)).to(q.dtype)
+            y_T = torch.cat([y_init, Y], 0).index_select(0, rows.expand(rows.last))
+            S_final, y_final = rows.unsort_state(S), rows.unsort_state(y_T.view(N, V))
+        ctx.save_for_backward(q, k, v, beta, r_q, r_k, r_v, r_b, Y, U, ckpt, y_init, S)
+        ctx.rows = rows
         ctx.has_state = (S0 is not None, y0 is not None)
         ctx.set_materialize_grads(False)
-        return o, S_final, y_T
+        return o, S_final, y_final
 
     @staticmethod
     @once_differentiable
     def backward(ctx, do, dS_T, dy_T):
         q, k, v, beta, r_q, r_k, r_v, r_b, Y, U, ckpt, y0, S_T = ctx.saved_tensors
-        B, T, H, K = q.shape
+        rows = ctx.rows
+        K = q.shape[-1]
         V = v.shape[-1]
-        N = B * H
-        X = _stack_inputs(q, k, v, beta)
-        R = _stack_recurrent(r_q, r_k, r_v, r_b)
-        dS = (X.new_zeros(N, K, V) if dS_T is None else dS_T.float().reshape(N, K, V).clone())
-        dy = None if dy_T is None else dy_T.float().reshape(N, 1, V)
-        dY = None if do is None else _rows(do)
-        if T == 0:
-            dy = X.new_zeros(N, 1, V) if dy is None else dy
+        N, H = rows.n * rows.H, rows.H
+        dS = (S_T.new_zeros(N, K, V) if dS_T is None else rows.sort_state(dS_T.float()).clone())
+        dy = None if dy_T is None else rows.sort_state(dy_T.float()).reshape(N, 1, V).clone()
+        if rows.steps == 0:
+            dy = S_T.new_zeros(N, 1, V) if dy is None else dy
             grads_in = [torch.zeros_like(x) for x in (q, k, v, beta, r_q, r_k, r_v, r_b)]
         else:
-            dZ, dS, dy, r = _backward(X, R, Y, U, ckpt, y0, S_T.reshape(N, K, V), dY, dS, dy, K)
-            dX = dZ.view(T, B, H, -1).transpose(0, 1)
-            dR = torch.einsum("tbhf,tbhv->hfv", dZ.view(T, B, H, -1), r.view(T, B, H, V))
+            X = _stack_inputs(q, k, v, beta, rows)
+            R = _stack_recurrent(r_q, r_k, r_v, r_b)
+            dY = None if do is None else rows.to_steps(do)
+            dZ, dS, dy, r = _backward(X, R, Y, U, ckpt, y0, S_T, dY, dS, dy, K, rows)
+            dX = rows.to_packed(dZ, (*q.shape[:-1], -1))
+            dR = torch.einsum("jhf,jhv->hfv", dZ.view(-1, H, dZ.shape[-1]), r.view(-1, H, V))
             grads_in = [
                 dX[..., :K].to(q.dtype), dX[..., K: 2 * K].to(k.dtype),
                 dX[..., 2 * K: 2 * K + V].to(v.dtype), dX[..., -1].to(beta.dtype),
@@ -187,8 +193,8 @@ class RecurrentDeltaLoop(torch.autograd.Function):
                 dR[:, 2 * K: 2 * K + V].to(r_v.dtype), dR[:, -1].to(r_b.dtype),
             ]
         has_S0, has_y0 = ctx.has_state
-        return (*grads_in, dS.view(B, H, K, V) if has_S0 else None,
-                dy.view(B, H, V) if has_y0 else None)
+        return (*grads_in, rows.unsort_state(dS) if has_S0 else None,
+                rows.unsort_state(dy.view(N, V)) if has_y0 else None, None)
 
 
 def recurrent_delta_torch(
@@ -202,8 +208,20 @@ def recurrent_delta_torch(
     r_b: torch.Tensor,
     initial_state: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
     output_final_state: bool = False,
+    cu_seqlens: Optional[torch.Tensor] = None,
 ):
-    """Same contract as :func:`recurrent_delta_reference`; state (S [B,H,K,V], y [B,H,V]) in fp32."""
+    """Same contract as :func:`recurrent_delta_reference`; state (S [B,H,K,V], y [B,H,V]) in fp32.
+
+    With ``cu_seqlens`` [N+1] (B = 1) the N sequences run as N rows of one batched loop (sorted by
+    length, see :mod:`~kernels.ops.recurrent_delta.step_rows`); states are [N, ...]. Reads
+    ``cu_seqlens`` on the host.
+    """
+    B, T, H, _ = q.shape
+    offsets = None if cu_seqlens is None else cu_seqlens.tolist()
+    rows = step_rows(B, T, H, offsets, q.device)
     S0, y0 = (None, None) if initial_state is None else initial_state
-    o, S, y = RecurrentDeltaLoop.apply(q, k, v, beta, r_q, r_k, r_v, r_b, S0, y0)
+    o, S, y = RecurrentDeltaLoop.apply(q, k, v, beta, r_q, r_k, r_v, r_b, S0, y0, rows)
     return o, ((S, y) if output_final_state else None)
+
+
+recurrent_delta_torch.varlen = True

@@ -14,7 +14,13 @@ It writes ``y_t`` (fp32) and ``u_t`` per step, ``S`` every ``CHECKPOINT`` steps 
 recomputes ``q, k, v, b`` from the saved ``y_{t-1}``, rebuilds ``S_{t-1} = S_t - k u^T`` (reset to
 the saved checkpoint every ``CHECKPOINT`` steps) and applies the adjoint equations documented in
 :mod:`kernels.ops.recurrent_delta.torch_loop`, writing the gradients of the four input parts per
-step and of the initial state at the end. ``dR = sum dz r^T`` is one matmul in PyTorch afterwards.
+step, ``r_t = tanh(y_{t-1})`` per step and the initial state's gradient at the end.
+``dR = sum dz r^T`` is one matmul in PyTorch afterwards.
+
+With ``cu_seqlens`` a program is one (sequence, head) of the packed input (B = 1): it starts at the
+sequence's first step ``cu[n]``, walks its ``L = cu[n+1] - cu[n]`` steps only (no step of another
+sequence is touched, a zero-length sequence passes its state through) and keeps its checkpoints in a
+per-sequence slot (:func:`sequence_span`); one launch for all sequences, no host sync.
 """
 
 from __future__ import annotations
@@ -50,15 +56,36 @@ def masked_softmax(z, ok):
 
 
 @triton.jit
+def sequence_span(cu_ptr, ckoff_ptr, pid64, H, T, NC, CHECKPOINT: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """(first step ``bos``, length ``L``, first checkpoint row) of program ``pid64`` = (sequence, head).
+
+    Without ``cu_seqlens`` sequence b is steps [b T, b T + T) with NC checkpoints per program; with it,
+    steps [cu[n], cu[n+1]) and ceil(L / CHECKPOINT) checkpoints per program, sequence n's H programs
+    starting at row ``H ckoff[n]`` (``ckoff`` = exclusive cumulative sum of the per-sequence counts).
+    """
+    i_n = pid64 // H
+    if IS_VARLEN:
+        bos = tl.load(cu_ptr + i_n).to(tl.int64)
+        L = (tl.load(cu_ptr + i_n + 1).to(tl.int64) - bos).to(tl.int32)
+        ck_row = tl.load(ckoff_ptr + i_n).to(tl.int64) * H + (pid64 % H) * ((L + CHECKPOINT - 1) // CHECKPOINT)
+    else:
+        bos = i_n * T
+        L = T
+        ck_row = pid64 * NC
+    return bos, L, ck_row
+
+
+@triton.jit
 def _rdn_fwd_kernel(
     q_ptr, k_ptr, v_ptr, beta_ptr, rq_ptr, rk_ptr, rv_ptr, rb_ptr, s0_ptr, y0_ptr,
-    y_ptr, u_ptr, ck_ptr, sT_ptr,
+    y_ptr, u_ptr, ck_ptr, sT_ptr, yT_ptr, cu_ptr, ckoff_ptr,
     T, H, K, V, NC,
-    CHECKPOINT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    CHECKPOINT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     pid = tl.program_id(0)
     i_h = pid % H
     pid64 = pid.to(tl.int64)
+    bos, L, ck_row = sequence_span(cu_ptr, ckoff_ptr, pid64, H, T, NC, CHECKPOINT, IS_VARLEN)
     ik = tl.arange(0, BK)
     iv = tl.arange(0, BV)
     ok_k = ik < K
@@ -73,15 +100,15 @@ def _rdn_fwd_kernel(
     rb_ptr += i_h * V
     S = tl.load(s0_ptr + pid64 * K * V + kv, mask=ok_kv, other=0.0)
     y = tl.load(y0_ptr + pid64 * V + iv, mask=ok_v, other=0.0)
-    # pointers at step 0 of this (batch, head); [B, T, H, n] layout
-    q_ptr += (pid64 // H) * T * H * K + i_h * K
-    k_ptr += (pid64 // H) * T * H * K + i_h * K
-    v_ptr += (pid64 // H) * T * H * V + i_h * V
-    beta_ptr += (pid64 // H) * T * H + i_h
-    y_ptr += (pid64 // H) * T * H * V + i_h * V
-    u_ptr += (pid64 // H) * T * H * V + i_h * V
-    ck_ptr += pid64 * NC * K * V
-    for t in range(0, T):
+    # pointers at step 0 of this (sequence, head); [B, T, H, n] layout
+    q_ptr += bos * H * K + i_h * K
+    k_ptr += bos * H * K + i_h * K
+    v_ptr += bos * H * V + i_h * V
+    beta_ptr += bos * H + i_h
+    y_ptr += bos * H * V + i_h * V
+    u_ptr += bos * H * V + i_h * V
+    ck_ptr += ck_row * K * V
+    for t in range(0, L):
         tl.store(ck_ptr + (t // CHECKPOINT) * K * V + kv, S, mask=ok_kv & (kv * 0 + t % CHECKPOINT == 0))
         r = tanh_fp32(y)
         zq = tl.load(q_ptr + ik, mask=ok_k, other=0.0).to(tl.float32) + tl.sum(
@@ -106,19 +133,21 @@ def _rdn_fwd_kernel(
         y_ptr += H * V
         u_ptr += H * V
     tl.store(sT_ptr + pid64 * K * V + kv, S, mask=ok_kv)
+    tl.store(yT_ptr + pid64 * V + iv, y, mask=ok_v)
 
 
 @triton.jit
 def _rdn_bwd_kernel(
     q_ptr, k_ptr, v_ptr, beta_ptr, rq_ptr, rk_ptr, rv_ptr, rb_ptr, y0_ptr,
     y_ptr, u_ptr, ck_ptr, sT_ptr, do_ptr, dsT_ptr, dyT_ptr,
-    dq_ptr, dk_ptr, dv_ptr, dbeta_ptr, ds0_ptr, dy0_ptr,
+    dq_ptr, dk_ptr, dv_ptr, dbeta_ptr, ds0_ptr, dy0_ptr, r_ptr, cu_ptr, ckoff_ptr,
     T, H, K, V, NC,
-    CHECKPOINT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    CHECKPOINT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     pid = tl.program_id(0)
     i_h = pid % H
     pid64 = pid.to(tl.int64)
+    bos, L, ck_row = sequence_span(cu_ptr, ckoff_ptr, pid64, H, T, NC, CHECKPOINT, IS_VARLEN)
     ik = tl.arange(0, BK)
     iv = tl.arange(0, BV)
     ok_k = ik < K
@@ -135,9 +164,9 @@ def _rdn_bwd_kernel(
     dS = tl.load(dsT_ptr + pid64 * K * V + kv, mask=ok_kv, other=0.0)
     dy_next = tl.load(dyT_ptr + pid64 * V + iv, mask=ok_v, other=0.0)
     y0 = tl.load(y0_ptr + pid64 * V + iv, mask=ok_v, other=0.0)
-    # pointers at step T - 1 of this (batch, head); [B, T, H, n] layout
-    last = T - 1
-    row = (pid64 // H) * T + last
+    # pointers at step L - 1 of this (sequence, head); [B, T, H, n] layout
+    last = L - 1
+    row = bos + last
     base_k = row * H * K + i_h * K
     base_v = row * H * V + i_h * V
     base_1 = row * H + i_h
@@ -150,16 +179,18 @@ def _rdn_bwd_kernel(
     u_ptr += base_v
     do_ptr += base_v
     dv_ptr += base_v
+    r_ptr += base_v
     beta_ptr += base_1
     dbeta_ptr += base_1
-    ck_ptr += pid64 * NC * K * V
-    for i in range(0, T):
+    ck_ptr += ck_row * K * V
+    for i in range(0, L):
         t = last - i
         # recompute the step's activations from y_{t-1}
         # (a scalar condition is widened to a vector mask: the 3.9 interpreter rejects bool & scalar)
         y_prev = (tl.load(y_ptr - H * V + iv, mask=ok_v & (iv * 0 + t > 0), other=0.0)
                   + tl.where(t == 0, y0, 0.0))
         r = tanh_fp32(y_prev)
+        tl.store(r_ptr + iv, r, mask=ok_v)
         qs = masked_softmax(tl.load(q_ptr + ik, mask=ok_k, other=0.0).to(tl.float32) + tl.sum(
             tl.load(rq_ptr + kv, mask=ok_kv, other=0.0) * r[None, :], 1), ok_k)
         ks = masked_softmax(tl.load(k_ptr + ik, mask=ok_k, other=0.0).to(tl.float32) + tl.sum(
@@ -203,6 +234,7 @@ def _rdn_bwd_kernel(
         u_ptr -= H * V
         do_ptr -= H * V
         dv_ptr -= H * V
+        r_ptr -= H * V
         beta_ptr -= H
         dbeta_ptr -= H
     tl.store(ds0_ptr + pid64 * K * V + kv, dS, mask=ok_kv)
@@ -220,40 +252,63 @@ def _blocks(K: int, V: int) -> Tuple[int, int, int]:
     return BK, BV, num_warps_for(max(BK, BV) * BV)
 
 
+def checkpoint_layout(cu_seqlens: Optional[torch.Tensor], B: int, T: int, H: int, checkpoint: int, dummy):
+    """(cu_seqlens, per-sequence checkpoint offsets, checkpoint rows to allocate, NC) for the kernels.
+
+    Without ``cu_seqlens``: NC = ceil(T / checkpoint) per program (``dummy`` for the unused pointers).
+    With it: sequence n keeps ceil(L_n / checkpoint) per head from row ``H ckoff[n]``; the buffer has room
+    for ``H floor((T + N (checkpoint - 1)) / checkpoint)`` >= H sum_n ceil(L_n / checkpoint) rows (no host sync).
+    """
+    if cu_seqlens is None:
+        NC = (T + checkpoint - 1) // checkpoint
+        return dummy, dummy, B * H * NC, NC
+    N = cu_seqlens.numel() - 1
+    per_seq = (cu_seqlens[1:] - cu_seqlens[:-1] + checkpoint - 1) // checkpoint
+    ckoff = (torch.cumsum(per_seq, 0) - per_seq).to(torch.int64)
+    return cu_seqlens.contiguous(), ckoff, H * ((T + N * (checkpoint - 1)) // checkpoint), 0
+
+
 class RecurrentDeltaTriton(torch.autograd.Function):
-    """Autograd wrapper of the two kernels (fp32 state, gradients in the inputs' dtypes)."""
+    """Autograd wrapper of the two kernels (fp32 state, gradients in the inputs' dtypes).
+
+    With ``cu_seqlens`` one program per (sequence, head) walks that sequence's steps of the packed input
+    (B = 1); the states are per sequence ([N, ...])."""
 
     @staticmethod
-    def forward(ctx, q, k, v, beta, r_q, r_k, r_v, r_b, S0, y0):
+    def forward(ctx, q, k, v, beta, r_q, r_k, r_v, r_b, S0, y0, cu_seqlens):
         B, T, H, K = q.shape
         V = v.shape[-1]
+        N = B if cu_seqlens is None else cu_seqlens.numel() - 1
         dev = q.device
         q_c, k_c, v_c, beta_c = (x.contiguous() for x in (q, k, v, beta))
         R = [x.float().contiguous() for x in (r_q, r_k, r_v, r_b)]
-        S0_ = (torch.zeros(B, H, K, V, device=dev) if S0 is None else S0.float().contiguous())
-        y0_ = (torch.zeros(B, H, V, device=dev) if y0 is None else y0.float().contiguous())
+        S0_ = (torch.zeros(N, H, K, V, device=dev) if S0 is None else S0.float().contiguous())
+        y0_ = (torch.zeros(N, H, V, device=dev) if y0 is None else y0.float().contiguous())
         Y = torch.empty(B, T, H, V, device=dev)
         U = torch.empty(B, T, H, V, device=dev)
-        NC = (T + CHECKPOINT - 1) // CHECKPOINT
-        ck = torch.empty(B * H, NC, K, V, device=dev)
-        S_T = torch.empty(B, H, K, V, device=dev)
+        cu, ckoff, ck_rows, NC = checkpoint_layout(cu_seqlens, B, T, H, CHECKPOINT, y0_)
+        ck = torch.empty(ck_rows, K, V, device=dev)
+        S_T = torch.empty(N, H, K, V, device=dev)
+        y_T = torch.empty(N, H, V, device=dev)
         BK, BV, warps = _blocks(K, V)
-        _rdn_fwd_kernel[(B * H,)](
-            q_c, k_c, v_c, beta_c, *R, S0_, y0_, Y, U, ck, S_T, T, H, K, V, NC,
-            CHECKPOINT=CHECKPOINT, BK=BK, BV=BV, num_warps=warps,
+        _rdn_fwd_kernel[(N * H,)](
+            q_c, k_c, v_c, beta_c, *R, S0_, y0_, Y, U, ck, S_T, y_T, cu, ckoff, T, H, K, V, NC,
+            CHECKPOINT=CHECKPOINT, BK=BK, BV=BV, IS_VARLEN=cu_seqlens is not None, num_warps=warps,
         )
-        y_T = Y[:, -1].clone() if T > 0 else y0_.clone()
-        ctx.save_for_backward(q_c, k_c, v_c, beta_c, r_q, r_k, r_v, r_b, y0_, Y, U, ck, S_T)
+        ctx.save_for_backward(q_c, k_c, v_c, beta_c, r_q, r_k, r_v, r_b, y0_, Y, U, ck, S_T, cu, ckoff)
         ctx.has_state = (S0 is not None, y0 is not None)
+        ctx.meta = (NC, cu_seqlens is not None)
         ctx.set_materialize_grads(False)
         return Y.to(q.dtype), S_T, y_T
 
     @staticmethod
     @once_differentiable
     def backward(ctx, do, dS_T, dy_T):
-        q, k, v, beta, r_q, r_k, r_v, r_b, y0, Y, U, ck, S_T = ctx.saved_tensors
+        q, k, v, beta, r_q, r_k, r_v, r_b, y0, Y, U, ck, S_T, cu, ckoff = ctx.saved_tensors
+        NC, is_varlen = ctx.meta
         B, T, H, K = q.shape
         V = v.shape[-1]
+        N = S_T.shape[0]
         dev = q.device
         do = torch.zeros(B, T, H, V, device=dev) if do is None else do.contiguous()
         dS_T = torch.zeros_like(S_T) if dS_T is None else dS_T.float().contiguous()
@@ -262,15 +317,15 @@ class RecurrentDeltaTriton(torch.autograd.Function):
         dk = torch.empty(B, T, H, K, device=dev)
         dv = torch.empty(B, T, H, V, device=dev)
         dbeta = torch.empty(B, T, H, device=dev)
+        r = torch.empty(B, T, H, V, device=dev)  # tanh(y_{t-1}) of every step, for dR
         dS0 = torch.empty_like(S_T)
         dy0 = torch.empty_like(y0)
         BK, BV, warps = _blocks(K, V)
-        _rdn_bwd_kernel[(B * H,)](
+        _rdn_bwd_kernel[(N * H,)](
             q, k, v, beta, *[x.float().contiguous() for x in (r_q, r_k, r_v, r_b)], y0, Y, U, ck, S_T,
-            do, dS_T, dy_T, dq, dk, dv, dbeta, dS0, dy0, T, H, K, V, ck.shape[1],
-            CHECKPOINT=CHECKPOINT, BK=BK, BV=BV, num_warps=warps,
+            do, dS_T, dy_T, dq, dk, dv, dbeta, dS0, dy0, r, cu, ckoff, T, H, K, V, NC,
+            CHECKPOINT=CHECKPOINT, BK=BK, BV=BV, IS_VARLEN=is_varlen, num_warps=warps,
         )
-        r = torch.tanh(torch.cat([y0.unsqueeze(1), Y], 1)[:, :T])  # [B, T, H, V]
         dz = torch.cat([dq, dk, dv, dbeta.unsqueeze(-1)], -1)
         dR = torch.einsum("bthf,bthv->hfv", dz, r)
         has_S0, has_y0 = ctx.has_state
@@ -278,7 +333,7 @@ class RecurrentDeltaTriton(torch.autograd.Function):
             dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbeta.to(beta.dtype),
             dR[:, :K].to(r_q.dtype), dR[:, K: 2 * K].to(r_k.dtype),
             dR[:, 2 * K: 2 * K + V].to(r_v.dtype), dR[:, -1].to(r_b.dtype),
-            dS0 if has_S0 else None, dy0 if has_y0 else None,
+            dS0 if has_S0 else None, dy0 if has_y0 else None, None,
         )
 
 
@@ -293,8 +348,16 @@ def recurrent_delta_triton(
     r_b: torch.Tensor,
     initial_state: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
     output_final_state: bool = False,
+    cu_seqlens: Optional[torch.Tensor] = None,
 ):
-    """Same contract as :func:`recurrent_delta_reference`; state (S [B,H,K,V], y [B,H,V]) in fp32."""
+    """Same contract as :func:`recurrent_delta_reference`; state (S [B,H,K,V], y [B,H,V]) in fp32.
+
+    With ``cu_seqlens`` [N+1] (packed input, B = 1): one launch, a program per (sequence, head) that
+    walks only its sequence's steps; states [N, ...]. No host sync.
+    """
     S0, y0 = (None, None) if initial_state is None else initial_state
-    o, S, y = RecurrentDeltaTriton.apply(q, k, v, beta, r_q, r_k, r_v, r_b, S0, y0)
+    o, S, y = RecurrentDeltaTriton.apply(q, k, v, beta, r_q, r_k, r_v, r_b, S0, y0, cu_seqlens)
     return o, ((S, y) if output_final_state else None)
+
+
+recurrent_delta_triton.varlen = True

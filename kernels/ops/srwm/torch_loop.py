@@ -23,6 +23,11 @@ the update, ``W_{t-1} = W_t - s_t k_t^T`` with ``s_t = beta_rows * d_t`` (exact 
 
 After the loop ``dW`` is the gradient of the initial weights; parameters shared by the batch
 (``[H, ...]``) get its sum over the batch.
+
+Rows and packed sequences: as in :mod:`kernels.ops.recurrent_delta.torch_loop`, the rows are sorted by
+sequence length and the steps stored time-major with only the rows still running
+(:mod:`kernels.ops.recurrent_delta.step_rows`); with ``cu_seqlens`` the N sequences are N rows of one
+loop, a row past its length is left alone (its weights stay its final weights).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from typing import Optional, Tuple
 import torch
 from torch.autograd.function import once_differentiable
 
+from kernels.ops.recurrent_delta.step_rows import StepRows, step_rows
 from kernels.ops.srwm.reference import broadcast_weights
 
 #: steps between saved states in the forward (the backward resets its rebuilt state there)
@@ -49,90 +55,93 @@ def stack_weights(weights, B: int) -> torch.Tensor:
     return torch.cat([broadcast_weights(w, B).float() for w in weights], -2)
 
 
-def _forward(X: torch.Tensor, WT: torch.Tensor, V: int):
-    """Run the recurrence in place on the transposed state ``WT`` [N, D, R] for X [T, N, 1, D].
+def _forward(X: torch.Tensor, WT: torch.Tensor, V: int, counts):
+    """Run the recurrence in place on the transposed state ``WT`` [N, D, R] for the time-major rows
+    X [steps, 1, D]; step t updates the rows ``[:counts[t]]`` (see ``step_rows``).
 
-    Returns Z [T, N, 1, R] (pre-activations, ``y_t`` first), Dd [T, N, 1, R] (``d_t``) and the
-    checkpoints [ceil(T / CHECKPOINT), N, D, R] (``W^T`` before steps 0, CHECKPOINT, ...).
+    Returns Z [steps, 1, R] (pre-activations, ``y_t`` first), Dd [steps, 1, R] (``d_t``) and the
+    checkpoints [ceil(len(counts) / CHECKPOINT), N, D, R] (``W^T`` before steps 0, CHECKPOINT, ...; active rows).
     """
-    T, N, _, D = X.shape
-    R = WT.shape[-1]
+    N, D, R = WT.shape
     rows = beta_row_index(V, D, WT.device)
-    Z = X.new_empty(T, N, 1, R)
-    Dd = X.new_empty(T, N, 1, R)
-    ckpt = X.new_empty((T + CHECKPOINT - 1) // CHECKPOINT, N, D, R)
+    Z = X.new_empty(X.shape[0], 1, R)
+    Dd = X.new_empty(X.shape[0], 1, R)
+    ckpt = X.new_empty((len(counts) + CHECKPOINT - 1) // CHECKPOINT, N, D, R)
     bmm, softmax, sigmoid, index_select = torch.bmm, torch.softmax, torch.sigmoid, torch.index_select
     V2D = V + 2 * D
-    for t, (x, z, d) in enumerate(zip(X.unbind(0), Z.unbind(0), Dd.unbind(0))):
+    for t, (n, x, z, d) in enumerate(zip(counts, X.split(counts), Z.split(counts), Dd.split(counts))):
+        W_n = WT if n == N else WT[:n]
         if t % CHECKPOINT == 0:
-            ckpt[t // CHECKPOINT].copy_(WT)
-        bmm(x, WT, out=z)
-        p = softmax(z[:, :, V:V2D].view(N, 2, D), -1)
+            ckpt[t // CHECKPOINT, :n].copy_(W_n)
+        bmm(x, W_n, out=z)
+        p = softmax(z[:, :, V:V2D].view(n, 2, D), -1)
         k = p[:, 1:]
-        bmm(p[:, :1] - k, WT, out=d)
-        WT.baddbmm_(k.transpose(1, 2), d * index_select(sigmoid(z[:, :, V2D:]), 2, rows))
+        bmm(p[:, :1] - k, W_n, out=d)
+        W_n.baddbmm_(k.transpose(1, 2), d * index_select(sigmoid(z[:, :, V2D:]), 2, rows))
     return Z, Dd, ckpt
 
 
-def _backward(X, Z, Dd, ckpt, WT_T, dY, dWT, V: int):
-    """Reverse-time adjoint loop on transposed states. Returns dX [T, N, 1, D] and dW_0^T."""
-    T, N, _, D = X.shape
+def _backward(X, Z, Dd, ckpt, WT_T, dY, dWT, V: int, counts):
+    """Reverse-time adjoint loop on transposed states over the rows of ``counts``. Returns
+    dX [steps, 1, D] and dW_0^T [N, D, R]."""
+    T = len(counts)
+    D = X.shape[-1]
     V2D = V + 2 * D
     rows = beta_row_index(V, D, WT_T.device)
     # [R, 4]: sums the rows of each matrix
     segment = (rows.unsqueeze(1) == torch.arange(4, device=rows.device).unsqueeze(0)).float()
-    P = torch.softmax(Z[:, :, 0, V:V2D].reshape(T, N, 2, D), -1)
-    b = torch.sigmoid(Z[:, :, :, V2D:])
-    dsig = (b * (1.0 - b)).unbind(0)
-    beta_rows = b[:, :, :, rows]  # [T, N, 1, R]
-    s_row = (Dd * beta_rows).unbind(0)
-    c_col = (P[:, :, 0] - P[:, :, 1]).unsqueeze(-1).unbind(0)  # [N, D, 1]
-    k_row = P[:, :, 1:].unbind(0)  # [N, 1, D]
-    k_col = P[:, :, 1].unsqueeze(-1).unbind(0)
-    P, beta_rows, Dd = P.unbind(0), beta_rows.unbind(0), Dd.unbind(0)
-    x_col = X.transpose(2, 3).unbind(0)
-    dY = [None] * T if dY is None else dY.unbind(0)
+    P = torch.softmax(Z[:, 0, V:V2D].reshape(-1, 2, D), -1)
+    b = torch.sigmoid(Z[:, :, V2D:])
+    dsig = (b * (1.0 - b)).split(counts)
+    beta_rows = b[:, :, rows]  # [steps, 1, R]
+    s_row = (Dd * beta_rows).split(counts)
+    c_col = (P[:, 0] - P[:, 1]).unsqueeze(-1).split(counts)  # [n, D, 1]
+    k_row = P[:, 1:].split(counts)  # [n, 1, D]
+    k_col = P[:, 1].unsqueeze(-1).split(counts)
+    P, beta_rows, Dd = P.split(counts), beta_rows.split(counts), Dd.split(counts)
+    x_col = X.transpose(1, 2).split(counts)
+    dY = [None] * T if dY is None else dY.split(counts)
     WT = WT_T.clone()
-    W, dW = WT.transpose(1, 2), dWT.transpose(1, 2)
-    zeros_y = X.new_zeros(N, 1, V)
     bmm, cat, matmul = torch.bmm, torch.cat, torch.matmul
     dx_steps = []
     for t in range(T - 1, -1, -1):
+        n = counts[t]
         p, k, s = P[t], k_row[t], s_row[t]
-        ds = bmm(k, dWT)  # dW k
+        WT_n, dWT_n = WT[:n], dWT[:n]
+        W, dW = WT_n.transpose(1, 2), dWT_n.transpose(1, 2)
+        ds = bmm(k, dWT_n)  # dW k
         dk = bmm(s, dW)  # dW^T s
         if t % CHECKPOINT == 0:
-            WT.copy_(ckpt[t // CHECKPOINT])
+            WT_n.copy_(ckpt[t // CHECKPOINT, :n])
         else:
-            WT.baddbmm_(k_col[t], s, alpha=-1.0)  # W_{t-1}
+            WT_n.baddbmm_(k_col[t], s, alpha=-1.0)  # W_{t-1}
         dd = ds * beta_rows[t]
         dc = bmm(dd, W)  # W_{t-1}^T dd
         pg = p * cat([dc, dk - dc], 1)
-        dz = cat([zeros_y if dY[t] is None else dY[t],
-                  (pg - p * pg.sum(-1, keepdim=True)).view(N, 1, 2 * D),
+        dz = cat([X.new_zeros(n, 1, V) if dY[t] is None else dY[t],
+                  (pg - p * pg.sum(-1, keepdim=True)).view(n, 1, 2 * D),
                   matmul(ds * Dd[t], segment) * dsig[t]], -1)
         dx_steps.append(bmm(dz, W))  # W_{t-1}^T dz
-        dWT.baddbmm_(c_col[t], dd).baddbmm_(x_col[t], dz)
-    return torch.stack(dx_steps[::-1], 0), dWT
+        dWT_n.baddbmm_(c_col[t], dd).baddbmm_(x_col[t], dz)
+    return torch.cat(dx_steps[::-1], 0), dWT
 
 
 class SrwmLoop(torch.autograd.Function):
     """Autograd wrapper of the fused loop; see the module docstring for the equations."""
 
     @staticmethod
-    def forward(ctx, x, V, w_y, w_q, w_k, w_b):
-        B, T, H, D = x.shape
-        N = B * H
+    def forward(ctx, x, V, rows: StepRows, w_y, w_q, w_k, w_b):
+        D = x.shape[-1]
+        N = rows.n * rows.H
         with torch.no_grad():
-            W_final = stack_weights((w_y, w_q, w_k, w_b), B)
-            WT = W_final.view(N, -1, D).transpose(1, 2).contiguous()
-            X = x.float().transpose(0, 1).reshape(T, N, 1, D)
-            Z, Dd, ckpt = _forward(X, WT, V)
-            W_final.view(N, -1, D).copy_(WT.transpose(1, 2))
-            o = Z[:, :, 0, :V].view(T, B, H, V).transpose(0, 1).to(
-                x.dtype, memory_format=torch.contiguous_format)
+            W0 = stack_weights((w_y, w_q, w_k, w_b), rows.n)  # [n, H, R, D]
+            WT = rows.sort_state(W0).transpose(1, 2).contiguous()  # [N, D, R]
+            X = rows.to_steps(x)
+            Z, Dd, ckpt = _forward(X, WT, V, rows.counts)
+            W_final = rows.unsort_state(WT.transpose(1, 2))
+            o = rows.to_packed(Z[..., :V].contiguous(), (*x.shape[:-1], V)).to(x.dtype)
         ctx.save_for_backward(x, Z, Dd, ckpt, WT)
-        ctx.V = V
+        ctx.V, ctx.rows = V, rows
         ctx.shapes = [(w.dim(), w.dtype) for w in (w_y, w_q, w_k, w_b)]
         ctx.set_materialize_grads(False)
         return o, W_final
@@ -141,26 +150,24 @@ class SrwmLoop(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, do, dW_T):
         x, Z, Dd, ckpt, WT_T = ctx.saved_tensors
-        V = ctx.V
-        B, T, H, D = x.shape
-        N = B * H
-        R = WT_T.shape[-1]
+        V, rows = ctx.V, ctx.rows
+        D = x.shape[-1]
+        N, _, R = WT_T.shape
         dWT = (WT_T.new_zeros(N, D, R) if dW_T is None
-               else dW_T.float().reshape(N, R, D).transpose(1, 2).contiguous())
-        if T == 0:
+               else rows.sort_state(dW_T.float()).transpose(1, 2).contiguous())
+        if rows.steps == 0:
             dx = torch.zeros_like(x)
         else:
-            X = x.float().transpose(0, 1).reshape(T, N, 1, D)
-            dY = None if do is None else do.float().transpose(0, 1).reshape(T, N, 1, V)
-            dX, dWT = _backward(X, Z, Dd, ckpt, WT_T, dY, dWT, V)
-            dx = dX.view(T, B, H, D).transpose(0, 1).to(x.dtype)
-        dW = dWT.transpose(1, 2)
-        dW = dW.view(B, H, R, D)
+            X = rows.to_steps(x)
+            dY = None if do is None else rows.to_steps(do)
+            dX, dWT = _backward(X, Z, Dd, ckpt, WT_T, dY, dWT, V, rows.counts)
+            dx = rows.to_packed(dX, x.shape).to(x.dtype)
+        dW = rows.unsort_state(dWT.transpose(1, 2))  # [n, H, R, D]
         grads = []
         for (dim, dtype), lo, hi in zip(ctx.shapes, (0, V, V + D, V + 2 * D), (V, V + D, V + 2 * D, R)):
             g = dW[:, :, lo:hi]
             grads.append((g.sum(0) if dim == 3 else g).to(dtype))
-        return (dx, None, *grads)
+        return (dx, None, None, *grads)
 
 
 def srwm_torch(
@@ -171,12 +178,23 @@ def srwm_torch(
     w_b: torch.Tensor,
     initial_state: Optional[Tuple[torch.Tensor, ...]] = None,
     output_final_state: bool = False,
+    cu_seqlens: Optional[torch.Tensor] = None,
 ):
-    """Same contract as :func:`srwm_reference`; the final weights are returned in fp32."""
+    """Same contract as :func:`srwm_reference`; the final weights are returned in fp32.
+
+    With ``cu_seqlens`` [N+1] (B = 1) the N sequences run as N rows of one batched loop (sorted by
+    length, see :mod:`~kernels.ops.recurrent_delta.step_rows`): shared [H, ...] weights start every
+    sequence (their gradient summed over the sequences), batched ones are [N, ...]; final weights
+    [N, ...]. Reads ``cu_seqlens`` on the host.
+    """
     weights = tuple(initial_state) if initial_state is not None else (w_y, w_q, w_k, w_b)
     V = weights[0].shape[-2]
-    o, W = SrwmLoop.apply(x, V, *weights)
+    B, T, H, D = x.shape
+    rows = step_rows(B, T, H, None if cu_seqlens is None else cu_seqlens.tolist(), x.device)
+    o, W = SrwmLoop.apply(x, V, rows, *weights)
     if not output_final_state:
         return o, None
-    D = x.shape[-1]
     return o, (W[:, :, :V], W[:, :, V: V + D], W[:, :, V + D: V + 2 * D], W[:, :, V + 2 * D:])
+
+
+srwm_torch.varlen = True

@@ -14,6 +14,8 @@ walks time in reverse with the weights and their gradients in registers, rebuild
 ``M_{t-1} = M_t - b_i d_t k^T`` (reset to the checkpoint every ``CHECKPOINT`` steps) and applies
 the adjoint equations of :mod:`kernels.ops.srwm.torch_loop`; it writes ``dx_t`` per step and the
 initial weights' gradient at the end (summed over the batch afterwards for shared weights).
+With ``cu_seqlens`` a program is one (sequence, head) of the packed input: it starts at the sequence's
+first step and walks its length only (checkpoints laid out per sequence, see ``sequence_span``).
 Registers: 8 tiles of up to [max(V, D), D]; D = V = 128 compiles but spills.
 """
 
@@ -27,7 +29,9 @@ import triton
 import triton.language as tl
 
 from kernels import _triton_compat as interpreter_compat
-from kernels.ops.recurrent_delta.triton_loop import masked_softmax, num_warps_for, sigmoid_fp32
+from kernels.ops.recurrent_delta.triton_loop import (
+    checkpoint_layout, masked_softmax, num_warps_for, sequence_span, sigmoid_fp32,
+)
 from kernels.ops.srwm.torch_loop import CHECKPOINT, stack_weights
 
 interpreter_compat.install()  # Triton 3.6 interpreter + NumPy 2: scalar loop bounds
@@ -41,13 +45,14 @@ def _pick(vec, i4, i: tl.constexpr):
 
 @triton.jit
 def _srwm_fwd_kernel(
-    x_ptr, w0_ptr, z_ptr, d_ptr, ck_ptr, wT_ptr,
+    x_ptr, w0_ptr, z_ptr, d_ptr, ck_ptr, wT_ptr, cu_ptr, ckoff_ptr,
     T, H, D, V, NC,
-    CHECKPOINT: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
+    CHECKPOINT: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     pid = tl.program_id(0)
     i_h = pid % H
     pid64 = pid.to(tl.int64)
+    bos, L, ck_row = sequence_span(cu_ptr, ckoff_ptr, pid64, H, T, NC, CHECKPOINT, IS_VARLEN)
     R = V + 2 * D + 4
     idd = tl.arange(0, BD)
     iv = tl.arange(0, BV)
@@ -67,11 +72,11 @@ def _srwm_fwd_kernel(
     Wq = tl.load(w0_ptr + o_q, mask=ok_dd, other=0.0)
     Wk = tl.load(w0_ptr + o_k, mask=ok_dd, other=0.0)
     Wb = tl.load(w0_ptr + o_b, mask=ok_4d, other=0.0)
-    x_ptr += (pid64 // H) * T * H * D + i_h * D
-    z_ptr += (pid64 // H) * T * H * R + i_h * R
-    d_ptr += (pid64 // H) * T * H * R + i_h * R
-    ck_ptr += pid64 * NC * R * D
-    for t in range(0, T):
+    x_ptr += bos * H * D + i_h * D
+    z_ptr += bos * H * R + i_h * R
+    d_ptr += bos * H * R + i_h * R
+    ck_ptr += ck_row * R * D
+    for t in range(0, L):
         ck = ck_ptr + (t // CHECKPOINT) * R * D
         tl.store(ck + o_y, Wy, mask=ok_yd & (o_y * 0 + t % CHECKPOINT == 0))
         tl.store(ck + o_q, Wq, mask=ok_dd & (o_q * 0 + t % CHECKPOINT == 0))
@@ -114,13 +119,14 @@ def _srwm_fwd_kernel(
 
 @triton.jit
 def _srwm_bwd_kernel(
-    x_ptr, z_ptr, d_ptr, ck_ptr, wT_ptr, do_ptr, dwT_ptr, dx_ptr, dw0_ptr,
+    x_ptr, z_ptr, d_ptr, ck_ptr, wT_ptr, do_ptr, dwT_ptr, dx_ptr, dw0_ptr, cu_ptr, ckoff_ptr,
     T, H, D, V, NC,
-    CHECKPOINT: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
+    CHECKPOINT: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     pid = tl.program_id(0)
     i_h = pid % H
     pid64 = pid.to(tl.int64)
+    bos, L, ck_row = sequence_span(cu_ptr, ckoff_ptr, pid64, H, T, NC, CHECKPOINT, IS_VARLEN)
     R = V + 2 * D + 4
     idd = tl.arange(0, BD)
     iv = tl.arange(0, BV)
@@ -144,15 +150,15 @@ def _srwm_bwd_kernel(
     dWq = tl.load(dwT_ptr + o_q, mask=ok_dd, other=0.0)
     dWk = tl.load(dwT_ptr + o_k, mask=ok_dd, other=0.0)
     dWb = tl.load(dwT_ptr + o_b, mask=ok_4d, other=0.0)
-    row = (pid64 // H) * T + T - 1  # step T - 1 of this (batch, head)
+    row = bos + L - 1  # step L - 1 of this (sequence, head)
     x_ptr += row * H * D + i_h * D
     dx_ptr += row * H * D + i_h * D
     z_ptr += row * H * R + i_h * R
     d_ptr += row * H * R + i_h * R
     do_ptr += row * H * V + i_h * V
-    ck_ptr += pid64 * NC * R * D
-    for i in range(0, T):
-        t = T - 1 - i
+    ck_ptr += ck_row * R * D
+    for i in range(0, L):
+        t = L - 1 - i
         # the step's activations and saved products
         qs = masked_softmax(tl.load(z_ptr + V + idd, mask=ok_d, other=0.0), ok_d)
         ks = masked_softmax(tl.load(z_ptr + V + D + idd, mask=ok_d, other=0.0), ok_d)
@@ -226,27 +232,32 @@ def _blocks(D: int, V: int) -> Tuple[int, int, int]:
 
 
 class SrwmTriton(torch.autograd.Function):
-    """Autograd wrapper of the two kernels; returns the output and the stacked final weights."""
+    """Autograd wrapper of the two kernels; returns the output and the stacked final weights.
+
+    With ``cu_seqlens`` one program per (sequence, head) walks that sequence's steps of the packed input
+    (B = 1); the weights are per sequence ([N, ...]; shared ones broadcast, their gradient summed)."""
 
     @staticmethod
-    def forward(ctx, x, V, w_y, w_q, w_k, w_b):
+    def forward(ctx, x, V, cu_seqlens, w_y, w_q, w_k, w_b):
         B, T, H, D = x.shape
+        N = B if cu_seqlens is None else cu_seqlens.numel() - 1
         R = V + 2 * D + 4
         dev = x.device
         x_c = x.contiguous()
-        W0 = stack_weights((w_y, w_q, w_k, w_b), B).contiguous()
+        W0 = stack_weights((w_y, w_q, w_k, w_b), N).contiguous()
         Z = torch.empty(B, T, H, R, device=dev)
         Dd = torch.empty(B, T, H, R, device=dev)
-        NC = (T + CHECKPOINT - 1) // CHECKPOINT
-        ck = torch.empty(B * H, NC, R, D, device=dev)
-        W_T = torch.empty(B, H, R, D, device=dev)
+        cu, ckoff, ck_rows, NC = checkpoint_layout(cu_seqlens, B, T, H, CHECKPOINT, W0)
+        ck = torch.empty(ck_rows, R, D, device=dev)
+        W_T = torch.empty(N, H, R, D, device=dev)
         BD, BV, warps = _blocks(D, V)
-        _srwm_fwd_kernel[(B * H,)](
-            x_c, W0, Z, Dd, ck, W_T, T, H, D, V, NC,
-            CHECKPOINT=CHECKPOINT, BD=BD, BV=BV, num_warps=warps,
+        _srwm_fwd_kernel[(N * H,)](
+            x_c, W0, Z, Dd, ck, W_T, cu, ckoff, T, H, D, V, NC,
+            CHECKPOINT=CHECKPOINT, BD=BD, BV=BV, IS_VARLEN=cu_seqlens is not None, num_warps=warps,
         )
-        ctx.save_for_backward(x_c, Z, Dd, ck, W_T)
+        ctx.save_for_backward(x_c, Z, Dd, ck, W_T, cu, ckoff)
         ctx.V = V
+        ctx.meta = (NC, cu_seqlens is not None)
         ctx.shapes = [(w.dim(), w.dtype) for w in (w_y, w_q, w_k, w_b)]
         ctx.set_materialize_grads(False)
         return Z[..., :V].to(x.dtype, memory_format=torch.contiguous_format), W_T
@@ -254,25 +265,27 @@ class SrwmTriton(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, do, dW_T):
-        x, Z, Dd, ck, W_T = ctx.saved_tensors
+        x, Z, Dd, ck, W_T, cu, ckoff = ctx.saved_tensors
         V = ctx.V
+        NC, is_varlen = ctx.meta
         B, T, H, D = x.shape
+        N = W_T.shape[0]
         dev = x.device
         do = torch.zeros(B, T, H, V, device=dev) if do is None else do.contiguous()
         dW_T = torch.zeros_like(W_T) if dW_T is None else dW_T.float().contiguous()
         dx = torch.empty(B, T, H, D, device=dev)
         dW0 = torch.empty_like(W_T)
         BD, BV, warps = _blocks(D, V)
-        _srwm_bwd_kernel[(B * H,)](
-            x, Z, Dd, ck, W_T, do, dW_T, dx, dW0, T, H, D, V, ck.shape[1],
-            CHECKPOINT=CHECKPOINT, BD=BD, BV=BV, num_warps=warps,
+        _srwm_bwd_kernel[(N * H,)](
+            x, Z, Dd, ck, W_T, do, dW_T, dx, dW0, cu, ckoff, T, H, D, V, NC,
+            CHECKPOINT=CHECKPOINT, BD=BD, BV=BV, IS_VARLEN=is_varlen, num_warps=warps,
         )
         grads = []
         bounds = (0, V, V + D, V + 2 * D, V + 2 * D + 4)
         for (dim, dtype), lo, hi in zip(ctx.shapes, bounds[:-1], bounds[1:]):
             g = dW0[:, :, lo:hi]
             grads.append((g.sum(0) if dim == 3 else g).to(dtype))
-        return (dx.to(x.dtype), None, *grads)
+        return (dx.to(x.dtype), None, None, *grads)
 
 
 def srwm_triton(
@@ -283,12 +296,20 @@ def srwm_triton(
     w_b: torch.Tensor,
     initial_state: Optional[Tuple[torch.Tensor, ...]] = None,
     output_final_state: bool = False,
+    cu_seqlens: Optional[torch.Tensor] = None,
 ):
-    """Same contract as :func:`srwm_reference`; the final weights are returned in fp32."""
+    """Same contract as :func:`srwm_reference`; the final weights are returned in fp32.
+
+    With ``cu_seqlens`` [N+1] (packed input, B = 1): one launch, a program per (sequence, head) that
+    walks only its sequence's steps; final weights [N, ...]. No host sync.
+    """
     weights = tuple(initial_state) if initial_state is not None else (w_y, w_q, w_k, w_b)
     V = weights[0].shape[-2]
-    o, W = SrwmTriton.apply(x, V, *weights)
+    o, W = SrwmTriton.apply(x, V, cu_seqlens, *weights)
     if not output_final_state:
         return o, None
     D = x.shape[-1]
     return o, (W[:, :, :V], W[:, :, V: V + D], W[:, :, V + D: V + 2 * D], W[:, :, V + 2 * D:])
+
+
+srwm_triton.varlen = True
