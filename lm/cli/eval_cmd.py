@@ -129,7 +129,10 @@ def icl_command(
     sweeps = parse_sweeps(sweep or [])
     ckpt = open_checkpoint(checkpoint, device)
     resolve_tasks(ckpt, names)  # fail on bad names before any work
-    result = run_suite(ckpt, names, sweeps, examples, batch_size, seed, data, split, early, late, max_docs)
+    import sys
+
+    result = run_suite(ckpt, names, sweeps, examples, batch_size, seed, data, split, early, late, max_docs,
+                       progress=sys.stderr.isatty())
     paths = write_icl_outputs(result, out or ckpt.default_out_dir("icl"))
     typer.echo(markdown(result), nl=False)
     typer.echo(f"wrote {paths['json']}, {paths['md'].name} and {sum(k.startswith('png') for k in paths)} plot(s)")

@@ -178,7 +178,7 @@ def score_examples(model, examples: List[Dict[str, np.ndarray]], output: str, ba
                    pad_id: int = 0) -> Dict[str, Any]:
     """Loss and accuracies of ``model`` on ``examples`` (see the module docstring)."""
     from data.tasks.datamodule import collate_examples
-    from lm.training.module import task_loss
+    from lm.training.objectives import task_loss
 
     device = next(model.parameters()).device
     total, count, correct, seq_correct, sequences = 0.0, 0, 0.0, 0.0, 0.0
@@ -214,8 +214,13 @@ def _sweeps(task, overrides: Dict[str, List[SweepValue]]) -> Dict[Optional[str],
 
 
 def evaluate_task(ckpt: Checkpoint, name: str, sweeps: Dict[str, List[SweepValue]], n_examples: int,
-                  batch_size: int, seed: int) -> Dict[str, Any]:
-    """One suite task on the checkpoint: trained on it, or remapped onto an LM's vocabulary."""
+                  batch_size: int, seed: int, progress: bool = False) -> Dict[str, Any]:
+    """One suite task on the checkpoint: trained on it, or remapped onto an LM's vocabulary
+    (``progress``: a bar over the sweep's points on stderr)."""
+    import sys
+
+    from tqdm import tqdm
+
     from data.tasks import one_step_gd_loss
 
     task = ckpt.task(name)
@@ -226,18 +231,32 @@ def evaluate_task(ckpt: Checkpoint, name: str, sweeps: Dict[str, List[SweepValue
         remap = TokenRemap(task.spec.vocab_size, tokenizer, ckpt.eod_id(tokenizer), seed)
         kind, output = "remapped onto the LM vocabulary", "classes"
     rows = []
-    for key, values in _sweeps(task, sweeps).items():
-        for value in values:
-            examples = make_examples(task, seed, n_examples, key, value, remap)
-            row = {"key": key or "default", "value": value_label(value) if value is not None else "default",
-                   **score_examples(ckpt.model, examples, output, batch_size, task.spec.pad_id if remap is None else 0)}
-            if task.name == "icl_regression" and key == "n_pairs" and not isinstance(value, tuple):
-                row["baseline_loss"], row["baseline_lr"] = one_step_gd_loss(task, n_examples=max(n_examples, 1024),
-                                                                           seed=seed, n_pairs=int(value))
-            elif task.name == "icl_regression" and key is None:
-                row["baseline_loss"], row["baseline_lr"] = one_step_gd_loss(task, max(n_examples, 1024), seed)
-            rows.append(row)
-    return {"task": name, "kind": kind, "output": output, "params": _params(task), "rows": rows}
+    points = [(key, value) for key, values in _sweeps(task, sweeps).items() for value in values]
+    for key, value in tqdm(points, desc=name, unit="point", file=sys.stderr, disable=not progress, leave=False):
+        examples = make_examples(task, seed, n_examples, key, value, remap)
+        row = {"key": key or "default", "value": value_label(value) if value is not None else "default",
+               **score_examples(ckpt.model, examples, output, batch_size, task.spec.pad_id if remap is None else 0)}
+        if task.name == "icl_regression" and key == "n_pairs" and not isinstance(value, tuple):
+            row["baseline_loss"], row["baseline_lr"] = one_step_gd_loss(task, n_examples=max(n_examples, 1024),
+                                                                       seed=seed, n_pairs=int(value))
+        elif task.name == "icl_regression" and key is None:
+            row["baseline_loss"], row["baseline_lr"] = one_step_gd_loss(task, max(n_examples, 1024), seed)
+        rows.append(row)
+    out = {"task": name, "kind": kind, "output": output, "params": _params(task), "rows": rows}
+    chance = chance_accuracy(task.spec)
+    if chance is not None:
+        out["chance_acc"] = chance
+    return out
+
+
+def chance_accuracy(spec) -> Optional[float]:
+    """Per-position accuracy of guessing uniformly: 1 / classes (classes), 0.5^labels (multilabel,
+    every label right); None for vector outputs."""
+    if spec.output == "classes" and spec.vocab_size:
+        return 1.0 / int(spec.vocab_size)
+    if spec.output == "multilabel" and spec.output_dim:
+        return 0.5 ** int(spec.output_dim)
+    return None
 
 
 def _check_sweep_keys(ckpt: Checkpoint, names: Sequence[str], sweeps: Dict[str, List[SweepValue]]) -> None:
@@ -264,8 +283,12 @@ def _params(task) -> Dict[str, Any]:
 # ----------------------------------------------------------------------------- LM ICL score
 
 
+#: lm_icl_score: fewer documents than this make the score a noisy estimate (a warning in the report)
+MIN_ICL_DOCUMENTS = 16
+
+
 def lm_icl_score(ckpt: Checkpoint, data_dir: Optional[str], split: str, early: int, late: int,
-                 max_docs: int, batch_size: int) -> Dict[str, Any]:
+                 max_docs: int, batch_size: int, progress: bool = False) -> Dict[str, Any]:
     """Mean loss at positions ``late +- late/10`` minus at ``early +- early/10`` (documents long
     enough for both), scored with :mod:`lm.evaluation.ppl` (state carried / sliding windows)."""
     from lm.evaluation.ppl import score_documents, shard_documents
@@ -283,13 +306,17 @@ def lm_icl_score(ckpt: Checkpoint, data_dir: Optional[str], split: str, early: i
         raise LMError(f"lm_icl_score: no document of {directory} ({split}) has {need} tokens (longest: {longest}); "
                       f"lower --late")
     tokenizer = ckpt.tokenizer()
-    stats, method = score_documents(ckpt, docs, ckpt.eod_id(tokenizer), batch_size=batch_size, exact_positions=need)
+    stats, method = score_documents(ckpt, docs, ckpt.eod_id(tokenizer), batch_size=batch_size, exact_positions=need,
+                                    progress=progress)
     we, wl = max(1, early // 10), max(1, late // 10)
     early_loss = stats.mean_between(max(0, early - we), early + we + 1)
     late_loss = stats.mean_between(late - wl, late + wl + 1)
     row = {"key": "positions", "value": f"{early}->{late}", "documents": len(docs), "early_loss": early_loss,
            "late_loss": late_loss, "score": late_loss - early_loss, "data": str(directory), "split": split,
            **method}
+    if len(docs) < MIN_ICL_DOCUMENTS:
+        row["warning"] = (f"only {len(docs)} documents of {directory} ({split}) have {need} tokens (< "
+                          f"{MIN_ICL_DOCUMENTS}): a noisy score; lower --late or use a split with longer documents")
     return {"task": "lm_icl_score", "kind": "language model on a corpus", "output": "loss", "rows": [row]}
 
 
@@ -298,7 +325,7 @@ def lm_icl_score(ckpt: Checkpoint, data_dir: Optional[str], split: str, early: i
 
 def run_suite(ckpt: Checkpoint, names: Sequence[str], sweeps: Dict[str, List[SweepValue]], n_examples: int = 256,
               batch_size: int = 32, seed: int = 0, data_dir: Optional[str] = None, split: str = "validation",
-              early: int = 50, late: int = 500, max_docs: int = 64) -> Dict[str, Any]:
+              early: int = 50, late: int = 500, max_docs: int = 64, progress: bool = False) -> Dict[str, Any]:
     if n_examples <= 0 or batch_size <= 0:
         raise LMError(f"--examples and --batch-size must be > 0, got {n_examples}, {batch_size}")
     tasks = resolve_tasks(ckpt, names)
@@ -306,9 +333,10 @@ def run_suite(ckpt: Checkpoint, names: Sequence[str], sweeps: Dict[str, List[Swe
     results = []
     for name in tasks:
         if name == "lm_icl_score":
-            results.append(lm_icl_score(ckpt, data_dir, split, early, late, max_docs, max(1, batch_size // 8)))
+            results.append(lm_icl_score(ckpt, data_dir, split, early, late, max_docs, max(1, batch_size // 8),
+                                        progress))
         else:
-            results.append(evaluate_task(ckpt, name, sweeps, n_examples, batch_size, seed))
+            results.append(evaluate_task(ckpt, name, sweeps, n_examples, batch_size, seed, progress))
     data = ckpt.config.get("data", {})
     return {"checkpoint": ckpt.path, "step": ckpt.loaded.step, "model": ckpt.name,
             "parameters": ckpt.model.num_parameters(),
@@ -346,6 +374,7 @@ def markdown(result: Dict[str, Any]) -> str:
         for r in lm_rows:
             lines.append(f"| positions {r['value']} | {r['documents']} | {_fmt(r['early_loss'], 4)} | "
                          f"{_fmt(r['late_loss'], 4)} | {_fmt(r['score'], 4)} |")
+        lines += [f"\nwarning: {r['warning']}" for r in lm_rows if r.get("warning")]
     return "\n".join(lines) + "\n"
 
 
@@ -363,7 +392,7 @@ def write_icl_outputs(result: Dict[str, Any], out_dir: Path) -> Dict[str, Path]:
             by_key.setdefault(r["key"], []).append(r)
         for key, rows in by_key.items():
             paths[f"png:{t['task']}:{key}"] = plot_sweep(t["task"], key, rows, out_dir / f"icl-{t['task']}-{key}.png",
-                                                          result["model"])
+                                                          result["model"], chance=t.get("chance_acc"))
     paths["json"] = write_json(out_dir / "icl.json", result)
     return paths
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 from lm.plotting import pyplot, save_figure
 
@@ -32,8 +32,10 @@ def plot_loss_by_position(result: Dict[str, Any], path: Path) -> Path:
     return out
 
 
-def plot_sweep(task: str, key: str, rows: List[Dict[str, Any]], path: Path, model: str = "") -> Path:
-    """Accuracy (per position and per sequence) or loss against the swept parameter of one task."""
+def plot_sweep(task: str, key: str, rows: List[Dict[str, Any]], path: Path, model: str = "",
+               chance: Optional[float] = None) -> Path:
+    """Accuracy (per position and per sequence) or loss against the swept parameter of one task;
+    ``chance``: the per-position accuracy of a uniform guess, drawn as a dotted line."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     labels = [str(r["value"]) for r in rows]
@@ -43,6 +45,8 @@ def plot_sweep(task: str, key: str, rows: List[Dict[str, Any]], path: Path, mode
             ys = [r.get(metric) for r in rows]
             if any(y is not None for y in ys):
                 ax.plot(xs, [float("nan") if y is None else y for y in ys], style, label=metric)
+        if chance is not None:
+            ax.axhline(chance, color="gray", ls=":", lw=1.2, label=f"chance ({chance:.3g})")
         ax.set_ylim(-0.02, 1.02)
         ax.set_ylabel("accuracy")
     else:

@@ -127,6 +127,7 @@ def test_remapped_induction_on_a_language_model(eval_data):
     res = evaluate_task(ckpt, "induction", {"length": [13]}, n_examples=16, batch_size=8, seed=0)
     assert res["kind"].startswith("remapped")
     assert res["rows"][0]["acc"] == 1.0 and res["rows"][0]["seq_acc"] == 1.0
+    assert res["chance_acc"] == pytest.approx(1 / 34)  # a uniform guess over the task's symbols (the plots' line)
     remap = TokenRemap(34, tok, 0, seed=0)
     assert len(set(remap.table[1:].tolist())) == 33 and 0 not in remap.table[1:] and 1 not in remap.table[1:]
 
@@ -191,6 +192,8 @@ def test_icl_cli_on_task_and_lm_checkpoints(parity_run, lm_runs, tmp_path):
     score = res["tasks"][2]["rows"][0]
     assert score["documents"] >= 1 and score["score"] == pytest.approx(score["late_loss"] - score["early_loss"])
     assert "LM in-context-learning score" in proc.stdout
+    if score["documents"] < 16:  # too few long documents: said in the report
+        assert f"warning: only {score['documents']} documents" in proc.stdout and score["warning"]
 
     # bad input: one-line errors
     line = error_line(run_lm("eval", "icl", str(parity_run), "--tasks", "dyck", check=False))

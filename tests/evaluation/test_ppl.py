@@ -160,7 +160,7 @@ def test_per_document_ppl_is_the_mean_over_separately_scored_documents(tmp_path,
 @pytest.mark.xdist_group("evaluation")
 def test_ppl_default_protocol_is_the_same_for_every_family(lm_runs, tmp_path):
     text = tmp_path / "two.txt"
-    text.write_text("def f(x):\n    return x\n\n\nclass A:\n    pass\n" * 3, encoding="utf-8")
+    text.write_text("def f(x):\n    return x\n\n\nclass A:\n    pass\n\n" * 3, encoding="utf-8")
     for name in ("gla", "transformer"):
         out = tmp_path / name
         proc = run_lm("eval", "ppl", str(lm_runs[name]), "--data", str(text), "--split-by", "blank_line",
