@@ -117,12 +117,14 @@ def _backward(X, R, Y, U, ckpt, y0, S_T, dY, dS, dy, K: int, rows: StepRows):
         dy = torch.zeros_like(y0)
     bmm, cat = torch.bmm, torch.cat
     dz_steps = []
+    views = {}  # active rows n -> views of the state, its gradient, dy and R (few distinct n)
     for t in range(T - 1, -1, -1):
         n = counts[t]
         p, u = P[t], u_row[t]
-        S_n, dS_n = S[:n], dS[:n]
-        St, dSt = S_n.transpose(1, 2), dS_n.transpose(1, 2)
-        dy_n = dy[:n] if dY[t] is None else dy[:n] + dY[t]
+        if n not in views:
+            views[n] = (S[:n], dS[:n], S[:n].transpose(1, 2), dS[:n].transpose(1, 2), dy[:n], R[:n])
+        S_n, dS_n, St, dSt, dy_rows, R_n = views[n]
+        dy_n = dy_rows if dY[t] is None else dy_rows + dY[t]
         dS_n.baddbmm_(q_col[t], dy_n)
         dq = bmm(dy_n, St)  # S_t dy
         if t % CHECKPOINT == 0:
@@ -137,7 +139,7 @@ def _backward(X, R, Y, U, ckpt, y0, S_T, dY, dS, dy, K: int, rows: StepRows):
         dz = cat([(pg - p * pg.sum(-1, keepdim=True)).view(n, 1, 2 * K), dv,
                   bmm(du, u_col[t]) * one_minus_b[t]], -1)
         dz_steps.append(dz)
-        torch.mul(bmm(dz, R[:n]), one_minus_r2[t], out=dy[:n])
+        torch.mul(bmm(dz, R_n), one_minus_r2[t], out=dy_rows)
     return torch.cat(dz_steps[::-1], 0), dS, dy, r
 
 

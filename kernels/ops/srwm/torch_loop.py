@@ -104,11 +104,13 @@ def _backward(X, Z, Dd, ckpt, WT_T, dY, dWT, V: int, counts):
     WT = WT_T.clone()
     bmm, cat, matmul = torch.bmm, torch.cat, torch.matmul
     dx_steps = []
+    views = {}  # active rows n -> views of the state and its gradient (few distinct n)
     for t in range(T - 1, -1, -1):
         n = counts[t]
         p, k, s = P[t], k_row[t], s_row[t]
-        WT_n, dWT_n = WT[:n], dWT[:n]
-        W, dW = WT_n.transpose(1, 2), dWT_n.transpose(1, 2)
+        if n not in views:
+            views[n] = (WT[:n], dWT[:n], WT[:n].transpose(1, 2), dWT[:n].transpose(1, 2))
+        WT_n, dWT_n, W, dW = views[n]
         ds = bmm(k, dWT_n)  # dW k
         dk = bmm(s, dW)  # dW^T s
         if t % CHECKPOINT == 0:
