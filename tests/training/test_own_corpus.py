@@ -146,3 +146,26 @@ def test_export_has_ordinary_file_modes(run, tmp_path):
     assert stat.S_IMODE(out.stat().st_mode) == 0o755
     for path in out.iterdir():
         assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
+
+
+def test_sigint_saves_and_exits_130(tmp_path, tiny_data):
+    """Ctrl-C (SIGINT to the process group) saves a checkpoint and exits 128 + 2, not 0."""
+    import signal
+
+    from lm.training.checkpoint import latest_complete
+    from tests.training.test_train import _start, _wait_for_step
+
+    path = experiment(tmp_path, tiny_data, train={"max_steps": 400, "record_samples": True, "val_every_n_steps": 0},
+                      checkpoint={"every_n_steps": 1000})
+    run = tmp_path / "exp"
+    proc, log = _start(["train", str(path)], tmp_path)
+    try:
+        _wait_for_step(run, 2, proc)
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(120) == 130
+    finally:
+        log.close()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert "stopped by SIGINT" in Path(log.name).read_text()
+    assert latest_complete(run / "checkpoints") is not None
