@@ -236,3 +236,12 @@ def test_triton_varlen_bf16(triton_path):
 
     check_varlen(gla_triton, [0, 5, 70, 71, 90], True, True, dtype=torch.bfloat16, K=16, V=16,
                  device=device_for("triton"))
+
+
+@triton_test
+def test_triton_varlen_state_value_blocks(monkeypatch):
+    """fp32 packed rows take half-width value blocks in the state loops: V = 40 walks two of them."""
+    from kernels.ops.gla import triton_chunk
+
+    monkeypatch.setattr(triton_chunk, "FUSED_MAX_T", 0)
+    check_varlen(triton_chunk.gla_triton, [0, 5, 70, 90], False, True, K=16, V=40, device=device_for("triton"))

@@ -66,7 +66,7 @@ def _chunk_cumsum_kernel(g_ptr, b_ptr, T, H, K, PER_HEAD: tl.constexpr, C: tl.co
 
 @triton.jit
 def _fwd_states_kernel(
-    k_ptr, v_ptr, b_ptr, h0_ptr, hs_ptr, sid_ptr, x_ptr, T, H, K, V, N,
+    k_ptr, v_ptr, b_ptr, h0_ptr, hs_ptr, sid_ptr, x_ptr, flag_ptr, T, H, K, V, N,
     HAS_H0: tl.constexpr, LOWP: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     VARLEN: tl.constexpr, HAS_X: tl.constexpr,
 ):
@@ -102,8 +102,9 @@ def _fwd_states_kernel(
             k_out = k.to(tl.float32) * masked_exp(b_last[None, :] - b, (t_ok & (sid == s1) & flows)[:, None])
             decay = tl.where(flows & (s0 == s1), tl.exp(b_last), 0.0)
             S = S * decay[:, None] + dot(tl.trans(k_out), v.to(tl.float32), LOWP)
-            if HAS_X:
-                S += tl.load(x_base + (n + 1) * K * V + state_offs, mask=kv_ok, other=0.0)
+            if HAS_X:  # a branch, not a masked load: the software pipeliner would prefetch the tile
+                if (tl.load(flag_ptr + n + 1) & 1) != 0:
+                    S += tl.load(x_base + (n + 1) * K * V + state_offs, mask=kv_ok, other=0.0)
         else:
             k_out = k.to(tl.float32) * masked_exp(b_last[None, :] - b, t_ok[:, None])
             S = S * tl.exp(b_last)[:, None] + dot(tl.trans(k_out), v.to(tl.float32), LOWP)
@@ -219,7 +220,7 @@ def _fwd_output_kernel(
 
 @triton.jit
 def _bwd_states_kernel(
-    q_ptr, do_ptr, b_ptr, dht_ptr, dhs_ptr, sid_ptr, scale, T, H, K, V, N,
+    q_ptr, do_ptr, b_ptr, dht_ptr, dhs_ptr, sid_ptr, flag_ptr, scale, T, H, K, V, N,
     HAS_DHT: tl.constexpr, LOWP: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     VARLEN: tl.constexpr,
 ):
@@ -258,8 +259,9 @@ def _bwd_states_kernel(
             q_in = q.to(tl.float32) * masked_exp(b, first[:, None]) * scale
             decay = tl.where(flows & (s0 == s1), tl.exp(b_last), 0.0)
             dS = dS * decay[:, None] + dot(tl.trans(q_in), do.to(tl.float32), LOWP)
-            if HAS_DHT:
-                dS += tl.load(ext_base + n * K * V + state_offs, mask=kv_ok, other=0.0)
+            if HAS_DHT:  # only chunks whose entering state a final state reads (flag bit 1)
+                if (tl.load(flag_ptr + n) & 2) != 0:
+                    dS += tl.load(ext_base + n * K * V + state_offs, mask=kv_ok, other=0.0)
         else:
             q_in = q.to(tl.float32) * masked_exp(b, t_ok[:, None]) * scale
             dS = dS * tl.exp(b_last)[:, None] + dot(tl.trans(q_in), do.to(tl.float32), LOWP)
@@ -448,12 +450,16 @@ def _bwd_dg_kernel(
 
 
 class _Shapes:
-    def __init__(self, q: torch.Tensor, v: torch.Tensor):
+    def __init__(self, q: torch.Tensor, v: torch.Tensor, varlen: bool = False):
         self.B, self.T, self.H, self.K = q.shape
         self.V = v.shape[-1]
         self.N = triton.cdiv(self.T, CHUNK)
         self.BK, self.BV = _block(self.K), _block(self.V)
         self.lowp = q.dtype != torch.float32
+        # state loops: with packed sequences an external [BK, BV] tile is added inside the loop (the
+        # injected initial states, the final states' gradients); in fp32 at 64 x 64 that spilled ~7 KB
+        # per thread on sm_90 (compile gate), so those loops take half-width value blocks
+        self.BV_states = self.BV if not varlen or self.lowp else _block(self.V, 32)
 
 
 def _cumsum(g: torch.Tensor, s: _Shapes) -> torch.Tensor:
@@ -463,11 +469,12 @@ def _cumsum(g: torch.Tensor, s: _Shapes) -> torch.Tensor:
     return b
 
 
-def _states(k, v, b, h0, s: _Shapes, sid=None, X=None) -> torch.Tensor:
+def _states(k, v, b, h0, s: _Shapes, sid=None, X=None, flags=None) -> torch.Tensor:
     hs = torch.empty(s.B, s.H, s.N + 1, s.K, s.V, device=k.device, dtype=torch.float32)
-    _fwd_states_kernel[(s.B * s.H, triton.cdiv(s.K, s.BK), triton.cdiv(s.V, s.BV))](
+    _fwd_states_kernel[(s.B * s.H, triton.cdiv(s.K, s.BK), triton.cdiv(s.V, s.BV_states))](
         k, v, b, h0 if h0 is not None else hs, hs, sid if sid is not None else b, X if X is not None else hs,
-        s.T, s.H, s.K, s.V, s.N, HAS_H0=h0 is not None, LOWP=s.lowp, C=CHUNK, BK=s.BK, BV=s.BV,
+        flags if flags is not None else b,
+        s.T, s.H, s.K, s.V, s.N, HAS_H0=h0 is not None, LOWP=s.lowp, C=CHUNK, BK=s.BK, BV=s.BV_states,
         VARLEN=sid is not None, HAS_X=X is not None, num_warps=NUM_WARPS)
     return hs
 
@@ -475,21 +482,22 @@ def _states(k, v, b, h0, s: _Shapes, sid=None, X=None) -> torch.Tensor:
 class _GLAChunkTriton(torch.autograd.Function):
     """Returns (o, final state [B, H, K, V]); with ``sid`` (packed sequences, B = 1: the sequence of
     every step, int32 [T]) it returns (o without the initial states' in-chunk terms, the states
-    entering every chunk [1, H, N + 1, K, V]), ``X`` being the injected initial states (varlen.py)."""
+    entering every chunk [1, H, N + 1, K, V]), ``X`` being the injected initial states and ``flags``
+    (int32 [N + 1]) the chunks that have an injection (bit 0) or a final-state read (bit 1), varlen.py."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, scale, h0, sid=None, X=None):
+    def forward(ctx, q, k, v, g, scale, h0, sid=None, X=None, flags=None):
         q, k, v, g = (x.contiguous() for x in (q, k, v, g))
         h0c = None if h0 is None else h0.float().contiguous()
         X = None if X is None else X.contiguous()
-        s = _Shapes(q, v)
+        s = _Shapes(q, v, sid is not None)
         b = _cumsum(g, s)
-        hs = _states(k, v, b, h0c, s, sid, X)
+        hs = _states(k, v, b, h0c, s, sid, X, flags)
         o = torch.empty_like(v)
         _fwd_output_kernel[(s.B * s.H, s.N * (CHUNK // SUB), triton.cdiv(s.V, s.BV))](
             q, k, v, b, hs, o, sid if sid is not None else b, scale, s.T, s.H, s.K, s.V, s.N,
             LOWP=s.lowp, C=CHUNK, SUB=SUB, BK=s.BK, BV=s.BV, VARLEN=sid is not None, num_warps=NUM_WARPS)
-        ctx.save_for_backward(q, k, v, g, h0c, sid, X)
+        ctx.save_for_backward(q, k, v, g, h0c, sid, X, flags)
         ctx.scale, ctx.h0_dtype = scale, (None if h0 is None else h0.dtype)
         if sid is not None:
             return o, hs
@@ -497,18 +505,19 @@ class _GLAChunkTriton(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, g, h0c, sid, X = ctx.saved_tensors
+        q, k, v, g, h0c, sid, X, flags = ctx.saved_tensors
         scale = ctx.scale
-        s = _Shapes(q, v)
         varlen = sid is not None
+        s = _Shapes(q, v, varlen)
         sid_arg = sid if varlen else q
         do = torch.zeros_like(v) if do is None else do.contiguous()
         b = _cumsum(g, s)
-        hs = _states(k, v, b, h0c, s, sid, X)  # recomputed rather than stored
+        hs = _states(k, v, b, h0c, s, sid, X, flags)  # recomputed rather than stored
         dhs = torch.empty_like(hs)
-        _bwd_states_kernel[(s.B * s.H, triton.cdiv(s.K, s.BK), triton.cdiv(s.V, s.BV))](
-            q, do, b, dht.float().contiguous() if dht is not None else dhs, dhs, sid_arg, scale,
-            s.T, s.H, s.K, s.V, s.N, HAS_DHT=dht is not None, LOWP=s.lowp, C=CHUNK, BK=s.BK, BV=s.BV,
+        _bwd_states_kernel[(s.B * s.H, triton.cdiv(s.K, s.BK), triton.cdiv(s.V, s.BV_states))](
+            q, do, b, dht.float().contiguous() if dht is not None else dhs, dhs, sid_arg,
+            flags if flags is not None else sid_arg, scale,
+            s.T, s.H, s.K, s.V, s.N, HAS_DHT=dht is not None, LOWP=s.lowp, C=CHUNK, BK=s.BK, BV=s.BV_states,
             VARLEN=varlen, num_warps=NUM_WARPS)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         x = torch.empty_like(b)
@@ -527,7 +536,7 @@ class _GLAChunkTriton(torch.autograd.Function):
         dg = (dg.sum(-1) if g.dim() == 3 else dg).to(g.dtype)
         dh0 = None if h0c is None else dhs[:, :, 0].to(ctx.h0_dtype)
         dX = None if X is None else dhs[0]
-        return dq, dk, dv, dg, None, dh0, None, dX
+        return dq, dk, dv, dg, None, dh0, None, dX, None
 
 
 def gla_triton_chunked_varlen(q, k, v, g, scale: float, initial_state, output_final_state: bool, cu_seqlens):
@@ -542,7 +551,7 @@ def gla_triton_chunked_varlen(q, k, v, g, scale: float, initial_state, output_fi
         return q.new_zeros(1, 0, H, V), (S if output_final_state else None)
     h0 = L.select(initial_state)
     X = varlen.injection(g, h0, L)
-    o, hs = _GLAChunkTriton.apply(q, k, v, g, scale, None, L.seq.to(torch.int32), X)
+    o, hs = _GLAChunkTriton.apply(q, k, v, g, scale, None, L.seq.to(torch.int32), X, L.chunk_flags())
     extra = varlen.initial_state_output(q, g, h0, L, scale)
     if extra is not None:
         o = (o.float() + extra[None]).to(q.dtype)

@@ -73,6 +73,31 @@ class Layout:
             out[n] = (n + 1) * self.C not in ends
         return out.to(self.device)
 
+    def injections(self) -> List[tuple]:
+        """(chunk n, sequence m) for every sequence m at the first step c0 of chunk n that began at or
+        after ``c0 - C`` (its initial state enters the chunk recurrence there; chunk 0 always)."""
+        entries = [(0, 0)]
+        m = 0
+        for n in range(1, self.NC):
+            c0 = n * self.C
+            while self.ends[m] <= c0:
+                m += 1
+            if self.starts[m] > c0 - self.C:
+                entries.append((n, m))
+        return entries
+
+    def chunk_flags(self) -> torch.Tensor:
+        """int32 [NC + 1]: bit 0 where ``injection`` may be non-zero, bit 1 where ``final_states`` reads
+        the entering state (so its gradient may be non-zero); the Triton loops skip the other chunks."""
+        flags = [0] * (self.NC + 1)
+        for n, _ in self.injections():
+            flags[n] |= 1
+        for s, e in zip(self.starts, self.ends):
+            n = (e - 1) // self.C
+            if s <= n * self.C:
+                flags[n] |= 2
+        return torch.tensor(flags, dtype=torch.int32, device=self.device)
+
     def select(self, h0: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """The initial states of the non-empty sequences (fp32 [M, H, K, V]) or None."""
         if h0 is None:
@@ -111,14 +136,7 @@ def injection(g: torch.Tensor, h0: Optional[torch.Tensor], L: Layout) -> Optiona
         return None
     H, K, V = h0.shape[1:]
     C = L.C
-    entries = [(0, 0)]  # (chunk n, sequence m): m is at c0 of chunk n and began at or after c0 - C
-    m = 0
-    for n in range(1, L.NC):
-        c0 = n * C
-        while L.ends[m] <= c0:
-            m += 1
-        if L.starts[m] > c0 - C:
-            entries.append((n, m))
+    entries = L.injections()
     chunks = [n for n, _ in entries]
     seqs = torch.tensor([m for _, m in entries], dtype=torch.long, device=h0.device)
     prev = [max(n - 1, 0) for n in chunks]
