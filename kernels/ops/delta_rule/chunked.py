@@ -151,7 +151,8 @@ def delta_rule_chunked_varlen(q, k, v, beta, g, scale: float, initial_state, out
         if mine:  # sequences beginning strictly inside a chunk of this pass: chunk, rows, initial state
             chunks = [L.starts[m] // C for m in mine]
             t = torch.tensor(chunks)[:, None] * C + torch.arange(C)
-            rows = (t >= torch.tensor([L.starts[m] for m in mine])[:, None]) & (t < torch.tensor([L.ends[m] for m in mine])[:, None])
+            lo, hi = (torch.tensor([bounds[m] for m in mine])[:, None] for bounds in (L.starts, L.ends))
+            rows = (t >= lo) & (t < hi)
             own = (torch.tensor(chunks, device=q.device) - n0, rows.to(q.device),
                    h0.index_select(0, torch.tensor(mine, device=q.device)))
         x = X[:, n0:n1 + 1] if X is not None else None

@@ -66,12 +66,9 @@ class Layout:
 
     def flows(self) -> torch.Tensor:
         """bool [NC]: the sequence at a chunk's last step continues into the next chunk."""
-        cuts = [n for n in range(self.NC - 1)]
-        out = torch.zeros(self.NC, dtype=torch.bool)
         ends = set(self.ends)
-        for n in cuts:
-            out[n] = (n + 1) * self.C not in ends
-        return out.to(self.device)
+        flows = [(n + 1) * self.C not in ends for n in range(self.NC - 1)] + [False]
+        return torch.tensor(flows, dtype=torch.bool, device=self.device)
 
     def injections(self) -> List[tuple]:
         """(chunk n, sequence m) for every sequence m at the first step c0 of chunk n that began at or
