@@ -26,20 +26,37 @@ class TestDplr(ChunkedOpCases):
 def test_triton_chunk_blocks_over_keys_and_values(monkeypatch):
     # blocks shrunk so that K = 40 keys and V = 24 values take 3 key blocks (the last half empty) and 2
     # value blocks in every blocked loop, and 32-step chunks: each loop runs more than once and masks
-    # its end, as K = V = 128 / 256 do on a GPU
+    # its end, as K = V = 128 / 256 do on a GPU; the state loops contract W S in key blocks read back
+    # from the stored states, as fp32 inputs do at K > 64 (the test runs in fp32: the exact sizes)
     import kernels.ops.delta_rule._triton_utils as triton_utils
     from kernels.ops.dplr import triton_tiles
 
-    monkeypatch.setattr(triton_tiles, "_BLOCK", 16)
-    monkeypatch.setattr(triton_tiles, "_STATE_ELEMS", 64 * 16)
-    monkeypatch.setattr(triton_tiles, "_GRAD_ELEMS", 32 * 16)
+    for prefix in ("_", "_EXACT_"):
+        monkeypatch.setattr(triton_tiles, prefix + "BLOCK", 16)
+        monkeypatch.setattr(triton_tiles, prefix + "STATE_ELEMS", 64 * 16)
+        monkeypatch.setattr(triton_tiles, prefix + "GRAD_ELEMS", 32 * 16)
+    monkeypatch.setattr(triton_tiles, "_EXACT_LOOP_KEYS", 16)
     monkeypatch.setattr(triton_utils, "WIDE_HEAD", 16)
-    bl = triton_tiles.blocks(40, 24)
-    assert (bl.BT, bl.BK, bl.BV, bl.BKF, bl.BVS, bl.BKG) == (32, 16, 16, 64, 16, 16)
+    for exact in (False, True):
+        bl = triton_tiles.blocks(40, 24, exact=exact)
+        assert (bl.BT, bl.BK, bl.BV, bl.BKF, bl.BVS, bl.BKG) == (32, 16, 16, 64, 16, 16)
+        assert bl.BKR == (16 if exact else 64)
     monkeypatch.setattr(dplr_op, "RECURRENT_MAX_T", 0)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no fallback to the PyTorch path
         harness.compare_backends(OP, "triton", B=1, T=40, H=1, K=40, V=24, decay="moderate", with_state=True)
+
+
+@harness.triton_test
+def test_triton_chunk_of_64_in_fp32(monkeypatch):
+    # fp32 inputs take 32-step chunks (smaller tiles for the exact dots); the 64-step chunk that bf16
+    # inputs take at K, V <= 64 checked at fp32 tolerance too
+    from kernels.ops.dplr import triton_tiles
+
+    monkeypatch.setattr(triton_tiles, "_EXACT_CHUNK", 64)
+    assert triton_tiles.blocks(16, 32, exact=True).BT == 64
+    monkeypatch.setattr(dplr_op, "RECURRENT_MAX_T", 0)
+    harness.compare_backends(OP, "triton", B=1, T=70, H=2, K=16, V=32, decay="moderate", with_state=True)
 
 
 def test_bad_shapes_name_the_argument():

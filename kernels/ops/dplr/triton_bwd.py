@@ -52,9 +52,9 @@ def _solve_bwd(tinv_ptr, aqb_ptr, bd_ptr, do_ptr, wb_ptr, dyo_ptr, scale, T, H, 
 def _state_bwd(qg_ptr, wb_ptr, ap_ptr, G_ptr, do_ptr, dyo_ptr, dht_ptr, dstates_ptr, dy_ptr, dh0_ptr,
                scale, T, H, K, V, Tp, NT,
                HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
-               BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+               BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BKR: tl.constexpr, PREC: tl.constexpr):
     """Reverse loop: dS leaving each chunk and dY = dYo + Wb dS (``_solve_bwd``); qg, ap are q e^G and
-    a e^{G'} (``_decay_inputs``)."""
+    a e^{G'} (``_decay_inputs``). BKR < BK: Wb dS in key blocks read back (as in ``_state_fwd``)."""
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     bb, h = i_bh // H, i_bh % H
     v0 = i_v * BV
@@ -71,8 +71,17 @@ def _state_bwd(qg_ptr, wb_ptr, ap_ptr, G_ptr, do_ptr, dyo_ptr, dht_ptr, dstates_
         t0 = n * BT
         row0 = i_bh * Tp + t0
         tl.store(dstates_ptr + (i_bh.to(tl.int64) * NT + n) * K * V + kv_offs, dS, mask=kv_mask)
-        dy = load_tile(dyo_ptr, row0, BT, V, v0, BT, BV) \
-            + tl.dot(load_tile(wb_ptr, row0, BT, K, 0, BT, BK), dS, input_precision=PREC)
+        dy = load_tile(dyo_ptr, row0, BT, V, v0, BT, BV)
+        if BKR < BK:  # Wb dS in key blocks, from the gradient just stored
+            tl.debug_barrier()
+            srow = (i_bh * NT + n) * K
+            k0 = 0
+            while k0 < K:
+                dy += tl.dot(load_tile(wb_ptr, row0, BT, K, k0, BT, BKR),
+                             load_tile(dstates_ptr, srow + k0, K - k0, V, v0, BKR, BV), input_precision=PREC)
+                k0 += BKR
+        else:
+            dy += tl.dot(load_tile(wb_ptr, row0, BT, K, 0, BT, BK), dS, input_precision=PREC)
         store_tile(dy_ptr, dy, row0, BT, V, v0, BT, BV)
         dS = dS * tl.exp(load_row(G_ptr, row0 + BT - 1, K, 0, BK))[:, None] \
             + tl.dot(tl.trans(load_tile(qg_ptr, row0, BT, K, 0, BT, BK)),

@@ -1,7 +1,7 @@
 """Chunked Triton path of ``dplr``: host glue and autograd of the kernels in
 :mod:`kernels.ops.dplr.triton_fwd` and :mod:`kernels.ops.dplr.triton_bwd`.
 
-Per chunk of BT = 64 steps (32 for heads wider than 64, see ``chunk_length``) with entering state
+Per chunk of BT = 64 steps (32 for heads wider than 64 or fp32 inputs, see ``blocks``) with entering state
 S, per-key G = chunk-local cumsum(g), G'_t = G_{t-1} (G'_0 = 0) and z_t = S_{t-1}^T a_t (derivation
 in :mod:`kernels.ops.dplr.chunked`):
 
@@ -47,7 +47,7 @@ def _shift_down_in_chunks(x: torch.Tensor, BT: int) -> torch.Tensor:
 def _sizes(q, v) -> Tuple[int, int, int, int, int, int, int, Blocks]:
     B, T, H, K = q.shape
     V = v.shape[-1]
-    bl = blocks(K, V)
+    bl = blocks(K, V, exact=q.dtype == torch.float32)
     NT = triton.cdiv(T, bl.BT)
     return B, T, H, K, V, NT, NT * bl.BT, bl
 
@@ -79,7 +79,8 @@ def _forward(q, k, v, a, b, G, scale, h0, need_final):
     ht = torch.empty(B, H, K, V, **f32) if need_final else states
     _state_fwd[(triton.cdiv(V, bl.BVS), B * H)](
         v, G, kd, bd, wz, zv, h0 if h0 is not None else states, states, z, ht, T, H, K, V, Tp, NT,
-        HAS_H0=h0 is not None, STORE_FINAL=need_final, BT=BT, BK=bl.BKF, BV=bl.BVS, PREC=prec, **LAUNCH)
+        HAS_H0=h0 is not None, STORE_FINAL=need_final, BT=BT, BK=bl.BKF, BV=bl.BVS, BKR=bl.BKR, PREC=prec,
+        **LAUNCH)
     o = torch.empty(B, T, H, V, device=q.device, dtype=q.dtype)
     _output_fwd[(NT, B * H, triton.cdiv(V, bl.BV))](qg, v, aqk, aqb, states, z, o, scale, T, H, K, V, Tp, NT,
                                                      BT=BT, BK=bl.BK, BV=bl.BV, PREC=prec, **LAUNCH)
@@ -103,7 +104,8 @@ def _backward(q, k, v, a, b, G, aqk, aqb, pn, tinv, states, z, do, dht, scale, h
     _state_bwd[(triton.cdiv(V, bl.BVS), B * H)](
         qg, wb, ap, G, do, dyo, dht if dht is not None else dstates, dstates, dy,
         dh0 if dh0 is not None else dstates, scale, T, H, K, V, Tp, NT,
-        HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, BT=BT, BK=bl.BKF, BV=bl.BVS, PREC=prec, **LAUNCH)
+        HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, BT=BT, BK=bl.BKF, BV=bl.BVS, BKR=bl.BKR, PREC=prec,
+        **LAUNCH)
     del qg, bd, ap, wb, dyo
     d_scores = [torch.empty(B, H, Tp, BT, **f32) for _ in range(4)]  # dAqk, dAqb, dPn, dRn
     _dscores_bwd[(NT, B * H, 2)](do, dy, v, z, *d_scores, scale, T, H, V, Tp, BT=BT, BV=bl.BV, PREC=prec, **LAUNCH)
@@ -133,7 +135,7 @@ class DplrChunkFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, a, b, g, scale, h0, output_final_state):
-        G = chunk_cumsum(g, blocks(q.shape[-1], v.shape[-1]).BT)
+        G = chunk_cumsum(g, blocks(q.shape[-1], v.shape[-1], exact=q.dtype == torch.float32).BT)
         o, ht, saved = _forward(q, k, v, a, b, G, scale, h0, output_final_state)
         ctx.save_for_backward(q, k, v, a, b, G, *saved)
         ctx.scale, ctx.has_h0, ctx.g_dtype = scale, h0 is not None, g.dtype

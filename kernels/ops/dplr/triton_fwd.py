@@ -141,9 +141,10 @@ def _decay_inputs(q_ptr, k_ptr, a_ptr, b_ptr, G_ptr, qg_ptr, kd_ptr, bd_ptr, ap_
 def _state_fwd(v_ptr, G_ptr, kd_ptr, bd_ptr, wz_ptr, zv_ptr, h0_ptr, states_ptr, z_ptr, ht_ptr,
                T, H, K, V, Tp, NT,
                HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr,
-               BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+               BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BKR: tl.constexpr, PREC: tl.constexpr):
     """Loop over chunks for one head and value block: stores each entering state and Z = Zv + Wz S
-    (``_solve_fwd``); kd, bd = k, b e^{G_C - G} (``_decay_inputs``)."""
+    (``_solve_fwd``); kd, bd = k, b e^{G_C - G} (``_decay_inputs``). BKR < BK: Wz S is summed over
+    key blocks of BKR read back from the stored state (smaller dot operands for exact fp32 dots)."""
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     bb, h = i_bh // H, i_bh % H
     v0 = i_v * BV
@@ -159,8 +160,17 @@ def _state_fwd(v_ptr, G_ptr, kd_ptr, bd_ptr, wz_ptr, zv_ptr, h0_ptr, states_ptr,
         t0 = n * BT
         row0 = i_bh * Tp + t0
         tl.store(states_ptr + (i_bh.to(tl.int64) * NT + n) * K * V + kv_offs, S, mask=kv_mask)
-        z = load_tile(zv_ptr, row0, BT, V, v0, BT, BV) \
-            + tl.dot(load_tile(wz_ptr, row0, BT, K, 0, BT, BK), S, input_precision=PREC)
+        z = load_tile(zv_ptr, row0, BT, V, v0, BT, BV)
+        if BKR < BK:  # Wz S in key blocks, from the state just stored
+            tl.debug_barrier()
+            srow = (i_bh * NT + n) * K
+            k0 = 0
+            while k0 < K:
+                z += tl.dot(load_tile(wz_ptr, row0, BT, K, k0, BT, BKR),
+                            load_tile(states_ptr, srow + k0, K - k0, V, v0, BKR, BV), input_precision=PREC)
+                k0 += BKR
+        else:
+            z += tl.dot(load_tile(wz_ptr, row0, BT, K, 0, BT, BK), S, input_precision=PREC)
         store_tile(z_ptr, z, row0, BT, V, v0, BT, BV)
         S = S * tl.exp(load_row(G_ptr, row0 + BT - 1, K, 0, BK))[:, None] \
             + tl.dot(tl.trans(load_tile(kd_ptr, row0, BT, K, 0, BT, BK)),

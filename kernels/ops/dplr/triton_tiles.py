@@ -3,7 +3,8 @@
 Every kernel holds at most a bounded block of the head dimension: score and gradient kernels walk the
 keys (and values) in blocks of at most ``_BLOCK`` = 64 with partial sums; the two state-passing loops,
 whose solve needs the full key contraction S^T a, hold the state's column block [K, BV] with
-K * BV <= ``_STATE_ELEMS`` (BV = 32, 16, 16 for K = 64, 128, 256).
+K * BV <= ``_STATE_ELEMS`` (BV = 32, 16, 16 for K = 64, 128, 256). fp32 inputs take smaller tiles
+(``_EXACT_*``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,17 @@ KEY_SLICE = 8
 _STATE_ELEMS = 64 * 32
 #: elements of each [BT, BK] accumulator of the per-chunk gradient kernel
 _GRAD_ELEMS = 32 * 64
+#: exact fp32 dots (``input_precision="ieee"``, fp32 inputs) are FMA loops in which each thread holds
+#: its operands' whole reduction length: at the bf16 sizes they spilled kilobytes (sm_90, K = V = 64:
+#: ``_solve_bwd`` 8.8 KB, the state loops 5.8 KB), so they take 32-step chunks, blocks of 32 and
+#: [K, BV] state blocks of K * BV <= 1,024 elements, and the state loops contract the state with
+#: W (Wz S, Wb dS) in key blocks of ``_EXACT_BLOCK`` re-read from the stored states when K is wider
+#: than ``_EXACT_LOOP_KEYS``
+_EXACT_CHUNK = 32
+_EXACT_BLOCK = 32
+_EXACT_STATE_ELEMS = 64 * 16
+_EXACT_GRAD_ELEMS = 32 * 32
+_EXACT_LOOP_KEYS = 64
 #: widest head (keys or values) the chunked kernels take; wider heads use the PyTorch path
 MAX_HEAD = 256
 #: launch options of every dplr kernel: 8 warps keep the [BT, K] tiles of the state loops and the
@@ -43,14 +55,21 @@ class Blocks:
     BV: int  # value block of the blocked kernels
     BKG: int  # key block of the per-chunk state-gradient kernel
     NC: int  # sub-blocks per chunk
+    BKR: int  # key block of the state loops' W S contraction (BKF: one dot on the held state)
 
 
-def blocks(K: int, V: int) -> Blocks:
+def blocks(K: int, V: int, exact: bool = False) -> Blocks:
+    """Block sizes for K keys and V values; ``exact``: fp32 inputs (ieee dots), smaller tiles."""
     BT = chunk_length(K, V)
     BKF = block_size(K)
-    return Blocks(BT=BT, BKF=BKF, BVS=min(block_size(V), max(16, _STATE_ELEMS // BKF)),
-                  BK=min(BKF, _BLOCK), BV=min(block_size(V), _BLOCK),
-                  BKG=min(BKF, max(16, _GRAD_ELEMS // BT)), NC=BT // SUB)
+    blk, state, grad, BKR = _BLOCK, _STATE_ELEMS, _GRAD_ELEMS, BKF
+    if exact:
+        BT = min(BT, _EXACT_CHUNK)
+        blk, state, grad = _EXACT_BLOCK, _EXACT_STATE_ELEMS, _EXACT_GRAD_ELEMS
+        BKR = BKF if BKF <= _EXACT_LOOP_KEYS else min(BKF, _EXACT_BLOCK)
+    return Blocks(BT=BT, BKF=BKF, BVS=min(block_size(V), max(16, state // BKF)),
+                  BK=min(BKF, blk), BV=min(block_size(V), blk),
+                  BKG=min(BKF, max(16, grad // BT)), NC=BT // SUB, BKR=BKR)
 
 
 @triton.jit
