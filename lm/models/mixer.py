@@ -69,10 +69,10 @@ class TokenMixer(nn.Module, abc.ABC):
     def forward(self, x: torch.Tensor, state: State = None, return_state: bool = False) -> Tuple[torch.Tensor, State]:
         """The whole-sequence form: x [B, T, D] from ``state`` -> (y [B, T, D], the state after x or None)."""
 
-    def step(self, x_t: torch.Tensor, state: State, **shared: Any) -> Tuple[torch.Tensor, State]:
+    def step(self, x_t: torch.Tensor, state: State, **kwargs: Any) -> Tuple[torch.Tensor, State]:
         """One token: the whole-sequence form on a length-1 sequence with the carried state
-        (``shared=`` this token's cross-layer inputs [B, 1, ...], for mixers with ``uses_shared``)."""
-        y, state = self.forward(x_t[:, None], state, return_state=True, **shared)
+        (``kwargs``: ``shared=`` this token's cross-layer inputs [B, 1, ...], for ``uses_shared`` mixers)."""
+        y, state = self.forward(x_t[:, None], state, return_state=True, **kwargs)
         return y[:, 0], state
 
     @abc.abstractmethod

@@ -17,8 +17,9 @@ Against the reference (BlinkDL/RWKV-LM ``RWKV-v7``, ``rwkv_v7_demo.py`` and
 * the same by default: token shift and its six lerps, the decay
   ``exp(-e^{-1/2} sigmoid(.))`` (BlinkDL writes ``w = -softplus(-(.)) - 0.5`` and ``exp(-exp(w))``:
   equal), the low-rank maps (``w1/w2`` -> ``w_down/w_up``, ``a1/a2``, ``v1/v2``, ``g1/g2``), ``k_k``,
-  ``k_a``, ``r_k``; the **value residual** (``value_residual``; its source is layer 0, the reference
-  design: values from the first layer reach every later one, which BlinkDL reports helps training);
+  ``k_a``, ``r_k``; the **value residual** (``value_residual``, source layer 0: on by default so that ``rwkv7`` configs
+  are the reference design, whose published checkpoints all have it and import as they are; off
+  gives the earlier, per-layer-only values);
   the per-head **GroupNorm** ``ln_x`` (mean-centred, weight and bias, eps 64e-5 = 1e-5 * head size
   64; ``head_norm: rms`` is the earlier RMS-only norm); **ln0**, a LayerNorm on the embedding before
   block 0 (``embed_norm``, held by block 0 as ``norm0``); pre-LayerNorms ``ln1``/``ln2`` and
@@ -35,9 +36,10 @@ Against the reference (BlinkDL/RWKV-LM ``RWKV-v7``, ``rwkv_v7_demo.py`` and
   linear``), ``k_a`` 1 (1.02), ``r_k`` N(0, 0.1) (-0.04), ``a0`` 0 (``-0.19 + 0.3 zigzag + 0.4
   linear``), ``w_up``/``a_up`` zero and ``w_down``/``a_down`` normal (the reference zeroes the down
   maps and makes the up maps orthogonal * 0.1), the gate maps, projections, channel mixer and
-  embedding normal(init_std) (the reference: orthogonal/uniform, zero output and channel-mixer
-  value, embedding uniform(+-1e-4)), ``ln_x`` weight 1 (``((l+1)/L)^0.7``), channel-mixer lerp 0.5
-  (``1 - (n/C)^((1 - l/L)^4)``).
+  embedding normal(init_std) (the reference: ``g1`` zero / ``g2`` orthogonal * 0.1, receptance and
+  value uniform(+-0.5/sqrt(C)), key uniform(+-0.05/sqrt(C)), zero output and channel-mixer value,
+  embedding uniform(+-1e-4)), channel-mixer lerp 0.5 (``1 - (n/C)^((1 - l/L)^4)``); ``ln_x``
+  weight 1 as in BlinkDL's trainer (fla: ``((l+1)/L)^0.7``).
 * a hybrid whose layer 0 is not RWKV: its first RWKV layer is the value-residual source (its own
   ``v0/v_down/v_up`` then go unused).
 """
@@ -168,7 +170,8 @@ class RWKV7TimeMix(TokenMixer):
             if shared is not None:
                 shared["v_first"] = v
             return v
-        return v + (first.to(v.dtype) - v) * torch.sigmoid(self.v0 + self.v_up(self.v_down(xv)))
+        mix = torch.sigmoid(self.v0 + self.v_up(self.v_down(xv))).to(v.dtype)
+        return v + (first.to(v.dtype) - v) * mix
 
     def features(self, x: torch.Tensor, state=None, shared: Optional[Dict[str, Any]] = None):
         """r, k, v [B,T,H,K], the removal key kk, learning rate a, log decay, gate, last input."""
