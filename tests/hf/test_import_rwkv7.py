@@ -205,3 +205,25 @@ def test_cli_import_pth_then_generate_and_probe(tmp_path, tokenizer_file):
     torch.save({"emb.weight": torch.zeros(4, 8), "blocks.0.att.time_decay": torch.zeros(8)}, tmp_path / "old.pth")
     line = error_line(run_lm("import", str(tmp_path / "old.pth"), str(tmp_path / "y"), check=False))
     assert "old.pth: not an RWKV-7 state dict" in line
+
+
+def test_fla_older_single_lerp_parameter(tmp_path):
+    """fla's earlier RWKV7Attention kept the six lerps in one ``x_x`` [6, D]: the same import."""
+    pytest.importorskip("fla.models", reason="flash-linear-attention (fla.models) is not installed")
+    from fla.models import RWKV7Config, RWKV7ForCausalLM
+
+    from lm.hf.import_rwkv7 import fla_import
+    from tests.hf.test_import_fla import randomize
+
+    fla_cfg = RWKV7Config(hidden_size=64, num_hidden_layers=2, head_dim=16, vocab_size=96, intermediate_size=128,
+                          decay_low_rank_dim=8, a_low_rank_dim=8, v_low_rank_dim=16, gate_low_rank_dim=16)
+    sd = randomize(RWKV7ForCausalLM(fla_cfg)).state_dict()
+    old = dict(sd)
+    for i in range(2):
+        a = f"model.layers.{i}.attn"
+        old[f"{a}.x_x"] = torch.cat([old.pop(f"{a}.x_{c}").reshape(1, -1) for c in "rwkvag"])
+    cfg = fla_cfg.to_dict()
+    new_cfg, new_state = fla_import(cfg, sd, "new")
+    old_cfg, old_state = fla_import(cfg, old, "old")
+    assert new_cfg == old_cfg and new_state.keys() == old_state.keys()
+    assert all(torch.equal(new_state[k], old_state[k]) for k in new_state)

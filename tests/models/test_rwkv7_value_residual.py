@@ -113,3 +113,12 @@ def test_head_norm_is_a_per_head_group_norm():
         want = torch.nn.functional.group_norm(x.reshape(15, 32), 2, norm.weight.reshape(-1), norm.bias.reshape(-1),
                                               eps=64e-5).reshape(3, 5, 2, 16)
     assert torch.allclose(norm(x), want, atol=1e-5)
+
+
+def test_bf16_close_to_fp32():
+    model = rwkv()
+    with torch.no_grad():
+        want, _ = model(TOKENS)
+        got, _ = model.to(torch.bfloat16)(TOKENS)
+    assert got.dtype == torch.bfloat16
+    assert (got.float() - want).abs().max() <= 3e-2 * want.abs().max()
