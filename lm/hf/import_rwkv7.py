@@ -7,7 +7,7 @@ RWKV7ForCausalLM) and BlinkDL's ``.pth`` state dict (RWKV-LM ``RWKV-v7``: ``emb`
     mixer.mu [6, D]          <- a.x_r .. a.x_g (or a.x_x)     <- att.x_r .. att.x_g        r w k v a g
     mixer.w_down / w_up / w0 <- a.w_lora.lora.0 / .2 (+bias) <- att.w1^T / att.w2^T / att.w0
     mixer.a_down / a_up / a0 <- a.a_lora ...                  <- att.a1^T / att.a2^T / att.a0
-    mixer.v_down / v_up / v0 <- a.v_lora ... (layers > 0)     <- att.v1^T / att.v2^T / att.v0 (layer 0's unused: dropped)
+    mixer.v_down / v_up / v0 <- a.v_lora ... (layers > 0)     <- att.v1^T / att.v2^T / att.v0 (block 0's: dropped)
     mixer.g_down / g_up      <- a.g_lora.lora.0 / .2          <- att.g1^T / att.g2^T
     mixer.k_k, k_a, r_k      <- a.k_k, a.k_a, a.r_k           <- att.k_k, att.k_a, att.r_k
     mixer.receptance/key/value/output <- a.r/k/v/o_proj       <- att.receptance/key/value/output
@@ -100,11 +100,13 @@ def fla_checked(cfg: Dict[str, Any], source: Any) -> Dict[str, Any]:
     if cfg["attn"] is not None:
         raise Unsupported(source, f"hybrid softmax-attention layers (attn={cfg['attn']!r})")
     if cfg["hidden_act"] != "sqrelu":
-        raise Unsupported(source, f"a channel-mixer activation other than squared ReLU (hidden_act={cfg['hidden_act']!r})")
+        raise Unsupported(source, "a channel-mixer activation other than squared ReLU "
+                                  f"(hidden_act={cfg['hidden_act']!r})")
     D, L = int(cfg["hidden_size"]), int(cfg["num_hidden_layers"])
     K = int(cfg["head_dim"]) if cfg["head_dim"] else D // int(cfg["num_heads"])
     value_dim = cfg["value_dim"]
-    if value_dim is not None and any(int(v) != D for v in ([value_dim] * L if isinstance(value_dim, int) else value_dim)):
+    widths = [] if value_dim is None else [value_dim] * L if isinstance(value_dim, int) else value_dim
+    if any(int(v) != D for v in widths):
         raise Unsupported(source, f"a value width other than hidden_size (value_dim={value_dim!r})")
     if D % K:
         raise LMError(f"{source}: hidden_size {D} is not a multiple of head_dim {K}")
@@ -204,6 +206,7 @@ def blink_import(src: Dict[str, torch.Tensor], source: Any):
     if L > 1:
         ranks["v"] = out["blocks.1.mixer.v_down.weight"].shape[0]
     ffn = out["blocks.0.mlp.key.weight"].shape[0]
+    # max_seq_len only sets defaults elsewhere (an RNN has no length limit): the reference's ctx 4096
     model_cfg = model_config(D, H, L, V, ffn, ranks, BLINK_NORM_EPS, BLINK_LN_X_EPS, False, True, 4096, source)
     return model_cfg, out
 
