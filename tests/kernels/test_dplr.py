@@ -59,6 +59,16 @@ def test_triton_chunk_of_64_in_fp32(monkeypatch):
     harness.compare_backends(OP, "triton", B=1, T=70, H=2, K=16, V=32, decay="moderate", with_state=True)
 
 
+@harness.triton_test
+def test_triton_recurrent_backward_in_value_blocks(monkeypatch):
+    # wide keys shrink the fused-recurrent backward's value block (state and gradient on chip): here 16
+    # against the forward's 64, V = 40 in three blocks (the last one masked)
+    from kernels.ops.dplr import triton_recurrent
+
+    monkeypatch.setattr(triton_recurrent, "_BWD_STATE_ELEMS", 16 * 16)
+    harness.compare_backends(OP, "triton", B=1, T=7, H=2, K=16, V=40, decay="moderate", with_state=True)
+
+
 def test_bad_shapes_name_the_argument():
     args, _ = harness.make_inputs(OP, T=5)
     bad = dict(args, a=args["a"][:, :, :, :3])

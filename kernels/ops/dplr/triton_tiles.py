@@ -25,6 +25,9 @@ KEY_SLICE = 8
 _STATE_ELEMS = 64 * 32
 #: elements of each [BT, BK] accumulator of the per-chunk gradient kernel
 _GRAD_ELEMS = 32 * 64
+#: the same for 64-step chunks (K = V <= 64, bf16): a key block of 32 spilled 1.5 KB on sm_80, 16 none
+#: (at 32-step chunks a block of 32 spilled more than one of 64; ptxas -v, sm_80 / sm_90, bf16)
+_GRAD_ELEMS_64 = 64 * 16
 #: exact fp32 dots (``input_precision="ieee"``, fp32 inputs) are FMA loops in which each thread holds
 #: its operands' whole reduction length: at the bf16 sizes they spilled kilobytes (sm_90, K = V = 64:
 #: ``_solve_bwd`` 8.8 KB, the state loops 5.8 KB), so they take 32-step chunks, blocks of 32 and
@@ -62,7 +65,7 @@ def blocks(K: int, V: int, exact: bool = False) -> Blocks:
     """Block sizes for K keys and V values; ``exact``: fp32 inputs (ieee dots), smaller tiles."""
     BT = chunk_length(K, V)
     BKF = block_size(K)
-    blk, state, grad, BKR = _BLOCK, _STATE_ELEMS, _GRAD_ELEMS, BKF
+    blk, state, grad, BKR = _BLOCK, _STATE_ELEMS, (_GRAD_ELEMS if BT <= 32 else _GRAD_ELEMS_64), BKF
     if exact:
         BT = min(BT, _EXACT_CHUNK)
         blk, state, grad = _EXACT_BLOCK, _EXACT_STATE_ELEMS, _EXACT_GRAD_ELEMS
