@@ -29,6 +29,7 @@ from omegaconf import DictConfig
 
 from lm.config.loader import plain, to_yaml
 from lm.errors import ConfigError, LMError
+from lm.models.registry import model_name
 from lm.training.checkpoint import (
     STATE,
     latest_complete,
@@ -37,7 +38,6 @@ from lm.training.checkpoint import (
     step_dirs,
     write_atomic_text,
 )
-from lm.models.registry import model_name
 from lm.training.checkpoint_manager import CheckpointManager
 from lm.training.loggers import build_loggers
 from lm.training.module import LMModule, NonFiniteLossError, batch_loss, validation_metrics
