@@ -57,6 +57,16 @@ def test_triton_chunk_grads_walk_key_blocks(monkeypatch, gated):
         _compare_without_gate("triton", **shape)
 
 
+@harness.triton_test
+def test_triton_recurrent_backward_in_value_blocks(monkeypatch):
+    # wide keys shrink the fused-recurrent backward's value block (state and gradient on chip): here 16
+    # against the forward's 64, V = 40 in three blocks (the last one masked)
+    from kernels.ops.delta_rule import triton_recurrent
+
+    monkeypatch.setattr(triton_recurrent, "_BWD_STATE_ELEMS", 16 * 16)
+    harness.compare_backends(OP, "triton", B=1, T=7, H=2, K=16, V=40, decay="moderate", with_state=True)
+
+
 @pytest.mark.parametrize("T", [1, 65, 200])
 def test_torch_without_gate(T):
     _compare_without_gate("torch", T=T, with_state=True, seed=T)

@@ -21,6 +21,9 @@ from kernels.ops.delta_rule._chunks import empty_result
 from kernels.ops.delta_rule._triton_utils import LAUNCH, block_size
 
 _BV = 64
+#: the backward holds the state and its gradient ([K, BV] each): for wide keys its value block shrinks
+#: to K * BV <= 8,192 elements (K = 256, BV = 64 spilled up to 8.8 KB per thread; sm_80 / sm_90)
+_BWD_STATE_ELEMS = 128 * 64
 
 
 @triton.jit
@@ -143,7 +146,8 @@ class DeltaRuleRecurrentFunction(torch.autograd.Function):
             raise RuntimeError("delta_rule fused-recurrent backward: the forward did not keep the states")
         B, T, H, K = q.shape
         V = v.shape[-1]
-        BK, BV = block_size(K), min(block_size(V), _BV)
+        BK = block_size(K)
+        BV = min(block_size(V), _BV, max(16, _BWD_STATE_ELEMS // BK))
         NV = triton.cdiv(V, BV)
         f32 = dict(device=q.device, dtype=torch.float32)
         dq = torch.empty(NV, B, T, H, K, **f32)
