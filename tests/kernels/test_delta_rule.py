@@ -58,6 +58,18 @@ def test_triton_chunk_grads_walk_key_blocks(monkeypatch, gated):
 
 
 @harness.triton_test
+def test_triton_chunk_of_64_in_fp32(monkeypatch):
+    # fp32 inputs take 32-step chunks and 16-wide state blocks (smaller tiles for the exact dots); the
+    # 64-step chunk and 64-wide state blocks that bf16 inputs take at K, V <= 64 checked in fp32 too
+    from kernels.ops.delta_rule import triton_chunk
+
+    monkeypatch.setattr(triton_chunk, "_EXACT_CHUNK", 64)
+    monkeypatch.setattr(triton_chunk, "_EXACT_STATE_BV", 64)
+    monkeypatch.setattr(delta_rule_op, "RECURRENT_MAX_T", 0)
+    harness.compare_backends(OP, "triton", B=1, T=70, H=2, K=32, V=16, decay="moderate", with_state=True)
+
+
+@harness.triton_test
 def test_triton_recurrent_backward_in_value_blocks(monkeypatch):
     # wide keys shrink the fused-recurrent backward's value block (state and gradient on chip): here 16
     # against the forward's 64, V = 40 in three blocks (the last one masked)

@@ -1,6 +1,6 @@
 """Chunked Triton kernels for ``delta_rule`` (gated when ``g`` is given): forward and backward.
 
-Per chunk of BT = 64 steps (32 for heads wider than 64, see ``chunk_length``) with entering state
+Per chunk of BT = 64 steps (32 for heads wider than 64 or fp32 inputs, see ``_chunk``) with entering state
 S, b = chunk-local cumsum(g), gamma = exp(b) (derivation in :mod:`kernels.ops.delta_rule.chunked`):
 
     A = strict_lower(diag(beta) (exp(b_i - b_j)) * K K^T),  Ai = (I + A)^-1   (16-block substitution)
@@ -39,6 +39,11 @@ _BWD_LAUNCH = dict(LAUNCH, num_warps=8)
 #: blocks of 32 spill at most 68, and 16 for the exact fp32 dots (which ptxas lowers to FMA) at most 20
 _GRAD_BK = 32
 _GRAD_BK_FP32 = 16
+#: exact fp32 dots (fp32 inputs) are FMA loops in which each thread holds its operands' whole reduction
+#: length: with 64-step chunks and 64-wide state blocks K = V = 64 spilled 16-68 KB per thread (sm_80 /
+#: sm_90); 32-step chunks and state value blocks of 16 spill nothing there (K = 128 still spills)
+_EXACT_CHUNK = 32
+_EXACT_STATE_BV = 16
 
 
 @triton.jit
@@ -282,10 +287,21 @@ def _grads_solve(k_ptr, v_ptr, beta_ptr, bcum_ptr, ainv_ptr, w_ptr, ut_ptr, stat
         tl.store(db_ptr + row0 + rows, db + tl.load(db_ptr + row0 + rows))
 
 
+def _chunk(q, v) -> int:
+    """Chunk length: ``chunk_length``, at most ``_EXACT_CHUNK`` for fp32 inputs (exact dots)."""
+    BT = chunk_length(q.shape[-1], v.shape[-1])
+    return min(BT, _EXACT_CHUNK) if dot_precision(q.dtype) == "ieee" else BT
+
+
+def _state_bv(q, BV: int) -> int:
+    """Value block of the state-passing kernels."""
+    return min(BV, _EXACT_STATE_BV if dot_precision(q.dtype) == "ieee" else _STATE_BV)
+
+
 def _sizes(q, v):
     B, T, H, K = q.shape
     V = v.shape[-1]
-    BT = chunk_length(K, V)
+    BT = _chunk(q, v)
     NT = triton.cdiv(T, BT)
     return B, T, H, K, V, BT, NT, NT * BT
 
@@ -293,7 +309,7 @@ def _sizes(q, v):
 def _forward(q, k, v, beta, bcum, scale, h0, need_final):
     B, T, H, K, V, BT, NT, Tp = _sizes(q, v)
     BK, BV = block_size(K), block_size(V)
-    BVs = min(BV, _STATE_BV)
+    BVs = _state_bv(q, BV)
     prec = dot_precision(q.dtype)
     gated = bcum is not None
     f32 = dict(device=q.device, dtype=torch.float32)
@@ -321,7 +337,7 @@ class DeltaRuleChunkFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, beta, g, scale, h0, output_final_state):
-        bcum = chunk_cumsum(g, chunk_length(q.shape[-1], v.shape[-1])) if g is not None else None
+        bcum = chunk_cumsum(g, _chunk(q, v)) if g is not None else None
         o, ht, saved = _forward(q, k, v, beta, bcum, scale, h0, output_final_state)
         ctx.save_for_backward(q, k, v, beta, bcum, *saved)
         ctx.scale, ctx.gated, ctx.has_h0 = scale, g is not None, h0 is not None
@@ -333,7 +349,7 @@ class DeltaRuleChunkFunction(torch.autograd.Function):
         q, k, v, beta, bcum, ainv, w, ut, u, states = ctx.saved_tensors
         B, T, H, K, V, BT, NT, Tp = _sizes(q, v)
         BK, BV = block_size(K), block_size(V)
-        BVs = min(BV, _STATE_BV)
+        BVs = _state_bv(q, BV)
         prec = dot_precision(q.dtype)
         gated = ctx.gated
         do = do.contiguous()
