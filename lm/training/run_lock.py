@@ -21,19 +21,10 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, Optional
 
+from data.atomic import pid_alive as _pid_alive
 from lm.errors import LMError
 
 LOCK_FILE = ".lock"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _describe(info: Dict) -> str:
