@@ -41,3 +41,11 @@ def test_few_invalid_bytes_are_replaced_and_the_limit_can_be_raised(tmp_path):
     assert docs and "\ufffd" in docs[0].text
     with pytest.raises(ConfigError, match="max_invalid_utf8: must be in"):
         load_data_config("text", ["source.max_invalid_utf8=2"])
+
+
+def test_default_stdlib_corpus_reads_past_its_legacy_encoded_modules():
+    """``make demo``'s corpus: the standard library's KOI8-R / Latin-1 test modules are replaced, not fatal."""
+    cfg = load_data_config("stdlib", [])
+    stats = ReadStats()
+    n = sum(1 for _ in open_source(cfg.source).documents(stats))
+    assert n > 500 and stats.replaced > 0
