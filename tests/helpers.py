@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 from typing import Dict, List
 
@@ -105,3 +106,24 @@ def read_samples(run_dir: Path, rank: int = 0) -> Dict[int, List[List[int]]]:
         rec = json.loads(line)
         by_step.setdefault(rec["step"], {})[rec["batch_idx"]] = rec["index"]
     return {s: [v for _, v in sorted(b.items())] for s, b in by_step.items()}
+
+
+def write_mc_task(tasks: Path, data: Path, name: str = "tiny_mc") -> Path:
+    """An lm-evaluation-harness multiple-choice task ``name`` over the JSONL file ``data``
+    (fields question, choices, answer), written into the task directory ``tasks``."""
+    path = tasks / f"{name}.yaml"
+    path.write_text(textwrap.dedent(f"""\
+        task: {name}
+        dataset_path: json
+        dataset_kwargs:
+          data_files:
+            test: {data}
+        test_split: test
+        output_type: multiple_choice
+        doc_to_text: "{{{{question}}}}"
+        doc_to_choice: "{{{{choices}}}}"
+        doc_to_target: "{{{{answer}}}}"
+        metric_list:
+          - metric: acc
+        """))
+    return path

@@ -88,13 +88,12 @@ def _norm_weight(src: Dict[str, torch.Tensor], prefix: str, n: int, source: Any,
     return torch.ones(n)
 
 
-def gla_state(src: Dict[str, torch.Tensor], cfg: Dict[str, Any], model_cfg: Dict[str, Any],
-              source: Any) -> Dict[str, torch.Tensor]:
-    """Our state dict from an fla GLAForCausalLM state dict (every source key consumed)."""
-    cfg = {**GLA_DEFAULTS, **cfg}
-    src = dict(src)
-    H = model_cfg["n_heads"]
-    affine = bool(cfg["elementwise_affine"])
+def _skeleton_state(src: Dict[str, torch.Tensor], model_cfg: Dict[str, Any], source: Any,
+                    mixer_weights) -> Dict[str, torch.Tensor]:
+    """Our state dict from an fla ``*ForCausalLM`` state dict ``src`` (consumed): the shared
+    skeleton (embedding, final norm, head, per-layer norms, q/k/v/o projections, SwiGLU MLP) plus
+    ``mixer_weights(src, out, a, b)`` for the family's own weights of layer ``a`` -> ``b``.
+    Any source key left over is refused by name."""
     out = {"embed.weight": take(src, "model.embeddings.weight", source),
            "norm_f.weight": take(src, "model.norm.weight", source)}
     if model_cfg["tie_embeddings"]:
@@ -107,20 +106,33 @@ def gla_state(src: Dict[str, torch.Tensor], cfg: Dict[str, Any], model_cfg: Dict
         out[f"{b}.norm2.weight"] = take(src, f"{a}.mlp_norm.weight", source)
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
             out[f"{b}.mixer.{name}.weight"] = take(src, f"{a}.attn.{name}.weight", source)
-        if model_cfg["mixer"]["output_gate"]:
-            out[f"{b}.mixer.gate_proj.weight"] = take(src, f"{a}.attn.g_proj.weight", source)
-        out[f"{b}.mixer.g_down.weight"] = take(src, f"{a}.attn.gk_proj.0.weight", source)
-        out[f"{b}.mixer.g_up.weight"] = take(src, f"{a}.attn.gk_proj.1.weight", source)
-        out[f"{b}.mixer.g_up.bias"] = take(src, f"{a}.attn.gk_proj.1.bias", source)
-        norm = f"{a}.attn.g_norm_swish_gate" if f"{a}.attn.g_norm_swish_gate.weight" in src else f"{a}.attn.g_norm"
-        dv = int(model_cfg["d_model"] * model_cfg["mixer"]["expand_v"]) // H
-        out[f"{b}.mixer.o_norm.weight"] = _norm_weight(src, norm, dv, source, affine).expand(H, dv).clone()
+        mixer_weights(src, out, a, b)
         gate, up = take(src, f"{a}.mlp.gate_proj.weight", source), take(src, f"{a}.mlp.up_proj.weight", source)
         out[f"{b}.mlp.gate_up.weight"] = torch.cat([gate, up], dim=0)
         out[f"{b}.mlp.down.weight"] = take(src, f"{a}.mlp.down_proj.weight", source)
     if src:
         raise Unsupported(source, f"weights this importer does not know ({', '.join(sorted(src)[:4])})")
     return out
+
+
+def gla_state(src: Dict[str, torch.Tensor], cfg: Dict[str, Any], model_cfg: Dict[str, Any],
+              source: Any) -> Dict[str, torch.Tensor]:
+    """Our state dict from an fla GLAForCausalLM state dict (every source key consumed)."""
+    cfg = {**GLA_DEFAULTS, **cfg}
+    H = model_cfg["n_heads"]
+    affine = bool(cfg["elementwise_affine"])
+    dv = int(model_cfg["d_model"] * model_cfg["mixer"]["expand_v"]) // H
+
+    def mixer_weights(src, out, a, b):
+        if model_cfg["mixer"]["output_gate"]:
+            out[f"{b}.mixer.gate_proj.weight"] = take(src, f"{a}.attn.g_proj.weight", source)
+        out[f"{b}.mixer.g_down.weight"] = take(src, f"{a}.attn.gk_proj.0.weight", source)
+        out[f"{b}.mixer.g_up.weight"] = take(src, f"{a}.attn.gk_proj.1.weight", source)
+        out[f"{b}.mixer.g_up.bias"] = take(src, f"{a}.attn.gk_proj.1.bias", source)
+        norm = f"{a}.attn.g_norm_swish_gate" if f"{a}.attn.g_norm_swish_gate.weight" in src else f"{a}.attn.g_norm"
+        out[f"{b}.mixer.o_norm.weight"] = _norm_weight(src, norm, dv, source, affine).expand(H, dv).clone()
+
+    return _skeleton_state(dict(src), model_cfg, source, mixer_weights)
 
 
 DELTANET_DEFAULTS = {"expand_k": 1.0, "expand_v": 1.0, "use_gate": False, "use_short_conv": True,
@@ -159,20 +171,9 @@ def deltanet_state(src: Dict[str, torch.Tensor], cfg: Dict[str, Any], model_cfg:
                    source: Any) -> Dict[str, torch.Tensor]:
     """Our state dict from an fla DeltaNetForCausalLM state dict: as GLA's, plus the short
     convolutions (weight [C, 1, K] -> [C, K], bias or zeros) and beta's projection (bias zeros)."""
-    src = dict(src)
     H = model_cfg["n_heads"]
-    out = {"embed.weight": take(src, "model.embeddings.weight", source),
-           "norm_f.weight": take(src, "model.norm.weight", source)}
-    if model_cfg["tie_embeddings"]:
-        src.pop("lm_head.weight", None)
-    else:
-        out["head.weight"] = take(src, "lm_head.weight", source)
-    for i in range(model_cfg["n_layers"]):
-        a, b = f"model.layers.{i}", f"blocks.{i}"
-        out[f"{b}.norm1.weight"] = take(src, f"{a}.attn_norm.weight", source)
-        out[f"{b}.norm2.weight"] = take(src, f"{a}.mlp_norm.weight", source)
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            out[f"{b}.mixer.{name}.weight"] = take(src, f"{a}.attn.{name}.weight", source)
+
+    def mixer_weights(src, out, a, b):
         for ours, theirs in (("conv_q", "q_conv1d"), ("conv_k", "k_conv1d"), ("conv_v", "v_conv1d")):
             w = take(src, f"{a}.attn.{theirs}.weight", source)
             out[f"{b}.mixer.{ours}.weight"] = w.reshape(w.shape[0], -1)
@@ -182,12 +183,8 @@ def deltanet_state(src: Dict[str, torch.Tensor], cfg: Dict[str, Any], model_cfg:
         out[f"{b}.mixer.b_proj.bias"] = src.pop(f"{a}.attn.b_proj.bias", torch.zeros(beta.shape[0]))
         dv = int((model_cfg.get("head_dim") or model_cfg["d_model"] // H) * model_cfg["mixer"]["expand_v"])
         out[f"{b}.mixer.o_norm.weight"] = take(src, f"{a}.attn.o_norm.weight", source).expand(H, dv).clone()
-        gate, up = take(src, f"{a}.mlp.gate_proj.weight", source), take(src, f"{a}.mlp.up_proj.weight", source)
-        out[f"{b}.mlp.gate_up.weight"] = torch.cat([gate, up], dim=0)
-        out[f"{b}.mlp.down.weight"] = take(src, f"{a}.mlp.down_proj.weight", source)
-    if src:
-        raise Unsupported(source, f"weights this importer does not know ({', '.join(sorted(src)[:4])})")
-    return out
+
+    return _skeleton_state(dict(src), model_cfg, source, mixer_weights)
 
 
 GATED_DELTANET_DEFAULTS = {"expand_v": 2.0, "use_gate": True, "use_short_conv": True, "allow_neg_eigval": False,

@@ -137,7 +137,8 @@ class RnnLMForCausalLM(PreTrainedModel, GenerationMixin):
         if not names:
             return
         if not isinstance(module, TokenMixer):
-            raise NotImplementedError(f"{type(module).__name__}: no rule to rebuild buffers {names}")
+            raise TypeError(f"{type(module).__name__}: non-persistent buffers {names} outside a token mixer "
+                            "cannot be rebuilt on load")
         with torch.device("cpu"):
             fresh = type(module)(module.cfg, module.options, module.layer_idx)
         with torch.no_grad():

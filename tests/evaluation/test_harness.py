@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.evaluation.conftest import error_line, lm_env, run_lm, run_lm_subprocess
+from tests.helpers import write_mc_task
 
 pytest.importorskip("lm_eval", reason="the optional extra 'eval' (lm-evaluation-harness) is not installed")
 
@@ -75,20 +76,7 @@ def test_harness_cli_offline_with_local_tasks(lm_runs, tmp_path):
     texts.write_text("\n".join(json.dumps({"text": t}) for t in ["def f(x):\n    return x\n", "import sys\n"]) + "\n")
     tasks = tmp_path / "tasks"
     tasks.mkdir()
-    (tasks / "tiny_mc.yaml").write_text(textwrap.dedent(f"""\
-        task: tiny_mc
-        dataset_path: json
-        dataset_kwargs:
-          data_files:
-            test: {mc}
-        test_split: test
-        output_type: multiple_choice
-        doc_to_text: "{{{{question}}}}"
-        doc_to_choice: "{{{{choices}}}}"
-        doc_to_target: "{{{{answer}}}}"
-        metric_list:
-          - metric: acc
-        """))
+    write_mc_task(tasks, mc)
     (tasks / "tiny_rolling.yaml").write_text(textwrap.dedent(f"""\
         task: tiny_rolling
         dataset_path: json

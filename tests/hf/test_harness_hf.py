@@ -12,6 +12,7 @@ import textwrap
 
 import pytest
 
+from tests.helpers import write_mc_task
 from tests.hf.conftest import tiny_config, write_source
 
 pytest.importorskip("transformers", reason="the optional extra 'hf' (transformers) is not installed")
@@ -56,20 +57,7 @@ def test_simple_evaluate_hf_on_local_task(tmp_path, tokenizer_file):
     ]) + "\n")
     tasks = tmp_path / "tasks"
     tasks.mkdir()
-    (tasks / "tiny_mc.yaml").write_text(textwrap.dedent(f"""\
-        task: tiny_mc
-        dataset_path: json
-        dataset_kwargs:
-          data_files:
-            test: {mc}
-        test_split: test
-        output_type: multiple_choice
-        doc_to_text: "{{{{question}}}}"
-        doc_to_choice: "{{{{choices}}}}"
-        doc_to_target: "{{{{answer}}}}"
-        metric_list:
-          - metric: acc
-        """))
+    write_mc_task(tasks, mc)
     code = textwrap.dedent(f"""\
         import json
         from lm_eval import simple_evaluate
