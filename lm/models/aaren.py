@@ -20,7 +20,7 @@ import torch.nn as nn
 
 import kernels
 from kernels.ops.softmax_scan.reference import empty_state
-from lm.models.mixer import ImplicitAttention, TokenMixer, get, onehot_values
+from lm.models.mixer import ImplicitAttention, TokenMixer, get, onehot_values, packed_scan
 from lm.models.registry import register
 
 
@@ -53,13 +53,18 @@ class Aaren(TokenMixer):
         k = self.k_proj(x).view(B, T, self.n_heads, self.head_dim)
         return torch.einsum("bthk,hk->bth", k.float(), self.query.float()) * self.head_dim ** -0.5
 
-    def forward(self, x, state=None, return_state=False):
+    def forward(self, x, state=None, return_state=False, segments=None):
         B, T, _ = x.shape
         H, K = self.n_heads, self.head_dim
         v = self.v_proj(x).view(B, T, H, K)
         s0 = None if get(state, "m") is None else (state["m"], state["u"], state["w"])
-        out, final = kernels.softmax_scan(self.scores(x).to(x.dtype), v, initial_state=s0,
-                                          output_final_state=return_state, backend=self.backend)
+        if segments is None:
+            out, final = kernels.softmax_scan(self.scores(x).to(x.dtype), v, initial_state=s0,
+                                              output_final_state=return_state, backend=self.backend)
+        else:  # the scan restarts (empty state) at every document start
+            out, final = packed_scan(kernels.softmax_scan, segments, (self.scores(x).to(x.dtype), v), s0,
+                                     lambda n: empty_state(n, H, K, x.device), return_state,
+                                     backend=self.backend)
         y = self.o_proj(out.reshape(B, T, H * K))
         if not return_state:
             return y, None

@@ -28,7 +28,7 @@ import torch.nn as nn
 import kernels
 from kernels.ops.srwm.reference import broadcast_weights
 from lm.models.layers import HeadNorm
-from lm.models.mixer import TokenMixer, get
+from lm.models.mixer import TokenMixer, get, packed_scan
 from lm.models.registry import register
 
 
@@ -76,7 +76,9 @@ class FastWeightProgrammer(TokenMixer):
                 for p in (self.w_y, self.w_q, self.w_k, self.w_b):
                     nn.init.normal_(p, 0.0, K ** -0.5)
 
-    def forward(self, x, state=None, return_state=False):
+    def forward(self, x, state=None, return_state=False, segments=None):
+        if segments is not None:
+            return self._forward_segments(x, state, return_state, segments)
         B, T, _ = x.shape
         H, K = self.n_heads, self.head_dim
         if self.variant == "recurrent_delta":
@@ -93,6 +95,35 @@ class FastWeightProgrammer(TokenMixer):
             out, final = kernels.srwm(
                 self.in_proj(x).view(B, T, H, K), *(w.to(x.dtype) for w in weights),
                 initial_state=W0, output_final_state=return_state, backend=self.backend)
+            new_state = {"W": final} if return_state else None
+        if self.o_norm is not None:
+            out = self.o_norm(out)
+        return self.o_proj(out.reshape(B, T, H * K)), new_state
+
+    def _forward_segments(self, x, state, return_state, segments):
+        """Reset at document starts: the kernels' ``cu_seqlens`` over the packed row. A fresh segment
+        starts from S = 0, y = 0 (recurrent_delta) or from the learned initial weights (srwm: shared by
+        every sequence when no row carries a state, else broadcast per segment)."""
+        B, T, _ = x.shape
+        H, K = self.n_heads, self.head_dim
+        if self.variant == "recurrent_delta":
+            S0 = None if get(state, "S") is None else (state["S"], state["y"])
+            fresh = lambda n: (torch.zeros(n, H, K, K, device=x.device),  # noqa: E731
+                               torch.zeros(n, H, K, device=x.device))
+            out, final = packed_scan(
+                kernels.recurrent_delta, segments,
+                (self.q_proj(x).view(B, T, H, K), self.k_proj(x).view(B, T, H, K),
+                 self.v_proj(x).view(B, T, H, K), self.b_proj(x)),
+                S0, fresh, return_state, r_q=self.r_q.to(x.dtype), r_k=self.r_k.to(x.dtype),
+                r_v=self.r_v.to(x.dtype), r_b=self.r_b.to(x.dtype), backend=self.backend)
+            new_state = {"S": final[0], "y": final[1]} if return_state else None
+        else:
+            weights = (self.w_y, self.w_q, self.w_k, self.w_b)
+            fresh = lambda n: tuple(broadcast_weights(w.float(), n) for w in weights)  # noqa: E731
+            w_y, w_q, w_k, w_b = (w.to(x.dtype) for w in weights)
+            out, final = packed_scan(kernels.srwm, segments, (self.in_proj(x).view(B, T, H, K),), get(state, "W"),
+                                     fresh, return_state, w_y=w_y, w_q=w_q, w_k=w_k, w_b=w_b,
+                                     backend=self.backend)
             new_state = {"W": final} if return_state else None
         if self.o_norm is not None:
             out = self.o_norm(out)

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import kernels
 from kernels._chunk_utils import causal_mask, masked_exp_diff
 from lm.errors import ConfigError
-from lm.models.mixer import ImplicitAttention, TokenMixer, get
+from lm.models.mixer import ImplicitAttention, TokenMixer, get, packed_scan
 from lm.models.registry import register
 
 ACTIVATIONS = {"identity": lambda x: x, "sigmoid": torch.sigmoid, "silu": F.silu}
@@ -110,8 +110,9 @@ class GatedRNN(TokenMixer):
         rate = F.softplus(-self.nu)  # positive per unit
         return -self.options.rg_lru_c * rate * torch.sigmoid(self.w_r(x).float())
 
-    def scan(self, x: torch.Tensor, h0=None, return_state: bool = False):
-        """The output-gated hidden states act_out(W_q x_t) * h_t [B, T, N] (before W_o), and h_T."""
+    def scan(self, x: torch.Tensor, h0=None, return_state: bool = False, segments=None):
+        """The output-gated hidden states act_out(W_q x_t) * h_t [B, T, N] (before W_o), and h_T
+        (with ``segments``: reset at document starts, each row's state after its last document)."""
         o = self.options
         B, T, _ = x.shape
         u = self.w_v(x)
@@ -122,14 +123,19 @@ class GatedRNN(TokenMixer):
         if o.normalize_input:
             u = u * torch.sqrt(-torch.expm1(2 * log_lam)).to(u.dtype)
         a = lam.expand(B, T, self.state_dim) if lam.dim() == 1 else lam
-        h, h_last = kernels.linear_scan(a, u, initial_state=h0, output_final_state=return_state,
-                                        backend=self.backend)
+        if segments is None:
+            h, h_last = kernels.linear_scan(a, u, initial_state=h0, output_final_state=return_state,
+                                            backend=self.backend)
+        else:
+            h, h_last = packed_scan(kernels.linear_scan, segments, (a, u), h0,
+                                    lambda n: torch.zeros(n, self.state_dim, device=x.device),
+                                    return_state, backend=self.backend)
         if self.w_q is not None:
             h = h * ACTIVATIONS[o.output_activation](self.w_q(x))
         return h, h_last
 
-    def forward(self, x, state=None, return_state=False):
-        h, h_last = self.scan(x, get(state, "h"), return_state)
+    def forward(self, x, state=None, return_state=False, segments=None):
+        h, h_last = self.scan(x, get(state, "h"), return_state, segments)
         return self.w_o(h), ({"h": h_last} if return_state else None)
 
     def init_state(self, batch_size, device=None, dtype=None):

@@ -8,11 +8,14 @@ sequence token by token (the last inputs of a shift or a convolution).
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import TYPE_CHECKING, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+if TYPE_CHECKING:  # pragma: no cover
+    from lm.models.segments import Segments
 
 
 def make_norm(kind: str, dim: int, eps: float) -> nn.Module:
@@ -45,13 +48,18 @@ def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return F.normalize(x, p=2.0, dim=-1, eps=eps)
 
 
-def token_shift(x: torch.Tensor, last: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+def token_shift(x: torch.Tensor, last: Optional[torch.Tensor],
+                segments: "Optional[Segments]" = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """The previous token's input: ``shifted[:, t] = x[:, t-1]``, ``shifted[:, 0] = last`` (or 0).
 
     x: [B, T, D]; last: [B, D] or None. Returns (shifted [B, T, D], new last = x[:, -1]).
+    With ``segments`` (document starts), the previous input counts only within the token's document
+    (``segments.same_document(1)``): a document's first token sees zeros, as at a sequence start.
     """
     first = torch.zeros_like(x[:, :1]) if last is None else last[:, None].to(x.dtype)
     shifted = torch.cat([first, x[:, :-1]], dim=1)
+    if segments is not None:
+        shifted = torch.where(segments.same_document(1)[..., None], shifted, torch.zeros_like(shifted))
     return shifted, x[:, -1]
 
 
@@ -59,6 +67,10 @@ class ShortConv(nn.Module):
     """Depthwise causal convolution over time: ``y_t = sum_{j<K} w_j * x_{t-j}`` (+ SiLU).
 
     The state is the last ``K - 1`` inputs ``[B, K-1, D]`` so that stepping equals a whole pass.
+    With ``segments`` (document starts) an input ``j`` steps back counts only within the token's
+    document (``segments.same_document(j)``, else zero as at a sequence start), and the returned
+    history zeroes the inputs before the row's last document start, so that a carried history
+    never leaks across a boundary.
     """
 
     def __init__(self, dim: int, kernel_size: int = 4, activation: bool = True):
@@ -69,16 +81,37 @@ class ShortConv(nn.Module):
         self.bias = nn.Parameter(torch.zeros(dim))
         nn.init.uniform_(self.weight, -1 / math.sqrt(kernel_size), 1 / math.sqrt(kernel_size))
 
-    def forward(self, x: torch.Tensor, state: Optional[torch.Tensor] = None):
+    def forward(self, x: torch.Tensor, state: Optional[torch.Tensor] = None,
+                segments: "Optional[Segments]" = None):
         B, T, D = x.shape
         pad = self.kernel_size - 1
         history = x.new_zeros(B, pad, D) if state is None else state.to(x.dtype)
         xp = torch.cat([history, x], dim=1)  # [B, pad + T, D]
+        if segments is not None:
+            return self._forward_segments(xp, T, segments)
         y = F.conv1d(xp.transpose(1, 2), self.weight.unsqueeze(1).to(x.dtype), self.bias.to(x.dtype), groups=D)
         y = y.transpose(1, 2)
         if self.activation:
             y = F.silu(y)
         return y, xp[:, -pad:] if pad > 0 else xp[:, :0]
+
+    def _forward_segments(self, xp: torch.Tensor, T: int, segments: "Segments"):
+        """The convolution as K masked shifted products (lag j: weight column ``pad - j``)."""
+        pad = self.kernel_size - 1
+        w = self.weight.to(xp.dtype)
+        y = self.bias.to(xp.dtype).expand(xp.shape[0], T, xp.shape[2])
+        for j in range(self.kernel_size):
+            xj = xp[:, pad - j: pad - j + T]
+            if j > 0:
+                xj = torch.where(segments.same_document(j)[..., None], xj, torch.zeros_like(xj))
+            y = y + xj * w[:, pad - j]
+        if self.activation:
+            y = F.silu(y)
+        if pad == 0:
+            return y, xp[:, :0]
+        history = xp[:, -pad:]
+        keep = torch.stack([segments.same_document_after(pad - i) for i in range(pad)], dim=1)  # [B, pad]
+        return y, torch.where(keep[..., None], history, torch.zeros_like(history))
 
 
 class SwiGLU(nn.Module):
@@ -92,7 +125,8 @@ class SwiGLU(nn.Module):
         self.down = nn.Linear(hidden, d_model, bias=False)
         self.down.is_residual_out = True
 
-    def forward(self, x: torch.Tensor, state=None):
+    def forward(self, x: torch.Tensor, state=None, segments=None):
+        """``segments`` is accepted and ignored: the map is per token."""
         gate, up = self.gate_up(x).chunk(2, dim=-1)
         return self.down(F.silu(gate) * up), None
 
@@ -114,8 +148,9 @@ class RWKVChannelMix(nn.Module):
         self.value = nn.Linear(hidden, d_model, bias=False)
         self.value.is_residual_out = True
 
-    def forward(self, x: torch.Tensor, state: Optional[torch.Tensor] = None):
-        prev, last = token_shift(x, state)
+    def forward(self, x: torch.Tensor, state: Optional[torch.Tensor] = None,
+                segments: "Optional[Segments]" = None):
+        prev, last = token_shift(x, state, segments)
         xk = x + (prev - x) * self.mu.to(x.dtype)
         return self.value(torch.relu(self.key(xk)).square()), last
 

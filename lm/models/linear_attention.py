@@ -28,7 +28,7 @@ import torch.nn.functional as F
 import kernels
 from lm.errors import ConfigError
 from lm.models.layers import HeadNorm, ShortConv, l2_normalize
-from lm.models.mixer import ImplicitAttention, TokenMixer, get, onehot_values
+from lm.models.mixer import ImplicitAttention, TokenMixer, get, onehot_values, packed_scan
 from lm.models.registry import register
 
 FEATURE_MAPS = {
@@ -142,17 +142,19 @@ class LinearAttention(TokenMixer):
             return -torch.exp(self.A_log.float()) * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
         return None
 
-    def features(self, x: torch.Tensor, state=None):
-        """Kernel inputs q, k [B,T,H,K], v [B,T,H,V], log decay g, beta [B,T,H], and conv states."""
+    def features(self, x: torch.Tensor, state=None, segments=None):
+        """Kernel inputs q, k [B,T,H,K], v [B,T,H,V], log decay g, beta [B,T,H], and conv states
+        (``segments``: the short convolutions reset at document starts)."""
         o = self.options
         B, T, _ = x.shape
         H, K, V = self.n_heads, self.key_dim, self.value_dim
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         conv_state = {}
         if o.short_conv:
-            q, conv_state["conv_q"] = self.conv_q(q, get(state, "conv_q"))
-            k, conv_state["conv_k"] = self.conv_k(k, get(state, "conv_k"))
-            v, conv_state["conv_v"] = self.conv_v(v, get(state, "conv_v"))
+            seg = {} if segments is None else {"segments": segments}
+            q, conv_state["conv_q"] = self.conv_q(q, get(state, "conv_q"), **seg)
+            k, conv_state["conv_k"] = self.conv_k(k, get(state, "conv_k"), **seg)
+            v, conv_state["conv_v"] = self.conv_v(v, get(state, "conv_v"), **seg)
         q = FEATURE_MAPS[o.feature_map](q.view(B, T, H, K))
         k = FEATURE_MAPS[o.feature_map](k.view(B, T, H, K))
         v = v.view(B, T, H, V)
@@ -164,9 +166,12 @@ class LinearAttention(TokenMixer):
         beta = torch.sigmoid(self.b_proj(x).float()).to(x.dtype) if o.rule == "delta" else None
         return q, k, v, g, beta, conv_state
 
-    def mix(self, q, k, v, g, beta, S0=None, return_state=False):
-        """The kernel: o_t = scale S_t^T q_t (divided by the normaliser for the linear Transformer)."""
+    def mix(self, q, k, v, g, beta, S0=None, return_state=False, segments=None):
+        """The kernel: o_t = scale S_t^T q_t (divided by the normaliser for the linear Transformer).
+        With ``segments`` the kernels run the packed row with ``cu_seqlens`` (reset at document starts)."""
         o = self.options
+        if segments is not None:
+            return self._mix_segments(q, k, v, g, beta, S0, return_state, segments)
         if o.rule == "delta":
             return kernels.delta_rule(q, k, v, beta, g, initial_state=S0, output_final_state=return_state,
                                       backend=self.backend)
@@ -178,12 +183,32 @@ class LinearAttention(TokenMixer):
                              output_final_state=return_state, backend=self.backend)
         return out[..., :V] / (out[..., V:].float() + 1e-6).to(out.dtype), S
 
-    def forward(self, x, state=None, return_state=False):
+    def _mix_segments(self, q, k, v, g, beta, S0, return_state, segments):
+        o = self.options
+        H, K = self.n_heads, self.key_dim
+        Vs = v.shape[-1] + (1 if o.denominator else 0)
+        fresh = lambda n: torch.zeros(n, H, K, Vs, device=q.device)  # noqa: E731
+        if o.rule == "delta":
+            return packed_scan(kernels.delta_rule, segments, (q, k, v, beta, g), S0, fresh, return_state,
+                               backend=self.backend)
+        if not o.denominator:
+            return packed_scan(kernels.gla, segments, (q, k, v, g), S0, fresh, return_state, backend=self.backend)
+        V = v.shape[-1]
+        ones = torch.ones_like(v[..., :1])
+        out, S = packed_scan(kernels.gla, segments, (q, k, torch.cat([v, ones], dim=-1), g), S0, fresh,
+                             return_state, scale=1.0, backend=self.backend)
+        return out[..., :V] / (out[..., V:].float() + 1e-6).to(out.dtype), S
+
+    def forward(self, x, state=None, return_state=False, segments=None):
         o = self.options
         B, T, _ = x.shape
         H, V = self.n_heads, self.value_dim
-        q, k, v, g, beta, new_state = self.features(x, state)
-        out, S = self.mix(q, k, v, g, beta, get(state, "S"), return_state)
+        if segments is None:
+            q, k, v, g, beta, new_state = self.features(x, state)
+            out, S = self.mix(q, k, v, g, beta, get(state, "S"), return_state)
+        else:
+            q, k, v, g, beta, new_state = self.features(x, state, segments)
+            out, S = self.mix(q, k, v, g, beta, get(state, "S"), return_state, segments)
         if o.output_norm:
             out = self.o_norm(out)
         if o.output_gate:

@@ -6,6 +6,12 @@
 
 ``forward(tokens, state=None) -> (logits, state)`` serves training, evaluation of long documents
 in pieces, and generation alike; the state is one entry per layer (for the Transformer a KV cache).
+
+``doc_starts`` (bool [B, T], True at a document's first token; ``data.packing: reset``) makes every
+layer reset at document starts: the forward then equals running each document alone (a row's first
+segment continues the row's ``state`` unless ``doc_starts[b, 0]``), and the returned state is each
+row's state after its last document. One :class:`~lm.models.segments.Segments` per pass is shared by
+all blocks. ``doc_starts=None`` is the ``stream`` behaviour, unchanged.
 """
 
 from __future__ import annotations
@@ -20,8 +26,9 @@ from torch.utils.checkpoint import checkpoint
 
 from lm.config.schema import ModelConfig
 from lm.models.layers import init_linear_, make_mlp, make_norm
-from lm.models.mixer import shared_kwargs
+from lm.models.mixer import segments_kwargs, shared_kwargs
 from lm.models.registry import get_family, resolve_options, resolve_variant
+from lm.models.segments import Segments
 
 ModelState = List[Dict[str, Any]]
 
@@ -52,23 +59,25 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, state: Optional[Dict[str, Any]] = None, return_state: bool = False,
-                shared: Optional[Dict[str, Any]] = None):
-        """``shared``: the pass's cross-layer dict (see ``TokenMixer.uses_shared``)."""
+                shared: Optional[Dict[str, Any]] = None, segments: Optional[Segments] = None):
+        """``shared``: the pass's cross-layer dict (see ``TokenMixer.uses_shared``); ``segments``: the
+        pass's document boundaries (see ``TokenMixer``), handed to the token and channel mixers."""
         mix_state = None if state is None else state.get("mixer")
         if self.norm0 is not None:
             x = self.norm0(x)
         h, mix_state = self.mixer(self.norm1(x), mix_state, return_state=return_state,
-                                  **shared_kwargs(self.mixer, shared))
-        x, mlp_state = self.add_mixer_output(x, h, None if state is None else state.get("mlp"))
+                                  **shared_kwargs(self.mixer, shared), **segments_kwargs(segments))
+        x, mlp_state = self.add_mixer_output(x, h, None if state is None else state.get("mlp"), segments)
         return x, ({"mixer": mix_state, "mlp": mlp_state} if return_state else None)
 
-    def add_mixer_output(self, x: torch.Tensor, h: torch.Tensor, mlp_state: Any = None):
+    def add_mixer_output(self, x: torch.Tensor, h: torch.Tensor, mlp_state: Any = None,
+                         segments: Optional[Segments] = None):
         """The block after its token mixer: the residual ``x + h``, then the channel mixer (if any).
         Returns the block output and the channel mixer's new state."""
         x = x + self.dropout(h)
         if self.mlp is None:
             return x, None
-        m, mlp_state = self.mlp(self.norm2(x), mlp_state)
+        m, mlp_state = self.mlp(self.norm2(x), mlp_state, **segments_kwargs(segments))
         return x + self.dropout(m), mlp_state
 
     def init_state(self, batch_size: int, device=None, dtype=None) -> Dict[str, Any]:
@@ -131,19 +140,30 @@ class LanguageModel(nn.Module):
         return [b.init_state(batch_size, device, dtype) for b in self.blocks]
 
     def hidden_states(
-        self, tokens: torch.Tensor, state: Optional[ModelState] = None, return_state: bool = False
+        self, tokens: torch.Tensor, state: Optional[ModelState] = None, return_state: bool = False,
+        doc_starts: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, Optional[ModelState]]:
-        """Final-norm hidden states [B, T, D] (before the head) and the new state."""
+        """Final-norm hidden states [B, T, D] (before the head) and the new state.
+
+        ``doc_starts``: bool [B, T], True at a document's first token, or None (see the module
+        docstring)."""
+        segments = None
+        if doc_starts is not None:
+            if tuple(doc_starts.shape) != tuple(tokens.shape[:2]):
+                raise ValueError(f"doc_starts: expected shape {tuple(tokens.shape[:2])} (the tokens' [B, T]), "
+                                 f"got {tuple(doc_starts.shape)}")
+            segments = Segments.from_starts(doc_starts.to(tokens.device))
         x = self.embed(tokens)
         new_state: List[Dict[str, Any]] = []
         shared: Dict[str, Any] = {}  # per-token values later layers read (RWKV-7: layer 0's v)
         for i, block in enumerate(self.blocks):
             layer_state = None if state is None else state[i]
             if self.gradient_checkpointing and self.training and not return_state and layer_state is None:
-                x = checkpoint(lambda inp, b=block: b(inp, shared=shared)[0], x, use_reentrant=False)
+                x = checkpoint(lambda inp, b=block: b(inp, shared=shared, segments=segments)[0], x,
+                               use_reentrant=False)
                 s = None
             else:
-                x, s = block(x, layer_state, return_state=return_state, shared=shared)
+                x, s = block(x, layer_state, return_state=return_state, shared=shared, segments=segments)
             new_state.append(s)
         return self.norm_f(x), (new_state if return_state else None)
 
@@ -158,14 +178,16 @@ class LanguageModel(nn.Module):
         tokens: torch.Tensor,
         state: Optional[ModelState] = None,
         return_state: Optional[bool] = None,
+        doc_starts: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, Optional[ModelState]]:
         """tokens [B, T] (or [B, T, input_dim]) -> (logits [B, T, V], state).
 
-        The state is returned when one was passed in or ``return_state=True``.
+        The state is returned when one was passed in or ``return_state=True``. ``doc_starts`` (bool
+        [B, T]): reset every layer at document starts (see the module docstring); None: the stream.
         """
         if return_state is None:
             return_state = state is not None
-        h, new_state = self.hidden_states(tokens, state, return_state)
+        h, new_state = self.hidden_states(tokens, state, return_state, doc_starts=doc_starts)
         return self.logits(h), new_state
 
     @torch.no_grad()

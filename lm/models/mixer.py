@@ -2,19 +2,29 @@
 
 A mixer maps ``x [B, T, D] -> y [B, T, D]`` causally. It has two equivalent forms:
 
-* the whole-sequence (training) form ``forward(x, state=None, return_state=False)``, built on the
-  fast kernels, which can start from and return a state, and
+* the whole-sequence (training) form ``forward(x, state=None, return_state=False, segments=None)``,
+  built on the fast kernels, which can start from and return a state, and
 * the recurrent form ``step(x_t [B, D], state) -> (y_t [B, D], state)``.
 
 States are dicts of tensors (or None entries) so that a sequence can be processed in pieces,
 generated token by token, or probed. ``init_state(batch)`` gives the state before any token.
+
+Document boundaries (``data.packing: reset``): ``segments`` (:class:`lm.models.segments.Segments`,
+one per forward pass, shared by all layers) marks where documents start inside the rows of x. The
+whole-sequence form then equals running every document alone: a row's first segment continues the
+row's ``state`` unless the row begins with a document start, every other segment starts from the
+state before any token, and the returned state is each row's state after its last segment. Every
+family implements it (recurrent ones through the kernels' ``cu_seqlens``, see :func:`packed_scan`;
+token shifts and short convolutions mask inputs from other documents; the Transformer attends within
+each document). With ``segments=None`` nothing changes (the ``stream`` behaviour); the step form never
+takes segments.
 """
 
 from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -54,6 +64,9 @@ class TokenMixer(nn.Module, abc.ABC):
     #: per-token tensors [B, T, ...] written by earlier layers of the same pass (RWKV-7's value
     #: residual: layer 0's values). The skeleton passes one dict through all layers of a pass.
     uses_shared = False
+    #: True when the state has the same size whatever the context length (every recurrent family);
+    #: False for a state that grows with it (the Transformer's KV cache)
+    constant_state = True
 
     def __init__(self, cfg: Any, options: Any, layer_idx: int):
         super().__init__()
@@ -66,8 +79,12 @@ class TokenMixer(nn.Module, abc.ABC):
         self.backend = None if cfg.kernel_backend in (None, "auto") else cfg.kernel_backend  # None: by device
 
     @abc.abstractmethod
-    def forward(self, x: torch.Tensor, state: State = None, return_state: bool = False) -> Tuple[torch.Tensor, State]:
-        """The whole-sequence form: x [B, T, D] from ``state`` -> (y [B, T, D], the state after x or None)."""
+    def forward(self, x: torch.Tensor, state: State = None, return_state: bool = False,
+                segments: Any = None) -> Tuple[torch.Tensor, State]:
+        """The whole-sequence form: x [B, T, D] from ``state`` -> (y [B, T, D], the state after x or None).
+
+        ``segments``: the pass's document boundaries (see the module docstring), or None; a mixer
+        that cannot reset at them must raise, never ignore them."""
 
     def step(self, x_t: torch.Tensor, state: State, **kwargs: Any) -> Tuple[torch.Tensor, State]:
         """One token: the whole-sequence form on a length-1 sequence with the carried state
@@ -92,6 +109,26 @@ class TokenMixer(nn.Module, abc.ABC):
 def get(state: State, key: str):
     """``state[key]`` or None for a fresh sequence."""
     return None if state is None else state.get(key)
+
+
+def packed_scan(op: Callable, segments: Any, steps: Sequence[Optional[torch.Tensor]], state: Any,
+                fresh: Callable[[int], Any], return_state: bool, **params: Any):
+    """A kernel op over the packed row of ``segments``: the per-step inputs ``steps`` ([B, T, ...] each,
+    or None) are packed to [1, B*T, ...] and run with ``cu_seqlens``; the initial state per segment is
+    row b's ``state`` where the row continues and ``fresh(n)`` elsewhere (``state=None``: the kernel's
+    own fresh state for every segment). Returns (output [B, T, ...], each row's final state or None);
+    ``params`` (scale, weights, backend, ...) go to ``op`` as keywords."""
+    init = None if state is None else segments.initial_state(state, fresh)
+    packed = [None if t is None else segments.pack(t) for t in steps]
+    out, final = op(*packed, initial_state=init, output_final_state=return_state,
+                    cu_seqlens=segments.cu_seqlens, **params)
+    return segments.unpack(out), (segments.final_state(final) if return_state else None)
+
+
+def segments_kwargs(segments: Any) -> Dict[str, Any]:
+    """``{"segments": segments}`` when there are document boundaries, else ``{}`` (the stream path's
+    calls stay exactly as they were)."""
+    return {} if segments is None else {"segments": segments}
 
 
 def shared_kwargs(mixer: nn.Module, shared: Optional[Dict[str, Any]]) -> Dict[str, Any]:

@@ -56,7 +56,7 @@ import torch.nn as nn
 import kernels
 from lm.errors import ConfigError
 from lm.models.layers import HeadNorm, l2_normalize, token_shift
-from lm.models.mixer import ImplicitAttention, TokenMixer, get, onehot_values
+from lm.models.mixer import ImplicitAttention, TokenMixer, get, onehot_values, packed_scan
 from lm.models.registry import register
 
 BRANCHES = ("r", "w", "k", "v", "a", "g")
@@ -173,11 +173,12 @@ class RWKV7TimeMix(TokenMixer):
         mix = torch.sigmoid(self.v0 + self.v_up(self.v_down(xv))).to(v.dtype)
         return v + (first.to(v.dtype) - v) * mix
 
-    def features(self, x: torch.Tensor, state=None, shared: Optional[Dict[str, Any]] = None):
-        """r, k, v [B,T,H,K], the removal key kk, learning rate a, log decay, gate, last input."""
+    def features(self, x: torch.Tensor, state=None, shared: Optional[Dict[str, Any]] = None, segments=None):
+        """r, k, v [B,T,H,K], the removal key kk, learning rate a, log decay, gate, last input
+        (``segments``: the token shift resets at document starts; the value residual is per token)."""
         B, T, D = x.shape
         H, K = self.n_heads, self.head_dim
-        prev, last = token_shift(x, get(state, "shift"))
+        prev, last = token_shift(x, get(state, "shift"), segments)
         mixed = x[:, :, None] + (prev - x)[:, :, None] * self.mu.to(x.dtype)  # [B, T, 6, D]
         xr, xw, xk, xv, xa, xg = mixed.unbind(2)
         r = self.receptance(xr).view(B, T, H, K)
@@ -190,12 +191,17 @@ class RWKV7TimeMix(TokenMixer):
         k = (k * (1 + (a - 1) * self.k_a)).view(B, T, H, K)
         return r, k, v, kk, a.view(B, T, H, K), log_w.view(B, T, H, K).to(x.dtype), gate, last
 
-    def forward(self, x, state=None, return_state=False, shared=None):
+    def forward(self, x, state=None, return_state=False, shared=None, segments=None):
         B, T, D = x.shape
         H, K = self.n_heads, self.head_dim
-        r, k, v, kk, a, log_w, gate, last = self.features(x, state, shared)
-        out, S = kernels.dplr(r, k, v, -kk, kk * a, log_w, scale=1.0, initial_state=get(state, "S"),
-                              output_final_state=return_state, backend=self.backend)
+        r, k, v, kk, a, log_w, gate, last = self.features(x, state, shared, segments)
+        if segments is None:
+            out, S = kernels.dplr(r, k, v, -kk, kk * a, log_w, scale=1.0, initial_state=get(state, "S"),
+                                  output_final_state=return_state, backend=self.backend)
+        else:
+            out, S = packed_scan(kernels.dplr, segments, (r, k, v, -kk, kk * a, log_w), get(state, "S"),
+                                 lambda n: torch.zeros(n, H, K, K, device=x.device), return_state,
+                                 scale=1.0, backend=self.backend)
         out = self.o_norm(out) + (r * k * self.r_k).sum(-1, keepdim=True) * v
         y = self.output((out.reshape(B, T, H * K)) * gate)
         return y, ({"S": S, "shift": last} if return_state else None)

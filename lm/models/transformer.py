@@ -6,6 +6,15 @@
 
 The state is a KV cache (keys and values of all past tokens), so ``forward`` with a state continues
 a sequence and ``step`` decodes one token; memory grows with the context, unlike the RNN families.
+
+Document starts (``segments``): block-diagonal causal attention without a dense T x T mask, one SDPA
+call per document over the packed row (a single batched call when every row holds one segment), and
+RoPE positions restarting at 0 at every document start, so a packed window equals separate forwards
+of its documents. Not supported (``ValueError``): document starts together with a carried, non-empty
+KV cache (state passing across windows is for the constant-state families); returning the cache when
+the rows' last documents differ in length (the cache is one [B, H, L, K] tensor). Cost: the
+per-document loop launches one attention per document and layer (a few dozen per window of
+~10 documents per row), each over its own document only.
 """
 
 from __future__ import annotations
@@ -35,6 +44,14 @@ def rotary_angles(T: int, offset: int, d: int, theta: float, device=None) -> Tup
     return angles.cos(), angles.sin()
 
 
+def rotary_angles_at(positions: torch.Tensor, d: int, theta: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) [B, 1, T, d/2] (fp32) for per-token positions [B, T] (the same angles as
+    :func:`rotary_angles` at those positions; broadcast over heads by :func:`apply_rotary`)."""
+    inv_freq = theta ** (-torch.arange(0, d, 2, device=positions.device, dtype=torch.float32) / d)
+    angles = positions.to(torch.float32)[..., None] * inv_freq  # [B, T, d/2]
+    return angles.cos()[:, None], angles.sin()[:, None]
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate each pair (x_i, x_{i+d/2}) of x [B, H, T, d] by the angles of :func:`rotary_angles`
     (half-split RoPE); computed once per forward and applied to both q and k."""
@@ -48,6 +65,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 class Attention(TokenMixer):
     """Causal multi-head softmax attention with RoPE and a KV cache."""
 
+    constant_state = False  # the KV cache grows with the context
+
     def __init__(self, cfg: Any, options: TransformerOptions, layer_idx: int):
         super().__init__(cfg, options, layer_idx)
         D, H, K = self.d_model, self.n_heads, self.head_dim
@@ -55,7 +74,9 @@ class Attention(TokenMixer):
         self.o_proj = nn.Linear(H * K, D, bias=False)
         self.o_proj.is_residual_out = True
 
-    def forward(self, x, state=None, return_state=False):
+    def forward(self, x, state=None, return_state=False, segments=None):
+        if segments is not None:
+            return self._forward_segments(x, state, return_state, segments)
         B, T, _ = x.shape
         H, K = self.n_heads, self.head_dim
         q, k, v = self.qkv(x).view(B, T, 3, H, K).permute(2, 0, 3, 1, 4)  # each [B, H, T, K]
@@ -74,6 +95,41 @@ class Attention(TokenMixer):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = self.o_proj(out.transpose(1, 2).reshape(B, T, H * K))
         return y, ({"k": k, "v": v} if return_state else None)
+
+    def _forward_segments(self, x, state, return_state, segments):
+        """Block-diagonal causal attention: every document attends to itself only (see the module
+        docstring)."""
+        past_k = get(state, "k")
+        if past_k is not None and past_k.shape[2] > 0:
+            if segments.has_starts():
+                raise ValueError(
+                    "Transformer: document resets with a carried KV cache are not supported (a window with "
+                    "document starts must begin from an empty cache; state passing across windows is for "
+                    "constant-state families)")
+            return self.forward(x, state, return_state)  # no document starts: the plain continuation
+        B, T, _ = x.shape
+        H, K = self.n_heads, self.head_dim
+        q, k, v = self.qkv(x).view(B, T, 3, H, K).permute(2, 0, 3, 1, 4)  # each [B, H, T, K]
+        cos, sin = rotary_angles_at(segments.position, K, self.options.rope_theta)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if segments.num_segments == B:  # one segment per row: the plain batched call
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)  # [B, T, H, K]
+        else:  # the packed row [H, B*T, K], one causal call per document
+            qp, kp, vp = (t.transpose(0, 1).reshape(H, B * T, K) for t in (q, k, v))
+            bounds = segments.offsets
+            parts = [F.scaled_dot_product_attention(qp[:, a:b], kp[:, a:b], vp[:, a:b], is_causal=True)
+                     for a, b in zip(bounds[:-1], bounds[1:])]
+            out = torch.cat(parts, dim=1).view(H, B, T, K).permute(1, 2, 0, 3)  # [B, T, H, K]
+        y = self.o_proj(out.reshape(B, T, H * K))
+        if not return_state:
+            return y, None
+        lengths = set(segments.last_lengths())
+        if len(lengths) != 1:
+            raise ValueError(
+                "Transformer: the KV cache after a window with document starts holds each row's last document; "
+                f"these differ in length across rows ({sorted(lengths)}), so it cannot be returned as one tensor")
+        L = lengths.pop()
+        return y, {"k": k[:, :, T - L:], "v": v[:, :, T - L:]}
 
     def implicit_attention(self, x: torch.Tensor) -> ImplicitAttention:
         """The softmax attention matrix of a whole sequence, and the values it weights."""
