@@ -12,11 +12,12 @@ from omegaconf.errors import OmegaConfBaseException
 
 from data.tasks.base import Task, TaskSpec, rng_for
 from data.tasks.formal import FormalLanguage
+from data.tasks.mqar import MQAR
 from data.tasks.recall import AssociativeRecall, Induction
 from data.tasks.regression import ICLRegression, LSATeacher, one_step_gd_loss
 
 TASKS: Dict[str, type] = {cls.name: cls for cls in (AssociativeRecall, Induction, ICLRegression, LSATeacher,
-                                                     FormalLanguage)}
+                                                     FormalLanguage, MQAR)}
 
 
 def build_task(name: str, params: Mapping[str, Any] = None, prefix: str = "data.task") -> Task:

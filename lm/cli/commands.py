@@ -7,6 +7,7 @@ from lm.cli import export_cmd  # noqa: F401
 from lm.cli import import_cmd  # noqa: F401
 from lm.cli import probe_cmd  # noqa: F401
 from lm.cli import eval_cmd  # noqa: F401
+from lm.cli import eval_longctx_cmd  # noqa: F401
 from lm.cli import generate_cmd  # noqa: F401
 from lm.cli import repro_cmd  # noqa: F401
 from lm.cli import slurm_cmd  # noqa: F401
