@@ -137,7 +137,8 @@ class SwiGLU(nn.Module):
 class RWKVChannelMix(nn.Module):
     """RWKV-7 channel mixing: ``k = relu(W_k lerp(x, x_{t-1}, mu))^2``; ``y = W_v k``.
 
-    State: the last input ``[B, D]`` (token shift).
+    State: the last input ``[B, D]`` (token shift); with ``segments`` the shift resets at document
+    starts (:func:`token_shift`).
     """
 
     def __init__(self, d_model: int, mlp_ratio: float):

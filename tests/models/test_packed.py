@@ -163,6 +163,10 @@ def test_transformer_returns_the_cache_of_equal_last_documents():
     with torch.no_grad():
         _, state = model(TOKENS, return_state=True, doc_starts=starts)
         assert state[0]["mixer"]["k"].shape[2] == 7
+        # an empty cache (the state before any token) is no carried context: allowed
+        from_empty, _ = model(TOKENS, state=model.init_state(B), doc_starts=starts)
+        plain, _ = model(TOKENS, doc_starts=starts)
+        assert torch.equal(from_empty, plain)
         got, _ = model(more, state=state)
         want, _ = model(torch.cat([TOKENS[:, 16:], more], 1))
         assert (got - want[:, 7:]).abs().max() <= 1e-5 * want.abs().max()
