@@ -1,6 +1,7 @@
 """dplr fast paths (chunked PyTorch, chunked Triton, fused-recurrent Triton) against the reference:
 outputs, final states and the gradients of every input (initial state included). The cases shared
-with delta_rule are in :mod:`tests.kernels.chunked_op_cases`."""
+with delta_rule are in :mod:`tests.kernels.chunked_op_cases`; packed sequences (``cu_seqlens``) on the
+chunked PyTorch path against each sequence run alone through the reference at the end."""
 
 import warnings
 
@@ -11,6 +12,7 @@ import kernels
 import kernels.ops.dplr as dplr_op
 from tests.kernels import harness
 from tests.kernels.chunked_op_cases import ChunkedOpCases
+from tests.kernels.varlen_cases import compare_packed, make_packed
 
 OP = "dplr"
 
@@ -81,3 +83,45 @@ def test_bad_shapes_name_the_argument():
         kernels.dplr(**args, initial_state=torch.zeros(2, 3, 8, 6), backend="torch")
     with pytest.raises(ValueError, match="^g: log-space decays must be <= 0"):  # value checks: test_checks.py
         kernels.dplr(**dict(args, g=args["g"].detach().abs() + 0.1), backend="reference")
+
+
+# ---- packed sequences (cu_seqlens): the chunked PyTorch path natively, vs each sequence run alone ----
+
+#: sequence lengths of one packed row (64-step chunks): boundaries inside chunks, on chunk edges, empty
+#: and length-1 sequences, and a sequence that begins inside a chunk and crosses several more
+VARLEN_LENGTHS = [
+    pytest.param((5, 65, 1, 0, 59, 70), id="inside-chunks"),
+    pytest.param((0, 64, 0, 64, 1, 21), id="chunk-edges"),
+    pytest.param((3, 0, 7), id="short"),
+    pytest.param((100, 1, 199, 0), id="across-chunks"),
+]
+
+
+@pytest.mark.parametrize("lengths", VARLEN_LENGTHS)
+@pytest.mark.parametrize("with_state", [False, True])
+@pytest.mark.parametrize("decay", ["moderate", "none"])  # none: a state leaking across a boundary survives
+def test_torch_varlen_native(lengths, with_state, decay):
+    from kernels._varlen import is_varlen
+
+    assert is_varlen(dplr_op.BACKENDS["torch"]())
+    compare_packed(OP, "torch", harness.TOL[torch.float32], lengths=lengths, with_state=with_state, decay=decay)
+
+
+def test_torch_varlen_strong_decay_and_bf16():
+    lengths = (5, 65, 1, 0, 59, 70)
+    compare_packed(OP, "torch", harness.TOL[torch.float32], lengths=lengths, with_state=True, decay="strong")
+    compare_packed(OP, "torch", harness.TOL[torch.bfloat16], dtype=torch.bfloat16, lengths=lengths,
+                   with_state=True)
+
+
+def test_torch_varlen_is_one_pass(monkeypatch):
+    """The packed row takes one chunked pass (not one per sequence)."""
+    from kernels.ops.dplr import chunked
+
+    calls = []
+    inner = chunked._chunked_pass
+    monkeypatch.setattr(chunked, "_chunked_pass", lambda *a, **kw: calls.append(1) or inner(*a, **kw))
+    args, state, cu = make_packed(OP, (5, 65, 1, 0, 59, 70), with_state=True)
+    with torch.no_grad():
+        kernels.dplr(**args, initial_state=state, output_final_state=True, cu_seqlens=cu, backend="torch")
+    assert len(calls) == 1

@@ -23,6 +23,7 @@ import torch
 from kernels._chunk_utils import (causal_mask, chunk_length, default_segment, empty_result, masked_exp_diff,
                                   run_in_segments)
 from kernels.ops.delta_rule._chunks import from_chunks, per_chunk, to_chunks
+from kernels.ops.gla import varlen
 
 #: tokens per chunked pass on CPU (see ``delta_rule_chunked``)
 SEGMENT_CPU = 1024
@@ -126,51 +127,17 @@ def delta_rule_chunked_varlen(q, k, v, beta, g, scale: float, initial_state, out
     that begins inside the chunk gets ``u -= W h0`` and ``o += scale (q gamma)^T h0`` from its own
     initial state; the state is passed on only while the last sequence continues.
     """
-    from kernels.ops.gla import varlen
-
-    T, H, K, V = q.shape[1], q.shape[2], q.shape[3], v.shape[-1]
-    C = chunk_length(T, chunk_size)
-    L = varlen.Layout(cu_seqlens, T, C, q.device)
-    if T == 0:
-        S = initial_state.float() if initial_state is not None else q.new_zeros(L.N, H, K, V, dtype=torch.float32)
-        return q.new_zeros(1, 0, H, V), (S if output_final_state else None)
+    T, H = q.shape[1], q.shape[2]
     gate = g if g is not None else q.new_zeros(1, T, H, dtype=torch.float32)
-    h0 = L.select(initial_state)
-    X = varlen.injection(gate, h0, L)
-    seqc, flows = L.seq_chunks(), L.flows()
-    inside = [m for m in range(L.M) if L.starts[m] % C] if h0 is not None else []
-    S = X[:, 0][None] if X is not None else q.new_zeros(1, H, K, V, dtype=torch.float32)
+    C = chunk_length(T, chunk_size)
     if segment == -1:
         segment = default_segment(q.device, SEGMENT_CPU)
-    step = T if segment is None or segment >= T else segment
-    outs, us, entering = [], [], []
-    for a in range(0, T, step):  # passes of ``segment`` steps (a multiple of C), the state carried
-        n0, n1 = a // C, -(-min(a + step, T) // C)
-        mine = [m for m in inside if n0 <= L.starts[m] // C < n1]
-        own = None
-        if mine:  # sequences beginning strictly inside a chunk of this pass: chunk, rows, initial state
-            chunks = [L.starts[m] // C for m in mine]
-            t = torch.tensor(chunks)[:, None] * C + torch.arange(C)
-            lo, hi = (torch.tensor([bounds[m] for m in mine])[:, None] for bounds in (L.starts, L.ends))
-            rows = (t >= lo) & (t < hi)
-            own = (torch.tensor(chunks, device=q.device) - n0, rows.to(q.device),
-                   h0.index_select(0, torch.tensor(mine, device=q.device)))
-        x = X[:, n0:n1 + 1] if X is not None else None
-        sl = slice(a, a + step)
-        o, u, ent, S = _varlen_pass(q[:, sl], k[:, sl], v[:, sl], beta[:, sl], None if g is None else g[:, sl],
-                                    scale, S, C, seqc[n0:n1], flows[n0:n1], x, own)
-        outs.append(o)
-        us.append(u)
-        entering.append(ent)
-    o = torch.cat(outs, 1)[0].float()
-    extra = varlen.initial_state_output(q, gate, h0, L, scale)
-    if extra is not None:
-        o = o + extra
-    o = o[None].to(q.dtype)
-    if not output_final_state:
-        return o, None
-    finals = varlen.final_states(k, torch.cat(us, 1), gate, torch.cat(entering, 1), h0, L)
-    return o, varlen.assemble_finals(finals, initial_state, L)
+
+    def one_pass(steps, S, seqc, flows, X, own):
+        return _varlen_pass(*steps, scale, S, C, seqc, flows, X, own)
+
+    return varlen.run_packed(one_pass, (q, k, v, beta, g), gate, scale, initial_state, output_final_state,
+                             cu_seqlens, C, segment, lambda steps, u: (steps[1], u))
 
 
 def _varlen_pass(q, k, v, beta, g, scale: float, S, C: int, seqc, flows, X, own):
@@ -186,26 +153,22 @@ def _varlen_pass(q, k, v, beta, g, scale: float, S, C: int, seqc, flows, X, own)
     qc, kc, vc, bc = (to_chunks(x, C) for x in (q, k, v, beta))  # [N, 1, H, C, (K|V)]
     N = qc.shape[0]
     eye = torch.eye(C, device=q.device)
-    same = (seqc[:, :, None] == seqc[:, None, :])[:, None, None]  # [N, 1, 1, C, C]
-    strict = causal_mask(C, q.device, diagonal=-1) & same
-    first = (seqc == seqc[:, :1]).float()[:, None, None]  # [N, 1, 1, C]: the chunk's first sequence
-    tail = ((seqc == seqc[:, -1:]) & flows[:, None]).float()[:, None, None]  # rows whose state passes on
-    carry = (flows & (seqc[:, 0] == seqc[:, -1])).float()[:, None, None, None, None]
+    same, first, tail, carry = varlen.chunk_masks(seqc, flows)
+    strict = causal_mask(C, q.device, diagonal=-1) & same[:, None, None]  # [N, 1, 1, C, C]
+    first = first.float()[:, None, None]  # [N, 1, 1, C]: the chunk's first sequence
+    tail = tail.float()[:, None, None]  # rows whose state passes on
+    carry = carry.float()[:, None, None, None, None]
     if g is not None:
         bcum = to_chunks(g, C).cumsum(-1)  # [N, 1, H, C]
         decay = masked_exp_diff(bcum[..., :, None], bcum[..., None, :], strict) + eye
         # each row's decay since its sequence's first step in the chunk (b is monotone: exponent <= 0)
-        pos = torch.arange(C, device=q.device)
-        begins = torch.cat([torch.ones_like(seqc[:, :1], dtype=torch.bool), seqc[:, 1:] != seqc[:, :-1]], 1)
-        p = torch.where(begins, pos, torch.zeros_like(pos)).cummax(1).values[:, None, None]  # [N, 1, 1, C]
-        before = torch.where(p > 0, bcum.gather(-1, (p - 1).clamp_min(0).expand_as(bcum)), torch.zeros_like(bcum))
-        gamma_seg = torch.exp(bcum - before)
+        gamma_seg = torch.exp(bcum - varlen.before_start(bcum, seqc, -1))
         gamma_last = bcum[..., -1, None, None].exp() * carry
         not_last = torch.arange(C, device=q.device) < C - 1
         k_to_end = kc * (torch.exp((bcum[..., -1:] - bcum) * not_last) * tail)[..., None]
         q_in = qc * (scale * bcum.exp() * first)[..., None]
     else:
-        decay = (causal_mask(C, q.device) & same).to(qc.dtype)
+        decay = (causal_mask(C, q.device) & same[:, None, None]).to(qc.dtype)
         gamma_seg = torch.ones_like(bc)
         gamma_last = carry
         k_to_end = kc * tail[..., None]

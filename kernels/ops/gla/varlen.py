@@ -22,6 +22,13 @@ This module adds, with vectorised gathers of one chunk window per sequence (auto
   ``exp(sum_{p <= s <= e} g_s) E + sum_{p <= s <= e} exp(sum_{s < s' <= e} g_s') k_s v_s^T`` with
   ``p = max(st_m, c0)`` and ``E = S_in[n_e]`` if m began at or before c0, else ``h0[m]``.
 
+``final_states`` also takes several rank-one updates per step (dplr adds ``b_s z_s^T`` to ``k_s v_s^T``).
+Shared by the chunked PyTorch passes of delta_rule and dplr: ``chunk_masks`` (same sequence / first /
+tail / carry), ``before_start`` (decays since each sequence's first step in its chunk),
+``Layout.begin_inside`` (the sequences beginning strictly inside a chunk: chunk, rows, initial state) and
+``run_packed``, the driver of a pass over a packed row (layout, injection, passes with the state carried,
+initial-state output, final states).
+
 Every exponent is a sum of log decays (<= 0), masked to ``-inf`` outside its range before ``exp``.
 Zero-length sequences take no steps: ``Layout`` drops them and ``assemble_finals`` returns their
 initial state (or zeros) as their final state.
@@ -29,7 +36,7 @@ initial state (or zeros) as their final state.
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 
@@ -95,6 +102,23 @@ class Layout:
                 flags[n] |= 2
         return torch.tensor(flags, dtype=torch.int32, device=self.device)
 
+    def begin_inside(self, h0: Optional[torch.Tensor], n0: int = 0, n1: Optional[int] = None) -> Optional[tuple]:
+        """The sequences that begin strictly inside one of the chunks ``n0 <= n < n1`` and have an initial
+        state: None, or (their chunk minus n0 (long [M']), their rows in it (bool [M', C]), their initial
+        states ``h0[m]`` (from :meth:`select`, [M', ...])). Without h0 (all zero) there are none."""
+        if h0 is None:
+            return None
+        C, n1 = self.C, self.NC if n1 is None else n1
+        mine = [m for m in range(self.M) if self.starts[m] % C and n0 <= self.starts[m] // C < n1]
+        if not mine:
+            return None
+        chunks = [self.starts[m] // C for m in mine]
+        t = torch.tensor(chunks)[:, None] * C + torch.arange(C)
+        lo, hi = (torch.tensor([bounds[m] for m in mine])[:, None] for bounds in (self.starts, self.ends))
+        rows = (t >= lo) & (t < hi)
+        return (torch.tensor(chunks, device=h0.device) - n0, rows.to(h0.device),
+                h0.index_select(0, torch.tensor(mine, device=h0.device)))
+
     def select(self, h0: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """The initial states of the non-empty sequences (fp32 [M, H, K, V]) or None."""
         if h0 is None:
@@ -125,6 +149,32 @@ def _gate(g: torch.Tensor) -> torch.Tensor:
 
 def _bcast(mask: torch.Tensor, ndim: int) -> torch.Tensor:
     return mask.view(*mask.shape, *([1] * (ndim - 2)))
+
+
+def chunk_masks(seqc: torch.Tensor, flows: torch.Tensor):
+    """The masks of a chunked pass over packed sequences, from ``seqc`` (long [N, C], the sequence of every
+    step) and ``flows`` (bool [N], :meth:`Layout.flows`), all bool: ``same`` [N, C, C] (steps t, s of one
+    sequence), ``first`` [N, C] (rows of the chunk's first sequence, which the entering state reaches),
+    ``tail`` [N, C] (rows whose updates pass on to the next chunk), ``carry`` [N] (the entering state
+    itself passes on: one sequence spans the chunk and continues)."""
+    same = seqc[:, :, None] == seqc[:, None, :]
+    first = seqc == seqc[:, :1]
+    tail = (seqc == seqc[:, -1:]) & flows[:, None]
+    carry = flows & (seqc[:, 0] == seqc[:, -1])
+    return same, first, tail, carry
+
+
+def before_start(cum: torch.Tensor, seqc: torch.Tensor, dim: int) -> torch.Tensor:
+    """``cum`` (a chunk-local cumulative log decay, chunks on dim 0 and steps on ``dim``) at the step just
+    before the first step in the chunk of each row's sequence (0 for the chunk's first sequence), so that
+    ``cum - before_start(...)`` is the cumulative decay since the sequence began in the chunk."""
+    N, C = seqc.shape
+    pos = torch.arange(C, device=seqc.device)
+    begins = torch.cat([torch.ones_like(seqc[:, :1], dtype=torch.bool), seqc[:, 1:] != seqc[:, :-1]], 1)
+    shape = [1] * cum.dim()
+    shape[0], shape[dim] = N, C
+    p = torch.where(begins, pos, torch.zeros_like(pos)).cummax(1).values.view(shape)
+    return torch.where(p > 0, cum.gather(dim, (p - 1).clamp_min(0).expand_as(cum)), torch.zeros_like(cum))
 
 
 def injection(g: torch.Tensor, h0: Optional[torch.Tensor], L: Layout) -> Optional[torch.Tensor]:
@@ -174,11 +224,14 @@ def initial_state_output(q: torch.Tensor, g: torch.Tensor, h0: Optional[torch.Te
     return out.index_add(0, rows.flatten(), term.flatten(0, 1))
 
 
-def final_states(k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, entering: torch.Tensor,
-                 h0: Optional[torch.Tensor], L: Layout) -> torch.Tensor:
+def final_states(k, v, g: torch.Tensor, entering: torch.Tensor, h0: Optional[torch.Tensor],
+                 L: Layout) -> torch.Tensor:
     """fp32 [M, H, K, V]: each non-empty sequence's state at its last step.
 
-    ``entering``: [H, >= NC, K, V], the states ``S_in[n]`` entering the chunks (see the module doc)."""
+    ``k`` [1, T, H, K], ``v`` [1, T, H, V]: the step's update ``k_s v_s^T``; or equal-length sequences of
+    them for a sum of rank-one updates ``sum_i k_i,s v_i,s^T``. ``entering``: [H, >= NC, K, V], the states
+    ``S_in[n]`` entering the chunks (see the module doc)."""
+    keys, values = ((k,), (v,)) if isinstance(k, torch.Tensor) else (tuple(k), tuple(v))
     C = L.C
     last = [e - 1 for e in L.ends]
     chunks = [e // C for e in last]
@@ -191,10 +244,13 @@ def final_states(k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, entering: to
     at_last = torch.tensor([e - n * C for e, n in zip(last, chunks)], dtype=torch.long, device=g.device)
     cs_e = cs.gather(1, at_last.view(-1, 1, 1, 1).expand(-1, 1, *cs.shape[2:]))  # [M, 1, H, Kg]
     wk = masked_exp_diff(cs_e, cs, mask)  # exp(sum_{s < s' <= e} g_s') on [p, e]
-    U = torch.einsum("mchk,mchv->mhkv", _windows(k, chunks, C) * wk, _windows(v, chunks, C))
-    idx = torch.tensor(chunks, dtype=torch.long, device=k.device)
+    U = None
+    for k_i, v_i in zip(keys, values):
+        term = torch.einsum("mchk,mchv->mhkv", _windows(k_i, chunks, C) * wk, _windows(v_i, chunks, C))
+        U = term if U is None else U + term
+    idx = torch.tensor(chunks, dtype=torch.long, device=g.device)
     E = entering.index_select(1, idx).transpose(0, 1)  # [M, H, K, V]
-    carried = torch.tensor([s <= n * C for s, n in zip(L.starts, chunks)], device=k.device)
+    carried = torch.tensor([s <= n * C for s, n in zip(L.starts, chunks)], device=g.device)
     if h0 is not None:
         E = torch.where(carried.view(-1, 1, 1, 1), E, h0)
     else:
@@ -212,3 +268,49 @@ def assemble_finals(finals: torch.Tensor, h0: Optional[torch.Tensor], L: Layout)
         order[n] = L.N + i
     return torch.cat([empty, finals], 0).index_select(0, torch.tensor(order, dtype=torch.long,
                                                                      device=finals.device))
+
+
+def run_packed(pass_fn: Callable, steps: Sequence[Optional[torch.Tensor]], gate: torch.Tensor, scale: float,
+               initial_state: Optional[torch.Tensor], output_final_state: bool, cu_seqlens, C: int,
+               segment: Optional[int], updates: Callable):
+    """A chunked pass over packed sequences (B = 1, matrix states [N, H, K, V]), with the state terms above.
+
+    ``steps``: the per-step inputs [1, T, ...] (or None), q first and v third; ``gate``: the log decays
+    [1, T, H] or [1, T, H, K]. The row runs in passes of ``segment`` steps (a multiple of C; None: one pass),
+    the state carried: ``pass_fn(steps of the pass, S [1, H, K, V], seqc [n, C], flows [n], X [H, n + 1,
+    K, V] or None, own)`` (``seqc``/``flows``/``X`` of the pass's n chunks, ``own``:
+    :meth:`Layout.begin_inside` of them) returns the output (fp32 [1, t, H, V], without
+    :func:`initial_state_output`), a per-step tensor [1, t, ...], the entering states [H, n, K, V] and the
+    state entering the next pass. ``updates(steps, per-step tensor of the whole row)`` gives the (keys,
+    values) of the state updates for :func:`final_states`. Returns (output [1, T, H, V] in q's dtype,
+    final states [N, H, K, V] or None)."""
+    q, v = steps[0], steps[2]
+    T, H, K, V = q.shape[1], q.shape[2], q.shape[3], v.shape[-1]
+    L = Layout(cu_seqlens, T, C, q.device)
+    if T == 0:
+        S = initial_state.float() if initial_state is not None else q.new_zeros(L.N, H, K, V, dtype=torch.float32)
+        return q.new_zeros(1, 0, H, V), (S if output_final_state else None)
+    h0 = L.select(initial_state)
+    X = injection(gate, h0, L)
+    seqc, flows = L.seq_chunks(), L.flows()
+    S = X[:, 0][None] if X is not None else q.new_zeros(1, H, K, V, dtype=torch.float32)
+    step = T if segment is None or segment >= T else segment
+    outs, per_step, entering = [], [], []
+    for a in range(0, T, step):  # passes of ``segment`` steps, the state carried
+        n0, n1 = a // C, -(-min(a + step, T) // C)
+        x = X[:, n0:n1 + 1] if X is not None else None
+        piece = [None if z is None else z[:, a:a + step] for z in steps]
+        o, w, ent, S = pass_fn(piece, S, seqc[n0:n1], flows[n0:n1], x, L.begin_inside(h0, n0, n1))
+        outs.append(o)
+        per_step.append(w)
+        entering.append(ent)
+    o = torch.cat(outs, 1)[0].float()
+    extra = initial_state_output(q, gate, h0, L, scale)
+    if extra is not None:
+        o = o + extra
+    o = o[None].to(q.dtype)
+    if not output_final_state:
+        return o, None
+    keys, values = updates(steps, torch.cat(per_step, 1))
+    finals = final_states(keys, values, gate, torch.cat(entering, 1), h0, L)
+    return o, assemble_finals(finals, initial_state, L)
