@@ -28,7 +28,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from lm.errors import DataError
 
 from data.dataset import WindowDataset, collate_windows
-from data.sampler import ResumableBatchSampler, StridedBatchSampler
+from data.sampler import ResumableBatchSampler, StreamBatchSampler, StridedBatchSampler
 from data.shards import TokenShards, check_compatible, read_metadata
 
 
@@ -44,7 +44,9 @@ class TokenDataModule(pl.LightningDataModule):
         val_batches: at most this many validation batches per rank (None: all).
         expected_tokenizer_hash: sha256 (or tokenizer.json path) the shards must have been made with.
         rank, world_size: override what the Trainer / torch.distributed report (tests).
-        doc_start_mask: add ``"doc_start_mask"`` to batches.
+        doc_start_mask: add ``"doc_start_mask"`` to batches (``data.packing: reset``).
+        state_passing: consecutive windows per batch row (:class:`~data.sampler.StreamBatchSampler`,
+            ``train.state_passing``) instead of the shuffled order.
     """
 
     def __init__(
@@ -59,6 +61,7 @@ class TokenDataModule(pl.LightningDataModule):
         rank: Optional[int] = None,
         world_size: Optional[int] = None,
         doc_start_mask: bool = False,
+        state_passing: bool = False,
     ):
         super().__init__()
         if seq_len <= 0 or micro_batch_size <= 0:
@@ -70,6 +73,7 @@ class TokenDataModule(pl.LightningDataModule):
         self.num_workers = int(num_workers)
         self.val_batches = val_batches
         self.doc_start_mask = doc_start_mask
+        self.state_passing = state_passing
         self._rank, self._world_size = rank, world_size
         if expected_tokenizer_hash is not None:
             self.metadata = check_compatible(self.data_dir, expected_tokenizer_hash)
@@ -147,8 +151,8 @@ class TokenDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> StatefulDataLoader:
         self.setup("fit")
         rank, world = self.rank_and_world()
-        sampler = ResumableBatchSampler(len(self.train_dataset), self.micro_batch_size, self.seed,
-                                        rank, world)
+        kind = StreamBatchSampler if self.state_passing else ResumableBatchSampler
+        sampler = kind(len(self.train_dataset), self.micro_batch_size, self.seed, rank, world)
         if self._pending_state is not None:
             sampler.load_state_dict(self._pending_state)
             self._pending_state = None

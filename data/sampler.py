@@ -171,3 +171,43 @@ class StridedBatchSampler(Sampler[List[int]]):
     def __iter__(self) -> Iterator[List[int]]:
         for b in range(0, len(self.indices), self.batch_size):
             yield self.indices[b:b + self.batch_size]
+
+
+class StreamBatchSampler(ResumableBatchSampler):
+    """Consecutive windows per batch row, for truncated BPTT (``train.state_passing``).
+
+    The ``N`` windows are cut into ``S = B * W`` streams of ``L = N // S`` consecutive windows; row
+    ``b`` of rank ``r`` reads stream ``s = r * B + b``. Batch ``k`` of epoch ``e`` gives that row the
+    window ``s * L + (k + o_e) mod L``, where ``o_e`` is a seeded offset per epoch: every row walks its
+    stream in order (wrapping once), so the window of the next batch follows the one of this batch.
+    The state (``{epoch, consumed, ...}``, ``consumed = k * B * W``) is that of
+    :class:`ResumableBatchSampler`; the stream layout depends on ``B`` and ``W``, which therefore cannot
+    change on resume.
+    """
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.num_windows // (self.world_size * self.batch_size)
+
+    def remaining_batches(self) -> int:
+        return max(0, self.batches_per_epoch - self.consumed // (self.batch_size * self.world_size))
+
+    def epoch_offset(self) -> int:
+        g = torch.Generator()
+        g.manual_seed(epoch_seed(self.seed, self.epoch))
+        return int(torch.randint(self.batches_per_epoch, (1,), generator=g))
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        for key, now in (("world_size", self.world_size), ("batch_size", self.batch_size)):
+            if int(state.get(key, now)) != now:
+                raise DataError(f"train.state_passing: the checkpoint's data streams were laid out for {key} "
+                                f"{state[key]}, this run has {now}; resume with the same number of ranks and "
+                                f"train.micro_batch_size")
+        super().load_state_dict(state)
+
+    def rank_indices(self) -> torch.Tensor:
+        L = self.batches_per_epoch
+        done = self.consumed // (self.batch_size * self.world_size)
+        k = (torch.arange(done, L) + self.epoch_offset()) % L  # [remaining]
+        streams = self.rank * self.batch_size + torch.arange(self.batch_size)  # [B]
+        return (streams[None, :] * L + k[:, None]).reshape(-1)

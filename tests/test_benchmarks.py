@@ -29,6 +29,15 @@ def test_training_bench_runs(tmp_path):
     assert results["gla"]["64"]["tokens_per_s"] > 0
 
 
+def test_packing_bench_runs(tmp_path):
+    out_file = tmp_path / "packing.json"
+    out = run("lm.training.bench_packing", "--names", "gla", "transformer", "--size", "tiny", "--T", "64",
+              "--docs", "4", "--steps", "1", "--warmup", "0", "--vocab", "128", "--out", str(out_file))
+    assert "| gla |" in out and "| transformer |" in out
+    results = json.loads(out_file.read_text())["results"]
+    assert results["gla"]["reset_tokens_per_s"] > 0 and results["gla"]["documents_per_window"] > 1
+
+
 def test_probe_bench_runs():
     out = run("lm.probes.bench", "--names", "gla", "--size", "tiny", "--seq-len", "32", "--batch", "2",
               "--probe-len", "16", "--probe-batch", "4", "--repeats", "1")

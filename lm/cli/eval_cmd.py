@@ -32,8 +32,9 @@ def ppl_command(
                                        "file (cut into documents like the training text: --split-by); default: the "
                                        "checkpoint's training data"),
     split: str = typer.Option("validation", "--split", help="split of a data directory"),
-    stream: bool = typer.Option(False, "--stream/--per-document", help="score the documents concatenated into one "
-                                "stream, or (default) each document separately"),
+    stream: Optional[bool] = typer.Option(None, "--stream/--per-document", help="score the documents concatenated "
+                                          "into one stream, or each document separately (default: the semantics the "
+                                          "checkpoint trained with: per-document for data.packing=reset, else stream)"),
     context: str = typer.Option("train", "--context", help="tokens of context for every family: N (sliding windows, "
                                 "state reset per window), 'train' (default: the training seq_len) or 'full' "
                                 "(recurrent: the whole document; Transformer: max_seq_len windows)"),
@@ -56,7 +57,8 @@ def ppl_command(
     import sys
 
     from lm.evaluation.common import open_checkpoint
-    from lm.evaluation.ppl import format_summary, perplexity, shard_documents, text_file_documents, write_ppl_outputs
+    from lm.evaluation.ppl import (format_summary, perplexity, shard_documents, text_file_documents,
+                                   training_protocol, write_ppl_outputs)
 
     ckpt = open_checkpoint(checkpoint, device)
     tokenizer = ckpt.tokenizer()
@@ -83,7 +85,8 @@ def ppl_command(
                    err=True)
         stride = None
     result = perplexity(ckpt, text, eod, seq_len, stride, batch_size, context=tokens_of_context,
-                        protocol="stream" if stream else "per-document", progress=sys.stderr.isatty())
+                        protocol=training_protocol(ckpt) if stream is None else ("stream" if stream else "per-document"),
+                        progress=sys.stderr.isatty())
     paths = write_ppl_outputs(result, out or ckpt.default_out_dir(f"ppl-{text.name}"))
     typer.echo(format_summary(result))
     typer.echo(f"wrote {paths['json']}, {paths['csv'].name}, {paths['png'].name}")

@@ -36,6 +36,7 @@ CHOICES: Dict[str, Sequence[str]] = {
     "data.source.split_by": ("file", "blank_line", "regex"),
     "data.source.encoding_errors": ("replace", "fail"),
     "data.task_output": ("classes", "vectors", "multilabel"),
+    "data.packing": ("reset", "stream"),
     "model.mlp": ("swiglu", "rwkv_cmix", "none"),
     "model.norm": ("rmsnorm", "layernorm", "none"),
     "model.kernel_backend": ("auto", "reference", "torch", "triton", "fla"),
@@ -318,6 +319,24 @@ def _check_task(cfg: DictConfig) -> None:
 
 
 VALIDATORS.append(_check_task)
+
+
+def _check_state_passing(cfg: DictConfig) -> None:
+    """``train.state_passing`` needs corpus windows and a family whose state has a constant size."""
+    if not OmegaConf.select(cfg, "train.state_passing", default=False):
+        return
+    if OmegaConf.select(cfg, "data.source.kind", default=None) == "task":
+        raise ConfigError("train.state_passing: needs a corpus (data.source.kind: task gives independent examples)")
+    family = OmegaConf.select(cfg, "model.family", default=None)
+    import lm.models  # noqa: F401  (registers the families)
+    from lm.models.registry import get_family
+
+    if not get_family(str(family)).mixer.constant_state:
+        raise ConfigError(f"train.state_passing: model.family={family} carries a state that grows with the "
+                          f"context (a KV cache); state passing is for constant-state families")
+
+
+VALIDATORS.append(_check_state_passing)
 
 
 def _load_validators() -> None:

@@ -93,6 +93,14 @@ class DataConfig:
     batch_size: int = 256  # documents per tokenization batch
     shard_tokens: int = 64 * 1024 * 1024
     task: TaskConfig = field(default_factory=TaskConfig)
+    # reset | stream: how documents packed into one training window see each other. reset: every
+    # recurrent state, convolution, token shift and attention restarts at each document (the
+    # end-of-document id that precedes a document opens its segment, as `lm eval ppl` scores it);
+    # stream: one token stream, state flows across documents (the behaviour of runs before this key)
+    packing: str = "reset"
+    # predict the first token of each document (from the end-of-document id before it); false: those
+    # targets are not scored (neither in training nor in validation)
+    loss_across_boundary: bool = True
     # filled by the trainer for task runs (the task's output kind: classes | vectors | multilabel) and
     # recorded in config.yaml and the checkpoint manifests; not set by users
     task_output: Optional[str] = None
@@ -178,6 +186,10 @@ class TrainConfig:
     sample_prompt: str = ""  # "": the start of a validation document of the corpus
     sample_tokens: int = 64
     record_samples: bool = False  # write each step's sample indices to <run_dir>/samples/rank*.jsonl
+    # truncated BPTT: each batch row reads consecutive windows of its own stretch of the corpus and starts
+    # from the row's detached final state of the previous step (saved in checkpoints); recurrent families
+    # only. With data.packing=reset a document that ends still resets its row's state.
+    state_passing: bool = False
 
 
 @dataclass

@@ -44,7 +44,7 @@ class Checkpoint:
     @property
     def recurrent(self) -> bool:
         """True when the state has a constant size (every family but the Transformer's KV cache)."""
-        return self.family != "transformer"
+        return all(block.mixer.constant_state for block in self.loaded.model.blocks)
 
     @property
     def max_seq_len(self) -> int:

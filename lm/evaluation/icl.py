@@ -342,7 +342,20 @@ def run_suite(ckpt: Checkpoint, names: Sequence[str], sweeps: Dict[str, List[Swe
             "parameters": ckpt.model.num_parameters(),
             "trained_on": {"task": data.get("task", {}).get("name"), "params": data.get("task", {}).get("params")}
             if ckpt.task_trained else "language modelling",
+            "semantics": suite_semantics(ckpt),
             "examples": n_examples, "seed": seed, "tasks": results}
+
+
+def suite_semantics(ckpt: Checkpoint) -> str:
+    """What a model sees in the suite, said against how it was trained (``data.packing``)."""
+    if ckpt.task_trained:
+        return "every example from a fresh state, as in training (one example per sequence)"
+    from lm.evaluation.ppl import training_packing
+
+    packing = training_packing(ckpt)
+    same = "the same semantics" if packing == "reset" else "unlike training, where documents formed one stream"
+    return (f"every example and document from a fresh state after the end-of-document id (the per-document "
+            f"semantics of data.packing=reset); trained with data.packing={packing}: {same}")
 
 
 def _fmt(x: Optional[float], digits: int = 3) -> str:
@@ -355,6 +368,7 @@ def markdown(result: Dict[str, Any]) -> str:
     """The suite's results as markdown tables (one for the sweeps, one for the LM ICL score)."""
     gd = any("baseline_loss" in r for t in result["tasks"] for r in t["rows"])
     lines = [f"**{result['model']}** step {result['step']} ({result['checkpoint']})", "",
+             *([f"Semantics: {result['semantics']}.", ""] if result.get("semantics") else []),
              "| task | parameter | value | examples | loss | acc | seq acc |" + (" one-step GD loss |" if gd else ""),
              "|---|---|---|---|---|---|---|" + ("---|" if gd else "")]
     lm_rows = []

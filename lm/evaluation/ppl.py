@@ -21,9 +21,12 @@ starting empty in each window, so every token sees between ``N - stride`` and N 
 document. ``--context full`` gives each family its own longest reach (recurrent: the whole document;
 Transformer: windows of ``max_seq_len``), which is not the same treatment.
 
-The protocol: ``per-document`` (default) scores each document on its own (its first token sees
-only the prefix); ``stream`` concatenates them into one token stream (each document still ends
-with the end-of-document id), as whole-file scoring does.
+The protocol: ``per-document`` scores each document on its own (its first token sees only the
+prefix); ``stream`` concatenates them into one token stream (each document still ends with the
+end-of-document id), as whole-file scoring does. The default is the semantics the checkpoint was
+trained with (:func:`training_protocol`): ``data.packing: reset`` trains every document from a fresh
+state after the end-of-document id, exactly what ``per-document`` scores; ``stream`` (and runs from
+before ``data.packing``) trained on one stream. The report names both.
 
 perplexity = exp(sum loss / tokens);  bits per byte = sum loss / ln 2 / UTF-8 bytes of the text.
 """
@@ -365,6 +368,17 @@ def text_file_documents(path: Path, tokenizer, eod_id: int, max_tokens: Optional
 # ------------------------------------------------------------------------------------ command
 
 
+def training_packing(ckpt: Checkpoint) -> str:
+    """The checkpoint's ``data.packing`` (``stream`` for runs from before that key)."""
+    return str((ckpt.config.get("data") or {}).get("packing", "stream"))
+
+
+def training_protocol(ckpt: Checkpoint) -> str:
+    """The scoring protocol with the semantics of the checkpoint's training: ``per-document`` for
+    ``data.packing: reset``, ``stream`` otherwise."""
+    return "per-document" if training_packing(ckpt) == "reset" else "stream"
+
+
 def perplexity(ckpt: Checkpoint, text: EvalText, prefix_id: int, seq_len: Optional[int] = None,
                stride: Optional[int] = None, batch_size: int = 4, context: Optional[int] = None,
                protocol: str = "per-document", progress: bool = False) -> Dict[str, Any]:
@@ -400,6 +414,7 @@ def perplexity(ckpt: Checkpoint, text: EvalText, prefix_id: int, seq_len: Option
         "data": text.source, **text.details,
         "documents": len(text.docs), "tokens": int(stats.tokens), "bytes": int(text.bytes),
         "protocol": protocol, "context": int(context) if context is not None else "full",
+        "training_packing": training_packing(ckpt), "matches_training": protocol == training_protocol(ckpt),
         "loss": loss, "ppl": math.exp(min(loss, 50.0)),
         "bits_per_token": loss / math.log(2),
         "bits_per_byte": stats.total / math.log(2) / text.bytes if text.bytes else None,
@@ -440,7 +455,11 @@ def protocol_line(result: Dict[str, Any]) -> str:
                  "max_seq_len) -- not the same treatment for every family")
     else:
         reach = f"context: {context} tokens for every family (sliding windows, state reset per window)"
-    return f"{result.get('protocol', 'per-document')} ({how}); {reach}"
+    line = f"{result.get('protocol', 'per-document')} ({how}); {reach}"
+    if "training_packing" in result:
+        same = "the same semantics" if result.get("matches_training") else "NOT the semantics it was trained with"
+        line += f"; trained with data.packing={result['training_packing']}: {same}"
+    return line
 
 
 def format_summary(result: Dict[str, Any]) -> str:

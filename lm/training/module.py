@@ -1,7 +1,9 @@
 """The Lightning module that trains any registered model on next-token prediction.
 
 * loss: mean token cross-entropy of ``model(tokens[:, :-1])`` against ``tokens[:, 1:]``, the LM
-  head optionally applied in chunks (``train.loss_chunk_size``);
+  head optionally applied in chunks (``train.loss_chunk_size``); with ``data.packing: reset`` the
+  model resets at every document of the window (``doc_start_mask``); with ``train.state_passing``
+  each row starts from its carried state (:mod:`lm.training.state_passing`, saved in checkpoints);
 * AdamW with weight decay on 2-D weights only; linear warmup then cosine decay, stepped per
   optimizer step; gradient clipping and accumulation by the Trainer (or DeepSpeed);
 * metrics: loss, perplexity, bits per byte (``loss / ln 2 / bytes_per_token``), tokens/s, step
@@ -26,6 +28,7 @@ from lm.models import build_model
 from lm.models.flops import peak_flops, training_flops_per_token
 from lm.training.objectives import VAL_PROG_BAR, batch_loss, task_loss, token_loss, validation_metrics  # noqa: F401
 from lm.training.schedule import lr_multiplier
+from lm.training.state_passing import CarriedState
 from lm.training.steps import ends_optimizer_step
 
 log = logging.getLogger(__name__)
@@ -50,6 +53,8 @@ class LMModule(pl.LightningModule):
             # logits, step) going through the compiled blocks
             for block in self.model.blocks:
                 block.compile()
+        self.carried = CarriedState()  # train.state_passing
+        self._pending_carried: Optional[Dict[str, Any]] = None
         self.val_loss_sum = SumMetric()
         self.val_tokens = SumMetric()
         self.val_extra = torch.nn.ModuleDict({k: SumMetric() for k in ("correct", "seq_correct", "sequences")})
@@ -79,16 +84,38 @@ class LMModule(pl.LightningModule):
     def loss_chunk_size(self) -> int:
         return int(self.train_cfg.get("loss_chunk_size", 0))
 
-    def loss_sum(self, tokens: torch.Tensor) -> tuple:
-        """(summed cross-entropy, number of target tokens) for tokens [B, T+1]."""
-        return token_loss(self.model, tokens, self.loss_chunk_size)
+    @property
+    def loss_across_boundary(self) -> bool:
+        return bool(self.config["data"].get("loss_across_boundary", True))
+
+    @property
+    def state_passing(self) -> bool:
+        return bool(self.train_cfg.get("state_passing", False))
+
+    def loss_sum(self, tokens: torch.Tensor, doc_start_mask: Optional[torch.Tensor] = None) -> tuple:
+        """(summed cross-entropy, number of scored targets) for tokens [B, T+1] (and the windows'
+        document starts [B, T+1] with ``data.packing: reset``)."""
+        return token_loss(self.model, tokens, self.loss_chunk_size, doc_start_mask, self.loss_across_boundary)
 
     def batch_loss(self, batch: Dict[str, torch.Tensor]) -> tuple:
         """:func:`batch_loss` of this module's model; corpus batches go through :meth:`loss_sum`."""
         if "tokens" in batch:
-            total, count = self.loss_sum(batch["tokens"])
+            total, count = self.loss_sum(batch["tokens"], batch.get("doc_start_mask"))
             return total, count, {}
         return batch_loss(self.model, batch, self.task_output)
+
+    def carried_loss(self, batch: Dict[str, torch.Tensor]) -> tuple:
+        """:meth:`loss_sum` from the rows' carried states (``train.state_passing``); keeps the new ones."""
+        if self._pending_carried is not None:
+            self.carried.load(self._pending_carried["record"], self.global_rank, self.device)
+            self._pending_carried = None
+        index = batch["index"]
+        tokens = batch["tokens"]
+        state = self.carried.start(index, lambda n: self.model.init_state(n, tokens.device))
+        total, count, new_state = token_loss(self.model, tokens, self.loss_chunk_size, batch.get("doc_start_mask"),
+                                             self.loss_across_boundary, state=state, return_state=True)
+        self.carried.update(new_state, index)
+        return total, count
 
     @property
     def task_output(self) -> str:
@@ -104,7 +131,10 @@ class LMModule(pl.LightningModule):
         return self._trainer is not None and isinstance(self.trainer.strategy, DeepSpeedStrategy)
 
     def training_step(self, batch: Dict[str, torch.Tensor], batch_idx: int):
-        total, count, _ = self.batch_loss(batch)
+        if self.state_passing:
+            total, count = self.carried_loss(batch)
+        else:
+            total, count, _ = self.batch_loss(batch)
         loss = total / count
         finite = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)
         if self._distributed():
@@ -122,6 +152,7 @@ class LMModule(pl.LightningModule):
         return loss
 
     def _handle_nonfinite(self, loss: torch.Tensor):
+        self.carried.reset()  # a non-finite step's state is not carried on
         self.nonfinite_total += 1
         self.nonfinite_streak += 1
         limit = int(self.train_cfg.get("max_nonfinite_steps", 5))
@@ -246,8 +277,16 @@ class LMModule(pl.LightningModule):
     # ---------------------------------------------------------------------------- checkpoint
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         checkpoint["nonfinite"] = {"total": self.nonfinite_total, "streak": self.nonfinite_streak}
+        if self.state_passing:
+            if self._pending_carried is not None:  # restored but not used yet: keep it as it was
+                checkpoint["state_passing"] = self._pending_carried
+            else:
+                world = self.trainer.world_size if self._trainer is not None else 1
+                checkpoint["state_passing"] = {"record": self.carried.gathered(self.all_gather, world)}
 
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         state = checkpoint.get("nonfinite", {})
         self.nonfinite_total = int(state.get("total", 0))
         self.nonfinite_streak = int(state.get("streak", 0))
+        if self.state_passing:
+            self._pending_carried = checkpoint.get("state_passing", {"record": None})

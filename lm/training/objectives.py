@@ -5,7 +5,7 @@ loss of synthetic-task batches, and the validation metrics computed from their s
 from __future__ import annotations
 
 import math
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import torch
 
@@ -43,19 +43,58 @@ def task_loss(model, batch: Dict[str, torch.Tensor], output: str) -> tuple:
     return total, count, extra
 
 
-def token_loss(model, tokens: torch.Tensor, chunk_size: int = 0) -> tuple:
-    """(summed cross-entropy, number of target tokens) of next-token prediction on tokens [B, T+1]."""
+def segment_starts(doc_start_mask: torch.Tensor) -> torch.Tensor:
+    """The model's document starts for inputs ``tokens[:, :-1]`` from a window's ``doc_start_mask``
+    [B, T+1] (True at a document's first token): bool [B, T].
+
+    Input position t opens a document's segment when its target ``t + 1`` is that document's first
+    token, i.e. when the input is the end-of-document id that precedes it: the document is read from a
+    fresh state after that id, as ``lm eval ppl`` scores it. A window whose first token is itself a
+    document's first token (the split's start) opens a segment at position 0 as well.
+    """
+    starts = doc_start_mask[:, 1:].clone()
+    starts[:, 0] |= doc_start_mask[:, 0]
+    return starts
+
+
+def boundary_targets(targets: torch.Tensor, doc_start_mask: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """``targets`` [B, T] with every document's first token replaced by ``ignore_index`` (for
+    ``data.loss_across_boundary: false``)."""
+    return targets.masked_fill(doc_start_mask[:, 1:], ignore_index)
+
+
+def token_loss(model, tokens: torch.Tensor, chunk_size: int = 0, doc_start_mask: Optional[torch.Tensor] = None,
+               loss_across_boundary: bool = True, state: Any = None, return_state: bool = False) -> tuple:
+    """(summed cross-entropy, number of scored targets[, new state]) of next-token prediction on
+    tokens [B, T+1].
+
+    doc_start_mask [B, T+1] (``data.packing: reset``): the model resets at every document
+    (:func:`segment_starts`); without it the window is one stream. ``loss_across_boundary=False``
+    leaves each document's first token unscored (needs the mask). ``state``/``return_state``: start
+    from and return the model state (``train.state_passing``).
+    """
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    h, _ = model.hidden_states(inputs)
+    starts = None if doc_start_mask is None else segment_starts(doc_start_mask)
+    count: Any = targets.numel()
+    if not loss_across_boundary:
+        if doc_start_mask is None:
+            raise ValueError("data.loss_across_boundary=false needs the windows' document starts (doc_start_mask)")
+        targets = boundary_targets(targets, doc_start_mask)
+        count = (targets != -100).sum()  # a tensor: no host sync
+    kwargs = {} if starts is None else {"doc_starts": starts}
+    h, new_state = model.hidden_states(inputs, state, return_state, **kwargs)
     total = cross_entropy_sum(model.logits, h.reshape(-1, h.shape[-1]), targets.reshape(-1), chunk_size=chunk_size)
-    return total, targets.numel()
+    return (total, count, new_state) if return_state else (total, count)
 
 
-def batch_loss(model, batch: Dict[str, torch.Tensor], task_output: str = "classes", chunk_size: int = 0) -> tuple:
-    """(loss sum, scored count, extra sums) for a corpus batch (``tokens``: :func:`token_loss`) or a
-    task batch (``inputs``/``targets``/``mask``: :func:`task_loss` by the task's output kind)."""
+def batch_loss(model, batch: Dict[str, torch.Tensor], task_output: str = "classes", chunk_size: int = 0,
+               loss_across_boundary: bool = True) -> tuple:
+    """(loss sum, scored count, extra sums) for a corpus batch (``tokens``, optional
+    ``doc_start_mask``: :func:`token_loss`) or a task batch (``inputs``/``targets``/``mask``:
+    :func:`task_loss` by the task's output kind)."""
     if "tokens" in batch:
-        total, count = token_loss(model, batch["tokens"], chunk_size)
+        total, count = token_loss(model, batch["tokens"], chunk_size, batch.get("doc_start_mask"),
+                                  loss_across_boundary)
         return total, count, {}
     return task_loss(model, batch, task_output)
 

@@ -45,7 +45,7 @@ NOTICE = OPTIMIZER_KEYS | frozenset({
     "train.min_lr_ratio", "train.warmup_steps", "train.grad_clip", "train.accumulate_grad_batches",
     "train.micro_batch_size", "train.devices", "train.num_nodes", "model.dropout",
     # the cosine schedule decays to train.max_steps: a new value changes the lr of every later step
-    "train.max_steps",
+    "train.max_steps", "data.loss_across_boundary",
 })
 #: what a notice adds for keys whose change has a consequence worth naming
 CONSEQUENCE = {"train.max_steps": "the learning-rate schedule now decays to the new last step"}
@@ -65,7 +65,7 @@ FORBIDDEN = frozenset({
     "model.mlp", "model.mlp_ratio", "model.norm", "model.norm_eps", "model.tie_embeddings",
     "model.max_seq_len", "model.init_std", "model.mixer",
     "train.seq_len", "train.precision", "train.strategy", "train.zero_stage", "train.offload_optimizer",
-    "train.offload_params",
+    "train.offload_params", "data.packing", "train.state_passing",
 })
 
 #: set by the trainer (from the data or the task); compared only when the new config sets them

@@ -257,6 +257,9 @@ def _train(cfg: DictConfig, echo) -> TrainResult:
     resumed_step: Optional[int] = None
     if resume_from is not None:
         manifest = read_manifest(resume_from)
+        if "packing" not in manifest.get("config", {}).get("data", {"packing": None}):
+            # a run from before data.packing trained on one stream: it keeps doing so
+            cfg.data.packing = "stream"
         changes = check_resume(manifest.get("config", {}), plain(cfg), str(resume_from))
         _check_world_size(cfg, manifest, resume_from)
         if int(manifest["step"]) >= int(cfg.train.max_steps):
@@ -280,6 +283,7 @@ def _train(cfg: DictConfig, echo) -> TrainResult:
         datamodule = TokenDataModule(
             data_dir, int(cfg.train.seq_len), int(cfg.train.micro_batch_size), int(cfg.seed),
             num_workers=int(cfg.train.num_workers), val_batches=int(cfg.train.val_batches),
+            doc_start_mask=cfg.data.packing == "reset", state_passing=bool(cfg.train.state_passing),
         )
         cfg.model.vocab_size = resolve_vocab(cfg, datamodule.vocab_size, echo if launch_rank() == 0 else None)
         bytes_per_token = datamodule.bytes_per_token
@@ -478,7 +482,7 @@ def _final_report(cfg, module: LMModule, datamodule, trainer, result: TrainResul
         if cfg.train.val_batches and i >= int(cfg.train.val_batches):
             break
         s, n, extra = batch_loss(model, {k: v.to(device) for k, v in batch.items()}, module.task_output,
-                                 module.loss_chunk_size)
+                                 module.loss_chunk_size, module.loss_across_boundary)
         sums["loss_sum"] += float(s)
         sums["count"] += int(n)
         for name in ("correct", "seq_correct", "sequences"):

@@ -147,6 +147,22 @@ def test_sigkill_and_resume_is_bit_exact(tmp_path, tiny_data):
 
 
 @pytest.mark.slow
+def test_sigkill_and_resume_with_state_passing_is_bit_exact(tmp_path, tiny_data):
+    """train.state_passing: the carried states are in the checkpoint, so the resumed run continues
+    from the same states and ends with the same weights."""
+    straight, killed, kill_at = kill_and_resume(tmp_path, tiny_data, extra=("train.state_passing=true",),
+                                                name="tbptt")
+    assert_same_weights(_final_weights(straight), _final_weights(killed))
+    samples = read_samples(straight)
+    assert samples == read_samples(killed), f"samples differ (killed at step {kill_at})"
+    first_row = [micro[0][0] for _, micro in sorted(samples.items())]  # row 0 of each step's first micro-batch
+    assert sum(b == a + 1 for a, b in zip(first_row, first_row[1:])) >= len(first_row) // 2  # consecutive windows
+    ckpt = torch.load(latest_complete(killed / "checkpoints") / "model.ckpt", weights_only=False)
+    record = ckpt["state_passing"]["record"]
+    assert record["index"].shape[0] == 1 and record["state"] is not None
+
+
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_cleanly(tmp_path, tiny_data):
     path = experiment(tmp_path, tiny_data, train={"max_steps": 400, "record_samples": True},
                       checkpoint={"every_n_steps": 1000})
