@@ -137,7 +137,7 @@ def delta_rule_chunked_varlen(q, k, v, beta, g, scale: float, initial_state, out
         return _varlen_pass(*steps, scale, S, C, seqc, flows, X, own)
 
     return varlen.run_packed(one_pass, (q, k, v, beta, g), gate, scale, initial_state, output_final_state,
-                             cu_seqlens, C, segment, lambda steps, u: (steps[1], u))
+                             cu_seqlens, C, segment, lambda steps, us: (steps[1], torch.cat(us, 1)))
 
 
 def _varlen_pass(q, k, v, beta, g, scale: float, S, C: int, seqc, flows, X, own):

@@ -79,11 +79,13 @@ def dplr_chunked_varlen(q, k, v, a, b, g, scale: float, initial_state, output_fi
 
     def one_pass(steps, S, seqc, flows, X, own):
         o, z, entering, S = _chunked_pass(*steps, scale, S, C, (seqc, flows, X, own))
-        return from_chunks(o, T), from_chunks(z, T), entering[:, 0].transpose(0, 1), S
+        return from_chunks(o, T), z, entering[:, 0].transpose(0, 1), S
 
-    # every step's state update is k v^T + b z^T
+    def updates(steps, zs):  # every step's state update is k v^T + b z^T (one pass: zs holds its Z)
+        return (steps[1], steps[4]), (steps[2], from_chunks(zs[0], T))
+
     return varlen.run_packed(one_pass, (q, k, v, a, b, g), g, scale, initial_state, output_final_state,
-                             cu_seqlens, C, None, lambda steps, z: ((steps[1], steps[4]), (steps[2], z)))
+                             cu_seqlens, C, None, updates)
 
 
 def _chunked_pass(q, k, v, a, b, g, scale: float, S: torch.Tensor, C: int, packed: Optional[tuple] = None):

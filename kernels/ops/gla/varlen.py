@@ -280,10 +280,10 @@ def run_packed(pass_fn: Callable, steps: Sequence[Optional[torch.Tensor]], gate:
     the state carried: ``pass_fn(steps of the pass, S [1, H, K, V], seqc [n, C], flows [n], X [H, n + 1,
     K, V] or None, own)`` (``seqc``/``flows``/``X`` of the pass's n chunks, ``own``:
     :meth:`Layout.begin_inside` of them) returns the output (fp32 [1, t, H, V], without
-    :func:`initial_state_output`), a per-step tensor [1, t, ...], the entering states [H, n, K, V] and the
-    state entering the next pass. ``updates(steps, per-step tensor of the whole row)`` gives the (keys,
-    values) of the state updates for :func:`final_states`. Returns (output [1, T, H, V] in q's dtype,
-    final states [N, H, K, V] or None)."""
+    :func:`initial_state_output`), a per-step value of the pass (any form), the entering states
+    [H, n, K, V] and the state entering the next pass. ``updates(steps, the passes' per-step values)``
+    gives the (keys, values) of the state updates for :func:`final_states` (called only for final states).
+    Returns (output [1, T, H, V] in q's dtype, final states [N, H, K, V] or None)."""
     q, v = steps[0], steps[2]
     T, H, K, V = q.shape[1], q.shape[2], q.shape[3], v.shape[-1]
     L = Layout(cu_seqlens, T, C, q.device)
@@ -311,6 +311,6 @@ def run_packed(pass_fn: Callable, steps: Sequence[Optional[torch.Tensor]], gate:
     o = o[None].to(q.dtype)
     if not output_final_state:
         return o, None
-    keys, values = updates(steps, torch.cat(per_step, 1))
+    keys, values = updates(steps, per_step)
     finals = final_states(keys, values, gate, torch.cat(entering, 1), h0, L)
     return o, assemble_finals(finals, initial_state, L)
