@@ -4,7 +4,6 @@ in-context-learning evaluation suite (``lm eval icl``)."""
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from typing import Any, Dict, Mapping
 
 from omegaconf import OmegaConf
@@ -22,12 +21,10 @@ TASKS: Dict[str, type] = {cls.name: cls for cls in (AssociativeRecall, Induction
 
 def build_task(name: str, params: Mapping[str, Any] = None, prefix: str = "data.task") -> Task:
     """A task by name with validated parameters (unknown keys and names suggest the closest)."""
-    from lm.errors import ConfigError
+    from lm.errors import ConfigError, did_you_mean
 
     if name not in TASKS:
-        close = difflib.get_close_matches(name, list(TASKS), n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise ConfigError(f"{prefix}.name: unknown task '{name}'{hint}; known: {', '.join(TASKS)}")
+        raise ConfigError(f"{prefix}.name: unknown task '{name}'{did_you_mean(name, TASKS)}; known: {', '.join(TASKS)}")
     cls = TASKS[name]
     node = OmegaConf.structured(cls.Options)
     try:
@@ -37,9 +34,7 @@ def build_task(name: str, params: Mapping[str, Any] = None, prefix: str = "data.
         fields = [f.name for f in dataclasses.fields(cls.Options)]
         leaf = key.rpartition(".")[2]
         if leaf and leaf not in fields:
-            close = difflib.get_close_matches(leaf, fields, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(f"{prefix}.params.{key}: unknown parameter of task '{name}'{hint}; "
+            raise ConfigError(f"{prefix}.params.{key}: unknown parameter of task '{name}'{did_you_mean(leaf, fields)}; "
                               f"parameters: {', '.join(fields)}") from None
         raise ConfigError(f"{prefix}.params.{key}: {(getattr(e, 'msg', None) or str(e)).splitlines()[0]}") from None
     return cls(OmegaConf.to_object(node))

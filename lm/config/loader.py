@@ -18,7 +18,6 @@ for unknown keys or values, the closest valid ones.
 
 from __future__ import annotations
 
-import difflib
 import os
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -27,24 +26,12 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from lm.config.schema import GROUPS, DataConfig, ExperimentConfig
-from lm.errors import ConfigError
+from lm.config.schema import GROUPS, DataConfig, ExperimentConfig, choices
+from lm.errors import ConfigError, did_you_mean
 
-#: allowed values of enumerated string keys (key path relative to the experiment root)
-CHOICES: Dict[str, Sequence[str]] = {
-    "data.source.kind": ("stdlib", "text", "json", "jsonl", "parquet", "csv", "hf", "task"),
-    "data.source.split_by": ("file", "blank_line", "regex"),
-    "data.source.encoding_errors": ("replace", "fail"),
-    "data.task_output": ("classes", "vectors", "multilabel"),
-    "data.packing": ("reset", "stream"),
-    "model.mlp": ("swiglu", "rwkv_cmix", "none"),
-    "model.norm": ("rmsnorm", "layernorm", "none"),
-    "model.kernel_backend": ("auto", "reference", "torch", "triton", "fla"),
-    "train.precision": ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true"),
-    "train.accelerator": ("auto", "cpu", "gpu", "cuda"),
-    "train.strategy": ("auto", "single", "ddp", "deepspeed"),
-    "logging.wandb.mode": ("disabled", "offline", "online"),
-}
+#: allowed values of enumerated string keys (key path relative to the experiment root), declared on the
+#: schema's fields (:func:`lm.config.schema.choice`)
+CHOICES: Dict[str, Sequence[str]] = choices(ExperimentConfig)
 
 #: checks that need more than the schema (registered by lm.models, lm.training, ...):
 #: each takes the merged experiment DictConfig and raises ConfigError
@@ -117,8 +104,8 @@ def prepared_data_config(name: str) -> Optional[Tuple[Path, Dict[str, Any]]]:
 
 
 def _suggest(word: str, options: Iterable[str]) -> str:
-    close = difflib.get_close_matches(str(word), list(options), n=1, cutoff=0.5)
-    return f" (did you mean '{close[0]}'?)" if close else ""
+    """:func:`lm.errors.did_you_mean` at the config's cutoff (0.5; lm.models.registry uses it too)."""
+    return did_you_mean(word, options, cutoff=0.5)
 
 
 def _read_yaml(path: Path) -> Dict[str, Any]:

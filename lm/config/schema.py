@@ -5,18 +5,43 @@ An experiment is one :class:`ExperimentConfig`. ``configs/<group>/*.yaml`` files
 (:mod:`lm.config.loader`) rejects unknown keys and wrong types with the full key path.
 Family-specific token-mixer options live in ``model.mixer`` and are checked against the
 family's own dataclass (see :mod:`lm.models.registry`).
+
+Enumerated string keys are declared with :func:`choice`: their allowed values sit on the field
+(``metadata["choices"]``), :func:`choices` collects them by key path, and the loader rejects any other
+value with a "did you mean". (``typing.Literal`` would say the same, but OmegaConf 2.3, which
+pyproject.toml allows, rejects it, and OmegaConf's own error has no suggestion.)
+
+The classes stay mutable while OmegaConf composes and merges into them (and ``lm.models`` resolves
+``model.variant`` in its own copy); :func:`lm.config.resolve.resolve` hands the run one frozen
+instance (:func:`freeze`: assigning to any field of it raises ``dataclasses.FrozenInstanceError``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+
+def choice(default: Optional[str], options: Sequence[str]) -> Any:
+    """A string field that takes one of ``options`` (or None when it is Optional)."""
+    return field(default=default, metadata={"choices": tuple(options)})
+
+
+class Frozen:
+    """Base of every section: :func:`freeze` makes an instance (and its nested sections) read-only."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if self.__dict__.get("_frozen", False):
+            raise dataclasses.FrozenInstanceError(
+                f"cannot assign to field {name!r}: the resolved config is frozen (dataclasses.replace makes a copy)")
+        object.__setattr__(self, name, value)
 
 # ----------------------------------------------------------------------------------------- data
 
 
 @dataclass
-class SourceConfig:
+class SourceConfig(Frozen):
     """Where documents come from.
 
     kind:
@@ -33,9 +58,9 @@ class SourceConfig:
                   ``load_dataset(hf_name, data_files=paths, split=hf_split)``.
     """
 
-    kind: str = "stdlib"
+    kind: str = choice("stdlib", ("stdlib", "text", "json", "jsonl", "parquet", "csv", "hf", "task"))
     paths: List[str] = field(default_factory=list)
-    split_by: str = "file"  # file | blank_line | regex
+    split_by: str = choice("file", ("file", "blank_line", "regex"))
     # split_by: regex: a document starts at every match (zero-width lookaheads keep the matched line);
     # the default: WikiText-style article headings " = Title = " (not " = = Section = = ")
     split_regex: str = r"(?m)^(?=[ \t]*= (?!=)[^\n]*[^=\n] =[ \t]*$)"
@@ -46,13 +71,13 @@ class SourceConfig:
     streaming: bool = False
     max_documents: Optional[int] = None
     max_bytes: Optional[int] = None
-    encoding_errors: str = "replace"  # replace | fail
+    encoding_errors: str = choice("replace", ("replace", "fail"))
     # replace: a file whose share of invalid UTF-8 bytes is above this fails (binary, not text); 1.0: off
     max_invalid_utf8: float = 0.01
 
 
 @dataclass
-class TokenizerConfig:
+class TokenizerConfig(Frozen):
     """A byte-level BPE trained on the training split, or an existing tokenizer.
 
     ``path``: None trains one; otherwise a ``tokenizer.json`` file or a HF hub tokenizer name.
@@ -67,7 +92,7 @@ class TokenizerConfig:
 
 
 @dataclass
-class TaskConfig:
+class TaskConfig(Frozen):
     """A synthetic task generated on the fly (``source.kind: task``); see ``data/tasks``.
 
     ``params`` are the task's own parameters, checked against its dataclass.
@@ -79,7 +104,7 @@ class TaskConfig:
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Frozen):
     """A tokenized corpus (source, tokenizer, split, shards) or a synthetic task."""
 
     name: str = "stdlib"
@@ -97,20 +122,20 @@ class DataConfig:
     # recurrent state, convolution, token shift and attention restarts at each document (the
     # end-of-document id that precedes a document opens its segment, as `lm eval ppl` scores it);
     # stream: one token stream, state flows across documents (the behaviour of runs before this key)
-    packing: str = "reset"
+    packing: str = choice("reset", ("reset", "stream"))
     # predict the first token of each document (from the end-of-document id before it); false: those
     # targets are not scored (neither in training nor in validation)
     loss_across_boundary: bool = True
-    # filled by the trainer for task runs (the task's output kind: classes | vectors | multilabel) and
-    # recorded in config.yaml and the checkpoint manifests; not set by users
-    task_output: Optional[str] = None
+    # filled by lm.config.resolve for task runs (the task's output kind) and recorded in config.yaml and
+    # the checkpoint manifests; not set by users
+    task_output: Optional[str] = choice(None, ("classes", "vectors", "multilabel"))
 
 
 # ---------------------------------------------------------------------------------------- model
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Frozen):
     """The shared skeleton: embedding -> n_layers x [norm, mixer, norm, mlp] -> norm -> head.
 
     ``family``/``variant`` pick the token mixer from the registry; ``mixer`` holds that family's
@@ -125,9 +150,9 @@ class ModelConfig:
     n_layers: int = 4
     n_heads: int = 4
     head_dim: Optional[int] = None  # default d_model // n_heads
-    mlp: str = "swiglu"  # swiglu | rwkv_cmix | none
+    mlp: str = choice("swiglu", ("swiglu", "rwkv_cmix", "none"))
     mlp_ratio: float = 4.0
-    norm: str = "rmsnorm"  # rmsnorm | layernorm
+    norm: str = choice("rmsnorm", ("rmsnorm", "layernorm", "none"))
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     max_seq_len: int = 2048
@@ -135,9 +160,9 @@ class ModelConfig:
     dropout: float = 0.0
     input_dim: Optional[int] = None  # continuous inputs (regression tasks): linear embedding
     output_dim: Optional[int] = None  # continuous outputs: linear readout instead of the LM head
-    # auto | reference | torch | triton | fla: the scan ops' backend (kernels/README.md); auto (or null):
-    # by device, fla: flash-linear-attention's kernels (the fla extra; gla, delta_rule, dplr only)
-    kernel_backend: Optional[str] = "auto"
+    # the scan ops' backend (kernels/README.md); auto (or null): by device, fla: flash-linear-attention's
+    # kernels (the fla extra; gla, delta_rule, dplr only)
+    kernel_backend: Optional[str] = choice("auto", ("auto", "reference", "torch", "triton", "fla"))
     mixer: Dict[str, Any] = field(default_factory=dict)
 
 
@@ -145,7 +170,7 @@ class ModelConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Frozen):
     """Optimisation, batch shapes, precision and distribution."""
 
     seq_len: int = 256
@@ -160,11 +185,11 @@ class TrainConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0
-    precision: str = "32-true"  # 32-true | bf16-mixed | 16-mixed | bf16-true
-    accelerator: str = "auto"  # auto | cpu | gpu
+    precision: str = choice("32-true", ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true"))
+    accelerator: str = choice("auto", ("auto", "cpu", "gpu", "cuda"))
     devices: int = 1  # processes per node (0: all visible GPUs)
     num_nodes: int = 1
-    strategy: str = "auto"  # auto | ddp | deepspeed
+    strategy: str = choice("auto", ("auto", "single", "ddp", "deepspeed"))
     zero_stage: int = 2
     offload_optimizer: bool = False
     offload_params: bool = False
@@ -193,29 +218,29 @@ class TrainConfig:
 
 
 @dataclass
-class CheckpointConfig:
+class CheckpointConfig(Frozen):
     every_n_steps: int = 500
     keep_last: int = 3
     save_on_signal: bool = True
 
 
 @dataclass
-class WandbConfig:
-    mode: str = "disabled"  # disabled | offline | online
+class WandbConfig(Frozen):
+    mode: str = choice("disabled", ("disabled", "offline", "online"))
     project: str = "rnn-lm"
     entity: Optional[str] = None
     tags: List[str] = field(default_factory=list)
 
 
 @dataclass
-class LoggingConfig:
+class LoggingConfig(Frozen):
     csv: bool = True
     tensorboard: bool = True
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
 @dataclass
-class ProbesConfig:
+class ProbesConfig(Frozen):
     """Attention-equivalence probes during training (lm/probes); ``every_n_steps: 0`` is off."""
 
     every_n_steps: int = 0
@@ -227,7 +252,7 @@ class ProbesConfig:
 
 
 @dataclass
-class SlurmConfig:
+class SlurmConfig(Frozen):
     """``lm submit``: the sbatch job (templates in ``slurm/``; see docs/slurm.md)."""
 
     partition: Optional[str] = None
@@ -248,7 +273,7 @@ class SlurmConfig:
 
 
 @dataclass
-class ExperimentConfig:
+class ExperimentConfig(Frozen):
     name: str = "default"
     seed: int = 1234
     run_dir: str = "runs/${name}"
@@ -265,3 +290,23 @@ class ExperimentConfig:
 
 #: config groups: a YAML file in ``configs/<group>/`` fills the section of the same name
 GROUPS: Dict[str, type] = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
+
+
+def choices(cls: type = ExperimentConfig, prefix: str = "") -> Dict[str, Tuple[str, ...]]:
+    """Allowed values of every enumerated key under ``cls``, by key path (``train.strategy``)."""
+    out: Dict[str, Tuple[str, ...]] = {}
+    for f in dataclasses.fields(cls):
+        if "choices" in f.metadata:
+            out[prefix + f.name] = f.metadata["choices"]
+        elif f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory):
+            out.update(choices(f.default_factory, f"{prefix}{f.name}."))
+    return out
+
+
+def freeze(obj: Any) -> Any:
+    """Make a section instance and every section nested in it read-only (in place); returns it."""
+    if isinstance(obj, Frozen):
+        for f in dataclasses.fields(obj):
+            freeze(getattr(obj, f.name))
+        object.__setattr__(obj, "_frozen", True)
+    return obj

@@ -28,7 +28,6 @@ accepted when ``seq_acc``); ``vectors`` the loss (squared error summed over outp
 
 from __future__ import annotations
 
-import difflib
 import math
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -36,7 +35,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from lm.errors import LMError
+from lm.errors import LMError, did_you_mean
 from lm.evaluation.common import Checkpoint, write_atomic, write_json
 
 FORMAL_LANGUAGES = ["parity", "aa_star", "abab_star", "anbn", "anbncn", "dyck1", "reset_dyck1"]
@@ -67,9 +66,7 @@ def resolve_tasks(ckpt: Checkpoint, names: Sequence[str]) -> List[str]:
     trained = suite_name(ckpt.config)
     for name in names:
         if name not in SUITE and name != "formal":
-            close = difflib.get_close_matches(name, SUITE, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise LMError(f"--tasks: unknown task '{name}'{hint}; known: {', '.join(SUITE)}")
+            raise LMError(f"--tasks: unknown task '{name}'{did_you_mean(name, SUITE)}; known: {', '.join(SUITE)}")
     if trained is not None:
         out = []
         for name in names or [trained]:

@@ -110,3 +110,32 @@ def test_repository_experiments_validate():
     for name in ("default",):
         cfg = load_experiment(name)
         assert cfg.model.family
+
+
+def test_choices_live_on_the_schema():
+    """Every enumerated key's allowed values come from its schema field; the loader checks them all."""
+    import dataclasses
+
+    from lm.config.loader import CHOICES
+    from lm.config.schema import ModelConfig, TrainConfig, choices
+
+    assert CHOICES == choices()
+    assert CHOICES["train.strategy"] == ("auto", "single", "ddp", "deepspeed")
+    assert {f.name: f.metadata["choices"] for f in dataclasses.fields(ModelConfig) if "choices" in f.metadata}["norm"] \
+        == ("rmsnorm", "layernorm", "none")
+    for key, options in CHOICES.items():
+        section, _, leaf = key.rpartition(".")
+        default = {"train": TrainConfig(), "model": ModelConfig()}.get(section)
+        if default is not None and getattr(default, leaf) is not None:
+            assert getattr(default, leaf) in options, key
+
+
+def test_did_you_mean_is_shared():
+    from lm.errors import did_you_mean
+
+    assert did_you_mean("deepspeeed", ["ddp", "deepspeed"]) == " (did you mean 'deepspeed'?)"
+    assert did_you_mean("zzz", ["ddp", "deepspeed"]) == ""
+    with pytest.raises(ConfigError, match="did you mean 'induction'"):
+        from data.tasks import build_task
+
+        build_task("inducton")
