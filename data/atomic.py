@@ -1,4 +1,7 @@
-"""Build a directory somewhere temporary and move it into place only when it is complete.
+"""Atomic outputs: a file or a directory appears complete or not at all.
+
+:func:`write_atomic` writes a file (text or bytes) through a temporary sibling and a rename: the one
+file writer of the project (checkpoint pointers, config.yaml, summaries, evaluation reports).
 
 :func:`atomic_directory` yields an empty ``.<name>.tmp-<pid>-<random>`` directory next to the
 target. On normal exit the target (if any) is replaced by it; on any exception, Ctrl-C or SIGTERM
@@ -16,7 +19,27 @@ import threading
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional, Union
+
+
+def write_atomic(path: Union[str, Path], content: Union[str, bytes], mode: Optional[int] = None) -> Path:
+    """Write ``content`` (text as UTF-8, or bytes) to ``path`` through a temporary sibling and a rename;
+    ``mode``: chmod the file first. Creates the parent directory; a failed write leaves no temporary file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        if isinstance(content, bytes):
+            tmp.write_bytes(content)
+        else:
+            tmp.write_text(content, encoding="utf-8")
+        if mode is not None:
+            os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
 
 
 def pid_alive(pid: int) -> bool:

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
 import resource
 import sys
 from dataclasses import dataclass, field
@@ -13,6 +12,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
+from data.atomic import write_atomic  # noqa: F401  (re-exported: evaluation writers import it from here)
 from lm.errors import LMError
 from lm.training.export import LoadedModel, load_model
 
@@ -163,16 +163,6 @@ def state_bytes(state: Any) -> int:
 
 
 # ----------------------------------------------------------------------------------- results
-
-
-def write_atomic(path: Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
 
 
 def write_json(path: Path, obj: Any) -> Path:

@@ -30,7 +30,8 @@ def check_out_dir(out: Path) -> None:
 
 
 def write_atomically(out: Path, fill) -> Path:
-    """``fill(tmp_dir)`` into a temporary sibling directory, then rename it to ``out``."""
+    """``fill(tmp_dir)`` into a temporary sibling directory, then rename it to ``out`` (a new or empty
+    directory only; single files go through :func:`data.atomic.write_atomic`)."""
     check_out_dir(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))

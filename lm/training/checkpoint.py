@@ -22,11 +22,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+from data.atomic import write_atomic
 from lm.errors import LMError
+
+#: the project's atomic file writer under its older name (lm.slurm.submit imports it)
+write_atomic_text = write_atomic
 
 MANIFEST = "manifest.json"
 STATE = "model.ckpt"
@@ -54,19 +57,6 @@ def sha256_file(path: Path) -> str:
 def files_with_digests(root: Path) -> Dict[str, str]:
     """relative path -> SHA-256 of every file under ``root``."""
     return {str(p.relative_to(root)): sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def write_atomic_text(path: Path, text: str, mode: Optional[int] = None) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename (``mode``: chmod it first)."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        if mode is not None:
-            os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def check_checkpoint(ckpt_dir: Path, verify: bool = False) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:

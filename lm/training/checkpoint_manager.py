@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from pytorch_lightning.callbacks import Callback
 
+from data.atomic import write_atomic
 from lm.errors import LMError
 from lm.training.checkpoint import (
     MANIFEST,
@@ -37,7 +38,6 @@ from lm.training.checkpoint import (
     files_with_sizes,
     checkpoint_name,
     list_complete,
-    write_atomic_text,
 )
 from lm.training.steps import ends_optimizer_step
 
@@ -180,7 +180,7 @@ class CheckpointManager(Callback):
                 }
                 (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
                 os.replace(tmp, final)
-                write_atomic_text(self.directory / "last", name + "\n")
+                write_atomic(self.directory / "last", name + "\n")
                 self._prune(keep=final)
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -27,6 +27,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig
 
+from data.atomic import write_atomic
 from lm.config.loader import plain, to_yaml
 from lm.errors import ConfigError, LMError
 from lm.models.registry import model_name
@@ -36,7 +37,6 @@ from lm.training.checkpoint import (
     read_manifest,
     resolve_checkpoint,
     step_dirs,
-    write_atomic_text,
 )
 from lm.training.checkpoint_manager import CheckpointManager
 from lm.training.loggers import build_loggers
@@ -202,8 +202,8 @@ def _write_run_files(run_dir: Path, cfg: DictConfig, resumed_step: Optional[int]
     text = to_yaml(cfg)
     current = run_dir / "config.yaml"
     if resumed_step is not None and current.is_file() and current.read_text() != text:
-        write_atomic_text(run_dir / f"config.{resumed_step}.yaml", current.read_text())
-    write_atomic_text(current, text)
+        write_atomic(run_dir / f"config.{resumed_step}.yaml", current.read_text())
+    write_atomic(current, text)
 
 
 def _validation_prompt(data_dir: Path, tokenizer, tokens: int = 12) -> str:
@@ -510,7 +510,7 @@ def _final_report(cfg, module: LMModule, datamodule, trainer, result: TrainResul
                "val_ppl": result.val_ppl, "val_bpb": result.val_bpb, "sample": result.sample,
                "sample_stop": stop_reason,
                "val_acc": result.metrics.get("val/acc"), "val_seq_acc": result.metrics.get("val/seq_acc")}
-    write_atomic_text(result.run_dir / "summary.json", json.dumps(summary, indent=1))
+    write_atomic(result.run_dir / "summary.json", json.dumps(summary, indent=1))
     metrics_csv = result.run_dir / "logs" / "metrics.csv"
     plot = None
     if metrics_csv.is_file():

@@ -8,7 +8,8 @@ import shutil
 
 import pytest
 
-from lm.training.checkpoint import latest_complete, read_manifest, write_atomic_text
+from data.atomic import write_atomic
+from lm.training.checkpoint import latest_complete, read_manifest
 from tests.training.conftest import experiment, read_samples, run_lm
 from tests.training.test_train import _final_weights, assert_same_weights, kill_and_resume
 
@@ -39,7 +40,7 @@ def test_zero3_trains_checkpoints_and_resumes(tmp_path, tiny_data):
     run_lm("train", str(b), *extra)
     ckpts = tmp_path / "z3b" / "checkpoints"
     shutil.rmtree(ckpts / "step-00000008")
-    write_atomic_text(ckpts / "last", "step-00000004\n")
+    write_atomic(ckpts / "last", "step-00000004\n")
     proc = run_lm("train", str(b), "resume=auto", *extra)
     assert "resuming from" in proc.stdout
     assert read_manifest(latest_complete(ckpts))["step"] == 8
