@@ -1,22 +1,25 @@
 """Training FLOPs per token (forward + backward), for model-FLOPs utilisation (MFU).
 
 ``6 * (matmul parameters, LM head included)`` plus three times each token mixer's forward cost
-along the sequence (the part parameters do not count):
+along the sequence (the part parameters do not count), which every mixer declares in
+:meth:`~lm.models.mixer.TokenMixer.forward_flops`:
 
 * softmax attention (causal): ``2 * 2 * d * T/2`` per layer (scores and weighted sum);
 * chunked linear attention / GLA / RetNet (chunk C, the kernels' own, :func:`kernel_chunk`): intra-chunk ``2 C (K + V)`` and state read and
   write ``4 K V`` per head; the delta rule adds the per-chunk WY transform ``2 C K + C^2``;
 * DPLR (RWKV-7): like the delta rule with a per-key decay, ``2 C (2K + V) + C^2 + 6 K V``;
 * fused recurrences (recurrent delta, SRWM): ``~12 K V`` (read, update and readout per step);
-* scans (gated RNN, Aaren): elementwise, counted as 0.
+* scans (gated RNN, Aaren): elementwise, counted as 0 (the default).
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch.nn as nn
 
-from lm.models.lm import LanguageModel
-from lm.models.registry import head_dim
+if TYPE_CHECKING:  # pragma: no cover
+    from lm.models.lm import LanguageModel
 
 
 def matmul_parameters(model: LanguageModel) -> int:
@@ -43,28 +46,9 @@ def kernel_chunk(op: str, K: int, V: int) -> int:
 
 
 def mixer_forward_flops(model: LanguageModel, seq_len: int) -> float:
-    cfg = model.cfg
-    L, d, H = cfg.n_layers, cfg.d_model, cfg.n_heads
-    hd = head_dim(cfg)
-    variant = cfg.variant
-    if cfg.family == "transformer":
-        return L * 2.0 * d * seq_len
-    if cfg.family == "linear_attention":
-        mixer = model.blocks[0].mixer
-        K, V = mixer.key_dim, mixer.value_dim
-        delta = variant in ("deltanet", "gated_deltanet")
-        C = kernel_chunk("delta_rule" if delta else "gla", K, V)
-        per_head = 2 * C * (K + V) + 4 * K * V
-        if delta:
-            per_head += 2 * C * K + C * C
-        return L * H * float(per_head)
-    if cfg.family == "rwkv":
-        K = V = hd
-        C = kernel_chunk("dplr", K, V)
-        return L * H * float(2 * C * (2 * K + V) + C * C + 6 * K * V)
-    if cfg.family == "fwp":
-        return L * H * 12.0 * hd * hd
-    return 0.0
+    """Forward FLOPs per token of all token mixers along the sequence (each layer's own
+    :meth:`~lm.models.mixer.TokenMixer.forward_flops`)."""
+    return sum((block.mixer.forward_flops(seq_len) for block in model.blocks), 0.0)
 
 
 def training_flops_per_token(model: LanguageModel, seq_len: int) -> float:

@@ -13,8 +13,9 @@ srwm (per head the weight matrix programs itself; x_t = W_in x, D = head_dim)::
     [y_t; q_t; k_t; beta_t] = [W_y; W_q; W_k; w_b]_{t-1} x_t  with softmax on q, k and sigmoid on beta
     M <- M + beta_M (M q_t - M k_t) k_t^T   for each of the four blocks M, with y_t from the old W_y
 
-Both outputs go through a per-head RMS norm and W_o. Neither has a parallel form: the kernels run
-a fused time loop (see kernels/README.md).
+The variant sets the option ``kind`` (``recurrent_delta`` | ``srwm``). Both outputs go through a
+per-head RMS norm and W_o. Neither has a parallel form: the kernels run a fused time loop (see
+kernels/README.md).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch.nn as nn
 
 import kernels
 from kernels.ops.srwm.reference import broadcast_weights
+from lm.errors import ConfigError
 from lm.models.layers import HeadNorm
 from lm.models.mixer import TokenMixer, get, packed_scan
 from lm.models.registry import register
@@ -34,19 +36,24 @@ from lm.models.registry import register
 
 @dataclass
 class FWPOptions:
+    kind: str = "recurrent_delta"  # recurrent_delta | srwm (set by the variant)
     output_norm: bool = True
     recurrent_init_std: float = 0.02  # R_q, R_k, R_v, r_b (recurrent_delta)
 
 
-@register("fwp", FWPOptions, variants={"recurrent_delta": {}, "srwm": {}}, default_variant="recurrent_delta")
+KINDS = ("recurrent_delta", "srwm")
+VARIANTS = {kind: {"kind": kind} for kind in KINDS}
+
+
+@register("fwp", FWPOptions, variants=VARIANTS, default_variant="recurrent_delta")
 class FastWeightProgrammer(TokenMixer):
     """Recurrent delta rule or self-referential weight matrix, per head."""
 
     def __init__(self, cfg: Any, options: FWPOptions, layer_idx: int):
         super().__init__(cfg, options, layer_idx)
         D, H, K = self.d_model, self.n_heads, self.head_dim
-        self.variant = cfg.variant
-        if self.variant == "recurrent_delta":
+        self.kind = options.kind
+        if self.kind == "recurrent_delta":
             self.q_proj = nn.Linear(D, H * K, bias=False)
             self.k_proj = nn.Linear(D, H * K, bias=False)
             self.v_proj = nn.Linear(D, H * K, bias=False)
@@ -66,10 +73,19 @@ class FastWeightProgrammer(TokenMixer):
         self.o_proj.is_residual_out = True
         self.reset_parameters()
 
+    @staticmethod
+    def check_config(cfg: Any, options: FWPOptions) -> None:
+        if options.kind not in KINDS:
+            raise ConfigError(f"model.mixer.kind: '{options.kind}' is not one of {', '.join(KINDS)}")
+
+    def forward_flops(self, seq_len: int) -> float:
+        """The fused recurrence per head: ``~12 K V`` per step (read, update and readout; K = V = head_dim)."""
+        return self.n_heads * 12.0 * self.head_dim * self.head_dim
+
     def reset_parameters(self) -> None:
         K = self.head_dim
         with torch.no_grad():
-            if self.variant == "recurrent_delta":
+            if self.kind == "recurrent_delta":
                 for p in (self.r_q, self.r_k, self.r_v, self.r_b):
                     nn.init.normal_(p, 0.0, self.options.recurrent_init_std)
             else:
@@ -81,7 +97,7 @@ class FastWeightProgrammer(TokenMixer):
             return self._forward_segments(x, state, return_state, segments)
         B, T, _ = x.shape
         H, K = self.n_heads, self.head_dim
-        if self.variant == "recurrent_delta":
+        if self.kind == "recurrent_delta":
             S0 = None if get(state, "S") is None else (state["S"], state["y"])
             out, final = kernels.recurrent_delta(
                 self.q_proj(x).view(B, T, H, K), self.k_proj(x).view(B, T, H, K),
@@ -106,7 +122,7 @@ class FastWeightProgrammer(TokenMixer):
         every sequence when no row carries a state, else broadcast per segment)."""
         B, T, _ = x.shape
         H, K = self.n_heads, self.head_dim
-        if self.variant == "recurrent_delta":
+        if self.kind == "recurrent_delta":
             S0 = None if get(state, "S") is None else (state["S"], state["y"])
             fresh = lambda n: (torch.zeros(n, H, K, K, device=x.device),  # noqa: E731
                                torch.zeros(n, H, K, device=x.device))
@@ -131,7 +147,7 @@ class FastWeightProgrammer(TokenMixer):
 
     def init_state(self, batch_size, device=None, dtype=None):
         H, K = self.n_heads, self.head_dim
-        if self.variant == "recurrent_delta":
+        if self.kind == "recurrent_delta":
             return {"S": torch.zeros(batch_size, H, K, K, device=device),
                     "y": torch.zeros(batch_size, H, K, device=device)}
         weights = (self.w_y, self.w_q, self.w_k, self.w_b)

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 import kernels
 from lm.errors import ConfigError
+from lm.models.flops import kernel_chunk
 from lm.models.layers import HeadNorm, ShortConv, l2_normalize
 from lm.models.mixer import ImplicitAttention, TokenMixer, get, onehot_values, packed_scan
 from lm.models.registry import register
@@ -233,6 +234,18 @@ class LinearAttention(TokenMixer):
         else:
             weights, _ = self.mix(q, k, eye, g, beta)
         return ImplicitAttention(weights.permute(0, 2, 1, 3), v, out)
+
+    def forward_flops(self, seq_len: int) -> float:
+        """The chunked kernel per head (chunk C of :func:`~lm.models.flops.kernel_chunk`): intra-chunk
+        ``2 C (K + V)`` and state read and write ``4 K V``; the delta rule adds the per-chunk WY
+        transform ``2 C K + C^2``."""
+        K, V = self.key_dim, self.value_dim
+        delta = self.options.rule == "delta"
+        C = kernel_chunk("delta_rule" if delta else "gla", K, V)
+        per_head = 2 * C * (K + V) + 4 * K * V
+        if delta:
+            per_head += 2 * C * K + C * C
+        return self.n_heads * float(per_head)
 
     def init_state(self, batch_size, device=None, dtype=None):
         o = self.options

@@ -134,6 +134,23 @@ class LanguageModel(nn.Module):
             n -= self.embed.weight.numel()
         return n
 
+    def weight_decay_groups(self) -> Tuple[List[nn.Parameter], List[nn.Parameter]]:
+        """(decay, no_decay): the trainable parameters in ``self.parameters()`` order, split for the
+        optimizer. A token mixer's parameters decay unless named in its
+        :meth:`~lm.models.mixer.TokenMixer.no_weight_decay`; the rest of the model (embedding, norms,
+        channel mixers, head) by the same default rule: matrices decay, vectors and scalars do not."""
+        exempt = {f"blocks.{i}.mixer.{name}" for i, block in enumerate(self.blocks)
+                  for name in block.mixer.no_weight_decay()}
+        in_mixer = {id(p) for block in self.blocks for p in block.mixer.parameters()}
+        decay: List[nn.Parameter] = []
+        no_decay: List[nn.Parameter] = []
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            decays = name not in exempt if id(p) in in_mixer else p.dim() >= 2
+            (decay if decays else no_decay).append(p)
+        return decay, no_decay
+
     # --------------------------------------------------------------------------------- forward
     def init_state(self, batch_size: int, device=None, dtype=None) -> ModelState:
         """The state before any token: one entry per layer."""

@@ -9,6 +9,12 @@ A mixer maps ``x [B, T, D] -> y [B, T, D]`` causally. It has two equivalent form
 States are dicts of tensors (or None entries) so that a sequence can be processed in pieces,
 generated token by token, or probed. ``init_state(batch)`` gives the state before any token.
 
+Besides its forms, a mixer declares the facts the rest of the code needs about its family, so that
+nothing outside the family switches on its name: :meth:`TokenMixer.forward_flops` (the cost along the
+sequence that its parameters do not count, for MFU), :meth:`TokenMixer.no_weight_decay` (its
+parameters kept out of weight decay), :meth:`TokenMixer.state_size` (bytes of its state) and
+:attr:`TokenMixer.constant_state` (whether that size is independent of the context).
+
 Document boundaries (``data.packing: reset``): ``segments`` (:class:`lm.models.segments.Segments`,
 one per forward pass, shared by all layers) marks where documents start inside the rows of x. The
 whole-sequence form then equals running every document alone: a row's first segment continues the
@@ -24,7 +30,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.nn as nn
@@ -104,6 +110,42 @@ class TokenMixer(nn.Module, abc.ABC):
     @staticmethod
     def check_config(cfg: Any, options: Any) -> None:
         """Raise ConfigError for option combinations the family cannot build (default: none)."""
+
+    # ------------------------------------------------------------------- per-family facts
+    def forward_flops(self, seq_len: int) -> float:
+        """Forward FLOPs per token of this layer's mixing along the sequence, beyond the matrix
+        products of its parameters (which :func:`lm.models.flops.matmul_parameters` counts): the
+        attention or scan term at training length ``seq_len``. Default 0: elementwise scans."""
+        return 0.0
+
+    def no_weight_decay(self) -> Set[str]:
+        """Names (relative to this mixer, as ``named_parameters`` gives them) of the parameters kept
+        out of weight decay. Default: those with fewer than 2 dimensions (biases, gains, decay rates,
+        per-channel mixing coefficients), the rule for the whole model."""
+        return {name for name, p in self.named_parameters() if p.dim() < 2}
+
+    def state_size(self, batch_size: int = 1, context: int = 0, dtype: Optional[torch.dtype] = None) -> int:
+        """Bytes of this mixer's state for ``batch_size`` sequences after ``context`` tokens (``dtype``:
+        of the activations, default the mixer's parameters'). Default: the tensors of
+        :meth:`init_state` (built on the meta device, nothing allocated), which is the size at any
+        context for a ``constant_state`` mixer; a mixer whose state grows overrides it."""
+        state = self.init_state(batch_size, device="meta", dtype=dtype or self.parameter_dtype())
+        return state_bytes(state)
+
+    def parameter_dtype(self) -> torch.dtype:
+        """The dtype of the mixer's first parameter (float32 without any)."""
+        return next((p.dtype for p in self.parameters()), torch.float32)
+
+
+def state_bytes(state: Any) -> int:
+    """Bytes held by the tensors of a state (nested dicts, lists and tuples; None entries hold none)."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(state_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(state_bytes(v) for v in state)
+    return 0
 
 
 def get(state: State, key: str):

@@ -55,6 +55,7 @@ import torch.nn as nn
 
 import kernels
 from lm.errors import ConfigError
+from lm.models.flops import kernel_chunk
 from lm.models.layers import HeadNorm, l2_normalize, token_shift
 from lm.models.mixer import ImplicitAttention, TokenMixer, get, onehot_values, packed_scan
 from lm.models.registry import register
@@ -216,6 +217,13 @@ class RWKV7TimeMix(TokenMixer):
         out, _ = kernels.dplr(r, k, v, -kk, kk * a, log_w, scale=1.0, backend=self.backend)
         weights, _ = kernels.dplr(r, k, eye, -kk, kk * a, log_w, scale=1.0, backend=self.backend)
         return ImplicitAttention(weights.permute(0, 2, 1, 3), v, out)
+
+    def forward_flops(self, seq_len: int) -> float:
+        """The chunked DPLR kernel per head (K = V = head_dim, chunk C of
+        :func:`~lm.models.flops.kernel_chunk`): ``2 C (2K + V) + C^2 + 6 K V``."""
+        K = V = self.head_dim
+        C = kernel_chunk("dplr", K, V)
+        return self.n_heads * float(2 * C * (2 * K + V) + C * C + 6 * K * V)
 
     def init_state(self, batch_size, device=None, dtype=None):
         return {"S": torch.zeros(batch_size, self.n_heads, self.head_dim, self.head_dim, device=device),

@@ -143,6 +143,16 @@ class Attention(TokenMixer):
         weights = torch.softmax(scores.masked_fill(~causal_mask(T, x.device), float("-inf")), -1)
         return ImplicitAttention(weights, v.transpose(1, 2), out)
 
+    def forward_flops(self, seq_len: int) -> float:
+        """Causal softmax attention: scores and the weighted sum, ``2 * 2 * d * T/2`` per token."""
+        return 2.0 * self.d_model * seq_len
+
+    def state_size(self, batch_size: int = 1, context: int = 0, dtype=None) -> int:
+        """The KV cache after ``context`` tokens: keys and values [B, H, context, K] in ``dtype`` (the
+        activations', default the parameters'), growing with the context."""
+        itemsize = torch.empty((), dtype=dtype or self.parameter_dtype()).element_size()
+        return 2 * batch_size * self.n_heads * int(context) * self.head_dim * itemsize
+
     def init_state(self, batch_size, device=None, dtype=None):
         H, K = self.n_heads, self.head_dim
         empty = torch.zeros(batch_size, H, 0, K, device=device, dtype=dtype)
