@@ -34,12 +34,12 @@ def kernel_chunk(op: str, K: int, V: int) -> int:
     """Chunk length of the kernel that trains ``op`` on a GPU (the Triton path: ``gla`` 64 steps,
     ``delta_rule``/``dplr`` 64, or 32 for heads wider than 64); the chunked PyTorch paths' 64 when
     Triton is not installed."""
-    from kernels.ops.gla.chunk import CHUNK
+    from kernels.ops.gla.torch_chunk import CHUNK
 
     if op == "gla":
         return CHUNK
     try:
-        from kernels.ops.delta_rule._triton_utils import chunk_length
+        from kernels.ops.common.tiles import chunk_length
     except ImportError:
         return CHUNK
     return chunk_length(K, V)

@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
-from kernels._chunk_utils import causal_mask, masked_exp_diff
+from kernels.ops.utils import causal_mask, masked_exp_diff
 from lm.errors import ConfigError
 from lm.models.mixer import ImplicitAttention, TokenMixer, get, packed_scan
 from lm.models.registry import register

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels._chunk_utils import causal_mask
+from kernels.ops.utils import causal_mask
 from lm.models.mixer import ImplicitAttention, TokenMixer, get
 from lm.models.registry import register
 

@@ -112,11 +112,21 @@ class ChunkedOpCases:
     @pytest.mark.parametrize("triton_path", ["chunk"], indirect=True)
     def test_triton_chunk_of_32_for_wide_heads(self, triton_path, monkeypatch):
         # heads wider than WIDE_HEAD run with 32-step chunks; pretend K = 32 is wide to cover that path
-        import kernels.ops.delta_rule._triton_utils as triton_utils
+        from kernels.ops.common import tiles as triton_utils
 
         monkeypatch.setattr(triton_utils, "WIDE_HEAD", 16)
         assert triton_utils.chunk_length(32, 16) == 32
         harness.compare_backends(self.OP, "triton", T=70, decay="moderate", with_state=True, **self.TRITON_SHAPE)
+
+    @pytest.mark.triton
+    @pytest.mark.parametrize("triton_path", ["recurrent"], indirect=True)
+    def test_triton_recurrent_backward_in_value_blocks(self, triton_path, monkeypatch):
+        # wide keys shrink the fused-recurrent backward's value block (state and gradient on chip): here 16
+        # against the forward's 64, V = 40 in three blocks (the last one masked)
+        from kernels.ops.common import recurrent
+
+        monkeypatch.setattr(recurrent, "BWD_STATE_ELEMS", 16 * 16)
+        harness.compare_backends(self.OP, "triton", B=1, T=7, H=2, K=16, V=40, decay="moderate", with_state=True)
 
     @pytest.mark.triton
     def test_triton_falls_back_for_very_wide_heads(self):

@@ -43,7 +43,7 @@ class TestDeltaRule(ChunkedOpCases):
 def test_triton_chunk_grads_walk_key_blocks(monkeypatch, gated):
     # key block of the per-chunk gradient kernel shrunk to 16 so that K = 40 takes 3 blocks (the last
     # half empty), with 32-step chunks, as K = 128 takes 2 blocks of 64 on a GPU
-    import kernels.ops.delta_rule._triton_utils as triton_utils
+    from kernels.ops.common import tiles as triton_utils
     from kernels.ops.delta_rule import triton_chunk
 
     monkeypatch.setattr(triton_chunk, "_GRAD_BK", 16)
@@ -69,16 +69,6 @@ def test_triton_chunk_of_64_in_fp32(monkeypatch):
     harness.compare_backends(OP, "triton", B=1, T=70, H=2, K=32, V=16, decay="moderate", with_state=True)
 
 
-@harness.triton_test
-def test_triton_recurrent_backward_in_value_blocks(monkeypatch):
-    # wide keys shrink the fused-recurrent backward's value block (state and gradient on chip): here 16
-    # against the forward's 64, V = 40 in three blocks (the last one masked)
-    from kernels.ops.delta_rule import triton_recurrent
-
-    monkeypatch.setattr(triton_recurrent, "_BWD_STATE_ELEMS", 16 * 16)
-    harness.compare_backends(OP, "triton", B=1, T=7, H=2, K=16, V=40, decay="moderate", with_state=True)
-
-
 @pytest.mark.parametrize("T", [1, 65, 200])
 def test_torch_without_gate(T):
     _compare_without_gate("torch", T=T, with_state=True, seed=T)
@@ -88,9 +78,9 @@ def test_torch_without_gate(T):
 def test_torch_segments_carry_the_state(monkeypatch, gated):
     """Long inputs on CPU run in passes of SEGMENT_CPU tokens; with segments of 64 (four passes
     over T=200, the last one short) outputs, state and every gradient still equal the reference."""
-    from kernels.ops.delta_rule import chunked
+    from kernels.ops.delta_rule import torch_chunk
 
-    monkeypatch.setattr(chunked, "SEGMENT_CPU", 64)
+    monkeypatch.setattr(torch_chunk, "SEGMENT_CPU", 64)
     if gated:
         harness.compare_backends(OP, "torch", T=200, decay="moderate", with_state=True, seed=3)
     else:
@@ -114,7 +104,7 @@ def test_bad_shapes_name_the_argument():
 # ---- packed sequences (cu_seqlens): the chunked PyTorch path natively, vs each sequence run alone ----
 
 def _check_varlen(cu, gated, with_state, decay="moderate", dtype=torch.float32, H=2, K=8, V=6, **kw):
-    from kernels.ops.delta_rule.chunked import delta_rule_chunked
+    from kernels.ops.delta_rule.torch_chunk import delta_rule_chunked
     from kernels.ops.delta_rule.reference import delta_rule_reference
 
     assert getattr(delta_rule_chunked, "varlen", False)

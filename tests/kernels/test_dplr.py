@@ -30,17 +30,17 @@ def test_triton_chunk_blocks_over_keys_and_values(monkeypatch):
     # value blocks in every blocked loop, and 32-step chunks: each loop runs more than once and masks
     # its end, as K = V = 128 / 256 do on a GPU; the state loops contract W S in key blocks read back
     # from the stored states, as fp32 inputs do at K > 64 (the test runs in fp32: the exact sizes)
-    import kernels.ops.delta_rule._triton_utils as triton_utils
-    from kernels.ops.dplr import triton_tiles
+    from kernels.ops.common import tiles as triton_utils
+    from kernels.ops.dplr import triton_chunk_tiles
 
     for prefix in ("_", "_EXACT_"):
-        monkeypatch.setattr(triton_tiles, prefix + "BLOCK", 16)
-        monkeypatch.setattr(triton_tiles, prefix + "STATE_ELEMS", 64 * 16)
-        monkeypatch.setattr(triton_tiles, prefix + "GRAD_ELEMS", 32 * 16)
-    monkeypatch.setattr(triton_tiles, "_EXACT_LOOP_KEYS", 16)
+        monkeypatch.setattr(triton_chunk_tiles, prefix + "BLOCK", 16)
+        monkeypatch.setattr(triton_chunk_tiles, prefix + "STATE_ELEMS", 64 * 16)
+        monkeypatch.setattr(triton_chunk_tiles, prefix + "GRAD_ELEMS", 32 * 16)
+    monkeypatch.setattr(triton_chunk_tiles, "_EXACT_LOOP_KEYS", 16)
     monkeypatch.setattr(triton_utils, "WIDE_HEAD", 16)
     for exact in (False, True):
-        bl = triton_tiles.blocks(40, 24, exact=exact)
+        bl = triton_chunk_tiles.blocks(40, 24, exact=exact)
         assert (bl.BT, bl.BK, bl.BV, bl.BKF, bl.BVS, bl.BKG) == (32, 16, 16, 64, 16, 16)
         assert bl.BKR == (16 if exact else 64)
     monkeypatch.setattr(dplr_op, "RECURRENT_MAX_T", 0)
@@ -53,22 +53,12 @@ def test_triton_chunk_blocks_over_keys_and_values(monkeypatch):
 def test_triton_chunk_of_64_in_fp32(monkeypatch):
     # fp32 inputs take 32-step chunks (smaller tiles for the exact dots); the 64-step chunk that bf16
     # inputs take at K, V <= 64 checked at fp32 tolerance too
-    from kernels.ops.dplr import triton_tiles
+    from kernels.ops.dplr import triton_chunk_tiles
 
-    monkeypatch.setattr(triton_tiles, "_EXACT_CHUNK", 64)
-    assert triton_tiles.blocks(16, 32, exact=True).BT == 64
+    monkeypatch.setattr(triton_chunk_tiles, "_EXACT_CHUNK", 64)
+    assert triton_chunk_tiles.blocks(16, 32, exact=True).BT == 64
     monkeypatch.setattr(dplr_op, "RECURRENT_MAX_T", 0)
     harness.compare_backends(OP, "triton", B=1, T=70, H=2, K=16, V=32, decay="moderate", with_state=True)
-
-
-@harness.triton_test
-def test_triton_recurrent_backward_in_value_blocks(monkeypatch):
-    # wide keys shrink the fused-recurrent backward's value block (state and gradient on chip): here 16
-    # against the forward's 64, V = 40 in three blocks (the last one masked)
-    from kernels.ops.dplr import triton_recurrent
-
-    monkeypatch.setattr(triton_recurrent, "_BWD_STATE_ELEMS", 16 * 16)
-    harness.compare_backends(OP, "triton", B=1, T=7, H=2, K=16, V=40, decay="moderate", with_state=True)
 
 
 def test_bad_shapes_name_the_argument():
@@ -116,11 +106,11 @@ def test_torch_varlen_strong_decay_and_bf16():
 
 def test_torch_varlen_is_one_pass(monkeypatch):
     """The packed row takes one chunked pass (not one per sequence)."""
-    from kernels.ops.dplr import chunked
+    from kernels.ops.dplr import torch_chunk
 
     calls = []
-    inner = chunked._chunked_pass
-    monkeypatch.setattr(chunked, "_chunked_pass", lambda *a, **kw: calls.append(1) or inner(*a, **kw))
+    inner = torch_chunk._chunked_pass
+    monkeypatch.setattr(torch_chunk, "_chunked_pass", lambda *a, **kw: calls.append(1) or inner(*a, **kw))
     args, state, cu = make_packed(OP, (5, 65, 1, 0, 59, 70), with_state=True)
     with torch.no_grad():
         kernels.dplr(**args, initial_state=state, output_final_state=True, cu_seqlens=cu, backend="torch")

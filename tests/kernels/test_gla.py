@@ -57,12 +57,12 @@ def test_torch_extreme_decay_no_overflow(per_head_gate):
 
 def test_torch_segments_carry_the_state():
     """Long inputs on CPU run in segments of SEGMENT_CPU tokens; forcing tiny segments is exact."""
-    from kernels.ops.gla import chunk
+    from kernels.ops.gla import torch_chunk
 
     args, state = make_inputs(OP, T=300, B=1, H=2, K=8, V=4, with_state=True)
-    out, final = chunk.gla_chunked(**args, scale=0.3, initial_state=state, output_final_state=True,
+    out, final = torch_chunk.gla_chunked(**args, scale=0.3, initial_state=state, output_final_state=True,
                                    segment=128)
-    ref, ref_final = chunk.gla_chunked(**args, scale=0.3, initial_state=state, output_final_state=True,
+    ref, ref_final = torch_chunk.gla_chunked(**args, scale=0.3, initial_state=state, output_final_state=True,
                                        segment=None)
     assert_close("output", out, ref, 1e-5)
     assert_close("final_state", final, ref_final, 1e-5)
@@ -200,7 +200,7 @@ def check_varlen(fn, cu, per_head_gate, with_state, decay="moderate", dtype=torc
 @pytest.mark.parametrize("with_state", [False, True])
 @pytest.mark.parametrize("decay", ["strong", "moderate"])
 def test_torch_varlen_native(cu, per_head_gate, with_state, decay):
-    from kernels.ops.gla.chunk import gla_chunked
+    from kernels.ops.gla.torch_chunk import gla_chunked
 
     assert getattr(gla_chunked, "varlen", False)
     check_varlen(gla_chunked, cu, per_head_gate, with_state, decay)
@@ -208,7 +208,7 @@ def test_torch_varlen_native(cu, per_head_gate, with_state, decay):
 
 def test_torch_varlen_segments_and_bf16():
     """CPU passes of 128 steps carry the state across a sequence; bf16 inputs loosely."""
-    from kernels.ops.gla.chunk import gla_chunked
+    from kernels.ops.gla.torch_chunk import gla_chunked
 
     check_varlen(gla_chunked, [0, 100, 101, 300], False, True, segment=128)
     check_varlen(gla_chunked, [0, 5, 70, 71, 130], True, True, dtype=torch.bfloat16)

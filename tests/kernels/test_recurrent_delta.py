@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import kernels
-from kernels.ops.recurrent_delta import BACKENDS, torch_loop
-from kernels.ops.recurrent_delta.step_rows import step_rows
+from kernels.ops.recurrent_delta import BACKENDS, torch_recurrent
+from kernels.ops.utils.step_rows import step_rows
 from tests.kernels.harness import (
     TOL, assert_close, check_split, compare_backends, device_for, forward_backward, make_inputs, require_triton,
 )
@@ -33,7 +33,7 @@ def test_torch_matches_reference_bf16():
 def test_torch_state_rebuild_across_segments(monkeypatch, checkpoint):
     """The backward rebuilds S_{t-1} by inverting the update: exact with many short segments and
     with a single segment (the inversion alone over the whole sequence)."""
-    monkeypatch.setattr(torch_loop, "CHECKPOINT", checkpoint)
+    monkeypatch.setattr(torch_recurrent, "CHECKPOINT", checkpoint)
     compare_backends(OP, "torch", T=150, with_state=True, B=1, H=3, K=6, V=9)
 
 
@@ -126,9 +126,9 @@ def test_triton_matches_reference_fp32(triton_backend, T, with_state):
 @pytest.mark.triton
 def test_triton_segments_and_k_ne_v(triton_backend, monkeypatch):
     """T = 33 with checkpoints every 8 steps (the backward rebuilds S across 5 segments), K != V."""
-    from kernels.ops.recurrent_delta import triton_loop
+    from kernels.ops.recurrent_delta import triton_recurrent
 
-    monkeypatch.setattr(triton_loop, "CHECKPOINT", 8)
+    monkeypatch.setattr(triton_recurrent, "CHECKPOINT", 8)
     compare_backends(OP, "triton", T=33, with_state=True, B=1, H=2, K=16, V=8)
 
 
@@ -166,7 +166,7 @@ def test_native_backends_are_marked_varlen():
 
 @pytest.mark.parametrize("with_state", [False, True])
 def test_torch_packed_across_checkpoints(monkeypatch, with_state):
-    monkeypatch.setattr(torch_loop, "CHECKPOINT", 5)
+    monkeypatch.setattr(torch_recurrent, "CHECKPOINT", 5)
     compare_packed(OP, "torch", TOL[torch.float32], lengths=PACKED, with_state=with_state, H=3, K=6, V=9)
 
 
@@ -187,9 +187,9 @@ def test_torch_one_sequence_is_the_plain_call():
 @pytest.mark.triton
 def test_triton_packed_across_checkpoints(triton_backend, monkeypatch):
     """One program per (sequence, head) from its first step; checkpoints in per-sequence slots."""
-    from kernels.ops.recurrent_delta import triton_loop
+    from kernels.ops.recurrent_delta import triton_recurrent
 
     assert BACKENDS["triton"]().varlen
-    monkeypatch.setattr(triton_loop, "CHECKPOINT", 4)
+    monkeypatch.setattr(triton_recurrent, "CHECKPOINT", 4)
     compare_packed(OP, "triton", TOL[torch.float32], lengths=(5, 0, 9, 1, 3), with_state=True,
                    device=device_for("triton"), H=2, K=16, V=8)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import kernels
-from kernels.ops.srwm import BACKENDS, torch_loop
+from kernels.ops.srwm import BACKENDS, torch_recurrent
 from tests.kernels.harness import (
     TOL, assert_close, check_split, compare_backends, device_for, forward_backward, make_inputs, require_triton,
 )
@@ -62,7 +62,7 @@ def test_torch_matches_reference_bf16():
 def test_torch_state_rebuild_across_segments(monkeypatch, checkpoint):
     """The backward rebuilds W_{t-1} by inverting the update: exact with many short segments and
     with a single segment (the inversion alone over the whole sequence)."""
-    monkeypatch.setattr(torch_loop, "CHECKPOINT", checkpoint)
+    monkeypatch.setattr(torch_recurrent, "CHECKPOINT", checkpoint)
     compare_backends(OP, "torch", T=150, with_state=True, B=1, H=3, K=7, V=4)
 
 
@@ -152,9 +152,9 @@ def test_triton_matches_reference_fp32(triton_backend, T, with_state):
 def test_triton_segments_batched_weights_v_ne_d(triton_backend, monkeypatch):
     """T = 33 with checkpoints every 8 steps (the backward rebuilds W across 5 segments), batched
     weights, V != D."""
-    from kernels.ops.srwm import triton_loop
+    from kernels.ops.srwm import triton_recurrent
 
-    monkeypatch.setattr(triton_loop, "CHECKPOINT", 8)
+    monkeypatch.setattr(triton_recurrent, "CHECKPOINT", 8)
     args, _ = make_inputs(OP, T=33, B=2, H=1, K=16, V=8)
     _compare(_batched(args, 2, ("w_y", "w_q")), None, "triton")
 
@@ -179,7 +179,7 @@ PACKED = (7, 0, 23, 1, 12, 5, 0, 16)
 def test_torch_packed_across_checkpoints(monkeypatch, case):
     """Shared [H, ...] weights start every sequence (gradient summed over them), [N, ...] weights or
     an initial_state one set per sequence."""
-    monkeypatch.setattr(torch_loop, "CHECKPOINT", 5)
+    monkeypatch.setattr(torch_recurrent, "CHECKPOINT", 5)
     assert BACKENDS["torch"]().varlen
     compare_packed(OP, "torch", TOL[torch.float32], lengths=PACKED, with_state=case == "state",
                    per_sequence_weights=case == "per_sequence", H=3, K=7, V=4)
@@ -201,9 +201,9 @@ def test_torch_one_sequence_is_the_plain_call():
 @pytest.mark.parametrize("per_sequence", [False, True])
 def test_triton_packed_across_checkpoints(triton_backend, monkeypatch, per_sequence):
     """One program per (sequence, head) from its first step; checkpoints in per-sequence slots."""
-    from kernels.ops.srwm import triton_loop
+    from kernels.ops.srwm import triton_recurrent
 
     assert BACKENDS["triton"]().varlen
-    monkeypatch.setattr(triton_loop, "CHECKPOINT", 4)
+    monkeypatch.setattr(triton_recurrent, "CHECKPOINT", 4)
     compare_packed(OP, "triton", TOL[torch.float32], lengths=(5, 0, 9, 1, 3), per_sequence_weights=per_sequence,
                    device=device_for("triton"), H=2, K=16, V=8)

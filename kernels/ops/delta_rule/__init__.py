@@ -1,6 +1,6 @@
 """``delta_rule``: the reference recurrence and its fast paths (see kernels/README.md).
 
-* ``torch``: :func:`kernels.ops.delta_rule.chunked.delta_rule_chunked` (chunked WY/UT form, autograd).
+* ``torch``: :func:`kernels.ops.delta_rule.torch_chunk.delta_rule_chunked` (chunked WY/UT form, autograd).
 * ``triton``: :func:`delta_rule_triton` -- the fused-recurrent kernel for T <= ``RECURRENT_MAX_T``
   (short sequences, generation), the chunked kernels otherwise.
 """
@@ -18,7 +18,7 @@ def _reference():
 
 
 def _torch():
-    from kernels.ops.delta_rule.chunked import delta_rule_chunked
+    from kernels.ops.delta_rule.torch_chunk import delta_rule_chunked
 
     return delta_rule_chunked
 
@@ -28,7 +28,7 @@ def delta_rule_triton(q, k, v, beta, g, scale, initial_state=None, output_final_
 
     Heads wider than ``MAX_HEAD`` keys or values do not fit the chunked kernels' tiles on chip; they
     take the chunked PyTorch path (with a warning)."""
-    from kernels.ops.delta_rule._triton_utils import MAX_HEAD
+    from kernels.ops.common.tiles import MAX_HEAD
 
     if q.shape[1] <= RECURRENT_MAX_T:
         from kernels.ops.delta_rule.triton_recurrent import delta_rule_fused_recurrent as fn

@@ -13,36 +13,19 @@ in fp32; the final state comes back in fp32 and the output in the input dtype.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import torch
 
-from kernels._chunk_utils import empty_result
+from kernels.ops.utils.fla import call_fla
 
 
-def delta_rule_fla(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    beta: torch.Tensor,
-    g: Optional[torch.Tensor],
-    scale: float,
-    initial_state: Optional[torch.Tensor] = None,
-    output_final_state: bool = False,
-) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+def delta_rule_fla(q, k, v, beta, g, scale, initial_state=None, output_final_state=False):
     """q, k: [B, T, H, K]; v: [B, T, H, V]; beta, g: [B, T, H] (g <= 0 or None)."""
-    if q.shape[1] == 0:
-        return empty_result(q, v, initial_state, output_final_state)
-    h0 = None if initial_state is None else initial_state.float()
     if g is None and q.dtype != torch.float32:
         from fla.ops.delta_rule import chunk_delta_rule
 
-        o, S = chunk_delta_rule(q, k, v, beta, scale=scale, initial_state=h0, output_final_state=output_final_state)
-    else:
-        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+        return call_fla(chunk_delta_rule, (q, k, v, beta), v, scale, initial_state, output_final_state)
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule
 
-        if g is None:
-            g = q.new_zeros(q.shape[:3], dtype=torch.float32)
-        o, S = chunk_gated_delta_rule(q, k, v, g, beta, scale=scale, initial_state=h0,
-                                      output_final_state=output_final_state)
-    return o.to(q.dtype), (S.float() if output_final_state else None)
+    if g is None:
+        g = q.new_zeros(q.shape[:3], dtype=torch.float32)
+    return call_fla(chunk_gated_delta_rule, (q, k, v, g, beta), v, scale, initial_state, output_final_state)

@@ -1,7 +1,7 @@
 """Chunked Triton kernels for ``delta_rule`` (gated when ``g`` is given): forward and backward.
 
 Per chunk of BT = 64 steps (32 for heads wider than 64 or fp32 inputs, see ``_chunk``) with entering state
-S, b = chunk-local cumsum(g), gamma = exp(b) (derivation in :mod:`kernels.ops.delta_rule.chunked`):
+S, b = chunk-local cumsum(g), gamma = exp(b) (derivation in :mod:`kernels.ops.delta_rule.torch_chunk`):
 
     A = strict_lower(diag(beta) (exp(b_i - b_j)) * K K^T),  Ai = (I + A)^-1   (16-block substitution)
     W = Ai diag(beta gamma) K,   U~ = Ai diag(beta) V,   U = U~ - W S
@@ -17,17 +17,16 @@ small); then dg = reverse chunk cumsum of db on the host.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import torch
 import triton
 import triton.language as tl
 
-from kernels.ops.delta_rule._chunks import empty_result
-from kernels.ops.delta_rule._triton_utils import (
-    LAUNCH, block_size, chunk_length, chunk_cumsum, chunk_reverse_cumsum, dot_precision, load_rows, load_steps,
-    load_tile, store_rows, store_steps, store_tile, unit_lower_inverse,
+from kernels.ops.common.state import start_state, state_block, store_state
+from kernels.ops.common.tiles import (
+    LAUNCH, block_size, chunk_cumsum, chunk_length, chunk_reverse_cumsum, chunk_start, dot_precision, load_rows,
+    load_steps, load_tile, store_rows, store_steps, store_tile, unit_lower_inverse,
 )
+from kernels.ops.utils.chunks import empty_result
 
 _STATE_BV = 64  # V block of the state-passing kernels
 #: launch options of the backward kernels, which hold more live [BT, BK] / [BK, BV] tiles than 4 warps
@@ -66,9 +65,7 @@ def _prep_fwd(k_ptr, v_ptr, beta_ptr, bcum_ptr, ainv_ptr, w_ptr, ut_ptr,
               GATED: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
               PREC: tl.constexpr):
     i_n, i_bh = tl.program_id(0), tl.program_id(1)
-    b, h = i_bh // H, i_bh % H
-    t0 = i_n * BT
-    row0 = i_bh * Tp + t0
+    b, h, t0, row0 = chunk_start(i_n, i_bh, H, Tp, BT)
     rows = tl.arange(0, BT)
     k = load_rows(k_ptr, b, h, t0, T, H, K, 0, BT, BK)
     v = load_rows(v_ptr, b, h, t0, T, H, V, 0, BT, BV)
@@ -92,21 +89,15 @@ def _state_fwd(k_ptr, w_ptr, ut_ptr, bcum_ptr, h0_ptr, states_ptr, u_ptr, ht_ptr
                GATED: tl.constexpr, HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr,
                BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
-    b, h = i_bh // H, i_bh % H
+    b, h, rk, rv, mk, mv, kv_offs, kv_mask = state_block(i_v, i_bh, H, K, V, BK, BV)
     v0 = i_v * BV
-    rk = tl.arange(0, BK)
-    rv = v0 + tl.arange(0, BV)
     rows = tl.arange(0, BT)
-    kv_offs = rk[:, None] * V + rv[None, :]
-    kv_mask = (rk[:, None] < K) & (rv[None, :] < V)
-    S = tl.zeros([BK, BV], dtype=tl.float32)
-    if HAS_H0:
-        S += tl.load(h0_ptr + i_bh.to(tl.int64) * K * V + kv_offs, mask=kv_mask, other=0.0)
+    S = start_state(h0_ptr, i_bh.to(tl.int64), K, V, kv_offs, kv_mask, HAS_H0, BK, BV)
     n = 0
     while n < NT:  # not range(): breaks the Triton 3.6 interpreter
         t0 = n * BT
         row0 = i_bh * Tp + t0
-        tl.store(states_ptr + (i_bh.to(tl.int64) * NT + n) * K * V + kv_offs, S, mask=kv_mask)
+        store_state(states_ptr, S, i_bh.to(tl.int64) * NT + n, K, V, kv_offs, kv_mask)
         w = load_tile(w_ptr, row0, BT, K, 0, BT, BK)
         u = load_tile(ut_ptr, row0, BT, V, v0, BT, BV) - tl.dot(w, S, input_precision=PREC)
         store_tile(u_ptr, u, row0, BT, V, v0, BT, BV)
@@ -119,7 +110,7 @@ def _state_fwd(k_ptr, w_ptr, ut_ptr, bcum_ptr, h0_ptr, states_ptr, u_ptr, ht_ptr
         S += tl.dot(tl.trans(k), u, input_precision=PREC)
         n += 1
     if STORE_FINAL:
-        tl.store(ht_ptr + i_bh.to(tl.int64) * K * V + kv_offs, S, mask=kv_mask)
+        store_state(ht_ptr, S, i_bh.to(tl.int64), K, V, kv_offs, kv_mask)
 
 
 @triton.jit
@@ -128,9 +119,8 @@ def _output_fwd(q_ptr, k_ptr, bcum_ptr, states_ptr, u_ptr, o_ptr, scale,
                 GATED: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                 PREC: tl.constexpr):
     i_n, i_bh, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    b, h = i_bh // H, i_bh % H
-    t0, v0 = i_n * BT, i_v * BV
-    row0 = i_bh * Tp + t0
+    b, h, t0, row0 = chunk_start(i_n, i_bh, H, Tp, BT)
+    v0 = i_v * BV
     q = load_rows(q_ptr, b, h, t0, T, H, K, 0, BT, BK)
     k = load_rows(k_ptr, b, h, t0, T, H, K, 0, BT, BK)
     S = load_tile(states_ptr, (i_bh * NT + i_n) * K, K, V, v0, BK, BV)
@@ -151,22 +141,16 @@ def _state_bwd(q_ptr, k_ptr, do_ptr, w_ptr, bcum_ptr, dht_ptr, dstates_ptr, du_p
                BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     """Reverse loop: dS (gradient of the state leaving chunk n) and dU = scale scores^T dO + Kd dS."""
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
-    b, h = i_bh // H, i_bh % H
+    b, h, rk, rv, mk, mv, kv_offs, kv_mask = state_block(i_v, i_bh, H, K, V, BK, BV)
     v0 = i_v * BV
-    rk = tl.arange(0, BK)
-    rv = v0 + tl.arange(0, BV)
     rows = tl.arange(0, BT)
-    kv_offs = rk[:, None] * V + rv[None, :]
-    kv_mask = (rk[:, None] < K) & (rv[None, :] < V)
-    dS = tl.zeros([BK, BV], dtype=tl.float32)
-    if HAS_DHT:
-        dS += tl.load(dht_ptr + i_bh.to(tl.int64) * K * V + kv_offs, mask=kv_mask, other=0.0)
+    dS = start_state(dht_ptr, i_bh.to(tl.int64), K, V, kv_offs, kv_mask, HAS_DHT, BK, BV)
     i = 0
     while i < NT:  # not range(): breaks the Triton 3.6 interpreter
         n = NT - 1 - i
         t0 = n * BT
         row0 = i_bh * Tp + t0
-        tl.store(dstates_ptr + (i_bh.to(tl.int64) * NT + n) * K * V + kv_offs, dS, mask=kv_mask)
+        store_state(dstates_ptr, dS, i_bh.to(tl.int64) * NT + n, K, V, kv_offs, kv_mask)
         q = load_rows(q_ptr, b, h, t0, T, H, K, 0, BT, BK)
         k = load_rows(k_ptr, b, h, t0, T, H, K, 0, BT, BK)
         do = load_rows(do_ptr, b, h, t0, T, H, V, v0, BT, BV)
@@ -187,7 +171,7 @@ def _state_bwd(q_ptr, k_ptr, do_ptr, w_ptr, bcum_ptr, dht_ptr, dstates_ptr, du_p
             - tl.dot(tl.trans(w), du, input_precision=PREC)
         i += 1
     if STORE_DH0:
-        tl.store(dh0_ptr + i_bh.to(tl.int64) * K * V + kv_offs, dS, mask=kv_mask)
+        store_state(dh0_ptr, dS, i_bh.to(tl.int64), K, V, kv_offs, kv_mask)
 
 
 @triton.jit
@@ -203,9 +187,8 @@ def _grads_output_state(q_ptr, k_ptr, bcum_ptr, u_ptr, states_ptr, dstates_ptr, 
     Terms whose decay exponent is exactly 0 (the scores' diagonal, the chunk's last step in the state
     update) are left out of db, so that they do not leave rounding noise in tiny decay gradients."""
     i_n, i_bh, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    b, h = i_bh // H, i_bh % H
-    t0, k0 = i_n * BT, i_k * BK
-    row0 = i_bh * Tp + t0
+    b, h, t0, row0 = chunk_start(i_n, i_bh, H, Tp, BT)
+    k0 = i_k * BK
     srow = (i_bh * NT + i_n) * K + k0
     rows = tl.arange(0, BT)
     q = load_rows(q_ptr, b, h, t0, T, H, K, k0, BT, BK)
@@ -249,9 +232,7 @@ def _grads_solve(k_ptr, v_ptr, beta_ptr, bcum_ptr, ainv_ptr, w_ptr, ut_ptr, stat
     """Per chunk, the WY path U = U~ - W S, [U~ | W] = Ai [diag(beta) V | diag(beta gamma) K]:
     dv, dbeta, and the rest of dk and db (added to what ``_grads_output_state`` stored)."""
     i_n, i_bh = tl.program_id(0), tl.program_id(1)
-    b, h = i_bh // H, i_bh % H
-    t0 = i_n * BT
-    row0 = i_bh * Tp + t0
+    b, h, t0, row0 = chunk_start(i_n, i_bh, H, Tp, BT)
     rows = tl.arange(0, BT)
     k = load_rows(k_ptr, b, h, t0, T, H, K, 0, BT, BK)
     v = load_rows(v_ptr, b, h, t0, T, H, V, 0, BT, BV)
@@ -381,10 +362,7 @@ class DeltaRuleChunkFunction(torch.autograd.Function):
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbeta.to(beta.dtype), dg, None, dh0, None)
 
 
-def delta_rule_triton_chunked(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, g: Optional[torch.Tensor],
-    scale: float, initial_state: Optional[torch.Tensor] = None, output_final_state: bool = False,
-) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+def delta_rule_triton_chunked(q, k, v, beta, g, scale, initial_state=None, output_final_state=False):
     """Chunked Triton path; same signature and result as the reference."""
     if q.shape[1] == 0:
         return empty_result(q, v, initial_state, output_final_state)

@@ -1,6 +1,6 @@
 """``dplr``: the reference recurrence and its fast paths (see kernels/README.md).
 
-* ``torch``: :func:`kernels.ops.dplr.chunked.dplr_chunked` (chunked generalised WY form, autograd
+* ``torch``: :func:`kernels.ops.dplr.torch_chunk.dplr_chunked` (chunked generalised WY form, autograd
   through it plus a hand-written backward for the decay-weighted score matrices).
 * ``triton``: :func:`dplr_triton` -- the fused-recurrent kernel for T <= ``RECURRENT_MAX_T``
   (short sequences, generation), the chunked kernels otherwise.
@@ -19,7 +19,7 @@ def _reference():
 
 
 def _torch():
-    from kernels.ops.dplr.chunked import dplr_chunked
+    from kernels.ops.dplr.torch_chunk import dplr_chunked
 
     return dplr_chunked
 
@@ -29,7 +29,7 @@ def dplr_triton(q, k, v, a, b, g, scale, initial_state=None, output_final_state=
 
     Heads wider than ``MAX_HEAD`` (256) keys or values would make the state-passing loops' [K, BV]
     tiles too large; they take the chunked PyTorch path (with a warning)."""
-    from kernels.ops.dplr.triton_tiles import MAX_HEAD
+    from kernels.ops.dplr.triton_chunk_tiles import MAX_HEAD
 
     if q.shape[1] <= RECURRENT_MAX_T:
         from kernels.ops.dplr.triton_recurrent import dplr_fused_recurrent as fn

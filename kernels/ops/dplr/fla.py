@@ -14,30 +14,11 @@ final state comes back in fp32 and the output in the input dtype.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
-import torch
-
-from kernels._chunk_utils import empty_result
+from kernels.ops.utils.fla import call_fla
 
 
-def dplr_fla(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    g: torch.Tensor,
-    scale: float,
-    initial_state: Optional[torch.Tensor] = None,
-    output_final_state: bool = False,
-) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+def dplr_fla(q, k, v, a, b, g, scale, initial_state=None, output_final_state=False):
     """q, k, a, b, g: [B, T, H, K] (g <= 0); v: [B, T, H, V]."""
-    if q.shape[1] == 0:
-        return empty_result(q, v, initial_state, output_final_state)
     from fla.ops.generalized_delta_rule import chunk_dplr_delta_rule
 
-    h0 = None if initial_state is None else initial_state.float()
-    o, S = chunk_dplr_delta_rule(q, k, v, a, b, g, scale=scale, initial_state=h0,
-                                 output_final_state=output_final_state)
-    return o.to(q.dtype), (S.float() if output_final_state else None)
+    return call_fla(chunk_dplr_delta_rule, (q, k, v, a, b, g), v, scale, initial_state, output_final_state)

@@ -1,9 +1,9 @@
 """Chunked Triton path of ``dplr``: host glue and autograd of the kernels in
-:mod:`kernels.ops.dplr.triton_fwd` and :mod:`kernels.ops.dplr.triton_bwd`.
+:mod:`kernels.ops.dplr.triton_chunk_fwd` and :mod:`kernels.ops.dplr.triton_chunk_bwd`.
 
 Per chunk of BT = 64 steps (32 for heads wider than 64 or fp32 inputs, see ``blocks``) with entering state
 S, per-key G = chunk-local cumsum(g), G'_t = G_{t-1} (G'_0 = 0) and z_t = S_{t-1}^T a_t (derivation
-in :mod:`kernels.ops.dplr.chunked`):
+in :mod:`kernels.ops.dplr.torch_chunk`):
 
     Aqk[t, i] = sum_k q_tk k_ik e^{G_tk - G_ik},  Aqb: same with b      (i <= t)
     P[t, i]   = sum_k a_tk k_ik e^{G'_tk - G_ik}, R: same with b         (i < t)
@@ -18,23 +18,23 @@ forms the [16, 16, keys] tensor of masked exponent differences explicitly. No ex
 number is formed anywhere.
 
 No kernel holds more than a bounded block of the head dimension (block sizes in
-:mod:`kernels.ops.dplr.triton_tiles`): the score and gradient kernels walk keys and values in blocks
+:mod:`kernels.ops.dplr.triton_chunk_tiles`): the score and gradient kernels walk keys and values in blocks
 with partial sums, and the two state-passing loops hold a [K, BV] block of the state with K * BV
 bounded. Host glue: the chunk-local cumsum of g and, at the end, its adjoint.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 import triton
 
-from kernels.ops.delta_rule._chunks import empty_result
-from kernels.ops.delta_rule._triton_utils import chunk_cumsum, chunk_reverse_cumsum, dot_precision
-from kernels.ops.dplr.triton_bwd import _dscores_bwd, _solve_bwd, _dv_bwd, _grads_diag, _grads_scores, _grads_state, _state_bwd
-from kernels.ops.dplr.triton_fwd import _decay_inputs, _output_fwd, _scores_fwd, _solve_fwd, _state_fwd
-from kernels.ops.dplr.triton_tiles import KEY_SLICE, LAUNCH, SUB, Blocks, blocks
+from kernels.ops.utils.chunks import empty_result
+from kernels.ops.common.tiles import chunk_cumsum, chunk_reverse_cumsum, dot_precision
+from kernels.ops.dplr.triton_chunk_bwd import _dscores_bwd, _solve_bwd, _dv_bwd, _grads_diag, _grads_scores, _grads_state, _state_bwd
+from kernels.ops.dplr.triton_chunk_fwd import _decay_inputs, _output_fwd, _scores_fwd, _solve_fwd, _state_fwd
+from kernels.ops.dplr.triton_chunk_tiles import KEY_SLICE, LAUNCH, SUB, Blocks, blocks
 
 
 def _shift_down_in_chunks(x: torch.Tensor, BT: int) -> torch.Tensor:
@@ -150,10 +150,7 @@ class DplrChunkFunction(torch.autograd.Function):
                 dg.to(ctx.g_dtype), None, dh0, None)
 
 
-def dplr_triton_chunked(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor, g: torch.Tensor,
-    scale: float, initial_state: Optional[torch.Tensor] = None, output_final_state: bool = False,
-) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+def dplr_triton_chunked(q, k, v, a, b, g, scale, initial_state=None, output_final_state=False):
     """Chunked Triton path; same signature and result as the reference."""
     if q.shape[1] == 0:
         return empty_result(q, v, initial_state, output_final_state)

@@ -8,7 +8,7 @@ def _reference():
 
 
 def _torch():
-    from kernels.ops.gla.chunk import gla_chunked
+    from kernels.ops.gla.torch_chunk import gla_chunked
 
     return gla_chunked
 

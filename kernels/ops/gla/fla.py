@@ -13,32 +13,15 @@ the input dtype, as the contract asks.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
-import torch
-
-from kernels._chunk_utils import empty_result
+from kernels.ops.utils.fla import call_fla
 
 
-def gla_fla(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    g: torch.Tensor,
-    scale: float,
-    initial_state: Optional[torch.Tensor] = None,
-    output_final_state: bool = False,
-) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+def gla_fla(q, k, v, g, scale, initial_state=None, output_final_state=False):
     """q, k: [B, T, H, K]; v: [B, T, H, V]; g: [B, T, H, K] or [B, T, H] (log decays <= 0)."""
-    if q.shape[1] == 0:
-        return empty_result(q, v, initial_state, output_final_state)
-    h0 = None if initial_state is None else initial_state.float()
     if g.dim() == 3:
         from fla.ops.simple_gla import chunk_simple_gla
 
-        o, S = chunk_simple_gla(q, k, v, g=g, scale=scale, initial_state=h0, output_final_state=output_final_state)
-    else:
-        from fla.ops.gla import chunk_gla
+        return call_fla(chunk_simple_gla, (q, k, v), v, scale, initial_state, output_final_state, g=g)
+    from fla.ops.gla import chunk_gla
 
-        o, S = chunk_gla(q, k, v, g, scale=scale, initial_state=h0, output_final_state=output_final_state)
-    return o.to(q.dtype), (S.float() if output_final_state else None)
+    return call_fla(chunk_gla, (q, k, v, g), v, scale, initial_state, output_final_state)

@@ -1,6 +1,6 @@
 """Chunked Triton kernels for gated linear attention (forward and backward), and ``gla_triton``.
 
-Notation as in ``chunk.py``: chunks of C = 64 steps, sub-blocks of 16 rows, ``b`` the cumulative
+Notation as in ``torch_chunk.py``: chunks of C = 64 steps, sub-blocks of 16 rows, ``b`` the cumulative
 log decay inside a chunk (per key; a per-head gate is broadcast over K by the cumsum kernel),
 ``S_n`` the state after chunk n. Kernels (grid axis 0 is batch x head everywhere):
 
@@ -23,14 +23,12 @@ The dg identity: the loss depends on chunk n's b only through ``q e^b``, ``k e^-
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import torch
 import triton
 import triton.language as tl
 
-from kernels._chunk_utils import empty_result
-from kernels.ops.gla.triton_common import dot, masked_exp
+from kernels.ops.utils.chunks import empty_result
+from kernels.ops.common.dot import dot, masked_exp
 
 CHUNK = 64
 SUB = 16
@@ -483,7 +481,7 @@ class _GLAChunkTriton(torch.autograd.Function):
     """Returns (o, final state [B, H, K, V]); with ``sid`` (packed sequences, B = 1: the sequence of
     every step, int32 [T]) it returns (o without the initial states' in-chunk terms, the states
     entering every chunk [1, H, N + 1, K, V]), ``X`` being the injected initial states and ``flags``
-    (int32 [N + 1]) the chunks that have an injection (bit 0) or a final-state read (bit 1), varlen.py."""
+    (int32 [N + 1]) the chunks that have an injection (bit 0) or a final-state read (bit 1), :mod:`kernels.ops.utils.packed`."""
 
     @staticmethod
     def forward(ctx, q, k, v, g, scale, h0, sid=None, X=None, flags=None):
@@ -541,8 +539,8 @@ class _GLAChunkTriton(torch.autograd.Function):
 
 def gla_triton_chunked_varlen(q, k, v, g, scale: float, initial_state, output_final_state: bool, cu_seqlens):
     """Chunked Triton GLA over packed sequences (B = 1, states [N, H, K, V]): one launch sequence for
-    the whole input; the initial states' in-chunk terms and the final states come from ``varlen.py``."""
-    from kernels.ops.gla import varlen
+    the whole input; the initial states' in-chunk terms and the final states come from :mod:`kernels.ops.utils.packed`."""
+    from kernels.ops.utils import packed as varlen
 
     T, H, K, V = q.shape[1], q.shape[2], q.shape[3], v.shape[-1]
     L = varlen.Layout(cu_seqlens, T, CHUNK, q.device)
@@ -561,15 +559,7 @@ def gla_triton_chunked_varlen(q, k, v, g, scale: float, initial_state, output_fi
     return o, varlen.assemble_finals(finals, initial_state, L)
 
 
-def gla_triton_chunked(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    g: torch.Tensor,
-    scale: float,
-    initial_state: Optional[torch.Tensor] = None,
-    output_final_state: bool = False,
-) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+def gla_triton_chunked(q, k, v, g, scale, initial_state=None, output_final_state=False):
     """Chunked Triton GLA, same contract as ``gla_reference``."""
     if q.shape[1] == 0:
         return empty_result(q, v, initial_state, output_final_state)
@@ -577,22 +567,13 @@ def gla_triton_chunked(
     return o, (final if output_final_state else None)
 
 
-def gla_triton(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    g: torch.Tensor,
-    scale: float,
-    initial_state: Optional[torch.Tensor] = None,
-    output_final_state: bool = False,
-    cu_seqlens: Optional[torch.Tensor] = None,
-) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+def gla_triton(q, k, v, g, scale, initial_state=None, output_final_state=False, cu_seqlens=None):
     """The ``"triton"`` backend: fused-recurrent for T <= FUSED_MAX_T (generation), chunked otherwise;
     both handle packed sequences (``cu_seqlens``, B = 1, states [N, H, K, V]) natively."""
     if q.shape[1] <= FUSED_MAX_T:
-        from kernels.ops.gla.triton_fused import gla_triton_fused
+        from kernels.ops.gla.triton_recurrent import gla_fused_recurrent
 
-        return gla_triton_fused(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens=cu_seqlens)
+        return gla_fused_recurrent(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens=cu_seqlens)
     if cu_seqlens is not None:
         return gla_triton_chunked_varlen(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
     return gla_triton_chunked(q, k, v, g, scale, initial_state, output_final_state)

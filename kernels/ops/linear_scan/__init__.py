@@ -1,12 +1,12 @@
 """``linear_scan``: the reference recurrence and its fast paths (see kernels/README.md).
 
-The fast paths take ``cu_seqlens`` natively (:func:`kernels.ops.linear_scan.varlen.packed`).
+The fast paths take ``cu_seqlens`` natively (:func:`kernels.ops.linear_scan.packed.packed`).
 """
 
 import functools
 
 from kernels.ops.linear_scan.reference import linear_scan_reference
-from kernels.ops.linear_scan.varlen import packed
+from kernels.ops.linear_scan.packed import packed
 
 
 def _reference():
@@ -15,7 +15,7 @@ def _reference():
 
 @functools.lru_cache(maxsize=None)
 def _torch():
-    from kernels.ops.linear_scan.chunk import linear_scan_chunked
+    from kernels.ops.linear_scan.torch_chunk import linear_scan_chunked
 
     return packed(linear_scan_chunked)
 

@@ -13,8 +13,6 @@ Accumulation is fp32 for any input dtype.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import torch
 import triton
 import triton.language as tl
@@ -139,12 +137,7 @@ class _LinearScanTriton(torch.autograd.Function):
         return da, db, (None if dh0 is None else dh0.to(ctx.h0_dtype))
 
 
-def linear_scan_triton(
-    a: torch.Tensor,
-    b: torch.Tensor,
-    initial_state: Optional[torch.Tensor] = None,
-    output_final_state: bool = False,
-) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+def linear_scan_triton(a, b, initial_state=None, output_final_state=False):
     """Same contract as ``linear_scan_reference`` (Triton kernels, fwd + bwd)."""
     B, T, D = a.shape
     if T == 0:

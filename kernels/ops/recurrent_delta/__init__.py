@@ -8,13 +8,13 @@ def _reference():
 
 
 def _torch():
-    from kernels.ops.recurrent_delta.torch_loop import recurrent_delta_torch
+    from kernels.ops.recurrent_delta.torch_recurrent import recurrent_delta_torch
 
     return recurrent_delta_torch
 
 
 def _triton():
-    from kernels.ops.recurrent_delta.triton_loop import recurrent_delta_triton
+    from kernels.ops.recurrent_delta.triton_recurrent import recurrent_delta_triton
 
     return recurrent_delta_triton
 

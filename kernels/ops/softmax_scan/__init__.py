@@ -8,7 +8,7 @@ def _reference():
 
 
 def _torch():
-    from kernels.ops.softmax_scan.varlen import softmax_scan_chunked_packed
+    from kernels.ops.softmax_scan.torch_chunk_varlen import softmax_scan_chunked_packed
 
     return softmax_scan_chunked_packed  # the chunked scan; with cu_seqlens its segmented form
 

@@ -25,14 +25,14 @@ plus ``dm_T - du_T u_T - dw_T . w_T`` routed to the token (or initial state) hol
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from kernels.ops.gla.triton_common import dot, masked_exp
-from kernels.ops.softmax_scan.chunk import max_routing_weights
+from kernels.ops.common.dot import dot, masked_exp
+from kernels.ops.softmax_scan.torch_chunk import max_routing_weights
 
 BLOCK_T = 32
 MAX_BLOCK_V = 64
@@ -205,12 +205,7 @@ class _SoftmaxScanTriton(torch.autograd.Function):
         return tuple(grads)
 
 
-def softmax_scan_triton(
-    s: torch.Tensor,
-    v: torch.Tensor,
-    initial_state: Optional[State] = None,
-    output_final_state: bool = False,
-) -> Tuple[torch.Tensor, Optional[State]]:
+def softmax_scan_triton(s, v, initial_state=None, output_final_state=False):
     """Same contract as ``softmax_scan_reference`` (Triton kernels, fwd + bwd)."""
     B, T, H = s.shape
     V = v.shape[-1]

@@ -8,13 +8,13 @@ def _reference():
 
 
 def _torch():
-    from kernels.ops.srwm.torch_loop import srwm_torch
+    from kernels.ops.srwm.torch_recurrent import srwm_torch
 
     return srwm_torch
 
 
 def _triton():
-    from kernels.ops.srwm.triton_loop import srwm_triton
+    from kernels.ops.srwm.triton_recurrent import srwm_triton
 
     return srwm_triton
 

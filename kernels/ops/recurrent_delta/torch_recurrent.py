@@ -27,7 +27,7 @@ steps at once from the saved ``y_{t-1}``. Adjoint of step t (``dS`` = dL/dS_t, `
 matmul after the loop.
 
 Rows and packed sequences: the rows are sorted by sequence length and the steps stored time-major,
-step t holding only the rows still running (:mod:`kernels.ops.recurrent_delta.step_rows`), so with
+step t holding only the rows still running (:mod:`kernels.ops.utils.step_rows`), so with
 ``cu_seqlens`` the N sequences run as N rows of the same loop: a row past its length is left alone in
 both directions (its state stays its final state; the final state's gradient enters at its last
 step), its initial state enters at its first step. Without ``cu_seqlens`` every row has length T.
@@ -35,12 +35,10 @@ step), its initial state enters at its first step. Without ``cu_seqlens`` every 
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import torch
 from torch.autograd.function import once_differentiable
 
-from kernels.ops.recurrent_delta.step_rows import StepRows, step_rows
+from kernels.ops.utils.step_rows import StepRows, step_rows
 
 #: steps between saved states in the forward (the backward resets its rebuilt state there)
 CHECKPOINT = 64
@@ -199,23 +197,12 @@ class RecurrentDeltaLoop(torch.autograd.Function):
                 rows.unsort_state(dy.view(N, V)) if has_y0 else None, None)
 
 
-def recurrent_delta_torch(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    beta: torch.Tensor,
-    r_q: torch.Tensor,
-    r_k: torch.Tensor,
-    r_v: torch.Tensor,
-    r_b: torch.Tensor,
-    initial_state: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
-    output_final_state: bool = False,
-    cu_seqlens: Optional[torch.Tensor] = None,
-):
+def recurrent_delta_torch(q, k, v, beta, r_q, r_k, r_v, r_b, initial_state=None, output_final_state=False,
+                          cu_seqlens=None):
     """Same contract as :func:`recurrent_delta_reference`; state (S [B,H,K,V], y [B,H,V]) in fp32.
 
     With ``cu_seqlens`` [N+1] (B = 1) the N sequences run as N rows of one batched loop (sorted by
-    length, see :mod:`~kernels.ops.recurrent_delta.step_rows`); states are [N, ...]. Reads
+    length, see :mod:`~kernels.ops.utils.step_rows`); states are [N, ...]. Reads
     ``cu_seqlens`` on the host.
     """
     B, T, H, _ = q.shape

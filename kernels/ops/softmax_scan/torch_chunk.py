@@ -27,7 +27,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from kernels._chunk_utils import causal_mask, pad_to_multiple, split_chunks
+from kernels.ops.utils.chunks import causal_mask, pad_to_multiple, split_chunks
 
 CHUNK = 64
 NEG_INF = float("-inf")
@@ -86,13 +86,7 @@ def exclusive_chunk_scan(init: State, totals: State) -> State:
     return tuple(seq)
 
 
-def softmax_scan_chunked(
-    s: torch.Tensor,
-    v: torch.Tensor,
-    initial_state: Optional[State] = None,
-    output_final_state: bool = False,
-    chunk: int = CHUNK,
-) -> Tuple[torch.Tensor, Optional[State]]:
+def softmax_scan_chunked(s, v, initial_state=None, output_final_state=False, chunk=CHUNK):
     """Same contract as ``softmax_scan_reference``: s [B, T, H], v [B, T, H, V] -> o [B, T, H, V]."""
     B, T, H = s.shape
     V = v.shape[-1]

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import triton
 import triton.language as tl
 
-from kernels.ops.delta_rule._triton_utils import block_size, chunk_length
+from kernels.ops.common.tiles import block_size, chunk_length, load_tile
 
 #: widest key / value block of the blocked kernels
 _BLOCK = 64
@@ -111,3 +111,31 @@ def load_next_rows(ptr, bb, h, t, t_end, T, H, K, d0, BR: tl.constexpr, BK: tl.c
     offs = (bb.to(tl.int64) * T * H + h) * K + rows[:, None].to(tl.int64) * H * K + cols[None, :]
     mask = (rows[:, None] < T) & (rows[:, None] < t_end) & (cols[None, :] < K)
     return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def add_w_state(acc, w_ptr, S, states_ptr, row0, srow, K, V, v0,
+                BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BKR: tl.constexpr, PREC: tl.constexpr):
+    """``acc + W S`` in the state loops (Z = Zv + Wz S forward, dY = dYo + Wb dS backward): W [BT, K] of the
+    chunk at buffer row ``row0``, S the held [BK, BV] block; BKR < BK: in key blocks of BKR read back from
+    the state just stored at row ``srow`` of ``states_ptr`` (smaller dot operands for exact fp32 dots)."""
+    if BKR < BK:
+        tl.debug_barrier()
+        k0 = 0
+        while k0 < K:
+            acc += tl.dot(load_tile(w_ptr, row0, BT, K, k0, BT, BKR),
+                          load_tile(states_ptr, srow + k0, K - k0, V, v0, BKR, BV), input_precision=PREC)
+            k0 += BKR
+    else:
+        acc += tl.dot(load_tile(w_ptr, row0, BT, K, 0, BT, BK), S, input_precision=PREC)
+    return acc
+
+
+@triton.jit
+def carry_over_chunk(S, G_ptr, row0, K, x_ptr, y, x2_ptr, y2, BT: tl.constexpr, BK: tl.constexpr,
+                     PREC: tl.constexpr):
+    """The state (forward) or its gradient (backward) carried over the chunk at buffer row ``row0``:
+    ``S e^{G_C} + X^T y + X2^T y2`` with X, X2 [BT, K] buffers and G_C the chunk's total log decay."""
+    return S * tl.exp(load_row(G_ptr, row0 + BT - 1, K, 0, BK))[:, None] \
+        + tl.dot(tl.trans(load_tile(x_ptr, row0, BT, K, 0, BT, BK)), y, input_precision=PREC) \
+        + tl.dot(tl.trans(load_tile(x2_ptr, row0, BT, K, 0, BT, BK)), y2, input_precision=PREC)

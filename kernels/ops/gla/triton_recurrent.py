@@ -14,7 +14,7 @@ with the cancelling part ``k_T (dS_T v_T)`` of the last two terms removed from b
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 import triton
@@ -237,21 +237,12 @@ def _dg(q, k, v, dq, dk, ht, dht, cu):
     return dg
 
 
-def gla_triton_fused(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    g: torch.Tensor,
-    scale: float,
-    initial_state: Optional[torch.Tensor] = None,
-    output_final_state: bool = False,
-    cu_seqlens: Optional[torch.Tensor] = None,
-) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+def gla_fused_recurrent(q, k, v, g, scale, initial_state=None, output_final_state=False, cu_seqlens=None):
     """Fused-recurrent Triton GLA (fwd + bwd), same contract as ``gla_reference``; with ``cu_seqlens``
     (B = 1, states [N, H, K, V]) one launch runs every packed sequence from its own initial state."""
     B, T, H, K = q.shape
     if cu_seqlens is not None:
-        from kernels.ops.gla import varlen
+        from kernels.ops.utils import packed as varlen
 
         L = varlen.Layout(cu_seqlens, T, 1, q.device)
         if L.M == 0:
@@ -269,4 +260,4 @@ def gla_triton_fused(
     return o, (final if output_final_state else None)
 
 
-gla_triton_fused.varlen = True
+gla_fused_recurrent.varlen = True

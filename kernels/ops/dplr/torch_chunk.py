@@ -9,13 +9,13 @@ Per chunk of C steps with entering state S0 [K, V], per-key cumulative log decay
     Aqk[t, i] = sum_k q_tk k_ik exp(G_tk - G_ik),  Aqb[t, i] = same with b_i   (i <= t)
     S_end = gamma_C * S0 + (K * exp(G_C - G))^T V + (B * exp(G_C - G))^T Z
 
-The decay-weighted score matrices come from :mod:`kernels.ops.dplr.scores` (blocks factored through
+The decay-weighted score matrices come from :mod:`kernels.ops.dplr.torch_chunk_scores` (blocks factored through
 reference steps, no exp of a positive number); P and R are row t-1 of the inclusive scores of
 a_next[t] = a[t+1]. Everything but the state passing (a loop over T / C chunks) is batched over all
 chunks.
 
 Packed sequences (``cu_seqlens``, :func:`dplr_chunked_varlen`) run the same pass over the packed row with
-per-step sequence ids and the state terms of ``kernels/ops/gla/varlen.py`` (z in the role of a second
+per-step sequence ids and the state terms of :mod:`kernels.ops.utils.packed` (z in the role of a second
 value: each step adds ``k_t v_t^T + b_t z_t^T``): the score matrices P, R, Aqk, Aqb only couple steps of one
 sequence (so I - R is block diagonal per sequence); A' takes its decays from each sequence's first step in
 the chunk, ``A'_t = a_t exp(G'_t - G_{p-1})``; the entering state reaches (through A' and the output) only
@@ -26,15 +26,15 @@ only while the chunk's last sequence continues.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from kernels._chunk_utils import chunk_length, empty_result
-from kernels.ops.delta_rule._chunks import from_chunks, per_chunk, to_chunks
-from kernels.ops.dplr.scores import decayed_scores
-from kernels.ops.gla import varlen
+from kernels.ops.utils.chunks import chunk_length, empty_result
+from kernels.ops.utils.chunks import from_chunks, per_chunk, to_chunks
+from kernels.ops.dplr.torch_chunk_scores import decayed_scores
+from kernels.ops.utils import packed as varlen
 
 
 def _shift_down(x: torch.Tensor) -> torch.Tensor:
@@ -42,19 +42,7 @@ def _shift_down(x: torch.Tensor) -> torch.Tensor:
     return F.pad(x[..., :-1, :], (0, 0, 1, 0))
 
 
-def dplr_chunked(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    g: torch.Tensor,
-    scale: float,
-    initial_state: Optional[torch.Tensor] = None,
-    output_final_state: bool = False,
-    chunk_size: int = 64,
-    cu_seqlens: Optional[torch.Tensor] = None,
-) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+def dplr_chunked(q, k, v, a, b, g, scale, initial_state=None, output_final_state=False, chunk_size=64, cu_seqlens=None):
     """q, k, a, b, g: [B, T, H, K]; v: [B, T, H, V]; state [B, H, K, V] (fp32). ``cu_seqlens`` [N+1]: packed
     sequences (B = 1, states [N, H, K, V]), handled natively (:func:`dplr_chunked_varlen`)."""
     if cu_seqlens is not None:
@@ -93,7 +81,7 @@ def _chunked_pass(q, k, v, a, b, g, scale: float, S: torch.Tensor, C: int, packe
     [N, B, H, K, V] and the final state [B, H, K, V].
 
     ``packed`` (B = 1): None, or (seqc long [N, C], flows bool [N], X [H, N + 1, K, V] or None, own) as
-    ``kernels.ops.gla.varlen.run_packed`` hands them to a pass; o then lacks the
+    :func:`kernels.ops.utils.packed.run_packed` hands them to a pass; o then lacks the
     ``varlen.initial_state_output`` term."""
     B, T, H, K = q.shape
     V = v.shape[-1]

@@ -3,7 +3,7 @@
 One program per (batch, head) walks time with the four weight matrices in registers (fp32):
 ``W_y`` [V, D], ``W_q``, ``W_k`` [D, D] and ``w_b`` [4, D] (block sizes: next powers of two, at
 least 16, with masks). They are read from and written to one stacked ``[B, H, R, D]`` tensor,
-``R = V + 2D + 4`` rows, as in :mod:`kernels.ops.srwm.torch_loop`. Forward step::
+``R = V + 2D + 4`` rows, as in :mod:`kernels.ops.srwm.torch_recurrent`. Forward step::
 
     y = W_y x;  q = softmax(W_q x);  k = softmax(W_k x);  b = sigmoid(w_b x);  c = q - k
     M <- M + b_i (M c) k^T   for (M, b_i) in ((W_y, b_0), (W_q, b_1), (W_k, b_2), (w_b, b_3))
@@ -12,7 +12,7 @@ It writes ``z_t = (y, W_q x, W_k x, w_b x)`` and ``d_t = (M c for each M)`` (``R
 fp32) per step, the weights every ``CHECKPOINT`` steps and the final weights. The backward kernel
 walks time in reverse with the weights and their gradients in registers, rebuilds
 ``M_{t-1} = M_t - b_i d_t k^T`` (reset to the checkpoint every ``CHECKPOINT`` steps) and applies
-the adjoint equations of :mod:`kernels.ops.srwm.torch_loop`; it writes ``dx_t`` per step and the
+the adjoint equations of :mod:`kernels.ops.srwm.torch_recurrent`; it writes ``dx_t`` per step and the
 initial weights' gradient at the end (summed over the batch afterwards for shared weights).
 With ``cu_seqlens`` a program is one (sequence, head) of the packed input: it starts at the sequence's
 first step and walks its length only (checkpoints laid out per sequence, see ``sequence_span``).
@@ -21,7 +21,7 @@ Registers: 8 tiles of up to [max(V, D), D]; D = V = 128 compiles but spills.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -29,10 +29,10 @@ import triton
 import triton.language as tl
 
 from kernels import _triton_compat as interpreter_compat
-from kernels.ops.recurrent_delta.triton_loop import (
+from kernels.ops.common.loop import (
     checkpoint_layout, masked_softmax, num_warps_for, sequence_span, sigmoid_fp32,
 )
-from kernels.ops.srwm.torch_loop import CHECKPOINT, stack_weights
+from kernels.ops.srwm.torch_recurrent import CHECKPOINT, stack_weights
 
 interpreter_compat.install()  # Triton 3.6 interpreter + NumPy 2: scalar loop bounds
 
@@ -288,16 +288,7 @@ class SrwmTriton(torch.autograd.Function):
         return (dx.to(x.dtype), None, None, *grads)
 
 
-def srwm_triton(
-    x: torch.Tensor,
-    w_y: torch.Tensor,
-    w_q: torch.Tensor,
-    w_k: torch.Tensor,
-    w_b: torch.Tensor,
-    initial_state: Optional[Tuple[torch.Tensor, ...]] = None,
-    output_final_state: bool = False,
-    cu_seqlens: Optional[torch.Tensor] = None,
-):
+def srwm_triton(x, w_y, w_q, w_k, w_b, initial_state=None, output_final_state=False, cu_seqlens=None):
     """Same contract as :func:`srwm_reference`; the final weights are returned in fp32.
 
     With ``cu_seqlens`` [N+1] (packed input, B = 1): one launch, a program per (sequence, head) that

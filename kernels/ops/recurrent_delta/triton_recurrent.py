@@ -13,7 +13,7 @@ It writes ``y_t`` (fp32) and ``u_t`` per step, ``S`` every ``CHECKPOINT`` steps 
 ``S``. The backward kernel walks time in reverse with ``S`` and ``dS`` in registers: it
 recomputes ``q, k, v, b`` from the saved ``y_{t-1}``, rebuilds ``S_{t-1} = S_t - k u^T`` (reset to
 the saved checkpoint every ``CHECKPOINT`` steps) and applies the adjoint equations documented in
-:mod:`kernels.ops.recurrent_delta.torch_loop`, writing the gradients of the four input parts per
+:mod:`kernels.ops.recurrent_delta.torch_recurrent`, writing the gradients of the four input parts per
 step, ``r_t = tanh(y_{t-1})`` per step and the initial state's gradient at the end.
 ``dR = sum dz r^T`` is one matmul in PyTorch afterwards.
 
@@ -25,54 +25,16 @@ per-sequence slot (:func:`sequence_span`); one launch for all sequences, no host
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 from torch.autograd.function import once_differentiable
 import triton
 import triton.language as tl
 
-from kernels import _triton_compat as interpreter_compat
-from kernels.ops.recurrent_delta.torch_loop import CHECKPOINT
-
-interpreter_compat.install()  # Triton 3.6 interpreter + NumPy 2: scalar loop bounds
-
-@triton.jit
-def tanh_fp32(x):
-    """tanh through exp (tl has no portable tanh): 2 sigmoid(2x) - 1."""
-    return 2.0 / (1.0 + tl.exp(-2.0 * x)) - 1.0
-
-
-@triton.jit
-def sigmoid_fp32(x):
-    return 1.0 / (1.0 + tl.exp(-x))
-
-
-@triton.jit
-def masked_softmax(z, ok):
-    z = tl.where(ok, z, -1.0e30)  # finite padding: no inf - inf
-    e = tl.where(ok, tl.exp(z - tl.max(z, 0)), 0.0)
-    return e / tl.sum(e, 0)
-
-
-@triton.jit
-def sequence_span(cu_ptr, ckoff_ptr, pid64, H, T, NC, CHECKPOINT: tl.constexpr, IS_VARLEN: tl.constexpr):
-    """(first step ``bos``, length ``L``, first checkpoint row) of program ``pid64`` = (sequence, head).
-
-    Without ``cu_seqlens`` sequence b is steps [b T, b T + T) with NC checkpoints per program; with it,
-    steps [cu[n], cu[n+1]) and ceil(L / CHECKPOINT) checkpoints per program, sequence n's H programs
-    starting at row ``H ckoff[n]`` (``ckoff`` = exclusive cumulative sum of the per-sequence counts).
-    """
-    i_n = pid64 // H
-    if IS_VARLEN:
-        bos = tl.load(cu_ptr + i_n).to(tl.int64)
-        L = (tl.load(cu_ptr + i_n + 1).to(tl.int64) - bos).to(tl.int32)
-        ck_row = tl.load(ckoff_ptr + i_n).to(tl.int64) * H + (pid64 % H) * ((L + CHECKPOINT - 1) // CHECKPOINT)
-    else:
-        bos = i_n * T
-        L = T
-        ck_row = pid64 * NC
-    return bos, L, ck_row
+from kernels.ops.common.loop import (checkpoint_layout, masked_softmax, num_warps_for, sequence_span, sigmoid_fp32,
+                                    tanh_fp32)
+from kernels.ops.recurrent_delta.torch_recurrent import CHECKPOINT
 
 
 @triton.jit
@@ -241,31 +203,10 @@ def _rdn_bwd_kernel(
     tl.store(dy0_ptr + pid64 * V + iv, dy_next, mask=ok_v)
 
 
-def num_warps_for(tile: int) -> int:
-    """Warps per program for a [*, *] register tile of ``tile`` elements (fewer spills)."""
-    return 4 if tile <= 32 * 32 else (8 if tile <= 64 * 64 else 16)
-
-
 def _blocks(K: int, V: int) -> Tuple[int, int, int]:
     BK = max(16, triton.next_power_of_2(K))
     BV = max(16, triton.next_power_of_2(V))
     return BK, BV, num_warps_for(max(BK, BV) * BV)
-
-
-def checkpoint_layout(cu_seqlens: Optional[torch.Tensor], B: int, T: int, H: int, checkpoint: int, dummy):
-    """(cu_seqlens, per-sequence checkpoint offsets, checkpoint rows to allocate, NC) for the kernels.
-
-    Without ``cu_seqlens``: NC = ceil(T / checkpoint) per program (``dummy`` for the unused pointers).
-    With it: sequence n keeps ceil(L_n / checkpoint) per head from row ``H ckoff[n]``; the buffer has room
-    for ``H floor((T + N (checkpoint - 1)) / checkpoint)`` >= H sum_n ceil(L_n / checkpoint) rows (no host sync).
-    """
-    if cu_seqlens is None:
-        NC = (T + checkpoint - 1) // checkpoint
-        return dummy, dummy, B * H * NC, NC
-    N = cu_seqlens.numel() - 1
-    per_seq = (cu_seqlens[1:] - cu_seqlens[:-1] + checkpoint - 1) // checkpoint
-    ckoff = (torch.cumsum(per_seq, 0) - per_seq).to(torch.int64)
-    return cu_seqlens.contiguous(), ckoff, H * ((T + N * (checkpoint - 1)) // checkpoint), 0
 
 
 class RecurrentDeltaTriton(torch.autograd.Function):
@@ -337,19 +278,8 @@ class RecurrentDeltaTriton(torch.autograd.Function):
         )
 
 
-def recurrent_delta_triton(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    beta: torch.Tensor,
-    r_q: torch.Tensor,
-    r_k: torch.Tensor,
-    r_v: torch.Tensor,
-    r_b: torch.Tensor,
-    initial_state: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
-    output_final_state: bool = False,
-    cu_seqlens: Optional[torch.Tensor] = None,
-):
+def recurrent_delta_triton(q, k, v, beta, r_q, r_k, r_v, r_b, initial_state=None, output_final_state=False,
+                           cu_seqlens=None):
     """Same contract as :func:`recurrent_delta_reference`; state (S [B,H,K,V], y [B,H,V]) in fp32.
 
     With ``cu_seqlens`` [N+1] (packed input, B = 1): one launch, a program per (sequence, head) that

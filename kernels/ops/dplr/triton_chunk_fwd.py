@@ -16,8 +16,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels.ops.delta_rule._triton_utils import load_rows, load_tile, store_rows, store_tile, unit_lower_inverse
-from kernels.ops.dplr.triton_tiles import load_next_rows, load_prev, load_row
+from kernels.ops.common.state import start_state, state_block, store_state
+from kernels.ops.common.tiles import chunk_start, load_rows, load_tile, store_rows, store_tile, unit_lower_inverse
+from kernels.ops.dplr.triton_chunk_tiles import add_w_state, carry_over_chunk, load_next_rows, load_prev, load_row
 
 
 @triton.jit
@@ -101,9 +102,7 @@ def _solve_fwd(rn_ptr, pn_ptr, v_ptr, ap_ptr, tinv_ptr, wz_ptr, zv_ptr, T, H, K,
     """Per chunk: Ti = (I - R)^-1 (R[t] = Rn[t - 1], strictly lower), Wz = Ti A' (keys in blocks) and
     Zv = Ti P V (values in blocks; P[t] = Pn[t - 1]), so that Z = Zv + Wz S."""
     i_n, i_bh = tl.program_id(0), tl.program_id(1)
-    bb, h = i_bh // H, i_bh % H
-    t0 = i_n * BT
-    row0 = i_bh * Tp + t0
+    bb, h, t0, row0 = chunk_start(i_n, i_bh, H, Tp, BT)
     tinv = unit_lower_inverse(-load_prev(rn_ptr, row0, 0, BT, 0, BT, BT), BT, PREC)
     store_tile(tinv_ptr, tinv, row0, BT, BT, 0, BT, BT)
     k0 = 0
@@ -125,9 +124,8 @@ def _decay_inputs(q_ptr, k_ptr, a_ptr, b_ptr, G_ptr, qg_ptr, kd_ptr, bd_ptr, ap_
     """One chunk and key block of q e^G, k e^{G_C - G}, b e^{G_C - G} and A' = a e^{G'} (exponents <= 0)
     into row-major [*, K] fp32 buffers."""
     i_n, i_bh, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    bb, h = i_bh // H, i_bh % H
-    t0, k0 = i_n * BT, i_k * BK
-    row0 = i_bh * Tp + t0
+    bb, h, t0, row0 = chunk_start(i_n, i_bh, H, Tp, BT)
+    k0 = i_k * BK
     G = load_tile(G_ptr, row0, BT, K, k0, BT, BK)
     to_end = tl.exp(load_row(G_ptr, row0 + BT - 1, K, k0, BK)[None, :] - G)
     store_tile(qg_ptr, load_rows(q_ptr, bb, h, t0, T, H, K, k0, BT, BK) * tl.exp(G), row0, BT, K, k0, BT, BK)
@@ -146,39 +144,22 @@ def _state_fwd(v_ptr, G_ptr, kd_ptr, bd_ptr, wz_ptr, zv_ptr, h0_ptr, states_ptr,
     (``_solve_fwd``); kd, bd = k, b e^{G_C - G} (``_decay_inputs``). BKR < BK: Wz S is summed over
     key blocks of BKR read back from the stored state (smaller dot operands for exact fp32 dots)."""
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
-    bb, h = i_bh // H, i_bh % H
+    bb, h, rk, rv, mk, mv, kv_offs, kv_mask = state_block(i_v, i_bh, H, K, V, BK, BV)
     v0 = i_v * BV
-    rk = tl.arange(0, BK)
-    rv = v0 + tl.arange(0, BV)
-    kv_offs = rk[:, None] * V + rv[None, :]
-    kv_mask = (rk[:, None] < K) & (rv[None, :] < V)
-    S = tl.zeros([BK, BV], dtype=tl.float32)
-    if HAS_H0:
-        S += tl.load(h0_ptr + i_bh.to(tl.int64) * K * V + kv_offs, mask=kv_mask, other=0.0)
+    S = start_state(h0_ptr, i_bh.to(tl.int64), K, V, kv_offs, kv_mask, HAS_H0, BK, BV)
     n = 0
     while n < NT:  # not range(): breaks the Triton 3.6 interpreter
         t0 = n * BT
         row0 = i_bh * Tp + t0
-        tl.store(states_ptr + (i_bh.to(tl.int64) * NT + n) * K * V + kv_offs, S, mask=kv_mask)
-        z = load_tile(zv_ptr, row0, BT, V, v0, BT, BV)
-        if BKR < BK:  # Wz S in key blocks, from the state just stored
-            tl.debug_barrier()
-            srow = (i_bh * NT + n) * K
-            k0 = 0
-            while k0 < K:
-                z += tl.dot(load_tile(wz_ptr, row0, BT, K, k0, BT, BKR),
-                            load_tile(states_ptr, srow + k0, K - k0, V, v0, BKR, BV), input_precision=PREC)
-                k0 += BKR
-        else:
-            z += tl.dot(load_tile(wz_ptr, row0, BT, K, 0, BT, BK), S, input_precision=PREC)
+        store_state(states_ptr, S, i_bh.to(tl.int64) * NT + n, K, V, kv_offs, kv_mask)
+        z = add_w_state(load_tile(zv_ptr, row0, BT, V, v0, BT, BV), wz_ptr, S, states_ptr, row0,
+                        (i_bh * NT + n) * K, K, V, v0, BT, BK, BV, BKR, PREC)
         store_tile(z_ptr, z, row0, BT, V, v0, BT, BV)
-        S = S * tl.exp(load_row(G_ptr, row0 + BT - 1, K, 0, BK))[:, None] \
-            + tl.dot(tl.trans(load_tile(kd_ptr, row0, BT, K, 0, BT, BK)),
-                     load_rows(v_ptr, bb, h, t0, T, H, V, v0, BT, BV), input_precision=PREC) \
-            + tl.dot(tl.trans(load_tile(bd_ptr, row0, BT, K, 0, BT, BK)), z, input_precision=PREC)
+        S = carry_over_chunk(S, G_ptr, row0, K, kd_ptr, load_rows(v_ptr, bb, h, t0, T, H, V, v0, BT, BV), bd_ptr, z,
+                             BT, BK, PREC)
         n += 1
     if STORE_FINAL:
-        tl.store(ht_ptr + i_bh.to(tl.int64) * K * V + kv_offs, S, mask=kv_mask)
+        store_state(ht_ptr, S, i_bh.to(tl.int64), K, V, kv_offs, kv_mask)
 
 
 @triton.jit
@@ -187,9 +168,8 @@ def _output_fwd(qg_ptr, v_ptr, aqk_ptr, aqb_ptr, states_ptr, z_ptr, o_ptr, scale
                 BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     """O = scale ((q e^G) S + Aqk V + Aqb Z) for one chunk and value block; keys in blocks."""
     i_n, i_bh, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    bb, h = i_bh // H, i_bh % H
-    t0, v0 = i_n * BT, i_v * BV
-    row0 = i_bh * Tp + t0
+    bb, h, t0, row0 = chunk_start(i_n, i_bh, H, Tp, BT)
+    v0 = i_v * BV
     o = tl.dot(load_tile(aqk_ptr, row0, BT, BT, 0, BT, BT), load_rows(v_ptr, bb, h, t0, T, H, V, v0, BT, BV),
                input_precision=PREC)
     o += tl.dot(load_tile(aqb_ptr, row0, BT, BT, 0, BT, BT), load_tile(z_ptr, row0, BT, V, v0, BT, BV),

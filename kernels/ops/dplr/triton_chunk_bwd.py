@@ -21,8 +21,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels.ops.delta_rule._triton_utils import load_rows, load_tile, store_rows, store_tile
-from kernels.ops.dplr.triton_tiles import load_next, load_next_rows, load_prev, load_row
+from kernels.ops.common.state import start_state, state_block, store_state
+from kernels.ops.common.tiles import chunk_start, load_rows, load_tile, store_rows, store_tile
+from kernels.ops.dplr.triton_chunk_tiles import (add_w_state, carry_over_chunk, load_next, load_next_rows, load_prev,
+                                               load_row)
 
 
 @triton.jit
@@ -31,9 +33,7 @@ def _solve_bwd(tinv_ptr, aqb_ptr, bd_ptr, do_ptr, wb_ptr, dyo_ptr, scale, T, H, 
     """Per chunk: Wb = Ti^T Bd (keys in blocks) and dYo = scale Ti^T Aqb^T dO (values in blocks), so that
     dY = Ti^T dZ = dYo + Wb dS."""
     i_n, i_bh = tl.program_id(0), tl.program_id(1)
-    bb, h = i_bh // H, i_bh % H
-    t0 = i_n * BT
-    row0 = i_bh * Tp + t0
+    bb, h, t0, row0 = chunk_start(i_n, i_bh, H, Tp, BT)
     tinv_t = tl.trans(load_tile(tinv_ptr, row0, BT, BT, 0, BT, BT))
     k0 = 0
     while k0 < K:
@@ -56,40 +56,23 @@ def _state_bwd(qg_ptr, wb_ptr, ap_ptr, G_ptr, do_ptr, dyo_ptr, dht_ptr, dstates_
     """Reverse loop: dS leaving each chunk and dY = dYo + Wb dS (``_solve_bwd``); qg, ap are q e^G and
     a e^{G'} (``_decay_inputs``). BKR < BK: Wb dS in key blocks read back (as in ``_state_fwd``)."""
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
-    bb, h = i_bh // H, i_bh % H
+    bb, h, rk, rv, mk, mv, kv_offs, kv_mask = state_block(i_v, i_bh, H, K, V, BK, BV)
     v0 = i_v * BV
-    rk = tl.arange(0, BK)
-    rv = v0 + tl.arange(0, BV)
-    kv_offs = rk[:, None] * V + rv[None, :]
-    kv_mask = (rk[:, None] < K) & (rv[None, :] < V)
-    dS = tl.zeros([BK, BV], dtype=tl.float32)
-    if HAS_DHT:
-        dS += tl.load(dht_ptr + i_bh.to(tl.int64) * K * V + kv_offs, mask=kv_mask, other=0.0)
+    dS = start_state(dht_ptr, i_bh.to(tl.int64), K, V, kv_offs, kv_mask, HAS_DHT, BK, BV)
     i = 0
     while i < NT:  # not range(): breaks the Triton 3.6 interpreter
         n = NT - 1 - i
         t0 = n * BT
         row0 = i_bh * Tp + t0
-        tl.store(dstates_ptr + (i_bh.to(tl.int64) * NT + n) * K * V + kv_offs, dS, mask=kv_mask)
-        dy = load_tile(dyo_ptr, row0, BT, V, v0, BT, BV)
-        if BKR < BK:  # Wb dS in key blocks, from the gradient just stored
-            tl.debug_barrier()
-            srow = (i_bh * NT + n) * K
-            k0 = 0
-            while k0 < K:
-                dy += tl.dot(load_tile(wb_ptr, row0, BT, K, k0, BT, BKR),
-                             load_tile(dstates_ptr, srow + k0, K - k0, V, v0, BKR, BV), input_precision=PREC)
-                k0 += BKR
-        else:
-            dy += tl.dot(load_tile(wb_ptr, row0, BT, K, 0, BT, BK), dS, input_precision=PREC)
+        store_state(dstates_ptr, dS, i_bh.to(tl.int64) * NT + n, K, V, kv_offs, kv_mask)
+        dy = add_w_state(load_tile(dyo_ptr, row0, BT, V, v0, BT, BV), wb_ptr, dS, dstates_ptr, row0,
+                         (i_bh * NT + n) * K, K, V, v0, BT, BK, BV, BKR, PREC)
         store_tile(dy_ptr, dy, row0, BT, V, v0, BT, BV)
-        dS = dS * tl.exp(load_row(G_ptr, row0 + BT - 1, K, 0, BK))[:, None] \
-            + tl.dot(tl.trans(load_tile(qg_ptr, row0, BT, K, 0, BT, BK)),
-                     load_rows(do_ptr, bb, h, t0, T, H, V, v0, BT, BV) * scale, input_precision=PREC) \
-            + tl.dot(tl.trans(load_tile(ap_ptr, row0, BT, K, 0, BT, BK)), dy, input_precision=PREC)
+        dS = carry_over_chunk(dS, G_ptr, row0, K, qg_ptr, load_rows(do_ptr, bb, h, t0, T, H, V, v0, BT, BV) * scale,
+                              ap_ptr, dy, BT, BK, PREC)
         i += 1
     if STORE_DH0:
-        tl.store(dh0_ptr + i_bh.to(tl.int64) * K * V + kv_offs, dS, mask=kv_mask)
+        store_state(dh0_ptr, dS, i_bh.to(tl.int64), K, V, kv_offs, kv_mask)
 
 
 @triton.jit
@@ -99,9 +82,7 @@ def _dscores_bwd(do_ptr, dy_ptr, v_ptr, z_ptr, daqk_ptr, daqb_ptr, dpn_ptr, drn_
     """Operand 0: dAqk = incl(scale dO V^T), dAqb = incl(scale dO Z^T); operand 1: dPn = incl(dY_next V^T),
     dRn = incl(dY_next Z^T) with dY_next[t] = dY[t + 1] (0 at the chunk's last step)."""
     i_n, i_bh, which = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    bb, h = i_bh // H, i_bh % H
-    t0 = i_n * BT
-    row0 = i_bh * Tp + t0
+    bb, h, t0, row0 = chunk_start(i_n, i_bh, H, Tp, BT)
     acc_v = tl.zeros([BT, BT], dtype=tl.float32)
     acc_z = tl.zeros([BT, BT], dtype=tl.float32)
     v0 = 0
@@ -131,9 +112,8 @@ def _dv_bwd(kd_ptr, do_ptr, aqk_ptr, pn_ptr, dstates_ptr, dy_ptr, dv_ptr, scale,
             BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     """dV = scale Aqk^T dO + P^T dY + (k e^{G_C - G}) dS for one chunk and value block; keys in blocks."""
     i_n, i_bh, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    bb, h = i_bh // H, i_bh % H
-    t0, v0 = i_n * BT, i_v * BV
-    row0 = i_bh * Tp + t0
+    bb, h, t0, row0 = chunk_start(i_n, i_bh, H, Tp, BT)
+    v0 = i_v * BV
     dv = scale * tl.dot(tl.trans(load_tile(aqk_ptr, row0, BT, BT, 0, BT, BT)),
                         load_rows(do_ptr, bb, h, t0, T, H, V, v0, BT, BV), input_precision=PREC)
     dv += tl.dot(tl.trans(load_prev(pn_ptr, row0, 0, BT, 0, BT, BT)), load_tile(dy_ptr, row0, BT, V, v0, BT, BV),
@@ -155,9 +135,8 @@ def _grads_state(q_ptr, k_ptr, v_ptr, a_ptr, b_ptr, G_ptr, do_ptr, states_ptr, d
     """One chunk and key block: dq through (q e^G) S, dk and db through the state update, da through
     A' S, and dG, dG' (gradients of the cumulative decays G, G'; the host maps them to dg)."""
     i_n, i_bh, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    bb, h = i_bh // H, i_bh % H
-    t0, k0 = i_n * BT, i_k * BK
-    row0 = i_bh * Tp + t0
+    bb, h, t0, row0 = chunk_start(i_n, i_bh, H, Tp, BT)
+    k0 = i_k * BK
     srow = (i_bh * NT + i_n) * K + k0
     acc_q = tl.zeros([BT, BK], dtype=tl.float32)  # dO S^T
     acc_k = tl.zeros([BT, BK], dtype=tl.float32)  # V dS^T

@@ -12,7 +12,7 @@ dtype; b_t0 stays unrounded), else in their own dtype.
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple
+from typing import Callable
 
 import torch
 
@@ -22,13 +22,7 @@ from kernels._varlen import last_steps, mark_varlen, sequence_ids, start_mask
 def packed(fn: Callable) -> Callable:
     """``fn`` (a linear_scan backend) extended with ``cu_seqlens=``, marked ``varlen``."""
 
-    def linear_scan_packed(
-        a: torch.Tensor,
-        b: torch.Tensor,
-        initial_state: Optional[torch.Tensor] = None,
-        output_final_state: bool = False,
-        cu_seqlens: Optional[torch.Tensor] = None,
-    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def linear_scan_packed(a, b, initial_state=None, output_final_state=False, cu_seqlens=None):
         if cu_seqlens is None:
             return fn(a, b, initial_state, output_final_state)
         _, T, D = a.shape
@@ -51,5 +45,5 @@ def packed(fn: Callable) -> Callable:
                 final = torch.where(nonempty[:, None], h[0, last].float(), empty)
         return h.to(a.dtype), final
 
-    linear_scan_packed.__doc__ = f"{fn.__name__} with ``cu_seqlens`` (see kernels/ops/linear_scan/varlen.py)."
+    linear_scan_packed.__doc__ = f"{fn.__name__} with ``cu_seqlens`` (see kernels/ops/linear_scan/packed.py)."
     return mark_varlen(linear_scan_packed)

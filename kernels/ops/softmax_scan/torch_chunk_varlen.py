@@ -1,6 +1,6 @@
 """Packed sequences (``cu_seqlens``) for the chunked PyTorch ``softmax_scan``: a segmented associative scan.
 
-Same three stages as :mod:`kernels.ops.softmax_scan.chunk`, with ``seq[t]`` the sequence of step t:
+Same three stages as :mod:`kernels.ops.softmax_scan.torch_chunk`, with ``seq[t]`` the sequence of step t:
 1. inside every chunk the pair (t, i), i <= t, counts only if ``seq[i] == seq[t]``; the local running max
    ``mu_t`` is the max over those pairs (a stabiliser, detached);
 2. the chunk totals carry a reset flag (a sequence starts inside the chunk), and the scan across chunks is
@@ -18,9 +18,9 @@ from typing import Optional, Tuple
 
 import torch
 
-from kernels._chunk_utils import causal_mask, pad_to_multiple, split_chunks
+from kernels.ops.utils.chunks import causal_mask, pad_to_multiple, split_chunks
 from kernels._varlen import last_steps, mark_varlen, sequence_ids, start_mask
-from kernels.ops.softmax_scan.chunk import CHUNK, NEG_INF, combine, rescale, softmax_scan_chunked
+from kernels.ops.softmax_scan.torch_chunk import CHUNK, NEG_INF, combine, rescale, softmax_scan_chunked
 
 State = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -45,7 +45,7 @@ def _segmented_exclusive_scan(flags: torch.Tensor, totals: State) -> State:
 
 def _routed_max(s: torch.Tensor, sid: torch.Tensor, cu: torch.Tensor, m0: Optional[torch.Tensor], N: int):
     """``m_n = max(m0[n], s over sequence n)`` [N, H], differentiable with the reference's tie split
-    (see :func:`kernels.ops.softmax_scan.chunk.max_routing_weights`; here per sequence)."""
+    (see :func:`kernels.ops.softmax_scan.torch_chunk.max_routing_weights`; here per sequence)."""
     T, H = s.shape
     sd = s.detach()
     index = sid[:, None].expand(T, H)
@@ -66,14 +66,7 @@ def _routed_max(s: torch.Tensor, sid: torch.Tensor, cu: torch.Tensor, m0: Option
     return m
 
 
-def softmax_scan_chunked_packed(
-    s: torch.Tensor,
-    v: torch.Tensor,
-    initial_state: Optional[State] = None,
-    output_final_state: bool = False,
-    cu_seqlens: Optional[torch.Tensor] = None,
-    chunk: int = CHUNK,
-) -> Tuple[torch.Tensor, Optional[State]]:
+def softmax_scan_chunked_packed(s, v, initial_state=None, output_final_state=False, cu_seqlens=None, chunk=CHUNK):
     """``softmax_scan_chunked`` with ``cu_seqlens`` (s [1, T, H], v [1, T, H, V]; states [N, ...])."""
     if cu_seqlens is None:
         return softmax_scan_chunked(s, v, initial_state, output_final_state, chunk)

@@ -28,9 +28,9 @@ from typing import Optional, Tuple
 
 import torch
 
-from kernels import _chunk_utils
-from kernels._chunk_utils import (causal_mask, empty_result, masked_exp_diff, merge_chunks, pad_to_multiple,
-                                  run_in_segments, split_chunks)
+from kernels.ops.utils import chunks
+from kernels.ops.utils.chunks import (causal_mask, empty_result, masked_exp_diff, merge_chunks,
+                                     pad_to_multiple, run_in_segments, split_chunks)
 
 CHUNK = 64
 SUB = 16
@@ -137,7 +137,7 @@ def _gla_pass(q, k, v, g, scale: float, S: torch.Tensor, chunk: int) -> Tuple[to
 
 def _gla_pass_varlen(q, k, v, g, scale: float, S: torch.Tensor, chunk: int, seqc: torch.Tensor,
                      flows: torch.Tensor, X: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``_gla_pass`` over packed sequences (B = 1), see ``varlen.py``: pairs masked to one sequence, the
+    """``_gla_pass`` over packed sequences (B = 1), see :mod:`kernels.ops.utils.packed`: pairs masked to one sequence, the
     entering state only for the rows of the chunk's first sequence, the state passed on only when that
     sequence continues. ``seqc`` long [N, C]: sequence per step; ``flows`` bool [N]; ``X`` [H, N + 1, K, V]
     or None: initial states injected into the recurrence (``X[0]`` is ignored: S is the entering state).
@@ -181,7 +181,7 @@ def _gla_pass_varlen(q, k, v, g, scale: float, S: torch.Tensor, chunk: int, seqc
 def gla_chunked_varlen(q, k, v, g, scale: float, initial_state, output_final_state: bool, cu_seqlens,
                        chunk: int = CHUNK, segment: Optional[int] = -1):
     """``gla_chunked`` over packed sequences: q, k, v, g [1, T, ...]; initial/final states [N, H, K, V]."""
-    from kernels.ops.gla import varlen
+    from kernels.ops.utils import packed as varlen
 
     T, H, K, V = q.shape[1], q.shape[2], q.shape[3], v.shape[-1]
     L = varlen.Layout(cu_seqlens, T, chunk, q.device)
@@ -217,21 +217,11 @@ def gla_chunked_varlen(q, k, v, g, scale: float, initial_state, output_final_sta
 def default_segment(device: torch.device) -> Optional[int]:
     """Tokens per pass: on CPU long sequences go in cache-sized segments (state carried between
     them), which keeps the cost per token flat in T; on GPU one pass."""
-    return _chunk_utils.default_segment(device, SEGMENT_CPU)
+    return chunks.default_segment(device, SEGMENT_CPU)
 
 
-def gla_chunked(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    g: torch.Tensor,
-    scale: float,
-    initial_state: Optional[torch.Tensor] = None,
-    output_final_state: bool = False,
-    chunk: int = CHUNK,
-    segment: Optional[int] = -1,
-    cu_seqlens: Optional[torch.Tensor] = None,
-) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+def gla_chunked(q, k, v, g, scale, initial_state=None, output_final_state=False, chunk=CHUNK, segment=-1,
+                cu_seqlens=None):
     """Same contract as ``gla_reference``: q, k [B,T,H,K], v [B,T,H,V], g [B,T,H,K] or [B,T,H].
 
     ``segment``: tokens per chunked pass (a multiple of ``chunk``; None: all at once; -1: the

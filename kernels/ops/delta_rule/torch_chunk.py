@@ -16,32 +16,21 @@ tokens with the state carried, which keeps the temporaries cache-sized (cost per
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 
-from kernels._chunk_utils import (causal_mask, chunk_length, default_segment, empty_result, masked_exp_diff,
+from kernels.ops.utils.chunks import (causal_mask, chunk_length, default_segment, empty_result, masked_exp_diff,
                                   run_in_segments)
-from kernels.ops.delta_rule._chunks import from_chunks, per_chunk, to_chunks
-from kernels.ops.gla import varlen
+from kernels.ops.utils.chunks import from_chunks, per_chunk, to_chunks
+from kernels.ops.utils import packed as varlen
 
 #: tokens per chunked pass on CPU (see ``delta_rule_chunked``)
 SEGMENT_CPU = 1024
 
 
-def delta_rule_chunked(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    beta: torch.Tensor,
-    g: Optional[torch.Tensor],
-    scale: float,
-    initial_state: Optional[torch.Tensor] = None,
-    output_final_state: bool = False,
-    chunk_size: int = 64,
-    segment: Optional[int] = -1,
-    cu_seqlens: Optional[torch.Tensor] = None,
-) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+def delta_rule_chunked(q, k, v, beta, g, scale, initial_state=None, output_final_state=False, chunk_size=64, segment=-1,
+                       cu_seqlens=None):
     """q, k: [B, T, H, K]; v: [B, T, H, V]; beta, g: [B, T, H]; state [B, H, K, V] (fp32).
 
     ``segment``: tokens per chunked pass, the state carried between passes (None: all at once;
@@ -119,7 +108,7 @@ def delta_rule_chunked_varlen(q, k, v, beta, g, scale: float, initial_state, out
     """``delta_rule_chunked`` over packed sequences (B = 1; states [N, H, K, V]).
 
     As ``_chunked_pass`` with per-step sequence ids (the layout and state terms of
-    ``kernels/ops/gla/varlen.py``, with the corrected values ``u`` in place of v): the in-chunk
+    :mod:`kernels.ops.utils.packed`, with the corrected values ``u`` in place of v): the in-chunk
     ``K K^T`` system and the scores only couple steps of one sequence (so the triangular system is
     block diagonal per sequence); the decays of the right-hand side ``W = T diag(beta gamma) K`` are
     taken from each sequence's first step in the chunk, ``gamma_t = exp(sum_{p <= s <= t} g_s)``; the

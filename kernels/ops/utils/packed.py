@@ -1,8 +1,8 @@
-"""Packed sequences (``cu_seqlens``) for the chunked gla paths: the per-sequence state terms.
+"""Packed sequences (``cu_seqlens``) for the chunked paths: the per-sequence state terms.
 
-The chunked passes (``chunk.py``, ``triton_chunk.py``) run over the packed input (B = 1) in chunks of
-C steps that may hold several sequences. With ``seq[t]`` the sequence of step t, ``c0`` a chunk's first
-step and ``b`` the cumulative log decay inside the chunk, they compute:
+The chunked passes (``gla``'s ``torch_chunk.py`` and ``triton_chunk.py``; ``delta_rule``'s and ``dplr``'s
+``torch_chunk.py`` through :func:`run_packed`) run over the packed input (B = 1) in chunks of C steps
+that may hold several sequences. With ``seq[t]`` the sequence of step t, ``c0`` a chunk's first step and ``b`` the cumulative log decay inside the chunk, they compute:
 
 - intra-chunk pairs (t, s) only where ``seq[t] == seq[s]``;
 - the entering state ``S_in[n]`` (the state of ``seq[c0]`` just before c0) only for the steps with
@@ -40,7 +40,7 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
-from kernels._chunk_utils import masked_exp_diff
+from kernels.ops.utils.chunks import masked_exp_diff
 
 
 class Layout:

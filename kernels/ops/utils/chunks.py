@@ -1,4 +1,4 @@
-"""Helpers shared by the chunked PyTorch paths (kernels/ops/*/chunk.py).
+"""Helpers shared by the chunked PyTorch paths (``kernels/ops/*/torch_chunk.py``).
 
 Stable API (other ops import these read-only):
 
@@ -18,6 +18,11 @@ Stable API (other ops import these read-only):
   the ops with a matrix state [B, H, K, V] (delta_rule, dplr, gla).
 - ``default_segment(device, cpu_tokens)`` and ``run_in_segments(pass_fn, tensors, S, segment, ...)``:
   on CPU long inputs run in passes of ``cpu_tokens`` steps with the state carried between them.
+- ``to_chunks(x, C)`` / ``from_chunks(x, T)`` / ``per_chunk(x)``: the chunk-major layout of ``delta_rule`` and
+  ``dplr``: a time-major input ``[B, T, H, *rest]`` as fp32 chunks ``[N, B, H, C, *rest]`` (T zero-padded to
+  ``N * C``; chunk-major so that the state-passing loop reads contiguous slices), back for an output
+  ``[N, B, H, C, V]``, and per-chunk views. Zero padding (k = v = beta = a = b = 0, g = 0) leaves the final
+  state of both ops unchanged.
 """
 
 from __future__ import annotations
@@ -113,3 +118,27 @@ def run_in_segments(
         o, S = pass_fn(*piece, S)
         outs.append(o)
     return torch.cat(outs, out_dim), S
+
+
+def to_chunks(x: torch.Tensor, C: int) -> torch.Tensor:
+    """[B, T, H, *rest] -> contiguous fp32 [N, B, H, C, *rest] with N = ceil(T / C), zero padded in time."""
+    B, T, H = x.shape[:3]
+    rest = x.shape[3:]
+    pad = (-T) % C
+    x = x.float()
+    if pad:
+        x = F.pad(x, (0, 0) * len(rest) + (0, 0, 0, pad))
+    x = x.reshape(B, (T + pad) // C, C, H, *rest).transpose(2, 3).transpose(0, 1)
+    return x.contiguous()
+
+
+def from_chunks(x: torch.Tensor, T: int) -> torch.Tensor:
+    """[N, B, H, C, V] -> [B, T, H, V] (drops the padding)."""
+    N, B, H, C, V = x.shape
+    return x.permute(1, 0, 3, 2, 4).reshape(B, N * C, H, V)[:, :T]
+
+
+def per_chunk(x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    """[N, B, H, r, c] -> N tensors [B * H, r, c] (views; one unbind, so one stack in backward)."""
+    N, B, H = x.shape[:3]
+    return x.reshape(N, B * H, *x.shape[3:]).unbind(0)

@@ -24,20 +24,18 @@ the update, ``W_{t-1} = W_t - s_t k_t^T`` with ``s_t = beta_rows * d_t`` (exact 
 After the loop ``dW`` is the gradient of the initial weights; parameters shared by the batch
 (``[H, ...]``) get its sum over the batch.
 
-Rows and packed sequences: as in :mod:`kernels.ops.recurrent_delta.torch_loop`, the rows are sorted by
+Rows and packed sequences: as in :mod:`kernels.ops.recurrent_delta.torch_recurrent`, the rows are sorted by
 sequence length and the steps stored time-major with only the rows still running
-(:mod:`kernels.ops.recurrent_delta.step_rows`); with ``cu_seqlens`` the N sequences are N rows of one
+(:mod:`kernels.ops.utils.step_rows`); with ``cu_seqlens`` the N sequences are N rows of one
 loop, a row past its length is left alone (its weights stay its final weights).
 """
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import torch
 from torch.autograd.function import once_differentiable
 
-from kernels.ops.recurrent_delta.step_rows import StepRows, step_rows
+from kernels.ops.utils.step_rows import StepRows, step_rows
 from kernels.ops.srwm.reference import broadcast_weights
 
 #: steps between saved states in the forward (the backward resets its rebuilt state there)
@@ -172,20 +170,11 @@ class SrwmLoop(torch.autograd.Function):
         return (dx, None, None, *grads)
 
 
-def srwm_torch(
-    x: torch.Tensor,
-    w_y: torch.Tensor,
-    w_q: torch.Tensor,
-    w_k: torch.Tensor,
-    w_b: torch.Tensor,
-    initial_state: Optional[Tuple[torch.Tensor, ...]] = None,
-    output_final_state: bool = False,
-    cu_seqlens: Optional[torch.Tensor] = None,
-):
+def srwm_torch(x, w_y, w_q, w_k, w_b, initial_state=None, output_final_state=False, cu_seqlens=None):
     """Same contract as :func:`srwm_reference`; the final weights are returned in fp32.
 
     With ``cu_seqlens`` [N+1] (B = 1) the N sequences run as N rows of one batched loop (sorted by
-    length, see :mod:`~kernels.ops.recurrent_delta.step_rows`): shared [H, ...] weights start every
+    length, see :mod:`~kernels.ops.utils.step_rows`): shared [H, ...] weights start every
     sequence (their gradient summed over the sequences), batched ones are [N, ...]; final weights
     [N, ...]. Reads ``cu_seqlens`` on the host.
     """

@@ -19,11 +19,11 @@ value), then ``grad_b = delta``, ``grad_a_t = delta_t h_{t-1}``, ``grad_h0 = a_1
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 
-from kernels._chunk_utils import chunk_length, merge_chunks, pad_to_multiple, split_chunks
+from kernels.ops.utils.chunks import chunk_length, merge_chunks, pad_to_multiple, split_chunks
 
 CHUNK = 64
 
@@ -88,12 +88,7 @@ class _LinearScan(torch.autograd.Function):
         return grad_a, grad_b, grad_h0
 
 
-def linear_scan_chunked(
-    a: torch.Tensor,
-    b: torch.Tensor,
-    initial_state: Optional[torch.Tensor] = None,
-    output_final_state: bool = False,
-) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+def linear_scan_chunked(a, b, initial_state=None, output_final_state=False):
     """Same contract as ``linear_scan_reference``: a, b [B, T, D]; h0 [B, D] -> (h [B, T, D], h_T [B, D])."""
     B, T, D = a.shape
     if T == 0:

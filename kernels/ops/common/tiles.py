@@ -60,6 +60,13 @@ def chunk_reverse_cumsum(d: torch.Tensor, T: int, chunk: int = CHUNK) -> torch.T
 
 
 @triton.jit
+def chunk_start(i_n, i_bh, H, Tp, BT: tl.constexpr):
+    """(batch, head, first step t0, buffer row of t0) of chunk ``i_n`` of batch x head ``i_bh``: the
+    chunked kernels' per-chunk fp32 buffers are row-major [B * H * Tp, *] (Tp = T padded to chunks)."""
+    return i_bh // H, i_bh % H, i_n * BT, i_bh * Tp + i_n * BT
+
+
+@triton.jit
 def load_rows(ptr, b, h, t0, T, H, D, d0, BT: tl.constexpr, BD: tl.constexpr):
     """fp32 tile [BT, BD] of a [B, T, H, D] tensor: steps t0.., features d0..; zero outside."""
     rows = t0 + tl.arange(0, BT)

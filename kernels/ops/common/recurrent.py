@@ -1,0 +1,123 @@
+"""Fused-recurrent scaffolding of ``delta_rule`` and ``dplr``: everything but the update.
+
+One program per (batch x head, V block) holds its [K, BV] block of the state on chip and walks the time
+steps (short sequences, generation); the V columns of S evolve independently in both ops, so V blocks need
+no communication. Backward walks time in reverse with dS on chip, reading the entering state of every step,
+which the forward stores when gradients are needed (B * H * T * K * V fp32: meant for short T).
+
+Each op writes its two kernels (the update and its adjoint) from the ``triton.jit`` pieces here and
+describes them by a :class:`RecurrentKernels`; :func:`fused_recurrent` launches them with one autograd
+function. The kernels take their arguments in this order (``inputs`` as the op's reference takes them,
+``q`` first; ``None`` inputs get an unused pointer):
+
+* forward: ``*inputs, h0, o, ht, states, scale, T, H, K, V`` and the constexprs ``HAS_H0, STORE_FINAL,
+  SAVE_STATES, BK, BV`` (plus the op's own flags);
+* backward: ``*inputs, states, do, dht, *grads, dh0, scale, B, T, H, K, V`` and ``HAS_DHT, STORE_DH0, BK,
+  BV``. The value input's gradient is written whole ([B, T, H, V]); every other input's gradient is a
+  partial sum over this program's V block ([NV, *input.shape] fp32), summed on the host.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.ops.common.tiles import LAUNCH, block_size
+from kernels.ops.utils.chunks import empty_result
+
+#: value block of the forward
+BV_MAX = 64
+#: the backward holds the state and its gradient ([K, BV] each): for wide keys its value block shrinks to
+#: K * BV <= 8,192 elements (K = 256, BV = 64 spilled 8.8 KB (delta_rule) and 14 KB (dplr) per thread;
+#: sm_80 / sm_90)
+BWD_STATE_ELEMS = 128 * 64
+
+
+@triton.jit
+def load_step(ptr, step, D, r, m):
+    """fp32 features ``r`` (mask ``m``) of step ``step`` (int64 index of (batch, time, head)) of a
+    [B, T, H, D] input."""
+    return tl.load(ptr + step * D + r, mask=m, other=0.0).to(tl.float32)
+
+
+@dataclass(frozen=True)
+class RecurrentKernels:
+    """An op's two fused-recurrent kernels and what the launcher needs to know about them."""
+
+    name: str  #: the op, for messages
+    fwd: object  #: forward ``triton.jit`` kernel (arguments: module docstring)
+    bwd: object  #: backward kernel
+    value_input: int  #: index of v among the inputs
+    flags: Callable[[Sequence[Optional[torch.Tensor]]], dict] = field(default=lambda inputs: {})
+
+
+class FusedRecurrentFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, kernels: RecurrentKernels, scale, h0, output_final_state, save_states, *inputs):
+        q, v = inputs[0], inputs[kernels.value_input]
+        B, T, H, K = q.shape
+        V = v.shape[-1]
+        BK, BV = block_size(K), min(block_size(V), BV_MAX)
+        NV = triton.cdiv(V, BV)
+        f32 = dict(device=q.device, dtype=torch.float32)
+        o = torch.empty(B, T, H, V, device=q.device, dtype=q.dtype)
+        ht = torch.empty(B, H, K, V, **f32) if output_final_state else None
+        states = torch.empty(B, H, T, K, V, **f32) if save_states else None
+        kernels.fwd[(NV, B * H)](
+            *_or(inputs, o), _or(h0, o), o, _or(ht, o), _or(states, o), scale, T, H, K, V,
+            HAS_H0=h0 is not None, STORE_FINAL=ht is not None, SAVE_STATES=states is not None, BK=BK, BV=BV,
+            **kernels.flags(inputs), **LAUNCH)
+        ctx.save_for_backward(*inputs, states)
+        ctx.kernels, ctx.scale, ctx.has_h0 = kernels, scale, h0 is not None
+        return o, ht
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        *inputs, states = ctx.saved_tensors
+        kernels = ctx.kernels
+        if states is None:
+            raise RuntimeError(f"{kernels.name} fused-recurrent backward: the forward did not keep the states")
+        q, v = inputs[0], inputs[kernels.value_input]
+        B, T, H, K = q.shape
+        V = v.shape[-1]
+        BK = block_size(K)
+        BV = min(block_size(V), BV_MAX, max(16, BWD_STATE_ELEMS // BK))
+        NV = triton.cdiv(V, BV)
+        f32 = dict(device=q.device, dtype=torch.float32)
+        dv = torch.empty(B, T, H, V, **f32)
+        grads = [None if x is None else dv if i == kernels.value_input else torch.empty(NV, *x.shape, **f32)
+                 for i, x in enumerate(inputs)]
+        dh0 = torch.empty(B, H, K, V, **f32) if ctx.has_h0 else None
+        kernels.bwd[(NV, B * H)](
+            *_or(inputs, dv), states, do.contiguous(), _or(dht.contiguous() if dht is not None else None, dv),
+            *_or(grads, dv), _or(dh0, dv), ctx.scale, B, T, H, K, V,
+            HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, BK=BK, BV=BV, **kernels.flags(inputs), **LAUNCH)
+        grads = [None if d is None else d.to(x.dtype) if i == kernels.value_input else d.sum(0).to(x.dtype)
+                 for i, (x, d) in enumerate(zip(inputs, grads))]
+        return (None, None, dh0, None, None, *grads)
+
+
+def _or(x, dummy):
+    """``x``, or ``dummy`` (an unused pointer) where it is None; elementwise for a list or tuple."""
+    if isinstance(x, (list, tuple)):
+        return tuple(_or(y, dummy) for y in x)
+    return dummy if x is None else x
+
+
+def fused_recurrent(
+    kernels: RecurrentKernels, inputs: Sequence[Optional[torch.Tensor]], scale: float,
+    initial_state: Optional[torch.Tensor], output_final_state: bool,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Run the op's fused-recurrent kernels on ``inputs`` (as its reference takes them, before ``scale``);
+    same result as the reference."""
+    q, v = inputs[0], inputs[kernels.value_input]
+    if q.shape[1] == 0:
+        return empty_result(q, v, initial_state, output_final_state)
+    inputs = tuple(x.contiguous() if x is not None else None for x in inputs)
+    h0 = initial_state.float().contiguous() if initial_state is not None else None
+    save = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (*inputs, h0))
+    return FusedRecurrentFunction.apply(kernels, float(scale), h0, bool(output_final_state), save, *inputs)

@@ -1,0 +1,46 @@
+"""The [K, V] matrix state of the Triton kernels that hold it on chip while they walk time: the fused-recurrent
+kernels of ``delta_rule`` and ``dplr`` (step by step) and the state-passing loops of their chunked kernels
+(chunk by chunk). A program holds the block [BK, BV] of keys 0.. and values ``i_v BV..`` of the state of
+batch x head ``i_bh``; states are row-major [K, V] matrices, matrix ``row`` of a buffer at ``row K V``
+(an initial or final state: ``row = i_bh``; the state entering step / chunk n: ``row = i_bh N + n``).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def state_block(i_v, i_bh, H, K, V, BK: tl.constexpr, BV: tl.constexpr):
+    """(batch, head, key and value indices with their masks, offsets and mask of the [BK, BV] block in a
+    row-major [K, V] state) of program (V block ``i_v``, batch x head ``i_bh``)."""
+    b, h = i_bh // H, i_bh % H
+    rk = tl.arange(0, BK)
+    rv = i_v * BV + tl.arange(0, BV)
+    mk, mv = rk < K, rv < V
+    kv_offs = rk[:, None] * V + rv[None, :]
+    kv_mask = mk[:, None] & mv[None, :]
+    return b, h, rk, rv, mk, mv, kv_offs, kv_mask
+
+
+@triton.jit
+def load_state(ptr, row, K, V, kv_offs, kv_mask):
+    """The state block of [K, V] matrix ``row`` (int64) of ``ptr``."""
+    return tl.load(ptr + row * K * V + kv_offs, mask=kv_mask, other=0.0)
+
+
+@triton.jit
+def start_state(ptr, row, K, V, kv_offs, kv_mask, HAS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """The loop's first state block: zeros, plus [K, V] matrix ``row`` (int64) of ``ptr`` when ``HAS``
+    (an initial state, or the final state's gradient)."""
+    S = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS:
+        S += tl.load(ptr + row * K * V + kv_offs, mask=kv_mask, other=0.0)
+    return S
+
+
+@triton.jit
+def store_state(ptr, S, row, K, V, kv_offs, kv_mask):
+    """Store the state block into [K, V] matrix ``row`` (int64) of ``ptr``."""
+    tl.store(ptr + row * K * V + kv_offs, S, mask=kv_mask)
