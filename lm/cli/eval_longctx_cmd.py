@@ -31,7 +31,8 @@ def longctx_command(
     question: Optional[str] = typer.Option(None, "--question", help="question template (optionally {key}); the answer "
                                            "is generated after it"),
     digits: Optional[int] = typer.Option(None, "--digits", help="digits of the answer (passkey 5, needle 7)"),
-    batch_size: int = typer.Option(4, "--batch-size", help="prompts decoded together"),
+    likelihood: bool = typer.Option(True, "--likelihood/--no-likelihood", help="also score the answer's "
+                                    "log-likelihood against a control prompt with another value (twice the reading)"),
     out: Optional[Path] = typer.Option(None, "--out", help="output directory (longctx.json, .md, .png)"),
     device: str = typer.Option("cpu", "--device"),
 ) -> None:
@@ -48,7 +49,7 @@ def longctx_command(
         raise LMError(f"{checkpoint}: trained on a synthetic task; longctx needs a language model with a tokenizer")
     filler = filler_from_checkpoint(ckpt, data, split)
     target = out or ckpt.default_out_dir(f"longctx-{task}")
-    result = run_longctx(ckpt, filler, task, length_list, depth_list, trials, seed, batch_size, template,
+    result = run_longctx(ckpt, filler, task, length_list, depth_list, trials, seed, template, likelihood,
                          progress=sys.stderr.isatty())
     paths = write_longctx_outputs(result, target)
     typer.echo(markdown(result), nl=False)

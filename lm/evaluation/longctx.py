@@ -15,10 +15,16 @@ Each trial is one prompt of exactly ``L`` tokens (the context length) and one ex
 * the answer (``value``: a random number of ``digits`` digits) never occurs in the filler: the
   decoded filler is searched and the value redrawn until it does not.
 
-Scoring: greedy decoding with the model's state (the prompt read once in pieces, then one
-``step`` per new token; :func:`lm.evaluation.generate.decode_batch`), exact match: the generated
-text, leading spaces removed, starts with the answer and the answer is not followed by a letter
-or digit. Accuracy per (depth, length) cell, drawn as a heatmap.
+Scoring: greedy decoding with the model's state (the prompt read once in pieces of
+``lm.evaluation.generate.PREFILL_CHUNK`` tokens by :func:`lm.evaluation.sampling.prefill`, then one
+``step`` per new token), exact match: the generated text, leading spaces removed, starts with the
+answer and the answer is not followed by a letter or digit. Accuracy per (depth, length) cell,
+drawn as a heatmap. With ``likelihood`` (default) also a graded signal for models that never
+answer exactly: the mean negative log-likelihood per token of the answer after the prompt, teacher
+forced from the same state, against the same after a control prompt whose needle holds another
+value (same filler, key and position)::
+
+    nll_gain = NLL(answer | control prompt) - NLL(answer | prompt)      nats/token; > 0: the needle is used
 
 Trial ``i`` of the cell (``L``, ``depth``) draws everything from ``(seed, L, depth, i)``: results
 are reproducible and a cell does not change when others are added.
@@ -30,12 +36,13 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
+import torch
 
 from lm.errors import LMError
-from lm.evaluation.common import Checkpoint, write_atomic, write_json
+from lm.evaluation.common import Checkpoint, map_state, write_atomic, write_json
 
 DEFAULT_LENGTHS = [512, 1024, 2048, 4096, 8192, 16384, 32768]
 DEFAULT_DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]
@@ -178,8 +185,26 @@ def build_trial(tokenizer, filler: Filler, template: Template, length: int, dept
     pos = int(round(depth * len(fill)))
     prompt = np.concatenate([[eod_id], fill[:pos], needle, fill[pos:], question]).astype(np.int64)
     assert len(prompt) == length
+    # the control: the same prompt with another value in the needle (preferably one as many tokens
+    # long and absent from the filler); the answer occurs nowhere in it
+    text = tokenizer.decode(fill.tolist())
+    control, control_needle = None, None
+    for _ in range(max_redraws):
+        c = draw_number(rng, template.digits)
+        if c == value:
+            continue
+        ids = tokenizer.encode(template.needle.format(key=key, value=c)).ids
+        if control is None:
+            control, control_needle = c, ids
+        if len(ids) == len(needle) and c not in text:
+            control, control_needle = c, ids
+            break
+    if control is None:
+        raise LMError(f"--digits: {template.digits} digit(s) leave no value other than the answer for the control")
+    control_prompt = np.concatenate([[eod_id], fill[:pos], control_needle, fill[pos:], question]).astype(np.int64)
     return {"prompt": prompt.tolist(), "answer": value, "key": key, "needle_start": 1 + pos,
-            "needle_tokens": len(needle), "filler_tokens": len(fill)}
+            "needle_tokens": len(needle), "filler_tokens": len(fill), "control_prompt": control_prompt.tolist(),
+            "control_answer": control}
 
 
 def exact_match(generated: str, answer: str) -> bool:
@@ -232,59 +257,98 @@ def parse_depths(value: Optional[str]) -> List[float]:
 # ----------------------------------------------------------------------------------- scoring
 
 
-Answerer = Callable[[List[List[int]], int], List[List[int]]]
+@torch.no_grad()
+def read_prompt(model, prompt: Sequence[int]):
+    """Next-token logits [1, V] after the prompt and the model state (read once, in pieces)."""
+    from lm.evaluation.generate import PREFILL_CHUNK
+    from lm.evaluation.sampling import prefill
+
+    device = next(model.parameters()).device
+    return prefill(model, torch.tensor([list(prompt)], dtype=torch.long, device=device), PREFILL_CHUNK)
 
 
-def greedy_answerer(ckpt: Checkpoint, eod_id: int) -> Answerer:
-    """Greedy continuations of token prompts with the model's state (no prompt re-reading per token)."""
-    from lm.evaluation.generate import decode_batch
+@torch.no_grad()
+def greedy_continuation(model, logits: torch.Tensor, state: Any, max_new: int, eod_id: Optional[int]) -> List[int]:
+    """Greedy tokens from a read prompt, one ``step`` each (stops at the end-of-document id)."""
+    out: List[int] = []
+    for _ in range(max_new):
+        token = int(logits[0].argmax())
+        if token == eod_id:
+            break
+        out.append(token)
+        if len(out) < max_new:
+            logits, state = model.step(torch.tensor([token], device=logits.device), state)
+    return out
 
-    def answer(prompts: List[List[int]], max_new: int) -> List[List[int]]:
-        out = decode_batch(ckpt.model, prompts, max_new, 0.0, 0, 1.0, None, eod_id)
-        return [c.tokens for c in out]
 
-    return answer
+@torch.no_grad()
+def continuation_nll(model, logits: torch.Tensor, state: Any, ids: Sequence[int]) -> float:
+    """Mean negative log-likelihood (nats per token) of ``ids`` continuing a read prompt, teacher
+    forced from a copy of the state (the state itself is left as it was)."""
+    lp = [torch.log_softmax(logits[0].float(), -1)[ids[0]]]
+    if len(ids) > 1:
+        copy = map_state(state, lambda t: t.clone())
+        tokens = torch.tensor([list(ids[:-1])], dtype=torch.long, device=logits.device)
+        h, _ = model.hidden_states(tokens, copy, return_state=True)
+        rest = torch.log_softmax(model.logits(h)[0].float(), -1)
+        lp += [rest[i, t] for i, t in enumerate(ids[1:])]
+    return float(-torch.stack(lp).mean())
 
 
 def run_longctx(ckpt: Checkpoint, filler: Filler, task: str = "passkey", lengths: Sequence[int] = DEFAULT_LENGTHS,
-                depths: Sequence[float] = DEFAULT_DEPTHS, trials: int = 10, seed: int = 0, batch_size: int = 4,
-                template: Optional[Template] = None, answerer: Optional[Answerer] = None,
-                progress: bool = False) -> Dict[str, Any]:
-    """Accuracy by (depth, length); lengths beyond the Transformer's ``max_seq_len`` are skipped (listed)."""
+                depths: Sequence[float] = DEFAULT_DEPTHS, trials: int = 10, seed: int = 0,
+                template: Optional[Template] = None, likelihood: bool = True, progress: bool = False) -> Dict[str, Any]:
+    """Accuracy by (depth, length); lengths beyond the Transformer's ``max_seq_len`` are skipped (listed).
+
+    ``likelihood``: also the answer's mean negative log-likelihood after the prompt (``answer_nll``)
+    and after the control prompt, whose needle holds another value (``control_nll``); their
+    difference ``nll_gain`` (nats per token) is how much the needle helps -- a graded signal where
+    exact match is 0.
+    """
     from tqdm import tqdm
 
-    if trials <= 0 or batch_size <= 0:
-        raise LMError(f"--trials and --batch-size must be > 0, got {trials}, {batch_size}")
+    if trials <= 0:
+        raise LMError(f"--trials must be > 0, got {trials}")
     template = template or make_template(task)
     tokenizer = ckpt.tokenizer()
     eod = ckpt.eod_id(tokenizer)
-    answerer = answerer or greedy_answerer(ckpt, eod)
+    model = ckpt.model
     max_new = len(tokenizer.encode(" " + "9" * template.digits).ids) + 2
-    limit = None if ckpt.recurrent else ckpt.max_seq_len - max_new
+    limit = None if ckpt.recurrent else ckpt.max_seq_len - max_new - 2  # 2: a control needle may be longer
     kept = [L for L in lengths if limit is None or L <= limit]
     skipped = [L for L in lengths if L not in kept]
     if not kept:
         raise LMError(f"--lengths: every length exceeds the Transformer's limit ({ckpt.max_seq_len} tokens of "
-                      f"max_seq_len minus {max_new} to answer): use lengths <= {limit}")
+                      f"max_seq_len minus {max_new + 2} to answer): use lengths <= {limit}")
     cells, records = [], []
     bar = tqdm(total=len(kept) * len(depths) * trials, desc=task, unit="trial", file=sys.stderr,
                disable=not progress, dynamic_ncols=True, leave=False)
     for L in kept:
         for d in depths:
-            built = [build_trial(tokenizer, filler, template, L, d, trial_rng(seed, L, d, i), eod)
-                     for i in range(trials)]
-            correct = 0
-            for b in range(0, trials, batch_size):
-                group = built[b:b + batch_size]
-                outputs = answerer([t["prompt"] for t in group], max_new)
-                for k, (t, ids) in enumerate(zip(group, outputs)):
-                    text = tokenizer.decode(list(ids))
-                    ok = exact_match(text, t["answer"])
-                    correct += ok
-                    records.append({"length": L, "depth": d, "index": b + k, "key": t["key"], "answer": t["answer"],
-                                    "needle_start": t["needle_start"], "generated": text, "correct": bool(ok)})
-                bar.update(len(group))
-            cells.append({"length": L, "depth": d, "trials": trials, "correct": correct, "acc": correct / trials})
+            correct, nll, control_nll = 0, [], []
+            for i in range(trials):
+                t = build_trial(tokenizer, filler, template, L, d, trial_rng(seed, L, d, i), eod)
+                logits, state = read_prompt(model, t["prompt"])
+                record = {"length": L, "depth": d, "index": i, "key": t["key"], "answer": t["answer"],
+                          "needle_start": t["needle_start"]}
+                if likelihood:
+                    answer_ids = tokenizer.encode(" " + t["answer"]).ids
+                    record["answer_nll"] = continuation_nll(model, logits, state, answer_ids)
+                    c_logits, c_state = read_prompt(model, t["control_prompt"])
+                    record["control_answer"] = t["control_answer"]
+                    record["control_nll"] = continuation_nll(model, c_logits, c_state, answer_ids)
+                    nll.append(record["answer_nll"])
+                    control_nll.append(record["control_nll"])
+                text = tokenizer.decode(greedy_continuation(model, logits, state, max_new, eod))
+                record["generated"], record["correct"] = text, exact_match(text, t["answer"])
+                correct += record["correct"]
+                records.append(record)
+                bar.update(1)
+            cell = {"length": L, "depth": d, "trials": trials, "correct": correct, "acc": correct / trials}
+            if likelihood:
+                cell.update(answer_nll=float(np.mean(nll)), control_nll=float(np.mean(control_nll)),
+                            nll_gain=float(np.mean(control_nll) - np.mean(nll)))
+            cells.append(cell)
     bar.close()
     return {"checkpoint": ckpt.path, "step": ckpt.loaded.step, "model": ckpt.name,
             "parameters": ckpt.model.num_parameters(), "train_seq_len": ckpt.train_seq_len or None,
@@ -292,6 +356,7 @@ def run_longctx(ckpt: Checkpoint, filler: Filler, task: str = "passkey", lengths
                                        "digits": template.digits},
             "filler": filler.source, "lengths": kept, "skipped_lengths": skipped, "depths": list(depths),
             "trials": trials, "seed": seed, "scoring": "greedy decoding, exact match",
+            "likelihood": likelihood,
             "acc": sum(c["correct"] for c in cells) / max(1, sum(c["trials"] for c in cells)),
             "cells": cells, "records": records}
 
@@ -303,46 +368,62 @@ def length_label(n: int) -> str:
     return f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else str(n)
 
 
-def accuracy_grid(result: Dict[str, Any]) -> np.ndarray:
-    """Accuracy [depths, lengths] (NaN where a cell was not run)."""
+def accuracy_grid(result: Dict[str, Any], metric: str = "acc") -> np.ndarray:
+    """``metric`` of each cell [depths, lengths] (NaN where a cell was not run)."""
     grid = np.full((len(result["depths"]), len(result["lengths"])), np.nan)
     for c in result["cells"]:
-        grid[result["depths"].index(c["depth"]), result["lengths"].index(c["length"])] = c["acc"]
+        if metric in c:
+            grid[result["depths"].index(c["depth"]), result["lengths"].index(c["length"])] = c[metric]
     return grid
 
 
 def markdown(result: Dict[str, Any]) -> str:
-    grid = accuracy_grid(result)
     lines = [f"**{result['model']}** step {result['step']} ({result['checkpoint']}): {result['task']}, "
-             f"{result['trials']} trials per cell, exact match; overall {result['acc']:.3f}", "",
-             "| depth \\ length | " + " | ".join(length_label(L) for L in result["lengths"]) + " |",
-             "|---|" + "---|" * len(result["lengths"])]
-    for i, d in enumerate(result["depths"]):
-        lines.append(f"| {d:g} | " + " | ".join("-" if math.isnan(x) else f"{x:.2f}" for x in grid[i]) + " |")
+             f"{result['trials']} trials per cell, exact match; overall {result['acc']:.3f}"]
+    tables = [("acc", "exact-match accuracy", 2)]
+    if result.get("likelihood"):
+        tables.append(("nll_gain", "answer log-likelihood gain over the control prompt (nats/token; > 0: the "
+                                   "needle helps)", 3))
+    for metric, title, digits in tables:
+        grid = accuracy_grid(result, metric)
+        lines += ["", title, "", "| depth \\ length | " + " | ".join(length_label(L) for L in result["lengths"]) + " |",
+                  "|---|" + "---|" * len(result["lengths"])]
+        for i, d in enumerate(result["depths"]):
+            lines.append(f"| {d:g} | " + " | ".join("-" if math.isnan(x) else f"{x:.{digits}f}" for x in grid[i])
+                         + " |")
     if result["skipped_lengths"]:
         lines.append(f"\nskipped (beyond the model's max_seq_len): {', '.join(map(str, result['skipped_lengths']))}")
     return "\n".join(lines) + "\n"
 
 
 def plot_heatmap(result: Dict[str, Any], path: Path) -> Path:
-    """Accuracy by depth (rows) and context length (columns), each cell annotated."""
+    """Accuracy by depth (rows) and context length (columns), each cell annotated; with
+    ``likelihood`` a second panel: the answer's log-likelihood gain over the control prompt."""
     from lm.plotting import pyplot, save_figure
 
     plt = pyplot()
-    grid = accuracy_grid(result)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(result["lengths"]), 1.4 + 0.55 * len(result["depths"])))
-    im = ax.imshow(grid, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto")
-    for i in range(grid.shape[0]):
-        for j in range(grid.shape[1]):
-            if not math.isnan(grid[i, j]):
-                ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=8)
-    ax.set_xticks(range(len(result["lengths"])), [length_label(L) for L in result["lengths"]])
-    ax.set_yticks(range(len(result["depths"])), [f"{d:g}" for d in result["depths"]])
-    ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel("needle depth (0 = start)")
-    ax.set_title(f"{result['model']} step {result['step']}: {result['task']} "
-                 f"({result['trials']} trials/cell)", fontsize=9)
-    fig.colorbar(im, ax=ax, label="exact-match accuracy")
+    panels = [("acc", "exact-match accuracy", "RdYlGn", 0.0, 1.0, 2)]
+    if result.get("likelihood"):
+        gain = accuracy_grid(result, "nll_gain")
+        top = float(np.nanmax(np.abs(gain))) if np.isfinite(gain).any() else 1.0
+        panels.append(("nll_gain", "log-likelihood gain (nats/token)", "RdBu", -max(top, 0.1), max(top, 0.1), 3))
+    w = 1.2 + 0.9 * len(result["lengths"])
+    fig, axes = plt.subplots(1, len(panels), figsize=(w * len(panels), 1.6 + 0.55 * len(result["depths"])),
+                             squeeze=False)
+    for ax, (metric, label, cmap, lo, hi, digits) in zip(axes[0], panels):
+        grid = accuracy_grid(result, metric)
+        im = ax.imshow(grid, cmap=cmap, vmin=lo, vmax=hi, aspect="auto")
+        for i in range(grid.shape[0]):
+            for j in range(grid.shape[1]):
+                if not math.isnan(grid[i, j]):
+                    ax.text(j, i, f"{grid[i, j]:.{digits}f}", ha="center", va="center", fontsize=7)
+        ax.set_xticks(range(len(result["lengths"])), [length_label(L) for L in result["lengths"]])
+        ax.set_yticks(range(len(result["depths"])), [f"{d:g}" for d in result["depths"]])
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel("needle depth (0 = start)")
+        fig.colorbar(im, ax=ax, label=label)
+    fig.suptitle(f"{result['model']} step {result['step']}: {result['task']} ({result['trials']} trials/cell)",
+                 fontsize=9)
     fig.tight_layout()
     out = save_figure(fig, path)
     plt.close(fig)

@@ -201,38 +201,37 @@ def csv_text(result: Dict[str, Any]) -> str:
 
 
 def plot_recall_vs_state(result: Dict[str, Any], path: Path, metric: str = "acc") -> Path:
-    """Accuracy against state bytes per layer (log x), one panel per pair count; the Transformer's
-    KV cache as a star, each point labelled with its model."""
+    """Accuracy against state bytes per layer (log x), one panel per pair count, one colour per
+    model (legend on the right); the Transformer's KV cache as a star, chance dotted."""
     from lm.plotting import pyplot, save_figure
 
     plt = pyplot()
     counts = pair_counts(result)
-    fig, axes = plt.subplots(1, len(counts), figsize=(0.6 + 3.6 * len(counts), 3.8), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, len(counts), figsize=(2.4 + 3.2 * len(counts), 3.6), sharey=True, squeeze=False)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    labels = sorted({_label(m) for m in result["models"]})
-    for ax, n in zip(axes[0], counts):
-        for m in result["models"]:
+    models = sorted(result["models"], key=lambda m: m["state_bytes_per_layer"])
+    chance = min((m["chance_acc"] for m in models), default=None)
+    for k, (ax, n) in enumerate(zip(axes[0], counts)):
+        for i, m in enumerate(models):
             row = next((r for r in m["rows"] if r["n_pairs"] == n), None)
             if row is None:
                 continue
-            label = _label(m)
-            colour = colours[labels.index(label) % len(colours)]
-            x, y = m["state_bytes_per_layer"], row[metric]
-            ax.scatter([x], [y], s=90 if not m["recurrent"] else 45, marker="*" if not m["recurrent"] else "o",
-                       color=colour, zorder=3)
-            ax.annotate(label + ("" if m["recurrent"] else f"\n(KV cache, L={m['seq_len']})"), (x, y),
-                        textcoords="offset points", xytext=(4, 4), fontsize=7)
+            label = _label(m) + ("" if m["recurrent"] else f" (KV cache at L={m['seq_len']})")
+            ax.scatter([m["state_bytes_per_layer"]], [row[metric]], s=110 if not m["recurrent"] else 45,
+                       marker="*" if not m["recurrent"] else "o", color=colours[i % len(colours)], zorder=3,
+                       label=label if k == 0 else None, edgecolors="black", linewidths=0.4)
+        if chance is not None:
+            ax.axhline(chance, color="gray", ls=":", lw=1,
+                       label=f"chance ({chance:.3g}: 1 of V/2 values)" if k == 0 else None)
         ax.set_xscale("log", base=2)
         ax.set_title(f"{n} key-value pairs", fontsize=9)
         ax.set_xlabel("state bytes per layer")
         ax.set_ylim(-0.03, 1.05)
         ax.grid(alpha=0.3)
-        chance = min((m["chance_acc"] for m in result["models"]), default=None)
-        if chance is not None:
-            ax.axhline(chance, color="gray", ls=":", lw=1)
     axes[0][0].set_ylabel(f"MQAR accuracy ({metric})")
-    fig.suptitle("MQAR recall against recurrent state size", fontsize=10)
-    fig.tight_layout()
+    fig.legend(loc="center right", fontsize=7, frameon=False)
+    fig.suptitle("MQAR recall against the token mixer's state size", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1 - 2.2 / (2.4 + 3.2 * len(counts)), 1))
     out = save_figure(fig, path)
     plt.close(fig)
     return out

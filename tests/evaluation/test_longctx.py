@@ -46,9 +46,11 @@ class InductionOracle(nn.Module):
 
     def hidden_states(self, tokens, state=None, return_state=False):
         history = tokens if state is None else torch.cat([state, tokens], 1)
-        h = torch.zeros(tokens.shape[0], tokens.shape[1], self.vocab)
+        T, offset = tokens.shape[1], history.shape[1] - tokens.shape[1]
+        h = torch.zeros(tokens.shape[0], T, self.vocab)
         for b in range(tokens.shape[0]):
-            h[b, -1, self._next(history[b].numpy())] = 10.0  # only the last position is read by prefill
+            for t in range(max(0, T - 8), T):  # prefill reads the last position, answer scoring a few
+                h[b, t, self._next(history[b, :offset + t + 1].numpy())] = 10.0
         return h, (history if return_state else None)
 
     def logits(self, h):
@@ -152,17 +154,23 @@ def test_copying_model_scores_one_and_constant_scores_zero(eval_data, tok, fille
     vocab = tok.get_vocab_size()
     perfect = lm_checkpoint(InductionOracle(vocab), eval_data / "tokenizer.json")
     for task in ("passkey", "needle"):
-        res = run_longctx(perfect, filler, task, [128, 384], [0.0, 0.5, 1.0], trials=3, seed=1, batch_size=2)
+        res = run_longctx(perfect, filler, task, [128, 384], [0.0, 0.5, 1.0], trials=3, seed=1)
         assert res["acc"] == 1.0 and len(res["cells"]) == 6 and all(c["acc"] == 1.0 for c in res["cells"])
         assert all(r["correct"] and r["generated"].lstrip().startswith(r["answer"]) for r in res["records"])
-    again = run_longctx(perfect, filler, "needle", [128, 384], [0.0, 0.5, 1.0], trials=3, seed=1, batch_size=3)
+        # the copying model is sure of the answer after the needle, not after the control's other value
+        assert all(r["answer_nll"] < 0.1 and r["control_nll"] > 3 and r["control_answer"] != r["answer"]
+                   for r in res["records"])
+        assert all(c["nll_gain"] > 3 for c in res["cells"])
+    again = run_longctx(perfect, filler, "needle", [128, 384], [0.0, 0.5, 1.0], trials=3, seed=1, likelihood=False)
     assert [r["answer"] for r in again["records"]] == [r["answer"] for r in res["records"]]  # the seed decides
     zero = tok.encode(" 0").ids[0]
     constant = lm_checkpoint(InductionOracle(vocab, constant=zero), eval_data / "tokenizer.json")
     res0 = run_longctx(constant, filler, "passkey", [128], [0.0, 1.0], trials=4, seed=1)
     assert res0["acc"] == 0.0  # chance for a 5-digit number: 1 in 90,000
+    assert all(abs(c["nll_gain"]) < 1e-6 for c in res0["cells"])  # a model that ignores the needle gains nothing
     paths = write_longctx_outputs(res, tmp_path)
-    assert paths["png"].stat().st_size > 5000 and "| 0.5 | 1.00 | 1.00 |" in paths["md"].read_text()
+    md = paths["md"].read_text()
+    assert paths["png"].stat().st_size > 5000 and "| 0.5 | 1.00 | 1.00 |" in md and "log-likelihood gain" in md
     # a Transformer's lengths beyond max_seq_len are skipped, all of them an error
     short = lm_checkpoint(InductionOracle(vocab), eval_data / "tokenizer.json")
     short.loaded.config["model"]["family"] = "transformer"
@@ -183,10 +191,14 @@ def test_longctx_cli(lm_runs, parity_run, eval_data, tmp_path):
     assert res["lengths"] == [128, 256] and len(res["cells"]) == 4 and len(res["records"]) == 8
     assert "| depth \\ length | 128 | 256 |" in proc.stdout and (out / "longctx.png").stat().st_size > 5000
     assert "validation" in res["filler"]
-    # same seed, same prompts and answers
+    assert all("nll_gain" in c for c in res["cells"]) and "log-likelihood gain" in proc.stdout
+    # same seed, same prompts, answers and generations (without the likelihood pass)
     run_lm("eval", "longctx", str(lm_runs["gla"]), "--lengths", "128,256", "--depths", "0,1", "--trials", "2",
-           "--out", str(tmp_path / "lc2"))
-    assert json.loads((tmp_path / "lc2" / "longctx.json").read_text())["records"] == res["records"]
+           "--no-likelihood", "--out", str(tmp_path / "lc2"))
+    again = json.loads((tmp_path / "lc2" / "longctx.json").read_text())
+    assert [(r["answer"], r["generated"]) for r in again["records"]] == [(r["answer"], r["generated"])
+                                                                          for r in res["records"]]
+    assert "nll_gain" not in again["cells"][0]
     # the Transformer (max_seq_len 64) cannot hold 128 tokens
     line = error_line(run_lm("eval", "longctx", str(lm_runs["transformer"]), "--lengths", "128", check=False))
     assert "every length exceeds the Transformer's limit" in line
@@ -202,7 +214,7 @@ def test_longctx_cli(lm_runs, parity_run, eval_data, tmp_path):
 def test_extrapolation_cli_puts_models_on_one_figure(lm_runs, eval_data, tmp_path):
     out = tmp_path / "ex"
     proc = run_lm("eval", "extrapolation", str(lm_runs["gla"]), str(lm_runs["transformer"]), "--data", str(eval_data),
-                  "--max-docs", "8", "--labels", "gla,transformer", "--out", str(out))
+                  "--max-docs", "4", "--max-tokens", "3000", "--labels", "gla,transformer", "--out", str(out))
     res = json.loads((out / "extrapolation.json").read_text())
     assert [m["label"] for m in res["models"]] == ["gla", "transformer"]
     assert all(m["train_seq_len"] == 32 and m["tokens_beyond_train_len"] > 0 for m in res["models"])
@@ -210,8 +222,8 @@ def test_extrapolation_cli_puts_models_on_one_figure(lm_runs, eval_data, tmp_pat
     assert rows[0].startswith("label,") and {r.split(",")[0] for r in rows[1:]} == {'"gla"', '"transformer"'}
     assert (out / "extrapolation.png").stat().st_size > 5000 and "| gla | 32 |" in proc.stdout
     # the same numbers as `lm eval ppl --context full`
-    run_lm("eval", "ppl", str(lm_runs["gla"]), "--data", str(eval_data), "--max-docs", "8", "--context", "full",
-           "--out", str(tmp_path / "ppl"))
+    run_lm("eval", "ppl", str(lm_runs["gla"]), "--data", str(eval_data), "--max-docs", "4", "--max-tokens", "3000",
+           "--context", "full", "--out", str(tmp_path / "ppl"))
     ppl = json.loads((tmp_path / "ppl" / "ppl.json").read_text())
     assert ppl["loss"] == pytest.approx(res["models"][0]["loss"])
     line = error_line(run_lm("eval", "extrapolation", str(lm_runs["gla"]), "--labels", "a,b", check=False))
