@@ -13,7 +13,7 @@ Each trial is one prompt of exactly ``L`` tokens (the context length) and one ex
   tokenizer; ``depth`` 0 puts the needle right after the start of the document, 1 right before
   the question;
 * the answer (``value``: a random number of ``digits`` digits) never occurs in the filler: the
-  decoded filler is searched and the value redrawn until it does not.
+  decoded filler is searched and the value (with a new stretch of filler) redrawn until it does not.
 
 Scoring: greedy decoding with the model's state (the prompt read once in pieces of
 ``lm.evaluation.generate.PREFILL_CHUNK`` tokens by :func:`lm.evaluation.sampling.prefill`, then one
@@ -157,31 +157,24 @@ def draw_number(rng: np.random.Generator, digits: int) -> str:
 def build_trial(tokenizer, filler: Filler, template: Template, length: int, depth: float, rng: np.random.Generator,
                 eod_id: int, max_redraws: int = 100) -> Dict[str, Any]:
     """One prompt of exactly ``length`` tokens with the needle at ``depth`` of the filler (see the
-    module docstring); the value is redrawn while it occurs in the decoded filler."""
+    module docstring); the value and the filler are redrawn while the value occurs in the decoded
+    filler."""
     if not 0.0 <= depth <= 1.0:
         raise LMError(f"--depths: each depth must be in [0, 1], got {depth}")
     key = NEEDLE_KEYS[int(rng.integers(0, len(NEEDLE_KEYS)))]
     question = tokenizer.encode(template.question.format(key=key)).ids
-    value = draw_number(rng, template.digits)
-    needle = tokenizer.encode(template.needle.format(key=key, value=value)).ids
-    room = length - 1 - len(needle) - len(question)
-    if room < 0:
-        raise LMError(f"--lengths: {length} tokens cannot hold the needle ({len(needle)} tokens) and the question "
-                      f"({len(question)}); use lengths of at least {1 + len(needle) + len(question)}")
-    fill = filler.take(rng, room)
-    text = tokenizer.decode(fill.tolist())
     for _ in range(max_redraws):
-        if value not in text:
-            break
         value = draw_number(rng, template.digits)
+        needle = tokenizer.encode(template.needle.format(key=key, value=value)).ids
+        room = length - 1 - len(needle) - len(question)
+        if room < 0:
+            raise LMError(f"--lengths: {length} tokens cannot hold the needle ({len(needle)} tokens) and the question "
+                          f"({len(question)}); use lengths of at least {1 + len(needle) + len(question)}")
+        fill = filler.take(rng, room)
+        if value not in tokenizer.decode(fill.tolist()):
+            break
     else:
         raise LMError(f"filler: every {template.digits}-digit answer drawn occurs in the filler text; use more digits")
-    needle = tokenizer.encode(template.needle.format(key=key, value=value)).ids
-    room2 = length - 1 - len(needle) - len(question)
-    if room2 != room:  # the new value tokenizes to another length: keep the prompt at `length` tokens
-        fill = fill[:room2] if room2 < room else np.concatenate([fill, filler.take(rng, room2 - room)])
-        if room2 > room and value in tokenizer.decode(fill.tolist()):
-            raise LMError("filler: the answer occurs in the filler after a redraw; use more digits")
     pos = int(round(depth * len(fill)))
     prompt = np.concatenate([[eod_id], fill[:pos], needle, fill[pos:], question]).astype(np.int64)
     assert len(prompt) == length
