@@ -73,6 +73,12 @@ def _check_fla(device: torch.device) -> None:
                          "TRITON_INTERPRET=1 to run them on the CPU interpreter")
 
 
+def lazy(module: str, name: str) -> Callable[[], Callable]:
+    """An entry of an op's ``BACKENDS`` table: a loader returning ``module.name``, imported on first use (so
+    that ``import kernels`` imports neither Triton nor fla)."""
+    return lambda: getattr(importlib.import_module(module), name)
+
+
 def _table(op: str) -> Dict[str, Callable[[], Callable]]:
     return importlib.import_module(f"kernels.ops.{op}").BACKENDS
 

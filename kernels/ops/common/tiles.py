@@ -63,7 +63,8 @@ def chunk_reverse_cumsum(d: torch.Tensor, T: int, chunk: int = CHUNK) -> torch.T
 def chunk_start(i_n, i_bh, H, Tp, BT: tl.constexpr):
     """(batch, head, first step t0, buffer row of t0) of chunk ``i_n`` of batch x head ``i_bh``: the
     chunked kernels' per-chunk fp32 buffers are row-major [B * H * Tp, *] (Tp = T padded to chunks)."""
-    return i_bh // H, i_bh % H, i_n * BT, i_bh * Tp + i_n * BT
+    t0 = i_n * BT
+    return i_bh // H, i_bh % H, t0, i_bh * Tp + t0
 
 
 @triton.jit

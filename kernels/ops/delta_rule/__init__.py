@@ -5,55 +5,29 @@
   (short sequences, generation), the chunked kernels otherwise.
 """
 
-import warnings
-
-from kernels.ops.delta_rule.reference import delta_rule_reference
+from kernels._dispatch import lazy
+from kernels.ops.utils.triton_path import pick_triton_path
 
 #: sequences up to this length take the fused-recurrent Triton kernel
 RECURRENT_MAX_T = 16
-
-
-def _reference():
-    return delta_rule_reference
-
-
-def _torch():
-    from kernels.ops.delta_rule.torch_chunk import delta_rule_chunked
-
-    return delta_rule_chunked
+_RECURRENT = lazy(__name__ + ".triton_recurrent", "delta_rule_fused_recurrent")
+_CHUNKED = lazy(__name__ + ".triton_chunk", "delta_rule_triton_chunked")
 
 
 def delta_rule_triton(q, k, v, beta, g, scale, initial_state=None, output_final_state=False):
-    """Triton path: fused-recurrent for short T, chunked otherwise (same signature as the reference).
-
-    Heads wider than ``MAX_HEAD`` keys or values do not fit the chunked kernels' tiles on chip; they
-    take the chunked PyTorch path (with a warning)."""
+    """Triton path (same signature as the reference): fused-recurrent for T <= ``RECURRENT_MAX_T``, chunked
+    otherwise; heads wider than the chunked kernels' ``MAX_HEAD`` take the chunked PyTorch path (with a
+    warning), see :func:`~kernels.ops.utils.triton_path.pick_triton_path`."""
     from kernels.ops.common.tiles import MAX_HEAD
 
-    if q.shape[1] <= RECURRENT_MAX_T:
-        from kernels.ops.delta_rule.triton_recurrent import delta_rule_fused_recurrent as fn
-    elif max(q.shape[-1], v.shape[-1]) > MAX_HEAD:
-        _warn_wide(q.shape[-1], v.shape[-1], MAX_HEAD)
-        fn = _torch()
-    else:
-        from kernels.ops.delta_rule.triton_chunk import delta_rule_triton_chunked as fn
+    fn = pick_triton_path("delta_rule", q, v, RECURRENT_MAX_T, MAX_HEAD, _RECURRENT, _CHUNKED, BACKENDS["torch"])
     return fn(q, k, v, beta, g, scale, initial_state, output_final_state)
 
 
-def _warn_wide(K, V, limit):
-    warnings.warn(f"delta_rule: K={K}, V={V} exceed {limit} for the chunked Triton kernels; using the chunked "
-                  "PyTorch path", stacklevel=3)
-
-
-def _triton():
-    return delta_rule_triton
-
-
-def _fla():
-    from kernels.ops.delta_rule.fla import delta_rule_fla
-
-    return delta_rule_fla
-
-
 #: backend name -> loader returning the implementation (same signature as the reference)
-BACKENDS = {"reference": _reference, "torch": _torch, "triton": _triton, "fla": _fla}
+BACKENDS = {
+    "reference": lazy(__name__ + ".reference", "delta_rule_reference"),
+    "torch": lazy(__name__ + ".torch_chunk", "delta_rule_chunked"),
+    "triton": lambda: delta_rule_triton,
+    "fla": lazy(__name__ + ".fla", "delta_rule_fla"),
+}

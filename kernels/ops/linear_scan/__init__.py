@@ -5,27 +5,18 @@ The fast paths take ``cu_seqlens`` natively (:func:`kernels.ops.linear_scan.pack
 
 import functools
 
-from kernels.ops.linear_scan.reference import linear_scan_reference
+from kernels._dispatch import lazy
 from kernels.ops.linear_scan.packed import packed
 
 
-def _reference():
-    return linear_scan_reference
-
-
-@functools.lru_cache(maxsize=None)
-def _torch():
-    from kernels.ops.linear_scan.torch_chunk import linear_scan_chunked
-
-    return packed(linear_scan_chunked)
-
-
-@functools.lru_cache(maxsize=None)
-def _triton():
-    from kernels.ops.linear_scan.triton_scan import linear_scan_triton
-
-    return packed(linear_scan_triton)
+def _packed(module: str, name: str):
+    """The loader of a fast path extended with ``cu_seqlens`` (built once)."""
+    return functools.lru_cache(maxsize=None)(lambda: packed(lazy(module, name)()))
 
 
 #: backend name -> loader returning the implementation (same signature as the reference)
-BACKENDS = {"reference": _reference, "torch": _torch, "triton": _triton}
+BACKENDS = {
+    "reference": lazy(__name__ + ".reference", "linear_scan_reference"),
+    "torch": _packed(__name__ + ".torch_chunk", "linear_scan_chunked"),
+    "triton": _packed(__name__ + ".triton_scan", "linear_scan_triton"),
+}

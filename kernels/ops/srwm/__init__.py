@@ -1,23 +1,10 @@
 """``srwm``: the reference recurrence and its fast paths (see kernels/README.md)."""
 
-from kernels.ops.srwm.reference import srwm_reference
-
-
-def _reference():
-    return srwm_reference
-
-
-def _torch():
-    from kernels.ops.srwm.torch_recurrent import srwm_torch
-
-    return srwm_torch
-
-
-def _triton():
-    from kernels.ops.srwm.triton_recurrent import srwm_triton
-
-    return srwm_triton
-
+from kernels._dispatch import lazy
 
 #: backend name -> loader returning the implementation (same signature as the reference)
-BACKENDS = {"reference": _reference, "torch": _torch, "triton": _triton}
+BACKENDS = {
+    "reference": lazy(__name__ + ".reference", "srwm_reference"),
+    "torch": lazy(__name__ + ".torch_recurrent", "srwm_torch"),
+    "triton": lazy(__name__ + ".triton_recurrent", "srwm_triton"),
+}

@@ -1,0 +1,22 @@
+"""The ``triton`` backend of the ops with fused-recurrent and chunked Triton kernels (``delta_rule``, ``dplr``):
+which path a call takes."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Callable
+
+
+def pick_triton_path(op: str, q, v, recurrent_max_t: int, max_head: int, recurrent: Callable[[], Callable],
+                     chunked: Callable[[], Callable], fallback: Callable[[], Callable]) -> Callable:
+    """The fused-recurrent kernels for ``T <= recurrent_max_t`` (short sequences, generation), else the chunked
+    kernels; heads wider than ``max_head`` keys or values do not fit the chunked kernels' tiles on chip and
+    take ``fallback`` (the chunked PyTorch path), with a warning. The three are loaders (imported on use)."""
+    if q.shape[1] <= recurrent_max_t:
+        return recurrent()
+    K, V = q.shape[-1], v.shape[-1]
+    if max(K, V) > max_head:
+        warnings.warn(f"{op}: K={K}, V={V} exceed {max_head} for the chunked Triton kernels; using the chunked "
+                      "PyTorch path", stacklevel=3)
+        return fallback()
+    return chunked()
