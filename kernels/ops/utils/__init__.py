@@ -7,6 +7,7 @@
 * :mod:`~kernels.ops.utils.step_rows`: the time-major row layout of the fused PyTorch loops
   (``recurrent_delta``, ``srwm``).
 * :mod:`~kernels.ops.utils.fla`: an fla op called under this package's contract (the ``fla`` backends).
+* :mod:`~kernels.ops.utils.triton_path`: which Triton path a ``delta_rule`` / ``dplr`` call takes.
 
 ``from kernels.ops.utils import causal_mask, masked_exp_diff`` is the import for code outside ``kernels``.
 """
