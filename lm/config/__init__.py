@@ -9,6 +9,7 @@ from lm.config.loader import (
     to_yaml,
     validate,
 )
+from lm.config.resolve import resolve, resolve_vocab, to_dict
 from lm.config.schema import (
     CheckpointConfig,
     DataConfig,
@@ -19,5 +20,6 @@ from lm.config.schema import (
 
 __all__ = [
     "CheckpointConfig", "DataConfig", "ExperimentConfig", "ModelConfig", "TrainConfig",
-    "compose", "config_root", "load_data_config", "load_experiment", "plain", "to_yaml", "validate",
+    "compose", "config_root", "load_data_config", "load_experiment", "plain", "resolve", "resolve_vocab", "to_dict",
+    "to_yaml", "validate",
 ]

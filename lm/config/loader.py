@@ -18,6 +18,7 @@ for unknown keys or values, the closest valid ones.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -372,13 +373,18 @@ def load_data_config(name: str, overrides: Sequence[str] = ()) -> DictConfig:
     return cfg
 
 
-def to_yaml(cfg: DictConfig) -> str:
-    """The resolved config as YAML (interpolations substituted)."""
+def to_yaml(cfg: Any) -> str:
+    """The resolved config as YAML (interpolations substituted): a ``DictConfig`` or a typed config
+    (:func:`lm.config.resolve.resolve`), the same text for both."""
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        return OmegaConf.to_yaml(OmegaConf.create(dataclasses.asdict(cfg)))
     return OmegaConf.to_yaml(cfg, resolve=True)
 
 
 def plain(cfg: Any) -> Any:
-    """A resolved plain-Python copy (dicts and lists) of a config node."""
+    """A resolved plain-Python copy (dicts and lists) of a config node or a typed section."""
     if isinstance(cfg, (DictConfig, ListConfig)):
         return OmegaConf.to_container(cfg, resolve=True)
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        return dataclasses.asdict(cfg)
     return cfg

@@ -175,23 +175,14 @@ def score_examples(model, examples: List[Dict[str, np.ndarray]], output: str, ba
                    pad_id: int = 0) -> Dict[str, Any]:
     """Loss and accuracies of ``model`` on ``examples`` (see the module docstring)."""
     from data.tasks.datamodule import collate_examples
-    from lm.training.objectives import task_loss
+    from lm.training.losses import evaluate
 
-    device = next(model.parameters()).device
-    total, count, correct, seq_correct, sequences = 0.0, 0, 0.0, 0.0, 0.0
-    for b in range(0, len(examples), batch_size):
-        group = examples[b:b + batch_size]
-        batch = {k: v.to(device) for k, v in collate_examples(group, pad_id).items()}
-        s, n, extra = task_loss(model, batch, output)
-        total += float(s)
-        count += int(n)
-        correct += float(extra.get("correct", 0.0))
-        seq_correct += float(extra.get("seq_correct", 0.0))
-        sequences += float(extra.get("sequences", 0.0))
-    row: Dict[str, Any] = {"examples": len(examples), "scored": count, "loss": total / max(count, 1)}
+    batches = (collate_examples(examples[b:b + batch_size], pad_id) for b in range(0, len(examples), batch_size))
+    sums = evaluate(model, batches, output)
+    row: Dict[str, Any] = {"examples": len(examples), "scored": sums.count, "loss": sums.loss_sum / max(sums.count, 1)}
     if output != "vectors":
-        row["acc"] = correct / max(count, 1)
-        row["seq_acc"] = seq_correct / max(sequences, 1)
+        row["acc"] = sums.correct / max(sums.count, 1)
+        row["seq_acc"] = sums.seq_correct / max(sums.sequences, 1)
     return row
 
 

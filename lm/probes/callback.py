@@ -50,7 +50,8 @@ class ProbeCallback(Callback):
         if self.every <= 0 or not ends_optimizer_step(trainer, batch_idx) or step % self.every != 0:
             return
         if self._batch is None:
-            self._batch = probe_batch(pl_module.config, self.batch_size, self.seq_len, self.seed)
+            # the module holds the typed config; probe_batch reads a plain dict (as in a checkpoint)
+            self._batch = probe_batch(pl_module.hparams["config"], self.batch_size, self.seq_len, self.seed)
         inputs = self._batch["inputs"].to(pl_module.device)
         with self._gather(trainer, pl_module):
             result = run_probes(pl_module.model, inputs, self.probes, self._batch["period"], self.lsa_rank)

@@ -22,11 +22,12 @@ from typing import Any, Dict, Optional
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
-from torchmetrics import SumMetric
 
+from lm.config.resolve import to_dict
+from lm.config.schema import ExperimentConfig
 from lm.models import build_model
 from lm.models.flops import peak_flops, training_flops_per_token
-from lm.training.objectives import VAL_PROG_BAR, batch_loss, task_loss, token_loss, validation_metrics  # noqa: F401
+from lm.training.losses import VAL_PROG_BAR, LossSums, batch_loss, token_loss
 from lm.training.schedule import lr_multiplier
 from lm.training.state_passing import CarriedState
 from lm.training.steps import ends_optimizer_step
@@ -39,25 +40,24 @@ class NonFiniteLossError(RuntimeError):
 
 
 class LMModule(pl.LightningModule):
-    def __init__(self, config: Dict[str, Any], bytes_per_token: float = 0.0):
-        """config: the resolved experiment config as a plain dict (model.vocab_size already set)."""
+    def __init__(self, config: ExperimentConfig, bytes_per_token: float = 0.0):
+        """config: the run's typed, frozen config (:func:`lm.config.resolve`: model.vocab_size set)."""
         super().__init__()
-        self.save_hyperparameters({"config": config, "bytes_per_token": bytes_per_token})
+        # Lightning's hyperparameters (and the logged config) stay a plain dict
+        self.save_hyperparameters({"config": to_dict(config), "bytes_per_token": bytes_per_token})
         self.config = config
-        self.train_cfg = config["train"]
+        self.train_cfg = config.train
         self.bytes_per_token = float(bytes_per_token)
-        self.model = build_model(config["model"])
-        self.model.gradient_checkpointing = bool(self.train_cfg.get("activation_checkpointing", False))
-        if self.train_cfg.get("compile"):
+        self.model = build_model(to_dict(config.model))  # the model resolves its own copy (variant)
+        self.model.gradient_checkpointing = self.train_cfg.activation_checkpointing
+        if self.train_cfg.compile:
             # in place, block by block: keeps parameter names and every entry point (hidden_states,
             # logits, step) going through the compiled blocks
             for block in self.model.blocks:
                 block.compile()
         self.carried = CarriedState()  # train.state_passing
         self._pending_carried: Optional[Dict[str, Any]] = None
-        self.val_loss_sum = SumMetric()
-        self.val_tokens = SumMetric()
-        self.val_extra = torch.nn.ModuleDict({k: SumMetric() for k in ("correct", "seq_correct", "sequences")})
+        self.val_sums = LossSums()
         self.nonfinite_total = 0
         self.nonfinite_streak = 0
         self._step_started: Optional[float] = None
@@ -82,15 +82,15 @@ class LMModule(pl.LightningModule):
 
     @property
     def loss_chunk_size(self) -> int:
-        return int(self.train_cfg.get("loss_chunk_size", 0))
+        return self.train_cfg.loss_chunk_size
 
     @property
     def loss_across_boundary(self) -> bool:
-        return bool(self.config["data"].get("loss_across_boundary", True))
+        return self.config.data.loss_across_boundary
 
     @property
     def state_passing(self) -> bool:
-        return bool(self.train_cfg.get("state_passing", False))
+        return self.train_cfg.state_passing
 
     def loss_sum(self, tokens: torch.Tensor, doc_start_mask: Optional[torch.Tensor] = None) -> tuple:
         """(summed cross-entropy, number of scored targets) for tokens [B, T+1] (and the windows'
@@ -119,7 +119,8 @@ class LMModule(pl.LightningModule):
 
     @property
     def task_output(self) -> str:
-        return self.config["data"].get("task_output", "classes")
+        """The task's output kind (``classes`` for corpus runs, where it is unused)."""
+        return self.config.data.task_output or "classes"
 
     # ------------------------------------------------------------------------------ training
     def _distributed(self) -> bool:
@@ -155,7 +156,7 @@ class LMModule(pl.LightningModule):
         self.carried.reset()  # a non-finite step's state is not carried on
         self.nonfinite_total += 1
         self.nonfinite_streak += 1
-        limit = int(self.train_cfg.get("max_nonfinite_steps", 5))
+        limit = self.train_cfg.max_nonfinite_steps
         step = self.global_step
         self.log("train/nonfinite_steps", float(self.nonfinite_total), on_step=True, on_epoch=False)
         # a skipped step logs NaN as its loss, never the previous step's value
@@ -184,27 +185,12 @@ class LMModule(pl.LightningModule):
 
     # --------------------------------------------------------------------------- validation
     def validation_step(self, batch: Dict[str, torch.Tensor], batch_idx: int) -> None:
-        total, count, extra = self.batch_loss(batch)
-        self.val_loss_sum.update(total.detach().float())
-        self.val_tokens.update(torch.tensor(float(count), device=total.device))
-        for name, value in extra.items():
-            self.val_extra[name].update(torch.as_tensor(value, dtype=torch.float32, device=total.device))
+        self.val_sums.add(*self.batch_loss(batch))
 
     def on_validation_epoch_end(self) -> None:
-        tokens = self.val_tokens.compute()
-        if tokens <= 0:
-            return
-        loss_sum = self.val_loss_sum.compute()
-        sequences = self.val_extra["sequences"].compute() if self.val_extra["sequences"].update_called else 0
-        counts = {"correct": self.val_extra["correct"].compute(),
-                  "seq_correct": self.val_extra["seq_correct"].compute()} if sequences > 0 else {}
-        metrics = validation_metrics(loss_sum, tokens, self.bytes_per_token, sequences=sequences, **counts)
-        for name, value in metrics.items():
+        sums, self.val_sums = self.val_sums.all_reduced(self.device), LossSums()
+        for name, value in sums.metrics(self.bytes_per_token).items():
             self.log(name, value, prog_bar=name in VAL_PROG_BAR, sync_dist=True)
-        self.val_loss_sum.reset()
-        self.val_tokens.reset()
-        for metric in self.val_extra.values():
-            metric.reset()
 
     # ------------------------------------------------------------------------- throughput
     def on_train_batch_start(self, batch, batch_idx) -> None:
@@ -236,10 +222,10 @@ class LMModule(pl.LightningModule):
         for p in self.parameters():
             if p.requires_grad:
                 (decay if p.dim() >= 2 else no_decay).append(p)
-        groups = [{"params": decay, "weight_decay": float(cfg["weight_decay"])},
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
-        kwargs = dict(lr=float(cfg["lr"]), betas=(float(cfg["beta1"]), float(cfg["beta2"])), eps=float(cfg["eps"]))
-        if cfg.get("offload_optimizer") and cfg.get("strategy") == "deepspeed":
+        kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+        if cfg.offload_optimizer and cfg.strategy == "deepspeed":
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
             optimizer = DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
@@ -247,7 +233,7 @@ class LMModule(pl.LightningModule):
             optimizer = torch.optim.AdamW(groups, **kwargs)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
-            lambda step: lr_multiplier(step, int(cfg["warmup_steps"]), int(cfg["max_steps"]), float(cfg["min_lr_ratio"])),
+            lambda step: lr_multiplier(step, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio),
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step", "frequency": 1}}
 
@@ -261,14 +247,14 @@ class LMModule(pl.LightningModule):
         cfg = self.train_cfg
         for config in self.trainer.lr_scheduler_configs:
             scheduler = config.scheduler
-            scheduler.base_lrs = [float(cfg["lr"])] * len(scheduler.base_lrs)
+            scheduler.base_lrs = [cfg.lr] * len(scheduler.base_lrs)
         for optimizer in self.trainer.optimizers:
             for i, group in enumerate(optimizer.param_groups):
-                group["initial_lr"] = float(cfg["lr"])
-                group["betas"] = (float(cfg["beta1"]), float(cfg["beta2"]))
-                group["eps"] = float(cfg["eps"])
+                group["initial_lr"] = cfg.lr
+                group["betas"] = (cfg.beta1, cfg.beta2)
+                group["eps"] = cfg.eps
                 if i == 0:  # the decayed group (see configure_optimizers)
-                    group["weight_decay"] = float(cfg["weight_decay"])
+                    group["weight_decay"] = cfg.weight_decay
         for config in self.trainer.lr_scheduler_configs:
             scheduler = config.scheduler
             for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_lr()):

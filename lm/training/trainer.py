@@ -2,18 +2,19 @@
 
 Order of work: validate the whole config (before anything heavy); the launching process (global
 rank 0) takes the run-directory lock (:mod:`lm.training.run_lock`) and checks the run directory:
-writable, a fresh run does not silently replace an earlier run's checkpoints, ``resume=auto``
-finds a verified checkpoint (rejected ones are named with their reason) and the new config may
-resume it (:mod:`lm.training.resume_policy`) -- all before anything is written; then prepare the
-token shards if needed (rank 0; the others wait), resolve the vocabulary, build datamodule +
-module + loggers + callbacks + strategy, ``Trainer.fit``, then (rank 0) report validation
-perplexity and bits per byte and print a generated sample.
+writable, a fresh run does not silently replace an earlier run's checkpoints. Then the steps of
+:func:`_train`, each a function here: the resume decision (``resume=auto`` finds a verified
+checkpoint, rejected ones are named with their reason, and the new config may resume it:
+:mod:`lm.training.resume_policy`) -- all before anything is written; the data (token shards
+prepared if needed, rank 0, the others wait; or a synthetic task); the typed, frozen config
+(:func:`lm.config.resolve`: vocabulary and task shapes from the data); module; loggers and
+callbacks; strategy and ``Trainer``; ``Trainer.fit``; then (rank 0) the report: validation
+perplexity and bits per byte, and a generated sample.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import signal
@@ -21,14 +22,16 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import pytorch_lightning as pl
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from data.atomic import write_atomic
 from lm.config.loader import plain, to_yaml
+from lm.config.resolve import resolve, to_dict
+from lm.config.schema import ExperimentConfig
 from lm.errors import ConfigError, LMError
 from lm.models.registry import model_name
 from lm.training.checkpoint import (
@@ -40,7 +43,8 @@ from lm.training.checkpoint import (
 )
 from lm.training.checkpoint_manager import CheckpointManager
 from lm.training.loggers import build_loggers
-from lm.training.module import LMModule, NonFiniteLossError, batch_loss, validation_metrics
+from lm.training.losses import evaluate
+from lm.training.module import LMModule, NonFiniteLossError
 from lm.training.resume_policy import check_resume
 from lm.training.run_lock import LOCK_FILE, RunLock
 from lm.training.signals import StopRequest, requeue_slurm_job
@@ -78,7 +82,7 @@ def launch_rank() -> int:
 
 def world_shape(train: Any) -> tuple:
     """(devices per node, nodes): from the config, or from SLURM's allocation when set there."""
-    devices, nodes = int(train.devices), int(train.num_nodes)
+    devices, nodes = train.devices, train.num_nodes
     if "SLURM_NTASKS_PER_NODE" in os.environ and "SLURM_JOB_ID" in os.environ:
         devices = int(os.environ["SLURM_NTASKS_PER_NODE"].split("(")[0])
         nodes = int(os.environ.get("SLURM_NNODES", nodes))
@@ -112,35 +116,48 @@ def prepare_data(cfg: DictConfig, progress: bool = True) -> Path:
     return out
 
 
-def resolve_vocab(cfg: DictConfig, data_vocab: int, echo=None) -> int:
-    """model.vocab_size: 0 (every size config's default) takes the tokenizer's size rounded up to 64;
-    a fixed size smaller than it is an error, larger than that rounded size a warning (``echo``):
-    the extra embedding rows are never trained."""
-    v = int(cfg.model.vocab_size)
-    rounded = 64 * math.ceil(data_vocab / 64)
-    if v == 0:
-        return rounded
-    if v < data_vocab:
-        raise ConfigError(
-            f"model.vocab_size ({v}) is smaller than the tokenizer's vocabulary ({data_vocab}) of "
-            f"{cfg.data.out_dir}; set model.vocab_size=0 to take it from the data"
-        )
-    if v > rounded and echo is not None:
-        rows = v - data_vocab
-        echo(f"warning: model.vocab_size={v} exceeds the tokenizer's {data_vocab} tokens of {cfg.data.out_dir}: "
-             f"{rows} embedding rows ({rows * int(cfg.model.d_model):,} parameters per embedding matrix) are never "
-             f"trained; model.vocab_size=0 takes the size from the data")
-    return v
+@dataclass
+class RunData:
+    """The run's data: a prepared corpus or a synthetic task."""
+
+    datamodule: Any
+    bytes_per_token: float = 0.0  # 0: no bits per byte (a task)
+    tokenizer: Dict[str, Any] = field(default_factory=dict)  # path and sha256 (empty for a task)
+    data_dir: Optional[Path] = None  # the prepared corpus (None for a task)
+
+    def describe(self, cfg: ExperimentConfig) -> str:
+        return str(self.data_dir) if self.data_dir is not None else f"task {cfg.data.task.name}"
+
+
+def build_data(cfg: DictConfig) -> RunData:
+    """The datamodule of a corpus (token shards prepared first if needed) or of a synthetic task."""
+    if cfg.data.source.kind == "task":
+        from data.tasks import task_from_config
+        from data.tasks.datamodule import TaskDataModule
+
+        task = task_from_config(plain(cfg.data))
+        return RunData(TaskDataModule(task, cfg.train.micro_batch_size, cfg.seed, val_examples=cfg.data.task.val_examples,
+                                      num_workers=cfg.train.num_workers))
+    from data.datamodule import TokenDataModule
+
+    data_dir = prepare_data(cfg, progress=cfg.train.progress_bar)
+    datamodule = TokenDataModule(
+        data_dir, cfg.train.seq_len, cfg.train.micro_batch_size, cfg.seed, num_workers=cfg.train.num_workers,
+        val_batches=cfg.train.val_batches, doc_start_mask=cfg.data.packing == "reset",
+        state_passing=cfg.train.state_passing,
+    )
+    tokenizer = {"path": str(datamodule.tokenizer_path), "sha256": datamodule.tokenizer_sha256}
+    return RunData(datamodule, datamodule.bytes_per_token, tokenizer, data_dir)
 
 
 # ------------------------------------------------------------------------------------- resume
 
 
 def _fresh(cfg: DictConfig) -> bool:
-    return str(cfg.resume) in ("none", "", "null", "None")
+    return cfg.resume in ("none", "", "null", "None")
 
 
-def resume_checkpoint(cfg: DictConfig, ckpt_dir: Path, echo=print) -> Optional[Path]:
+def checkpoint_to_resume(cfg: DictConfig, ckpt_dir: Path, echo=print) -> Optional[Path]:
     """The verified checkpoint to resume from (None: a fresh start); rejected ones are named.
 
     ``resume=auto`` with checkpoint directories but none usable is a one-line error: nothing is
@@ -148,8 +165,8 @@ def resume_checkpoint(cfg: DictConfig, ckpt_dir: Path, echo=print) -> Optional[P
     """
     if _fresh(cfg):
         return None
-    if str(cfg.resume) != "auto":
-        return resolve_checkpoint(str(cfg.resume))
+    if cfg.resume != "auto":
+        return resolve_checkpoint(cfg.resume)
     rejected: List = []
     found = latest_complete(ckpt_dir, verify=True, rejected=rejected)
     if launch_rank() == 0:
@@ -161,6 +178,42 @@ def resume_checkpoint(cfg: DictConfig, ckpt_dir: Path, echo=print) -> Optional[P
                       f"changed: restore a checkpoint, pass resume=<checkpoint>, or start over with a new run_dir=... "
                       f"or overwrite=true")
     return found
+
+
+@dataclass
+class ResumePlan:
+    """What a run continues from: nothing (a fresh start) or a verified checkpoint."""
+
+    checkpoint: Optional[Path] = None
+    step: Optional[int] = None
+    apply_optimizer_settings: bool = False  # the new config changes optimizer settings (resume_policy)
+    done: bool = False  # the checkpoint is already at train.max_steps
+
+    @property
+    def state_path(self) -> Optional[str]:
+        return str(self.checkpoint / STATE) if self.checkpoint is not None else None
+
+
+def plan_resume(cfg: DictConfig, ckpt_dir: Path, echo) -> Tuple[DictConfig, ResumePlan]:
+    """The checkpoint to resume (:func:`checkpoint_to_resume`), checked against the new config
+    (:func:`lm.training.resume_policy.check_resume`, ZeRO world size), and the config to continue
+    with: a run from before ``data.packing`` trained on one stream and keeps doing so."""
+    found = checkpoint_to_resume(cfg, ckpt_dir, echo)
+    if found is None:
+        return cfg, ResumePlan()
+    manifest = read_manifest(found)
+    if "packing" not in manifest.get("config", {}).get("data", {"packing": None}):
+        cfg = OmegaConf.merge(cfg, {"data": {"packing": "stream"}})
+    changes = check_resume(manifest.get("config", {}), plain(cfg), str(found))
+    _check_world_size(cfg, manifest, found)
+    step = int(manifest["step"])
+    if step >= cfg.train.max_steps:
+        echo(f"{Path(cfg.run_dir)}: already trained to step {step} (train.max_steps={cfg.train.max_steps})")
+        return cfg, ResumePlan(found, step, done=True)
+    if changes.notices and launch_rank() == 0:
+        echo(f"note: resuming step {step} with changed settings, applied from here on "
+             f"(the schedule keeps its step): {'; '.join(changes.notices)}")
+    return cfg, ResumePlan(found, step, changes.optimizer_changed)
 
 
 def check_writable(directory: Path) -> None:
@@ -195,7 +248,7 @@ def prepare_run_dir(cfg: DictConfig, echo=print) -> None:
     echo(f"overwrite=true: removed the earlier run's files from {run_dir}")
 
 
-def _write_run_files(run_dir: Path, cfg: DictConfig, resumed_step: Optional[int] = None) -> None:
+def _write_run_files(run_dir: Path, cfg: ExperimentConfig, resumed_step: Optional[int] = None) -> None:
     """``config.yaml``; a resume that changes it keeps the earlier one as ``config.<step>.yaml``
     (the config that trained up to that step)."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -248,81 +301,65 @@ def train(cfg: DictConfig, echo=print) -> TrainResult:
 
 
 def _train(cfg: DictConfig, echo) -> TrainResult:
-    from data.datamodule import TokenDataModule
-
-    run_dir = Path(cfg.run_dir)
-    ckpt_dir = run_dir / "checkpoints"
-    resume_from = resume_checkpoint(cfg, ckpt_dir, echo)
-    apply_optimizer_settings = False
-    resumed_step: Optional[int] = None
-    if resume_from is not None:
-        manifest = read_manifest(resume_from)
-        if "packing" not in manifest.get("config", {}).get("data", {"packing": None}):
-            # a run from before data.packing trained on one stream: it keeps doing so
-            cfg.data.packing = "stream"
-        changes = check_resume(manifest.get("config", {}), plain(cfg), str(resume_from))
-        _check_world_size(cfg, manifest, resume_from)
-        if int(manifest["step"]) >= int(cfg.train.max_steps):
-            echo(f"{run_dir}: already trained to step {manifest['step']} (train.max_steps={cfg.train.max_steps})")
-            return TrainResult(run_dir, resume_from, int(manifest["step"]))
-        if changes.notices and launch_rank() == 0:
-            echo(f"note: resuming step {manifest['step']} with changed settings, applied from here on "
-                 f"(the schedule keeps its step): {'; '.join(changes.notices)}")
-        apply_optimizer_settings = changes.optimizer_changed
-        resumed_step = int(manifest["step"])
+    """The run's steps: resume decision, data, the typed config, module, callbacks, fit, report."""
+    run_dir, rank0 = Path(cfg.run_dir), launch_rank() == 0
+    cfg, plan = plan_resume(cfg, run_dir / "checkpoints", echo)
+    if plan.done:
+        return TrainResult(run_dir, plan.checkpoint, plan.step)
     devices, nodes = world_shape(cfg.train)
     from lm.training.threads import apply_threads
 
-    threads, threads_from = apply_threads(int(cfg.train.threads), devices)
+    threads = apply_threads(cfg.train.threads, devices)
+    data = build_data(cfg)
+    exp = resolve(cfg, data.datamodule, echo if rank0 else None)
+    if rank0:
+        _write_run_files(run_dir, exp, plan.step)
+    module = build_module(exp, data, plan)
+    if rank0:
+        _announce(exp, module, data, plan, threads, echo)
+    stop = StopRequest() if exp.checkpoint.save_on_signal else None
+    manifest_extra = {"config": to_dict(exp), "tokenizer": data.tokenizer,
+                      "data_dir": str(data.data_dir) if data.data_dir else None}
+    checkpoints = CheckpointManager(run_dir / "checkpoints", exp.checkpoint.every_n_steps, exp.checkpoint.keep_last,
+                                    manifest_extra, stop=stop, resume_from=plan.checkpoint)
+    loggers = build_loggers(exp, run_dir, to_dict(exp))
+    callbacks = build_callbacks(exp, run_dir, checkpoints, loggers)
+    trainer = build_trainer(exp, devices, nodes, callbacks, loggers, echo)
+    fit(trainer, module, data, plan, checkpoints)
+    return finish(exp, trainer, module, data, plan, checkpoints, stop, echo)
 
-    if cfg.data.source.kind == "task":
-        datamodule, bytes_per_token, tokenizer = _task_data(cfg)
-        data_dir = None
-    else:
-        data_dir = prepare_data(cfg, progress=bool(cfg.train.progress_bar))
-        datamodule = TokenDataModule(
-            data_dir, int(cfg.train.seq_len), int(cfg.train.micro_batch_size), int(cfg.seed),
-            num_workers=int(cfg.train.num_workers), val_batches=int(cfg.train.val_batches),
-            doc_start_mask=cfg.data.packing == "reset", state_passing=bool(cfg.train.state_passing),
-        )
-        cfg.model.vocab_size = resolve_vocab(cfg, datamodule.vocab_size, echo if launch_rank() == 0 else None)
-        bytes_per_token = datamodule.bytes_per_token
-        tokenizer = {"path": str(datamodule.tokenizer_path), "sha256": datamodule.tokenizer_sha256}
-    if cfg.data.source.kind == "task":
-        output = datamodule.task.spec.output
-        if cfg.data.task_output not in (None, output):
-            raise ConfigError(f"data.task_output: the task {cfg.data.task.name} outputs {output!r}, not "
-                              f"{cfg.data.task_output!r} (it is filled from the task: remove the key)")
-        cfg.data.task_output = output
-    config = plain(cfg)
-    if launch_rank() == 0:
-        _write_run_files(run_dir, cfg, resumed_step)
 
+def build_module(cfg: ExperimentConfig, data: RunData, plan: ResumePlan) -> LMModule:
+    """The Lightning module, its weights initialised from ``cfg.seed``."""
     if not uses_gpu(cfg.train):
         from lm.training.cpu_allocator import keep_freed_memory
 
         keep_freed_memory()
-    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    module = LMModule(config, bytes_per_token=bytes_per_token)
-    module.apply_optimizer_settings_on_start = apply_optimizer_settings
-    if launch_rank() == 0:
-        n = module.model.num_parameters()
-        source = data_dir if data_dir is not None else f"task {cfg.data.task.name}"
-        size = f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n:,}"
-        echo(f"model: {model_name(cfg.model)} with {size} parameters (vocabulary {cfg.model.vocab_size}); "
-             f"data: {source}; run: {run_dir}" + (f"; resuming from {resume_from}" if resume_from else ""))
-        echo(f"threads: {threads} per process ({threads_from}; set train.threads=N)")
-        if data_dir is not None:
-            from data.split import small_split_warning
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    module = LMModule(cfg, bytes_per_token=data.bytes_per_token)
+    module.apply_optimizer_settings_on_start = plan.apply_optimizer_settings
+    return module
 
-            warning = small_split_warning(datamodule.metadata)
-            if warning:
-                echo(warning)
 
-    stop = StopRequest() if cfg.checkpoint.save_on_signal else None
-    manifest_extra = {"config": config, "tokenizer": tokenizer, "data_dir": str(data_dir) if data_dir else None}
-    checkpoints = CheckpointManager(ckpt_dir, int(cfg.checkpoint.every_n_steps), int(cfg.checkpoint.keep_last),
-                                    manifest_extra, stop=stop, resume_from=resume_from)
+def _announce(cfg: ExperimentConfig, module: LMModule, data: RunData, plan: ResumePlan, threads: Tuple[int, str],
+              echo) -> None:
+    """Rank 0: the model, data, run directory and thread count (and a warning for a small split)."""
+    n = module.model.num_parameters()
+    size = f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n:,}"
+    echo(f"model: {model_name(cfg.model)} with {size} parameters (vocabulary {cfg.model.vocab_size}); "
+         f"data: {data.describe(cfg)}; run: {Path(cfg.run_dir)}"
+         + (f"; resuming from {plan.checkpoint}" if plan.checkpoint else ""))
+    echo(f"threads: {threads[0]} per process ({threads[1]}; set train.threads=N)")
+    if data.data_dir is not None:
+        from data.split import small_split_warning
+
+        warning = small_split_warning(data.datamodule.metadata)
+        if warning:
+            echo(warning)
+
+
+def build_callbacks(cfg: ExperimentConfig, run_dir: Path, checkpoints: CheckpointManager, loggers: List[Any]) -> List[Any]:
+    """Sample recorder, checkpoints, progress bar, learning-rate monitor and probes, in that order."""
     callbacks: List[Any] = []
     if cfg.train.record_samples:
         from lm.training.callbacks import SampleRecorder
@@ -334,19 +371,24 @@ def _train(cfg: DictConfig, echo) -> TrainResult:
     if cfg.train.progress_bar:
         from pytorch_lightning.callbacks import TQDMProgressBar
 
-        callbacks.append(TQDMProgressBar(refresh_rate=max(1, int(cfg.train.log_every_n_steps))))
-    from pytorch_lightning.callbacks import LearningRateMonitor
-
-    loggers = build_loggers(cfg, run_dir, config)
+        callbacks.append(TQDMProgressBar(refresh_rate=max(1, cfg.train.log_every_n_steps)))
     if loggers:
+        from pytorch_lightning.callbacks import LearningRateMonitor
+
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     probe_cb = _probe_callback(cfg, run_dir)
     if probe_cb is not None:
         callbacks.append(probe_cb)
+    return callbacks
 
-    strategy = build_strategy(cfg.train, devices, nodes)
-    is_deepspeed = cfg.train.strategy == "deepspeed"
-    if is_deepspeed and not uses_gpu(cfg.train):
+
+def build_trainer(cfg: ExperimentConfig, devices: int, nodes: int, callbacks: List[Any], loggers: List[Any],
+                  echo) -> pl.Trainer:
+    """The Lightning ``Trainer``: strategy, precision, step counts, validation cadence, clipping."""
+    train = cfg.train
+    strategy = build_strategy(train, devices, nodes)
+    is_deepspeed = train.strategy == "deepspeed"
+    if is_deepspeed and not uses_gpu(train):
         from lm.training.ds_ops import prebuild_cpu_ops
 
         prebuild_cpu_ops(echo if launch_rank() == 0 else (lambda line: None))
@@ -356,64 +398,79 @@ def _train(cfg: DictConfig, echo) -> TrainResult:
 
         if SLURMEnvironment.detect():  # our own signal handling requeues; Lightning's must not
             plugins.append(SLURMEnvironment(auto_requeue=False))
-    accumulate = int(cfg.train.accumulate_grad_batches)
-    trainer = pl.Trainer(
-        accelerator="gpu" if uses_gpu(cfg.train) else "cpu",
+    accumulate = train.accumulate_grad_batches
+    return pl.Trainer(
+        accelerator="gpu" if uses_gpu(train) else "cpu",
         devices=devices,
         num_nodes=nodes,
         strategy=strategy,
-        precision=_precision(cfg.train.precision),
-        max_steps=int(cfg.train.max_steps),
+        precision=_precision(train.precision),
+        max_steps=train.max_steps,
         max_epochs=-1,
-        val_check_interval=int(cfg.train.val_every_n_steps) * accumulate if cfg.train.val_every_n_steps else None,
+        val_check_interval=train.val_every_n_steps * accumulate if train.val_every_n_steps else None,
         check_val_every_n_epoch=None,
-        limit_val_batches=int(cfg.train.val_batches) if cfg.train.val_every_n_steps else 0,
+        limit_val_batches=train.val_batches if train.val_every_n_steps else 0,
         num_sanity_val_steps=0,
         accumulate_grad_batches=accumulate,
-        gradient_clip_val=None if is_deepspeed or not cfg.train.grad_clip else float(cfg.train.grad_clip),
+        gradient_clip_val=None if is_deepspeed or not train.grad_clip else train.grad_clip,
         logger=loggers or False,
         callbacks=callbacks,
         enable_checkpointing=False,
         use_distributed_sampler=False,
-        deterministic=bool(cfg.train.deterministic),
-        log_every_n_steps=int(cfg.train.log_every_n_steps),
-        default_root_dir=str(run_dir),
-        enable_progress_bar=bool(cfg.train.progress_bar),
+        deterministic=train.deterministic,
+        log_every_n_steps=train.log_every_n_steps,
+        default_root_dir=str(cfg.run_dir),
+        enable_progress_bar=train.progress_bar,
         enable_model_summary=False,
         benchmark=False,
         plugins=plugins or None,
     )
 
+
+def fit(trainer: pl.Trainer, module: LMModule, data: RunData, plan: ResumePlan,
+        checkpoints: CheckpointManager) -> None:
+    """``Trainer.fit`` from the resumed checkpoint (if any); too many non-finite steps in a row are a
+    one-line error naming the last good checkpoint."""
     try:
-        trainer.fit(module, datamodule=datamodule,
-                    ckpt_path=str(resume_from / STATE) if resume_from is not None else None)
+        trainer.fit(module, datamodule=data.datamodule, ckpt_path=plan.state_path)
     except NonFiniteLossError as e:
-        newest = checkpoints.saved[-1] if checkpoints.saved else resume_from
+        newest = checkpoints.saved[-1] if checkpoints.saved else plan.checkpoint
         kept = f"; the last good checkpoint is {newest}" if newest else ""
         raise LMError(f"{e}{kept}") from None
 
-    result = TrainResult(run_dir, checkpoints.saved[-1] if checkpoints.saved else resume_from,
+
+def finish(cfg: ExperimentConfig, trainer: pl.Trainer, module: LMModule, data: RunData, plan: ResumePlan,
+           checkpoints: CheckpointManager, stop: Optional[StopRequest], echo) -> TrainResult:
+    """The result: after a signal stop, the stop (and a SLURM requeue); else the metrics and, on rank 0,
+    the final report."""
+    result = TrainResult(Path(cfg.run_dir), checkpoints.saved[-1] if checkpoints.saved else plan.checkpoint,
                          trainer.global_step, stopped_by_signal=checkpoints.stopped_by_signal)
     if checkpoints.stopped_by_signal:
-        unsaved = (f" (step {checkpoints.skipped_nonfinite} not saved: non-finite loss or weights)"
-                   if checkpoints.skipped_nonfinite == trainer.global_step else "")
-        stopped = (f"stopped by {checkpoints.stopped_by_signal} at step {trainer.global_step}; "
-                   f"checkpoint {result.checkpoint}{unsaved}")
-        if stop is not None and stop.wants_requeue and trainer.is_global_zero:
-            # said before the requeue: SLURM terminates the job's processes as soon as it is requeued
-            echo(f"{stopped}; requeueing SLURM job {os.environ.get('SLURM_JOB_ID')}")
-            result.requeued = requeue_slurm_job()
-            if not result.requeued:
-                # exiting 0 here would record the unfinished job as COMPLETED
-                raise LMError(f"{stopped}, but `scontrol requeue` failed: resubmit the job (lm submit, which "
-                              f"resumes with resume=auto)")
-        elif trainer.is_global_zero:
-            echo(stopped)
+        _report_stop(trainer, checkpoints, stop, result, echo)
         return result
     result.metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     if trainer.is_global_zero:
-        _final_report(cfg, module, datamodule, trainer, result, echo)
+        _final_report(cfg, module, data.datamodule, result, echo)
     return result
+
+
+def _report_stop(trainer: pl.Trainer, checkpoints: CheckpointManager, stop: Optional[StopRequest],
+                 result: TrainResult, echo) -> None:
+    """Say where a signal stopped the run; requeue the SLURM job when the signal asked for it."""
+    unsaved = (f" (step {checkpoints.skipped_nonfinite} not saved: non-finite loss or weights)"
+               if checkpoints.skipped_nonfinite == trainer.global_step else "")
+    stopped = (f"stopped by {checkpoints.stopped_by_signal} at step {trainer.global_step}; "
+               f"checkpoint {result.checkpoint}{unsaved}")
+    if stop is not None and stop.wants_requeue and trainer.is_global_zero:
+        # said before the requeue: SLURM terminates the job's processes as soon as it is requeued
+        echo(f"{stopped}; requeueing SLURM job {os.environ.get('SLURM_JOB_ID')}")
+        result.requeued = requeue_slurm_job()
+        if not result.requeued:
+            # exiting 0 here would record the unfinished job as COMPLETED
+            raise LMError(f"{stopped}, but `scontrol requeue` failed: resubmit the job (lm submit, which "
+                          f"resumes with resume=auto)")
+    elif trainer.is_global_zero:
+        echo(stopped)
 
 
 def _check_world_size(cfg: DictConfig, manifest: Dict[str, Any], resume_from: Path) -> None:
@@ -427,30 +484,12 @@ def _check_world_size(cfg: DictConfig, manifest: Dict[str, Any], resume_from: Pa
                           f"has {devices * nodes} (train.devices x train.num_nodes); resume it on {before} ranks")
 
 
-def _task_data(cfg: DictConfig):
-    """The datamodule of a synthetic task, with the model's input/output shapes set from it."""
-    from data.tasks import build_task
-    from data.tasks.datamodule import TaskDataModule
-
-    task = build_task(str(cfg.data.task.name), plain(cfg.data.task.params))
-    spec = task.spec
-    if spec.input_dim:
-        cfg.model.input_dim = spec.input_dim
-        cfg.model.vocab_size = 0
-    else:
-        cfg.model.vocab_size = spec.vocab_size
-    cfg.model.output_dim = spec.output_dim if spec.output != "classes" else None
-    datamodule = TaskDataModule(task, int(cfg.train.micro_batch_size), int(cfg.seed),
-                                val_examples=int(cfg.data.task.val_examples), num_workers=int(cfg.train.num_workers))
-    return datamodule, 0.0, {}
-
-
 def _precision(value: str) -> str:
     return "32-true" if value == "32" else str(value)
 
 
-def _probe_callback(cfg: DictConfig, run_dir: Path):
-    if int(cfg.probes.every_n_steps) <= 0:
+def _probe_callback(cfg: ExperimentConfig, run_dir: Path):
+    if cfg.probes.every_n_steps <= 0:
         return None
     try:
         from lm.probes.callback import ProbeCallback
@@ -461,56 +500,60 @@ def _probe_callback(cfg: DictConfig, run_dir: Path):
     return ProbeCallback(cfg.probes, run_dir)
 
 
-@torch.no_grad()
-def _final_report(cfg, module: LMModule, datamodule, trainer, result: TrainResult, echo) -> None:
-    """Validation loss, perplexity and bits/byte on rank 0, and a generated sample."""
-    from data.tokenizer import load_tokenizer
-    from lm.evaluation.sampling import sample_with_reason
+# ------------------------------------------------------------------------------------- report
 
+
+@torch.no_grad()
+def _final_report(cfg: ExperimentConfig, module: LMModule, datamodule, result: TrainResult, echo) -> None:
+    """Validation loss, perplexity and bits/byte on rank 0, and a generated sample."""
     model = module.model
-    if cfg.train.strategy == "deepspeed" and int(cfg.train.zero_stage) == 3 and result.checkpoint is not None:
+    if cfg.train.strategy == "deepspeed" and cfg.train.zero_stage == 3 and result.checkpoint is not None:
         from lm.training.export import load_model
 
         # the module's parameters are partitioned across ranks: evaluate the consolidated weights
         model = load_model(str(result.checkpoint)).model.to(next(module.parameters()).device)
     was_training = model.training
     model.eval()
-    sums = {"loss_sum": 0.0, "count": 0, "correct": 0.0, "seq_correct": 0.0, "sequences": 0.0}
-    loader = datamodule.val_dataloader()
-    device = next(model.parameters()).device
-    for i, batch in enumerate(loader):
-        if cfg.train.val_batches and i >= int(cfg.train.val_batches):
-            break
-        s, n, extra = batch_loss(model, {k: v.to(device) for k, v in batch.items()}, module.task_output,
-                                 module.loss_chunk_size, module.loss_across_boundary)
-        sums["loss_sum"] += float(s)
-        sums["count"] += int(n)
-        for name in ("correct", "seq_correct", "sequences"):
-            sums[name] += float(extra.get(name, 0.0))
-    metrics = validation_metrics(bytes_per_token=module.bytes_per_token, **sums)
+    sums = evaluate(model, datamodule.val_dataloader(), module.task_output, module.loss_chunk_size,
+                    module.loss_across_boundary, max_batches=cfg.train.val_batches)
+    metrics = sums.metrics(module.bytes_per_token)
     for name in ("val/acc", "val/seq_acc"):
         if name in metrics:
             result.metrics[name] = metrics[name]
     if "val/loss" in metrics:
         result.val_loss, result.val_ppl = metrics["val/loss"], metrics["val/ppl"]
         result.val_bpb = metrics.get("val/bpb")
-    tokenizer = load_tokenizer(datamodule.tokenizer_path) if cfg.data.source.kind != "task" else None
-    stop_reason = prompt_from = None
-    if tokenizer is not None and int(cfg.train.sample_tokens) > 0:
-        prompt, prompt_from = str(cfg.train.sample_prompt), "train.sample_prompt"
-        if not prompt:
-            prompt, prompt_from = _validation_prompt(datamodule.data_dir, tokenizer), "a validation document's start"
-        result.sample, stop_reason = sample_with_reason(
-            model, lambda s: tokenizer.encode(s).ids, lambda ids: tokenizer.decode(ids),
-            prompt, int(cfg.train.sample_tokens), temperature=0.8, top_k=50,
-            seed=int(cfg.seed), stop_token=datamodule.eod_id,
-        )
+    stop_reason, prompt_from = _final_sample(cfg, model, datamodule, result)
     model.train(was_training)
     summary = {"step": result.global_step, "checkpoint": str(result.checkpoint), "val_loss": result.val_loss,
                "val_ppl": result.val_ppl, "val_bpb": result.val_bpb, "sample": result.sample,
                "sample_stop": stop_reason,
                "val_acc": result.metrics.get("val/acc"), "val_seq_acc": result.metrics.get("val/seq_acc")}
     write_atomic(result.run_dir / "summary.json", json.dumps(summary, indent=1))
+    _echo_report(cfg, result, stop_reason, prompt_from, echo)
+
+
+def _final_sample(cfg: ExperimentConfig, model, datamodule, result: TrainResult) -> Tuple[Optional[str], Optional[str]]:
+    """A sample of ``train.sample_tokens`` tokens into ``result.sample`` (corpus runs); (why it stopped,
+    where its prompt came from)."""
+    if cfg.data.source.kind == "task" or cfg.train.sample_tokens <= 0:
+        return None, None
+    from data.tokenizer import load_tokenizer
+    from lm.evaluation.sampling import sample_with_reason
+
+    tokenizer = load_tokenizer(datamodule.tokenizer_path)
+    prompt, prompt_from = cfg.train.sample_prompt, "train.sample_prompt"
+    if not prompt:
+        prompt, prompt_from = _validation_prompt(datamodule.data_dir, tokenizer), "a validation document's start"
+    result.sample, stop_reason = sample_with_reason(
+        model, lambda s: tokenizer.encode(s).ids, lambda ids: tokenizer.decode(ids),
+        prompt, cfg.train.sample_tokens, temperature=0.8, top_k=50, seed=cfg.seed, stop_token=datamodule.eod_id,
+    )
+    return stop_reason, prompt_from
+
+
+def _echo_report(cfg: ExperimentConfig, result: TrainResult, stop_reason: Optional[str], prompt_from: Optional[str],
+                 echo) -> None:
     metrics_csv = result.run_dir / "logs" / "metrics.csv"
     plot = None
     if metrics_csv.is_file():

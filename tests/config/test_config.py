@@ -139,3 +139,40 @@ def test_did_you_mean_is_shared():
         from data.tasks import build_task
 
         build_task("inducton")
+
+
+def test_resolve_fills_data_fields_once_and_freezes():
+    """resolve(): vocabulary from a corpus (rounded up to 64), shapes and task_output from a task; the
+    result is typed and frozen; the DictConfig it came from is unchanged."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from lm.config import resolve, to_dict, to_yaml
+    from lm.config.schema import ExperimentConfig
+
+    cfg = load_experiment(None, ["model=gla/tiny"])
+    exp = resolve(cfg, SimpleNamespace(vocab_size=1000))
+    assert isinstance(exp, ExperimentConfig) and exp.model.vocab_size == 1024 and cfg.model.vocab_size == 0
+    assert isinstance(exp.train.lr, float) and isinstance(exp.train.max_steps, int)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        exp.train.lr = 1.0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        exp.model = None
+    assert dataclasses.replace(exp.train, lr=1.0).lr == 1.0
+    # the typed config writes the same config.yaml and reads back from a checkpoint's plain dict
+    assert yaml.safe_load(to_yaml(exp))["model"]["vocab_size"] == 1024
+    assert resolve(to_dict(exp)) == exp
+    with pytest.raises(ConfigError, match="smaller than the tokenizer"):
+        resolve(load_experiment(None, ["model=gla/tiny", "model.vocab_size=64"]), SimpleNamespace(vocab_size=1000))
+
+    task = load_experiment(None, ["model=gla/tiny", "data.source.kind=task", "data.task.name=icl_regression"])
+    from data.tasks import task_from_config
+
+    spec = task_from_config(task.data).spec
+    exp = resolve(task, SimpleNamespace(task=SimpleNamespace(spec=spec)))
+    assert exp.data.task_output == "vectors" and exp.model.input_dim == spec.input_dim
+    assert exp.model.output_dim == spec.output_dim and exp.model.vocab_size == 0
+    wrong = load_experiment(None, ["model=gla/tiny", "data.source.kind=task", "data.task.name=icl_regression",
+                                   "data.task_output=classes"])
+    with pytest.raises(ConfigError, match="data.task_output"):
+        resolve(wrong, SimpleNamespace(task=SimpleNamespace(spec=spec)))

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from lm.config import load_experiment, plain
+from lm.config import load_experiment, resolve
 from lm.training.losses import cross_entropy_sum
 from lm.training.module import LMModule
 from lm.training.schedule import lr_multiplier
@@ -17,7 +17,7 @@ def module(**train):
     cfg = load_experiment(None, ["model=gla/tiny", "model.vocab_size=64", "model.d_model=32", "model.n_heads=2",
                                  *[f"train.{k}={v}" for k, v in train.items()]])
     torch.manual_seed(0)
-    return LMModule(plain(cfg))
+    return LMModule(resolve(cfg))
 
 
 def grads(m, tokens):
@@ -80,9 +80,9 @@ def test_compiled_blocks_match_eager():
     cfg = load_experiment(None, ["model=gla/tiny", "model.vocab_size=64", "model.d_model=32", "model.n_heads=2",
                                  "model.n_layers=1", "train.compile=true"])
     torch.manual_seed(0)
-    compiled = LMModule(plain(cfg))
+    compiled = LMModule(resolve(cfg))
     torch.manual_seed(0)
-    eager = LMModule(plain(load_experiment(None, ["model=gla/tiny", "model.vocab_size=64", "model.d_model=32",
+    eager = LMModule(resolve(load_experiment(None, ["model=gla/tiny", "model.vocab_size=64", "model.d_model=32",
                                                   "model.n_heads=2", "model.n_layers=1"])))
     assert list(compiled.state_dict()) == list(eager.state_dict())
     tokens = torch.randint(0, 64, (2, 17))

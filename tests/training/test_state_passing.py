@@ -8,10 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lm.config import load_experiment, plain
+from lm.config import load_experiment, resolve
 from lm.errors import ConfigError
 from lm.training.module import LMModule
-from lm.training.objectives import boundary_targets, segment_starts, token_loss
+from lm.training.losses import boundary_targets, segment_starts, token_loss
 from lm.training.state_passing import CarriedState
 
 
@@ -19,7 +19,7 @@ def module(family="gla", **train):
     cfg = load_experiment(None, [f"model={family}/tiny", "model.vocab_size=64", "model.d_model=32", "model.n_heads=2",
                                  "model.n_layers=2", *[f"train.{k}={v}" for k, v in train.items()]])
     torch.manual_seed(0)
-    return LMModule(plain(cfg))
+    return LMModule(resolve(cfg))
 
 
 @pytest.mark.parametrize("family", ["gla", "rwkv7", "aaren"])
