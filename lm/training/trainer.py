@@ -166,7 +166,7 @@ def checkpoint_to_resume(cfg: DictConfig, ckpt_dir: Path, echo=print) -> Optiona
     if _fresh(cfg):
         return None
     if cfg.resume != "auto":
-        return resolve_checkpoint(cfg.resume)
+        return resolve_checkpoint(path=cfg.resume)
     rejected: List = []
     found = latest_complete(ckpt_dir, verify=True, rejected=rejected)
     if launch_rank() == 0:
