@@ -1,11 +1,13 @@
 # Two commands set everything up (see README.md):
 #   make demo   create .venv, install, prepare the default corpus and train the small demo model
 #   make test   create .venv if needed, install, run the test suite
+#   make lint   ruff (lint + format check) and mypy on lm/config, lm/training, data
+#   make test-fast  the suite without slow, distributed and SLURM tests (a few minutes)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 
-.PHONY: install demo test clean
+.PHONY: install demo test test-fast lint clean
 
 $(BIN)/lm: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +23,13 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -n 2 --dist loadfile --timeout 1200 -q
+
+test-fast: install
+	$(BIN)/python -m pytest -n 2 --dist loadfile --timeout 600 -q -m "not slow and not distributed and not slurm"
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 clean:
 	rm -rf runs artifacts

@@ -73,7 +73,7 @@ def load_documents(text: str, mb: float) -> Tuple[List[Document], str]:
 
 
 def _batches(texts: List[str], size: int) -> List[List[str]]:
-    return [texts[i:i + size] for i in range(0, len(texts), size)]
+    return [texts[i : i + size] for i in range(0, len(texts), size)]
 
 
 def main(argv=None) -> None:
@@ -117,6 +117,7 @@ def main(argv=None) -> None:
             encode = getattr(tok, method)
             for b in batches:
                 encode(b, add_special_tokens=False)
+
         return run
 
     def labelled():
@@ -127,6 +128,7 @@ def main(argv=None) -> None:
             with ParallelEncoder(tokenizer_json, eod, dtype, workers, backend) as enc:
                 for _ in enc.map(make_tasks(labelled(), args.batch_size)):
                     pass
+
         return run
 
     def encode_pack_write(backend: str):
@@ -135,10 +137,21 @@ def main(argv=None) -> None:
         def run():
             tmp = Path(tempfile.mkdtemp(prefix="lm-bench-"))
             try:
-                encode_to_shards(tmp, labelled(), tokenizer_json, eod, dtype, 64 * 1024 * 1024,
-                                 [TRAIN], workers, args.batch_size, backend=backend)
+                encode_to_shards(
+                    tmp,
+                    labelled(),
+                    tokenizer_json,
+                    eod,
+                    dtype,
+                    64 * 1024 * 1024,
+                    [TRAIN],
+                    workers,
+                    args.batch_size,
+                    backend=backend,
+                )
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
+
         return run
 
     rows = [
@@ -180,31 +193,43 @@ def main(argv=None) -> None:
     base_threads, base_single = results[0][1], results[1][1]
     cpu_name = _cpu_model()
     print(f"tokenization benchmark: {total_mb:.2f} MB, {len(docs)} documents of {what}")
-    print(f"tokenizer: byte-level BPE, vocab {tok.get_vocab_size()}; {workers} workers; "
-          f"{default_workers()} CPUs ({cpu_name}); best of {args.repeat}")
-    print(f"1-min load average: {load_start[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end "
-          f"(other processes compete for the {default_workers()} CPUs when it exceeds that)")
+    print(
+        f"tokenizer: byte-level BPE, vocab {tok.get_vocab_size()}; {workers} workers; "
+        f"{default_workers()} CPUs ({cpu_name}); best of {args.repeat}"
+    )
+    print(
+        f"1-min load average: {load_start[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end "
+        f"(other processes compete for the {default_workers()} CPUs when it exceeds that)"
+    )
     print()
     header = f"{'method':<62}{'wall s':>8}{'MB/s':>8}{'x base(thr)':>13}{'x base(1t)':>12}{'cpu s':>8}"
     print(header)
     print("-" * len(header))
     for name, wall, cpu in results:
-        print(f"{name:<62}{wall:>8.2f}{total_mb / wall:>8.2f}{base_threads / wall:>13.2f}"
-              f"{base_single / wall:>12.2f}{cpu:>8.2f}")
+        print(
+            f"{name:<62}{wall:>8.2f}{total_mb / wall:>8.2f}{base_threads / wall:>13.2f}"
+            f"{base_single / wall:>12.2f}{cpu:>8.2f}"
+        )
     print()
     by_name = {name: wall for name, wall, _ in results}
     single = by_name["encode_batch_fast, 1 process, 1 thread"]
-    pack, write = by_name["pack only (ids -> array + eod), 1 thread"], \
-        by_name["write only (shards + doc_starts), 1 thread"]
-    print(f"packing + writing alone, 1 thread: {pack:.2f} + {write:.2f} s = "
-          f"{100 * (pack + write) / single:.1f}% of single-thread encode_batch_fast ({single:.2f} s); "
-          f"in prepare, packing runs in the workers and writing overlaps with encoding")
+    pack, write = (
+        by_name["pack only (ids -> array + eod), 1 thread"],
+        by_name["write only (shards + doc_starts), 1 thread"],
+    )
+    print(
+        f"packing + writing alone, 1 thread: {pack:.2f} + {write:.2f} s = "
+        f"{100 * (pack + write) / single:.1f}% of single-thread encode_batch_fast ({single:.2f} s); "
+        f"in prepare, packing runs in the workers and writing overlaps with encoding"
+    )
     for backend in BACKENDS:
         label = f"{workers} processes" if backend == "processes" else f"Rust threads ({workers} CPUs)"
         enc = by_name[f"prepare path, {label}: encode"]
         full = by_name[f"prepare path, {label}: encode+pack+write"]
-        print(f"packing/writing overhead, {label}: {100 * (full - enc) / enc:+.1f}% "
-              f"({full:.2f} s vs {enc:.2f} s encoding only)")
+        print(
+            f"packing/writing overhead, {label}: {100 * (full - enc) / enc:+.1f}% "
+            f"({full:.2f} s vs {enc:.2f} s encoding only)"
+        )
 
 
 def _cpu_model() -> str:

@@ -133,14 +133,13 @@ class TokenDataModule(pl.LightningDataModule):
     def setup(self, stage: Optional[str] = None) -> None:
         splits = self.metadata["splits"]
         if self.train_dataset is None:
-            self.train_dataset = WindowDataset(TokenShards(self.data_dir, "train"), self.seq_len,
-                                               self.doc_start_mask)
+            self.train_dataset = WindowDataset(TokenShards(self.data_dir, "train"), self.seq_len, self.doc_start_mask)
         if self.val_dataset is None and splits.get("validation", {}).get("tokens"):
-            self.val_dataset = WindowDataset(TokenShards(self.data_dir, "validation"), self.seq_len,
-                                             self.doc_start_mask)
+            self.val_dataset = WindowDataset(
+                TokenShards(self.data_dir, "validation"), self.seq_len, self.doc_start_mask
+            )
         if self.test_dataset is None and splits.get("test", {}).get("tokens"):
-            self.test_dataset = WindowDataset(TokenShards(self.data_dir, "test"), self.seq_len,
-                                              self.doc_start_mask)
+            self.test_dataset = WindowDataset(TokenShards(self.data_dir, "test"), self.seq_len, self.doc_start_mask)
 
     def _loader_kwargs(self) -> Dict[str, Any]:
         kw: Dict[str, Any] = {"num_workers": self.num_workers, "collate_fn": collate_windows}
@@ -160,8 +159,7 @@ class TokenDataModule(pl.LightningDataModule):
             # a rebuilt loader (e.g. reload_dataloaders_every_n_epochs) continues where we were
             sampler.load_state_dict(self.batch_sampler.state_dict())
         self.batch_sampler = sampler
-        self._train_loader = StatefulDataLoader(self.train_dataset, batch_sampler=sampler,
-                                                **self._loader_kwargs())
+        self._train_loader = StatefulDataLoader(self.train_dataset, batch_sampler=sampler, **self._loader_kwargs())
         return self._train_loader
 
     def _eval_loader(self, dataset: Optional[WindowDataset], name: str):
@@ -173,8 +171,7 @@ class TokenDataModule(pl.LightningDataModule):
                 f"{name} split too small: {len(dataset.shards)} tokens give {len(dataset)} windows of "
                 f"{self.seq_len + 1} tokens, fewer than the {world} rank(s)"
             )
-        sampler = StridedBatchSampler(len(dataset), self.micro_batch_size, rank, world,
-                                      self.val_batches)
+        sampler = StridedBatchSampler(len(dataset), self.micro_batch_size, rank, world, self.val_batches)
         return DataLoader(dataset, batch_sampler=sampler, **self._loader_kwargs())
 
     def val_dataloader(self) -> Union[DataLoader, List]:

@@ -58,8 +58,7 @@ class WindowDataset(Dataset):
 
     def __getitem__(self, i: int) -> Dict[str, torch.Tensor]:
         i = int(i)
-        item = {"tokens": torch.from_numpy(self.window(i).astype(np.int64)),
-                "index": torch.tensor(i, dtype=torch.long)}
+        item = {"tokens": torch.from_numpy(self.window(i).astype(np.int64)), "index": torch.tensor(i, dtype=torch.long)}
         if self.doc_start_mask:
             item["doc_start_mask"] = torch.from_numpy(self.starts_mask(i))
         return item

@@ -57,9 +57,7 @@ def pack_encodings(encodings: list, eod_id: int, dtype: str) -> Tuple[np.ndarray
     return np.array(flat, dtype=dtype), lengths
 
 
-def make_tasks(
-    docs: Iterable[Tuple[int, Document]], batch_size: int, task_bytes: int = TASK_BYTES
-) -> Iterator[Task]:
+def make_tasks(docs: Iterable[Tuple[int, Document]], batch_size: int, task_bytes: int = TASK_BYTES) -> Iterator[Task]:
     """Group ``(split, document)`` pairs into per-split tasks, keeping each split's order."""
     texts: dict = {}
     sizes: dict = {}
@@ -129,8 +127,7 @@ class ParallelEncoder:
             for split, tokens, lengths, nbytes in enc.map(tasks): ...
     """
 
-    def __init__(self, tokenizer_json: str, eod_id: int, dtype: str, workers: int = 0,
-                 backend: str = "processes"):
+    def __init__(self, tokenizer_json: str, eod_id: int, dtype: str, workers: int = 0, backend: str = "processes"):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.tokenizer_json = tokenizer_json
@@ -148,8 +145,9 @@ class ParallelEncoder:
             # children inherit the variable: the Rust thread pool stays off in them, and
             # tokenizers does not warn about forking after the parent used its threads
             with _env("TOKENIZERS_PARALLELISM", "false"):
-                self._pool = ctx.Pool(self.workers, initializer=_init_worker,
-                                      initargs=(self.tokenizer_json, self.eod_id, self.dtype))
+                self._pool = ctx.Pool(
+                    self.workers, initializer=_init_worker, initargs=(self.tokenizer_json, self.eod_id, self.dtype)
+                )
         else:
             self._tok = _load_tokenizer(self.tokenizer_json)
         return self

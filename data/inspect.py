@@ -36,8 +36,9 @@ def describe(data_dir: Union[str, Path], sample_tokens: int = 200, split: Option
     ]
     for name, s in meta["splits"].items():
         bpt = f"{s['bytes_per_token']:.3f}" if s.get("bytes_per_token") else "-"
-        lines.append(f"{name:<11}{s['tokens']:>14,}{s['documents']:>11,}{s['bytes']:>15,}{bpt:>13}"
-                     f"{len(s['shards']):>8}")
+        lines.append(
+            f"{name:<11}{s['tokens']:>14,}{s['documents']:>11,}{s['bytes']:>15,}{bpt:>13}{len(s['shards']):>8}"
+        )
     if sample_tokens > 0:
         if split is None:
             split = "validation" if meta["splits"].get("validation", {}).get("tokens") else "train"

@@ -32,11 +32,25 @@ from data.fingerprint import fingerprint
 from data.shards import FORMAT, METADATA_FILE, SplitWriter, read_metadata
 from data.sources import Document, ReadStats, Source, open_source, utf8_len
 from data.split import (
-    SPLIT_SALT, SPLITS, TEST, TRAIN, VALIDATION, assign_splits, label_of, small_split_warning, unit_hash,
+    SPLIT_SALT,
+    SPLITS,
+    TEST,
+    TRAIN,
+    VALIDATION,
+    assign_splits,
+    label_of,
+    small_split_warning,
+    unit_hash,
 )
 from data.tokenizer import (
-    TOKENIZER_FILE, TrainingSample, ensure_special_tokens, resolve_tokenizer, sha256_text,
-    token_dtype, tokenizer_sha256, train_tokenizer,
+    TOKENIZER_FILE,
+    TrainingSample,
+    ensure_special_tokens,
+    resolve_tokenizer,
+    sha256_text,
+    token_dtype,
+    tokenizer_sha256,
+    train_tokenizer,
 )
 
 #: encoding backend used by prepare (see data.encode and docs/bench/data.md)
@@ -85,8 +99,12 @@ def _fmt_bytes(n: float) -> str:
 
 
 def plan_pass(
-    source: Source, seed: int, validation_fraction: float, test_fraction: float,
-    sample: Optional[TrainingSample], progress: bool,
+    source: Source,
+    seed: int,
+    validation_fraction: float,
+    test_fraction: float,
+    sample: Optional[TrainingSample],
+    progress: bool,
 ) -> Tuple[Any, ReadStats]:
     """Read every document once: split labels (uint8 array) and the tokenizer sample."""
     stats = ReadStats()
@@ -99,8 +117,7 @@ def plan_pass(
                 sample.offer(i, doc.text, doc.nbytes)
             bar.update(doc.nbytes)
     if stats.documents == 0 or stats.bytes == 0:
-        caps = [f"{k}={getattr(source, k)}" for k in ("max_documents", "max_bytes")
-                if getattr(source, k) is not None]
+        caps = [f"{k}={getattr(source, k)}" for k in ("max_documents", "max_bytes") if getattr(source, k) is not None]
         what = ", ".join(f"{k}={v}" for k, v in source.describe().items() if k != "exclude")
         raise DataError(
             f"empty corpus: the source ({what}) gave no documents "
@@ -110,9 +127,18 @@ def plan_pass(
 
 
 def encode_to_shards(
-    root: Path, documents: Iterable[Tuple[int, Document]], tokenizer_json: str, eod_id: int,
-    dtype: str, shard_tokens: int, splits: Iterable[int], workers: int, batch_size: int,
-    backend: str = ENCODE_BACKEND, progress: bool = False, total_bytes: Optional[int] = None,
+    root: Path,
+    documents: Iterable[Tuple[int, Document]],
+    tokenizer_json: str,
+    eod_id: int,
+    dtype: str,
+    shard_tokens: int,
+    splits: Iterable[int],
+    workers: int,
+    batch_size: int,
+    backend: str = ENCODE_BACKEND,
+    progress: bool = False,
+    total_bytes: Optional[int] = None,
 ) -> Dict[str, Dict[str, Any]]:
     """Encode ``(split, document)`` pairs and write each split's shards under ``root``.
 
@@ -121,8 +147,10 @@ def encode_to_shards(
     """
     writers = {label: SplitWriter(root, SPLITS[label], dtype, shard_tokens) for label in splits}
     try:
-        with ParallelEncoder(tokenizer_json, eod_id, dtype, workers, backend) as encoder, \
-                _bar(progress, desc="encoding", unit="B", unit_scale=True, total=total_bytes) as bar:
+        with (
+            ParallelEncoder(tokenizer_json, eod_id, dtype, workers, backend) as encoder,
+            _bar(progress, desc="encoding", unit="B", unit_scale=True, total=total_bytes) as bar,
+        ):
             for label, tokens, lengths, nbytes in encoder.map(make_tasks(documents, batch_size)):
                 writers[label].add(tokens, lengths, nbytes)
                 bar.update(nbytes)
@@ -137,12 +165,14 @@ def _labelled(source: Source, labels, stats: ReadStats) -> Iterator[Tuple[int, D
     n = len(labels)
     for i, doc in enumerate(source.documents(stats)):
         if i >= n:
-            raise DataError("the source changed while it was being prepared (more documents on the "
-                            "second read); run again")
+            raise DataError(
+                "the source changed while it was being prepared (more documents on the second read); run again"
+            )
         yield int(labels[i]), doc
     if stats.documents != n:
-        raise DataError(f"the source changed while it was being prepared ({n} documents, then "
-                        f"{stats.documents}); run again")
+        raise DataError(
+            f"the source changed while it was being prepared ({n} documents, then {stats.documents}); run again"
+        )
 
 
 # ------------------------------------------------------------------------------------ prepare
@@ -178,8 +208,9 @@ def prepare(
                 echo(f"{out}: up to date (fingerprint {fp[:12]}); use --force to rebuild")
                 return PrepareResult(out, True, old, time.perf_counter() - t_start)
         elif any(out.iterdir()):
-            raise DataError(f"out_dir: {out} exists and is not a prepared data directory; "
-                            f"remove it or choose another out_dir")
+            raise DataError(
+                f"out_dir: {out} exists and is not a prepared data directory; remove it or choose another out_dir"
+            )
 
     with atomic_directory(out) as tmp:
         meta = _build(tmp, conf, source, fp, echo, progress, t_start)
@@ -189,8 +220,15 @@ def prepare(
     return PrepareResult(out, False, meta, wall)
 
 
-def _build(tmp: Path, conf: Dict[str, Any], source: Source, fp: str,
-           echo: Callable[[str], None], progress: bool, t_start: float) -> Dict[str, Any]:
+def _build(
+    tmp: Path,
+    conf: Dict[str, Any],
+    source: Source,
+    fp: str,
+    echo: Callable[[str], None],
+    progress: bool,
+    t_start: float,
+) -> Dict[str, Any]:
     import lm
 
     tok_cfg = conf["tokenizer"]
@@ -214,10 +252,19 @@ def _build(tmp: Path, conf: Dict[str, Any], source: Source, fp: str,
     t = time.perf_counter()
     if sample is not None:
         texts = sample.texts(keep=lambda i: labels[i] == TRAIN)
-        tok = train_tokenizer(texts, int(tok_cfg["vocab_size"]), int(tok_cfg["min_frequency"]),
-                              specials, show_progress=progress, length=len(texts))
-        tok_origin: Dict[str, Any] = {"trained": True, "train_documents": len(texts),
-                                      "train_bytes": sum(utf8_len(x) for x in texts)}
+        tok = train_tokenizer(
+            texts,
+            int(tok_cfg["vocab_size"]),
+            int(tok_cfg["min_frequency"]),
+            specials,
+            show_progress=progress,
+            length=len(texts),
+        )
+        tok_origin: Dict[str, Any] = {
+            "trained": True,
+            "train_documents": len(texts),
+            "train_bytes": sum(utf8_len(x) for x in texts),
+        }
     else:
         tok, where = resolve_tokenizer(str(tok_cfg["path"]))
         tok_origin = {"trained": False, "from": where}
@@ -239,9 +286,17 @@ def _build(tmp: Path, conf: Dict[str, Any], source: Source, fp: str,
     workers = int(conf.get("num_proc") or 0) or default_workers()
     encode_stats = ReadStats()
     splits = encode_to_shards(
-        tmp, _labelled(source, labels, encode_stats), tokenizer_json, eod_id, dtype,
-        int(conf["shard_tokens"]), split_labels, workers, int(conf["batch_size"]),
-        progress=progress, total_bytes=read_stats.bytes,
+        tmp,
+        _labelled(source, labels, encode_stats),
+        tokenizer_json,
+        eod_id,
+        dtype,
+        int(conf["shard_tokens"]),
+        split_labels,
+        workers,
+        int(conf["batch_size"]),
+        progress=progress,
+        total_bytes=read_stats.bytes,
     )
     timings["encode_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t_start
@@ -256,8 +311,13 @@ def _build(tmp: Path, conf: Dict[str, Any], source: Source, fp: str,
         "dtype": dtype,
         "tokenizer_sha256": sha,
         "tokenizer": {
-            "file": TOKENIZER_FILE, "sha256": sha, "vocab_size": vocab,
-            "eod_token": specials[0], "eod_id": eod_id, "pad_token": specials[1], "pad_id": pad_id,
+            "file": TOKENIZER_FILE,
+            "sha256": sha,
+            "vocab_size": vocab,
+            "eod_token": specials[0],
+            "eod_id": eod_id,
+            "pad_token": specials[1],
+            "pad_id": pad_id,
             **tok_origin,
         },
         "splits": splits,
@@ -278,13 +338,19 @@ def _build(tmp: Path, conf: Dict[str, Any], source: Source, fp: str,
 def _summary(out: Path, meta: Dict[str, Any], wall: float, echo: Callable[[str], None]) -> None:
     src = meta["source"]
     tm = meta["timings"]
-    echo(f"prepared {out} in {wall:.1f} s (read {tm['read_s']:.1f} s, tokenizer "
-         f"{tm['tokenizer_s']:.1f} s, encode {tm['encode_s']:.1f} s)")
-    echo(f"  source: {src['kind']}, {src.get('files_read', 0)} of {src.get('files', 0)} files read, "
-         f"{meta['documents']} documents, "
-         f"{_fmt_bytes(meta['bytes'])}, {meta['invalid_utf8_replaced']} invalid UTF-8 sequences replaced")
-    echo(f"  tokenizer: vocab {meta['vocab_size']}, eod {meta['eod_id']}, pad {meta['pad_id']}, "
-         f"{meta['dtype']}, sha256 {meta['tokenizer_sha256'][:16]}")
+    echo(
+        f"prepared {out} in {wall:.1f} s (read {tm['read_s']:.1f} s, tokenizer "
+        f"{tm['tokenizer_s']:.1f} s, encode {tm['encode_s']:.1f} s)"
+    )
+    echo(
+        f"  source: {src['kind']}, {src.get('files_read', 0)} of {src.get('files', 0)} files read, "
+        f"{meta['documents']} documents, "
+        f"{_fmt_bytes(meta['bytes'])}, {meta['invalid_utf8_replaced']} invalid UTF-8 sequences replaced"
+    )
+    echo(
+        f"  tokenizer: vocab {meta['vocab_size']}, eod {meta['eod_id']}, pad {meta['pad_id']}, "
+        f"{meta['dtype']}, sha256 {meta['tokenizer_sha256'][:16]}"
+    )
     echo(f"  {'split':<11}{'documents':>10}{'tokens':>13}{'bytes':>13}{'bytes/token':>13}")
     for name, s in meta["splits"].items():
         bpt = f"{s['bytes_per_token']:.3f}" if s["bytes_per_token"] else "-"

@@ -64,8 +64,7 @@ class ResumableBatchSampler(Sampler[List[int]]):
     it changes nothing (so a restored mid-epoch position survives Lightning's call).
     """
 
-    def __init__(self, num_windows: int, batch_size: int, seed: int, rank: int = 0,
-                 world_size: int = 1):
+    def __init__(self, num_windows: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world of size {world_size}")
         if batch_size <= 0:
@@ -110,9 +109,14 @@ class ResumableBatchSampler(Sampler[List[int]]):
             self.consumed = 0
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"epoch": self.epoch, "consumed": self.consumed, "seed": self.seed,
-                "num_windows": self.num_windows, "world_size": self.world_size,
-                "batch_size": self.batch_size}
+        return {
+            "epoch": self.epoch,
+            "consumed": self.consumed,
+            "seed": self.seed,
+            "num_windows": self.num_windows,
+            "world_size": self.world_size,
+            "batch_size": self.batch_size,
+        }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         if int(state["num_windows"]) != self.num_windows:
@@ -122,12 +126,15 @@ class ResumableBatchSampler(Sampler[List[int]]):
                 f"(different data directory or seq_len)"
             )
         if int(state["seed"]) != self.seed:
-            warnings.warn(f"resuming the data order of seed {state['seed']} (configured seed "
-                          f"{self.seed})", stacklevel=2)
+            warnings.warn(
+                f"resuming the data order of seed {state['seed']} (configured seed {self.seed})", stacklevel=2
+            )
         if int(state.get("world_size", self.world_size)) != self.world_size:
             warnings.warn(
                 f"resuming with world size {self.world_size} (checkpoint: {state['world_size']}): "
-                f"the rest of the epoch is re-divided among the ranks", stacklevel=2)
+                f"the rest of the epoch is re-divided among the ranks",
+                stacklevel=2,
+            )
         self.seed = int(state["seed"])
         self.epoch = int(state["epoch"])
         self.consumed = int(state["consumed"])
@@ -136,7 +143,7 @@ class ResumableBatchSampler(Sampler[List[int]]):
     def rank_indices(self) -> torch.Tensor:
         """This rank's remaining window indices of the current epoch (whole batches only)."""
         perm = epoch_permutation(self.num_windows, self.seed, self.epoch)
-        mine = perm[self.consumed + self.rank::self.world_size]
+        mine = perm[self.consumed + self.rank :: self.world_size]
         return mine[: self.remaining_batches() * self.batch_size]
 
     def __iter__(self) -> Iterator[List[int]]:
@@ -144,7 +151,7 @@ class ResumableBatchSampler(Sampler[List[int]]):
         step = self.batch_size * self.world_size
         for b in range(0, len(indices), self.batch_size):
             self.consumed += step
-            yield indices[b:b + self.batch_size]
+            yield indices[b : b + self.batch_size]
         # the epoch ran out: the next iteration starts the next epoch
         self.epoch += 1
         self.consumed = 0
@@ -157,8 +164,9 @@ class StridedBatchSampler(Sampler[List[int]]):
     the last batch may be short (the same length on every rank).
     """
 
-    def __init__(self, num_windows: int, batch_size: int, rank: int = 0, world_size: int = 1,
-                 max_batches: Optional[int] = None):
+    def __init__(
+        self, num_windows: int, batch_size: int, rank: int = 0, world_size: int = 1, max_batches: Optional[int] = None
+    ):
         per_rank = num_windows // world_size
         if max_batches is not None:
             per_rank = min(per_rank, max_batches * batch_size)
@@ -170,7 +178,7 @@ class StridedBatchSampler(Sampler[List[int]]):
 
     def __iter__(self) -> Iterator[List[int]]:
         for b in range(0, len(self.indices), self.batch_size):
-            yield self.indices[b:b + self.batch_size]
+            yield self.indices[b : b + self.batch_size]
 
 
 class StreamBatchSampler(ResumableBatchSampler):
@@ -200,9 +208,11 @@ class StreamBatchSampler(ResumableBatchSampler):
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         for key, now in (("world_size", self.world_size), ("batch_size", self.batch_size)):
             if int(state.get(key, now)) != now:
-                raise DataError(f"train.state_passing: the checkpoint's data streams were laid out for {key} "
-                                f"{state[key]}, this run has {now}; resume with the same number of ranks and "
-                                f"train.micro_batch_size")
+                raise DataError(
+                    f"train.state_passing: the checkpoint's data streams were laid out for {key} "
+                    f"{state[key]}, this run has {now}; resume with the same number of ranks and "
+                    f"train.micro_batch_size"
+                )
         super().load_state_dict(state)
 
     def rank_indices(self) -> torch.Tensor:

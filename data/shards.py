@@ -96,7 +96,7 @@ class SplitWriter:
                 self._close_shard()
                 self._open_shard()
             take = min(len(tokens) - pos, self.shard_tokens - self._in_shard)
-            self._file.write(tokens[pos:pos + take].tobytes())
+            self._file.write(tokens[pos : pos + take].tobytes())
             self._in_shard += take
             pos += take
         self.tokens += len(tokens)
@@ -144,8 +144,9 @@ def read_metadata(data_dir: Union[str, Path]) -> Dict[str, Any]:
     except (OSError, ValueError) as e:
         raise DataError(f"{path}: unreadable metadata ({e})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise DataError(f"{path}: unknown format {meta.get('format') if isinstance(meta, dict) else '?'}; "
-                        f"expected {FORMAT}")
+        raise DataError(
+            f"{path}: unknown format {meta.get('format') if isinstance(meta, dict) else '?'}; expected {FORMAT}"
+        )
     return meta
 
 
@@ -175,12 +176,12 @@ class FlatTokens:
         k = int(np.searchsorted(self.offsets, start, side="right")) - 1
         local = start - int(self.offsets[k])
         if local + length <= len(self.shards[k]):
-            return self.shards[k][local:local + length]
+            return self.shards[k][local : local + length]
         out = np.empty(length, dtype=self.dtype)
         filled = 0
         while filled < length:
             take = min(length - filled, len(self.shards[k]) - local)
-            out[filled:filled + take] = self.shards[k][local:local + take]
+            out[filled : filled + take] = self.shards[k][local : local + take]
             filled += take
             k += 1
             local = 0
@@ -190,8 +191,9 @@ class FlatTokens:
         if isinstance(key, slice):
             start, stop, step = key.indices(len(self))
             if step != 1:
-                return self.window(start, max(0, stop - start))[::step] if stop > start else \
-                    np.zeros(0, dtype=self.dtype)
+                return (
+                    self.window(start, max(0, stop - start))[::step] if stop > start else np.zeros(0, dtype=self.dtype)
+                )
             return self.window(start, max(0, stop - start))
         i = int(key)
         if i < 0:
@@ -227,8 +229,9 @@ class TokenShards:
             try:
                 arr = np.load(path, mmap_mode="r")
             except (OSError, ValueError) as e:
-                raise DataError(f"{path}: cannot open shard ({str(e).splitlines()[0]}); re-run lm data prepare "
-                                f"--force") from None
+                raise DataError(
+                    f"{path}: cannot open shard ({str(e).splitlines()[0]}); re-run lm data prepare --force"
+                ) from None
             if arr.ndim != 1 or arr.dtype != self.dtype or len(arr) != shard["tokens"]:
                 raise DataError(
                     f"{path}: shard is {arr.dtype}[{len(arr)}], metadata says "
@@ -240,11 +243,17 @@ class TokenShards:
         try:
             self._doc_starts = np.load(path, mmap_mode="r")
         except (OSError, ValueError) as e:
-            raise DataError(f"{path}: cannot read the document offsets ({str(e).splitlines()[0]}); the directory is "
-                            f"damaged: re-run lm data prepare --force") from None
-        if self._doc_starts.ndim != 1 or len(self._doc_starts) != int(self.info.get("documents", len(self._doc_starts))):
-            raise DataError(f"{path}: holds {self._doc_starts.shape} offsets, metadata says "
-                            f"{self.info.get('documents')} documents; re-run lm data prepare --force")
+            raise DataError(
+                f"{path}: cannot read the document offsets ({str(e).splitlines()[0]}); the directory is "
+                f"damaged: re-run lm data prepare --force"
+            ) from None
+        if self._doc_starts.ndim != 1 or len(self._doc_starts) != int(
+            self.info.get("documents", len(self._doc_starts))
+        ):
+            raise DataError(
+                f"{path}: holds {self._doc_starts.shape} offsets, metadata says "
+                f"{self.info.get('documents')} documents; re-run lm data prepare --force"
+            )
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -297,7 +306,5 @@ def check_compatible(
             f"re-run `lm data prepare` with that tokenizer"
         )
     if vocab_size is not None and int(vocab_size) != int(meta["vocab_size"]):
-        raise DataError(
-            f"{data_dir}: shards have vocab size {meta['vocab_size']}, expected {vocab_size}"
-        )
+        raise DataError(f"{data_dir}: shards have vocab size {meta['vocab_size']}, expected {vocab_size}")
     return meta

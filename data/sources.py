@@ -126,9 +126,9 @@ def expand_paths(patterns: List[str]) -> List[Path]:
             path = Path(pattern)
             if path.is_dir():
                 found = sorted(
-                    p for p in path.rglob("*")
-                    if p.is_file() and not any(part.startswith(".") for part in
-                                               p.relative_to(path).parts)
+                    p
+                    for p in path.rglob("*")
+                    if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
                 )
                 if not found:
                     raise DataError(f"source.paths: directory '{pattern}' contains no files")
@@ -213,8 +213,13 @@ class _FileSource(Source):
         except OSError as e:
             raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
         stats.files += 1
-        return decode_utf8(raw, path, str(self.cfg.get("encoding_errors", "replace")), stats,
-                           float(self.cfg.get("max_invalid_utf8", 1.0)))
+        return decode_utf8(
+            raw,
+            path,
+            str(self.cfg.get("encoding_errors", "replace")),
+            stats,
+            float(self.cfg.get("max_invalid_utf8", 1.0)),
+        )
 
 
 class StdlibSource(_FileSource):
@@ -227,8 +232,12 @@ class StdlibSource(_FileSource):
         return files
 
     def describe(self) -> Dict[str, Any]:
-        return {"kind": "stdlib", "root": sysconfig.get_paths()["stdlib"],
-                "exclude": list(STDLIB_EXCLUDE), "files": len(self.files())}
+        return {
+            "kind": "stdlib",
+            "root": sysconfig.get_paths()["stdlib"],
+            "exclude": list(STDLIB_EXCLUDE),
+            "files": len(self.files()),
+        }
 
     def _raw_documents(self, stats: ReadStats) -> Iterator[str]:
         for path in self.files():
@@ -242,8 +251,12 @@ class TextSource(_FileSource):
         return expand_paths(list(self.cfg.get("paths") or []))
 
     def describe(self) -> Dict[str, Any]:
-        out = {"kind": "text", "paths": list(self.cfg.get("paths") or []),
-               "split_by": self.cfg.get("split_by", "file"), "files": len(self.files())}
+        out = {
+            "kind": "text",
+            "paths": list(self.cfg.get("paths") or []),
+            "split_by": self.cfg.get("split_by", "file"),
+            "files": len(self.files()),
+        }
         if out["split_by"] == "regex":
             out["split_regex"] = self._regex().pattern
         return out
@@ -302,9 +315,7 @@ def _rows_text(rows: Iterator[Mapping[str, Any]], field: str, where: str) -> Ite
         elif isinstance(value, str):
             yield value
         else:
-            raise DataError(
-                f"{where}: row {i}: field '{field}' holds {type(value).__name__}, expected text"
-            )
+            raise DataError(f"{where}: row {i}: field '{field}' holds {type(value).__name__}, expected text")
 
 
 class DatasetsFileSource(Source):
@@ -314,8 +325,12 @@ class DatasetsFileSource(Source):
         return expand_paths(list(self.cfg.get("paths") or []))
 
     def describe(self) -> Dict[str, Any]:
-        return {"kind": self.kind, "paths": list(self.cfg.get("paths") or []),
-                "text_field": self.cfg.get("text_field", "text"), "files": len(self.files())}
+        return {
+            "kind": self.kind,
+            "paths": list(self.cfg.get("paths") or []),
+            "text_field": self.cfg.get("text_field", "text"),
+            "files": len(self.files()),
+        }
 
     def _raw_documents(self, stats: ReadStats) -> Iterator[str]:
         field = str(self.cfg.get("text_field", "text"))
@@ -329,8 +344,7 @@ class DatasetsFileSource(Source):
             stats.files += 1
             if field not in ds.column_names:
                 raise DataError(
-                    f"{path}: no field '{field}' (source.text_field); "
-                    f"columns: {', '.join(ds.column_names) or '(none)'}"
+                    f"{path}: no field '{field}' (source.text_field); columns: {', '.join(ds.column_names) or '(none)'}"
                 )
             batches = ds.select_columns([field]).iter(batch_size=1024)
             # one row stream per file, so an error names the row's index in the file
@@ -349,9 +363,14 @@ class HubSource(Source):
         return expand_paths(list(self.cfg.get("paths") or [])) if self.cfg.get("paths") else []
 
     def describe(self) -> Dict[str, Any]:
-        out = {"kind": "hf", "name": self.cfg.get("hf_name"), "config": self.cfg.get("hf_config"),
-               "split": self.cfg.get("hf_split", "train"),
-               "streaming": bool(self.cfg.get("streaming", False)), "files": len(self.files())}
+        out = {
+            "kind": "hf",
+            "name": self.cfg.get("hf_name"),
+            "config": self.cfg.get("hf_config"),
+            "split": self.cfg.get("hf_split", "train"),
+            "streaming": bool(self.cfg.get("streaming", False)),
+            "files": len(self.files()),
+        }
         if self.files():
             out["paths"] = list(self.cfg.get("paths") or [])
         return out
@@ -364,15 +383,26 @@ class HubSource(Source):
         split = self.cfg.get("hf_split", "train")
         field = str(self.cfg.get("text_field", "text"))
         files = [str(p) for p in self.files()]
-        where = (f"HF dataset '{name}'" + (f" ({config})" if config else "") + f" split '{split}'"
-                 + (f" of {len(files)} local file(s) ({files[0]}{', ...' if len(files) > 1 else ''})" if files else ""))
+        where = (
+            f"HF dataset '{name}'"
+            + (f" ({config})" if config else "")
+            + f" split '{split}'"
+            + (f" of {len(files)} local file(s) ({files[0]}{', ...' if len(files) > 1 else ''})" if files else "")
+        )
         with _quiet_datasets() as datasets:
             try:
-                ds = datasets.load_dataset(name, config, split=split, data_files=files or None,
-                                           streaming=bool(self.cfg.get("streaming", False)))
+                ds = datasets.load_dataset(
+                    name,
+                    config,
+                    split=split,
+                    data_files=files or None,
+                    streaming=bool(self.cfg.get("streaming", False)),
+                )
             except Exception as e:
-                offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
-                              for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
+                offline = any(
+                    os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
+                    for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
+                )
                 hint = " [offline: HF_DATASETS_OFFLINE/HF_HUB_OFFLINE is set]" if offline else ""
                 raise DataError(f"source.hf_name: cannot load {where}: {_first_line(e)}{hint}") from None
         columns = getattr(ds, "column_names", None)
@@ -397,8 +427,9 @@ def open_source(cfg: Mapping[str, Any]) -> Source:
     """The :class:`Source` for a ``data.source`` section."""
     kind = str(cfg.get("kind", "stdlib"))
     if kind == "task":
-        raise DataError("source.kind=task: synthetic tasks are generated during training (data.tasks); "
-                        "there is nothing to prepare")
+        raise DataError(
+            "source.kind=task: synthetic tasks are generated during training (data.tasks); there is nothing to prepare"
+        )
     if kind not in _KINDS:
         raise DataError(f"source.kind: unknown kind '{kind}'; choose one of: {', '.join(_KINDS)}")
     return _KINDS[kind](cfg)

@@ -101,6 +101,8 @@ def small_split_warning(metadata: dict, split: str = "validation") -> "str | Non
         short.append(f"{tokens:,} tokens (< {MIN_VALIDATION_TOKENS:,})")
     if not short:
         return None
-    return (f"warning: the {split} split has only {' and '.join(short)}: its perplexity is a noisy estimate; raise "
-            f"data.validation_fraction, split the text into more documents (data.source.split_by), or score a "
-            f"held-out file with lm eval ppl --data")
+    return (
+        f"warning: the {split} split has only {' and '.join(short)}: its perplexity is a noisy estimate; raise "
+        f"data.validation_fraction, split the text into more documents (data.source.split_by), or score a "
+        f"held-out file with lm eval ppl --data"
+    )

@@ -22,12 +22,28 @@ from kernels._dispatch import BACKENDS, call, choose_backend, is_reference, reso
 from kernels._varlen import check_cu_seqlens
 
 __all__ = [
-    "BACKENDS", "linear_scan", "gla", "delta_rule", "dplr", "softmax_scan", "recurrent_delta", "srwm",
+    "BACKENDS",
+    "linear_scan",
+    "gla",
+    "delta_rule",
+    "dplr",
+    "softmax_scan",
+    "recurrent_delta",
+    "srwm",
 ]
 
 
-def _run(op: str, backend: Optional[str], device: torch.device, *args, log_decay=None, cu_seqlens=None,
-         offsets=None, n_steps: int = 0, batched=()):
+def _run(
+    op: str,
+    backend: Optional[str],
+    device: torch.device,
+    *args,
+    log_decay=None,
+    cu_seqlens=None,
+    offsets=None,
+    n_steps: int = 0,
+    batched=(),
+):
     """Resolve the backend and call it; ``log_decay`` (g) is value-checked first on the reference
     backend or with ``LM_KERNEL_CHECKS=1`` (no host-device sync on the fast paths). With ``cu_seqlens``
     (validated into ``offsets``) the first ``n_steps`` args are per-step and ``batched`` indexes the
@@ -69,8 +85,18 @@ def linear_scan(
     offsets = check_cu_seqlens(cu_seqlens, sizes, a)
     if initial_state is not None:
         check_tensor("initial_state", initial_state, (_lead(offsets), "D"), sizes, ref=a)
-    return _run("linear_scan", backend, a.device, a, b, initial_state, output_final_state,
-                cu_seqlens=cu_seqlens, offsets=offsets, n_steps=2)
+    return _run(
+        "linear_scan",
+        backend,
+        a.device,
+        a,
+        b,
+        initial_state,
+        output_final_state,
+        cu_seqlens=cu_seqlens,
+        offsets=offsets,
+        n_steps=2,
+    )
 
 
 def _check_qkv(q, k, v, sizes):
@@ -110,8 +136,22 @@ def gla(
     offsets = check_cu_seqlens(cu_seqlens, sizes, q)
     _check_matrix_state(initial_state, sizes, q, offsets)
     scale = _default_scale(scale, q.shape[-1])
-    return _run("gla", backend, q.device, q, k, v, g, scale, initial_state, output_final_state, log_decay=g,
-                cu_seqlens=cu_seqlens, offsets=offsets, n_steps=4)
+    return _run(
+        "gla",
+        backend,
+        q.device,
+        q,
+        k,
+        v,
+        g,
+        scale,
+        initial_state,
+        output_final_state,
+        log_decay=g,
+        cu_seqlens=cu_seqlens,
+        offsets=offsets,
+        n_steps=4,
+    )
 
 
 def delta_rule(
@@ -138,8 +178,23 @@ def delta_rule(
     offsets = check_cu_seqlens(cu_seqlens, sizes, q)
     _check_matrix_state(initial_state, sizes, q, offsets)
     scale = _default_scale(scale, q.shape[-1])
-    return _run("delta_rule", backend, q.device, q, k, v, beta, g, scale, initial_state, output_final_state,
-                log_decay=g, cu_seqlens=cu_seqlens, offsets=offsets, n_steps=5)
+    return _run(
+        "delta_rule",
+        backend,
+        q.device,
+        q,
+        k,
+        v,
+        beta,
+        g,
+        scale,
+        initial_state,
+        output_final_state,
+        log_decay=g,
+        cu_seqlens=cu_seqlens,
+        offsets=offsets,
+        n_steps=5,
+    )
 
 
 def dplr(
@@ -166,8 +221,24 @@ def dplr(
     offsets = check_cu_seqlens(cu_seqlens, sizes, q)
     _check_matrix_state(initial_state, sizes, q, offsets)
     scale = _default_scale(scale, q.shape[-1])
-    return _run("dplr", backend, q.device, q, k, v, a, b, g, scale, initial_state, output_final_state, log_decay=g,
-                cu_seqlens=cu_seqlens, offsets=offsets, n_steps=6)
+    return _run(
+        "dplr",
+        backend,
+        q.device,
+        q,
+        k,
+        v,
+        a,
+        b,
+        g,
+        scale,
+        initial_state,
+        output_final_state,
+        log_decay=g,
+        cu_seqlens=cu_seqlens,
+        offsets=offsets,
+        n_steps=6,
+    )
 
 
 def softmax_scan(
@@ -195,8 +266,18 @@ def softmax_scan(
         check_tensor("initial_state[0] (m)", m, (lead, "H"), sizes, ref=s)
         check_tensor("initial_state[1] (u)", u, (lead, "H"), sizes, ref=s)
         check_tensor("initial_state[2] (w)", w, (lead, "H", "V"), sizes, ref=s)
-    return _run("softmax_scan", backend, s.device, s, v, initial_state, output_final_state,
-                cu_seqlens=cu_seqlens, offsets=offsets, n_steps=2)
+    return _run(
+        "softmax_scan",
+        backend,
+        s.device,
+        s,
+        v,
+        initial_state,
+        output_final_state,
+        cu_seqlens=cu_seqlens,
+        offsets=offsets,
+        n_steps=2,
+    )
 
 
 def recurrent_delta(
@@ -233,8 +314,22 @@ def recurrent_delta(
         check_tensor("initial_state[0] (S)", initial_state[0], (lead, "H", "K", "V"), sizes, ref=q)
         check_tensor("initial_state[1] (y)", initial_state[1], (lead, "H", "V"), sizes, ref=q)
     return _run(
-        "recurrent_delta", backend, q.device, q, k, v, beta, r_q, r_k, r_v, r_b,
-        initial_state, output_final_state, cu_seqlens=cu_seqlens, offsets=offsets, n_steps=4,
+        "recurrent_delta",
+        backend,
+        q.device,
+        q,
+        k,
+        v,
+        beta,
+        r_q,
+        r_k,
+        r_v,
+        r_b,
+        initial_state,
+        output_final_state,
+        cu_seqlens=cu_seqlens,
+        offsets=offsets,
+        n_steps=4,
     )
 
 
@@ -264,17 +359,34 @@ def srwm(
     if initial_state is not None:
         if len(initial_state) != 4:
             raise ValueError("initial_state: expected a tuple (W_y, W_q, W_k, w_b) of batched weights")
-        names = ("initial_state[0] (W_y)", "initial_state[1] (W_q)", "initial_state[2] (W_k)",
-                 "initial_state[3] (w_b)")
+        names = ("initial_state[0] (W_y)", "initial_state[1] (W_q)", "initial_state[2] (W_k)", "initial_state[3] (w_b)")
         shapes = (("H", "V", "D"), ("H", "D", "D"), ("H", "D", "D"), ("H", 4, "D"))
         for name, w, shape in zip(names, initial_state, shapes):
             check_tensor(name, w, (lead,) + shape, sizes, ref=x)
     else:
-        for name, w, shape in (("w_y", w_y, ("H", "V", "D")), ("w_q", w_q, ("H", "D", "D")),
-                               ("w_k", w_k, ("H", "D", "D")), ("w_b", w_b, ("H", 4, "D"))):
+        for name, w, shape in (
+            ("w_y", w_y, ("H", "V", "D")),
+            ("w_q", w_q, ("H", "D", "D")),
+            ("w_k", w_k, ("H", "D", "D")),
+            ("w_b", w_b, ("H", 4, "D")),
+        ):
             if w is None:
                 raise ValueError(f"{name}: required when initial_state is None")
             check_tensor(name, w, (lead,) + shape if w.dim() == 4 else shape, sizes, ref=x)
         batched = tuple(i for i, w in enumerate((w_y, w_q, w_k, w_b), 1) if w.dim() == 4)
-    return _run("srwm", backend, x.device, x, w_y, w_q, w_k, w_b, initial_state, output_final_state,
-                cu_seqlens=cu_seqlens, offsets=offsets, n_steps=1, batched=batched)
+    return _run(
+        "srwm",
+        backend,
+        x.device,
+        x,
+        w_y,
+        w_q,
+        w_k,
+        w_b,
+        initial_state,
+        output_final_state,
+        cu_seqlens=cu_seqlens,
+        offsets=offsets,
+        n_steps=1,
+        batched=batched,
+    )

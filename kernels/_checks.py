@@ -24,9 +24,7 @@ def check_tensor(name: str, x: torch.Tensor, expected: Dims, sizes: dict, ref: O
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"{name}: expected a tensor of shape {_fmt(expected)}, got {type(x).__name__}")
     if x.dim() != len(expected):
-        raise ValueError(
-            f"{name}: expected {len(expected)} dims {_fmt(expected)}, got shape {tuple(x.shape)}"
-        )
+        raise ValueError(f"{name}: expected {len(expected)} dims {_fmt(expected)}, got shape {tuple(x.shape)}")
     for sym, actual in zip(expected, x.shape):
         if isinstance(sym, int):
             want = sym
@@ -37,9 +35,7 @@ def check_tensor(name: str, x: torch.Tensor, expected: Dims, sizes: dict, ref: O
             continue
         if actual != want:
             concrete = [sizes.get(s, s) if not isinstance(s, int) else s for s in expected]
-            raise ValueError(
-                f"{name}: expected shape {_fmt(expected)} = {_fmt(concrete)}, got {tuple(x.shape)}"
-            )
+            raise ValueError(f"{name}: expected shape {_fmt(expected)} = {_fmt(concrete)}, got {tuple(x.shape)}")
     if ref is not None:
         if x.device != ref.device:
             raise ValueError(f"{name}: on {x.device}, expected the same device as the inputs ({ref.device})")

@@ -66,11 +66,14 @@ def fla_available() -> bool:
 def _check_fla(device: torch.device) -> None:
     """``backend="fla"``: never chosen automatically; needs fla, and CUDA or the Triton interpreter."""
     if not fla_available():
-        raise ValueError("backend 'fla' requested but flash-linear-attention is not installed "
-                         "(pip install 'rnn-lm[fla]')")
+        raise ValueError(
+            "backend 'fla' requested but flash-linear-attention is not installed (pip install 'rnn-lm[fla]')"
+        )
     if device.type != "cuda" and not triton_interpret():
-        raise ValueError(f"backend 'fla' runs Triton kernels and needs CUDA tensors (got {device.type}); set "
-                         "TRITON_INTERPRET=1 to run them on the CPU interpreter")
+        raise ValueError(
+            f"backend 'fla' runs Triton kernels and needs CUDA tensors (got {device.type}); set "
+            "TRITON_INTERPRET=1 to run them on the CPU interpreter"
+        )
 
 
 def lazy(module: str, name: str) -> Callable[[], Callable]:
@@ -107,8 +110,7 @@ def resolve(op: str, backend: Optional[str], device: torch.device, T: int) -> Ca
     return table[backend]()
 
 
-def call(op: str, fn: Callable, args: tuple, cu_seqlens: Optional[torch.Tensor], offsets, n_steps: int,
-         batched=()):
+def call(op: str, fn: Callable, args: tuple, cu_seqlens: Optional[torch.Tensor], offsets, n_steps: int, batched=()):
     """Call the resolved ``fn``: plainly, natively with ``cu_seqlens=`` when it is marked ``varlen``, else
     once per sequence (``offsets``: the validated ``cu_seqlens`` as a list; zero-length sequences run
     through the reference, which returns the state unchanged)."""

@@ -55,8 +55,9 @@ def check_cu_seqlens(cu_seqlens: Optional[torch.Tensor], sizes: dict, ref: torch
         raise ValueError(f"cu_seqlens: must end at T = {T} (the packed length), got {offsets[-1]}")
     for n in range(len(offsets) - 1):
         if offsets[n + 1] < offsets[n]:
-            raise ValueError(f"cu_seqlens: must be non-decreasing, got {offsets[n]} then {offsets[n + 1]} "
-                             f"at positions {n}, {n + 1}")
+            raise ValueError(
+                f"cu_seqlens: must be non-decreasing, got {offsets[n]} then {offsets[n + 1]} at positions {n}, {n + 1}"
+            )
     sizes["N"] = len(offsets) - 1
     return offsets
 
@@ -65,8 +66,8 @@ def _slice_state(state, n: int):
     if state is None:
         return None
     if isinstance(state, (tuple, list)):
-        return tuple(x[n:n + 1] for x in state)
-    return state[n:n + 1]
+        return tuple(x[n : n + 1] for x in state)
+    return state[n : n + 1]
 
 
 def _stack_states(states: list):
@@ -103,7 +104,7 @@ def per_sequence(
             if i < n_steps and x is not None:
                 x = x[:, start:end]
             elif i in batched:
-                x = x[n:n + 1]
+                x = x[n : n + 1]
             call.append(x)
         run = fn if (start < end or empty_fn is None) else empty_fn
         out, final = run(*call, _slice_state(initial_state, n), output_final_state)
@@ -114,6 +115,7 @@ def per_sequence(
 
 
 # ---- helpers for native paths (computed on the device, no host sync) -----------------------------
+
 
 def sequence_ids(cu_seqlens: torch.Tensor, T: int) -> torch.Tensor:
     """The sequence of every step: ``seq[t] = n`` with ``cu[n] <= t < cu[n+1]`` (int64 [T])."""

@@ -72,6 +72,7 @@ class Row:
 
 # ---- inputs ----------------------------------------------------------------------------------
 
+
 def make_inputs(op: str, s: Shape, variant: str = "", seed: int = 0) -> Dict[str, torch.Tensor]:
     """Well-conditioned random inputs for ``op`` (``variant`` "head": gla with a per-head gate)."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -88,26 +89,52 @@ def make_inputs(op: str, s: Shape, variant: str = "", seed: int = 0) -> Dict[str
         args = {"a": 0.5 + 0.5 * rand(B, T, D), "b": randn(B, T, D)}
     elif op == "gla":
         g_shape = (B, T, H) if variant == "head" else (B, T, H, K)
-        args = {"q": randn(B, T, H, K), "k": randn(B, T, H, K) * K ** -0.5, "v": randn(B, T, H, V),
-                "g": F.logsigmoid(randn(*g_shape) + 3.0) / 4}
+        args = {
+            "q": randn(B, T, H, K),
+            "k": randn(B, T, H, K) * K**-0.5,
+            "v": randn(B, T, H, V),
+            "g": F.logsigmoid(randn(*g_shape) + 3.0) / 4,
+        }
     elif op == "delta_rule":
-        args = {"q": randn(B, T, H, K), "k": F.normalize(randn(B, T, H, K), dim=-1), "v": randn(B, T, H, V),
-                "beta": rand(B, T, H), "g": F.logsigmoid(randn(B, T, H) + 3.0) / 4}
+        args = {
+            "q": randn(B, T, H, K),
+            "k": F.normalize(randn(B, T, H, K), dim=-1),
+            "v": randn(B, T, H, V),
+            "beta": rand(B, T, H),
+            "g": F.logsigmoid(randn(B, T, H) + 3.0) / 4,
+        }
     elif op == "dplr":
         kappa = F.normalize(randn(B, T, H, K), dim=-1)
-        args = {"q": randn(B, T, H, K), "k": randn(B, T, H, K) * K ** -0.5, "v": randn(B, T, H, V),
-                "a": -kappa, "b": kappa * rand(B, T, H, K), "g": F.logsigmoid(randn(B, T, H, K) + 3.0) / 4}
+        args = {
+            "q": randn(B, T, H, K),
+            "k": randn(B, T, H, K) * K**-0.5,
+            "v": randn(B, T, H, V),
+            "a": -kappa,
+            "b": kappa * rand(B, T, H, K),
+            "g": F.logsigmoid(randn(B, T, H, K) + 3.0) / 4,
+        }
     elif op == "softmax_scan":
         args = {"s": randn(B, T, H, scale=3.0), "v": randn(B, T, H, V)}
     elif op == "recurrent_delta":
-        args = {"q": randn(B, T, H, K), "k": randn(B, T, H, K), "v": randn(B, T, H, V), "beta": randn(B, T, H),
-                "r_q": randn(H, K, V, scale=0.1), "r_k": randn(H, K, V, scale=0.1),
-                "r_v": randn(H, V, V, scale=0.1), "r_b": randn(H, V, scale=0.1)}
+        args = {
+            "q": randn(B, T, H, K),
+            "k": randn(B, T, H, K),
+            "v": randn(B, T, H, V),
+            "beta": randn(B, T, H),
+            "r_q": randn(H, K, V, scale=0.1),
+            "r_k": randn(H, K, V, scale=0.1),
+            "r_v": randn(H, V, V, scale=0.1),
+            "r_b": randn(H, V, scale=0.1),
+        }
     elif op == "srwm":
         D = K
-        args = {"x": randn(B, T, H, D), "w_y": randn(H, V, D, scale=D ** -0.5),
-                "w_q": randn(H, D, D, scale=D ** -0.5), "w_k": randn(H, D, D, scale=D ** -0.5),
-                "w_b": randn(H, 4, D, scale=D ** -0.5)}
+        args = {
+            "x": randn(B, T, H, D),
+            "w_y": randn(H, V, D, scale=D**-0.5),
+            "w_q": randn(H, D, D, scale=D**-0.5),
+            "w_k": randn(H, D, D, scale=D**-0.5),
+            "w_b": randn(H, 4, D, scale=D**-0.5),
+        }
     else:
         raise ValueError(f"op: unknown op '{op}'; choose from {', '.join(OPS)}")
     return {n: x.to(device=s.device, dtype=s.dtype) for n, x in args.items()}
@@ -125,14 +152,19 @@ def work_model(op: str, s: Shape) -> Tuple[float, float, str]:
         fwd = tokens_heads * ((2 * V + 1) * elt + 4)
         bwd = tokens_heads * ((4 * V + 2) * elt + 4)
         return fwd, fwd + bwd, "GB/s"
-    per = {"gla": 4 * K * V, "delta_rule": 6 * K * V, "dplr": 8 * K * V,
-           "recurrent_delta": 10 * K * V + 2 * V * V,
-           "srwm": 2 * V * K + 4 * K * K + 8 * K + 4 * K * (V + 2 * K + 4)}[op]
+    per = {
+        "gla": 4 * K * V,
+        "delta_rule": 6 * K * V,
+        "dplr": 8 * K * V,
+        "recurrent_delta": 10 * K * V + 2 * V * V,
+        "srwm": 2 * V * K + 4 * K * K + 8 * K + 4 * K * (V + 2 * K + 4),
+    }[op]
     fwd = float(tokens_heads * per)
     return fwd, 3 * fwd, "GFLOP/s"
 
 
 # ---- timing ----------------------------------------------------------------------------------
+
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -145,8 +177,9 @@ CLOCK = {"wall": time.perf_counter, "process": time.process_time}
 _clock = time.perf_counter
 
 
-def median_time(fn: Callable[[], None], device: torch.device, repeats: int, warmup: int = 1,
-                budget_s: float = 20.0) -> float:
+def median_time(
+    fn: Callable[[], None], device: torch.device, repeats: int, warmup: int = 1, budget_s: float = 20.0
+) -> float:
     """Median time (s) of ``fn`` over up to ``repeats`` runs (fewer if one run is slow)."""
     clock = time.perf_counter if device.type == "cuda" else _clock
     for _ in range(warmup):
@@ -220,6 +253,7 @@ def copy_bandwidth(device: torch.device, nbytes: int, repeats: int) -> float:
 
 # ---- driver ----------------------------------------------------------------------------------
 
+
 def available_backends(op: str, wanted: Sequence[str], device: torch.device) -> Tuple[List[str], List[str]]:
     """Backends of ``op`` that can run here, and notes on the ones skipped."""
     table = _table(op)
@@ -262,10 +296,13 @@ def _run_case(op, label, variant, backends, args, dtype, device, notes) -> List[
                     continue
                 if backend == "reference":
                     ref_by_T[T] = (t_f, t_fb)
-            rows.append(Row(label, backend, T, t_f * 1e3, t_fb * 1e3, args.B * T, wf, unit, wfb,
-                            estimated=estimated))
-            print(f"  {label:18s} {backend:9s} T={T:6d}  fwd {t_f * 1e3:10.2f} ms  f+b {t_fb * 1e3:10.2f} ms"
-                  + ("  (est.)" if estimated else ""), file=sys.stderr, flush=True)
+            rows.append(Row(label, backend, T, t_f * 1e3, t_fb * 1e3, args.B * T, wf, unit, wfb, estimated=estimated))
+            print(
+                f"  {label:18s} {backend:9s} T={T:6d}  fwd {t_f * 1e3:10.2f} ms  f+b {t_fb * 1e3:10.2f} ms"
+                + ("  (est.)" if estimated else ""),
+                file=sys.stderr,
+                flush=True,
+            )
     ref = {r.T: r for r in rows if r.backend == "reference"}
     for row in rows:
         if row.backend != "reference" and row.T in ref:
@@ -289,11 +326,25 @@ def run(args) -> Tuple[List[Row], List[str]]:
             s = Shape(args.B, T, args.H, args.K, args.V, dtype, device)
             t_f, t_fb = time_sdpa(s, args.repeats)
             flops = 4 * s.B * s.H * s.T * s.T * s.K / 2
-            rows.append(Row("sdpa (causal)", "torch", T, t_f * 1e3, t_fb * 1e3, s.B * T, flops, "GFLOP/s",
-                            3.5 * flops, note="flash/mem-efficient attention baseline"))
+            rows.append(
+                Row(
+                    "sdpa (causal)",
+                    "torch",
+                    T,
+                    t_f * 1e3,
+                    t_fb * 1e3,
+                    s.B * T,
+                    flops,
+                    "GFLOP/s",
+                    3.5 * flops,
+                    note="flash/mem-efficient attention baseline",
+                )
+            )
             nbytes = int(work_model("linear_scan", s)[0] * 2 / 3)  # the size of a + b
-            notes.append(f"device copy bandwidth ({nbytes / 2**20:.0f} MiB): "
-                         f"{copy_bandwidth(device, nbytes, args.repeats):.0f} GB/s (read + write)")
+            notes.append(
+                f"device copy bandwidth ({nbytes / 2**20:.0f} MiB): "
+                f"{copy_bandwidth(device, nbytes, args.repeats):.0f} GB/s (read + write)"
+            )
     return rows, notes
 
 
@@ -312,8 +363,10 @@ def varlen_lines(args, dtype, device) -> List[str]:
     import kernels
     from kernels._varlen import is_varlen
 
-    lines = ["| op | backend | path | T | sequences | plain tok/s | packed tok/s | packed / plain |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| op | backend | path | T | sequences | plain tok/s | packed tok/s | packed / plain |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for op in args.ops:
         backends, _ = available_backends(op, [b for b in args.backends if b not in ("reference", "fla")], device)
         for backend in backends:
@@ -332,8 +385,10 @@ def varlen_lines(args, dtype, device) -> List[str]:
 
                 t_plain = median_time(fb, device, args.repeats)
                 t_packed = median_time(lambda: fb(cu_seqlens=cu), device, args.repeats)
-                lines.append(f"| {op} | {backend} | {path} | {T} | {len(lengths)} | {T / t_plain:,.0f} | "
-                             f"{T / t_packed:,.0f} | {t_plain / t_packed:.2f} |")
+                lines.append(
+                    f"| {op} | {backend} | {path} | {T} | {len(lengths)} | {T / t_plain:,.0f} | "
+                    f"{T / t_packed:,.0f} | {t_plain / t_packed:.2f} |"
+                )
     return lines
 
 
@@ -345,23 +400,32 @@ def _fmt_rate(work: float, ms: Optional[float], unit: str) -> str:
 
 
 def table_lines(rows: List[Row], markdown: bool) -> List[str]:
-    header = ["op", "backend", "T", "fwd ms", "fwd+bwd ms", "tokens/s (f+b)", "fwd rate", "f+b rate",
-              "x ref (f+b)"]
+    header = ["op", "backend", "T", "fwd ms", "fwd+bwd ms", "tokens/s (f+b)", "fwd rate", "f+b rate", "x ref (f+b)"]
     body = []
     for r in rows:
         est = " (est.)" if r.estimated else ""
-        body.append([
-            r.op, r.backend, str(r.T), f"{r.fwd_ms:,.2f}{est}", f"{r.fb_ms:,.2f}{est}",
-            f"{r.tokens / (r.fb_ms / 1e3):,.0f}", _fmt_rate(r.work_fwd, r.fwd_ms, r.unit),
-            _fmt_rate(r.work_fb, r.fb_ms, r.unit),
-            "-" if r.speedup is None else f"{r.speedup:,.1f}x" + (" (est.)" if r.estimated_ref else ""),
-        ])
+        body.append(
+            [
+                r.op,
+                r.backend,
+                str(r.T),
+                f"{r.fwd_ms:,.2f}{est}",
+                f"{r.fb_ms:,.2f}{est}",
+                f"{r.tokens / (r.fb_ms / 1e3):,.0f}",
+                _fmt_rate(r.work_fwd, r.fwd_ms, r.unit),
+                _fmt_rate(r.work_fb, r.fb_ms, r.unit),
+                "-" if r.speedup is None else f"{r.speedup:,.1f}x" + (" (est.)" if r.estimated_ref else ""),
+            ]
+        )
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(b) + " |" for b in body]
         return lines
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(header)]
-    fmt = lambda cells: "  ".join(c.rjust(w) if i >= 2 else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    def fmt(cells):
+        return "  ".join(c.rjust(w) if i >= 2 else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
     return [fmt(header), fmt(["-" * w for w in widths])] + [fmt(b) for b in body]
 
 
@@ -370,8 +434,7 @@ def per_token_ratios(rows: List[Row]) -> List[str]:
     out = []
     keys = sorted({(r.op, r.backend) for r in rows}, key=lambda k: (k[0], k[1]))
     for op, backend in keys:
-        mine = sorted((r for r in rows if r.op == op and r.backend == backend and not r.estimated),
-                      key=lambda r: r.T)
+        mine = sorted((r for r in rows if r.op == op and r.backend == backend and not r.estimated), key=lambda r: r.T)
         if len(mine) >= 2:
             lo, hi = mine[0], mine[-1]
             ratio = (hi.fb_ms / hi.T) / (lo.fb_ms / lo.T)
@@ -392,16 +455,27 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     p.add_argument("--V", type=int, default=None, help="value dim (CPU 64, GPU 128)")
     p.add_argument("--dtype", default=None, choices=("fp32", "bf16", "fp16"), help="CPU fp32, GPU bf16")
     p.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (median)")
-    p.add_argument("--ref-max-T", type=int, default=None,
-                   help="longest T the reference loop is run at; longer ones are estimated (CPU 2048, GPU 256)")
+    p.add_argument(
+        "--ref-max-T",
+        type=int,
+        default=None,
+        help="longest T the reference loop is run at; longer ones are estimated (CPU 2048, GPU 256)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
-    p.add_argument("--clock", default="wall", choices=tuple(CLOCK),
-                   help="CPU timer: wall, or process CPU time (use with --threads 1 on a shared machine)")
+    p.add_argument(
+        "--clock",
+        default="wall",
+        choices=tuple(CLOCK),
+        help="CPU timer: wall, or process CPU time (use with --threads 1 on a shared machine)",
+    )
     p.add_argument("--quick", action="store_true", help="fewer lengths and repeats")
     p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     p.add_argument("--no-extras", action="store_true", help="GPU: skip the SDPA and copy-bandwidth rows")
-    p.add_argument("--varlen", action="store_true",
-                   help="packed rows (cu_seqlens, ~10 sequences per 2048 tokens) vs the same tokens unpacked (B=1)")
+    p.add_argument(
+        "--varlen",
+        action="store_true",
+        help="packed rows (cu_seqlens, ~10 sequences per 2048 tokens) vs the same tokens unpacked (B=1)",
+    )
     a = p.parse_args(argv)
     gpu = a.device.startswith("cuda")
     a.ops = [o for o in a.ops.split(",") if o]
@@ -433,18 +507,22 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     _clock = CLOCK[args.clock]
     if args.varlen:
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-        print(f"\nkernels benchmark, packed sequences (cu_seqlens) on {args.device} ({torch.get_num_threads()} "
-              f"threads), B=1, H={args.H}, K={args.K}, V={args.V}, {args.dtype}; forward+backward, median of up "
-              f"to {args.repeats} runs\n")
+        print(
+            f"\nkernels benchmark, packed sequences (cu_seqlens) on {args.device} ({torch.get_num_threads()} "
+            f"threads), B=1, H={args.H}, K={args.K}, V={args.V}, {args.dtype}; forward+backward, median of up "
+            f"to {args.repeats} runs\n"
+        )
         for line in varlen_lines(args, dtype, torch.device(args.device)):
             print(line)
         return
     rows, notes = run(args)
     shape = f"B={args.B}, H={args.H}, K={args.K}, V={args.V} (linear_scan D={args.H * args.K}), {args.dtype}"
     clock = "wall clock" if args.device.startswith("cuda") or args.clock == "wall" else "process CPU time"
-    print(f"\nkernels benchmark on {args.device} ({torch.get_num_threads()} threads, {clock}), {shape}; "
-          f"median of up to {args.repeats} runs after warm-up; reference beyond T={args.ref_max_T} "
-          f"estimated linearly (est.)\n")
+    print(
+        f"\nkernels benchmark on {args.device} ({torch.get_num_threads()} threads, {clock}), {shape}; "
+        f"median of up to {args.repeats} runs after warm-up; reference beyond T={args.ref_max_T} "
+        f"estimated linearly (est.)\n"
+    )
     for line in table_lines(rows, args.markdown):
         print(line)
     ratios = per_token_ratios(rows)

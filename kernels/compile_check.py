@@ -86,15 +86,23 @@ class Job:
     cases: List[Case] = field(default_factory=list)
 
     def key(self) -> str:
-        return json.dumps([self.module, self.name, self.signature, self.constexprs, self.attrs, self.options],
-                          sort_keys=True, default=str)
+        return json.dumps(
+            [self.module, self.name, self.signature, self.constexprs, self.attrs, self.options],
+            sort_keys=True,
+            default=str,
+        )
 
     def describe(self) -> dict:
         """The launch as plain data: kernel, named constexprs, argument types, launch options, calls."""
         names = list(self.signature)
-        return {"kernel": self.name, "module": self.module, "signature": self.signature,
-                "constexprs": {names[path[0]]: v for path, v in self.constexprs}, "options": self.options,
-                "calls": [f"{c.op} K={c.head} {c.dtype} {c.label}" for c in self.cases]}
+        return {
+            "kernel": self.name,
+            "module": self.module,
+            "signature": self.signature,
+            "constexprs": {names[path[0]]: v for path, v in self.constexprs},
+            "options": self.options,
+            "calls": [f"{c.op} K={c.head} {c.dtype} {c.label}" for c in self.cases],
+        }
 
     def constexpr_text(self) -> str:
         names = list(self.signature)
@@ -158,7 +166,7 @@ def _call(case: Case):
         return x(*shape, dtype=torch.float32) if case.state else None
 
     fn = importlib.import_module(f"kernels.ops.{case.op}").BACKENDS["triton"]()
-    scale = K ** -0.5
+    scale = K**-0.5
     if case.op == "linear_scan":
         D = H * K
         out = fn(x(B, T, D), x(B, T, D), st(B, D), case.state)
@@ -169,15 +177,31 @@ def _call(case: Case):
         g = None if "no g" in case.flags else x(B, T, H)
         out = fn(x(B, T, H, K), x(B, T, H, K), x(B, T, H, V), x(B, T, H), g, scale, st(B, H, K, V), case.state)
     elif case.op == "dplr":
-        out = fn(*(x(B, T, H, K) for _ in range(2)), x(B, T, H, V), *(x(B, T, H, K) for _ in range(3)),
-                 scale, st(B, H, K, V), case.state)
+        out = fn(
+            *(x(B, T, H, K) for _ in range(2)),
+            x(B, T, H, V),
+            *(x(B, T, H, K) for _ in range(3)),
+            scale,
+            st(B, H, K, V),
+            case.state,
+        )
     elif case.op == "softmax_scan":
         state = (st(B, H), st(B, H), st(B, H, V)) if case.state else None
         out = fn(x(B, T, H), x(B, T, H, V), state, case.state)
     elif case.op == "recurrent_delta":
         state = (st(B, H, K, V), st(B, H, V)) if case.state else None
-        out = fn(x(B, T, H, K), x(B, T, H, K), x(B, T, H, V), x(B, T, H), x(H, K, V), x(H, K, V), x(H, V, V),
-                 x(H, V), state, case.state)
+        out = fn(
+            x(B, T, H, K),
+            x(B, T, H, K),
+            x(B, T, H, V),
+            x(B, T, H),
+            x(H, K, V),
+            x(H, K, V),
+            x(H, V, V),
+            x(H, V),
+            state,
+            case.state,
+        )
     elif case.op == "srwm":
         state = (st(B, H, V, K), st(B, H, K, K), st(B, H, K, K), st(B, H, 4, K)) if case.state else None
         out = fn(x(B, T, H, K), x(H, V, K), x(H, K, K), x(H, K, K), x(H, 4, K), state, case.state)
@@ -208,9 +232,16 @@ def recording(launches: List[Job]):
         bound, spec, opts = binders[id(self)](*args, **kwargs)
         _, signature, constexprs, attrs = self._pack_args(backend, kwargs, bound, spec, opts)
         options = {k: v for k, v in kwargs.items() if k not in signature}
-        launches.append(Job(self.fn.__module__, self.fn.__name__, dict(signature),
-                            [[list(k), v] for k, v in sorted(constexprs.items())],
-                            [[list(k), v] for k, v in sorted(attrs.items())], options))
+        launches.append(
+            Job(
+                self.fn.__module__,
+                self.fn.__name__,
+                dict(signature),
+                [[list(k), v] for k, v in sorted(constexprs.items())],
+                [[list(k), v] for k, v in sorted(attrs.items())],
+                options,
+            )
+        )
         return None
 
     JITFunction.run = record
@@ -233,8 +264,10 @@ def collect(cases: Sequence[Case]) -> Tuple[List[Job], List[Tuple[Case, str]]]:
                 _call(case)
             except Exception as exc:  # a launcher that cannot run on meta tensors
                 if launches or not caught:
-                    raise RuntimeError(f"{case.op} ({case.label}, K={case.head}, {case.dtype}): the launcher "
-                                       f"failed on meta tensors: {type(exc).__name__}: {exc}") from exc
+                    raise RuntimeError(
+                        f"{case.op} ({case.label}, K={case.head}, {case.dtype}): the launcher "
+                        f"failed on meta tensors: {type(exc).__name__}: {exc}"
+                    ) from exc
         if not launches:
             fallbacks.append((case, str(caught[0].message) if caught else "no Triton launch"))
         for job in launches:
@@ -259,9 +292,13 @@ def parse_ptxas_log(log: str) -> Dict[str, Optional[int]]:
     smem = _SMEM.search(log)
     tool = _PTXAS.search(log)
     times = [float(ms) / 1000 for ms in _PTXAS_TIME.findall(log)]
-    return {"regs": int(regs.group(1)) if regs else None, "spill": max(spills) if spills else None,
-            "static_smem": int(smem.group(1)) if smem else 0, "ptxas": tool.group(1) if tool else None,
-            "ptxas_s": sum(times) if times else None}
+    return {
+        "regs": int(regs.group(1)) if regs else None,
+        "spill": max(spills) if spills else None,
+        "static_smem": int(smem.group(1)) if smem else 0,
+        "ptxas": tool.group(1) if tool else None,
+        "ptxas_s": sum(times) if times else None,
+    }
 
 
 def compile_job(job: dict) -> dict:
@@ -271,8 +308,9 @@ def compile_job(job: dict) -> dict:
     from triton.compiler import ASTSource
 
     fn = getattr(importlib.import_module(job["module"]), job["name"])
-    src = ASTSource(fn, job["signature"], {tuple(k): v for k, v in job["constexprs"]},
-                    {tuple(k): v for k, v in job["attrs"]})
+    src = ASTSource(
+        fn, job["signature"], {tuple(k): v for k, v in job["constexprs"]}, {tuple(k): v for k, v in job["attrs"]}
+    )
     log = io.StringIO()
     start = time.perf_counter()
     try:
@@ -280,14 +318,21 @@ def compile_job(job: dict) -> dict:
             compiled = triton.compile(src, target=GPUTarget("cuda", job["arch"], 32), options=job["options"])
     except Exception as exc:
         lines = [ln.strip() for ln in f"{type(exc).__name__}: {exc}".splitlines() if ln.strip()]
-        return {"status": "error", "error": " | ".join(lines[:4])[:400],
-                "seconds": time.perf_counter() - start}
+        return {"status": "error", "error": " | ".join(lines[:4])[:400], "seconds": time.perf_counter() - start}
     seconds = time.perf_counter() - start
     md = compiled.metadata
     info = parse_ptxas_log(log.getvalue())
-    return {"status": "ok", "seconds": seconds, "shared": int(md.shared) + info["static_smem"],
-            "regs": info["regs"], "spill": info["spill"], "num_warps": md.num_warps,
-            "num_stages": md.num_stages, "ptxas": info["ptxas"], "ptxas_s": info["ptxas_s"]}
+    return {
+        "status": "ok",
+        "seconds": seconds,
+        "shared": int(md.shared) + info["static_smem"],
+        "regs": info["regs"],
+        "spill": info["spill"],
+        "num_warps": md.num_warps,
+        "num_stages": md.num_stages,
+        "ptxas": info["ptxas"],
+        "ptxas_s": info["ptxas_s"],
+    }
 
 
 def _worker_main() -> None:
@@ -309,9 +354,15 @@ class _Worker:
         self.proc: Optional[subprocess.Popen] = None
 
     def _start(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "kernels.compile_check", "--worker"],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                     text=True, env=self.env, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "kernels.compile_check", "--worker"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env=self.env,
+            start_new_session=True,
+        )
         self.lines: "queue.Queue[str]" = queue.Queue()
         threading.Thread(target=self._read, args=(self.proc, self.lines), daemon=True).start()
         if self.lines.get(timeout=300) != "ready":
@@ -369,8 +420,15 @@ def compile_all(items: List[Tuple[Job, int]], jobs: int, timeout: float, progres
                 except queue.Empty:
                     return
                 job, arch = items[i]
-                payload = {"module": job.module, "name": job.name, "signature": job.signature,
-                           "constexprs": job.constexprs, "attrs": job.attrs, "options": job.options, "arch": arch}
+                payload = {
+                    "module": job.module,
+                    "name": job.name,
+                    "signature": job.signature,
+                    "constexprs": job.constexprs,
+                    "attrs": job.attrs,
+                    "options": job.options,
+                    "arch": arch,
+                }
                 results[i] = worker.run(payload, timeout)
                 with lock:
                     bar.update(1)
@@ -399,7 +457,7 @@ def _repo_path(env: dict) -> str:
 
 
 def verdict(result: dict, arch: int) -> str:
-    """"ok" or why the row fails the gate."""
+    """ "ok" or why the row fails the gate."""
     if result["status"] != "ok":
         return result["status"]
     if result["shared"] > SMEM_LIMIT[arch]:
@@ -411,23 +469,37 @@ def verdict(result: dict, arch: int) -> str:
 
 def table(items: List[Tuple[Job, int]], results: List[dict], fallbacks) -> List[str]:
     """Markdown table rows, one per compiled (launch, arch), then the PyTorch fallbacks."""
-    head = ("| op | kernel | arch | dtype | head dim | call | constexprs | warps/stages | shared mem (limit) "
-            "| regs | spill B | compile s | ptxas s | result |")
+    head = (
+        "| op | kernel | arch | dtype | head dim | call | constexprs | warps/stages | shared mem (limit) "
+        "| regs | spill B | compile s | ptxas s | result |"
+    )
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for (job, arch), res in zip(items, results):
         case = job.cases[0]
         heads = ",".join(str(h) for h in sorted({c.head for c in job.cases if c.dtype == case.dtype}))
         ok = res["status"] == "ok"
-        cells = [case.op, job.name, f"sm_{arch}", case.dtype, heads, case.label, job.constexpr_text(),
-                 f"{res['num_warps']}/{res['num_stages']}" if ok else "",
-                 f"{res['shared']:,} ({SMEM_LIMIT[arch]:,})" if ok else "",
-                 _opt(res.get("regs")), _opt(res.get("spill")), f"{res['seconds']:.1f}",
-                 "" if res.get("ptxas_s") is None else f"{res['ptxas_s']:.1f}",
-                 verdict(res, arch) + ("" if ok else f": {res.get('error', '')}")]
+        cells = [
+            case.op,
+            job.name,
+            f"sm_{arch}",
+            case.dtype,
+            heads,
+            case.label,
+            job.constexpr_text(),
+            f"{res['num_warps']}/{res['num_stages']}" if ok else "",
+            f"{res['shared']:,} ({SMEM_LIMIT[arch]:,})" if ok else "",
+            _opt(res.get("regs")),
+            _opt(res.get("spill")),
+            f"{res['seconds']:.1f}",
+            "" if res.get("ptxas_s") is None else f"{res['ptxas_s']:.1f}",
+            verdict(res, arch) + ("" if ok else f": {res.get('error', '')}"),
+        ]
         lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
     for case, why in fallbacks:
-        lines.append(f"| {case.op} | (none) | | {case.dtype} | {case.head} | {case.label} | | | | | | | | "
-                     f"falls back: {why.replace('|', '/')} |")
+        lines.append(
+            f"| {case.op} | (none) | | {case.dtype} | {case.head} | {case.label} | | | | | | | | "
+            f"falls back: {why.replace('|', '/')} |"
+        )
     return lines
 
 
@@ -437,18 +509,30 @@ def _opt(x) -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m kernels.compile_check", description=__doc__.split("\n\n")[0])
-    p.add_argument("--subset", choices=["ci", "full"], default="full",
-                   help="ci: one configuration per kernel (sm_90, bf16, head dim 64); full: the sweep")
-    p.add_argument("--arch", type=int, action="append", choices=sorted(SMEM_LIMIT),
-                   help="compute capability (repeatable; default: 90 and 80, ci: 90)")
+    p.add_argument(
+        "--subset",
+        choices=["ci", "full"],
+        default="full",
+        help="ci: one configuration per kernel (sm_90, bf16, head dim 64); full: the sweep",
+    )
+    p.add_argument(
+        "--arch",
+        type=int,
+        action="append",
+        choices=sorted(SMEM_LIMIT),
+        help="compute capability (repeatable; default: 90 and 80, ci: 90)",
+    )
     p.add_argument("--dtype", action="append", choices=DTYPES, help="input dtype (repeatable)")
     p.add_argument("--head-dim", type=int, action="append", help="K = V (repeatable; default 64, 128, 256)")
     p.add_argument("--op", action="append", help="op to check (repeatable); '-dplr' excludes one")
     p.add_argument("--jobs", type=int, default=2, help="compile worker processes (default 2)")
     p.add_argument("--timeout", type=float, default=TIMEOUT, help="seconds per compile (default %(default)s)")
     p.add_argument("--markdown", help="also write the table (with versions and timing) to this file")
-    p.add_argument("--list", action="store_true",
-                   help="print the recorded launches (JSON lines) and the PyTorch fallbacks; compile nothing")
+    p.add_argument(
+        "--list",
+        action="store_true",
+        help="print the recorded launches (JSON lines) and the PyTorch fallbacks; compile nothing",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -491,8 +575,11 @@ def main(argv=None) -> int:
         for job in jobs:
             print(json.dumps(job.describe()))
         for case, why in fallbacks:
-            print(json.dumps({"op": case.op, "head": case.head, "dtype": case.dtype, "call": case.label,
-                              "falls_back": why}))
+            print(
+                json.dumps(
+                    {"op": case.op, "head": case.head, "dtype": case.dtype, "call": case.label, "falls_back": why}
+                )
+            )
         return 0
     items = [(job, arch) for arch in archs for job in jobs]
     results = compile_all(items, args.jobs, args.timeout, progress=not args.no_progress)
@@ -501,13 +588,15 @@ def main(argv=None) -> int:
     verdicts = [verdict(r, arch) for (_, arch), r in zip(items, results)]
     failed = sum(v != "ok" for v in verdicts)
     tools = sorted({r["ptxas"] for r in results if r.get("ptxas")})
-    summary = (f"Triton {triton.__version__} ({', '.join(tools) or 'ptxas'}), "
-               f"{'ci subset' if ci else 'full sweep'}: {len(items)} compiles "
-               f"({len(jobs)} distinct launches x {', '.join(f'sm_{a}' for a in archs)}), dtypes "
-               f"{', '.join(dtypes)}, head dims {', '.join(map(str, heads))}, B={B} H={H} T={T_TRAIN} "
-               f"(recurrent: T={T_DECODE}, {T_SHORT}); {failed} failed; {len(fallbacks)} PyTorch fallbacks; "
-               f"wall {wall:.0f} s with {args.jobs} workers; limits: shared memory "
-               f"{', '.join(f'sm_{a} {SMEM_LIMIT[a]:,} B' for a in archs)}, spills {SPILL_LIMIT_BYTES} B")
+    summary = (
+        f"Triton {triton.__version__} ({', '.join(tools) or 'ptxas'}), "
+        f"{'ci subset' if ci else 'full sweep'}: {len(items)} compiles "
+        f"({len(jobs)} distinct launches x {', '.join(f'sm_{a}' for a in archs)}), dtypes "
+        f"{', '.join(dtypes)}, head dims {', '.join(map(str, heads))}, B={B} H={H} T={T_TRAIN} "
+        f"(recurrent: T={T_DECODE}, {T_SHORT}); {failed} failed; {len(fallbacks)} PyTorch fallbacks; "
+        f"wall {wall:.0f} s with {args.jobs} workers; limits: shared memory "
+        f"{', '.join(f'sm_{a} {SMEM_LIMIT[a]:,} B' for a in archs)}, spills {SPILL_LIMIT_BYTES} B"
+    )
     print("\n".join(rows))
     print(summary)
     if args.markdown:

@@ -36,8 +36,16 @@ from typing import Callable, Dict, List, Optional, Sequence
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_MODELS = ("gla", "gated_rnn", "rwkv7")
 #: op -> (label, kernels.bench input variant); gla with a per-key and a per-head gate
-KERNEL_CASES = (("linear_scan", ""), ("gla", ""), ("gla", "head"), ("delta_rule", ""), ("dplr", ""),
-                ("softmax_scan", ""), ("recurrent_delta", ""), ("srwm", ""))
+KERNEL_CASES = (
+    ("linear_scan", ""),
+    ("gla", ""),
+    ("gla", "head"),
+    ("delta_rule", ""),
+    ("dplr", ""),
+    ("softmax_scan", ""),
+    ("recurrent_delta", ""),
+    ("srwm", ""),
+)
 FLA_OPS = ("gla", "delta_rule", "dplr")
 
 
@@ -68,7 +76,8 @@ def gpu_plan(quick: bool) -> Plan:
         check_dtypes=("bf16",) if quick else ("bf16", "fp32"),
         time_shape=dict(B=8, T=4096, H=16, K=128, V=128),
         recurrent_T={"gla": 16, "delta_rule": 16, "dplr": 16, "recurrent_delta": 256, "srwm": 256},
-        repeats=5 if quick else 20, model_size="125m",
+        repeats=5 if quick else 20,
+        model_size="125m",
         train_models=TRAIN_MODELS[:1] if quick else TRAIN_MODELS,
         strategies=("single", "zero2"),
         train_overrides=["train.max_steps=15"] if quick else [],
@@ -78,12 +87,18 @@ def gpu_plan(quick: bool) -> Plan:
 def cpu_smoke_plan() -> Plan:
     tiny = dict(B=1, T=18, H=1, K=16, V=16)  # T > 16: the chunked kernels
     return Plan(
-        device="cpu", check_shapes={op: tiny for op, _ in KERNEL_CASES}, check_dtypes=("fp32",),
+        device="cpu",
+        check_shapes={op: tiny for op, _ in KERNEL_CASES},
+        check_dtypes=("fp32",),
         time_shape=dict(B=1, T=64, H=2, K=16, V=16),
         recurrent_T={"gla": 2, "delta_rule": 2, "dplr": 2, "recurrent_delta": 2, "srwm": 2},
-        repeats=1, model_size="tiny", train_models=TRAIN_MODELS[:1], strategies=("single",),
+        repeats=1,
+        model_size="tiny",
+        train_models=TRAIN_MODELS[:1],
+        strategies=("single",),
         train_overrides=["train.max_steps=3", "train.seq_len=32", "train.micro_batch_size=2"],
-        gen_context=32, gen_steps=4,
+        gen_context=32,
+        gen_steps=4,
     )
 
 
@@ -137,9 +152,13 @@ def environment(plan: Plan, report: Report) -> None:
 
     from kernels._dispatch import fla_available, triton_available
 
-    rows = [("date", datetime.datetime.now().isoformat(timespec="seconds")),
-            ("device", torch.cuda.get_device_name(0) if plan.device == "cuda" else f"CPU ({platform.machine()})"),
-            ("torch", torch.__version__), ("CUDA", torch.version.cuda or "-"), ("Python", platform.python_version())]
+    rows = [
+        ("date", datetime.datetime.now().isoformat(timespec="seconds")),
+        ("device", torch.cuda.get_device_name(0) if plan.device == "cuda" else f"CPU ({platform.machine()})"),
+        ("torch", torch.__version__),
+        ("CUDA", torch.version.cuda or "-"),
+        ("Python", platform.python_version()),
+    ]
     if triton_available():
         import triton
 
@@ -201,8 +220,11 @@ def triton_vs_torch(plan: Plan, report: Report) -> None:
             shape = "B{B} T{T} H{H} K{K} V{V}".format(**plan.check_shapes[op])
             rows.append((label, dtype, shape, f"{worst_abs:.3g}", f"{worst_rel:.3g}", worst_name))
             print(f"  {label} {dtype}: max rel {worst_rel:.3g} ({worst_name})", flush=True)
-    report.add("Triton (fwd + bwd) against the chunked PyTorch path on the same inputs; the worst tensor "
-               "of outputs, final states and every input gradient.", "")
+    report.add(
+        "Triton (fwd + bwd) against the chunked PyTorch path on the same inputs; the worst tensor "
+        "of outputs, final states and every input gradient.",
+        "",
+    )
     report.table(("op", "dtype", "shape", "max abs err", "max rel err", "worst tensor"), rows)
 
 
@@ -228,9 +250,12 @@ def kernel_timings(plan: Plan, report: Report) -> None:
     t_f, t_fb = time_sdpa(s, plan.repeats)
     rows.append(("scaled_dot_product_attention (causal)", "torch", f"{1e3 * t_f:.2f}", f"{1e3 * t_fb:.2f}", ""))
     shape = "B={B}, T={T}, H={H}, K=V={K}".format(**plan.time_shape)
-    report.add(f"{shape}, {str(s.dtype).replace('torch.', '')}; median of {plan.repeats}. "
-               "\"fla / triton\": fla's forward+backward time over ours (goal >= 0.8)."
-               + ("" if use_fla else " fla: not run (not installed, or no CUDA)."), "")
+    report.add(
+        f"{shape}, {str(s.dtype).replace('torch.', '')}; median of {plan.repeats}. "
+        '"fla / triton": fla\'s forward+backward time over ours (goal >= 0.8).'
+        + ("" if use_fla else " fla: not run (not installed, or no CUDA)."),
+        "",
+    )
     report.table(("op", "backend", "fwd ms", "fwd+bwd ms", "fla / triton"), rows)
 
 
@@ -242,11 +267,16 @@ def scan_bandwidth(plan: Plan, report: Report) -> None:
     t_f, t_fb = time_op("linear_scan", backend, s, plan.repeats)
     w_f, w_fb, _ = work_model("linear_scan", s)
     copy = copy_bandwidth(s.device, int(w_f), plan.repeats)
-    rows = [("forward", f"{1e3 * t_f:.2f}", f"{w_f / t_f / 1e9:.3g}", f"{w_f / t_f / 1e9 / copy:.0%}"),
-            ("forward+backward", f"{1e3 * t_fb:.2f}", f"{w_fb / t_fb / 1e9:.3g}", f"{w_fb / t_fb / 1e9 / copy:.0%}")]
+    rows = [
+        ("forward", f"{1e3 * t_f:.2f}", f"{w_f / t_f / 1e9:.3g}", f"{w_f / t_f / 1e9 / copy:.0%}"),
+        ("forward+backward", f"{1e3 * t_fb:.2f}", f"{w_fb / t_fb / 1e9:.3g}", f"{w_fb / t_fb / 1e9 / copy:.0%}"),
+    ]
     D = s.H * s.K
-    report.add(f"`linear_scan` ({backend}), B={s.B}, T={s.T}, D={D}; device-to-device copy of the same bytes: "
-               f"{copy:.3g} GB/s (goal: >= 70% of it).", "")
+    report.add(
+        f"`linear_scan` ({backend}), B={s.B}, T={s.T}, D={D}; device-to-device copy of the same bytes: "
+        f"{copy:.3g} GB/s (goal: >= 70% of it).",
+        "",
+    )
     report.table(("pass", "ms", "GB/s", "share of copy"), rows)
 
 
@@ -262,10 +292,15 @@ def fused_vs_loop(plan: Plan, report: Report) -> None:
         s = _shape(fields, "bf16" if plan.device == "cuda" else "fp32", plan.device)
         t_fused = time_op(op, backend, s, plan.repeats)[1]
         t_loop = time_op(op, "reference", s, 1)[1]
-        rows.append((op, f"T={s.T}, K={s.K}", f"{1e3 * t_fused:.2f}", f"{1e3 * t_loop:.1f}", f"{t_loop / t_fused:.0f}x"))
+        rows.append(
+            (op, f"T={s.T}, K={s.K}", f"{1e3 * t_fused:.2f}", f"{1e3 * t_loop:.1f}", f"{t_loop / t_fused:.0f}x")
+        )
         print(f"  {op}: fused {1e3 * t_fused:.2f} ms, loop {1e3 * t_loop:.1f} ms", flush=True)
-    report.add(f"Forward+backward, B={plan.time_shape['B']}, H={plan.time_shape['H']}: the fused-recurrent Triton "
-               "kernels (gla/delta_rule/dplr take them for T <= 16) against the reference step loop (goal: >= 20x).", "")
+    report.add(
+        f"Forward+backward, B={plan.time_shape['B']}, H={plan.time_shape['H']}: the fused-recurrent Triton "
+        "kernels (gla/delta_rule/dplr take them for T <= 16) against the reference step loop (goal: >= 20x).",
+        "",
+    )
     report.table(("op", "shape", "fused ms", "step loop ms", "speed-up"), rows)
 
 
@@ -273,7 +308,11 @@ def _data_overrides(plan: Plan, workdir: Path) -> List[str]:
     """The 4 MB stdlib-small corpus (400 KB and a 512-token BPE in the smoke), prepared by the first run."""
     out = ["data=stdlib-small", f"data.out_dir={workdir / 'data'}"]
     if plan.device == "cpu":
-        out += ["data.source.max_bytes=400000", "data.tokenizer.vocab_size=512", "data.tokenizer.train_max_bytes=400000"]
+        out += [
+            "data.source.max_bytes=400000",
+            "data.tokenizer.vocab_size=512",
+            "data.tokenizer.train_max_bytes=400000",
+        ]
     return out
 
 
@@ -291,10 +330,19 @@ def train_runs(plan: Plan, workdir: Path) -> list:
         for strategy in plan.strategies:
             run_dir = workdir / f"{name}-{strategy}"
             train = ["train=cpu-test"] if plan.device == "cpu" else ["train=gpu-acceptance"]
-            overrides = (train + [f"model={name}/{plan.model_size}", f"run_dir={run_dir}",
-                                  f"name=acceptance-{name}-{strategy}", "checkpoint.every_n_steps=100000",
-                                  "probes.every_n_steps=0"] + data + _strategy_overrides(strategy)
-                         + plan.train_overrides)
+            overrides = (
+                train
+                + [
+                    f"model={name}/{plan.model_size}",
+                    f"run_dir={run_dir}",
+                    f"name=acceptance-{name}-{strategy}",
+                    "checkpoint.every_n_steps=100000",
+                    "probes.every_n_steps=0",
+                ]
+                + data
+                + _strategy_overrides(strategy)
+                + plan.train_overrides
+            )
             load_experiment("main", overrides)  # a bad override fails here, with the key named
             runs.append((name, strategy, run_dir, overrides))
     return runs
@@ -308,8 +356,13 @@ def training(plan: Plan, report: Report) -> None:
     for name, strategy, run_dir, overrides in runs:
         print(f"  lm train {name}/{plan.model_size} ({strategy}) ...", flush=True)
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "lm.cli.main", "train", "main", *overrides],
-                              cwd=ROOT, capture_output=True, text=True, timeout=900)
+        proc = subprocess.run(
+            [sys.executable, "-m", "lm.cli.main", "train", "main", *overrides],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         wall = time.perf_counter() - t0
         if proc.returncode != 0:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
@@ -317,15 +370,28 @@ def training(plan: Plan, report: Report) -> None:
             report.failures.append(f"lm train {name} ({strategy}): {tail[0][:200]}")
             continue
         metrics = [r for r in read_metrics_csv(run_dir / "logs" / "metrics.csv") if "perf/tokens_per_s" in r]
-        steady = metrics[len(metrics) // 3:] or metrics  # skip warm-up (compilation, autotuning)
+        steady = metrics[len(metrics) // 3 :] or metrics  # skip warm-up (compilation, autotuning)
         tps = sorted(r["perf/tokens_per_s"] for r in steady)[len(steady) // 2]
         mfu = [r["perf/mfu"] for r in steady if "perf/mfu" in r]
         mem = max((r.get("perf/peak_mem_gb", 0.0) for r in metrics), default=0.0)
-        rows.append((name, strategy, f"{tps:,.0f}", f"{sorted(mfu)[len(mfu) // 2]:.0%}" if mfu else "-",
-                     f"{mem:.1f}" if mem else "-", f"{len(metrics)}", f"{wall:.0f}", ""))
+        rows.append(
+            (
+                name,
+                strategy,
+                f"{tps:,.0f}",
+                f"{sorted(mfu)[len(mfu) // 2]:.0%}" if mfu else "-",
+                f"{mem:.1f}" if mem else "-",
+                f"{len(metrics)}",
+                f"{wall:.0f}",
+                "",
+            )
+        )
         print(f"  {name} ({strategy}): {tps:,.0f} tokens/s", flush=True)
-    report.add(f"`lm train main model=<name>/{plan.model_size} train=gpu-acceptance` (+ strategy overrides): "
-               "median over the steps after the first third. Goal: MFU >= 40% for gla and gated_rnn.", "")
+    report.add(
+        f"`lm train main model=<name>/{plan.model_size} train=gpu-acceptance` (+ strategy overrides): "
+        "median over the steps after the first third. Goal: MFU >= 40% for gla and gated_rnn.",
+        "",
+    )
     report.table(("model", "strategy", "tokens/s", "MFU", "peak GiB", "steps logged", "wall s", "error"), rows)
 
 
@@ -359,15 +425,23 @@ def generation(plan: Plan, report: Report) -> None:
         rows.append((f"{name}/{plan.model_size}", plan.gen_context, f"{1e3 * times[len(times) // 2]:.2f}"))
         print(f"  {name}: {1e3 * times[len(times) // 2]:.2f} ms/token", flush=True)
         del model, state
-    report.add(f"Batch 1, {str(dtype).replace('torch.', '')}, greedy, after a {plan.gen_context}-token prompt "
-               "(prefilled in 1024-token pieces); median of the decode steps.", "")
+    report.add(
+        f"Batch 1, {str(dtype).replace('torch.', '')}, greedy, after a {plan.gen_context}-token prompt "
+        "(prefilled in 1024-token pieces); median of the decode steps.",
+        "",
+    )
     report.table(("model", "context", "ms/token"), rows)
 
 
-SECTIONS = (("Environment", environment), ("Triton kernels against the chunked PyTorch path", triton_vs_torch),
-            ("Kernel timings against fla and SDPA", kernel_timings), ("linear_scan bandwidth", scan_bandwidth),
-            ("Fused-recurrent kernels against the step loop", fused_vs_loop), ("Training (lm train)", training),
-            ("Generation", generation))
+SECTIONS = (
+    ("Environment", environment),
+    ("Triton kernels against the chunked PyTorch path", triton_vs_torch),
+    ("Kernel timings against fla and SDPA", kernel_timings),
+    ("linear_scan bandwidth", scan_bandwidth),
+    ("Fused-recurrent kernels against the step loop", fused_vs_loop),
+    ("Training (lm train)", training),
+    ("Generation", generation),
+)
 
 
 def run(plan: Plan, out: Path, skip: Sequence[str] = ()) -> Report:
@@ -379,8 +453,13 @@ def run(plan: Plan, out: Path, skip: Sequence[str] = ()) -> Report:
         if str(i + 1) in skip or name.split()[0].lower() in skip:
             continue
         report.section(name, lambda r, fn=fn: fn(plan, r))
-    report.add("## Summary", "", f"Total {time.perf_counter() - t0:.0f} s; "
-               + (f"{len(report.failures)} failure(s):" if report.failures else "no failures."), "")
+    report.add(
+        "## Summary",
+        "",
+        f"Total {time.perf_counter() - t0:.0f} s; "
+        + (f"{len(report.failures)} failure(s):" if report.failures else "no failures."),
+        "",
+    )
     report.add(*[f"- {f}" for f in report.failures])
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(report.text())
@@ -392,8 +471,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m lm.gpu_acceptance", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "gpu-acceptance.md")
     p.add_argument("--quick", action="store_true", help="bf16 checks only, fewer repeats, one training model")
-    p.add_argument("--cpu-smoke", action="store_true",
-                   help="the same code paths at tiny shapes on the CPU (Triton on the interpreter)")
+    p.add_argument(
+        "--cpu-smoke",
+        action="store_true",
+        help="the same code paths at tiny shapes on the CPU (Triton on the interpreter)",
+    )
     p.add_argument("--skip", default="", help="comma-separated section numbers or first words to skip")
     args = p.parse_args(argv)
     if args.cpu_smoke:
@@ -403,8 +485,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         import torch
 
         if not torch.cuda.is_available():
-            print("gpu-acceptance: no CUDA device here; nothing to measure (use --cpu-smoke to check the script "
-                  "on the CPU)")
+            print(
+                "gpu-acceptance: no CUDA device here; nothing to measure (use --cpu-smoke to check the script "
+                "on the CPU)"
+            )
             return 0
         plan = gpu_plan(args.quick)
     report = run(plan, args.out, [s.strip().lower() for s in args.skip.split(",") if s.strip()])

@@ -66,16 +66,28 @@ def model_outputs() -> Dict[str, torch.Tensor]:
     for family, spec in sorted(FAMILIES.items()):
         for variant in sorted(spec.variants):
             torch.manual_seed(0)
-            model = build_model({"family": family, "variant": variant, "vocab_size": 61, "d_model": 32,
-                                 "n_layers": 2, "n_heads": 2, "kernel_backend": "torch"})
+            model = build_model(
+                {
+                    "family": family,
+                    "variant": variant,
+                    "vocab_size": 61,
+                    "d_model": 32,
+                    "n_layers": 2,
+                    "n_heads": 2,
+                    "kernel_backend": "torch",
+                }
+            )
             tokens = torch.randint(0, 61, (2, 19), generator=torch.Generator().manual_seed(1))
             for mode, kwargs in (("stream", {}), ("reset", {"doc_starts": starts})):
                 model.zero_grad()
                 logits, state = model(tokens, return_state=family != "transformer" or mode == "stream", **kwargs)
-                (logits.float() * torch.randn(logits.shape, generator=torch.Generator().manual_seed(2))).sum().backward()
+                (
+                    logits.float() * torch.randn(logits.shape, generator=torch.Generator().manual_seed(2))
+                ).sum().backward()
                 grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-                out.update(_tensors(f"model/{family}/{variant}/{mode}",
-                                    {"logits": logits, "state": state, "grads": grads}))
+                out.update(
+                    _tensors(f"model/{family}/{variant}/{mode}", {"logits": logits, "state": state, "grads": grads})
+                )
     return out
 
 

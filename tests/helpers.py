@@ -28,11 +28,17 @@ def prepare_tiny_data(out: Path) -> Path:
     from data.prepare import prepare
     from lm.config.schema import DataConfig
 
-    cfg = OmegaConf.merge(OmegaConf.structured(DataConfig), {
-        "name": "stdlib-tiny", "out_dir": str(out), "validation_fraction": 0.1, "num_proc": 1,
-        "source": {"kind": "stdlib", "max_bytes": 400_000},
-        "tokenizer": {"vocab_size": 512, "train_max_bytes": 400_000},
-    })
+    cfg = OmegaConf.merge(
+        OmegaConf.structured(DataConfig),
+        {
+            "name": "stdlib-tiny",
+            "out_dir": str(out),
+            "validation_fraction": 0.1,
+            "num_proc": 1,
+            "source": {"kind": "stdlib", "max_bytes": 400_000},
+            "tokenizer": {"vocab_size": 512, "train_max_bytes": 400_000},
+        },
+    )
     prepare(cfg, echo=lambda s: None, progress=False)
     return out
 
@@ -43,9 +49,14 @@ def experiment(tmp_path: Path, data_dir: Path, name: str = "exp", **sections) ->
         "defaults": {"model": "gla/tiny", "train": "cpu-test"},
         "name": name,
         "run_dir": str(tmp_path / name),
-        "data": {"name": "stdlib-tiny", "out_dir": str(data_dir), "source": {"kind": "stdlib", "max_bytes": 400_000},
-                 "tokenizer": {"vocab_size": 512, "train_max_bytes": 400_000}, "validation_fraction": 0.1,
-                 "num_proc": 1},
+        "data": {
+            "name": "stdlib-tiny",
+            "out_dir": str(data_dir),
+            "source": {"kind": "stdlib", "max_bytes": 400_000},
+            "tokenizer": {"vocab_size": 512, "train_max_bytes": 400_000},
+            "validation_fraction": 0.1,
+            "num_proc": 1,
+        },
         "model": {"d_model": 32, "n_heads": 2, "n_layers": 2},
     }
     for key, value in sections.items():
@@ -60,8 +71,14 @@ def experiment(tmp_path: Path, data_dir: Path, name: str = "exp", **sections) ->
 
 def lm_env() -> Dict[str, str]:
     env = dict(os.environ)
-    env.update({"WANDB_MODE": env.get("WANDB_MODE", "disabled"), "PYTHONUNBUFFERED": "1",
-                "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
+    env.update(
+        {
+            "WANDB_MODE": env.get("WANDB_MODE", "disabled"),
+            "PYTHONUNBUFFERED": "1",
+            "OMP_NUM_THREADS": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+        }
+    )
     return env
 
 
@@ -79,8 +96,9 @@ def kill_group(proc: subprocess.Popen) -> None:
 
 def run_group(cmd: List[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
     """``subprocess.run`` in a new session; on timeout or any interruption the whole group is killed."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, **kwargs)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **kwargs
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
     except BaseException:
@@ -94,7 +112,9 @@ def run_group(cmd: List[str], timeout: float, **kwargs) -> subprocess.CompletedP
 def run_lm(*args: str, timeout: float = 600, check: bool = True, env=None) -> subprocess.CompletedProcess:
     proc = run_group(lm_command(*args), timeout, env=env or lm_env(), cwd=REPO)
     if check and proc.returncode != 0:
-        raise AssertionError(f"lm {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+        raise AssertionError(
+            f"lm {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+        )
     return proc
 
 
@@ -112,7 +132,8 @@ def write_mc_task(tasks: Path, data: Path, name: str = "tiny_mc") -> Path:
     """An lm-evaluation-harness multiple-choice task ``name`` over the JSONL file ``data``
     (fields question, choices, answer), written into the task directory ``tasks``."""
     path = tasks / f"{name}.yaml"
-    path.write_text(textwrap.dedent(f"""\
+    path.write_text(
+        textwrap.dedent(f"""\
         task: {name}
         dataset_path: json
         dataset_kwargs:
@@ -125,5 +146,6 @@ def write_mc_task(tasks: Path, data: Path, name: str = "tiny_mc") -> Path:
         doc_to_target: "{{{{answer}}}}"
         metric_list:
           - metric: acc
-        """))
+        """)
+    )
     return path

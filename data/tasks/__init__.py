@@ -15,8 +15,9 @@ from data.tasks.mqar import MQAR
 from data.tasks.recall import AssociativeRecall, Induction
 from data.tasks.regression import ICLRegression, LSATeacher, one_step_gd_loss
 
-TASKS: Dict[str, type] = {cls.name: cls for cls in (AssociativeRecall, Induction, ICLRegression, LSATeacher,
-                                                     FormalLanguage, MQAR)}
+TASKS: Dict[str, type] = {
+    cls.name: cls for cls in (AssociativeRecall, Induction, ICLRegression, LSATeacher, FormalLanguage, MQAR)
+}
 
 
 def build_task(name: str, params: Mapping[str, Any] = None, prefix: str = "data.task") -> Task:
@@ -34,8 +35,10 @@ def build_task(name: str, params: Mapping[str, Any] = None, prefix: str = "data.
         fields = [f.name for f in dataclasses.fields(cls.Options)]
         leaf = key.rpartition(".")[2]
         if leaf and leaf not in fields:
-            raise ConfigError(f"{prefix}.params.{key}: unknown parameter of task '{name}'{did_you_mean(leaf, fields)}; "
-                              f"parameters: {', '.join(fields)}") from None
+            raise ConfigError(
+                f"{prefix}.params.{key}: unknown parameter of task '{name}'{did_you_mean(leaf, fields)}; "
+                f"parameters: {', '.join(fields)}"
+            ) from None
         raise ConfigError(f"{prefix}.params.{key}: {(getattr(e, 'msg', None) or str(e)).splitlines()[0]}") from None
     return cls(OmegaConf.to_object(node))
 

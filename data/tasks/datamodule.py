@@ -26,7 +26,7 @@ TRAIN_STREAM, VAL_STREAM, TEST_STREAM = 0, 1, 2
 class TaskExamples(Dataset):
     """Example ``i`` of one stream (any non-negative index)."""
 
-    def __init__(self, task: Task, seed: int, stream: int, size: int = 2 ** 62, **overrides):
+    def __init__(self, task: Task, seed: int, stream: int, size: int = 2**62, **overrides):
         self.task, self.seed, self.stream, self.size, self.overrides = task, seed, stream, size, overrides
 
     def __len__(self) -> int:
@@ -69,13 +69,25 @@ def collate_examples(examples: List[Dict[str, Any]], pad_id: int = 0) -> Dict[st
         return torch.from_numpy(np.stack(arrays))
 
     inputs_fill = pad_id if examples[0]["inputs"].dtype.kind == "i" else 0.0
-    return {"inputs": stack("inputs", inputs_fill), "targets": stack("targets", 0), "mask": stack("mask", False),
-            "index": torch.tensor([int(e["index"]) for e in examples])}
+    return {
+        "inputs": stack("inputs", inputs_fill),
+        "targets": stack("targets", 0),
+        "mask": stack("mask", False),
+        "index": torch.tensor([int(e["index"]) for e in examples]),
+    }
 
 
 class TaskDataModule(pl.LightningDataModule):
-    def __init__(self, task: Task, micro_batch_size: int, seed: int, val_examples: int = 256,
-                 num_workers: int = 0, rank: Optional[int] = None, world_size: Optional[int] = None):
+    def __init__(
+        self,
+        task: Task,
+        micro_batch_size: int,
+        seed: int,
+        val_examples: int = 256,
+        num_workers: int = 0,
+        rank: Optional[int] = None,
+        world_size: Optional[int] = None,
+    ):
         super().__init__()
         self.task = task
         self.micro_batch_size = int(micro_batch_size)
@@ -96,17 +108,27 @@ class TaskDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> StatefulDataLoader:
         rank, world = self.rank_and_world()
-        return StatefulDataLoader(TaskExamples(self.task, self.seed, TRAIN_STREAM), batch_size=self.micro_batch_size,
-                                  sampler=StridedStream(rank, world), collate_fn=self._collate,
-                                  num_workers=self.num_workers, generator=torch.Generator().manual_seed(self.seed))
+        return StatefulDataLoader(
+            TaskExamples(self.task, self.seed, TRAIN_STREAM),
+            batch_size=self.micro_batch_size,
+            sampler=StridedStream(rank, world),
+            collate_fn=self._collate,
+            num_workers=self.num_workers,
+            generator=torch.Generator().manual_seed(self.seed),
+        )
 
     def _eval_loader(self, stream: int) -> StatefulDataLoader:
         rank, world = self.rank_and_world()
         per_rank = self.val_examples // world
         indices = [rank + world * i for i in range(per_rank)]
         dataset = torch.utils.data.Subset(TaskExamples(self.task, self.seed, stream), indices)
-        return StatefulDataLoader(dataset, batch_size=self.micro_batch_size, shuffle=False, collate_fn=self._collate,
-                                  num_workers=self.num_workers)
+        return StatefulDataLoader(
+            dataset,
+            batch_size=self.micro_batch_size,
+            shuffle=False,
+            collate_fn=self._collate,
+            num_workers=self.num_workers,
+        )
 
     def val_dataloader(self):
         return self._eval_loader(VAL_STREAM)

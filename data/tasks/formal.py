@@ -120,8 +120,15 @@ def _string(language: str, rng, n: int) -> str:
     raise ValueError(language)
 
 
-ALPHABETS: Dict[str, str] = {"parity": "01=", "aa_star": "a", "abab_star": "ab", "anbn": "ab", "anbncn": "abc",
-                             "dyck1": "()", "reset_dyck1": "()r"}
+ALPHABETS: Dict[str, str] = {
+    "parity": "01=",
+    "aa_star": "a",
+    "abab_star": "ab",
+    "anbn": "ab",
+    "anbncn": "abc",
+    "dyck1": "()",
+    "reset_dyck1": "()r",
+}
 
 
 class FormalLanguage(Task):
@@ -133,13 +140,15 @@ class FormalLanguage(Task):
         if options.language not in ALPHABETS:
             from lm.errors import ConfigError
 
-            raise ConfigError(f"data.task.params.language: unknown language '{options.language}'; "
-                              f"known: {', '.join(ALPHABETS)}")
+            raise ConfigError(
+                f"data.task.params.language: unknown language '{options.language}'; known: {', '.join(ALPHABETS)}"
+            )
         if options.parity_target not in ("class", "next_symbols"):
             from lm.errors import ConfigError
 
-            raise ConfigError(f"data.task.params.parity_target: '{options.parity_target}' is not one of class, "
-                              f"next_symbols")
+            raise ConfigError(
+                f"data.task.params.parity_target: '{options.parity_target}' is not one of class, next_symbols"
+            )
         self.alphabet = ALPHABETS[options.language]
         self.token = {ch: 2 + i for i, ch in enumerate(self.alphabet)}
         self.classify = options.language == "parity" and options.parity_target == "class"
@@ -166,8 +175,9 @@ class FormalLanguage(Task):
             return {"inputs": inputs, "targets": targets, "mask": mask}
         s = _string(o.language, rng, n)
         inputs = np.array([BOS] + [self.token[ch] for ch in s], dtype=np.int64)
-        targets = np.array([[ch in allowed for ch in self.labels] for allowed in _next_sets(o.language, s)],
-                           dtype=np.float32)
+        targets = np.array(
+            [[ch in allowed for ch in self.labels] for allowed in _next_sets(o.language, s)], dtype=np.float32
+        )
         return {"inputs": inputs, "targets": targets, "mask": np.ones(len(inputs), dtype=bool)}
 
     def eval_settings(self):

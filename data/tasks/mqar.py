@@ -84,8 +84,9 @@ class MQAR(Task):
         if n <= 0:
             raise ValueError(f"n_pairs must be > 0, got {n}")
         if n > min(keys, values):
-            raise ValueError(f"n_pairs ({n}) exceeds the distinct keys/values of vocab_size {o.vocab_size} "
-                             f"({min(keys, values)})")
+            raise ValueError(
+                f"n_pairs ({n}) exceeds the distinct keys/values of vocab_size {o.vocab_size} ({min(keys, values)})"
+            )
         if m > n:
             raise ValueError(f"n_queries ({m}) cannot exceed n_pairs ({n}): each query asks a distinct key")
         if seq_len % 2 or 2 * n + 2 * m > seq_len:
@@ -107,7 +108,7 @@ class MQAR(Task):
             tokens = rng.integers(1, o.vocab_size, size=L)
         else:
             tokens = np.full(L, BLANK)
-        tokens[0:2 * n:2], tokens[1:2 * n:2] = keys, values
+        tokens[0 : 2 * n : 2], tokens[1 : 2 * n : 2] = keys, values
         where = 2 * n + 2 * gaps
         tokens[where] = keys[asked]
         tokens = tokens.astype(np.int64)

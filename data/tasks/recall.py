@@ -55,7 +55,7 @@ class AssociativeRecall(Task):
         seq = np.concatenate([context, queries]).astype(np.int64)
         inputs, targets = seq[:-1], seq[1:]
         mask = np.zeros(len(inputs), dtype=bool)
-        mask[2 * n::2] = True  # positions holding a query key: the next token is its value
+        mask[2 * n :: 2] = True  # positions holding a query key: the next token is its value
         return {"inputs": inputs, "targets": targets, "mask": mask}
 
     def eval_settings(self):

@@ -47,7 +47,7 @@ class ICLRegression(Task):
         x = rng.standard_normal((n + 1, o.dx))
         y = x @ W.T + o.noise * rng.standard_normal((n + 1, o.dy))
         inputs = np.concatenate([x, y], 1)
-        inputs[-1, o.dx:] = 0.0
+        inputs[-1, o.dx :] = 0.0
         targets = np.zeros((n + 1, o.dy))
         targets[-1] = x[-1] @ W.T
         mask = np.zeros(n + 1, dtype=bool)
@@ -70,8 +70,8 @@ def one_step_gd_loss(task: ICLRegression, n_examples: int = 4096, seed: int = 0,
     preds, targets = [], []
     for _ in range(n_examples):
         ex = task.example(rng, n_pairs=n_pairs)
-        x, y = ex["inputs"][:-1, :o.dx], ex["inputs"][:-1, o.dx:]
-        xq = ex["inputs"][-1, :o.dx]
+        x, y = ex["inputs"][:-1, : o.dx], ex["inputs"][:-1, o.dx :]
+        xq = ex["inputs"][-1, : o.dx]
         preds.append((y.T @ x) @ xq)
         targets.append(ex["targets"][-1])
     p, t = np.array(preds), np.array(targets)
@@ -119,5 +119,8 @@ class LSATeacher(Task):
     def example(self, rng: np.random.Generator, length: int = 0) -> Example:
         T = length or self.options.length
         x = rng.standard_normal((T, self.options.dim))
-        return {"inputs": x.astype(np.float32), "targets": self.teacher(x).astype(np.float32),
-                "mask": np.ones(T, dtype=bool)}
+        return {
+            "inputs": x.astype(np.float32),
+            "targets": self.teacher(x).astype(np.float32),
+            "mask": np.ones(T, dtype=bool),
+        }

@@ -18,7 +18,8 @@ app.add_typer(data_app, name="data")
 def prepare(
     config: str = typer.Argument(..., help="name under configs/data/ or a YAML path"),
     overrides: Optional[List[str]] = typer.Argument(
-        None, help="key=value overrides of the data section, e.g. tokenizer.vocab_size=4096"),
+        None, help="key=value overrides of the data section, e.g. tokenizer.vocab_size=4096"
+    ),
     force: bool = typer.Option(False, "--force", help="rebuild even if the output is up to date"),
 ) -> None:
     """Tokenize a corpus into packed shards (skips when the output is up to date)."""

@@ -12,8 +12,9 @@ import typer
 from lm.cli.app import app
 from lm.errors import LMError
 
-eval_app = typer.Typer(help="Evaluate checkpoints: perplexity, in-context learning, lm-eval harness.",
-                       no_args_is_help=True)
+eval_app = typer.Typer(
+    help="Evaluate checkpoints: perplexity, in-context learning, lm-eval harness.", no_args_is_help=True
+)
 app.add_typer(eval_app, name="eval")
 
 CHECKPOINT_HELP = "an export directory, a checkpoint directory (step-*) or a run directory (its latest checkpoint)"
@@ -28,24 +29,45 @@ def _quiet() -> None:
 @eval_app.command("ppl")
 def ppl_command(
     checkpoint: str = typer.Argument(..., help=CHECKPOINT_HELP),
-    data: Optional[str] = typer.Option(None, "--data", help="a prepared data directory (token shards) or a UTF-8 text "
-                                       "file (cut into documents like the training text: --split-by); default: the "
-                                       "checkpoint's training data"),
+    data: Optional[str] = typer.Option(
+        None,
+        "--data",
+        help="a prepared data directory (token shards) or a UTF-8 text "
+        "file (cut into documents like the training text: --split-by); default: the "
+        "checkpoint's training data",
+    ),
     split: str = typer.Option("validation", "--split", help="split of a data directory"),
-    stream: Optional[bool] = typer.Option(None, "--stream/--per-document", help="score the documents concatenated "
-                                          "into one stream, or each document separately (default: the semantics the "
-                                          "checkpoint trained with: per-document for data.packing=reset, else stream)"),
-    context: str = typer.Option("train", "--context", help="tokens of context for every family: N (sliding windows, "
-                                "state reset per window), 'train' (default: the training seq_len) or 'full' "
-                                "(recurrent: the whole document; Transformer: max_seq_len windows)"),
-    split_by: Optional[str] = typer.Option(None, "--split-by", help="a text file's documents: file | blank_line | "
-                                           "regex (default: the checkpoint's data.source.split_by)"),
-    split_regex: Optional[str] = typer.Option(None, "--split-regex", help="with --split-by regex (default: the "
-                                              "checkpoint's data.source.split_regex)"),
-    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="--context full: recurrent families' tokens per piece "
-                                          "(state carried; default 512), the Transformer's window (default max_seq_len)"),
-    stride: Optional[int] = typer.Option(None, "--stride", help="sliding windows: tokens between window starts "
-                                         "(default half the window)"),
+    stream: Optional[bool] = typer.Option(
+        None,
+        "--stream/--per-document",
+        help="score the documents concatenated "
+        "into one stream, or each document separately (default: the semantics the "
+        "checkpoint trained with: per-document for data.packing=reset, else stream)",
+    ),
+    context: str = typer.Option(
+        "train",
+        "--context",
+        help="tokens of context for every family: N (sliding windows, "
+        "state reset per window), 'train' (default: the training seq_len) or 'full' "
+        "(recurrent: the whole document; Transformer: max_seq_len windows)",
+    ),
+    split_by: Optional[str] = typer.Option(
+        None,
+        "--split-by",
+        help="a text file's documents: file | blank_line | regex (default: the checkpoint's data.source.split_by)",
+    ),
+    split_regex: Optional[str] = typer.Option(
+        None, "--split-regex", help="with --split-by regex (default: the checkpoint's data.source.split_regex)"
+    ),
+    seq_len: Optional[int] = typer.Option(
+        None,
+        "--seq-len",
+        help="--context full: recurrent families' tokens per piece "
+        "(state carried; default 512), the Transformer's window (default max_seq_len)",
+    ),
+    stride: Optional[int] = typer.Option(
+        None, "--stride", help="sliding windows: tokens between window starts (default half the window)"
+    ),
     batch_size: int = typer.Option(4, "--batch-size", help="documents (or windows) per forward pass"),
     max_docs: Optional[int] = typer.Option(None, "--max-docs", help="score only the first N documents"),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="score at most N tokens"),
@@ -57,8 +79,14 @@ def ppl_command(
     import sys
 
     from lm.evaluation.common import open_checkpoint
-    from lm.evaluation.ppl import (format_summary, perplexity, shard_documents, text_file_documents,
-                                   training_protocol, write_ppl_outputs)
+    from lm.evaluation.ppl import (
+        format_summary,
+        perplexity,
+        shard_documents,
+        text_file_documents,
+        training_protocol,
+        write_ppl_outputs,
+    )
 
     ckpt = open_checkpoint(checkpoint, device)
     tokenizer = ckpt.tokenizer()
@@ -81,12 +109,22 @@ def ppl_command(
             regex = SourceConfig().split_regex
         text = text_file_documents(source, tokenizer, eod, max_tokens, how, regex, max_docs)
     if ckpt.recurrent and stride is not None and tokens_of_context is None:
-        typer.echo("note: --stride applies to sliding windows; with --context full recurrent families carry the state",
-                   err=True)
+        typer.echo(
+            "note: --stride applies to sliding windows; with --context full recurrent families carry the state",
+            err=True,
+        )
         stride = None
-    result = perplexity(ckpt, text, eod, seq_len, stride, batch_size, context=tokens_of_context,
-                        protocol=training_protocol(ckpt) if stream is None else ("stream" if stream else "per-document"),
-                        progress=sys.stderr.isatty())
+    result = perplexity(
+        ckpt,
+        text,
+        eod,
+        seq_len,
+        stride,
+        batch_size,
+        context=tokens_of_context,
+        protocol=training_protocol(ckpt) if stream is None else ("stream" if stream else "per-document"),
+        progress=sys.stderr.isatty(),
+    )
     paths = write_ppl_outputs(result, out or ckpt.default_out_dir(f"ppl-{text.name}"))
     typer.echo(format_summary(result))
     typer.echo(f"wrote {paths['json']}, {paths['csv'].name}, {paths['png'].name}")
@@ -107,15 +145,24 @@ def _context(value: str, ckpt) -> Optional[int]:
 @eval_app.command("icl")
 def icl_command(
     checkpoint: str = typer.Argument(..., help=CHECKPOINT_HELP),
-    tasks: Optional[str] = typer.Option(None, "--tasks", help="comma-separated suite tasks (default: the checkpoint's "
-                                        "own task; for a language model associative_recall,induction,lm_icl_score)"),
-    sweep: Optional[List[str]] = typer.Option(None, "--sweep", help="key=v1,v2,... replaces a task's sweep; a value "
-                                              "lo-hi draws the parameter per example (e.g. length=2-20,21-40)"),
+    tasks: Optional[str] = typer.Option(
+        None,
+        "--tasks",
+        help="comma-separated suite tasks (default: the checkpoint's "
+        "own task; for a language model associative_recall,induction,lm_icl_score)",
+    ),
+    sweep: Optional[List[str]] = typer.Option(
+        None,
+        "--sweep",
+        help="key=v1,v2,... replaces a task's sweep; a value "
+        "lo-hi draws the parameter per example (e.g. length=2-20,21-40)",
+    ),
     examples: int = typer.Option(256, "--examples", help="examples per sweep value"),
     batch_size: int = typer.Option(32, "--batch-size"),
     seed: int = typer.Option(0, "--seed", help="seed of the test examples"),
-    data: Optional[str] = typer.Option(None, "--data", help="lm_icl_score: a prepared data directory "
-                                       "(default: the checkpoint's training data)"),
+    data: Optional[str] = typer.Option(
+        None, "--data", help="lm_icl_score: a prepared data directory (default: the checkpoint's training data)"
+    ),
     split: str = typer.Option("validation", "--split", help="lm_icl_score: split of the data directory"),
     early: int = typer.Option(50, "--early", help="lm_icl_score: early context position"),
     late: int = typer.Option(500, "--late", help="lm_icl_score: late context position"),
@@ -134,8 +181,20 @@ def icl_command(
     resolve_tasks(ckpt, names)  # fail on bad names before any work
     import sys
 
-    result = run_suite(ckpt, names, sweeps, examples, batch_size, seed, data, split, early, late, max_docs,
-                       progress=sys.stderr.isatty())
+    result = run_suite(
+        ckpt,
+        names,
+        sweeps,
+        examples,
+        batch_size,
+        seed,
+        data,
+        split,
+        early,
+        late,
+        max_docs,
+        progress=sys.stderr.isatty(),
+    )
     paths = write_icl_outputs(result, out or ckpt.default_out_dir("icl"))
     typer.echo(markdown(result), nl=False)
     typer.echo(f"wrote {paths['json']}, {paths['md'].name} and {sum(k.startswith('png') for k in paths)} plot(s)")
@@ -194,8 +253,9 @@ def harness_command(
         raise LMError("--tasks: give at least one lm-eval task (see --list-tasks)")
     if include_path is not None and not Path(include_path).is_dir():
         raise LMError(f"--include-path: {include_path} is not a directory")
-    result = run_harness(checkpoint, parse_list(tasks, "--tasks"), include_path, limit, num_fewshot, batch_size,
-                         device, bootstrap_iters)
+    result = run_harness(
+        checkpoint, parse_list(tasks, "--tasks"), include_path, limit, num_fewshot, batch_size, device, bootstrap_iters
+    )
     from lm_eval.utils import make_table
 
     path = write_json((out or result["out_dir"]) / "harness.json", result["summary"])

@@ -28,8 +28,10 @@ def export_command(
         from lm.hf.export import export_hf
 
         out = export_hf(checkpoint, out_dir)
-        typer.echo(f"exported {checkpoint} as a transformers model to {out} "
-                   "(AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True))")
+        typer.echo(
+            f"exported {checkpoint} as a transformers model to {out} "
+            "(AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True))"
+        )
         return
     out = export_checkpoint(checkpoint, out_dir)
     loaded = load_model(str(out))

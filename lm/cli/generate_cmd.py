@@ -15,8 +15,9 @@ from lm.errors import LMError
 @app.command("generate")
 def generate_command(
     checkpoint: str = typer.Argument(..., help="an export directory, a checkpoint directory or a run directory"),
-    prompt: Optional[List[str]] = typer.Option(None, "--prompt", "-p", help="a prompt (repeat for several; "
-                                               "they decode together where the model allows)"),
+    prompt: Optional[List[str]] = typer.Option(
+        None, "--prompt", "-p", help="a prompt (repeat for several; they decode together where the model allows)"
+    ),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n"),
     temperature: float = typer.Option(0.8, "--temperature", help="0: greedy"),
     top_k: int = typer.Option(50, "--top-k", help="0: no top-k filter"),
@@ -39,8 +40,11 @@ def generate_command(
     ckpt = open_checkpoint(checkpoint, device)
     printer = StreamPrinter(ckpt.tokenizer(), [f"[{i + 1}]" for i in range(len(prompt))])
     result = generate(ckpt, prompt, max_new_tokens, temperature, top_k, top_p, seed, batch_size, printer)
-    typer.echo(f"{result['new_tokens']} new tokens in {result['wall_s']:.2f} s ({result['tokens_per_s']:.1f} tokens/s, "
-               f"{result['model']})", err=True)
+    typer.echo(
+        f"{result['new_tokens']} new tokens in {result['wall_s']:.2f} s ({result['tokens_per_s']:.1f} tokens/s, "
+        f"{result['model']})",
+        err=True,
+    )
     if out is not None:
         write_json(out, result)
         typer.echo(f"wrote {out}", err=True)

@@ -11,13 +11,16 @@ from lm.cli.app import app
 
 @app.command("import")
 def import_command(
-    source: str = typer.Argument(..., help="an fla-hub Hugging Face model directory (config.json + weights) "
-                                           "or BlinkDL's RWKV-7 .pth file"),
+    source: str = typer.Argument(
+        ..., help="an fla-hub Hugging Face model directory (config.json + weights) or BlinkDL's RWKV-7 .pth file"
+    ),
     out_dir: str = typer.Argument(..., help="the export directory to create"),
-    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="a tokenizer.json to ship with a .pth "
-                                                                       "(BlinkDL's files come without one)"),
-    eod_token: Optional[str] = typer.Option(None, "--eod-token", help="with --tokenizer: the token that starts a "
-                                                                       "document"),
+    tokenizer: Optional[str] = typer.Option(
+        None, "--tokenizer", help="a tokenizer.json to ship with a .pth (BlinkDL's files come without one)"
+    ),
+    eod_token: Optional[str] = typer.Option(
+        None, "--eod-token", help="with --tokenizer: the token that starts a document"
+    ),
 ) -> None:
     """Convert a published model (fla's GLA, DeltaNet, Gated DeltaNet or RWKV-7; BlinkDL's RWKV-7
     .pth) into an export for lm eval/generate/probe."""
@@ -36,9 +39,13 @@ def import_command(
         from lm.hf.import_fla import import_fla
 
         if tokenizer or eod_token:
-            raise LMError(f"{source}: --tokenizer/--eod-token are for a .pth file; a Hugging Face directory "
-                          "brings its own tokenizer.json")
+            raise LMError(
+                f"{source}: --tokenizer/--eod-token are for a .pth file; a Hugging Face directory "
+                "brings its own tokenizer.json"
+            )
         out = import_fla(source, out_dir)
     loaded = load_model(str(out))
-    typer.echo(f"imported {source} ({loaded.model.num_parameters() / 1e6:.2f}M parameters, "
-               f"{loaded.config['model']['family']}/{loaded.config['model']['variant']}) to {out}")
+    typer.echo(
+        f"imported {source} ({loaded.model.num_parameters() / 1e6:.2f}M parameters, "
+        f"{loaded.config['model']['family']}/{loaded.config['model']['variant']}) to {out}"
+    )

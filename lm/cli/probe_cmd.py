@@ -12,8 +12,12 @@ from lm.cli.app import app
 @app.command("probe")
 def probe_command(
     checkpoint: str = typer.Argument(..., help="an export, a checkpoint directory or a run directory"),
-    out: Optional[str] = typer.Option(None, "--out", help="report directory (default: <run>/probes/<checkpoint "
-                                      "name>/ for a run's checkpoint, <export>/probe-report for an export)"),
+    out: Optional[str] = typer.Option(
+        None,
+        "--out",
+        help="report directory (default: <run>/probes/<checkpoint "
+        "name>/ for a run's checkpoint, <export>/probe-report for an export)",
+    ),
     batch_size: int = typer.Option(8, "--batch-size", help="probe sequences (>= 4 for the LSA fit)"),
     seq_len: int = typer.Option(64, "--seq-len", help="probe length"),
     lsa_rank: int = typer.Option(6, "--lsa-rank", help="random projection rank of the LSA fit"),

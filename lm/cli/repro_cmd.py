@@ -19,14 +19,18 @@ def construction_command(out: str = typer.Option("docs/repro", "--out", help="ou
 
     rows = construction(out)
     for r in rows:
-        typer.echo(f"H={r['heads']} dk={r['dk']} dv={r['dv']} units={r['units']}: max relative error "
-                   f"{r['error']:.2e} (whole sequence), {r['error_stepped']:.2e} (stepped)")
+        typer.echo(
+            f"H={r['heads']} dk={r['dk']} dv={r['dv']} units={r['units']}: max relative error "
+            f"{r['error']:.2e} (whole sequence), {r['error_stepped']:.2e} (stepped)"
+        )
     typer.echo(f"written to {out}/construction.md and construction.png")
 
 
 @repro_app.command("icl-regression")
 def icl_regression_command(
-    runs: List[str] = typer.Argument(..., help="run directories trained with configs/experiment/repro-icl-regression-*"),
+    runs: List[str] = typer.Argument(
+        ..., help="run directories trained with configs/experiment/repro-icl-regression-*"
+    ),
     out: str = typer.Option("docs/repro", "--out", help="output directory"),
     examples: int = typer.Option(4096, "--examples", help="test sequences"),
 ) -> None:

@@ -15,9 +15,17 @@ from lm.config import load_experiment
 
 def quiet_libraries() -> None:
     """Keep the console readable: library chatter below warnings, known-noisy warnings off."""
-    for name in ("pytorch_lightning", "lightning_fabric", "lightning.pytorch", "DeepSpeed", "deepspeed",
-                 "pytorch_lightning.utilities.rank_zero", "pytorch_lightning.accelerators.cuda",
-                 "pytorch_lightning.trainer.connectors.checkpoint_connector", "lightning_fabric.utilities.seed"):
+    for name in (
+        "pytorch_lightning",
+        "lightning_fabric",
+        "lightning.pytorch",
+        "DeepSpeed",
+        "deepspeed",
+        "pytorch_lightning.utilities.rank_zero",
+        "pytorch_lightning.accelerators.cuda",
+        "pytorch_lightning.trainer.connectors.checkpoint_connector",
+        "lightning_fabric.utilities.seed",
+    ):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*set_vital.*")
@@ -30,7 +38,9 @@ def quiet_libraries() -> None:
 @app.command("train", context_settings={"allow_extra_args": False})
 def train_command(
     experiment: str = typer.Argument(..., help="name under configs/experiment/ or a YAML path"),
-    overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides (e.g. train.max_steps=100 resume=auto)"),
+    overrides: Optional[List[str]] = typer.Argument(
+        None, help="key=value overrides (e.g. train.max_steps=100 resume=auto)"
+    ),
 ) -> None:
     """Train a model: prepares the data if needed, checkpoints, resumes (resume=auto|<path>).
 

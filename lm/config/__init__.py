@@ -19,7 +19,19 @@ from lm.config.schema import (
 )
 
 __all__ = [
-    "CheckpointConfig", "DataConfig", "ExperimentConfig", "ModelConfig", "TrainConfig",
-    "compose", "config_root", "load_data_config", "load_experiment", "plain", "resolve", "resolve_vocab", "to_dict",
-    "to_yaml", "validate",
+    "CheckpointConfig",
+    "DataConfig",
+    "ExperimentConfig",
+    "ModelConfig",
+    "TrainConfig",
+    "compose",
+    "config_root",
+    "load_data_config",
+    "load_experiment",
+    "plain",
+    "resolve",
+    "resolve_vocab",
+    "to_dict",
+    "to_yaml",
+    "validate",
 ]

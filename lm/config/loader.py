@@ -98,8 +98,10 @@ def prepared_data_config(name: str) -> Optional[Tuple[Path, Dict[str, Any]]]:
         except (OSError, ValueError) as e:
             raise ConfigError(f"data={name}: cannot read {meta} ({e})") from None
         if not isinstance(stored, dict):
-            raise ConfigError(f"data={name}: {meta} holds no data config (prepared by an older version? prepare "
-                              f"it again with lm data prepare)")
+            raise ConfigError(
+                f"data={name}: {meta} holds no data config (prepared by an older version? prepare "
+                f"it again with lm data prepare)"
+            )
         return meta, {**stored, "out_dir": str(directory)}
     return None
 
@@ -131,9 +133,7 @@ def _merge(base: DictConfig, update: Any, source: str, prefix: str = "") -> Dict
         raise _config_error(e, base, source, prefix) from None
 
 
-def _config_error(
-    e: OmegaConfBaseException, base: DictConfig, source: str, prefix: str = ""
-) -> ConfigError:
+def _config_error(e: OmegaConfBaseException, base: DictConfig, source: str, prefix: str = "") -> ConfigError:
     key = getattr(e, "full_key", None) or ""
     full = f"{prefix}{key}" if key else prefix.rstrip(".")
     if isinstance(e, ConfigKeyError):
@@ -173,9 +173,7 @@ def _apply_dotlist(cfg: DictConfig, dotlist: Sequence[str], source: str) -> Dict
     return cfg
 
 
-def compose(
-    experiment: Optional[str], overrides: Sequence[str] = ()
-) -> Tuple[DictConfig, List[str]]:
+def compose(experiment: Optional[str], overrides: Sequence[str] = ()) -> Tuple[DictConfig, List[str]]:
     """Compose an experiment (a name under ``configs/experiment/``, a path, or None for defaults).
 
     Returns the merged config (not yet validated) and the list of files read, in order.
@@ -223,7 +221,7 @@ def check_choices(cfg: DictConfig, prefix: str = "") -> None:
         if prefix:
             if not key.startswith(prefix):
                 continue
-            rel = key[len(prefix):]
+            rel = key[len(prefix) :]
         else:
             rel = key
         value = OmegaConf.select(cfg, rel, default=None)
@@ -231,24 +229,37 @@ def check_choices(cfg: DictConfig, prefix: str = "") -> None:
             continue
         if str(value) not in options:
             raise ConfigError(
-                f"{key}: invalid value '{value}'{_suggest(str(value), options)}; "
-                f"choose one of: {', '.join(options)}"
+                f"{key}: invalid value '{value}'{_suggest(str(value), options)}; choose one of: {', '.join(options)}"
             )
 
 
 def check_ranges(cfg: DictConfig) -> None:
     """Value checks the schema's types cannot express."""
     positive = [
-        "model.d_model", "model.n_layers", "model.n_heads", "train.seq_len",
-        "train.micro_batch_size", "train.accumulate_grad_batches", "train.max_steps",
-        "checkpoint.keep_last", "data.tokenizer.vocab_size",
+        "model.d_model",
+        "model.n_layers",
+        "model.n_heads",
+        "train.seq_len",
+        "train.micro_batch_size",
+        "train.accumulate_grad_batches",
+        "train.max_steps",
+        "checkpoint.keep_last",
+        "data.tokenizer.vocab_size",
     ]
     for key in positive:
         value = OmegaConf.select(cfg, key, default=None)
         if value is not None and value <= 0:
             raise ConfigError(f"{key}: must be > 0, got {value}")
-    nonneg = ["train.warmup_steps", "train.weight_decay", "train.grad_clip", "train.lr",
-              "checkpoint.every_n_steps", "probes.every_n_steps", "train.devices", "train.threads"]
+    nonneg = [
+        "train.warmup_steps",
+        "train.weight_decay",
+        "train.grad_clip",
+        "train.lr",
+        "checkpoint.every_n_steps",
+        "probes.every_n_steps",
+        "train.devices",
+        "train.threads",
+    ]
     for key in nonneg:
         value = OmegaConf.select(cfg, key, default=None)
         if value is not None and value < 0:
@@ -278,8 +289,11 @@ def check_ranges(cfg: DictConfig) -> None:
     stage = OmegaConf.select(cfg, "train.zero_stage", default=None)
     if stage is not None and stage not in (1, 2, 3):
         raise ConfigError(f"train.zero_stage: must be 1, 2 or 3, got {stage}")
-    if (OmegaConf.select(cfg, "train.strategy", default=None) == "deepspeed"
-            and OmegaConf.select(cfg, "train.offload_params", default=False) and stage != 3):
+    if (
+        OmegaConf.select(cfg, "train.strategy", default=None) == "deepspeed"
+        and OmegaConf.select(cfg, "train.offload_params", default=False)
+        and stage != 3
+    ):
         raise ConfigError("train.offload_params needs train.zero_stage=3")
 
 
@@ -320,8 +334,10 @@ def _check_state_passing(cfg: DictConfig) -> None:
     from lm.models.registry import get_family
 
     if not get_family(str(family)).mixer.constant_state:
-        raise ConfigError(f"train.state_passing: model.family={family} carries a state that grows with the "
-                          f"context (a KV cache); state passing is for constant-state families")
+        raise ConfigError(
+            f"train.state_passing: model.family={family} carries a state that grows with the "
+            f"context (a KV cache); state passing is for constant-state families"
+        )
 
 
 VALIDATORS.append(_check_state_passing)

@@ -39,8 +39,11 @@ def resolve(cfg: Union[DictConfig, Mapping[str, Any]], data: Any = None, echo: E
     synthetic task's (with ``.task``) or a corpus's (with ``.vocab_size``); None fills nothing.
     echo: where :func:`resolve_vocab` warns (None: silent).
     """
-    node = OmegaConf.merge(OmegaConf.structured(ExperimentConfig), cfg) if not isinstance(cfg, DictConfig) \
+    node = (
+        OmegaConf.merge(OmegaConf.structured(ExperimentConfig), cfg)
+        if not isinstance(cfg, DictConfig)
         else copy.deepcopy(cfg)
+    )
     task = getattr(data, "task", None)
     if task is not None:
         _fill_task(node, task.spec)
@@ -64,9 +67,11 @@ def resolve_vocab(cfg: Any, data_vocab: int, echo: Echo = None) -> int:
         )
     if v > rounded and echo is not None:
         rows = v - data_vocab
-        echo(f"warning: model.vocab_size={v} exceeds the tokenizer's {data_vocab} tokens of {cfg.data.out_dir}: "
-             f"{rows} embedding rows ({rows * cfg.model.d_model:,} parameters per embedding matrix) are never "
-             f"trained; model.vocab_size=0 takes the size from the data")
+        echo(
+            f"warning: model.vocab_size={v} exceeds the tokenizer's {data_vocab} tokens of {cfg.data.out_dir}: "
+            f"{rows} embedding rows ({rows * cfg.model.d_model:,} parameters per embedding matrix) are never "
+            f"trained; model.vocab_size=0 takes the size from the data"
+        )
     return v
 
 
@@ -79,8 +84,10 @@ def _fill_task(cfg: DictConfig, spec: Any) -> None:
         cfg.model.vocab_size = spec.vocab_size
     cfg.model.output_dim = spec.output_dim if spec.output != "classes" else None
     if cfg.data.task_output not in (None, spec.output):
-        raise ConfigError(f"data.task_output: the task {cfg.data.task.name} outputs {spec.output!r}, not "
-                          f"{cfg.data.task_output!r} (it is filled from the task: remove the key)")
+        raise ConfigError(
+            f"data.task_output: the task {cfg.data.task.name} outputs {spec.output!r}, not "
+            f"{cfg.data.task_output!r} (it is filled from the task: remove the key)"
+        )
     cfg.data.task_output = spec.output
 
 

@@ -34,8 +34,10 @@ class Frozen:
     def __setattr__(self, name: str, value: Any) -> None:
         if self.__dict__.get("_frozen", False):
             raise dataclasses.FrozenInstanceError(
-                f"cannot assign to field {name!r}: the resolved config is frozen (dataclasses.replace makes a copy)")
+                f"cannot assign to field {name!r}: the resolved config is frozen (dataclasses.replace makes a copy)"
+            )
         object.__setattr__(self, name, value)
+
 
 # ----------------------------------------------------------------------------------------- data
 

@@ -75,24 +75,37 @@ def measure(name: str, size: str, context: int, steps: int, chunk: int, vocab: i
             times.append(time.perf_counter() - t)
     times.sort()
     return {
-        "model": name, "size": size, "parameters": model.num_parameters(), "context": context, "steps": steps,
-        "prefill_s": prefill_s, "ms_per_token": 1000 * statistics.median(times),
+        "model": name,
+        "size": size,
+        "parameters": model.num_parameters(),
+        "context": context,
+        "steps": steps,
+        "prefill_s": prefill_s,
+        "ms_per_token": 1000 * statistics.median(times),
         "p90_ms": 1000 * times[min(len(times) - 1, int(0.9 * len(times)))],
         "tokens_per_s": 1.0 / statistics.median(times),
-        "state_mb_after_context": bytes_context / 2 ** 20, "state_mb_after_decode": state_bytes(state) / 2 ** 20,
-        "rss_model_mb": rss_model, "rss_after_context_mb": rss_context, "peak_rss_mb": peak_rss_mb(),
+        "state_mb_after_context": bytes_context / 2**20,
+        "state_mb_after_decode": state_bytes(state) / 2**20,
+        "rss_model_mb": rss_model,
+        "rss_after_context_mb": rss_context,
+        "peak_rss_mb": peak_rss_mb(),
         "threads": torch.get_num_threads(),
     }
 
 
 def table(rows: List[Dict]) -> str:
-    lines = ["| model | context | ms/token (median) | p90 ms | tokens/s | state MiB | RSS after context MiB | "
-             "peak RSS MiB | prefill s |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | context | ms/token (median) | p90 ms | tokens/s | state MiB | RSS after context MiB | "
+        "peak RSS MiB | prefill s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['model']} ({r['size']}, {r['parameters'] / 1e6:.1f}M) | {r['context']:,} | "
-                     f"{r['ms_per_token']:.1f} | {r['p90_ms']:.1f} | {r['tokens_per_s']:.1f} | "
-                     f"{r['state_mb_after_context']:.2f} | {r['rss_after_context_mb']:.0f} | {r['peak_rss_mb']:.0f} | "
-                     f"{r['prefill_s']:.1f} |")
+        lines.append(
+            f"| {r['model']} ({r['size']}, {r['parameters'] / 1e6:.1f}M) | {r['context']:,} | "
+            f"{r['ms_per_token']:.1f} | {r['p90_ms']:.1f} | {r['tokens_per_s']:.1f} | "
+            f"{r['state_mb_after_context']:.2f} | {r['rss_after_context_mb']:.0f} | {r['peak_rss_mb']:.0f} | "
+            f"{r['prefill_s']:.1f} |"
+        )
     return "\n".join(lines)
 
 
@@ -118,8 +131,11 @@ def main(argv=None) -> None:
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
-    ap.add_argument("--in-process", action="store_true",
-                    help="measure every run in this process (quick; peak RSS is then the maximum so far)")
+    ap.add_argument(
+        "--in-process",
+        action="store_true",
+        help="measure every run in this process (quick; peak RSS is then the maximum so far)",
+    )
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.threads:
@@ -135,19 +151,41 @@ def main(argv=None) -> None:
             if args.in_process:
                 row = measure(name, args.size, context, args.steps, args.chunk, args.vocab)
             else:
-                cmd = [sys.executable, "-m", "lm.evaluation.bench_generate", "--worker", "--models", name,
-                       "--size", args.size, "--contexts", str(context), "--steps", str(args.steps), "--chunk",
-                       str(args.chunk), "--vocab", str(args.vocab), "--threads", str(args.threads)]
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "lm.evaluation.bench_generate",
+                    "--worker",
+                    "--models",
+                    name,
+                    "--size",
+                    args.size,
+                    "--contexts",
+                    str(context),
+                    "--steps",
+                    str(args.steps),
+                    "--chunk",
+                    str(args.chunk),
+                    "--vocab",
+                    str(args.vocab),
+                    "--threads",
+                    str(args.threads),
+                ]
                 proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-                found = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+                found = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
                 if proc.returncode != 0 or not found:
-                    print(f"{name} at {context}: failed ({proc.returncode}): "
-                          f"{proc.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+                    print(
+                        f"{name} at {context}: failed ({proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}",
+                        file=sys.stderr,
+                    )
                     continue
-                row = json.loads(found[0][len("RESULT "):])
+                row = json.loads(found[0][len("RESULT ") :])
             rows.append(row)
-            print(f"{name} {context}: {row['ms_per_token']:.1f} ms/token, state {row['state_mb_after_context']:.2f} "
-                  f"MiB, peak RSS {row['peak_rss_mb']:.0f} MiB", flush=True)
+            print(
+                f"{name} {context}: {row['ms_per_token']:.1f} ms/token, state {row['state_mb_after_context']:.2f} "
+                f"MiB, peak RSS {row['peak_rss_mb']:.0f} MiB",
+                flush=True,
+            )
     print(table(rows))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

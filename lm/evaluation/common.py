@@ -123,8 +123,9 @@ def open_checkpoint(path: str, device: str = "cpu") -> Checkpoint:
     except LMError:
         raise
     except (OSError, KeyError, ValueError) as e:
-        raise LMError(f"{path}: cannot load a model ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") \
-            from None
+        raise LMError(
+            f"{path}: cannot load a model ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
     return Checkpoint(loaded, str(path))
 
 

@@ -64,10 +64,21 @@ def label_for(path: str, ckpt: Checkpoint) -> str:
     return f"{run} ({ckpt.name})"
 
 
-def run_extrapolation(paths: Sequence[str], data: Optional[str], split: str = "validation", context: str = "full",
-                      seq_len: Optional[int] = None, stride: Optional[int] = None, batch_size: int = 4,
-                      max_docs: Optional[int] = None, max_tokens: Optional[int] = None, stream: bool = False,
-                      labels: Sequence[str] = (), device: str = "cpu", progress: bool = False) -> Dict[str, Any]:
+def run_extrapolation(
+    paths: Sequence[str],
+    data: Optional[str],
+    split: str = "validation",
+    context: str = "full",
+    seq_len: Optional[int] = None,
+    stride: Optional[int] = None,
+    batch_size: int = 4,
+    max_docs: Optional[int] = None,
+    max_tokens: Optional[int] = None,
+    stream: bool = False,
+    labels: Sequence[str] = (),
+    device: str = "cpu",
+    progress: bool = False,
+) -> Dict[str, Any]:
     """One :func:`lm.evaluation.ppl.perplexity` result per checkpoint (loaded one at a time)."""
     from lm.evaluation.common import open_checkpoint
     from lm.evaluation.ppl import perplexity
@@ -86,9 +97,17 @@ def run_extrapolation(paths: Sequence[str], data: Optional[str], split: str = "v
         text = load_text(ckpt, source, split, max_docs, max_tokens)
         if progress:
             print(f"[{i + 1}/{len(paths)}] {path}", file=sys.stderr)
-        result = perplexity(ckpt, text, ckpt.eod_id(ckpt.tokenizer()), seq_len, stride, batch_size,
-                            context=tokens_of_context, protocol="stream" if stream else "per-document",
-                            progress=progress)
+        result = perplexity(
+            ckpt,
+            text,
+            ckpt.eod_id(ckpt.tokenizer()),
+            seq_len,
+            stride,
+            batch_size,
+            context=tokens_of_context,
+            protocol="stream" if stream else "per-document",
+            progress=progress,
+        )
         result["label"] = labels[i] if labels else label_for(path, ckpt)
         results.append(result)
         del ckpt
@@ -99,21 +118,30 @@ def csv_text(result: Dict[str, Any]) -> str:
     rows = ["label,model,checkpoint,train_seq_len,bucket_start,bucket_end,tokens,loss"]
     for m in result["models"]:
         for b in m["loss_by_position"]:
-            rows.append(f"\"{m['label']}\",{m['model']},{m['checkpoint']},{m['train_seq_len'] or ''},{b['start']},"
-                        f"{b['end']},{b['tokens']},{b['loss']:.6f}")
+            rows.append(
+                f'"{m["label"]}",{m["model"]},{m["checkpoint"]},{m["train_seq_len"] or ""},{b["start"]},'
+                f"{b['end']},{b['tokens']},{b['loss']:.6f}"
+            )
     return "\n".join(rows) + "\n"
 
 
 def markdown(result: Dict[str, Any]) -> str:
-    lines = [f"Loss by position (nats/token; protocol {result['protocol']}, context {result['context']})", "",
-             "| model | train length | loss | within train length | beyond it | tokens beyond |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"Loss by position (nats/token; protocol {result['protocol']}, context {result['context']})",
+        "",
+        "| model | train length | loss | within train length | beyond it | tokens beyond |",
+        "|---|---|---|---|---|---|",
+    ]
     for m in result["models"]:
+
         def f(x):
             return "-" if x is None else f"{x:.4f}"
-        lines.append(f"| {m['label']} | {m['train_seq_len'] or '-'} | {m['loss']:.4f} | "
-                     f"{f(m['loss_within_train_len'])} | {f(m['loss_beyond_train_len'])} | "
-                     f"{m['tokens_beyond_train_len']:,} |")
+
+        lines.append(
+            f"| {m['label']} | {m['train_seq_len'] or '-'} | {m['loss']:.4f} | "
+            f"{f(m['loss_within_train_len'])} | {f(m['loss_beyond_train_len'])} | "
+            f"{m['tokens_beyond_train_len']:,} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -134,8 +162,9 @@ def plot_extrapolation(result: Dict[str, Any], path: Path) -> Path:
     ax.set_xscale("log", base=2)
     ax.set_xlabel("position in document (bucket centre); dashed: training length")
     ax.set_ylabel("mean loss (nats/token)")
-    ax.set_title(f"Loss by position beyond the training length (context {result['context']}, "
-                 f"{result['protocol']})", fontsize=10)
+    ax.set_title(
+        f"Loss by position beyond the training length (context {result['context']}, {result['protocol']})", fontsize=10
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -146,9 +175,11 @@ def plot_extrapolation(result: Dict[str, Any], path: Path) -> Path:
 
 def write_extrapolation_outputs(result: Dict[str, Any], out_dir: Path) -> Dict[str, Path]:
     out_dir = Path(out_dir)
-    paths: Dict[str, Path] = {"csv": write_atomic(out_dir / "extrapolation.csv", csv_text(result)),
-                              "md": write_atomic(out_dir / "extrapolation.md", markdown(result)),
-                              "png": plot_extrapolation(result, out_dir / "extrapolation.png")}
+    paths: Dict[str, Path] = {
+        "csv": write_atomic(out_dir / "extrapolation.csv", csv_text(result)),
+        "md": write_atomic(out_dir / "extrapolation.md", markdown(result)),
+        "png": plot_extrapolation(result, out_dir / "extrapolation.png"),
+    }
     paths["json"] = write_json(out_dir / "extrapolation.json", result)
     return paths
 

@@ -42,9 +42,11 @@ def encode_prompts(ckpt: Checkpoint, tokenizer, prompts: Sequence[str], max_new_
     if not ckpt.recurrent:
         for i, p in enumerate(ids):
             if len(p) + max_new_tokens > ckpt.max_seq_len:
-                raise LMError(f"--prompt {i + 1}: {len(p)} tokens (with the start-of-document token) plus "
-                              f"--max-new-tokens {max_new_tokens} = {len(p) + max_new_tokens} exceeds the "
-                              f"Transformer's max_seq_len ({ckpt.max_seq_len}); shorten the prompt or generate fewer tokens")
+                raise LMError(
+                    f"--prompt {i + 1}: {len(p)} tokens (with the start-of-document token) plus "
+                    f"--max-new-tokens {max_new_tokens} = {len(p) + max_new_tokens} exceeds the "
+                    f"Transformer's max_seq_len ({ckpt.max_seq_len}); shorten the prompt or generate fewer tokens"
+                )
     return ids
 
 
@@ -54,28 +56,37 @@ def batches(ckpt: Checkpoint, prompt_ids: List[List[int]], batch_size: int) -> L
         raise LMError(f"--batch-size: must be > 0, got {batch_size}")
     if ckpt.recurrent:
         order = list(range(len(prompt_ids)))
-        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     by_len: Dict[int, List[int]] = {}
     for i, p in enumerate(prompt_ids):
         by_len.setdefault(len(p), []).append(i)
     out = []
     for group in by_len.values():
-        out += [group[i:i + batch_size] for i in range(0, len(group), batch_size)]
+        out += [group[i : i + batch_size] for i in range(0, len(group), batch_size)]
     return sorted(out, key=lambda g: g[0])
 
 
-def decode_batch(model, prompt_ids: List[List[int]], max_new_tokens: int, temperature: float, top_k: int,
-                 top_p: float, seed: Optional[int], eod_id: Optional[int],
-                 on_token: Optional[Callable[[int, int], None]] = None,
-                 should_stop: Optional[Callable[[int, List[int]], bool]] = None) -> List[Completion]:
+def decode_batch(
+    model,
+    prompt_ids: List[List[int]],
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    seed: Optional[int],
+    eod_id: Optional[int],
+    on_token: Optional[Callable[[int, int], None]] = None,
+    should_stop: Optional[Callable[[int, List[int]], bool]] = None,
+) -> List[Completion]:
     """Decode one batch. ``on_token(row, id)`` sees every new token; ``should_stop(row, ids)``
     may end a row early (a stop string)."""
     out = [Completion("", len(p)) for p in prompt_ids]
     done = [False] * len(prompt_ids)
     if max_new_tokens <= 0:
         return out
-    for step in generate_tokens(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed,
-                                prefill_chunk=PREFILL_CHUNK):
+    for step in generate_tokens(
+        model, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, prefill_chunk=PREFILL_CHUNK
+    ):
         for r, t in enumerate(step.tolist()):
             if done[r]:
                 continue
@@ -115,7 +126,7 @@ class StreamPrinter:
         text = self.tokenizer.decode(self.ids[row])
         if text.endswith("\ufffd"):
             return
-        new, self.shown[row] = text[self.shown[row]:], len(text)
+        new, self.shown[row] = text[self.shown[row] :], len(text)
         if len(self.labels) == 1:
             self.write(new)
             return
@@ -126,7 +137,7 @@ class StreamPrinter:
 
     def finish(self, row: int) -> None:
         text = self.tokenizer.decode(self.ids[row])
-        rest = text[self.shown[row]:]
+        rest = text[self.shown[row] :]
         if len(self.labels) == 1:
             self.write(rest + "\n")
             return
@@ -137,16 +148,26 @@ class StreamPrinter:
         self.write(f"{self.labels[row]} <end>\n")
 
 
-def generate(ckpt: Checkpoint, prompts: Sequence[str], max_new_tokens: int = 64, temperature: float = 0.8,
-             top_k: int = 50, top_p: float = 1.0, seed: Optional[int] = 0, batch_size: int = 8,
-             printer: Optional[StreamPrinter] = None) -> Dict:
+def generate(
+    ckpt: Checkpoint,
+    prompts: Sequence[str],
+    max_new_tokens: int = 64,
+    temperature: float = 0.8,
+    top_k: int = 50,
+    top_p: float = 1.0,
+    seed: Optional[int] = 0,
+    batch_size: int = 8,
+    printer: Optional[StreamPrinter] = None,
+) -> Dict:
     """Generate for every prompt; returns completions and timing (tokens/s excludes prompt reading)."""
     if not prompts:
         raise LMError("--prompt: give at least one prompt")
     if max_new_tokens < 0:
         raise LMError(f"--max-new-tokens: must be >= 0, got {max_new_tokens}")
     if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
-        raise LMError(f"--temperature >= 0, --top-k >= 0 and 0 < --top-p <= 1 expected; got {temperature}, {top_k}, {top_p}")
+        raise LMError(
+            f"--temperature >= 0, --top-k >= 0 and 0 < --top-p <= 1 expected; got {temperature}, {top_k}, {top_p}"
+        )
     tokenizer = ckpt.tokenizer()
     eod = ckpt.eod_id(tokenizer)
     ids = encode_prompts(ckpt, tokenizer, prompts, max_new_tokens)
@@ -157,8 +178,17 @@ def generate(ckpt: Checkpoint, prompts: Sequence[str], max_new_tokens: int = 64,
             for r, i in enumerate(group):
                 printer.start(i, prompts[i])
         on_token = (lambda r, t, g=group: printer.token(g[r], t)) if printer is not None else None
-        out = decode_batch(ckpt.model, [ids[i] for i in group], max_new_tokens, temperature, top_k, top_p,
-                           None if seed is None else seed + k, eod, on_token)
+        out = decode_batch(
+            ckpt.model,
+            [ids[i] for i in group],
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            None if seed is None else seed + k,
+            eod,
+            on_token,
+        )
         for r, i in enumerate(group):
             out[r].prompt = prompts[i]
             out[r].text = tokenizer.decode(out[r].tokens)
@@ -167,22 +197,41 @@ def generate(ckpt: Checkpoint, prompts: Sequence[str], max_new_tokens: int = 64,
                 printer.finish(i)
     wall = time.perf_counter() - t0
     new = sum(len(c.tokens) for c in completions)
-    return {"model": ckpt.name, "checkpoint": ckpt.path, "step": ckpt.loaded.step,
-            "settings": {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k,
-                         "top_p": top_p, "seed": seed},
-            "completions": [c.__dict__ for c in completions], "new_tokens": new, "wall_s": wall,
-            "tokens_per_s": new / max(wall, 1e-9)}
+    return {
+        "model": ckpt.name,
+        "checkpoint": ckpt.path,
+        "step": ckpt.loaded.step,
+        "settings": {
+            "max_new_tokens": max_new_tokens,
+            "temperature": temperature,
+            "top_k": top_k,
+            "top_p": top_p,
+            "seed": seed,
+        },
+        "completions": [c.__dict__ for c in completions],
+        "new_tokens": new,
+        "wall_s": wall,
+        "tokens_per_s": new / max(wall, 1e-9),
+    }
 
 
 @torch.no_grad()
-def greedy_until(ckpt: Checkpoint, tokenizer, contexts: List[List[int]], max_new_tokens: int, until: List[str],
-                 batch_size: int, temperature: float = 0.0, seed: int = 0) -> List[str]:
+def greedy_until(
+    ckpt: Checkpoint,
+    tokenizer,
+    contexts: List[List[int]],
+    max_new_tokens: int,
+    until: List[str],
+    batch_size: int,
+    temperature: float = 0.0,
+    seed: int = 0,
+) -> List[str]:
     """Continuations of token contexts, cut at the first stop string (lm-eval ``generate_until``)."""
     eod = ckpt.eod_id(tokenizer)
 
     def cut(text: str) -> str:
         ends = [text.find(u) for u in until if u and u in text]
-        return text[:min(ends)] if ends else text
+        return text[: min(ends)] if ends else text
 
     def should_stop(row: int, tokens: List[int]) -> bool:
         text = tokenizer.decode(tokens)
@@ -190,8 +239,17 @@ def greedy_until(ckpt: Checkpoint, tokenizer, contexts: List[List[int]], max_new
 
     results: List[Optional[str]] = [None] * len(contexts)
     for group in batches(ckpt, contexts, batch_size):
-        out = decode_batch(ckpt.model, [contexts[i] for i in group], max_new_tokens, temperature, 0, 1.0, seed, eod,
-                           should_stop=should_stop)
+        out = decode_batch(
+            ckpt.model,
+            [contexts[i] for i in group],
+            max_new_tokens,
+            temperature,
+            0,
+            1.0,
+            seed,
+            eod,
+            should_stop=should_stop,
+        )
         for r, i in enumerate(group):
             results[i] = cut(tokenizer.decode(out[r].tokens))
     return results

@@ -42,8 +42,16 @@ class RecurrentLM(LM):
     for the Transformer), max_gen_toks.
     """
 
-    def __init__(self, checkpoint: Optional[str] = None, pretrained: Optional[str] = None, device: str = "cpu",
-                 batch_size: Any = 8, max_length: Optional[int] = None, max_gen_toks: int = 256, **_: Any):
+    def __init__(
+        self,
+        checkpoint: Optional[str] = None,
+        pretrained: Optional[str] = None,
+        device: str = "cpu",
+        batch_size: Any = 8,
+        max_length: Optional[int] = None,
+        max_gen_toks: int = 256,
+        **_: Any,
+    ):
         super().__init__()
         path = checkpoint or pretrained
         if not path:
@@ -121,8 +129,11 @@ class RecurrentLM(LM):
         k = 0
         while k < len(contexts):
             batch = [contexts[k]]
-            while (k + len(batch) < len(contexts) and len(batch) < self.batch_size
-                   and len(contexts[k + len(batch)]) == len(batch[0])):
+            while (
+                k + len(batch) < len(contexts)
+                and len(batch) < self.batch_size
+                and len(contexts[k + len(batch)]) == len(batch[0])
+            ):
                 batch.append(contexts[k + len(batch)])
             k += len(batch)
             tokens = torch.tensor(batch, dtype=torch.long, device=self.device)
@@ -131,7 +142,7 @@ class RecurrentLM(LM):
             self.stats["contexts_read"] += len(batch)
             rows = [(g, i) for g, ctx in enumerate(batch) for i in groups[ctx]]
             for s in range(0, len(rows), self.batch_size):
-                chunk = rows[s:s + self.batch_size]
+                chunk = rows[s : s + self.batch_size]
                 self._score_continuations(chunk, fitted, first, state, results)
         return results  # type: ignore[return-value]
 
@@ -145,7 +156,7 @@ class RecurrentLM(LM):
             inputs = torch.full((len(chunk), width), self.eod, dtype=torch.long, device=self.device)
             for r, c in enumerate(conts):
                 if len(c) > 1:
-                    inputs[r, :len(c) - 1] = torch.tensor(c[:-1], dtype=torch.long)
+                    inputs[r, : len(c) - 1] = torch.tensor(c[:-1], dtype=torch.long)
             branch = select_state(state, torch.tensor([g for g, _ in chunk], dtype=torch.long))
             logits, _ = model(inputs, branch, return_state=True)
             rest = F.log_softmax(logits.float(), -1)
@@ -186,7 +197,7 @@ class RecurrentLM(LM):
             for i in idx:
                 ctx = [self.eod] + self.tok_encode(requests[i].args[0])
                 if self.max_length is not None:
-                    ctx = ctx[-max(1, self.max_length - max_new):]
+                    ctx = ctx[-max(1, self.max_length - max_new) :]
                 contexts.append(ctx)
             outs = greedy_until(self.ckpt, self.tokenizer, contexts, max_new, until, self.batch_size, temperature)
             for i, text in zip(idx, outs):
@@ -215,9 +226,16 @@ def list_task_names(include_path: Optional[str] = None) -> List[str]:
     return sorted(manager.all_tasks)
 
 
-def run_harness(checkpoint: str, tasks: Sequence[str], include_path: Optional[str] = None, limit: Optional[float] = None,
-                num_fewshot: Optional[int] = None, batch_size: int = 8, device: str = "cpu",
-                bootstrap_iters: int = 0) -> Dict[str, Any]:
+def run_harness(
+    checkpoint: str,
+    tasks: Sequence[str],
+    include_path: Optional[str] = None,
+    limit: Optional[float] = None,
+    num_fewshot: Optional[int] = None,
+    batch_size: int = 8,
+    device: str = "cpu",
+    bootstrap_iters: int = 0,
+) -> Dict[str, Any]:
     """``lm_eval.simple_evaluate`` with :class:`RecurrentLM` on ``tasks`` (unknown names: error
     listing the closest known ones). Returns ``summary`` (JSON-able), ``raw`` and ``out_dir``."""
     import difflib
@@ -230,13 +248,30 @@ def run_harness(checkpoint: str, tasks: Sequence[str], include_path: Optional[st
     unknown = [t for t in tasks if t not in known]
     if unknown:
         close = sorted({c for t in unknown for c in difflib.get_close_matches(t, known, n=5, cutoff=0.6)})
-        raise LMError(f"--tasks: unknown lm-eval task(s) {', '.join(unknown)}"
-                      + (f"; closest known: {', '.join(close)}" if close else "")
-                      + " (`lm eval harness <checkpoint> --list-tasks [--include-path DIR]` lists all)")
-    out = simple_evaluate(model=model, tasks=list(tasks), task_manager=task_manager, limit=limit,
-                          num_fewshot=num_fewshot, bootstrap_iters=bootstrap_iters, log_samples=False)
-    summary = {"checkpoint": checkpoint, "step": model.ckpt.loaded.step, "model": model.ckpt.name,
-               "tasks": list(tasks), "limit": limit, "num_fewshot": num_fewshot,
-               "results": out["results"], "versions": out.get("versions"), "n_samples": out.get("n-samples"),
-               "adapter_stats": model.stats}
+        raise LMError(
+            f"--tasks: unknown lm-eval task(s) {', '.join(unknown)}"
+            + (f"; closest known: {', '.join(close)}" if close else "")
+            + " (`lm eval harness <checkpoint> --list-tasks [--include-path DIR]` lists all)"
+        )
+    out = simple_evaluate(
+        model=model,
+        tasks=list(tasks),
+        task_manager=task_manager,
+        limit=limit,
+        num_fewshot=num_fewshot,
+        bootstrap_iters=bootstrap_iters,
+        log_samples=False,
+    )
+    summary = {
+        "checkpoint": checkpoint,
+        "step": model.ckpt.loaded.step,
+        "model": model.ckpt.name,
+        "tasks": list(tasks),
+        "limit": limit,
+        "num_fewshot": num_fewshot,
+        "results": out["results"],
+        "versions": out.get("versions"),
+        "n_samples": out.get("n-samples"),
+        "adapter_stats": model.stats,
+    }
     return {"summary": summary, "raw": out, "out_dir": model.ckpt.default_out_dir("harness")}

@@ -73,16 +73,20 @@ def resolve_tasks(ckpt: Checkpoint, names: Sequence[str]) -> List[str]:
             if name == "formal" and trained in FORMAL_LANGUAGES:
                 name = trained
             if name != trained:
-                raise LMError(f"--tasks: {ckpt.path} was trained on task '{trained}', so it can only be evaluated "
-                              f"on '{trained}' (got '{name}'); language-model checkpoints run "
-                              f"{', '.join(TOKEN_TASKS)} and lm_icl_score")
+                raise LMError(
+                    f"--tasks: {ckpt.path} was trained on task '{trained}', so it can only be evaluated "
+                    f"on '{trained}' (got '{name}'); language-model checkpoints run "
+                    f"{', '.join(TOKEN_TASKS)} and lm_icl_score"
+                )
             out.append(name)
         return list(dict.fromkeys(out))
     names = list(names) or TOKEN_TASKS + ["lm_icl_score"]
     for name in names:
         if name not in TOKEN_TASKS + ["lm_icl_score"]:
-            raise LMError(f"--tasks: '{name}' needs a checkpoint trained on it (data.source.kind: task); a language "
-                          f"model runs {', '.join(TOKEN_TASKS)} (remapped onto its vocabulary) and lm_icl_score")
+            raise LMError(
+                f"--tasks: '{name}' needs a checkpoint trained on it (data.source.kind: task); a language "
+                f"model runs {', '.join(TOKEN_TASKS)} (remapped onto its vocabulary) and lm_icl_score"
+            )
     return list(dict.fromkeys(names))
 
 
@@ -131,21 +135,26 @@ class TokenRemap:
         special = set(tokenizer.get_added_tokens_decoder().keys())
         ordinary = np.array([i for i in range(tokenizer.get_vocab_size()) if i not in special], dtype=np.int64)
         if len(ordinary) < task_vocab - 1:
-            raise LMError(f"the task needs {task_vocab - 1} distinct tokens but the tokenizer has only "
-                          f"{len(ordinary)} ordinary ones")
+            raise LMError(
+                f"the task needs {task_vocab - 1} distinct tokens but the tokenizer has only "
+                f"{len(ordinary)} ordinary ones"
+            )
         rng = np.random.default_rng([int(seed), 7])
         self.table = np.concatenate([[eod_id], rng.choice(ordinary, size=task_vocab - 1, replace=False)])
         self.eod_id = int(eod_id)
 
     def __call__(self, example: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         x, y, m = example["inputs"], example["targets"], example["mask"]
-        return {"inputs": np.concatenate([[self.eod_id], self.table[x]]),
-                "targets": np.concatenate([self.table[x[:1]], self.table[y]]),
-                "mask": np.concatenate([[False], m])}
+        return {
+            "inputs": np.concatenate([[self.eod_id], self.table[x]]),
+            "targets": np.concatenate([self.table[x[:1]], self.table[y]]),
+            "mask": np.concatenate([[False], m]),
+        }
 
 
-def make_examples(task, seed: int, n: int, key: Optional[str], value: Optional[SweepValue],
-                  remap: Optional[TokenRemap] = None) -> List[Dict[str, np.ndarray]]:
+def make_examples(
+    task, seed: int, n: int, key: Optional[str], value: Optional[SweepValue], remap: Optional[TokenRemap] = None
+) -> List[Dict[str, np.ndarray]]:
     """``n`` test-stream examples with ``key`` set to ``value`` (a range: drawn per example)."""
     from data.tasks import rng_for
     from data.tasks.datamodule import TEST_STREAM
@@ -171,13 +180,14 @@ def make_examples(task, seed: int, n: int, key: Optional[str], value: Optional[S
 
 
 @torch.no_grad()
-def score_examples(model, examples: List[Dict[str, np.ndarray]], output: str, batch_size: int,
-                   pad_id: int = 0) -> Dict[str, Any]:
+def score_examples(
+    model, examples: List[Dict[str, np.ndarray]], output: str, batch_size: int, pad_id: int = 0
+) -> Dict[str, Any]:
     """Loss and accuracies of ``model`` on ``examples`` (see the module docstring)."""
     from data.tasks.datamodule import collate_examples
     from lm.training.losses import evaluate
 
-    batches = (collate_examples(examples[b:b + batch_size], pad_id) for b in range(0, len(examples), batch_size))
+    batches = (collate_examples(examples[b : b + batch_size], pad_id) for b in range(0, len(examples), batch_size))
     sums = evaluate(model, batches, output)
     row: Dict[str, Any] = {"examples": len(examples), "scored": sums.count, "loss": sums.loss_sum / max(sums.count, 1)}
     if output != "vectors":
@@ -201,8 +211,15 @@ def _sweeps(task, overrides: Dict[str, List[SweepValue]]) -> Dict[Optional[str],
     return sweeps or {None: [None]}
 
 
-def evaluate_task(ckpt: Checkpoint, name: str, sweeps: Dict[str, List[SweepValue]], n_examples: int,
-                  batch_size: int, seed: int, progress: bool = False) -> Dict[str, Any]:
+def evaluate_task(
+    ckpt: Checkpoint,
+    name: str,
+    sweeps: Dict[str, List[SweepValue]],
+    n_examples: int,
+    batch_size: int,
+    seed: int,
+    progress: bool = False,
+) -> Dict[str, Any]:
     """One suite task on the checkpoint: trained on it, or remapped onto an LM's vocabulary
     (``progress``: a bar over the sweep's points on stderr)."""
     import sys
@@ -222,11 +239,15 @@ def evaluate_task(ckpt: Checkpoint, name: str, sweeps: Dict[str, List[SweepValue
     points = [(key, value) for key, values in _sweeps(task, sweeps).items() for value in values]
     for key, value in tqdm(points, desc=name, unit="point", file=sys.stderr, disable=not progress, leave=False):
         examples = make_examples(task, seed, n_examples, key, value, remap)
-        row = {"key": key or "default", "value": value_label(value) if value is not None else "default",
-               **score_examples(ckpt.model, examples, output, batch_size, task.spec.pad_id if remap is None else 0)}
+        row = {
+            "key": key or "default",
+            "value": value_label(value) if value is not None else "default",
+            **score_examples(ckpt.model, examples, output, batch_size, task.spec.pad_id if remap is None else 0),
+        }
         if task.name == "icl_regression" and key == "n_pairs" and not isinstance(value, tuple):
-            row["baseline_loss"], row["baseline_lr"] = one_step_gd_loss(task, n_examples=max(n_examples, 1024),
-                                                                       seed=seed, n_pairs=int(value))
+            row["baseline_loss"], row["baseline_lr"] = one_step_gd_loss(
+                task, n_examples=max(n_examples, 1024), seed=seed, n_pairs=int(value)
+            )
         elif task.name == "icl_regression" and key is None:
             row["baseline_loss"], row["baseline_lr"] = one_step_gd_loss(task, max(n_examples, 1024), seed)
         rows.append(row)
@@ -275,8 +296,16 @@ def _params(task) -> Dict[str, Any]:
 MIN_ICL_DOCUMENTS = 16
 
 
-def lm_icl_score(ckpt: Checkpoint, data_dir: Optional[str], split: str, early: int, late: int,
-                 max_docs: int, batch_size: int, progress: bool = False) -> Dict[str, Any]:
+def lm_icl_score(
+    ckpt: Checkpoint,
+    data_dir: Optional[str],
+    split: str,
+    early: int,
+    late: int,
+    max_docs: int,
+    batch_size: int,
+    progress: bool = False,
+) -> Dict[str, Any]:
     """Mean loss at positions ``late +- late/10`` minus at ``early +- early/10`` (documents long
     enough for both), scored with :mod:`lm.evaluation.ppl` (state carried / sliding windows)."""
     from lm.evaluation.ppl import score_documents, shard_documents
@@ -291,29 +320,52 @@ def lm_icl_score(ckpt: Checkpoint, data_dir: Optional[str], split: str, early: i
     docs = [np.asarray(d[:need]) for d in text.docs if len(d) >= need][:max_docs]
     if not docs:
         longest = max((len(d) for d in text.docs), default=0)
-        raise LMError(f"lm_icl_score: no document of {directory} ({split}) has {need} tokens (longest: {longest}); "
-                      f"lower --late")
+        raise LMError(
+            f"lm_icl_score: no document of {directory} ({split}) has {need} tokens (longest: {longest}); lower --late"
+        )
     tokenizer = ckpt.tokenizer()
-    stats, method = score_documents(ckpt, docs, ckpt.eod_id(tokenizer), batch_size=batch_size, exact_positions=need,
-                                    progress=progress)
+    stats, method = score_documents(
+        ckpt, docs, ckpt.eod_id(tokenizer), batch_size=batch_size, exact_positions=need, progress=progress
+    )
     we, wl = max(1, early // 10), max(1, late // 10)
     early_loss = stats.mean_between(max(0, early - we), early + we + 1)
     late_loss = stats.mean_between(late - wl, late + wl + 1)
-    row = {"key": "positions", "value": f"{early}->{late}", "documents": len(docs), "early_loss": early_loss,
-           "late_loss": late_loss, "score": late_loss - early_loss, "data": str(directory), "split": split,
-           **method}
+    row = {
+        "key": "positions",
+        "value": f"{early}->{late}",
+        "documents": len(docs),
+        "early_loss": early_loss,
+        "late_loss": late_loss,
+        "score": late_loss - early_loss,
+        "data": str(directory),
+        "split": split,
+        **method,
+    }
     if len(docs) < MIN_ICL_DOCUMENTS:
-        row["warning"] = (f"only {len(docs)} documents of {directory} ({split}) have {need} tokens (< "
-                          f"{MIN_ICL_DOCUMENTS}): a noisy score; lower --late or use a split with longer documents")
+        row["warning"] = (
+            f"only {len(docs)} documents of {directory} ({split}) have {need} tokens (< "
+            f"{MIN_ICL_DOCUMENTS}): a noisy score; lower --late or use a split with longer documents"
+        )
     return {"task": "lm_icl_score", "kind": "language model on a corpus", "output": "loss", "rows": [row]}
 
 
 # ---------------------------------------------------------------------------------- suite
 
 
-def run_suite(ckpt: Checkpoint, names: Sequence[str], sweeps: Dict[str, List[SweepValue]], n_examples: int = 256,
-              batch_size: int = 32, seed: int = 0, data_dir: Optional[str] = None, split: str = "validation",
-              early: int = 50, late: int = 500, max_docs: int = 64, progress: bool = False) -> Dict[str, Any]:
+def run_suite(
+    ckpt: Checkpoint,
+    names: Sequence[str],
+    sweeps: Dict[str, List[SweepValue]],
+    n_examples: int = 256,
+    batch_size: int = 32,
+    seed: int = 0,
+    data_dir: Optional[str] = None,
+    split: str = "validation",
+    early: int = 50,
+    late: int = 500,
+    max_docs: int = 64,
+    progress: bool = False,
+) -> Dict[str, Any]:
     if n_examples <= 0 or batch_size <= 0:
         raise LMError(f"--examples and --batch-size must be > 0, got {n_examples}, {batch_size}")
     tasks = resolve_tasks(ckpt, names)
@@ -321,17 +373,25 @@ def run_suite(ckpt: Checkpoint, names: Sequence[str], sweeps: Dict[str, List[Swe
     results = []
     for name in tasks:
         if name == "lm_icl_score":
-            results.append(lm_icl_score(ckpt, data_dir, split, early, late, max_docs, max(1, batch_size // 8),
-                                        progress))
+            results.append(
+                lm_icl_score(ckpt, data_dir, split, early, late, max_docs, max(1, batch_size // 8), progress)
+            )
         else:
             results.append(evaluate_task(ckpt, name, sweeps, n_examples, batch_size, seed, progress))
     data = ckpt.config.get("data", {})
-    return {"checkpoint": ckpt.path, "step": ckpt.loaded.step, "model": ckpt.name,
-            "parameters": ckpt.model.num_parameters(),
-            "trained_on": {"task": data.get("task", {}).get("name"), "params": data.get("task", {}).get("params")}
-            if ckpt.task_trained else "language modelling",
-            "semantics": suite_semantics(ckpt),
-            "examples": n_examples, "seed": seed, "tasks": results}
+    return {
+        "checkpoint": ckpt.path,
+        "step": ckpt.loaded.step,
+        "model": ckpt.name,
+        "parameters": ckpt.model.num_parameters(),
+        "trained_on": {"task": data.get("task", {}).get("name"), "params": data.get("task", {}).get("params")}
+        if ckpt.task_trained
+        else "language modelling",
+        "semantics": suite_semantics(ckpt),
+        "examples": n_examples,
+        "seed": seed,
+        "tasks": results,
+    }
 
 
 def suite_semantics(ckpt: Checkpoint) -> str:
@@ -342,8 +402,10 @@ def suite_semantics(ckpt: Checkpoint) -> str:
 
     packing = training_packing(ckpt)
     same = "the same semantics" if packing == "reset" else "unlike training, where documents formed one stream"
-    return (f"every example and document from a fresh state after the end-of-document id (the per-document "
-            f"semantics of data.packing=reset); trained with data.packing={packing}: {same}")
+    return (
+        f"every example and document from a fresh state after the end-of-document id (the per-document "
+        f"semantics of data.packing=reset); trained with data.packing={packing}: {same}"
+    )
 
 
 def _fmt(x: Optional[float], digits: int = 3) -> str:
@@ -355,27 +417,37 @@ def _fmt(x: Optional[float], digits: int = 3) -> str:
 def markdown(result: Dict[str, Any]) -> str:
     """The suite's results as markdown tables (one for the sweeps, one for the LM ICL score)."""
     gd = any("baseline_loss" in r for t in result["tasks"] for r in t["rows"])
-    lines = [f"**{result['model']}** step {result['step']} ({result['checkpoint']})", "",
-             *([f"Semantics: {result['semantics']}.", ""] if result.get("semantics") else []),
-             "| task | parameter | value | examples | loss | acc | seq acc |" + (" one-step GD loss |" if gd else ""),
-             "|---|---|---|---|---|---|---|" + ("---|" if gd else "")]
+    lines = [
+        f"**{result['model']}** step {result['step']} ({result['checkpoint']})",
+        "",
+        *([f"Semantics: {result['semantics']}.", ""] if result.get("semantics") else []),
+        "| task | parameter | value | examples | loss | acc | seq acc |" + (" one-step GD loss |" if gd else ""),
+        "|---|---|---|---|---|---|---|" + ("---|" if gd else ""),
+    ]
     lm_rows = []
     for t in result["tasks"]:
         for r in t["rows"]:
             if t["task"] == "lm_icl_score":
                 lm_rows.append(r)
                 continue
-            lines.append(f"| {t['task']} | {r['key']} | {r['value']} | {r['examples']} | {_fmt(r['loss'], 4)} | "
-                         f"{_fmt(r.get('acc'))} | {_fmt(r.get('seq_acc'))} |"
-                         + (f" {_fmt(r.get('baseline_loss'), 4)} |" if gd else ""))
+            lines.append(
+                f"| {t['task']} | {r['key']} | {r['value']} | {r['examples']} | {_fmt(r['loss'], 4)} | "
+                f"{_fmt(r.get('acc'))} | {_fmt(r.get('seq_acc'))} |"
+                + (f" {_fmt(r.get('baseline_loss'), 4)} |" if gd else "")
+            )
     if len(lines) == 4:
         lines = lines[:2]
     if lm_rows:
-        lines += ["", "| LM in-context-learning score | documents | early loss | late loss | late - early |",
-                  "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "| LM in-context-learning score | documents | early loss | late loss | late - early |",
+            "|---|---|---|---|---|",
+        ]
         for r in lm_rows:
-            lines.append(f"| positions {r['value']} | {r['documents']} | {_fmt(r['early_loss'], 4)} | "
-                         f"{_fmt(r['late_loss'], 4)} | {_fmt(r['score'], 4)} |")
+            lines.append(
+                f"| positions {r['value']} | {r['documents']} | {_fmt(r['early_loss'], 4)} | "
+                f"{_fmt(r['late_loss'], 4)} | {_fmt(r['score'], 4)} |"
+            )
         lines += [f"\nwarning: {r['warning']}" for r in lm_rows if r.get("warning")]
     return "\n".join(lines) + "\n"
 
@@ -393,8 +465,14 @@ def write_icl_outputs(result: Dict[str, Any], out_dir: Path) -> Dict[str, Path]:
         for r in t["rows"]:
             by_key.setdefault(r["key"], []).append(r)
         for key, rows in by_key.items():
-            paths[f"png:{t['task']}:{key}"] = plot_sweep(t["task"], key, rows, out_dir / f"icl-{t['task']}-{key}.png",
-                                                          result["model"], chance=t.get("chance_acc"))
+            paths[f"png:{t['task']}:{key}"] = plot_sweep(
+                t["task"],
+                key,
+                rows,
+                out_dir / f"icl-{t['task']}-{key}.png",
+                result["model"],
+                chance=t.get("chance_acc"),
+            )
     paths["json"] = write_json(out_dir / "icl.json", result)
     return paths
 

@@ -48,9 +48,32 @@ DEFAULT_LENGTHS = [512, 1024, 2048, 4096, 8192, 16384, 32768]
 DEFAULT_DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]
 
 #: keys of the ``needle`` task (one per trial, drawn with the trial's generator)
-NEEDLE_KEYS = ["Amsterdam", "Berlin", "Cairo", "Dublin", "Edinburgh", "Florence", "Geneva", "Helsinki", "Istanbul",
-               "Jakarta", "Kyoto", "Lisbon", "Madrid", "Nairobi", "Oslo", "Prague", "Quito", "Rome", "Seoul",
-               "Toronto", "Utrecht", "Vienna", "Warsaw", "Zurich"]
+NEEDLE_KEYS = [
+    "Amsterdam",
+    "Berlin",
+    "Cairo",
+    "Dublin",
+    "Edinburgh",
+    "Florence",
+    "Geneva",
+    "Helsinki",
+    "Istanbul",
+    "Jakarta",
+    "Kyoto",
+    "Lisbon",
+    "Madrid",
+    "Nairobi",
+    "Oslo",
+    "Prague",
+    "Quito",
+    "Rome",
+    "Seoul",
+    "Toronto",
+    "Utrecht",
+    "Vienna",
+    "Warsaw",
+    "Zurich",
+]
 
 
 @dataclass(frozen=True)
@@ -63,21 +86,31 @@ class Template:
 
 
 TEMPLATES: Dict[str, Template] = {
-    "passkey": Template("\nThe pass key is {value}. Remember it. {value} is the pass key.\n",
-                        "\nWhat is the pass key? The pass key is", 5),
-    "needle": Template("\nThe special magic number for {key} is: {value}.\n",
-                       "\nWhat is the special magic number for {key}? The special magic number for {key} is:", 7),
+    "passkey": Template(
+        "\nThe pass key is {value}. Remember it. {value} is the pass key.\n",
+        "\nWhat is the pass key? The pass key is",
+        5,
+    ),
+    "needle": Template(
+        "\nThe special magic number for {key} is: {value}.\n",
+        "\nWhat is the special magic number for {key}? The special magic number for {key} is:",
+        7,
+    ),
 }
 
 
-def make_template(task: str, needle: Optional[str] = None, question: Optional[str] = None,
-                  digits: Optional[int] = None) -> Template:
+def make_template(
+    task: str, needle: Optional[str] = None, question: Optional[str] = None, digits: Optional[int] = None
+) -> Template:
     """The task's template with any of its parts replaced (checked: the needle holds ``{value}``)."""
     if task not in TEMPLATES:
         raise LMError(f"--task: expected {' or '.join(TEMPLATES)}, got {task!r}")
     base = TEMPLATES[task]
-    t = Template(needle if needle is not None else base.needle, question if question is not None else base.question,
-                 int(digits) if digits is not None else base.digits)
+    t = Template(
+        needle if needle is not None else base.needle,
+        question if question is not None else base.question,
+        int(digits) if digits is not None else base.digits,
+    )
     if "{value}" not in t.needle:
         raise LMError(f"--needle: the needle text must contain {{value}} (the answer), got {t.needle!r}")
     if "{value}" in t.question:
@@ -88,8 +121,9 @@ def make_template(task: str, needle: Optional[str] = None, question: Optional[st
         try:
             text.format(key="k", value="1")
         except (KeyError, IndexError, ValueError) as e:
-            raise LMError(f"{what}: only {{key}} and {{value}} may appear in braces "
-                          f"({type(e).__name__}: {e})") from None
+            raise LMError(
+                f"{what}: only {{key}} and {{value}} may appear in braces ({type(e).__name__}: {e})"
+            ) from None
     return t
 
 
@@ -129,8 +163,10 @@ def filler_from_checkpoint(ckpt: Checkpoint, data: Optional[str], split: str, ma
     eod = ckpt.eod_id(tokenizer)
     source = Path(data) if data else ckpt.data_dir()
     if source is None:
-        raise LMError("--data: the checkpoint's training data directory is gone; pass a prepared data directory "
-                      "or a text file to take the filler from")
+        raise LMError(
+            "--data: the checkpoint's training data directory is gone; pass a prepared data directory "
+            "or a text file to take the filler from"
+        )
     if not source.exists():
         raise LMError(f"--data: {source} does not exist")
     if source.is_dir():
@@ -154,8 +190,16 @@ def draw_number(rng: np.random.Generator, digits: int) -> str:
     return first + "".join(str(int(d)) for d in rng.integers(0, 10, size=digits - 1))
 
 
-def build_trial(tokenizer, filler: Filler, template: Template, length: int, depth: float, rng: np.random.Generator,
-                eod_id: int, max_redraws: int = 100) -> Dict[str, Any]:
+def build_trial(
+    tokenizer,
+    filler: Filler,
+    template: Template,
+    length: int,
+    depth: float,
+    rng: np.random.Generator,
+    eod_id: int,
+    max_redraws: int = 100,
+) -> Dict[str, Any]:
     """One prompt of exactly ``length`` tokens with the needle at ``depth`` of the filler (see the
     module docstring); the value and the filler are redrawn while the value occurs in the decoded
     filler."""
@@ -168,8 +212,10 @@ def build_trial(tokenizer, filler: Filler, template: Template, length: int, dept
         needle = tokenizer.encode(template.needle.format(key=key, value=value)).ids
         room = length - 1 - len(needle) - len(question)
         if room < 0:
-            raise LMError(f"--lengths: {length} tokens cannot hold the needle ({len(needle)} tokens) and the question "
-                          f"({len(question)}); use lengths of at least {1 + len(needle) + len(question)}")
+            raise LMError(
+                f"--lengths: {length} tokens cannot hold the needle ({len(needle)} tokens) and the question "
+                f"({len(question)}); use lengths of at least {1 + len(needle) + len(question)}"
+            )
         fill = filler.take(rng, room)
         if value not in tokenizer.decode(fill.tolist()):
             break
@@ -195,16 +241,23 @@ def build_trial(tokenizer, filler: Filler, template: Template, length: int, dept
     if control is None:
         raise LMError(f"--digits: {template.digits} digit(s) leave no value other than the answer for the control")
     control_prompt = np.concatenate([[eod_id], fill[:pos], control_needle, fill[pos:], question]).astype(np.int64)
-    return {"prompt": prompt.tolist(), "answer": value, "key": key, "needle_start": 1 + pos,
-            "needle_tokens": len(needle), "filler_tokens": len(fill), "control_prompt": control_prompt.tolist(),
-            "control_answer": control}
+    return {
+        "prompt": prompt.tolist(),
+        "answer": value,
+        "key": key,
+        "needle_start": 1 + pos,
+        "needle_tokens": len(needle),
+        "filler_tokens": len(fill),
+        "control_prompt": control_prompt.tolist(),
+        "control_answer": control,
+    }
 
 
 def exact_match(generated: str, answer: str) -> bool:
     """The generated text (leading whitespace removed) starts with ``answer``, which is not followed
     by a letter or digit (``714325`` does not match ``71432``)."""
     text = generated.lstrip()
-    return text.startswith(answer) and not text[len(answer):len(answer) + 1].isalnum()
+    return text.startswith(answer) and not text[len(answer) : len(answer) + 1].isalnum()
 
 
 def parse_lengths(value: Optional[str]) -> List[int]:
@@ -288,9 +341,18 @@ def continuation_nll(model, logits: torch.Tensor, state: Any, ids: Sequence[int]
     return float(-torch.stack(lp).mean())
 
 
-def run_longctx(ckpt: Checkpoint, filler: Filler, task: str = "passkey", lengths: Sequence[int] = DEFAULT_LENGTHS,
-                depths: Sequence[float] = DEFAULT_DEPTHS, trials: int = 10, seed: int = 0,
-                template: Optional[Template] = None, likelihood: bool = True, progress: bool = False) -> Dict[str, Any]:
+def run_longctx(
+    ckpt: Checkpoint,
+    filler: Filler,
+    task: str = "passkey",
+    lengths: Sequence[int] = DEFAULT_LENGTHS,
+    depths: Sequence[float] = DEFAULT_DEPTHS,
+    trials: int = 10,
+    seed: int = 0,
+    template: Optional[Template] = None,
+    likelihood: bool = True,
+    progress: bool = False,
+) -> Dict[str, Any]:
     """Accuracy by (depth, length); lengths beyond the Transformer's ``max_seq_len`` are skipped (listed).
 
     ``likelihood``: also the answer's mean negative log-likelihood after the prompt (``answer_nll``)
@@ -311,19 +373,34 @@ def run_longctx(ckpt: Checkpoint, filler: Filler, task: str = "passkey", lengths
     kept = [L for L in lengths if limit is None or L <= limit]
     skipped = [L for L in lengths if L not in kept]
     if not kept:
-        raise LMError(f"--lengths: every length exceeds the Transformer's limit ({ckpt.max_seq_len} tokens of "
-                      f"max_seq_len minus {max_new + 2} to answer): use lengths <= {limit}")
+        raise LMError(
+            f"--lengths: every length exceeds the Transformer's limit ({ckpt.max_seq_len} tokens of "
+            f"max_seq_len minus {max_new + 2} to answer): use lengths <= {limit}"
+        )
     cells, records = [], []
-    bar = tqdm(total=len(kept) * len(depths) * trials, desc=task, unit="trial", file=sys.stderr,
-               disable=not progress, dynamic_ncols=True, leave=False)
+    bar = tqdm(
+        total=len(kept) * len(depths) * trials,
+        desc=task,
+        unit="trial",
+        file=sys.stderr,
+        disable=not progress,
+        dynamic_ncols=True,
+        leave=False,
+    )
     for L in kept:
         for d in depths:
             correct, nll, control_nll = 0, [], []
             for i in range(trials):
                 t = build_trial(tokenizer, filler, template, L, d, trial_rng(seed, L, d, i), eod)
                 logits, state = read_prompt(model, t["prompt"])
-                record = {"length": L, "depth": d, "index": i, "key": t["key"], "answer": t["answer"],
-                          "needle_start": t["needle_start"]}
+                record = {
+                    "length": L,
+                    "depth": d,
+                    "index": i,
+                    "key": t["key"],
+                    "answer": t["answer"],
+                    "needle_start": t["needle_start"],
+                }
                 if likelihood:
                     answer_ids = tokenizer.encode(" " + t["answer"]).ids
                     record["answer_nll"] = continuation_nll(model, logits, state, answer_ids)
@@ -339,19 +416,33 @@ def run_longctx(ckpt: Checkpoint, filler: Filler, task: str = "passkey", lengths
                 bar.update(1)
             cell = {"length": L, "depth": d, "trials": trials, "correct": correct, "acc": correct / trials}
             if likelihood:
-                cell.update(answer_nll=float(np.mean(nll)), control_nll=float(np.mean(control_nll)),
-                            nll_gain=float(np.mean(control_nll) - np.mean(nll)))
+                cell.update(
+                    answer_nll=float(np.mean(nll)),
+                    control_nll=float(np.mean(control_nll)),
+                    nll_gain=float(np.mean(control_nll) - np.mean(nll)),
+                )
             cells.append(cell)
     bar.close()
-    return {"checkpoint": ckpt.path, "step": ckpt.loaded.step, "model": ckpt.name,
-            "parameters": ckpt.model.num_parameters(), "train_seq_len": ckpt.train_seq_len or None,
-            "task": task, "template": {"needle": template.needle, "question": template.question,
-                                       "digits": template.digits},
-            "filler": filler.source, "lengths": kept, "skipped_lengths": skipped, "depths": list(depths),
-            "trials": trials, "seed": seed, "scoring": "greedy decoding, exact match",
-            "likelihood": likelihood,
-            "acc": sum(c["correct"] for c in cells) / max(1, sum(c["trials"] for c in cells)),
-            "cells": cells, "records": records}
+    return {
+        "checkpoint": ckpt.path,
+        "step": ckpt.loaded.step,
+        "model": ckpt.name,
+        "parameters": ckpt.model.num_parameters(),
+        "train_seq_len": ckpt.train_seq_len or None,
+        "task": task,
+        "template": {"needle": template.needle, "question": template.question, "digits": template.digits},
+        "filler": filler.source,
+        "lengths": kept,
+        "skipped_lengths": skipped,
+        "depths": list(depths),
+        "trials": trials,
+        "seed": seed,
+        "scoring": "greedy decoding, exact match",
+        "likelihood": likelihood,
+        "acc": sum(c["correct"] for c in cells) / max(1, sum(c["trials"] for c in cells)),
+        "cells": cells,
+        "records": records,
+    }
 
 
 # ----------------------------------------------------------------------------------- outputs
@@ -371,19 +462,28 @@ def accuracy_grid(result: Dict[str, Any], metric: str = "acc") -> np.ndarray:
 
 
 def markdown(result: Dict[str, Any]) -> str:
-    lines = [f"**{result['model']}** step {result['step']} ({result['checkpoint']}): {result['task']}, "
-             f"{result['trials']} trials per cell, exact match; overall {result['acc']:.3f}"]
+    lines = [
+        f"**{result['model']}** step {result['step']} ({result['checkpoint']}): {result['task']}, "
+        f"{result['trials']} trials per cell, exact match; overall {result['acc']:.3f}"
+    ]
     tables = [("acc", "exact-match accuracy", 2)]
     if result.get("likelihood"):
-        tables.append(("nll_gain", "answer log-likelihood gain over the control prompt (nats/token; > 0: the "
-                                   "needle helps)", 3))
+        tables.append(
+            ("nll_gain", "answer log-likelihood gain over the control prompt (nats/token; > 0: the needle helps)", 3)
+        )
     for metric, title, digits in tables:
         grid = accuracy_grid(result, metric)
-        lines += ["", title, "", "| depth \\ length | " + " | ".join(length_label(L) for L in result["lengths"]) + " |",
-                  "|---|" + "---|" * len(result["lengths"])]
+        lines += [
+            "",
+            title,
+            "",
+            "| depth \\ length | " + " | ".join(length_label(L) for L in result["lengths"]) + " |",
+            "|---|" + "---|" * len(result["lengths"]),
+        ]
         for i, d in enumerate(result["depths"]):
-            lines.append(f"| {d:g} | " + " | ".join("-" if math.isnan(x) else f"{x:.{digits}f}" for x in grid[i])
-                         + " |")
+            lines.append(
+                f"| {d:g} | " + " | ".join("-" if math.isnan(x) else f"{x:.{digits}f}" for x in grid[i]) + " |"
+            )
     if result["skipped_lengths"]:
         lines.append(f"\nskipped (beyond the model's max_seq_len): {', '.join(map(str, result['skipped_lengths']))}")
     return "\n".join(lines) + "\n"
@@ -401,8 +501,9 @@ def plot_heatmap(result: Dict[str, Any], path: Path) -> Path:
         top = float(np.nanmax(np.abs(gain))) if np.isfinite(gain).any() else 1.0
         panels.append(("nll_gain", "log-likelihood gain (nats/token)", "RdBu", -max(top, 0.1), max(top, 0.1), 3))
     w = 1.2 + 0.9 * len(result["lengths"])
-    fig, axes = plt.subplots(1, len(panels), figsize=(w * len(panels), 1.6 + 0.55 * len(result["depths"])),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(w * len(panels), 1.6 + 0.55 * len(result["depths"])), squeeze=False
+    )
     for ax, (metric, label, cmap, lo, hi, digits) in zip(axes[0], panels):
         grid = accuracy_grid(result, metric)
         im = ax.imshow(grid, cmap=cmap, vmin=lo, vmax=hi, aspect="auto")
@@ -415,8 +516,9 @@ def plot_heatmap(result: Dict[str, Any], path: Path) -> Path:
         ax.set_xlabel("context length (tokens)")
         ax.set_ylabel("needle depth (0 = start)")
         fig.colorbar(im, ax=ax, label=label)
-    fig.suptitle(f"{result['model']} step {result['step']}: {result['task']} ({result['trials']} trials/cell)",
-                 fontsize=9)
+    fig.suptitle(
+        f"{result['model']} step {result['step']}: {result['task']} ({result['trials']} trials/cell)", fontsize=9
+    )
     fig.tight_layout()
     out = save_figure(fig, path)
     plt.close(fig)
@@ -426,7 +528,9 @@ def plot_heatmap(result: Dict[str, Any], path: Path) -> Path:
 def write_longctx_outputs(result: Dict[str, Any], out_dir: Path) -> Dict[str, Path]:
     """``longctx.json``, ``longctx.md`` and ``longctx.png`` (the heatmap) in ``out_dir``."""
     out_dir = Path(out_dir)
-    paths = {"md": write_atomic(out_dir / "longctx.md", markdown(result)),
-             "png": plot_heatmap(result, out_dir / "longctx.png")}
+    paths = {
+        "md": write_atomic(out_dir / "longctx.md", markdown(result)),
+        "png": plot_heatmap(result, out_dir / "longctx.png"),
+    }
     paths["json"] = write_json(out_dir / "longctx.json", result)
     return paths

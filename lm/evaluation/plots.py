@@ -17,13 +17,18 @@ def plot_loss_by_position(result: Dict[str, Any], path: Path) -> Path:
     xs = [max(0.5, (b["start"] + b["end"] - 1) / 2) for b in buckets]
     ax.plot(xs, [b["loss"] for b in buckets], "o-", label=result["model"])
     if result.get("train_seq_len"):
-        ax.axvline(result["train_seq_len"], color="gray", ls="--", lw=1, label=f"training length {result['train_seq_len']}")
+        ax.axvline(
+            result["train_seq_len"], color="gray", ls="--", lw=1, label=f"training length {result['train_seq_len']}"
+        )
     ax.set_xscale("log", base=2)
     ax.set_xlabel("position in document (bucket centre)")
     ax.set_ylabel("mean loss (nats)")
     bpb = result.get("bits_per_byte")
-    ax.set_title(f"{result['model']} step {result['step']}: ppl {result['ppl']:.2f}"
-                 + (f", {bpb:.3f} bits/byte" if bpb is not None else ""), fontsize=10)
+    ax.set_title(
+        f"{result['model']} step {result['step']}: ppl {result['ppl']:.2f}"
+        + (f", {bpb:.3f} bits/byte" if bpb is not None else ""),
+        fontsize=10,
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -32,8 +37,9 @@ def plot_loss_by_position(result: Dict[str, Any], path: Path) -> Path:
     return out
 
 
-def plot_sweep(task: str, key: str, rows: List[Dict[str, Any]], path: Path, model: str = "",
-               chance: Optional[float] = None) -> Path:
+def plot_sweep(
+    task: str, key: str, rows: List[Dict[str, Any]], path: Path, model: str = "", chance: Optional[float] = None
+) -> Path:
     """Accuracy (per position and per sequence) or loss against the swept parameter of one task;
     ``chance``: the per-position accuracy of a uniform guess, drawn as a dotted line."""
     plt = pyplot()

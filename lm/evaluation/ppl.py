@@ -58,19 +58,21 @@ def _piece(doc: np.ndarray, start: int, end: int, prefix_id: int) -> Tuple[np.nd
     """Inputs and targets of positions ``start .. end-1`` of one document (end <= len(doc))."""
     targets = np.asarray(doc[start:end], dtype=np.int64)
     if start == 0:
-        inputs = np.concatenate([[prefix_id], np.asarray(doc[:end - 1], dtype=np.int64)])
+        inputs = np.concatenate([[prefix_id], np.asarray(doc[: end - 1], dtype=np.int64)])
     else:
-        inputs = np.asarray(doc[start - 1:end - 1], dtype=np.int64)
+        inputs = np.asarray(doc[start - 1 : end - 1], dtype=np.int64)
     return inputs, targets
 
 
-def _batch(rows: List[Tuple[np.ndarray, np.ndarray]], width: int, pad_id: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
+def _batch(
+    rows: List[Tuple[np.ndarray, np.ndarray]], width: int, pad_id: int, device
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Right-padded inputs [B, width] (pad_id) and targets [B, width] (IGNORE)."""
     inputs = np.full((len(rows), width), pad_id, dtype=np.int64)
     targets = np.full((len(rows), width), IGNORE, dtype=np.int64)
     for r, (x, y) in enumerate(rows):
-        inputs[r, :len(x)] = x
-        targets[r, :len(y)] = y
+        inputs[r, : len(x)] = x
+        targets[r, : len(y)] = y
     return torch.from_numpy(inputs).to(device), torch.from_numpy(targets).to(device)
 
 
@@ -81,8 +83,9 @@ def _token_losses(logits: torch.Tensor, targets: torch.Tensor) -> np.ndarray:
 
 
 @torch.no_grad()
-def recurrent_losses(model, docs: Sequence[np.ndarray], prefix_id: int, seq_len: int, batch_size: int
-                     ) -> Iterator[Tuple[int, int, np.ndarray]]:
+def recurrent_losses(
+    model, docs: Sequence[np.ndarray], prefix_id: int, seq_len: int, batch_size: int
+) -> Iterator[Tuple[int, int, np.ndarray]]:
     """Yield ``(document index, first position, losses)`` pieces, carrying the state per document.
 
     Documents are batched longest first; a row leaves the batch (and its state) when its document
@@ -93,7 +96,7 @@ def recurrent_losses(model, docs: Sequence[np.ndarray], prefix_id: int, seq_len:
     device = next(model.parameters()).device
     order = sorted((i for i in range(len(docs)) if len(docs[i])), key=lambda i: -len(docs[i]))
     for b in range(0, len(order), batch_size):
-        active = order[b:b + batch_size]
+        active = order[b : b + batch_size]
         state = None
         start = 0
         while active:
@@ -103,7 +106,7 @@ def recurrent_losses(model, docs: Sequence[np.ndarray], prefix_id: int, seq_len:
             logits, state = model(inputs, state, return_state=True)
             losses = _token_losses(logits, targets)
             for r, i in enumerate(active):
-                yield i, start, losses[r, :len(rows[r][1])]
+                yield i, start, losses[r, : len(rows[r][1])]
             keep = [r for r, i in enumerate(active) if len(docs[i]) > end]
             if len(keep) < len(active) and keep:
                 state = select_state(state, torch.tensor(keep, dtype=torch.long))
@@ -127,20 +130,23 @@ def window_plan(n: int, window: int, stride: int) -> List[Tuple[int, int, int]]:
 
 
 @torch.no_grad()
-def window_losses(model, docs: Sequence[np.ndarray], prefix_id: int, window: int, stride: int, batch_size: int
-                  ) -> Iterator[Tuple[int, int, np.ndarray]]:
+def window_losses(
+    model, docs: Sequence[np.ndarray], prefix_id: int, window: int, stride: int, batch_size: int
+) -> Iterator[Tuple[int, int, np.ndarray]]:
     """Yield ``(document index, first position, losses)`` for each sliding window's scored tail."""
     device = next(model.parameters()).device
-    windows = [(i, b, e, s) for i in range(len(docs)) if len(docs[i]) for b, e, s in window_plan(len(docs[i]), window, stride)]
+    windows = [
+        (i, b, e, s) for i in range(len(docs)) if len(docs[i]) for b, e, s in window_plan(len(docs[i]), window, stride)
+    ]
     windows.sort(key=lambda w: -(w[2] - w[1]))
     for k in range(0, len(windows), batch_size):
-        group = windows[k:k + batch_size]
+        group = windows[k : k + batch_size]
         rows = [_piece(docs[i], b, e, prefix_id) for i, b, e, _ in group]
         inputs, targets = _batch(rows, max(e - b for _, b, e, _ in group), prefix_id, device)
         logits, _ = model(inputs)
         losses = _token_losses(logits, targets)
         for r, (i, b, e, s) in enumerate(group):
-            yield i, s, losses[r, s - b:e - b]
+            yield i, s, losses[r, s - b : e - b]
 
 
 # ------------------------------------------------------------------------------- accumulating
@@ -198,8 +204,8 @@ class LossStats:
         self.bucket_tokens += np.bincount(bucket, minlength=nb)[:nb]
         if self.exact_positions and start < self.exact_positions:
             k = min(n, self.exact_positions - start)
-            self.exact_loss[start:start + k] += losses[:k]
-            self.exact_tokens[start:start + k] += 1
+            self.exact_loss[start : start + k] += losses[:k]
+            self.exact_tokens[start : start + k] += 1
 
     def mean_between(self, lo: int, hi: int) -> Optional[float]:
         """Mean loss over positions [lo, hi) from the exact per-position sums."""
@@ -207,10 +213,17 @@ class LossStats:
         return float(self.exact_loss[lo:hi].sum() / tokens) if tokens else None
 
 
-def score_documents(ckpt: Checkpoint, docs: Sequence[np.ndarray], prefix_id: int, seq_len: Optional[int] = None,
-                    stride: Optional[int] = None, batch_size: int = 4, exact_positions: int = 0,
-                    context: Optional[int] = None, progress: bool = False,
-                    ) -> Tuple[LossStats, Dict[str, Any]]:
+def score_documents(
+    ckpt: Checkpoint,
+    docs: Sequence[np.ndarray],
+    prefix_id: int,
+    seq_len: Optional[int] = None,
+    stride: Optional[int] = None,
+    batch_size: int = 4,
+    exact_positions: int = 0,
+    context: Optional[int] = None,
+    progress: bool = False,
+) -> Tuple[LossStats, Dict[str, Any]]:
     """Score every token of ``docs``; returns the sums and a description of the method used.
 
     ``context``: sliding windows of that many tokens for every family (see the module docstring);
@@ -244,8 +257,16 @@ def score_documents(ckpt: Checkpoint, docs: Sequence[np.ndarray], prefix_id: int
         chunks = window_losses(ckpt.model, docs, prefix_id, window, stride, batch_size)
     from tqdm import tqdm
 
-    with tqdm(total=int(sum(len(d) for d in docs)), desc="scoring", unit="tok", unit_scale=True, file=sys.stderr,
-              disable=not progress, dynamic_ncols=True, leave=False) as bar:
+    with tqdm(
+        total=int(sum(len(d) for d in docs)),
+        desc="scoring",
+        unit="tok",
+        unit_scale=True,
+        file=sys.stderr,
+        disable=not progress,
+        dynamic_ncols=True,
+        leave=False,
+    ) as bar:
         for doc, start, losses in chunks:
             stats.add(doc, start, losses)
             bar.update(len(losses))
@@ -266,8 +287,13 @@ class EvalText:
     details: Dict[str, Any] = field(default_factory=dict)
 
 
-def shard_documents(data_dir: Path, split: str, expected_sha: Optional[str], max_docs: Optional[int] = None,
-                    max_tokens: Optional[int] = None) -> EvalText:
+def shard_documents(
+    data_dir: Path,
+    split: str,
+    expected_sha: Optional[str],
+    max_docs: Optional[int] = None,
+    max_tokens: Optional[int] = None,
+) -> EvalText:
     """The documents of one split (each ending with the end-of-document id), in order.
 
     The tokenizer hash must match the checkpoint's. Bytes: the split's recorded UTF-8 size when the
@@ -306,8 +332,13 @@ def shard_documents(data_dir: Path, split: str, expected_sha: Optional[str], max
         tok = load_tokenizer(Path(data_dir) / meta["tokenizer"]["file"])
         nbytes = sum(len(tok.decode(np.asarray(d).tolist(), skip_special_tokens=True).encode("utf-8")) for d in docs)
         how = "decoded scored tokens"
-    return EvalText(docs, nbytes, str(data_dir), f"{Path(data_dir).name}-{split}",
-                    {"split": split, "bytes_from": how, "split_documents": len(starts)})
+    return EvalText(
+        docs,
+        nbytes,
+        str(data_dir),
+        f"{Path(data_dir).name}-{split}",
+        {"split": split, "bytes_from": how, "split_documents": len(starts)},
+    )
 
 
 def text_file_document(path: Path, tokenizer, eod_id: int, max_tokens: Optional[int] = None) -> EvalText:
@@ -334,8 +365,15 @@ def split_text(text: str, split_by: str, split_regex: str = "") -> List[str]:
     return [p for p in pieces if p and not p.isspace()]
 
 
-def text_file_documents(path: Path, tokenizer, eod_id: int, max_tokens: Optional[int] = None,
-                        split_by: str = "file", split_regex: str = "", max_docs: Optional[int] = None) -> EvalText:
+def text_file_documents(
+    path: Path,
+    tokenizer,
+    eod_id: int,
+    max_tokens: Optional[int] = None,
+    split_by: str = "file",
+    split_regex: str = "",
+    max_docs: Optional[int] = None,
+) -> EvalText:
     """A UTF-8 text file cut into documents by :func:`split_text`, each followed by the end-of-document id."""
     try:
         raw = Path(path).read_bytes()
@@ -353,16 +391,24 @@ def text_file_documents(path: Path, tokenizer, eod_id: int, max_tokens: Optional
     for piece in pieces:
         ids = np.array(tokenizer.encode(piece).ids + [eod_id], dtype=np.int64)
         if max_tokens is not None and taken + len(ids) > max_tokens:
-            ids, cut = ids[:max_tokens - taken], True
+            ids, cut = ids[: max_tokens - taken], True
         if len(ids):
             docs.append(ids)
             taken += len(ids)
-            nbytes += (len(tokenizer.decode(ids.tolist(), skip_special_tokens=True).encode("utf-8")) if cut
-                       else len(piece.encode("utf-8")))
+            nbytes += (
+                len(tokenizer.decode(ids.tolist(), skip_special_tokens=True).encode("utf-8"))
+                if cut
+                else len(piece.encode("utf-8"))
+            )
         if cut:
             break
-    return EvalText(docs, nbytes, str(path), Path(path).stem,
-                    {"bytes_from": "file", "split_by": split_by, "file_documents": len(pieces)})
+    return EvalText(
+        docs,
+        nbytes,
+        str(path),
+        Path(path).stem,
+        {"bytes_from": "file", "split_by": split_by, "file_documents": len(pieces)},
+    )
 
 
 # ------------------------------------------------------------------------------------ command
@@ -379,9 +425,17 @@ def training_protocol(ckpt: Checkpoint) -> str:
     return "per-document" if training_packing(ckpt) == "reset" else "stream"
 
 
-def perplexity(ckpt: Checkpoint, text: EvalText, prefix_id: int, seq_len: Optional[int] = None,
-               stride: Optional[int] = None, batch_size: int = 4, context: Optional[int] = None,
-               protocol: str = "per-document", progress: bool = False) -> Dict[str, Any]:
+def perplexity(
+    ckpt: Checkpoint,
+    text: EvalText,
+    prefix_id: int,
+    seq_len: Optional[int] = None,
+    stride: Optional[int] = None,
+    batch_size: int = 4,
+    context: Optional[int] = None,
+    protocol: str = "per-document",
+    progress: bool = False,
+) -> Dict[str, Any]:
     """Score ``text`` and summarise: loss, perplexity, bits per byte, loss by position bucket.
 
     ``protocol``: ``per-document`` scores each document separately, ``stream`` their concatenation;
@@ -393,8 +447,9 @@ def perplexity(ckpt: Checkpoint, text: EvalText, prefix_id: int, seq_len: Option
         raise LMError(f"protocol: expected per-document or stream, got {protocol!r}")
     docs = text.docs if protocol == "per-document" else [np.concatenate([np.asarray(d) for d in text.docs])]
     t0 = time.perf_counter()
-    stats, method = score_documents(ckpt, docs, prefix_id, seq_len, stride, batch_size, context=context,
-                                    progress=progress)
+    stats, method = score_documents(
+        ckpt, docs, prefix_id, seq_len, stride, batch_size, context=context, progress=progress
+    )
     wall = time.perf_counter() - t0
     loss = stats.total / stats.tokens
     train_len = ckpt.train_seq_len
@@ -403,19 +458,34 @@ def perplexity(ckpt: Checkpoint, text: EvalText, prefix_id: int, seq_len: Option
         n = int(stats.bucket_tokens[k])
         if n:
             mean = float(stats.bucket_loss[k] / n)
-            buckets.append({"start": int(stats.edges[k]), "end": int(stats.edges[k + 1]), "tokens": n,
-                            "loss": mean, "ppl": math.exp(min(mean, 50.0))})
+            buckets.append(
+                {
+                    "start": int(stats.edges[k]),
+                    "end": int(stats.edges[k + 1]),
+                    "tokens": n,
+                    "loss": mean,
+                    "ppl": math.exp(min(mean, 50.0)),
+                }
+            )
     edges = stats.edges[:-1]
     within = stats.bucket_tokens[edges < train_len].sum() if train_len else 0
     beyond = stats.bucket_tokens[edges >= train_len].sum() if train_len else 0
     result = {
-        "checkpoint": ckpt.path, "step": ckpt.loaded.step, "model": ckpt.name,
+        "checkpoint": ckpt.path,
+        "step": ckpt.loaded.step,
+        "model": ckpt.name,
         "parameters": ckpt.model.num_parameters(),
-        "data": text.source, **text.details,
-        "documents": len(text.docs), "tokens": int(stats.tokens), "bytes": int(text.bytes),
-        "protocol": protocol, "context": int(context) if context is not None else "full",
-        "training_packing": training_packing(ckpt), "matches_training": protocol == training_protocol(ckpt),
-        "loss": loss, "ppl": math.exp(min(loss, 50.0)),
+        "data": text.source,
+        **text.details,
+        "documents": len(text.docs),
+        "tokens": int(stats.tokens),
+        "bytes": int(text.bytes),
+        "protocol": protocol,
+        "context": int(context) if context is not None else "full",
+        "training_packing": training_packing(ckpt),
+        "matches_training": protocol == training_protocol(ckpt),
+        "loss": loss,
+        "ppl": math.exp(min(loss, 50.0)),
         "bits_per_token": loss / math.log(2),
         "bits_per_byte": stats.total / math.log(2) / text.bytes if text.bytes else None,
         **method,
@@ -425,7 +495,9 @@ def perplexity(ckpt: Checkpoint, text: EvalText, prefix_id: int, seq_len: Option
         "loss_beyond_train_len": float(stats.bucket_loss[edges >= train_len].sum() / beyond) if beyond else None,
         "tokens_beyond_train_len": int(beyond),
         "loss_by_position": buckets,
-        "wall_s": wall, "tokens_per_s": stats.tokens / max(wall, 1e-9), "peak_rss_mb": peak_rss_mb(),
+        "wall_s": wall,
+        "tokens_per_s": stats.tokens / max(wall, 1e-9),
+        "peak_rss_mb": peak_rss_mb(),
     }
     return result
 
@@ -436,9 +508,14 @@ def write_ppl_outputs(result: Dict[str, Any], out_dir: Path) -> Dict[str, Path]:
 
     out_dir = Path(out_dir)
     rows = ["bucket_start,bucket_end,tokens,loss,ppl"]
-    rows += [f"{b['start']},{b['end']},{b['tokens']},{b['loss']:.6f},{b['ppl']:.4f}" for b in result["loss_by_position"]]
-    paths = {"json": out_dir / "ppl.json", "csv": out_dir / "loss_by_position.csv",
-             "png": out_dir / "loss_by_position.png"}
+    rows += [
+        f"{b['start']},{b['end']},{b['tokens']},{b['loss']:.6f},{b['ppl']:.4f}" for b in result["loss_by_position"]
+    ]
+    paths = {
+        "json": out_dir / "ppl.json",
+        "csv": out_dir / "loss_by_position.csv",
+        "png": out_dir / "loss_by_position.png",
+    }
     write_atomic(paths["csv"], "\n".join(rows) + "\n")
     plot_loss_by_position(result, paths["png"])
     write_json(paths["json"], result)
@@ -447,12 +524,17 @@ def write_ppl_outputs(result: Dict[str, Any], out_dir: Path) -> Dict[str, Path]:
 
 def protocol_line(result: Dict[str, Any]) -> str:
     """How the tokens were scored, in words (printed in every report so results can be compared)."""
-    how = ("each document scored separately" if result.get("protocol", "per-document") == "per-document"
-           else "documents concatenated into one stream")
+    how = (
+        "each document scored separately"
+        if result.get("protocol", "per-document") == "per-document"
+        else "documents concatenated into one stream"
+    )
     context = result.get("context", "full")
     if context == "full":
-        reach = ("context: full (recurrent: the whole document before each token; Transformer: windows of "
-                 "max_seq_len) -- not the same treatment for every family")
+        reach = (
+            "context: full (recurrent: the whole document before each token; Transformer: windows of "
+            "max_seq_len) -- not the same treatment for every family"
+        )
     else:
         reach = f"context: {context} tokens for every family (sliding windows, state reset per window)"
     line = f"{result.get('protocol', 'per-document')} ({how}); {reach}"
@@ -463,14 +545,19 @@ def protocol_line(result: Dict[str, Any]) -> str:
 
 
 def format_summary(result: Dict[str, Any]) -> str:
-    lines = [f"{result['model']} step {result['step']} on {result['data']}: {result['documents']} documents, "
-             f"{result['tokens']:,} tokens, {result['bytes']:,} bytes",
-             f"  loss {result['loss']:.4f}  perplexity {result['ppl']:.3f}  bits/byte "
-             + (f"{result['bits_per_byte']:.4f}" if result["bits_per_byte"] is not None else "-"),
-             f"  protocol: {protocol_line(result)}",
-             f"  {result['method']}, seq_len {result['seq_len']}" + (f", stride {result['stride']}" if result["stride"] else "")
-             + f"; {result['tokens_per_s']:,.0f} tokens/s, peak RSS {result['peak_rss_mb']:.0f} MiB"]
+    lines = [
+        f"{result['model']} step {result['step']} on {result['data']}: {result['documents']} documents, "
+        f"{result['tokens']:,} tokens, {result['bytes']:,} bytes",
+        f"  loss {result['loss']:.4f}  perplexity {result['ppl']:.3f}  bits/byte "
+        + (f"{result['bits_per_byte']:.4f}" if result["bits_per_byte"] is not None else "-"),
+        f"  protocol: {protocol_line(result)}",
+        f"  {result['method']}, seq_len {result['seq_len']}"
+        + (f", stride {result['stride']}" if result["stride"] else "")
+        + f"; {result['tokens_per_s']:,.0f} tokens/s, peak RSS {result['peak_rss_mb']:.0f} MiB",
+    ]
     if result["loss_beyond_train_len"] is not None:
-        lines.append(f"  loss within the training length ({result['train_seq_len']}): {result['loss_within_train_len']:.4f}; "
-                     f"beyond it ({result['tokens_beyond_train_len']:,} tokens): {result['loss_beyond_train_len']:.4f}")
+        lines.append(
+            f"  loss within the training length ({result['train_seq_len']}): {result['loss_within_train_len']:.4f}; "
+            f"beyond it ({result['tokens_beyond_train_len']:,} tokens): {result['loss_beyond_train_len']:.4f}"
+        )
     return "\n".join(lines)

@@ -23,10 +23,9 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-import torch
 
 from lm.errors import LMError
-from lm.evaluation.common import Checkpoint, state_bytes, write_atomic, write_json
+from lm.evaluation.common import Checkpoint, write_atomic, write_json
 
 TASK = "mqar"
 
@@ -34,20 +33,12 @@ TASK = "mqar"
 # --------------------------------------------------------------------------------- state size
 
 
-@torch.no_grad()
 def mixer_state_bytes(model, seq_len: int) -> List[int]:
     """Bytes of each layer's token-mixer state for one sequence (see the module docstring): a
-    constant-size state from ``init_state(1)``, a growing one (KV cache) after ``seq_len`` tokens."""
-    param = next(model.parameters())
-    grows = [not getattr(block.mixer, "constant_state", str(model.cfg.family) != "transformer")
-             for block in model.blocks]
-    after = None
-    if any(grows):
-        tokens = torch.zeros(1, int(seq_len), dtype=torch.long, device=param.device)
-        _, after = model.hidden_states(tokens, None, return_state=True)
-    return [state_bytes(after[i]["mixer"]) if grows[i] else state_bytes(block.mixer.init_state(1, param.device,
-                                                                                               param.dtype))
-            for i, block in enumerate(model.blocks)]
+    constant-size state, or a growing one (KV cache) after ``seq_len`` tokens
+    (:meth:`~lm.models.mixer.TokenMixer.state_size`)."""
+    dtype = next(model.parameters()).dtype
+    return [block.mixer.state_size(1, int(seq_len), dtype) for block in model.blocks]
 
 
 # --------------------------------------------------------------------------------- checkpoints
@@ -85,8 +76,10 @@ def mqar_task(ckpt: Checkpoint):
     trained = ckpt.config.get("data", {}).get("task", {}).get("name") if ckpt.task_trained else None
     if trained != TASK:
         what = f"task '{trained}'" if trained else "language modelling"
-        raise LMError(f"{ckpt.path}: trained on {what}, not on '{TASK}'; recall-vs-state needs MQAR checkpoints "
-                      f"(e.g. lm train mqar-tiny model=gla/tiny)")
+        raise LMError(
+            f"{ckpt.path}: trained on {what}, not on '{TASK}'; recall-vs-state needs MQAR checkpoints "
+            f"(e.g. lm train mqar-tiny model=gla/tiny)"
+        )
     return task_from_config(ckpt.config["data"])
 
 
@@ -109,8 +102,14 @@ def mqar_examples(task, n_pairs: int, seq_len: int, n: int, seed: int) -> List[D
     return out
 
 
-def evaluate_checkpoint(ckpt: Checkpoint, pairs: Optional[Sequence[int]] = None, seq_len: Optional[int] = None,
-                        n_examples: int = 256, batch_size: int = 32, seed: int = 0) -> Dict[str, Any]:
+def evaluate_checkpoint(
+    ckpt: Checkpoint,
+    pairs: Optional[Sequence[int]] = None,
+    seq_len: Optional[int] = None,
+    n_examples: int = 256,
+    batch_size: int = 32,
+    seed: int = 0,
+) -> Dict[str, Any]:
     """State bytes per layer and MQAR accuracy at each pair count (default: the task's sweep)."""
     from lm.evaluation.icl import score_examples
 
@@ -123,21 +122,46 @@ def evaluate_checkpoint(ckpt: Checkpoint, pairs: Optional[Sequence[int]] = None,
     rows = []
     for n in counts:
         examples = mqar_examples(task, n, L, n_examples, seed)
-        rows.append({"n_pairs": int(n), **score_examples(ckpt.model, examples, "classes", batch_size,
-                                                         task.spec.pad_id)})
+        rows.append(
+            {"n_pairs": int(n), **score_examples(ckpt.model, examples, "classes", batch_size, task.spec.pad_id)}
+        )
     o = task.options
-    return {"checkpoint": ckpt.path, "step": ckpt.loaded.step, "model": ckpt.name, "family": ckpt.family,
-            "variant": ckpt.variant, "recurrent": ckpt.recurrent, "parameters": ckpt.model.num_parameters(),
-            "d_model": int(ckpt.model.cfg.d_model), "n_layers": len(per_layer),
-            "task": {"vocab_size": o.vocab_size, "seq_len": o.seq_len, "n_pairs": o.n_pairs,
-                     "n_queries": o.n_queries, "power_a": o.power_a},
-            "seq_len": L, "state_bytes_per_layer": sum(per_layer) / len(per_layer), "state_bytes_layers": per_layer,
-            "state_bytes_total": sum(per_layer), "chance_acc": 2.0 / o.vocab_size, "rows": rows}
+    return {
+        "checkpoint": ckpt.path,
+        "step": ckpt.loaded.step,
+        "model": ckpt.name,
+        "family": ckpt.family,
+        "variant": ckpt.variant,
+        "recurrent": ckpt.recurrent,
+        "parameters": ckpt.model.num_parameters(),
+        "d_model": int(ckpt.model.cfg.d_model),
+        "n_layers": len(per_layer),
+        "task": {
+            "vocab_size": o.vocab_size,
+            "seq_len": o.seq_len,
+            "n_pairs": o.n_pairs,
+            "n_queries": o.n_queries,
+            "power_a": o.power_a,
+        },
+        "seq_len": L,
+        "state_bytes_per_layer": sum(per_layer) / len(per_layer),
+        "state_bytes_layers": per_layer,
+        "state_bytes_total": sum(per_layer),
+        "chance_acc": 2.0 / o.vocab_size,
+        "rows": rows,
+    }
 
 
-def run_recall_vs_state(paths: Sequence[str], pairs: Optional[Sequence[int]] = None, seq_len: Optional[int] = None,
-                        n_examples: int = 256, batch_size: int = 32, seed: int = 0, device: str = "cpu",
-                        progress: bool = False) -> Dict[str, Any]:
+def run_recall_vs_state(
+    paths: Sequence[str],
+    pairs: Optional[Sequence[int]] = None,
+    seq_len: Optional[int] = None,
+    n_examples: int = 256,
+    batch_size: int = 32,
+    seed: int = 0,
+    device: str = "cpu",
+    progress: bool = False,
+) -> Dict[str, Any]:
     """Every checkpoint (loaded one at a time); all of them are checked to be MQAR checkpoints first."""
     from tqdm import tqdm
 
@@ -177,16 +201,22 @@ def pair_counts(result: Dict[str, Any]) -> List[int]:
 
 def markdown(result: Dict[str, Any], metric: str = "acc") -> str:
     counts = pair_counts(result)
-    lines = [f"MQAR {metric} against the token mixer's state size per layer ({result['examples']} examples per cell, "
-             f"seed {result['seed']}; Transformer: KV cache at the evaluated length)", "",
-             "| model | parameters | seq_len | state / layer | " + " | ".join(f"{n} pairs" for n in counts) + " |",
-             "|---|---|---|---|" + "---|" * len(counts)]
+    lines = [
+        f"MQAR {metric} against the token mixer's state size per layer ({result['examples']} examples per cell, "
+        f"seed {result['seed']}; Transformer: KV cache at the evaluated length)",
+        "",
+        "| model | parameters | seq_len | state / layer | " + " | ".join(f"{n} pairs" for n in counts) + " |",
+        "|---|---|---|---|" + "---|" * len(counts),
+    ]
     for m in sorted(result["models"], key=lambda m: m["state_bytes_per_layer"]):
         cells = {r["n_pairs"]: r.get(metric) for r in m["rows"]}
         kind = "" if m["recurrent"] else " (KV cache)"
-        lines.append(f"| {_label(m)} | {m['parameters']:,} | {m['seq_len']} | "
-                     f"{human_bytes(m['state_bytes_per_layer'])}{kind} | "
-                     + " | ".join("-" if cells.get(n) is None else f"{cells[n]:.3f}" for n in counts) + " |")
+        lines.append(
+            f"| {_label(m)} | {m['parameters']:,} | {m['seq_len']} | "
+            f"{human_bytes(m['state_bytes_per_layer'])}{kind} | "
+            + " | ".join("-" if cells.get(n) is None else f"{cells[n]:.3f}" for n in counts)
+            + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -194,9 +224,11 @@ def csv_text(result: Dict[str, Any]) -> str:
     rows = ["model,family,checkpoint,parameters,seq_len,state_bytes_per_layer,n_pairs,acc,seq_acc,loss"]
     for m in result["models"]:
         for r in m["rows"]:
-            rows.append(f"{_label(m)},{m['family']},{m['checkpoint']},{m['parameters']},{m['seq_len']},"
-                        f"{m['state_bytes_per_layer']:.0f},{r['n_pairs']},{r['acc']:.6f},{r['seq_acc']:.6f},"
-                        f"{r['loss']:.6f}")
+            rows.append(
+                f"{_label(m)},{m['family']},{m['checkpoint']},{m['parameters']},{m['seq_len']},"
+                f"{m['state_bytes_per_layer']:.0f},{r['n_pairs']},{r['acc']:.6f},{r['seq_acc']:.6f},"
+                f"{r['loss']:.6f}"
+            )
     return "\n".join(rows) + "\n"
 
 
@@ -217,12 +249,21 @@ def plot_recall_vs_state(result: Dict[str, Any], path: Path, metric: str = "acc"
             if row is None:
                 continue
             label = _label(m) + ("" if m["recurrent"] else f" (KV cache at L={m['seq_len']})")
-            ax.scatter([m["state_bytes_per_layer"]], [row[metric]], s=110 if not m["recurrent"] else 45,
-                       marker="*" if not m["recurrent"] else "o", color=colours[i % len(colours)], zorder=3,
-                       label=label if k == 0 else None, edgecolors="black", linewidths=0.4)
+            ax.scatter(
+                [m["state_bytes_per_layer"]],
+                [row[metric]],
+                s=110 if not m["recurrent"] else 45,
+                marker="*" if not m["recurrent"] else "o",
+                color=colours[i % len(colours)],
+                zorder=3,
+                label=label if k == 0 else None,
+                edgecolors="black",
+                linewidths=0.4,
+            )
         if chance is not None:
-            ax.axhline(chance, color="gray", ls=":", lw=1,
-                       label=f"chance ({chance:.3g}: 1 of V/2 values)" if k == 0 else None)
+            ax.axhline(
+                chance, color="gray", ls=":", lw=1, label=f"chance ({chance:.3g}: 1 of V/2 values)" if k == 0 else None
+            )
         ax.set_xscale("log", base=2)
         ax.set_title(f"{n} key-value pairs", fontsize=9)
         ax.set_xlabel("state bytes per layer")
@@ -239,9 +280,11 @@ def plot_recall_vs_state(result: Dict[str, Any], path: Path, metric: str = "acc"
 
 def write_recall_outputs(result: Dict[str, Any], out_dir: Path) -> Dict[str, Path]:
     out_dir = Path(out_dir)
-    paths = {"md": write_atomic(out_dir / "recall_state.md", markdown(result)),
-             "csv": write_atomic(out_dir / "recall_state.csv", csv_text(result)),
-             "png": plot_recall_vs_state(result, out_dir / "recall_vs_state.png")}
+    paths = {
+        "md": write_atomic(out_dir / "recall_state.md", markdown(result)),
+        "csv": write_atomic(out_dir / "recall_state.csv", csv_text(result)),
+        "png": plot_recall_vs_state(result, out_dir / "recall_vs_state.png"),
+    }
     paths["json"] = write_json(out_dir / "recall_state.json", result)
     return paths
 

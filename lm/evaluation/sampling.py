@@ -40,7 +40,7 @@ def prefill(model: LanguageModel, tokens: torch.Tensor, chunk: Optional[int] = N
     size = int(chunk) if chunk and chunk > 0 else T
     h = None
     for start in range(0, T, size):
-        h, state = model.hidden_states(tokens[:, start:start + size], state, return_state=True)
+        h, state = model.hidden_states(tokens[:, start : start + size], state, return_state=True)
     return model.logits(h[:, -1]), state
 
 
@@ -117,16 +117,32 @@ def merge_states(states: list):
     return cat(states)
 
 
-def sample_text(model: LanguageModel, encode: Callable[[str], List[int]], decode: Callable[[List[int]], str],
-                prompt: str, max_new_tokens: int, temperature: float = 0.8, top_k: int = 50, seed: int = 0,
-                stop_token: Optional[int] = None) -> str:
+def sample_text(
+    model: LanguageModel,
+    encode: Callable[[str], List[int]],
+    decode: Callable[[List[int]], str],
+    prompt: str,
+    max_new_tokens: int,
+    temperature: float = 0.8,
+    top_k: int = 50,
+    seed: int = 0,
+    stop_token: Optional[int] = None,
+) -> str:
     """The prompt followed by the sampled continuation, as text."""
     return sample_with_reason(model, encode, decode, prompt, max_new_tokens, temperature, top_k, seed, stop_token)[0]
 
 
-def sample_with_reason(model: LanguageModel, encode: Callable[[str], List[int]], decode: Callable[[List[int]], str],
-                       prompt: str, max_new_tokens: int, temperature: float = 0.8, top_k: int = 50, seed: int = 0,
-                       stop_token: Optional[int] = None) -> Tuple[str, str]:
+def sample_with_reason(
+    model: LanguageModel,
+    encode: Callable[[str], List[int]],
+    decode: Callable[[List[int]], str],
+    prompt: str,
+    max_new_tokens: int,
+    temperature: float = 0.8,
+    top_k: int = 50,
+    seed: int = 0,
+    stop_token: Optional[int] = None,
+) -> Tuple[str, str]:
     """(prompt + sampled continuation, why sampling stopped: the end-of-document token or the length limit)."""
     ids = encode(prompt) or ([stop_token] if stop_token is not None else [0])
     out: List[int] = []

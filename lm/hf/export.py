@@ -62,32 +62,43 @@ def write_hf(loaded: LoadedModel, out: Path, extra_info: dict | None = None) -> 
 
     cfg = loaded.model.cfg
     if cfg.input_dim or cfg.output_dim:
-        raise LMError(f"{loaded.source}: model.input_dim/output_dim is set (a continuous-input/output task model); "
-                      "only token language models export to transformers")
+        raise LMError(
+            f"{loaded.source}: model.input_dim/output_dim is set (a continuous-input/output task model); "
+            "only token language models export to transformers"
+        )
     if loaded.tokenizer_path is None or not Path(loaded.tokenizer_path).is_file():
-        raise LMError(f"{loaded.source}: the model has no tokenizer file ({loaded.tokenizer_path}); "
-                      "transformers export needs one")
+        raise LMError(
+            f"{loaded.source}: the model has no tokenizer file ({loaded.tokenizer_path}); transformers export needs one"
+        )
     tokens = special_tokens(loaded.config, loaded.tokenizer_path)
     model_cfg = dict(loaded.config["model"])
     model_cfg["variant"] = cfg.variant  # resolved
-    hf_config = RnnLMConfig(lm_model=model_cfg, bos_token_id=tokens["eod_id"], eos_token_id=tokens["eod_id"],
-                            pad_token_id=tokens["pad_id"])
+    hf_config = RnnLMConfig(
+        lm_model=model_cfg, bos_token_id=tokens["eod_id"], eos_token_id=tokens["eod_id"], pad_token_id=tokens["pad_id"]
+    )
     RnnLMConfig.register_for_auto_class()
     RnnLMForCausalLM.register_for_auto_class("AutoModelForCausalLM")
     model = RnnLMForCausalLM(hf_config)
     state = {f"model.{k}": v for k, v in loaded.model.state_dict().items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise LMError(f"{loaded.source}: weights do not fit the transformers wrapper (missing {missing[:3]}, "
-                      f"unexpected {unexpected[:3]})")
+        raise LMError(
+            f"{loaded.source}: weights do not fit the transformers wrapper (missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]})"
+        )
     model.float().eval()
 
     def fill(tmp: Path) -> None:
         model.save_pretrained(str(tmp), safe_serialization=True)
         hf_tokenizer(loaded.tokenizer_path, tokens).save_pretrained(str(tmp))
-        info = {"format": "hf", "step": loaded.step, "source": str(loaded.source),
-                "parameters": loaded.model.num_parameters(), "tokenizer_sha256": loaded.tokenizer_sha256,
-                **(extra_info or {})}
+        info = {
+            "format": "hf",
+            "step": loaded.step,
+            "source": str(loaded.source),
+            "parameters": loaded.model.num_parameters(),
+            "tokenizer_sha256": loaded.tokenizer_sha256,
+            **(extra_info or {}),
+        }
         (tmp / "export.json").write_text(json.dumps(info, indent=1))
 
     return write_atomically(out, fill)

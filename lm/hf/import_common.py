@@ -52,9 +52,15 @@ def take(state: Dict[str, torch.Tensor], key: str, source: Any) -> torch.Tensor:
     return state.pop(key)
 
 
-def write_export(out: Path, model_cfg: Dict[str, Any], state: Dict[str, torch.Tensor], source: Any,
-                 tokenizer: Optional[Path] = None, eod_token: Optional[str] = None,
-                 pad_token: Optional[str] = None) -> Path:
+def write_export(
+    out: Path,
+    model_cfg: Dict[str, Any],
+    state: Dict[str, torch.Tensor],
+    source: Any,
+    tokenizer: Optional[Path] = None,
+    eod_token: Optional[str] = None,
+    pad_token: Optional[str] = None,
+) -> Path:
     """Build the model from ``model_cfg``, load ``state`` strictly (every key used, none missing),
     and write the export directory atomically."""
     from lm.hf.export import check_out_dir, write_atomically
@@ -64,19 +70,28 @@ def write_export(out: Path, model_cfg: Dict[str, Any], state: Dict[str, torch.Te
     model = build_model(model_cfg)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise LMError(f"{source}: converted weights do not fit the model (missing {missing[:3]}, "
-                      f"unexpected {unexpected[:3]})")
+        raise LMError(
+            f"{source}: converted weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     tok_cfg = {k: v for k, v in {"eod_token": eod_token, "pad_token": pad_token}.items() if v}
     config = {"model": model_cfg, "data": {"tokenizer": tok_cfg}}
 
     def fill(tmp: Path) -> None:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"),
-                  metadata={"step": "0"})
+        save_file(
+            {k: v.contiguous() for k, v in model.state_dict().items()},
+            str(tmp / "model.safetensors"),
+            metadata={"step": "0"},
+        )
         (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         if tokenizer is not None:
             shutil.copyfile(tokenizer, tmp / "tokenizer.json")
-        info = {"step": 0, "source": str(source), "imported": True,
-                "parameters": model.num_parameters(), "tokenizer_sha256": None}
+        info = {
+            "step": 0,
+            "source": str(source),
+            "imported": True,
+            "parameters": model.num_parameters(),
+            "tokenizer_sha256": None,
+        }
         (tmp / "export.json").write_text(json.dumps(info, indent=1))
 
     return write_atomically(out, fill)

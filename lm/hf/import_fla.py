@@ -30,11 +30,27 @@ from lm.errors import LMError
 from lm.hf.import_common import Unsupported, read_weights, swiglu_ratio, take, write_export
 
 #: fla's config defaults (GLAConfig) for keys a config.json may omit
-GLA_DEFAULTS = {"expand_k": 0.5, "expand_v": 1.0, "hidden_ratio": 4, "intermediate_size": None, "num_kv_heads": None,
-                "feature_map": None, "use_short_conv": False, "conv_size": 4, "use_output_gate": True,
-                "clamp_min": None, "hidden_act": "swish", "max_position_embeddings": 2048,
-                "elementwise_affine": True, "norm_eps": 1e-6, "use_gk": True, "use_gv": False, "attn": None,
-                "tie_word_embeddings": False, "attnres_block_size": None}
+GLA_DEFAULTS = {
+    "expand_k": 0.5,
+    "expand_v": 1.0,
+    "hidden_ratio": 4,
+    "intermediate_size": None,
+    "num_kv_heads": None,
+    "feature_map": None,
+    "use_short_conv": False,
+    "conv_size": 4,
+    "use_output_gate": True,
+    "clamp_min": None,
+    "hidden_act": "swish",
+    "max_position_embeddings": 2048,
+    "elementwise_affine": True,
+    "norm_eps": 1e-6,
+    "use_gk": True,
+    "use_gv": False,
+    "attn": None,
+    "tie_word_embeddings": False,
+    "attnres_block_size": None,
+}
 
 
 def _refuse_if(source: Any, cfg: Dict[str, Any], key: str, ok, feature: str) -> None:
@@ -56,8 +72,7 @@ def gla_config(cfg: Dict[str, Any], source: Any) -> Dict[str, Any]:
     cfg = {**GLA_DEFAULTS, **cfg}
     _refuse_if(source, cfg, "attn", lambda v: v is None, "hybrid softmax-attention layers")
     _refuse_if(source, cfg, "attnres_block_size", lambda v: v is None, "attention residuals")
-    _refuse_if(source, cfg, "num_kv_heads", lambda v: v is None or v == cfg["num_heads"],
-               "grouped key/value heads")
+    _refuse_if(source, cfg, "num_kv_heads", lambda v: v is None or v == cfg["num_heads"], "grouped key/value heads")
     _refuse_if(source, cfg, "clamp_min", lambda v: v is None, "a clamped log gate")
     _refuse_if(source, cfg, "use_gk", lambda v: v is True, "a GLA without the per-key gate")
     _refuse_if(source, cfg, "use_gv", lambda v: not v, "a per-value gate")
@@ -68,13 +83,26 @@ def gla_config(cfg: Dict[str, Any], source: Any) -> Dict[str, Any]:
     if (D * cfg["expand_k"]) % H or (D * cfg["expand_v"]) % H:
         raise LMError(f"{source}: hidden_size * expand_k/v must be divisible by num_heads")
     return {
-        "family": "linear_attention", "variant": "gla", "vocab_size": int(cfg["vocab_size"]), "d_model": D,
-        "n_layers": int(cfg["num_hidden_layers"]), "n_heads": H, "mlp": "swiglu",
-        "mlp_ratio": swiglu_ratio(intermediate_size(cfg), D, source), "norm": "rmsnorm",
-        "norm_eps": float(cfg["norm_eps"]), "tie_embeddings": bool(cfg["tie_word_embeddings"]),
+        "family": "linear_attention",
+        "variant": "gla",
+        "vocab_size": int(cfg["vocab_size"]),
+        "d_model": D,
+        "n_layers": int(cfg["num_hidden_layers"]),
+        "n_heads": H,
+        "mlp": "swiglu",
+        "mlp_ratio": swiglu_ratio(intermediate_size(cfg), D, source),
+        "norm": "rmsnorm",
+        "norm_eps": float(cfg["norm_eps"]),
+        "tie_embeddings": bool(cfg["tie_word_embeddings"]),
         "max_seq_len": int(cfg["max_position_embeddings"]),
-        "mixer": {"expand_k": float(cfg["expand_k"]), "expand_v": float(cfg["expand_v"]), "gate_low_rank": 16,
-                  "gate_normalizer": 16.0, "output_gate": bool(cfg["use_output_gate"]), "output_norm": True},
+        "mixer": {
+            "expand_k": float(cfg["expand_k"]),
+            "expand_v": float(cfg["expand_v"]),
+            "gate_low_rank": 16,
+            "gate_normalizer": 16.0,
+            "output_gate": bool(cfg["use_output_gate"]),
+            "output_norm": True,
+        },
     }
 
 
@@ -88,14 +116,17 @@ def _norm_weight(src: Dict[str, torch.Tensor], prefix: str, n: int, source: Any,
     return torch.ones(n)
 
 
-def _skeleton_state(src: Dict[str, torch.Tensor], model_cfg: Dict[str, Any], source: Any,
-                    mixer_weights) -> Dict[str, torch.Tensor]:
+def _skeleton_state(
+    src: Dict[str, torch.Tensor], model_cfg: Dict[str, Any], source: Any, mixer_weights
+) -> Dict[str, torch.Tensor]:
     """Our state dict from an fla ``*ForCausalLM`` state dict ``src`` (consumed): the shared
     skeleton (embedding, final norm, head, per-layer norms, q/k/v/o projections, SwiGLU MLP) plus
     ``mixer_weights(src, out, a, b)`` for the family's own weights of layer ``a`` -> ``b``.
     Any source key left over is refused by name."""
-    out = {"embed.weight": take(src, "model.embeddings.weight", source),
-           "norm_f.weight": take(src, "model.norm.weight", source)}
+    out = {
+        "embed.weight": take(src, "model.embeddings.weight", source),
+        "norm_f.weight": take(src, "model.norm.weight", source),
+    }
     if model_cfg["tie_embeddings"]:
         src.pop("lm_head.weight", None)
     else:
@@ -115,8 +146,9 @@ def _skeleton_state(src: Dict[str, torch.Tensor], model_cfg: Dict[str, Any], sou
     return out
 
 
-def gla_state(src: Dict[str, torch.Tensor], cfg: Dict[str, Any], model_cfg: Dict[str, Any],
-              source: Any) -> Dict[str, torch.Tensor]:
+def gla_state(
+    src: Dict[str, torch.Tensor], cfg: Dict[str, Any], model_cfg: Dict[str, Any], source: Any
+) -> Dict[str, torch.Tensor]:
     """Our state dict from an fla GLAForCausalLM state dict (every source key consumed)."""
     cfg = {**GLA_DEFAULTS, **cfg}
     H = model_cfg["n_heads"]
@@ -135,11 +167,27 @@ def gla_state(src: Dict[str, torch.Tensor], cfg: Dict[str, Any], model_cfg: Dict
     return _skeleton_state(dict(src), model_cfg, source, mixer_weights)
 
 
-DELTANET_DEFAULTS = {"expand_k": 1.0, "expand_v": 1.0, "use_gate": False, "use_short_conv": True,
-                     "allow_neg_eigval": False, "conv_size": 4, "use_beta": True, "use_output_norm": True,
-                     "qk_norm": "l2", "qk_activation": "silu", "max_position_embeddings": 2048, "hidden_ratio": 4,
-                     "intermediate_size": None, "hidden_act": "swish", "norm_eps": 1e-6, "attn": None,
-                     "tie_word_embeddings": False, "attnres_block_size": None, "conv_bias": False}
+DELTANET_DEFAULTS = {
+    "expand_k": 1.0,
+    "expand_v": 1.0,
+    "use_gate": False,
+    "use_short_conv": True,
+    "allow_neg_eigval": False,
+    "conv_size": 4,
+    "use_beta": True,
+    "use_output_norm": True,
+    "qk_norm": "l2",
+    "qk_activation": "silu",
+    "max_position_embeddings": 2048,
+    "hidden_ratio": 4,
+    "intermediate_size": None,
+    "hidden_act": "swish",
+    "norm_eps": 1e-6,
+    "attn": None,
+    "tie_word_embeddings": False,
+    "attnres_block_size": None,
+    "conv_bias": False,
+}
 
 
 def deltanet_config(cfg: Dict[str, Any], source: Any) -> Dict[str, Any]:
@@ -157,18 +205,29 @@ def deltanet_config(cfg: Dict[str, Any], source: Any) -> Dict[str, Any]:
     _refuse_if(source, cfg, "hidden_act", lambda v: v == "swish", "an activation other than swish")
     D, H = int(cfg["hidden_size"]), int(cfg["num_heads"])
     return {
-        "family": "linear_attention", "variant": "deltanet", "vocab_size": int(cfg["vocab_size"]), "d_model": D,
-        "n_layers": int(cfg["num_hidden_layers"]), "n_heads": H, "mlp": "swiglu",
-        "mlp_ratio": swiglu_ratio(intermediate_size(cfg), D, source), "norm": "rmsnorm",
-        "norm_eps": float(cfg["norm_eps"]), "tie_embeddings": bool(cfg["tie_word_embeddings"]),
+        "family": "linear_attention",
+        "variant": "deltanet",
+        "vocab_size": int(cfg["vocab_size"]),
+        "d_model": D,
+        "n_layers": int(cfg["num_hidden_layers"]),
+        "n_heads": H,
+        "mlp": "swiglu",
+        "mlp_ratio": swiglu_ratio(intermediate_size(cfg), D, source),
+        "norm": "rmsnorm",
+        "norm_eps": float(cfg["norm_eps"]),
+        "tie_embeddings": bool(cfg["tie_word_embeddings"]),
         "max_seq_len": int(cfg["max_position_embeddings"]),
-        "mixer": {"expand_k": float(cfg["expand_k"]), "expand_v": float(cfg["expand_v"]),
-                  "conv_size": int(cfg["conv_size"])},
+        "mixer": {
+            "expand_k": float(cfg["expand_k"]),
+            "expand_v": float(cfg["expand_v"]),
+            "conv_size": int(cfg["conv_size"]),
+        },
     }
 
 
-def deltanet_state(src: Dict[str, torch.Tensor], cfg: Dict[str, Any], model_cfg: Dict[str, Any],
-                   source: Any) -> Dict[str, torch.Tensor]:
+def deltanet_state(
+    src: Dict[str, torch.Tensor], cfg: Dict[str, Any], model_cfg: Dict[str, Any], source: Any
+) -> Dict[str, torch.Tensor]:
     """Our state dict from an fla DeltaNetForCausalLM state dict: as GLA's, plus the short
     convolutions (weight [C, 1, K] -> [C, K], bias or zeros) and beta's projection (bias zeros)."""
     H = model_cfg["n_heads"]
@@ -187,11 +246,26 @@ def deltanet_state(src: Dict[str, torch.Tensor], cfg: Dict[str, Any], model_cfg:
     return _skeleton_state(dict(src), model_cfg, source, mixer_weights)
 
 
-GATED_DELTANET_DEFAULTS = {"expand_v": 2.0, "use_gate": True, "use_short_conv": True, "allow_neg_eigval": False,
-                           "conv_size": 4, "head_dim": 256, "num_heads": 6, "num_v_heads": None,
-                           "max_position_embeddings": 2048, "hidden_ratio": 4, "intermediate_size": None,
-                           "hidden_act": "swish", "norm_eps": 1e-6, "attn": None, "tie_word_embeddings": False,
-                           "attnres_block_size": None, "output_gate_activation": "swish", "conv_bias": False}
+GATED_DELTANET_DEFAULTS = {
+    "expand_v": 2.0,
+    "use_gate": True,
+    "use_short_conv": True,
+    "allow_neg_eigval": False,
+    "conv_size": 4,
+    "head_dim": 256,
+    "num_heads": 6,
+    "num_v_heads": None,
+    "max_position_embeddings": 2048,
+    "hidden_ratio": 4,
+    "intermediate_size": None,
+    "hidden_act": "swish",
+    "norm_eps": 1e-6,
+    "attn": None,
+    "tie_word_embeddings": False,
+    "attnres_block_size": None,
+    "output_gate_activation": "swish",
+    "conv_bias": False,
+}
 
 
 def gated_deltanet_config(cfg: Dict[str, Any], source: Any) -> Dict[str, Any]:
@@ -201,29 +275,52 @@ def gated_deltanet_config(cfg: Dict[str, Any], source: Any) -> Dict[str, Any]:
     cfg = {**GATED_DELTANET_DEFAULTS, **cfg}
     _refuse_if(source, cfg, "attn", lambda v: v is None, "hybrid softmax-attention layers")
     _refuse_if(source, cfg, "attnres_block_size", lambda v: v is None, "attention residuals")
-    _refuse_if(source, cfg, "num_v_heads", lambda v: v is None or v == cfg["num_heads"],
-               "grouped value heads (num_v_heads != num_heads)")
+    _refuse_if(
+        source,
+        cfg,
+        "num_v_heads",
+        lambda v: v is None or v == cfg["num_heads"],
+        "grouped value heads (num_v_heads != num_heads)",
+    )
     _refuse_if(source, cfg, "use_short_conv", lambda v: v is True, "Gated DeltaNet without the short convolution")
     _refuse_if(source, cfg, "allow_neg_eigval", lambda v: not v, "negative eigenvalues (beta in (0, 2))")
-    _refuse_if(source, cfg, "output_gate_activation", lambda v: v in ("swish", "silu"),
-               "an output gate activation other than swish")
+    _refuse_if(
+        source,
+        cfg,
+        "output_gate_activation",
+        lambda v: v in ("swish", "silu"),
+        "an output gate activation other than swish",
+    )
     _refuse_if(source, cfg, "hidden_act", lambda v: v == "swish", "an activation other than swish")
     D, H, K = int(cfg["hidden_size"]), int(cfg["num_heads"]), int(cfg["head_dim"])
     if abs(K * float(cfg["expand_v"]) - round(K * float(cfg["expand_v"]))) > 1e-6:
         raise LMError(f"{source}: head_dim * expand_v must be an integer")
     return {
-        "family": "linear_attention", "variant": "gated_deltanet", "vocab_size": int(cfg["vocab_size"]),
-        "d_model": D, "n_layers": int(cfg["num_hidden_layers"]), "n_heads": H, "head_dim": K, "mlp": "swiglu",
-        "mlp_ratio": swiglu_ratio(intermediate_size(cfg), D, source), "norm": "rmsnorm",
-        "norm_eps": float(cfg["norm_eps"]), "tie_embeddings": bool(cfg["tie_word_embeddings"]),
+        "family": "linear_attention",
+        "variant": "gated_deltanet",
+        "vocab_size": int(cfg["vocab_size"]),
+        "d_model": D,
+        "n_layers": int(cfg["num_hidden_layers"]),
+        "n_heads": H,
+        "head_dim": K,
+        "mlp": "swiglu",
+        "mlp_ratio": swiglu_ratio(intermediate_size(cfg), D, source),
+        "norm": "rmsnorm",
+        "norm_eps": float(cfg["norm_eps"]),
+        "tie_embeddings": bool(cfg["tie_word_embeddings"]),
         "max_seq_len": int(cfg["max_position_embeddings"]),
-        "mixer": {"expand_k": 1.0, "expand_v": float(cfg["expand_v"]), "conv_size": int(cfg["conv_size"]),
-                  "output_gate": bool(cfg["use_gate"])},
+        "mixer": {
+            "expand_k": 1.0,
+            "expand_v": float(cfg["expand_v"]),
+            "conv_size": int(cfg["conv_size"]),
+            "output_gate": bool(cfg["use_gate"]),
+        },
     }
 
 
-def gated_deltanet_state(src: Dict[str, torch.Tensor], cfg: Dict[str, Any], model_cfg: Dict[str, Any],
-                         source: Any) -> Dict[str, torch.Tensor]:
+def gated_deltanet_state(
+    src: Dict[str, torch.Tensor], cfg: Dict[str, Any], model_cfg: Dict[str, Any], source: Any
+) -> Dict[str, torch.Tensor]:
     """Our state dict from an fla GatedDeltaNetForCausalLM state dict: DeltaNet's mapping plus the
     decay (``a_proj``, ``A_log``, ``dt_bias`` by name) and the output gate ``g_proj -> gate_proj``."""
     src = dict(src)
@@ -237,8 +334,11 @@ def gated_deltanet_state(src: Dict[str, torch.Tensor], cfg: Dict[str, Any], mode
     return {**deltanet_state(src, cfg, model_cfg, source), **a_keys}
 
 
-CONVERTERS = {"gla": (gla_config, gla_state), "delta_net": (deltanet_config, deltanet_state),
-              "gated_deltanet": (gated_deltanet_config, gated_deltanet_state)}
+CONVERTERS = {
+    "gla": (gla_config, gla_state),
+    "delta_net": (deltanet_config, deltanet_state),
+    "gated_deltanet": (gated_deltanet_config, gated_deltanet_state),
+}
 
 
 def tokenizer_files(src: Path) -> Tuple[Optional[Path], Optional[str], Optional[str]]:

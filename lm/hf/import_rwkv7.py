@@ -33,37 +33,83 @@ from lm.hf.import_common import Unsupported, read_weights, take, write_export
 BRANCHES = ("r", "w", "k", "v", "a", "g")
 
 #: fla's RWKV7Config defaults for keys a config.json may omit
-FLA_DEFAULTS = {"hidden_ratio": 4, "intermediate_size": None, "head_dim": 64, "num_heads": None,
-                "hidden_act": "sqrelu", "max_position_embeddings": 2048, "norm_first": True, "norm_bias": True,
-                "norm_eps": 1e-5, "attn": None, "tie_word_embeddings": False, "value_dim": None}
+FLA_DEFAULTS = {
+    "hidden_ratio": 4,
+    "intermediate_size": None,
+    "head_dim": 64,
+    "num_heads": None,
+    "hidden_act": "sqrelu",
+    "max_position_embeddings": 2048,
+    "norm_first": True,
+    "norm_bias": True,
+    "norm_eps": 1e-5,
+    "attn": None,
+    "tie_word_embeddings": False,
+    "value_dim": None,
+}
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1)
 
 
-def model_config(D: int, H: int, L: int, vocab: int, ffn: int, ranks: Dict[str, int], norm_eps: float,
-                 head_norm_eps: float, tie: bool, embed_norm: bool, max_len: int, source: Any) -> Dict[str, Any]:
+def model_config(
+    D: int,
+    H: int,
+    L: int,
+    vocab: int,
+    ffn: int,
+    ranks: Dict[str, int],
+    norm_eps: float,
+    head_norm_eps: float,
+    tie: bool,
+    embed_norm: bool,
+    max_len: int,
+    source: Any,
+) -> Dict[str, Any]:
     """Our ``rwkv/rwkv7`` config (LayerNorms, RWKV channel mixer, value residual, GroupNorm ``ln_x``)."""
     if ffn % 64:
         raise Unsupported(source, f"a channel-mixer width of {ffn} (not a multiple of 64)")
     return {
-        "family": "rwkv", "variant": "rwkv7", "vocab_size": vocab, "d_model": D, "n_layers": L, "n_heads": H,
-        "mlp": "rwkv_cmix", "mlp_ratio": ffn / D, "norm": "layernorm", "norm_eps": norm_eps, "tie_embeddings": tie,
+        "family": "rwkv",
+        "variant": "rwkv7",
+        "vocab_size": vocab,
+        "d_model": D,
+        "n_layers": L,
+        "n_heads": H,
+        "mlp": "rwkv_cmix",
+        "mlp_ratio": ffn / D,
+        "norm": "layernorm",
+        "norm_eps": norm_eps,
+        "tie_embeddings": tie,
         "max_seq_len": max_len,
-        "mixer": {"decay_low_rank": ranks["w"], "a_low_rank": ranks["a"], "gate_low_rank": ranks["g"],
-                  "v_low_rank": ranks.get("v", 32), "value_residual": True, "head_norm": "groupnorm",
-                  "head_norm_eps": head_norm_eps, "embed_norm": embed_norm},
+        "mixer": {
+            "decay_low_rank": ranks["w"],
+            "a_low_rank": ranks["a"],
+            "gate_low_rank": ranks["g"],
+            "v_low_rank": ranks.get("v", 32),
+            "value_residual": True,
+            "head_norm": "groupnorm",
+            "head_norm_eps": head_norm_eps,
+            "embed_norm": embed_norm,
+        },
     }
 
 
-def _layer(get: Callable[[str], torch.Tensor], lora: Callable[[str], tuple], b: str, i: int, H: int,
-           out: Dict[str, torch.Tensor]) -> None:
+def _layer(
+    get: Callable[[str], torch.Tensor],
+    lora: Callable[[str], tuple],
+    b: str,
+    i: int,
+    H: int,
+    out: Dict[str, torch.Tensor],
+) -> None:
     """One block's weights from a layout's getters (``get(role)``; ``lora(name) -> (down, up, bias)``
     as our ``[r, D]``, ``[D, r]``, ``[D]``)."""
     x_x = get("x_x")  # fla's older single [6, D] lerp parameter
-    out[f"{b}.mixer.mu"] = torch.stack([_flat(get(f"x_{c}")) for c in BRANCHES]) if x_x is None \
-        else x_x.reshape(len(BRANCHES), -1)
+    out[f"{b}.mixer.mu"] = (
+        torch.stack([_flat(get(f"x_{c}")) for c in BRANCHES]) if x_x is None else x_x.reshape(len(BRANCHES), -1)
+    )
     for name in ("w", "a") + (("v",) if i > 0 else ()):
         down, up, bias = lora(name)
         out[f"{b}.mixer.{name}_down.weight"], out[f"{b}.mixer.{name}_up.weight"] = down, up
@@ -87,11 +133,21 @@ def _leftover(src: Dict[str, torch.Tensor], source: Any) -> None:
 
 
 # ------------------------------------------------------------------------------------------ fla
-FLA_NAMES = {"receptance": "attn.r_proj.weight", "key": "attn.k_proj.weight", "value": "attn.v_proj.weight",
-             "output": "attn.o_proj.weight", "ln_x.weight": "attn.g_norm.weight", "ln_x.bias": "attn.g_norm.bias",
-             "ln1.weight": "attn_norm.weight", "ln1.bias": "attn_norm.bias", "ln2.weight": "ffn_norm.weight",
-             "ln2.bias": "ffn_norm.bias", "ffn.x_k": "ffn.x_k", "ffn.key": "ffn.key.weight",
-             "ffn.value": "ffn.value.weight"}
+FLA_NAMES = {
+    "receptance": "attn.r_proj.weight",
+    "key": "attn.k_proj.weight",
+    "value": "attn.v_proj.weight",
+    "output": "attn.o_proj.weight",
+    "ln_x.weight": "attn.g_norm.weight",
+    "ln_x.bias": "attn.g_norm.bias",
+    "ln1.weight": "attn_norm.weight",
+    "ln1.bias": "attn_norm.bias",
+    "ln2.weight": "ffn_norm.weight",
+    "ln2.bias": "ffn_norm.bias",
+    "ffn.x_k": "ffn.x_k",
+    "ffn.key": "ffn.key.weight",
+    "ffn.value": "ffn.value.weight",
+}
 
 
 def fla_checked(cfg: Dict[str, Any], source: Any) -> Dict[str, Any]:
@@ -100,8 +156,9 @@ def fla_checked(cfg: Dict[str, Any], source: Any) -> Dict[str, Any]:
     if cfg["attn"] is not None:
         raise Unsupported(source, f"hybrid softmax-attention layers (attn={cfg['attn']!r})")
     if cfg["hidden_act"] != "sqrelu":
-        raise Unsupported(source, "a channel-mixer activation other than squared ReLU "
-                                  f"(hidden_act={cfg['hidden_act']!r})")
+        raise Unsupported(
+            source, f"a channel-mixer activation other than squared ReLU (hidden_act={cfg['hidden_act']!r})"
+        )
     D, L = int(cfg["hidden_size"]), int(cfg["num_hidden_layers"])
     K = int(cfg["head_dim"]) if cfg["head_dim"] else D // int(cfg["num_heads"])
     value_dim = cfg["value_dim"]
@@ -154,16 +211,39 @@ def fla_import(cfg: Dict[str, Any], src: Dict[str, torch.Tensor], source: Any):
     if L > 1:
         ranks["v"] = out[f"blocks.{L - 1}.mixer.v_down.weight"].shape[0]
     ffn = out["blocks.0.mlp.key.weight"].shape[0]
-    model_cfg = model_config(D, D // K, L, out["embed.weight"].shape[0], ffn, ranks, float(cfg["norm_eps"]),
-                             K * float(cfg["norm_eps"]), tie, embed_norm, int(cfg["max_position_embeddings"]), source)
+    model_cfg = model_config(
+        D,
+        D // K,
+        L,
+        out["embed.weight"].shape[0],
+        ffn,
+        ranks,
+        float(cfg["norm_eps"]),
+        K * float(cfg["norm_eps"]),
+        tie,
+        embed_norm,
+        int(cfg["max_position_embeddings"]),
+        source,
+    )
     return model_cfg, out
 
 
 # -------------------------------------------------------------------------------------- BlinkDL
-BLINK_NAMES = {"receptance": "att.receptance.weight", "key": "att.key.weight", "value": "att.value.weight",
-               "output": "att.output.weight", "ln_x.weight": "att.ln_x.weight", "ln_x.bias": "att.ln_x.bias",
-               "ffn.x_k": "ffn.x_k", "ffn.key": "ffn.key.weight", "ffn.value": "ffn.value.weight",
-               "ln1.weight": "ln1.weight", "ln1.bias": "ln1.bias", "ln2.weight": "ln2.weight", "ln2.bias": "ln2.bias"}
+BLINK_NAMES = {
+    "receptance": "att.receptance.weight",
+    "key": "att.key.weight",
+    "value": "att.value.weight",
+    "output": "att.output.weight",
+    "ln_x.weight": "att.ln_x.weight",
+    "ln_x.bias": "att.ln_x.bias",
+    "ffn.x_k": "ffn.x_k",
+    "ffn.key": "ffn.key.weight",
+    "ffn.value": "ffn.value.weight",
+    "ln1.weight": "ln1.weight",
+    "ln1.bias": "ln1.bias",
+    "ln2.weight": "ln2.weight",
+    "ln2.bias": "ln2.bias",
+}
 #: BlinkDL's LayerNorms use torch's default eps; ln_x its fixed 64e-5 (RWKV-LM: "notice eps value")
 BLINK_NORM_EPS, BLINK_LN_X_EPS = 1e-5, 64e-5
 
@@ -174,8 +254,9 @@ def blink_import(src: Dict[str, torch.Tensor], source: Any):
     src = dict(src)
     if "emb.weight" not in src or "blocks.0.att.r_k" not in src:
         hint = " (RWKV-4/5/6 weights?)" if any(".att.time_" in k for k in src) else ""
-        raise LMError(f"{source}: not an RWKV-7 state dict in BlinkDL's layout: no 'emb.weight' or "
-                      f"'blocks.0.att.r_k'{hint}")
+        raise LMError(
+            f"{source}: not an RWKV-7 state dict in BlinkDL's layout: no 'emb.weight' or 'blocks.0.att.r_k'{hint}"
+        )
     L = 1 + max(int(k.split(".")[1]) for k in src if k.startswith("blocks."))
     V, D = src["emb.weight"].shape
     H = src["blocks.0.att.r_k"].shape[0]

@@ -137,8 +137,10 @@ class RnnLMForCausalLM(PreTrainedModel, GenerationMixin):
         if not names:
             return
         if not isinstance(module, TokenMixer):
-            raise TypeError(f"{type(module).__name__}: non-persistent buffers {names} outside a token mixer "
-                            "cannot be rebuilt on load")
+            raise TypeError(
+                f"{type(module).__name__}: non-persistent buffers {names} outside a token mixer "
+                "cannot be rebuilt on load"
+            )
         with torch.device("cpu"):
             fresh = type(module)(module.cfg, module.options, module.layer_idx)
         with torch.no_grad():
@@ -166,8 +168,9 @@ class RnnLMForCausalLM(PreTrainedModel, GenerationMixin):
             h = h[:, -keep:]
         return self.model.logits(h), new_state
 
-    def _read_rows(self, input_ids: torch.Tensor, mask: Optional[torch.Tensor], states: List[Any], use_cache: bool,
-                   keep: int):
+    def _read_rows(
+        self, input_ids: torch.Tensor, mask: Optional[torch.Tensor], states: List[Any], use_cache: bool, keep: int
+    ):
         """Row by row, each row's masked-in positions only (left/right padding); pad positions get
         zero logits. Returns (logits, per-row states)."""
         B, T = input_ids.shape
@@ -176,7 +179,7 @@ class RnnLMForCausalLM(PreTrainedModel, GenerationMixin):
             start, end = _span(mask[b]) if mask is not None else (0, T)
             state = states[b]
             if end > start:
-                row_logits, state = self._read(input_ids[b:b + 1, start:end], state, True, 0)
+                row_logits, state = self._read(input_ids[b : b + 1, start:end], state, True, 0)
                 if logits is None:
                     logits = row_logits.new_zeros(B, T, row_logits.shape[-1])
                 logits[b, start:end] = row_logits[0]
@@ -230,8 +233,9 @@ class RnnLMForCausalLM(PreTrainedModel, GenerationMixin):
                 new_cache = RnnLMCache(state=state, seen=seen + T)
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device),
-                                   ignore_index=-100)
+            loss = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device), ignore_index=-100
+            )
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_NAME: new_cache})
 
     def _fresh_state(self, state: Any) -> Any:
@@ -241,11 +245,16 @@ class RnnLMForCausalLM(PreTrainedModel, GenerationMixin):
         p = next(self.parameters())
         return self.model.init_state(1, device=p.device, dtype=p.dtype)
 
-    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, cache: Optional[RnnLMCache] = None,
-                                      past_key_values: Optional[RnnLMCache] = None,
-                                      attention_mask: Optional[torch.Tensor] = None,
-                                      inputs_embeds: Optional[torch.Tensor] = None, use_cache: bool = True,
-                                      **kwargs: Any) -> dict:
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        cache: Optional[RnnLMCache] = None,
+        past_key_values: Optional[RnnLMCache] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        inputs_embeds: Optional[torch.Tensor] = None,
+        use_cache: bool = True,
+        **kwargs: Any,
+    ) -> dict:
         """The positions the cache has not read yet (all of them at the first call)."""
         if inputs_embeds is not None:
             raise ValueError("RnnLMForCausalLM.generate takes input_ids (inputs_embeds is not supported)")

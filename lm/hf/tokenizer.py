@@ -42,10 +42,12 @@ def hf_tokenizer(tokenizer_path: Path, tokens: Dict[str, Any]):
 
     tok = Tokenizer.from_file(str(tokenizer_path))
     eod, eod_id = tokens["eod"], tokens["eod_id"]
-    tok.post_processor = TemplateProcessing(single=f"{eod} $A", pair=f"{eod} $A {eod} $B",
-                                            special_tokens=[(eod, eod_id)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=eod, eos_token=eod, pad_token=tokens["pad"],
-                                   clean_up_tokenization_spaces=False)
+    tok.post_processor = TemplateProcessing(
+        single=f"{eod} $A", pair=f"{eod} $A {eod} $B", special_tokens=[(eod, eod_id)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=eod, eos_token=eod, pad_token=tokens["pad"], clean_up_tokenization_spaces=False
+    )
 
 
 def require_transformers() -> None:

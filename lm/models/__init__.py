@@ -17,5 +17,13 @@ def all_variants():
     return [(name, v) for name, spec in sorted(FAMILIES.items()) for v in spec.variants]
 
 
-__all__ = ["FAMILIES", "LanguageModel", "all_variants", "as_model_config", "build_model", "get_family",
-           "resolve_options", "validate_model_config"]
+__all__ = [
+    "FAMILIES",
+    "LanguageModel",
+    "all_variants",
+    "as_model_config",
+    "build_model",
+    "get_family",
+    "resolve_options",
+    "validate_model_config",
+]

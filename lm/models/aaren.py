@@ -51,7 +51,7 @@ class Aaren(TokenMixer):
         """s [B, T, H] = q . k_t / sqrt(K)."""
         B, T, _ = x.shape
         k = self.k_proj(x).view(B, T, self.n_heads, self.head_dim)
-        return torch.einsum("bthk,hk->bth", k.float(), self.query.float()) * self.head_dim ** -0.5
+        return torch.einsum("bthk,hk->bth", k.float(), self.query.float()) * self.head_dim**-0.5
 
     def forward(self, x, state=None, return_state=False, segments=None):
         B, T, _ = x.shape
@@ -59,12 +59,19 @@ class Aaren(TokenMixer):
         v = self.v_proj(x).view(B, T, H, K)
         s0 = None if get(state, "m") is None else (state["m"], state["u"], state["w"])
         if segments is None:
-            out, final = kernels.softmax_scan(self.scores(x).to(x.dtype), v, initial_state=s0,
-                                              output_final_state=return_state, backend=self.backend)
+            out, final = kernels.softmax_scan(
+                self.scores(x).to(x.dtype), v, initial_state=s0, output_final_state=return_state, backend=self.backend
+            )
         else:  # the scan restarts (empty state) at every document start
-            out, final = packed_scan(kernels.softmax_scan, segments, (self.scores(x).to(x.dtype), v), s0,
-                                     lambda n: empty_state(n, H, K, x.device), return_state,
-                                     backend=self.backend)
+            out, final = packed_scan(
+                kernels.softmax_scan,
+                segments,
+                (self.scores(x).to(x.dtype), v),
+                s0,
+                lambda n: empty_state(n, H, K, x.device),
+                return_state,
+                backend=self.backend,
+            )
         y = self.o_proj(out.reshape(B, T, H * K))
         if not return_state:
             return y, None

@@ -90,7 +90,7 @@ class FastWeightProgrammer(TokenMixer):
                     nn.init.normal_(p, 0.0, self.options.recurrent_init_std)
             else:
                 for p in (self.w_y, self.w_q, self.w_k, self.w_b):
-                    nn.init.normal_(p, 0.0, K ** -0.5)
+                    nn.init.normal_(p, 0.0, K**-0.5)
 
     def forward(self, x, state=None, return_state=False, segments=None):
         if segments is not None:
@@ -100,17 +100,29 @@ class FastWeightProgrammer(TokenMixer):
         if self.kind == "recurrent_delta":
             S0 = None if get(state, "S") is None else (state["S"], state["y"])
             out, final = kernels.recurrent_delta(
-                self.q_proj(x).view(B, T, H, K), self.k_proj(x).view(B, T, H, K),
-                self.v_proj(x).view(B, T, H, K), self.b_proj(x),
-                self.r_q.to(x.dtype), self.r_k.to(x.dtype), self.r_v.to(x.dtype), self.r_b.to(x.dtype),
-                initial_state=S0, output_final_state=return_state, backend=self.backend)
+                self.q_proj(x).view(B, T, H, K),
+                self.k_proj(x).view(B, T, H, K),
+                self.v_proj(x).view(B, T, H, K),
+                self.b_proj(x),
+                self.r_q.to(x.dtype),
+                self.r_k.to(x.dtype),
+                self.r_v.to(x.dtype),
+                self.r_b.to(x.dtype),
+                initial_state=S0,
+                output_final_state=return_state,
+                backend=self.backend,
+            )
             new_state = {"S": final[0], "y": final[1]} if return_state else None
         else:
             W0 = get(state, "W")
             weights = (self.w_y, self.w_q, self.w_k, self.w_b)
             out, final = kernels.srwm(
-                self.in_proj(x).view(B, T, H, K), *(w.to(x.dtype) for w in weights),
-                initial_state=W0, output_final_state=return_state, backend=self.backend)
+                self.in_proj(x).view(B, T, H, K),
+                *(w.to(x.dtype) for w in weights),
+                initial_state=W0,
+                output_final_state=return_state,
+                backend=self.backend,
+            )
             new_state = {"W": final} if return_state else None
         if self.o_norm is not None:
             out = self.o_norm(out)
@@ -124,22 +136,46 @@ class FastWeightProgrammer(TokenMixer):
         H, K = self.n_heads, self.head_dim
         if self.kind == "recurrent_delta":
             S0 = None if get(state, "S") is None else (state["S"], state["y"])
-            fresh = lambda n: (torch.zeros(n, H, K, K, device=x.device),  # noqa: E731
-                               torch.zeros(n, H, K, device=x.device))
+
+            def fresh(n):
+                return torch.zeros(n, H, K, K, device=x.device), torch.zeros(n, H, K, device=x.device)
+
             out, final = packed_scan(
-                kernels.recurrent_delta, segments,
-                (self.q_proj(x).view(B, T, H, K), self.k_proj(x).view(B, T, H, K),
-                 self.v_proj(x).view(B, T, H, K), self.b_proj(x)),
-                S0, fresh, return_state, r_q=self.r_q.to(x.dtype), r_k=self.r_k.to(x.dtype),
-                r_v=self.r_v.to(x.dtype), r_b=self.r_b.to(x.dtype), backend=self.backend)
+                kernels.recurrent_delta,
+                segments,
+                (
+                    self.q_proj(x).view(B, T, H, K),
+                    self.k_proj(x).view(B, T, H, K),
+                    self.v_proj(x).view(B, T, H, K),
+                    self.b_proj(x),
+                ),
+                S0,
+                fresh,
+                return_state,
+                r_q=self.r_q.to(x.dtype),
+                r_k=self.r_k.to(x.dtype),
+                r_v=self.r_v.to(x.dtype),
+                r_b=self.r_b.to(x.dtype),
+                backend=self.backend,
+            )
             new_state = {"S": final[0], "y": final[1]} if return_state else None
         else:
             weights = (self.w_y, self.w_q, self.w_k, self.w_b)
             fresh = lambda n: tuple(broadcast_weights(w.float(), n) for w in weights)  # noqa: E731
             w_y, w_q, w_k, w_b = (w.to(x.dtype) for w in weights)
-            out, final = packed_scan(kernels.srwm, segments, (self.in_proj(x).view(B, T, H, K),), get(state, "W"),
-                                     fresh, return_state, w_y=w_y, w_q=w_q, w_k=w_k, w_b=w_b,
-                                     backend=self.backend)
+            out, final = packed_scan(
+                kernels.srwm,
+                segments,
+                (self.in_proj(x).view(B, T, H, K),),
+                get(state, "W"),
+                fresh,
+                return_state,
+                w_y=w_y,
+                w_q=w_q,
+                w_k=w_k,
+                w_b=w_b,
+                backend=self.backend,
+            )
             new_state = {"W": final} if return_state else None
         if self.o_norm is not None:
             out = self.o_norm(out)
@@ -148,7 +184,9 @@ class FastWeightProgrammer(TokenMixer):
     def init_state(self, batch_size, device=None, dtype=None):
         H, K = self.n_heads, self.head_dim
         if self.kind == "recurrent_delta":
-            return {"S": torch.zeros(batch_size, H, K, K, device=device),
-                    "y": torch.zeros(batch_size, H, K, device=device)}
+            return {
+                "S": torch.zeros(batch_size, H, K, K, device=device),
+                "y": torch.zeros(batch_size, H, K, device=device),
+            }
         weights = (self.w_y, self.w_q, self.w_k, self.w_b)
         return {"W": tuple(broadcast_weights(w.detach().float(), batch_size).clone().to(device) for w in weights)}

@@ -52,8 +52,7 @@ VARIANTS = {
     # the paper's model: linear gates, static recurrence
     "static": {},
     # RG-LRU / HGRN style: input-dependent decay, sigmoid-gated input, normalised input
-    "input_dependent": {"recurrence": "input_dependent", "input_activation": "sigmoid",
-                        "normalize_input": True},
+    "input_dependent": {"recurrence": "input_dependent", "input_activation": "sigmoid", "normalize_input": True},
     # the ablation without multiplicative gating (a plain diagonal linear RNN)
     "ungated": {"input_gating": False, "output_gating": False},
 }
@@ -86,7 +85,9 @@ class GatedRNN(TokenMixer):
             raise ConfigError(f"model.mixer.recurrence: '{options.recurrence}' is not static|input_dependent")
         for key in ("input_activation", "output_activation"):
             if getattr(options, key) not in ACTIVATIONS:
-                raise ConfigError(f"model.mixer.{key}: '{getattr(options, key)}' is not one of {', '.join(ACTIVATIONS)}")
+                raise ConfigError(
+                    f"model.mixer.{key}: '{getattr(options, key)}' is not one of {', '.join(ACTIVATIONS)}"
+                )
         if not 0 < options.lambda_min <= options.lambda_max < 1:
             raise ConfigError("model.mixer.lambda_min/lambda_max: need 0 < lambda_min <= lambda_max < 1")
 
@@ -124,12 +125,19 @@ class GatedRNN(TokenMixer):
             u = u * torch.sqrt(-torch.expm1(2 * log_lam)).to(u.dtype)
         a = lam.expand(B, T, self.state_dim) if lam.dim() == 1 else lam
         if segments is None:
-            h, h_last = kernels.linear_scan(a, u, initial_state=h0, output_final_state=return_state,
-                                            backend=self.backend)
+            h, h_last = kernels.linear_scan(
+                a, u, initial_state=h0, output_final_state=return_state, backend=self.backend
+            )
         else:
-            h, h_last = packed_scan(kernels.linear_scan, segments, (a, u), h0,
-                                    lambda n: torch.zeros(n, self.state_dim, device=x.device),
-                                    return_state, backend=self.backend)
+            h, h_last = packed_scan(
+                kernels.linear_scan,
+                segments,
+                (a, u),
+                h0,
+                lambda n: torch.zeros(n, self.state_dim, device=x.device),
+                return_state,
+                backend=self.backend,
+            )
         if self.w_q is not None:
             h = h * ACTIVATIONS[o.output_activation](self.w_q(x))
         return h, h_last
@@ -159,7 +167,11 @@ class GatedRNN(TokenMixer):
             col = col * ACTIVATIONS[o.input_activation](self.w_g(x)).float()
         if o.normalize_input:
             col = col * torch.sqrt(-torch.expm1(2 * ll)).float()
-        row = ACTIVATIONS[o.output_activation](self.w_q(x)).float() if self.w_q is not None else torch.ones(B, T, N, device=x.device)
+        row = (
+            ACTIVATIONS[o.output_activation](self.w_q(x)).float()
+            if self.w_q is not None
+            else torch.ones(B, T, N, device=x.device)
+        )
         weights = row.transpose(1, 2)[..., :, None] * decay * col.transpose(1, 2)[..., None, :]
         out, _ = self.scan(x)
         return ImplicitAttention(weights, v.float()[..., None], out.float()[..., None])
@@ -193,8 +205,14 @@ def set_lsa_construction(layer: GatedRNN, W_Q, W_K, W_V, W_O) -> None:
     units of (h, i) into output column i of head h.
     """
     o = layer.options
-    if not (o.input_gating and o.output_gating and o.recurrence == "static" and not o.normalize_input
-            and o.input_activation == "identity" and o.output_activation == "identity"):
+    if not (
+        o.input_gating
+        and o.output_gating
+        and o.recurrence == "static"
+        and not o.normalize_input
+        and o.input_activation == "identity"
+        and o.output_activation == "identity"
+    ):
         raise ValueError("the construction needs the 'static' variant with identity gates and no input normalisation")
     H, dk, D = W_Q.shape
     dv = W_V.shape[1]

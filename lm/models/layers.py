@@ -48,8 +48,9 @@ def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return F.normalize(x, p=2.0, dim=-1, eps=eps)
 
 
-def token_shift(x: torch.Tensor, last: Optional[torch.Tensor],
-                segments: "Optional[Segments]" = None) -> Tuple[torch.Tensor, torch.Tensor]:
+def token_shift(
+    x: torch.Tensor, last: Optional[torch.Tensor], segments: "Optional[Segments]" = None
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """The previous token's input: ``shifted[:, t] = x[:, t-1]``, ``shifted[:, 0] = last`` (or 0).
 
     x: [B, T, D]; last: [B, D] or None. Returns (shifted [B, T, D], new last = x[:, -1]).
@@ -81,8 +82,7 @@ class ShortConv(nn.Module):
         self.bias = nn.Parameter(torch.zeros(dim))
         nn.init.uniform_(self.weight, -1 / math.sqrt(kernel_size), 1 / math.sqrt(kernel_size))
 
-    def forward(self, x: torch.Tensor, state: Optional[torch.Tensor] = None,
-                segments: "Optional[Segments]" = None):
+    def forward(self, x: torch.Tensor, state: Optional[torch.Tensor] = None, segments: "Optional[Segments]" = None):
         B, T, D = x.shape
         pad = self.kernel_size - 1
         history = x.new_zeros(B, pad, D) if state is None else state.to(x.dtype)
@@ -101,7 +101,7 @@ class ShortConv(nn.Module):
         w = self.weight.to(xp.dtype)
         y = self.bias.to(xp.dtype).expand(xp.shape[0], T, xp.shape[2])
         for j in range(self.kernel_size):
-            xj = xp[:, pad - j: pad - j + T]
+            xj = xp[:, pad - j : pad - j + T]
             if j > 0:
                 xj = torch.where(segments.same_document(j)[..., None], xj, torch.zeros_like(xj))
             y = y + xj * w[:, pad - j]
@@ -149,8 +149,7 @@ class RWKVChannelMix(nn.Module):
         self.value = nn.Linear(hidden, d_model, bias=False)
         self.value.is_residual_out = True
 
-    def forward(self, x: torch.Tensor, state: Optional[torch.Tensor] = None,
-                segments: "Optional[Segments]" = None):
+    def forward(self, x: torch.Tensor, state: Optional[torch.Tensor] = None, segments: "Optional[Segments]" = None):
         prev, last = token_shift(x, state, segments)
         xk = x + (prev - x) * self.mu.to(x.dtype)
         return self.value(torch.relu(self.key(xk)).square()), last

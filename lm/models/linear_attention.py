@@ -60,8 +60,7 @@ class LinearAttentionOptions:
 VARIANTS = {
     # plain unnormalised linear self-attention, y_t = W_o sum_s v_s (k_s . q_t): the LSA layer
     "lsa": {"output_norm": False, "output_gate": False},
-    "linear_transformer": {"feature_map": "elu1", "denominator": True, "output_norm": False,
-                           "output_gate": False},
+    "linear_transformer": {"feature_map": "elu1", "denominator": True, "output_norm": False, "output_gate": False},
     "retnet": {"gate": "fixed"},
     "gla": {"gate": "per_key"},
     "deltanet": {"rule": "delta", "short_conv": True, "normalize_qk": True, "output_gate": False},
@@ -108,8 +107,11 @@ class LinearAttention(TokenMixer):
 
     @staticmethod
     def check_config(cfg: Any, options: LinearAttentionOptions) -> None:
-        choices = {"rule": ("additive", "delta"), "gate": ("none", "fixed", "per_key", "per_head"),
-                   "feature_map": tuple(FEATURE_MAPS)}
+        choices = {
+            "rule": ("additive", "delta"),
+            "gate": ("none", "fixed", "per_key", "per_head"),
+            "feature_map": tuple(FEATURE_MAPS),
+        }
         for key, allowed in choices.items():
             if getattr(options, key) not in allowed:
                 raise ConfigError(f"model.mixer.{key}: '{getattr(options, key)}' is not one of {', '.join(allowed)}")
@@ -174,14 +176,23 @@ class LinearAttention(TokenMixer):
         if segments is not None:
             return self._mix_segments(q, k, v, g, beta, S0, return_state, segments)
         if o.rule == "delta":
-            return kernels.delta_rule(q, k, v, beta, g, initial_state=S0, output_final_state=return_state,
-                                      backend=self.backend)
+            return kernels.delta_rule(
+                q, k, v, beta, g, initial_state=S0, output_final_state=return_state, backend=self.backend
+            )
         if not o.denominator:
             return kernels.gla(q, k, v, g, initial_state=S0, output_final_state=return_state, backend=self.backend)
         V = v.shape[-1]
         ones = torch.ones_like(v[..., :1])
-        out, S = kernels.gla(q, k, torch.cat([v, ones], dim=-1), g, scale=1.0, initial_state=S0,
-                             output_final_state=return_state, backend=self.backend)
+        out, S = kernels.gla(
+            q,
+            k,
+            torch.cat([v, ones], dim=-1),
+            g,
+            scale=1.0,
+            initial_state=S0,
+            output_final_state=return_state,
+            backend=self.backend,
+        )
         return out[..., :V] / (out[..., V:].float() + 1e-6).to(out.dtype), S
 
     def _mix_segments(self, q, k, v, g, beta, S0, return_state, segments):
@@ -190,14 +201,23 @@ class LinearAttention(TokenMixer):
         Vs = v.shape[-1] + (1 if o.denominator else 0)
         fresh = lambda n: torch.zeros(n, H, K, Vs, device=q.device)  # noqa: E731
         if o.rule == "delta":
-            return packed_scan(kernels.delta_rule, segments, (q, k, v, beta, g), S0, fresh, return_state,
-                               backend=self.backend)
+            return packed_scan(
+                kernels.delta_rule, segments, (q, k, v, beta, g), S0, fresh, return_state, backend=self.backend
+            )
         if not o.denominator:
             return packed_scan(kernels.gla, segments, (q, k, v, g), S0, fresh, return_state, backend=self.backend)
         V = v.shape[-1]
         ones = torch.ones_like(v[..., :1])
-        out, S = packed_scan(kernels.gla, segments, (q, k, torch.cat([v, ones], dim=-1), g), S0, fresh,
-                             return_state, scale=1.0, backend=self.backend)
+        out, S = packed_scan(
+            kernels.gla,
+            segments,
+            (q, k, torch.cat([v, ones], dim=-1), g),
+            S0,
+            fresh,
+            return_state,
+            scale=1.0,
+            backend=self.backend,
+        )
         return out[..., :V] / (out[..., V:].float() + 1e-6).to(out.dtype), S
 
     def forward(self, x, state=None, return_state=False, segments=None):

@@ -58,20 +58,32 @@ class Block(nn.Module):
         self.norm2 = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps) if self.mlp is not None else None
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor, state: Optional[Dict[str, Any]] = None, return_state: bool = False,
-                shared: Optional[Dict[str, Any]] = None, segments: Optional[Segments] = None):
+    def forward(
+        self,
+        x: torch.Tensor,
+        state: Optional[Dict[str, Any]] = None,
+        return_state: bool = False,
+        shared: Optional[Dict[str, Any]] = None,
+        segments: Optional[Segments] = None,
+    ):
         """``shared``: the pass's cross-layer dict (see ``TokenMixer.uses_shared``); ``segments``: the
         pass's document boundaries (see ``TokenMixer``), handed to the token and channel mixers."""
         mix_state = None if state is None else state.get("mixer")
         if self.norm0 is not None:
             x = self.norm0(x)
-        h, mix_state = self.mixer(self.norm1(x), mix_state, return_state=return_state,
-                                  **shared_kwargs(self.mixer, shared), **segments_kwargs(segments))
+        h, mix_state = self.mixer(
+            self.norm1(x),
+            mix_state,
+            return_state=return_state,
+            **shared_kwargs(self.mixer, shared),
+            **segments_kwargs(segments),
+        )
         x, mlp_state = self.add_mixer_output(x, h, None if state is None else state.get("mlp"), segments)
         return x, ({"mixer": mix_state, "mlp": mlp_state} if return_state else None)
 
-    def add_mixer_output(self, x: torch.Tensor, h: torch.Tensor, mlp_state: Any = None,
-                         segments: Optional[Segments] = None):
+    def add_mixer_output(
+        self, x: torch.Tensor, h: torch.Tensor, mlp_state: Any = None, segments: Optional[Segments] = None
+    ):
         """The block after its token mixer: the residual ``x + h``, then the channel mixer (if any).
         Returns the block output and the channel mixer's new state."""
         x = x + self.dropout(h)
@@ -139,8 +151,9 @@ class LanguageModel(nn.Module):
         optimizer. A token mixer's parameters decay unless named in its
         :meth:`~lm.models.mixer.TokenMixer.no_weight_decay`; the rest of the model (embedding, norms,
         channel mixers, head) by the same default rule: matrices decay, vectors and scalars do not."""
-        exempt = {f"blocks.{i}.mixer.{name}" for i, block in enumerate(self.blocks)
-                  for name in block.mixer.no_weight_decay()}
+        exempt = {
+            f"blocks.{i}.mixer.{name}" for i, block in enumerate(self.blocks) for name in block.mixer.no_weight_decay()
+        }
         in_mixer = {id(p) for block in self.blocks for p in block.mixer.parameters()}
         decay: List[nn.Parameter] = []
         no_decay: List[nn.Parameter] = []
@@ -157,7 +170,10 @@ class LanguageModel(nn.Module):
         return [b.init_state(batch_size, device, dtype) for b in self.blocks]
 
     def hidden_states(
-        self, tokens: torch.Tensor, state: Optional[ModelState] = None, return_state: bool = False,
+        self,
+        tokens: torch.Tensor,
+        state: Optional[ModelState] = None,
+        return_state: bool = False,
         doc_starts: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, Optional[ModelState]]:
         """Final-norm hidden states [B, T, D] (before the head) and the new state.
@@ -167,8 +183,10 @@ class LanguageModel(nn.Module):
         segments = None
         if doc_starts is not None:
             if tuple(doc_starts.shape) != tuple(tokens.shape[:2]):
-                raise ValueError(f"doc_starts: expected shape {tuple(tokens.shape[:2])} (the tokens' [B, T]), "
-                                 f"got {tuple(doc_starts.shape)}")
+                raise ValueError(
+                    f"doc_starts: expected shape {tuple(tokens.shape[:2])} (the tokens' [B, T]), "
+                    f"got {tuple(doc_starts.shape)}"
+                )
             segments = Segments.from_starts(doc_starts.to(tokens.device))
         x = self.embed(tokens)
         new_state: List[Dict[str, Any]] = []
@@ -176,8 +194,7 @@ class LanguageModel(nn.Module):
         for i, block in enumerate(self.blocks):
             layer_state = None if state is None else state[i]
             if self.gradient_checkpointing and self.training and not return_state and layer_state is None:
-                x = checkpoint(lambda inp, b=block: b(inp, shared=shared, segments=segments)[0], x,
-                               use_reentrant=False)
+                x = checkpoint(lambda inp, b=block: b(inp, shared=shared, segments=segments)[0], x, use_reentrant=False)
                 s = None
             else:
                 x, s = block(x, layer_state, return_state=return_state, shared=shared, segments=segments)

@@ -85,8 +85,9 @@ class TokenMixer(nn.Module, abc.ABC):
         self.backend = None if cfg.kernel_backend in (None, "auto") else cfg.kernel_backend  # None: by device
 
     @abc.abstractmethod
-    def forward(self, x: torch.Tensor, state: State = None, return_state: bool = False,
-                segments: Any = None) -> Tuple[torch.Tensor, State]:
+    def forward(
+        self, x: torch.Tensor, state: State = None, return_state: bool = False, segments: Any = None
+    ) -> Tuple[torch.Tensor, State]:
         """The whole-sequence form: x [B, T, D] from ``state`` -> (y [B, T, D], the state after x or None).
 
         ``segments``: the pass's document boundaries (see the module docstring), or None; a mixer
@@ -153,8 +154,15 @@ def get(state: State, key: str):
     return None if state is None else state.get(key)
 
 
-def packed_scan(op: Callable, segments: Any, steps: Sequence[Optional[torch.Tensor]], state: Any,
-                fresh: Callable[[int], Any], return_state: bool, **params: Any):
+def packed_scan(
+    op: Callable,
+    segments: Any,
+    steps: Sequence[Optional[torch.Tensor]],
+    state: Any,
+    fresh: Callable[[int], Any],
+    return_state: bool,
+    **params: Any,
+):
     """A kernel op over the packed row of ``segments``: the per-step inputs ``steps`` ([B, T, ...] each,
     or None) are packed to [1, B*T, ...] and run with ``cu_seqlens``; the initial state per segment is
     row b's ``state`` where the row continues and ``fresh(n)`` elsewhere (``state=None``: the kernel's
@@ -162,8 +170,9 @@ def packed_scan(op: Callable, segments: Any, steps: Sequence[Optional[torch.Tens
     ``params`` (scale, weights, backend, ...) go to ``op`` as keywords."""
     init = None if state is None else segments.initial_state(state, fresh)
     packed = [None if t is None else segments.pack(t) for t in steps]
-    out, final = op(*packed, initial_state=init, output_final_state=return_state,
-                    cu_seqlens=segments.cu_seqlens, **params)
+    out, final = op(
+        *packed, initial_state=init, output_final_state=return_state, cu_seqlens=segments.cu_seqlens, **params
+    )
     return segments.unpack(out), (segments.final_state(final) if return_state else None)
 
 

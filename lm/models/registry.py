@@ -49,7 +49,10 @@ def register(
     def wrap(cls: type) -> type:
         table = variants or {name: {}}
         FAMILIES[name] = FamilySpec(
-            name=name, mixer=cls, options=options, variants=table,
+            name=name,
+            mixer=cls,
+            options=options,
+            variants=table,
             default_variant=default_variant or next(iter(table)),
             doc=(cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else "",
         )
@@ -120,8 +123,7 @@ def validate_model_config(cfg: Any) -> None:
     options = resolve_options(cfg.family, variant, cfg.mixer)
     if not cfg.head_dim and cfg.d_model % cfg.n_heads != 0:
         raise ConfigError(
-            f"model.d_model ({cfg.d_model}) must be divisible by model.n_heads ({cfg.n_heads}) "
-            "(or set model.head_dim)"
+            f"model.d_model ({cfg.d_model}) must be divisible by model.n_heads ({cfg.n_heads}) (or set model.head_dim)"
         )
     check = getattr(spec.mixer, "check_config", None)
     if check is not None:

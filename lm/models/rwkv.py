@@ -166,8 +166,10 @@ class RWKV7TimeMix(TokenMixer):
         first = None if shared is None else shared.get("v_first")
         if first is None or not hasattr(self, "v0"):  # layer 0 (also when checkpointing recomputes it)
             if shared is None and self.layer_idx > 0:
-                raise ValueError(f"RWKV-7 layer {self.layer_idx}: the value residual needs layer 0's values "
-                                 "(pass the model's shared dict: shared=...)")
+                raise ValueError(
+                    f"RWKV-7 layer {self.layer_idx}: the value residual needs layer 0's values "
+                    "(pass the model's shared dict: shared=...)"
+                )
             if shared is not None:
                 shared["v_first"] = v
             return v
@@ -197,12 +199,29 @@ class RWKV7TimeMix(TokenMixer):
         H, K = self.n_heads, self.head_dim
         r, k, v, kk, a, log_w, gate, last = self.features(x, state, shared, segments)
         if segments is None:
-            out, S = kernels.dplr(r, k, v, -kk, kk * a, log_w, scale=1.0, initial_state=get(state, "S"),
-                                  output_final_state=return_state, backend=self.backend)
+            out, S = kernels.dplr(
+                r,
+                k,
+                v,
+                -kk,
+                kk * a,
+                log_w,
+                scale=1.0,
+                initial_state=get(state, "S"),
+                output_final_state=return_state,
+                backend=self.backend,
+            )
         else:
-            out, S = packed_scan(kernels.dplr, segments, (r, k, v, -kk, kk * a, log_w), get(state, "S"),
-                                 lambda n: torch.zeros(n, H, K, K, device=x.device), return_state,
-                                 scale=1.0, backend=self.backend)
+            out, S = packed_scan(
+                kernels.dplr,
+                segments,
+                (r, k, v, -kk, kk * a, log_w),
+                get(state, "S"),
+                lambda n: torch.zeros(n, H, K, K, device=x.device),
+                return_state,
+                scale=1.0,
+                backend=self.backend,
+            )
         out = self.o_norm(out) + (r * k * self.r_k).sum(-1, keepdim=True) * v
         y = self.output((out.reshape(B, T, H * K)) * gate)
         return y, ({"S": S, "shift": last} if return_state else None)
@@ -226,5 +245,7 @@ class RWKV7TimeMix(TokenMixer):
         return self.n_heads * float(2 * C * (2 * K + V) + C * C + 6 * K * V)
 
     def init_state(self, batch_size, device=None, dtype=None):
-        return {"S": torch.zeros(batch_size, self.n_heads, self.head_dim, self.head_dim, device=device),
-                "shift": torch.zeros(batch_size, self.d_model, device=device, dtype=dtype)}
+        return {
+            "S": torch.zeros(batch_size, self.n_heads, self.head_dim, self.head_dim, device=device),
+            "shift": torch.zeros(batch_size, self.d_model, device=device, dtype=dtype),
+        }

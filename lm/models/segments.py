@@ -45,8 +45,9 @@ class Segments:
     def from_starts(cls, starts: torch.Tensor) -> "Segments":
         """starts: bool [B, T] (True where a document starts) -> the packed layout."""
         if starts.dim() != 2 or starts.dtype != torch.bool:
-            raise ValueError(f"document starts: expected a bool tensor [B, T], got {starts.dtype} "
-                             f"{tuple(starts.shape)}")
+            raise ValueError(
+                f"document starts: expected a bool tensor [B, T], got {starts.dtype} {tuple(starts.shape)}"
+            )
         B, T = starts.shape
         device = starts.device
         cut = starts.clone()
@@ -62,8 +63,15 @@ class Segments:
         row_last = seg_of_step[rows * T + T - 1]
         steps = torch.arange(T, device=device).expand(B, T)
         last_cut = torch.cummax(torch.where(cut, steps, torch.zeros_like(steps)), dim=1).values
-        return cls(starts=starts, cu_seqlens=cu, offsets=offsets, row_first=row_first, row_last=row_last,
-                   continues=~starts[:, 0], position=steps - last_cut)
+        return cls(
+            starts=starts,
+            cu_seqlens=cu,
+            offsets=offsets,
+            row_first=row_first,
+            row_last=row_last,
+            continues=~starts[:, 0],
+            position=steps - last_cut,
+        )
 
     # ------------------------------------------------------------------------------ layout
     @property

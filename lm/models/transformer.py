@@ -56,7 +56,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     """Rotate each pair (x_i, x_{i+d/2}) of x [B, H, T, d] by the angles of :func:`rotary_angles`
     (half-split RoPE); computed once per forward and applied to both q and k."""
     d = x.shape[-1]
-    x1, x2 = x.float()[..., : d // 2], x.float()[..., d // 2:]
+    x1, x2 = x.float()[..., : d // 2], x.float()[..., d // 2 :]
     out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
     return out.to(x.dtype)
 
@@ -105,7 +105,8 @@ class Attention(TokenMixer):
                 raise ValueError(
                     "Transformer: document resets with a carried KV cache are not supported (a window with "
                     "document starts must begin from an empty cache; state passing across windows is for "
-                    "constant-state families)")
+                    "constant-state families)"
+                )
             return self.forward(x, state, return_state)  # no document starts: the plain continuation
         B, T, _ = x.shape
         H, K = self.n_heads, self.head_dim
@@ -117,8 +118,10 @@ class Attention(TokenMixer):
         else:  # the packed row [H, B*T, K], one causal call per document
             qp, kp, vp = (t.transpose(0, 1).reshape(H, B * T, K) for t in (q, k, v))
             bounds = segments.offsets
-            parts = [F.scaled_dot_product_attention(qp[:, a:b], kp[:, a:b], vp[:, a:b], is_causal=True)
-                     for a, b in zip(bounds[:-1], bounds[1:])]
+            parts = [
+                F.scaled_dot_product_attention(qp[:, a:b], kp[:, a:b], vp[:, a:b], is_causal=True)
+                for a, b in zip(bounds[:-1], bounds[1:])
+            ]
             out = torch.cat(parts, dim=1).view(H, B, T, K).permute(1, 2, 0, 3)  # [B, T, H, K]
         y = self.o_proj(out.reshape(B, T, H * K))
         if not return_state:
@@ -127,9 +130,10 @@ class Attention(TokenMixer):
         if len(lengths) != 1:
             raise ValueError(
                 "Transformer: the KV cache after a window with document starts holds each row's last document; "
-                f"these differ in length across rows ({sorted(lengths)}), so it cannot be returned as one tensor")
+                f"these differ in length across rows ({sorted(lengths)}), so it cannot be returned as one tensor"
+            )
         L = lengths.pop()
-        return y, {"k": k[:, :, T - L:], "v": v[:, :, T - L:]}
+        return y, {"k": k[:, :, T - L :], "v": v[:, :, T - L :]}
 
     def implicit_attention(self, x: torch.Tensor) -> ImplicitAttention:
         """The softmax attention matrix of a whole sequence, and the values it weights."""
@@ -139,7 +143,7 @@ class Attention(TokenMixer):
         cos, sin = rotary_angles(T, 0, K, self.options.rope_theta, x.device)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
-        scores = q.float() @ k.float().transpose(-1, -2) * K ** -0.5
+        scores = q.float() @ k.float().transpose(-1, -2) * K**-0.5
         weights = torch.softmax(scores.masked_fill(~causal_mask(T, x.device), float("-inf")), -1)
         return ImplicitAttention(weights, v.transpose(1, 2), out)
 

@@ -27,16 +27,20 @@ def row_distributions(weights: torch.Tensor) -> torch.Tensor:
     return a / a.sum(-1, keepdim=True).clamp_min(1e-30)
 
 
-def attention_stats(ia: ImplicitAttention, period: Optional[int] = None,
-                    p: Optional[torch.Tensor] = None) -> Dict[str, float]:
+def attention_stats(
+    ia: ImplicitAttention, period: Optional[int] = None, p: Optional[torch.Tensor] = None
+) -> Dict[str, float]:
     """The statistics above; ``p`` is ``row_distributions(ia.weights)`` when already computed."""
     p = row_distributions(ia.weights) if p is None else p
     T = p.shape[-1]
     t = torch.arange(T, dtype=torch.float64)
     entropy = -(p * torch.log(p.clamp_min(1e-30))).sum(-1)  # [B, H, T]
     distance = (p * (t[:, None] - t[None, :]).clamp_min(0)).sum(-1)
-    stats = {"recon_error": ia.reconstruction_error(), "entropy": float(entropy.mean()),
-             "distance": float(distance.mean())}
+    stats = {
+        "recon_error": ia.reconstruction_error(),
+        "entropy": float(entropy.mean()),
+        "distance": float(distance.mean()),
+    }
     if T > 1:
         stats["prev_token"] = float(torch.diagonal(p, offset=-1, dim1=-2, dim2=-1).mean())
     if period and T > period + 1:

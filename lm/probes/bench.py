@@ -38,8 +38,9 @@ def main(argv=None) -> None:
         torch.manual_seed(0)
         cfg = model_config(name, args.size, 8192)
         model = build_model(cfg)
-        step = statistics.median(time_steps(model, args.seq_len, args.batch, 8192, args.repeats, 1,
-                                            torch.device("cpu"), torch.float32))
+        step = statistics.median(
+            time_steps(model, args.seq_len, args.batch, 8192, args.repeats, 1, torch.device("cpu"), torch.float32)
+        )
         batch = probe_batch({"model": cfg}, args.probe_batch, args.probe_len)
         times = []
         for _ in range(args.repeats):
@@ -51,8 +52,10 @@ def main(argv=None) -> None:
         rows.append((name, step, probe, share))
         print(f"{name:16s} step {step * 1e3:8.1f} ms  probes {probe * 1e3:8.1f} ms  share {share:.2%}", flush=True)
     print()
-    print(f"| model | train step (ms, {args.batch}x{args.seq_len}) | probe run (ms, {args.probe_batch}x{args.probe_len}) "
-          f"| share of training time at every {args.every} steps |")
+    print(
+        f"| model | train step (ms, {args.batch}x{args.seq_len}) | probe run (ms, {args.probe_batch}x{args.probe_len}) "
+        f"| share of training time at every {args.every} steps |"
+    )
     print("|---|---|---|---|")
     for name, step, probe, share in rows:
         print(f"| {name} | {step * 1e3:.1f} | {probe * 1e3:.1f} | {share:.2%} |")

@@ -44,12 +44,13 @@ def stepped_outputs(mixer, x: torch.Tensor, kwargs: Optional[Dict[str, Any]] = N
 
 def _token(kwargs: Dict[str, Any], t: int) -> Dict[str, Any]:
     """Token t of per-token tensors [B, T, ...] in (nested dicts of) keyword arguments, as [B, 1, ...]."""
-    return {k: _token(v, t) if isinstance(v, dict) else v[:, t:t + 1] for k, v in kwargs.items()}
+    return {k: _token(v, t) if isinstance(v, dict) else v[:, t : t + 1] for k, v in kwargs.items()}
 
 
 @torch.no_grad()
-def form_equivalence(mixer, x: torch.Tensor, whole: Optional[Tuple[torch.Tensor, Any]] = None,
-                     kwargs: Optional[Dict[str, Any]] = None) -> Dict[str, float]:
+def form_equivalence(
+    mixer, x: torch.Tensor, whole: Optional[Tuple[torch.Tensor, Any]] = None, kwargs: Optional[Dict[str, Any]] = None
+) -> Dict[str, float]:
     """{out_abs, out_rel, state_abs, state_rel} for one mixer on x [B, T, D]; ``whole`` is the
     whole-sequence form's (output, final state) when already computed; ``kwargs`` the mixer's
     cross-layer inputs (``LayerIO.shared``)."""
@@ -63,6 +64,9 @@ def form_equivalence(mixer, x: torch.Tensor, whole: Optional[Tuple[torch.Tensor,
             state_abs, state_rel = max(state_abs, abs_err), max(state_rel, rel_err)
     tol = TOLERANCE.get(x.dtype, 1e-4)
     if max(out_rel, state_rel) > tol:
-        warnings.warn(f"layer {getattr(mixer, 'layer_idx', '?')}: whole-sequence and stepped forms differ "
-                      f"(output rel {out_rel:.2e}, state rel {state_rel:.2e} > {tol:g})", RuntimeWarning)
+        warnings.warn(
+            f"layer {getattr(mixer, 'layer_idx', '?')}: whole-sequence and stepped forms differ "
+            f"(output rel {out_rel:.2e}, state rel {state_rel:.2e} > {tol:g})",
+            RuntimeWarning,
+        )
     return {"out_abs": out_abs, "out_rel": out_rel, "state_abs": state_abs, "state_rel": state_rel}

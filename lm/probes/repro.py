@@ -27,8 +27,14 @@ def _save(fig, path: Path) -> None:
     pyplot().close(fig)
 
 
-def construction(out_dir: str, settings: Sequence[tuple] = ((1, 4, 4), (2, 3, 5), (4, 8, 8)), d_model: int = 16,
-                 seq_len: int = 64, batch: int = 4, seed: int = 0) -> List[Dict]:
+def construction(
+    out_dir: str,
+    settings: Sequence[tuple] = ((1, 4, 4), (2, 3, 5), (4, 8, 8)),
+    d_model: int = 16,
+    seq_len: int = 64,
+    batch: int = 4,
+    seed: int = 0,
+) -> List[Dict]:
     """For each (heads, dk, dv): max relative error between the constructed RNN and the LSA layer,
     in the whole-sequence and the stepped form (fp32)."""
     plt = pyplot()
@@ -37,10 +43,18 @@ def construction(out_dir: str, settings: Sequence[tuple] = ((1, 4, 4), (2, 3, 5)
     gen = torch.Generator().manual_seed(seed)
     rows, last = [], None
     for heads, dk, dv in settings:
-        cfg = as_model_config(dict(family="gated_rnn", variant="static", d_model=d_model, n_heads=1, vocab_size=8,
-                                   mixer={"state_dim": heads * dk * dv}))
+        cfg = as_model_config(
+            dict(
+                family="gated_rnn",
+                variant="static",
+                d_model=d_model,
+                n_heads=1,
+                vocab_size=8,
+                mixer={"state_dim": heads * dk * dv},
+            )
+        )
         layer = GatedRNN(cfg, resolve_options("gated_rnn", "static", cfg.mixer), 0)
-        scale = d_model ** -0.5
+        scale = d_model**-0.5
         W_Q = torch.randn(heads, dk, d_model, generator=gen) * scale
         W_K = torch.randn(heads, dk, d_model, generator=gen) * scale
         W_V = torch.randn(heads, dv, d_model, generator=gen) * scale
@@ -52,9 +66,16 @@ def construction(out_dir: str, settings: Sequence[tuple] = ((1, 4, 4), (2, 3, 5)
             stepped, _ = stepped_outputs(layer, x)
             expected = linear_self_attention(x, W_Q, W_K, W_V, W_O)
         denom = expected.abs().max()
-        rows.append({"heads": heads, "dk": dk, "dv": dv, "units": heads * dk * dv,
-                     "error": float((y - expected).abs().max() / denom),
-                     "error_stepped": float((stepped - expected).abs().max() / denom)})
+        rows.append(
+            {
+                "heads": heads,
+                "dk": dk,
+                "dv": dv,
+                "units": heads * dk * dv,
+                "error": float((y - expected).abs().max() / denom),
+                "error_stepped": float((stepped - expected).abs().max() / denom),
+            }
+        )
         last = (expected.flatten(), y.flatten())
     fig, ax = plt.subplots(figsize=(4.2, 4))
     ax.scatter(last[0].numpy(), last[1].numpy(), s=2, alpha=0.4)
@@ -64,8 +85,10 @@ def construction(out_dir: str, settings: Sequence[tuple] = ((1, 4, 4), (2, 3, 5)
     fig.tight_layout()
     _save(fig, out / "construction.png")
     table = ["| heads | d_k | d_v | RNN units | max rel. error | stepped |", "|---|---|---|---|---|---|"]
-    table += [f"| {r['heads']} | {r['dk']} | {r['dv']} | {r['units']} | {r['error']:.1e} | {r['error_stepped']:.1e} |"
-              for r in rows]
+    table += [
+        f"| {r['heads']} | {r['dk']} | {r['dv']} | {r['units']} | {r['error']:.1e} | {r['error_stepped']:.1e} |"
+        for r in rows
+    ]
     write_atomic(out / "construction.md", "\n".join(table) + "\n")
     write_json(out / "construction.json", rows)
     return rows
@@ -95,18 +118,32 @@ def icl_regression(run_dirs: Sequence[str], out_dir: str, n_examples: int = 4096
         probes = run_probes(loaded.model, batch["inputs"], ("lsa_fit",), None, lsa_rank=rank)
         model = cfg["model"]
         name = model_name(model)
-        rows.append({"run": str(run), "model": name, "step": loaded.step,
-                     "test_loss": loss, "lsa_r2": probes.scalars.get("probe/lsa_r2/mean")})
+        rows.append(
+            {
+                "run": str(run),
+                "model": name,
+                "step": loaded.step,
+                "test_loss": loss,
+                "lsa_r2": probes.scalars.get("probe/lsa_r2/mean"),
+            }
+        )
     gd_loss, eta = one_step_gd_loss(task, n_examples=n_examples, seed=seed)
     zero_loss = float(task.options.dx * task.options.dy)  # predicting 0: E||W x||^2
     table = ["| model | step | test loss | LSA-fit R² |", "|---|---|---|---|"]
-    table += [f"| {r['model']} | {r['step']} | {r['test_loss']:.4f} | "
-              + (f"{r['lsa_r2']:.3f}" if r['lsa_r2'] is not None else "n/a") + " |" for r in rows]
-    table += [f"| one step of GD (best lr {eta:.4f}) | - | {gd_loss:.4f} | - |",
-              f"| predict 0 | - | {zero_loss:.4f} | - |"]
+    table += [
+        f"| {r['model']} | {r['step']} | {r['test_loss']:.4f} | "
+        + (f"{r['lsa_r2']:.3f}" if r["lsa_r2"] is not None else "n/a")
+        + " |"
+        for r in rows
+    ]
+    table += [
+        f"| one step of GD (best lr {eta:.4f}) | - | {gd_loss:.4f} | - |",
+        f"| predict 0 | - | {zero_loss:.4f} | - |",
+    ]
     write_atomic(out / "icl_regression.md", "\n".join(table) + "\n")
-    write_json(out / "icl_regression.json", {"runs": rows, "one_step_gd": {"loss": gd_loss, "lr": eta},
-                                              "zero": zero_loss})
+    write_json(
+        out / "icl_regression.json", {"runs": rows, "one_step_gd": {"loss": gd_loss, "lr": eta}, "zero": zero_loss}
+    )
     fig, ax = plt.subplots(figsize=(6, 3.5))
     names = [r["model"] for r in rows] + ["1-step GD"]
     values = [r["test_loss"] for r in rows] + [gd_loss]

@@ -54,8 +54,13 @@ def _check(probes: Sequence[str]) -> None:
 
 
 @torch.no_grad()
-def run_probes(model: LanguageModel, inputs: torch.Tensor, probes: Sequence[str] = PROBES,
-               period: Optional[int] = None, lsa_rank: int = 6) -> ProbeResult:
+def run_probes(
+    model: LanguageModel,
+    inputs: torch.Tensor,
+    probes: Sequence[str] = PROBES,
+    period: Optional[int] = None,
+    lsa_rank: int = 6,
+) -> ProbeResult:
     """All requested probes on ``inputs`` (tokens [B, T] or vectors [B, T, d])."""
     _check(probes)
     was_training = model.training
@@ -106,8 +111,11 @@ def plot_probes(result: ProbeResult, path: Path, title: str = "") -> Path:
         ax.set_xlabel("source s", fontsize=8)
         ax.set_ylabel("target t", fontsize=8)
     layers = [row["layer"] for row in result.per_layer]
-    panels = [("lsa_r2", "LSA fit R² (held out)", False), ("form_out_rel", "form error (rel.)", True),
-              ("attn_entropy", "attention entropy", False)]
+    panels = [
+        ("lsa_r2", "LSA fit R² (held out)", False),
+        ("form_out_rel", "form error (rel.)", True),
+        ("attn_entropy", "attention entropy", False),
+    ]
     for j, (key, label, log) in enumerate(panels):
         ax = fig.add_subplot(grid[map_rows, j])
         values = [row.get(key, float("nan")) for row in result.per_layer]

@@ -31,6 +31,7 @@ def template_path(spec: JobSpec) -> Path:
 
 def fill(text: str, values: Dict[str, str], source: str) -> str:
     """Replace every ``{{ name }}`` in ``text``; a name without a value is an error naming ``source``."""
+
     def one(match: "re.Match[str]") -> str:
         name = match.group(1)
         if name not in values:
@@ -46,7 +47,7 @@ def _activate_line(python: str) -> str:
     activate = prefix / "bin" / "activate"
     if python == sys.executable and prefix != base and activate.is_file():
         return f"# the interpreter `lm submit` ran under\nsource {quote(activate)}"
-    return f"# the interpreter `lm submit` ran under\nexport PATH={quote(str(Path(python).parent))}:\"$PATH\""
+    return f'# the interpreter `lm submit` ran under\nexport PATH={quote(str(Path(python).parent))}:"$PATH"'
 
 
 def values(spec: JobSpec) -> Dict[str, str]:

@@ -22,8 +22,14 @@ from lm.errors import ConfigError
 from lm.slurm.timefmt import check_time
 
 #: ``lm submit`` flag -> ``slurm`` config key
-FLAGS = {"nodes": "--nodes", "gpus_per_node": "--gpus-per-node", "cpus_per_task": "--cpus-per-task",
-         "time": "--time", "partition": "--partition", "account": "--account"}
+FLAGS = {
+    "nodes": "--nodes",
+    "gpus_per_node": "--gpus-per-node",
+    "cpus_per_task": "--cpus-per-task",
+    "time": "--time",
+    "partition": "--partition",
+    "account": "--account",
+}
 
 _NAME = re.compile(r"^[A-Za-z0-9_.,:+-]+$")
 _MEM = re.compile(r"^\d+[KMGT]?$", re.IGNORECASE)
@@ -96,8 +102,10 @@ def check_resume(overrides: List[str]) -> None:
     for item in overrides:
         key, _, value = item.partition("=")
         if key.strip() == "resume" and value.strip() != "auto":
-            raise ConfigError(f"lm submit always trains with resume=auto (a requeued job continues from its last "
-                              f"checkpoint); remove '{item}', or point run_dir at the run to continue")
+            raise ConfigError(
+                f"lm submit always trains with resume=auto (a requeued job continues from its last "
+                f"checkpoint); remove '{item}', or point run_dir at the run to continue"
+            )
 
 
 def _positive(cfg: DictConfig, key: str, minimum: int) -> int:
@@ -126,21 +134,26 @@ def job_spec(cfg: DictConfig) -> JobSpec:
     cpus = _positive(cfg, "cpus_per_task", 1)
     grace = _positive(cfg, "signal_grace_s", 1)
     if grace >= time_s:
-        raise ConfigError(f"slurm.signal_grace_s ({grace}) must be shorter than the time limit "
-                          f"--time/slurm.time={slurm.time} ({time_s} s): the USR1 warning comes that many "
-                          f"seconds before the limit")
+        raise ConfigError(
+            f"slurm.signal_grace_s ({grace}) must be shorter than the time limit "
+            f"--time/slurm.time={slurm.time} ({time_s} s): the USR1 warning comes that many "
+            f"seconds before the limit"
+        )
     accelerator = str(train.accelerator)
     if gpus > 0 and accelerator == "cpu":
-        raise ConfigError(f"--gpus-per-node/slurm.gpus_per_node={gpus} asks for GPUs but train.accelerator=cpu; "
-                          f"set train.accelerator=gpu (or auto), or request no GPUs")
+        raise ConfigError(
+            f"--gpus-per-node/slurm.gpus_per_node={gpus} asks for GPUs but train.accelerator=cpu; "
+            f"set train.accelerator=gpu (or auto), or request no GPUs"
+        )
     if gpus == 0 and accelerator in ("gpu", "cuda"):
-        raise ConfigError(f"train.accelerator={accelerator} needs GPUs: pass --gpus-per-node N "
-                          f"(slurm.gpus_per_node)")
+        raise ConfigError(f"train.accelerator={accelerator} needs GPUs: pass --gpus-per-node N (slurm.gpus_per_node)")
     devices = int(train.devices)
     if gpus > 0:
         if devices not in (0, 1, gpus):
-            raise ConfigError(f"train.devices={devices} disagrees with --gpus-per-node/slurm.gpus_per_node={gpus} "
-                              f"(one rank per GPU); set train.devices={gpus} or 0")
+            raise ConfigError(
+                f"train.devices={devices} disagrees with --gpus-per-node/slurm.gpus_per_node={gpus} "
+                f"(one rank per GPU); set train.devices={gpus} or 0"
+            )
         tasks = gpus
     else:
         tasks = max(1, devices)
@@ -163,11 +176,23 @@ def job_spec(cfg: DictConfig) -> JobSpec:
             raise ConfigError(f"slurm.template: file not found: {slurm.template}")
     job_name = _name(slurm.job_name, "job_name") or re.sub(r"[^A-Za-z0-9_.+-]", "_", str(cfg.name))
     return JobSpec(
-        job_name=job_name, run_dir=run_dir, nodes=nodes, tasks_per_node=tasks, gpus_per_node=gpus,
-        cpus_per_task=cpus, time=str(slurm.time).strip(), signal_grace_s=grace,
-        partition=_name(slurm.partition, "partition"), account=_name(slurm.account, "account"), mem=mem,
-        extra_sbatch=extra, setup=[str(s) for s in slurm.setup], template=template,
-        workdir=Path.cwd().resolve(), config_dir=config_root().resolve(), python=sys.executable,
+        job_name=job_name,
+        run_dir=run_dir,
+        nodes=nodes,
+        tasks_per_node=tasks,
+        gpus_per_node=gpus,
+        cpus_per_task=cpus,
+        time=str(slurm.time).strip(),
+        signal_grace_s=grace,
+        partition=_name(slurm.partition, "partition"),
+        account=_name(slurm.account, "account"),
+        mem=mem,
+        extra_sbatch=extra,
+        setup=[str(s) for s in slurm.setup],
+        template=template,
+        workdir=Path.cwd().resolve(),
+        config_dir=config_root().resolve(),
+        python=sys.executable,
     )
 
 

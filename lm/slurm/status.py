@@ -53,9 +53,14 @@ def query_job(job_id: str) -> JobState:
         f = _fields(out.splitlines()[0])
         if f.get("JobId") == job_id or f.get("JobId", "").startswith(job_id):
             restarts = f.get("Restarts")
-            return JobState(job_id, f.get("JobState", "UNKNOWN"), "scontrol",
-                            int(restarts) if restarts and restarts.isdigit() else None,
-                            f.get("ExitCode"), f.get("Reason"))
+            return JobState(
+                job_id,
+                f.get("JobState", "UNKNOWN"),
+                "scontrol",
+                int(restarts) if restarts and restarts.isdigit() else None,
+                f.get("ExitCode"),
+                f.get("Reason"),
+            )
     out = _run(["squeue", "-h", "-j", job_id, "-o", "%T|%r"])
     if out:
         state, _, reason = out.splitlines()[0].partition("|")
@@ -106,8 +111,10 @@ def status_lines(run_dir: str) -> List[str]:
     if jobs:
         job = jobs[-1]
         state = query_job(str(job["job_id"]))
-        lines.append(f"job:             {job['job_id']} (submitted {job.get('time', '?')}; "
-                     f"{len(jobs)} submission(s) recorded in slurm/jobs.jsonl)")
+        lines.append(
+            f"job:             {job['job_id']} (submitted {job.get('time', '?')}; "
+            f"{len(jobs)} submission(s) recorded in slurm/jobs.jsonl)"
+        )
         detail = [state.source]
         if state.restarts is not None:
             detail.append(f"restarts {state.restarts}")

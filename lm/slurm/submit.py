@@ -55,13 +55,20 @@ def prepare_submission(experiment: str, overrides: List[str], flags: Dict[str, A
 def sbatch_path() -> str:
     path = shutil.which("sbatch")
     if path is None:
-        raise LMError("sbatch not found on PATH (is this a SLURM login node?); "
-                      "use `lm submit ... --dry-run` to print the job script without submitting")
+        raise LMError(
+            "sbatch not found on PATH (is this a SLURM login node?); "
+            "use `lm submit ... --dry-run` to print the job script without submitting"
+        )
     return path
 
 
-def submit(experiment: str, overrides: List[str], flags: Dict[str, Any], dry_run: bool = False,
-           echo: Callable[[str], None] = print) -> Submission:
+def submit(
+    experiment: str,
+    overrides: List[str],
+    flags: Dict[str, Any],
+    dry_run: bool = False,
+    echo: Callable[[str], None] = print,
+) -> Submission:
     """Render and (unless ``dry_run``) submit; returns the submission with its job id."""
     from lm.config import to_yaml
 
@@ -79,14 +86,25 @@ def submit(experiment: str, overrides: List[str], flags: Dict[str, Any], dry_run
         lines = (proc.stderr or proc.stdout).strip().splitlines()
         raise LMError(f"sbatch failed ({proc.returncode}): {lines[-1] if lines else 'no output'}")
     sub.job_id = proc.stdout.strip().split(";")[0]
-    record = {"job_id": sub.job_id, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "script": str(spec.script_path),
-              "log": str(sub.log_file), "run_dir": str(spec.run_dir), "experiment": experiment,
-              "overrides": list(overrides), "variant": spec.variant, "nodes": spec.nodes,
-              "tasks_per_node": spec.tasks_per_node, "gpus_per_node": spec.gpus_per_node}
+    record = {
+        "job_id": sub.job_id,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "script": str(spec.script_path),
+        "log": str(sub.log_file),
+        "run_dir": str(spec.run_dir),
+        "experiment": experiment,
+        "overrides": list(overrides),
+        "variant": spec.variant,
+        "nodes": spec.nodes,
+        "tasks_per_node": spec.tasks_per_node,
+        "gpus_per_node": spec.gpus_per_node,
+    }
     with open(spec.slurm_dir / JOBS, "a") as f:  # one short line per write: appends do not interleave
         f.write(json.dumps(record) + "\n")
-    echo(f"submitted job {sub.job_id} ({spec.variant}: {spec.nodes} node(s) x {spec.tasks_per_node} rank(s), "
-         f"time {spec.time}); run {spec.run_dir}; log {sub.log_file}")
+    echo(
+        f"submitted job {sub.job_id} ({spec.variant}: {spec.nodes} node(s) x {spec.tasks_per_node} rank(s), "
+        f"time {spec.time}); run {spec.run_dir}; log {sub.log_file}"
+    )
     echo(f"follow it with: lm status {spec.run_dir}")
     return sub
 

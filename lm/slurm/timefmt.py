@@ -53,8 +53,9 @@ def check_time(value: object, name: str = "--time/slurm.time") -> int:
     try:
         seconds = time_seconds(str(value))
     except ValueError:
-        raise ConfigError(f"{name}: invalid SLURM time limit '{value}'; expected {FORMS} "
-                          f"(e.g. 30, 1:30:00, 2-00:00:00)") from None
+        raise ConfigError(
+            f"{name}: invalid SLURM time limit '{value}'; expected {FORMS} (e.g. 30, 1:30:00, 2-00:00:00)"
+        ) from None
     if seconds <= 0:
         raise ConfigError(f"{name}: the time limit '{value}' is zero; give a positive limit")
     return seconds

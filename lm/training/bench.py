@@ -27,15 +27,27 @@ from lm.training.cpu_allocator import keep_freed_memory
 from lm.models.flops import peak_flops, training_flops_per_token
 
 ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_NAMES = ["transformer", "gated_rnn", "rglru", "rwkv7", "linear_transformer", "retnet", "gla", "deltanet",
-                 "gated_deltanet", "recurrent_delta", "srwm", "aaren"]
+DEFAULT_NAMES = [
+    "transformer",
+    "gated_rnn",
+    "rglru",
+    "rwkv7",
+    "linear_transformer",
+    "retnet",
+    "gla",
+    "deltanet",
+    "gated_deltanet",
+    "recurrent_delta",
+    "srwm",
+    "aaren",
+]
 
 
 def model_config(name: str, size: str, vocab: int, max_len: int = 65536) -> dict:
     """``configs/model/<name>/<size>.yaml`` with ``vocab_size`` set and ``max_seq_len`` >= ``max_len``."""
     cfg = yaml.safe_load((ROOT / "configs" / "model" / name / f"{size}.yaml").read_text())
     cfg["vocab_size"] = vocab
-    cfg["max_seq_len"] = max(int(cfg.get("max_seq_len", 0)), max_len)
+    cfg["max_seq_len"] = max(cfg.get("max_seq_len", 0), max_len)
     return cfg
 
 
@@ -49,8 +61,9 @@ def time_steps(model, T: int, batch: int, vocab: int, steps: int, warmup: int, d
         start = time.perf_counter()
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             logits, _ = model(tokens[:, :-1])
-            loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
-                                                     tokens[:, 1:].reshape(-1))
+            loss = torch.nn.functional.cross_entropy(
+                logits.float().reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1)
+            )
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -98,23 +111,32 @@ def main(argv=None) -> None:
                 peak = peak_flops(torch.cuda.get_device_name(device))
                 if peak:
                     row["mfu"] = training_flops_per_token(model, T) * tps / peak
-                row["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+                row["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
                 torch.cuda.reset_peak_memory_stats(device)
             results[name][T] = row
             print(f"{name:18s} T={T:6d} batch={batch:3d} {step * 1e3:9.1f} ms/step {tps:10.0f} tok/s", flush=True)
         del model
     print_table(results, args.T)
     if args.out:
-        meta = {"machine": platform.processor() or platform.machine(), "device": args.device,
-                "precision": args.precision, "size": args.size, "tokens_per_step": args.tokens,
-                "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+        meta = {
+            "machine": platform.processor() or platform.machine(),
+            "device": args.device,
+            "precision": args.precision,
+            "size": args.size,
+            "tokens_per_step": args.tokens,
+            "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d"),
+        }
         Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=1))
 
 
 def print_table(results: Dict[str, Dict[int, dict]], lengths: List[int]) -> None:
     base = results.get("transformer", {})
-    header = "| model | params | " + " | ".join(f"tok/s T={T} (×Transformer)" for T in lengths) + \
-             f" | T={lengths[0]}→{lengths[-1]} |"
+    header = (
+        "| model | params | "
+        + " | ".join(f"tok/s T={T} (×Transformer)" for T in lengths)
+        + f" | T={lengths[0]}→{lengths[-1]} |"
+    )
     print()
     print(header)
     print("|" + "---|" * (len(lengths) + 3))
@@ -129,8 +151,11 @@ def print_table(results: Dict[str, Dict[int, dict]], lengths: List[int]) -> None
             mfu = f", MFU {row['mfu']:.0%}" if "mfu" in row else ""
             cells.append(f"{row['tokens_per_s']:.0f} ({ratio:.2f}×{mfu})")
         first, last = rows.get(lengths[0], {}), rows.get(lengths[-1], {})
-        change = (f"{last['tokens_per_s'] / first['tokens_per_s'] - 1:+.0%}"
-                  if "tokens_per_s" in first and "tokens_per_s" in last else "-")
+        change = (
+            f"{last['tokens_per_s'] / first['tokens_per_s'] - 1:+.0%}"
+            if "tokens_per_s" in first and "tokens_per_s" in last
+            else "-"
+        )
         params = next((r["params"] for r in rows.values() if "params" in r), 0)
         print(f"| {name} | {params / 1e6:.1f}M | " + " | ".join(cells) + f" | {change} |")
 

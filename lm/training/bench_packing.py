@@ -35,7 +35,7 @@ def document_starts(batch: int, T: int, docs: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     starts = torch.zeros(batch, T, dtype=torch.bool)
     for b in range(batch):
-        starts[b, 1 + torch.randperm(T - 1, generator=g)[:max(0, docs - 1)]] = True
+        starts[b, 1 + torch.randperm(T - 1, generator=g)[: max(0, docs - 1)]] = True
     return starts
 
 
@@ -46,8 +46,9 @@ def _step(model, opt, tokens: torch.Tensor, starts: Optional[torch.Tensor], devi
     kwargs = {} if starts is None else {"doc_starts": starts}
     with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
         logits, _ = model(tokens[:, :-1], **kwargs)
-        loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
-                                                 tokens[:, 1:].reshape(-1))
+        loss = torch.nn.functional.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1)
+        )
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -56,8 +57,9 @@ def _step(model, opt, tokens: torch.Tensor, starts: Optional[torch.Tensor], devi
     return time.perf_counter() - begin
 
 
-def measure(name: str, size: str, T: int, batch: int, docs: int, steps: int, warmup: int, vocab: int,
-            device, dtype) -> Dict[str, float]:
+def measure(
+    name: str, size: str, T: int, batch: int, docs: int, steps: int, warmup: int, vocab: int, device, dtype
+) -> Dict[str, float]:
     torch.manual_seed(0)
     model = build_model(model_config(name, size, vocab, T)).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
@@ -95,17 +97,21 @@ def main(argv=None) -> Dict[str, Dict[str, float]]:
     if device.type == "cpu":
         keep_freed_memory()
     results = {}
-    print(f"# data.packing reset vs stream: {args.size} models, T={args.T}, batch {args.batch}, {args.docs} "
-          f"documents per window, {args.precision}, {args.device} ({platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads)")
+    print(
+        f"# data.packing reset vs stream: {args.size} models, T={args.T}, batch {args.batch}, {args.docs} "
+        f"documents per window, {args.precision}, {args.device} ({platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads)"
+    )
     print("| model | docs/window | stream tokens/s | reset tokens/s | reset / stream |")
     print("|---|---|---|---|---|")
     for name in args.names:
-        r = measure(name, args.size, args.T, args.batch, args.docs, args.steps, args.warmup, args.vocab, device,
-                    dtype)
+        r = measure(name, args.size, args.T, args.batch, args.docs, args.steps, args.warmup, args.vocab, device, dtype)
         results[name] = r
-        print(f"| {name} | {r['documents_per_window']:.1f} | {r['stream_tokens_per_s']:,.0f} | "
-              f"{r['reset_tokens_per_s']:,.0f} | {r['ratio']:.3f} |", flush=True)
+        print(
+            f"| {name} | {r['documents_per_window']:.1f} | {r['stream_tokens_per_s']:,.0f} | "
+            f"{r['reset_tokens_per_s']:,.0f} | {r['ratio']:.3f} |",
+            flush=True,
+        )
     if args.out:
         Path(args.out).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
     return results

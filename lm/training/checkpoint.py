@@ -109,8 +109,7 @@ def step_dirs(directory: Path) -> List[Path]:
     return sorted(p for p in directory.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
 
 
-def _complete_with_steps(directory: Path,
-                         rejected: Optional[List[Tuple[Path, str]]] = None) -> List[Tuple[int, Path]]:
+def _complete_with_steps(directory: Path, rejected: Optional[List[Tuple[Path, str]]] = None) -> List[Tuple[int, Path]]:
     """(step, path) of the complete checkpoints in ``directory``, oldest first (one manifest read each);
     the others are added to ``rejected`` with their reason."""
     found = []
@@ -128,8 +127,9 @@ def list_complete(directory: Path) -> List[Path]:
     return [p for _, p in _complete_with_steps(directory)]
 
 
-def latest_complete(directory: Path, verify: bool = False,
-                    rejected: Optional[List[Tuple[Path, str]]] = None) -> Optional[Path]:
+def latest_complete(
+    directory: Path, verify: bool = False, rejected: Optional[List[Tuple[Path, str]]] = None
+) -> Optional[Path]:
     """The checkpoint named by ``last`` if complete, else the newest complete one, else None.
 
     ``verify``: check content checksums too, newest first, falling back to older checkpoints.

@@ -73,8 +73,15 @@ class CheckpointManager(Callback):
     requeue, the job is requeued).
     """
 
-    def __init__(self, directory: Path, every_n_steps: int, keep_last: int, manifest_extra: Dict[str, Any],
-                 stop=None, resume_from: Optional[Path] = None):
+    def __init__(
+        self,
+        directory: Path,
+        every_n_steps: int,
+        keep_last: int,
+        manifest_extra: Dict[str, Any],
+        stop=None,
+        resume_from: Optional[Path] = None,
+    ):
         super().__init__()
         self.directory = Path(directory)
         self.every_n_steps = int(every_n_steps)
@@ -119,15 +126,17 @@ class CheckpointManager(Callback):
         step = trainer.global_step
         stop_now = self.stop.agreed() if self.stop is not None else False
         due = (self.every_n_steps > 0 and step % self.every_n_steps == 0) or (
-            trainer.max_steps > 0 and step >= trainer.max_steps)
+            trainer.max_steps > 0 and step >= trainer.max_steps
+        )
         if (due or stop_now) and step != self.last_saved_step and step > 0:
             if self._healthy(trainer, pl_module):
                 self.save(trainer)
             else:
                 self.skipped_nonfinite = step
                 if trainer.is_global_zero:
-                    log.warning("step %d: no checkpoint written (non-finite loss or weights); the last good one "
-                                "is kept", step)
+                    log.warning(
+                        "step %d: no checkpoint written (non-finite loss or weights); the last good one is kept", step
+                    )
         if stop_now:
             self.stopped_by_signal = self.stop.signal_name
             trainer.should_stop = True
@@ -169,14 +178,19 @@ class CheckpointManager(Callback):
             _barrier()
             trainer.save_checkpoint(str(tmp / STATE))
             (tmp / "rng").mkdir(exist_ok=True)
-            torch.save(self._train_rng if self._train_rng is not None else rng_state(),
-                       tmp / "rng" / f"rank{rank:05d}.pt")
+            torch.save(
+                self._train_rng if self._train_rng is not None else rng_state(), tmp / "rng" / f"rank{rank:05d}.pt"
+            )
             _barrier()
             if rank == 0:
                 manifest = {
-                    "step": step, "epoch": trainer.current_epoch, "world_size": trainer.world_size,
-                    "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "files": files_with_sizes(tmp),
-                    "sha256": files_with_digests(tmp), **self.manifest_extra,
+                    "step": step,
+                    "epoch": trainer.current_epoch,
+                    "world_size": trainer.world_size,
+                    "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                    "files": files_with_sizes(tmp),
+                    "sha256": files_with_digests(tmp),
+                    **self.manifest_extra,
                 }
                 (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
                 os.replace(tmp, final)
@@ -200,8 +214,9 @@ class CheckpointManager(Callback):
             what, fix = f"not writable ({e.strerror})", "make it writable"
         else:
             what, fix = e.strerror or str(e), "fix the cause"
-        return (f"cannot write checkpoint {name} in {self.directory}: {what}; {kept}; {fix} and continue with "
-                f"resume=auto")
+        return (
+            f"cannot write checkpoint {name} in {self.directory}: {what}; {kept}; {fix} and continue with resume=auto"
+        )
 
     def _prune(self, keep: Path) -> None:
         complete = list_complete(self.directory)

@@ -44,7 +44,7 @@ def _strip(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     for key, value in state.items():
         key = key.removeprefix("_forward_module.").removeprefix("module.")
         if key.startswith("model."):
-            out[key[len("model."):]] = value
+            out[key[len("model.") :]] = value
     return out
 
 
@@ -89,8 +89,12 @@ def export_checkpoint(checkpoint: str, out_dir: str) -> Path:
         tok_path = Path(tok.get("path", "")) if tok.get("path") else None
         if tok_path is not None and tok_path.is_file():
             shutil.copyfile(tok_path, tmp / "tokenizer.json")
-        info = {"step": manifest["step"], "source": str(ckpt_dir), "parameters": sum(v.numel() for v in state.values()),
-                "tokenizer_sha256": tok.get("sha256")}
+        info = {
+            "step": manifest["step"],
+            "source": str(ckpt_dir),
+            "parameters": sum(v.numel() for v in state.values()),
+            "tokenizer_sha256": tok.get("sha256"),
+        }
         (tmp / "export.json").write_text(json.dumps(info, indent=1))
         ordinary_modes(tmp)
         if out.exists():
@@ -122,6 +126,8 @@ def load_model(path: str, device: str = "cpu") -> LoadedModel:
     model = build_model(config["model"])
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise LMError(f"{path}: weights do not match the model config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise LMError(
+            f"{path}: weights do not match the model config (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     model.to(device).eval()
     return LoadedModel(model, config, tokenizer, sha, step, source)

@@ -30,14 +30,24 @@ from typing import Any, Dict, List, Optional
 import torch
 import yaml
 
-MODES = {"single": [], "zero2": ["train.devices=2", "train.accelerator=cpu", "train.strategy=deepspeed",
-                                 "train.zero_stage=2"]}
+MODES = {
+    "single": [],
+    "zero2": ["train.devices=2", "train.accelerator=cpu", "train.strategy=deepspeed", "train.zero_stage=2"],
+}
 
 
 def _env() -> Dict[str, str]:
     env = dict(os.environ)
-    env.update({"WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
-                "TOKENIZERS_PARALLELISM": "false", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})
+    env.update(
+        {
+            "WANDB_MODE": "disabled",
+            "PYTHONUNBUFFERED": "1",
+            "OMP_NUM_THREADS": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "HF_DATASETS_OFFLINE": "1",
+            "HF_HUB_OFFLINE": "1",
+        }
+    )
     return env
 
 
@@ -72,24 +82,42 @@ def prepare_data(out: Path) -> Path:
     from data.prepare import prepare
     from lm.config.schema import DataConfig
 
-    cfg = OmegaConf.merge(OmegaConf.structured(DataConfig), {
-        "name": "faults", "out_dir": str(out), "validation_fraction": 0.1, "num_proc": 1,
-        "source": {"kind": "stdlib", "max_bytes": 300_000},
-        "tokenizer": {"vocab_size": 512, "train_max_bytes": 300_000},
-    })
+    cfg = OmegaConf.merge(
+        OmegaConf.structured(DataConfig),
+        {
+            "name": "faults",
+            "out_dir": str(out),
+            "validation_fraction": 0.1,
+            "num_proc": 1,
+            "source": {"kind": "stdlib", "max_bytes": 300_000},
+            "tokenizer": {"vocab_size": 512, "train_max_bytes": 300_000},
+        },
+    )
     prepare(cfg, echo=lambda s: None, progress=False)
     return out
 
 
 def write_experiment(root: Path, data_dir: Path, name: str, steps: int) -> Path:
     body = {
-        "defaults": {"model": "gla/tiny", "train": "cpu-test"}, "name": name, "run_dir": str(root / name),
-        "data": {"name": "faults", "out_dir": str(data_dir), "source": {"kind": "stdlib", "max_bytes": 300_000},
-                 "tokenizer": {"vocab_size": 512, "train_max_bytes": 300_000}, "validation_fraction": 0.1,
-                 "num_proc": 1},
+        "defaults": {"model": "gla/tiny", "train": "cpu-test"},
+        "name": name,
+        "run_dir": str(root / name),
+        "data": {
+            "name": "faults",
+            "out_dir": str(data_dir),
+            "source": {"kind": "stdlib", "max_bytes": 300_000},
+            "tokenizer": {"vocab_size": 512, "train_max_bytes": 300_000},
+            "validation_fraction": 0.1,
+            "num_proc": 1,
+        },
         "model": {"d_model": 32, "n_heads": 2, "n_layers": 2, "dropout": 0.1},
-        "train": {"max_steps": steps, "record_samples": True, "val_every_n_steps": 4, "sample_tokens": 0,
-                  "log_every_n_steps": 1},
+        "train": {
+            "max_steps": steps,
+            "record_samples": True,
+            "val_every_n_steps": 4,
+            "sample_tokens": 0,
+            "log_every_n_steps": 1,
+        },
         "checkpoint": {"every_n_steps": 2, "keep_last": 2},
     }
     path = root / f"{name}.yaml"
@@ -177,8 +205,9 @@ def compare(reference: Path, resumed: Path) -> Optional[str]:
     return None
 
 
-def run_mode(mode: str, kills: int, steps: int, root: Path, data_dir: Path, rng: random.Random,
-             echo=print) -> Dict[str, Any]:
+def run_mode(
+    mode: str, kills: int, steps: int, root: Path, data_dir: Path, rng: random.Random, echo=print
+) -> Dict[str, Any]:
     extra = MODES[mode]
     reference = write_experiment(root, data_dir, f"{mode}-reference", steps)
     _run(["train", str(reference), *extra], root / f"{mode}-reference.log")
@@ -192,8 +221,10 @@ def run_mode(mode: str, kills: int, steps: int, root: Path, data_dir: Path, rng:
         _run(["train", str(path), "resume=auto", *extra], log)
         diff = compare(root / f"{mode}-reference", root / name)
         trials.append({"step": step, "killed": killed, "exact": diff is None, "diff": diff})
-        echo(f"{mode}: kill {i + 1}/{kills} at step {step}: "
-             + ("not killed (finished first)" if not killed else "bit-exact" if diff is None else f"DIFFERS: {diff}"))
+        echo(
+            f"{mode}: kill {i + 1}/{kills} at step {step}: "
+            + ("not killed (finished first)" if not killed else "bit-exact" if diff is None else f"DIFFERS: {diff}")
+        )
         shutil.rmtree(root / name, ignore_errors=True)
     return {"mode": mode, "trials": trials}
 
@@ -227,7 +258,7 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
         parser.error("--steps: at least 3")
     root = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="lm-faults-"))
     root.mkdir(parents=True, exist_ok=True)
-    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2 ** 31)
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
     rng = random.Random(seed)
     started = time.time()
     try:
@@ -236,9 +267,11 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
     finally:
         if not args.workdir:
             shutil.rmtree(root, ignore_errors=True)
-    print(f"\nfault injection: {args.steps}-step runs, SIGKILL of the process group at a random step, resume=auto "
-          f"(seed {seed}); {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-          f"torch {torch.__version__}, {time.time() - started:.0f} s")
+    print(
+        f"\nfault injection: {args.steps}-step runs, SIGKILL of the process group at a random step, resume=auto "
+        f"(seed {seed}); {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"torch {torch.__version__}, {time.time() - started:.0f} s"
+    )
     print(table(results))
     return results
 

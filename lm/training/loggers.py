@@ -55,19 +55,34 @@ def build_loggers(cfg: Any, run_dir: Path, config_dict: dict) -> List[Any]:
     logging_cfg = cfg.logging
     loggers: List[Any] = []
     if logging_cfg.csv:
-        loggers.append(AppendingCSVLogger(save_dir=str(run_dir), name="logs", version="",
-                                          flush_logs_every_n_steps=max(1, cfg.train.log_every_n_steps)))
+        loggers.append(
+            AppendingCSVLogger(
+                save_dir=str(run_dir),
+                name="logs",
+                version="",
+                flush_logs_every_n_steps=max(1, cfg.train.log_every_n_steps),
+            )
+        )
     if logging_cfg.tensorboard:
-        loggers.append(TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version="",
-                                         default_hp_metric=False))
+        loggers.append(
+            TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version="", default_hp_metric=False)
+        )
     mode = logging_cfg.wandb.mode
     if mode != "disabled":
         from pytorch_lightning.loggers import WandbLogger
 
         os.environ.setdefault("WANDB_SILENT", "true")
-        loggers.append(WandbLogger(
-            project=logging_cfg.wandb.project, entity=logging_cfg.wandb.entity, name=cfg.name,
-            save_dir=str(run_dir), id=wandb_run_id(run_dir), resume="allow", offline=(mode == "offline"),
-            tags=list(logging_cfg.wandb.tags), config=config_dict,
-        ))
+        loggers.append(
+            WandbLogger(
+                project=logging_cfg.wandb.project,
+                entity=logging_cfg.wandb.entity,
+                name=cfg.name,
+                save_dir=str(run_dir),
+                id=wandb_run_id(run_dir),
+                resume="allow",
+                offline=(mode == "offline"),
+                tags=list(logging_cfg.wandb.tags),
+                config=config_dict,
+            )
+        )
     return loggers

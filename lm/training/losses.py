@@ -22,8 +22,13 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 
-def cross_entropy_sum(logits_fn: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor, targets: torch.Tensor,
-                      chunk_size: int = 0, ignore_index: int = -100) -> torch.Tensor:
+def cross_entropy_sum(
+    logits_fn: Callable[[torch.Tensor], torch.Tensor],
+    h: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_size: int = 0,
+    ignore_index: int = -100,
+) -> torch.Tensor:
     """Summed token cross-entropy of ``logits_fn(h)`` against ``targets``.
 
     h: [N, D] hidden states; targets: [N]; chunk_size > 0 processes ``chunk_size`` tokens at a time.
@@ -65,8 +70,11 @@ def task_loss(model, batch: Dict[str, torch.Tensor], output: str) -> tuple:
     total = (per_pos * mask).sum()
     if right is not None:
         right = right | ~mask
-        extra = {"correct": (right & mask).sum().detach().float(), "seq_correct": right.all(-1).sum().detach().float(),
-                 "sequences": torch.tensor(float(mask.shape[0]), device=out.device)}
+        extra = {
+            "correct": (right & mask).sum().detach().float(),
+            "seq_correct": right.all(-1).sum().detach().float(),
+            "sequences": torch.tensor(float(mask.shape[0]), device=out.device),
+        }
     return total, count, extra
 
 
@@ -90,8 +98,15 @@ def boundary_targets(targets: torch.Tensor, doc_start_mask: torch.Tensor, ignore
     return targets.masked_fill(doc_start_mask[:, 1:], ignore_index)
 
 
-def token_loss(model, tokens: torch.Tensor, chunk_size: int = 0, doc_start_mask: Optional[torch.Tensor] = None,
-               loss_across_boundary: bool = True, state: Any = None, return_state: bool = False) -> tuple:
+def token_loss(
+    model,
+    tokens: torch.Tensor,
+    chunk_size: int = 0,
+    doc_start_mask: Optional[torch.Tensor] = None,
+    loss_across_boundary: bool = True,
+    state: Any = None,
+    return_state: bool = False,
+) -> tuple:
     """(summed cross-entropy, number of scored targets[, new state]) of next-token prediction on
     tokens [B, T+1].
 
@@ -114,14 +129,18 @@ def token_loss(model, tokens: torch.Tensor, chunk_size: int = 0, doc_start_mask:
     return (total, count, new_state) if return_state else (total, count)
 
 
-def batch_loss(model, batch: Dict[str, torch.Tensor], task_output: str = "classes", chunk_size: int = 0,
-               loss_across_boundary: bool = True) -> tuple:
+def batch_loss(
+    model,
+    batch: Dict[str, torch.Tensor],
+    task_output: str = "classes",
+    chunk_size: int = 0,
+    loss_across_boundary: bool = True,
+) -> tuple:
     """(loss sum, scored count, extra sums) for a corpus batch (``tokens``, optional
     ``doc_start_mask``: :func:`token_loss`) or a task batch (``inputs``/``targets``/``mask``:
     :func:`task_loss` by the task's output kind)."""
     if "tokens" in batch:
-        total, count = token_loss(model, batch["tokens"], chunk_size, batch.get("doc_start_mask"),
-                                  loss_across_boundary)
+        total, count = token_loss(model, batch["tokens"], chunk_size, batch.get("doc_start_mask"), loss_across_boundary)
         return total, count, {}
     return task_loss(model, batch, task_output)
 
@@ -130,8 +149,9 @@ def batch_loss(model, batch: Dict[str, torch.Tensor], task_output: str = "classe
 VAL_PROG_BAR = ("val/loss", "val/bpb", "val/acc")
 
 
-def validation_metrics(loss_sum, count, bytes_per_token: float, correct=0.0, seq_correct=0.0,
-                       sequences=0.0) -> Dict[str, Any]:
+def validation_metrics(
+    loss_sum, count, bytes_per_token: float, correct=0.0, seq_correct=0.0, sequences=0.0
+) -> Dict[str, Any]:
     """``val/loss``, ``val/ppl`` (``exp`` capped at loss 30), ``val/bpb`` (``loss / ln 2 /
     bytes_per_token``, when that is > 0) and, when sequences were counted, ``val/acc`` (per scored
     position) and ``val/seq_acc`` from summed loss/counts (tensors or floats; empty when count <= 0)."""
@@ -175,21 +195,31 @@ class LossSums:
 
         if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return self
-        values = torch.tensor([self.loss_sum, self.count, self.correct, self.seq_correct, self.sequences],
-                              dtype=torch.float64, device=device)
+        values = torch.tensor(
+            [self.loss_sum, self.count, self.correct, self.seq_correct, self.sequences],
+            dtype=torch.float64,
+            device=device,
+        )
         dist.all_reduce(values)
         loss_sum, count, correct, seq_correct, sequences = values.tolist()
         return LossSums(loss_sum, int(round(count)), correct, seq_correct, sequences)
 
     def metrics(self, bytes_per_token: float = 0.0) -> Dict[str, Any]:
         """:func:`validation_metrics` of these sums."""
-        return validation_metrics(self.loss_sum, self.count, bytes_per_token, self.correct, self.seq_correct,
-                                  self.sequences)
+        return validation_metrics(
+            self.loss_sum, self.count, bytes_per_token, self.correct, self.seq_correct, self.sequences
+        )
 
 
 @torch.no_grad()
-def evaluate(model, batches: Iterable[Dict[str, torch.Tensor]], task_output: str = "classes", chunk_size: int = 0,
-             loss_across_boundary: bool = True, max_batches: int = 0) -> LossSums:
+def evaluate(
+    model,
+    batches: Iterable[Dict[str, torch.Tensor]],
+    task_output: str = "classes",
+    chunk_size: int = 0,
+    loss_across_boundary: bool = True,
+    max_batches: int = 0,
+) -> LossSums:
     """:class:`LossSums` of ``model`` (in eval mode) over ``batches`` (the first ``max_batches`` when > 0),
     each moved to the model's device and scored by :func:`batch_loss`."""
     device = next(model.parameters()).device
@@ -200,8 +230,11 @@ def evaluate(model, batches: Iterable[Dict[str, torch.Tensor]], task_output: str
         for i, batch in enumerate(batches):
             if max_batches and i >= max_batches:
                 break
-            sums.add(*batch_loss(model, {k: v.to(device) for k, v in batch.items()}, task_output, chunk_size,
-                                 loss_across_boundary))
+            sums.add(
+                *batch_loss(
+                    model, {k: v.to(device) for k, v in batch.items()}, task_output, chunk_size, loss_across_boundary
+                )
+            )
     finally:
         model.train(was_training)
     return sums

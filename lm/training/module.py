@@ -4,7 +4,8 @@
   head optionally applied in chunks (``train.loss_chunk_size``); with ``data.packing: reset`` the
   model resets at every document of the window (``doc_start_mask``); with ``train.state_passing``
   each row starts from its carried state (:mod:`lm.training.state_passing`, saved in checkpoints);
-* AdamW with weight decay on 2-D weights only; linear warmup then cosine decay, stepped per
+* AdamW with weight decay on the groups the model declares (``LanguageModel.weight_decay_groups``:
+  matrices decay unless a token mixer exempts them); linear warmup then cosine decay, stepped per
   optimizer step; gradient clipping and accumulation by the Trainer (or DeepSpeed);
 * metrics: loss, perplexity, bits per byte (``loss / ln 2 / bytes_per_token``), tokens/s, step
   time, estimated MFU (:mod:`lm.models.flops`), peak GPU memory;
@@ -112,8 +113,15 @@ class LMModule(pl.LightningModule):
         index = batch["index"]
         tokens = batch["tokens"]
         state = self.carried.start(index, lambda n: self.model.init_state(n, tokens.device))
-        total, count, new_state = token_loss(self.model, tokens, self.loss_chunk_size, batch.get("doc_start_mask"),
-                                             self.loss_across_boundary, state=state, return_state=True)
+        total, count, new_state = token_loss(
+            self.model,
+            tokens,
+            self.loss_chunk_size,
+            batch.get("doc_start_mask"),
+            self.loss_across_boundary,
+            state=state,
+            return_state=True,
+        )
         self.carried.update(new_state, index)
         return total, count
 
@@ -169,8 +177,12 @@ class LMModule(pl.LightningModule):
                 f"the loss was non-finite for {self.nonfinite_streak} consecutive steps (last at step {step}); "
                 f"aborting: lower train.lr, check the data, or raise train.max_nonfinite_steps"
             )
-        log.warning("non-finite loss at step %d: step skipped (%d in a row, %d total)", step,
-                    self.nonfinite_streak, self.nonfinite_total)
+        log.warning(
+            "non-finite loss at step %d: step skipped (%d in a row, %d total)",
+            step,
+            self.nonfinite_streak,
+            self.nonfinite_total,
+        )
         if not self._uses_deepspeed():
             return None  # Lightning skips backward and the optimizer leaves every weight untouched
         # DeepSpeed cannot skip a backward: back-propagate exact zeros and run this step at lr 0
@@ -212,18 +224,14 @@ class LMModule(pl.LightningModule):
             peak = peak_flops(torch.cuda.get_device_name(self.device))
             if peak > 0:
                 metrics["perf/mfu"] = self._flops_per_token * tps / (peak * self.trainer.world_size)
-            metrics["perf/peak_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
+            metrics["perf/peak_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         self.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=False)
 
     # ---------------------------------------------------------------------------- optimizer
     def configure_optimizers(self):
         cfg = self.train_cfg
-        decay, no_decay = [], []
-        for p in self.parameters():
-            if p.requires_grad:
-                (decay if p.dim() >= 2 else no_decay).append(p)
-        groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0}]
+        decay, no_decay = self.model.weight_decay_groups()  # each token mixer names its exempt parameters
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
         if cfg.offload_optimizer and cfg.strategy == "deepspeed":
             from deepspeed.ops.adam import DeepSpeedCPUAdam

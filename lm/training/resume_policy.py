@@ -21,52 +21,135 @@ from typing import Any, Dict, List, Tuple
 
 from lm.errors import ConfigError
 
-OVERRIDABLE = frozenset({
-    "name", "run_dir", "resume", "overwrite",
-    "data.num_proc", "data.batch_size", "data.task.val_examples",
-    "model.kernel_backend",
-    "train.accelerator", "train.activation_checkpointing", "train.compile",
-    "train.loss_chunk_size", "train.val_every_n_steps", "train.val_batches", "train.log_every_n_steps",
-    "train.max_nonfinite_steps", "train.num_workers", "train.threads", "train.deterministic", "train.progress_bar",
-    "train.sample_prompt", "train.sample_tokens", "train.record_samples",
-    "checkpoint.every_n_steps", "checkpoint.keep_last", "checkpoint.save_on_signal",
-    "logging.csv", "logging.tensorboard", "logging.wandb.mode", "logging.wandb.project",
-    "logging.wandb.entity", "logging.wandb.tags",
-    "probes.every_n_steps", "probes.batch_size", "probes.seq_len", "probes.probes", "probes.lsa_rank",
-    "probes.seed",
-    "slurm.partition", "slurm.account", "slurm.time", "slurm.nodes", "slurm.gpus_per_node",
-    "slurm.cpus_per_task", "slurm.mem", "slurm.signal_grace_s", "slurm.job_name", "slurm.template",
-    "slurm.extra_sbatch", "slurm.setup",
-})
+OVERRIDABLE = frozenset(
+    {
+        "name",
+        "run_dir",
+        "resume",
+        "overwrite",
+        "data.num_proc",
+        "data.batch_size",
+        "data.task.val_examples",
+        "model.kernel_backend",
+        "train.accelerator",
+        "train.activation_checkpointing",
+        "train.compile",
+        "train.loss_chunk_size",
+        "train.val_every_n_steps",
+        "train.val_batches",
+        "train.log_every_n_steps",
+        "train.max_nonfinite_steps",
+        "train.num_workers",
+        "train.threads",
+        "train.deterministic",
+        "train.progress_bar",
+        "train.sample_prompt",
+        "train.sample_tokens",
+        "train.record_samples",
+        "checkpoint.every_n_steps",
+        "checkpoint.keep_last",
+        "checkpoint.save_on_signal",
+        "logging.csv",
+        "logging.tensorboard",
+        "logging.wandb.mode",
+        "logging.wandb.project",
+        "logging.wandb.entity",
+        "logging.wandb.tags",
+        "probes.every_n_steps",
+        "probes.batch_size",
+        "probes.seq_len",
+        "probes.probes",
+        "probes.lsa_rank",
+        "probes.seed",
+        "slurm.partition",
+        "slurm.account",
+        "slurm.time",
+        "slurm.nodes",
+        "slurm.gpus_per_node",
+        "slurm.cpus_per_task",
+        "slurm.mem",
+        "slurm.signal_grace_s",
+        "slurm.job_name",
+        "slurm.template",
+        "slurm.extra_sbatch",
+        "slurm.setup",
+    }
+)
 
 #: applied on resume with a notice; OPTIMIZER_KEYS are reset in the restored optimizer/scheduler
 OPTIMIZER_KEYS = frozenset({"train.lr", "train.beta1", "train.beta2", "train.eps", "train.weight_decay"})
-NOTICE = OPTIMIZER_KEYS | frozenset({
-    "train.min_lr_ratio", "train.warmup_steps", "train.grad_clip", "train.accumulate_grad_batches",
-    "train.micro_batch_size", "train.devices", "train.num_nodes", "model.dropout",
-    # the cosine schedule decays to train.max_steps: a new value changes the lr of every later step
-    "train.max_steps", "data.loss_across_boundary",
-})
+NOTICE = OPTIMIZER_KEYS | frozenset(
+    {
+        "train.min_lr_ratio",
+        "train.warmup_steps",
+        "train.grad_clip",
+        "train.accumulate_grad_batches",
+        "train.micro_batch_size",
+        "train.devices",
+        "train.num_nodes",
+        "model.dropout",
+        # the cosine schedule decays to train.max_steps: a new value changes the lr of every later step
+        "train.max_steps",
+        "data.loss_across_boundary",
+    }
+)
 #: what a notice adds for keys whose change has a consequence worth naming
 CONSEQUENCE = {"train.max_steps": "the learning-rate schedule now decays to the new last step"}
 
-FORBIDDEN = frozenset({
-    "seed",
-    "data.name", "data.out_dir", "data.validation_fraction", "data.test_fraction", "data.split_seed",
-    "data.shard_tokens",
-    "data.source.kind", "data.source.paths", "data.source.split_by", "data.source.split_regex", "data.source.text_field",
-    "data.source.hf_name", "data.source.hf_config", "data.source.hf_split", "data.source.streaming",
-    "data.source.max_documents", "data.source.max_bytes", "data.source.encoding_errors",
-    "data.source.max_invalid_utf8",
-    "data.tokenizer.path", "data.tokenizer.vocab_size", "data.tokenizer.min_frequency",
-    "data.tokenizer.train_max_bytes", "data.tokenizer.eod_token", "data.tokenizer.pad_token",
-    "data.task.name", "data.task.params",
-    "model.family", "model.variant", "model.d_model", "model.n_layers", "model.n_heads", "model.head_dim",
-    "model.mlp", "model.mlp_ratio", "model.norm", "model.norm_eps", "model.tie_embeddings",
-    "model.max_seq_len", "model.init_std", "model.mixer",
-    "train.seq_len", "train.precision", "train.strategy", "train.zero_stage", "train.offload_optimizer",
-    "train.offload_params", "data.packing", "train.state_passing",
-})
+FORBIDDEN = frozenset(
+    {
+        "seed",
+        "data.name",
+        "data.out_dir",
+        "data.validation_fraction",
+        "data.test_fraction",
+        "data.split_seed",
+        "data.shard_tokens",
+        "data.source.kind",
+        "data.source.paths",
+        "data.source.split_by",
+        "data.source.split_regex",
+        "data.source.text_field",
+        "data.source.hf_name",
+        "data.source.hf_config",
+        "data.source.hf_split",
+        "data.source.streaming",
+        "data.source.max_documents",
+        "data.source.max_bytes",
+        "data.source.encoding_errors",
+        "data.source.max_invalid_utf8",
+        "data.tokenizer.path",
+        "data.tokenizer.vocab_size",
+        "data.tokenizer.min_frequency",
+        "data.tokenizer.train_max_bytes",
+        "data.tokenizer.eod_token",
+        "data.tokenizer.pad_token",
+        "data.task.name",
+        "data.task.params",
+        "model.family",
+        "model.variant",
+        "model.d_model",
+        "model.n_layers",
+        "model.n_heads",
+        "model.head_dim",
+        "model.mlp",
+        "model.mlp_ratio",
+        "model.norm",
+        "model.norm_eps",
+        "model.tie_embeddings",
+        "model.max_seq_len",
+        "model.init_std",
+        "model.mixer",
+        "train.seq_len",
+        "train.precision",
+        "train.strategy",
+        "train.zero_stage",
+        "train.offload_optimizer",
+        "train.offload_params",
+        "data.packing",
+        "train.state_passing",
+    }
+)
 
 #: set by the trainer (from the data or the task); compared only when the new config sets them
 DERIVED = frozenset({"model.vocab_size", "model.input_dim", "model.output_dim", "data.task_output"})
@@ -152,5 +235,6 @@ def check_resume(old: Dict[str, Any], new: Dict[str, Any], checkpoint: str) -> R
         more = f" and {len(forbidden) - 3} more" if len(forbidden) > 3 else ""
         raise ConfigError(
             f"resume from {checkpoint}: {', '.join(forbidden[:3])}{more} cannot change on resume; restore the "
-            f"checkpoint's value(s), or start a new run (a new run_dir=..., or overwrite=true to replace this one)")
+            f"checkpoint's value(s), or start a new run (a new run_dir=..., or overwrite=true to replace this one)"
+        )
     return ResumeChanges(notices, optimizer_changed)

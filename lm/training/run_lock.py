@@ -75,22 +75,31 @@ class RunLock:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
-            raise LMError(f"run_dir {self.run_dir}: cannot create {LOCK_FILE} ({e.strerror or e}); "
-                          f"make it writable or choose another run_dir=...") from None
+            raise LMError(
+                f"run_dir {self.run_dir}: cannot create {LOCK_FILE} ({e.strerror or e}); "
+                f"make it writable or choose another run_dir=..."
+            ) from None
         previous = _read_info(self.path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
                 os.close(fd)
-                raise LMError(f"run_dir {self.run_dir} is in use by another training job ({_describe(previous)}); "
-                              f"wait for it to finish, stop it, or choose another run_dir=...") from None
+                raise LMError(
+                    f"run_dir {self.run_dir} is in use by another training job ({_describe(previous)}); "
+                    f"wait for it to finish, stop it, or choose another run_dir=..."
+                ) from None
             # no flock on this file system: fall back to the recorded PID (same host)
-            if (previous.get("host") == socket.gethostname() and previous.get("pid") != os.getpid()
-                    and _pid_alive(int(previous.get("pid", 0)))):
+            if (
+                previous.get("host") == socket.gethostname()
+                and previous.get("pid") != os.getpid()
+                and _pid_alive(int(previous.get("pid", 0)))
+            ):
                 os.close(fd)
-                raise LMError(f"run_dir {self.run_dir} is in use by another training job ({_describe(previous)}); "
-                              f"wait for it to finish, stop it, or choose another run_dir=...") from None
+                raise LMError(
+                    f"run_dir {self.run_dir} is in use by another training job ({_describe(previous)}); "
+                    f"wait for it to finish, stop it, or choose another run_dir=..."
+                ) from None
         if previous.get("pid") not in (None, os.getpid()):
             self.echo(f"note: took over the stale lock of {self.run_dir} ({_describe(previous)}, no longer running)")
         info = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
@@ -129,13 +138,17 @@ def check_output_dir(target: Path, option: str = "--out") -> None:
         if (parent / LOCK_FILE).is_file():
             live = holder(parent)
             if live is not None:
-                raise LMError(f"{parent} is being trained ({_describe(live)}); it is read, never written, while the "
-                              f"run is live: pass {option} <dir> to write the results elsewhere")
+                raise LMError(
+                    f"{parent} is being trained ({_describe(live)}); it is read, never written, while the "
+                    f"run is live: pass {option} <dir> to write the results elsewhere"
+                )
             break
     existing = next(p for p in [target, *target.parents] if p.exists())
     try:
         with tempfile.TemporaryFile(dir=existing, prefix=".write-test"):
             pass
     except OSError as e:
-        raise LMError(f"cannot write the results to {target}: {existing} is not writable ({e.strerror or e}); "
-                      f"pass {option} <dir> to write them elsewhere") from None
+        raise LMError(
+            f"cannot write the results to {target}: {existing} is not writable ({e.strerror or e}); "
+            f"pass {option} <dir> to write them elsewhere"
+        ) from None

@@ -66,8 +66,11 @@ class CarriedState:
         if self.state is None:
             return None
         tree = {"index": self.index, "state": self.state}
-        full = all_gather(tree) if world_size > 1 else tree_map(
-            lambda t: t.unsqueeze(0) if isinstance(t, torch.Tensor) else t, tree)
+        full = (
+            all_gather(tree)
+            if world_size > 1
+            else tree_map(lambda t: t.unsqueeze(0) if isinstance(t, torch.Tensor) else t, tree)
+        )
         return tree_map(lambda t: t.cpu() if isinstance(t, torch.Tensor) else t, full)
 
     def load(self, saved: Optional[Dict[str, Any]], rank: int, device: torch.device) -> None:

@@ -44,16 +44,19 @@ class CPUDeepSpeedStrategy(DeepSpeedStrategy):
         parameters = filter(lambda p: p.requires_grad, model.parameters())
         engine, ds_optimizer, _, _ = deepspeed.initialize(
             args=argparse.Namespace(device_rank=self.local_rank),
-            config=self.config, model=model, model_parameters=parameters,
-            optimizer=optimizer, lr_scheduler=lr_scheduler, dist_init_required=False,
+            config=self.config,
+            model=model,
+            model_parameters=parameters,
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            dist_init_required=False,
         )
         return engine, ds_optimizer
 
 
 def deepspeed_config(train: Any) -> Dict[str, Any]:
     """The DeepSpeed JSON config for ``train`` (accumulation is filled in by Lightning)."""
-    zero: Dict[str, Any] = {"stage": int(train.zero_stage), "contiguous_gradients": True,
-                            "overlap_comm": False}
+    zero: Dict[str, Any] = {"stage": int(train.zero_stage), "contiguous_gradients": True, "overlap_comm": False}
     if train.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if train.offload_params:  # needs zero_stage=3: checked with the config (lm.config.loader.check_ranges)
@@ -63,7 +66,7 @@ def deepspeed_config(train: Any) -> Dict[str, Any]:
         "gradient_clipping": float(train.grad_clip),
         "train_micro_batch_size_per_gpu": int(train.micro_batch_size),
         "zero_allow_untested_optimizer": True,
-        "steps_per_print": 10 ** 9,
+        "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
     if str(train.precision).startswith("bf16"):

@@ -136,14 +136,26 @@ def build_data(cfg: DictConfig) -> RunData:
         from data.tasks.datamodule import TaskDataModule
 
         task = task_from_config(plain(cfg.data))
-        return RunData(TaskDataModule(task, cfg.train.micro_batch_size, cfg.seed, val_examples=cfg.data.task.val_examples,
-                                      num_workers=cfg.train.num_workers))
+        return RunData(
+            TaskDataModule(
+                task,
+                cfg.train.micro_batch_size,
+                cfg.seed,
+                val_examples=cfg.data.task.val_examples,
+                num_workers=cfg.train.num_workers,
+            )
+        )
     from data.datamodule import TokenDataModule
 
     data_dir = prepare_data(cfg, progress=cfg.train.progress_bar)
     datamodule = TokenDataModule(
-        data_dir, cfg.train.seq_len, cfg.train.micro_batch_size, cfg.seed, num_workers=cfg.train.num_workers,
-        val_batches=cfg.train.val_batches, doc_start_mask=cfg.data.packing == "reset",
+        data_dir,
+        cfg.train.seq_len,
+        cfg.train.micro_batch_size,
+        cfg.seed,
+        num_workers=cfg.train.num_workers,
+        val_batches=cfg.train.val_batches,
+        doc_start_mask=cfg.data.packing == "reset",
         state_passing=cfg.train.state_passing,
     )
     tokenizer = {"path": str(datamodule.tokenizer_path), "sha256": datamodule.tokenizer_sha256}
@@ -174,9 +186,11 @@ def checkpoint_to_resume(cfg: DictConfig, ckpt_dir: Path, echo=print) -> Optiona
             echo(f"note: checkpoint {path} rejected: {reason}")
     if found is None and step_dirs(ckpt_dir):
         path, reason = rejected[-1] if rejected else (ckpt_dir, "none is complete")
-        raise LMError(f"resume=auto: no usable checkpoint in {ckpt_dir} (newest {path.name}: {reason}); nothing was "
-                      f"changed: restore a checkpoint, pass resume=<checkpoint>, or start over with a new run_dir=... "
-                      f"or overwrite=true")
+        raise LMError(
+            f"resume=auto: no usable checkpoint in {ckpt_dir} (newest {path.name}: {reason}); nothing was "
+            f"changed: restore a checkpoint, pass resume=<checkpoint>, or start over with a new run_dir=... "
+            f"or overwrite=true"
+        )
     return found
 
 
@@ -211,8 +225,10 @@ def plan_resume(cfg: DictConfig, ckpt_dir: Path, echo) -> Tuple[DictConfig, Resu
         echo(f"{Path(cfg.run_dir)}: already trained to step {step} (train.max_steps={cfg.train.max_steps})")
         return cfg, ResumePlan(found, step, done=True)
     if changes.notices and launch_rank() == 0:
-        echo(f"note: resuming step {step} with changed settings, applied from here on "
-             f"(the schedule keeps its step): {'; '.join(changes.notices)}")
+        echo(
+            f"note: resuming step {step} with changed settings, applied from here on "
+            f"(the schedule keeps its step): {'; '.join(changes.notices)}"
+        )
     return cfg, ResumePlan(found, step, changes.optimizer_changed)
 
 
@@ -224,8 +240,10 @@ def check_writable(directory: Path) -> None:
         with tempfile.TemporaryFile(dir=directory, prefix=".write-test"):
             pass
     except OSError as e:
-        raise LMError(f"{directory} is not writable ({e.strerror or e}): make it writable, or choose another "
-                      f"run_dir=... (to evaluate a read-only run, pass --out to lm eval)") from None
+        raise LMError(
+            f"{directory} is not writable ({e.strerror or e}): make it writable, or choose another "
+            f"run_dir=... (to evaluate a read-only run, pass --out to lm eval)"
+        ) from None
 
 
 def prepare_run_dir(cfg: DictConfig, echo=print) -> None:
@@ -240,8 +258,10 @@ def prepare_run_dir(cfg: DictConfig, echo=print) -> None:
     if not _fresh(cfg) or not existing:
         return
     if not cfg.overwrite:
-        raise LMError(f"run_dir {run_dir} already holds checkpoints of an earlier run (newest {existing[-1].name}); "
-                      f"continue it with resume=auto, or start over with a new run_dir=... or overwrite=true")
+        raise LMError(
+            f"run_dir {run_dir} already holds checkpoints of an earlier run (newest {existing[-1].name}); "
+            f"continue it with resume=auto, or start over with a new run_dir=... or overwrite=true"
+        )
     for entry in run_dir.iterdir():
         if entry.name != LOCK_FILE:
             shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
@@ -318,10 +338,19 @@ def _train(cfg: DictConfig, echo) -> TrainResult:
     if rank0:
         _announce(exp, module, data, plan, threads, echo)
     stop = StopRequest() if exp.checkpoint.save_on_signal else None
-    manifest_extra = {"config": to_dict(exp), "tokenizer": data.tokenizer,
-                      "data_dir": str(data.data_dir) if data.data_dir else None}
-    checkpoints = CheckpointManager(run_dir / "checkpoints", exp.checkpoint.every_n_steps, exp.checkpoint.keep_last,
-                                    manifest_extra, stop=stop, resume_from=plan.checkpoint)
+    manifest_extra = {
+        "config": to_dict(exp),
+        "tokenizer": data.tokenizer,
+        "data_dir": str(data.data_dir) if data.data_dir else None,
+    }
+    checkpoints = CheckpointManager(
+        run_dir / "checkpoints",
+        exp.checkpoint.every_n_steps,
+        exp.checkpoint.keep_last,
+        manifest_extra,
+        stop=stop,
+        resume_from=plan.checkpoint,
+    )
     loggers = build_loggers(exp, run_dir, to_dict(exp))
     callbacks = build_callbacks(exp, run_dir, checkpoints, loggers)
     trainer = build_trainer(exp, devices, nodes, callbacks, loggers, echo)
@@ -341,14 +370,17 @@ def build_module(cfg: ExperimentConfig, data: RunData, plan: ResumePlan) -> LMMo
     return module
 
 
-def _announce(cfg: ExperimentConfig, module: LMModule, data: RunData, plan: ResumePlan, threads: Tuple[int, str],
-              echo) -> None:
+def _announce(
+    cfg: ExperimentConfig, module: LMModule, data: RunData, plan: ResumePlan, threads: Tuple[int, str], echo
+) -> None:
     """Rank 0: the model, data, run directory and thread count (and a warning for a small split)."""
     n = module.model.num_parameters()
     size = f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n:,}"
-    echo(f"model: {model_name(cfg.model)} with {size} parameters (vocabulary {cfg.model.vocab_size}); "
-         f"data: {data.describe(cfg)}; run: {Path(cfg.run_dir)}"
-         + (f"; resuming from {plan.checkpoint}" if plan.checkpoint else ""))
+    echo(
+        f"model: {model_name(cfg.model)} with {size} parameters (vocabulary {cfg.model.vocab_size}); "
+        f"data: {data.describe(cfg)}; run: {Path(cfg.run_dir)}"
+        + (f"; resuming from {plan.checkpoint}" if plan.checkpoint else "")
+    )
     echo(f"threads: {threads[0]} per process ({threads[1]}; set train.threads=N)")
     if data.data_dir is not None:
         from data.split import small_split_warning
@@ -358,7 +390,9 @@ def _announce(cfg: ExperimentConfig, module: LMModule, data: RunData, plan: Resu
             echo(warning)
 
 
-def build_callbacks(cfg: ExperimentConfig, run_dir: Path, checkpoints: CheckpointManager, loggers: List[Any]) -> List[Any]:
+def build_callbacks(
+    cfg: ExperimentConfig, run_dir: Path, checkpoints: CheckpointManager, loggers: List[Any]
+) -> List[Any]:
     """Sample recorder, checkpoints, progress bar, learning-rate monitor and probes, in that order."""
     callbacks: List[Any] = []
     if cfg.train.record_samples:
@@ -382,8 +416,9 @@ def build_callbacks(cfg: ExperimentConfig, run_dir: Path, checkpoints: Checkpoin
     return callbacks
 
 
-def build_trainer(cfg: ExperimentConfig, devices: int, nodes: int, callbacks: List[Any], loggers: List[Any],
-                  echo) -> pl.Trainer:
+def build_trainer(
+    cfg: ExperimentConfig, devices: int, nodes: int, callbacks: List[Any], loggers: List[Any], echo
+) -> pl.Trainer:
     """The Lightning ``Trainer``: strategy, precision, step counts, validation cadence, clipping."""
     train = cfg.train
     strategy = build_strategy(train, devices, nodes)
@@ -427,8 +462,7 @@ def build_trainer(cfg: ExperimentConfig, devices: int, nodes: int, callbacks: Li
     )
 
 
-def fit(trainer: pl.Trainer, module: LMModule, data: RunData, plan: ResumePlan,
-        checkpoints: CheckpointManager) -> None:
+def fit(trainer: pl.Trainer, module: LMModule, data: RunData, plan: ResumePlan, checkpoints: CheckpointManager) -> None:
     """``Trainer.fit`` from the resumed checkpoint (if any); too many non-finite steps in a row are a
     one-line error naming the last good checkpoint."""
     try:
@@ -439,12 +473,24 @@ def fit(trainer: pl.Trainer, module: LMModule, data: RunData, plan: ResumePlan,
         raise LMError(f"{e}{kept}") from None
 
 
-def finish(cfg: ExperimentConfig, trainer: pl.Trainer, module: LMModule, data: RunData, plan: ResumePlan,
-           checkpoints: CheckpointManager, stop: Optional[StopRequest], echo) -> TrainResult:
+def finish(
+    cfg: ExperimentConfig,
+    trainer: pl.Trainer,
+    module: LMModule,
+    data: RunData,
+    plan: ResumePlan,
+    checkpoints: CheckpointManager,
+    stop: Optional[StopRequest],
+    echo,
+) -> TrainResult:
     """The result: after a signal stop, the stop (and a SLURM requeue); else the metrics and, on rank 0,
     the final report."""
-    result = TrainResult(Path(cfg.run_dir), checkpoints.saved[-1] if checkpoints.saved else plan.checkpoint,
-                         trainer.global_step, stopped_by_signal=checkpoints.stopped_by_signal)
+    result = TrainResult(
+        Path(cfg.run_dir),
+        checkpoints.saved[-1] if checkpoints.saved else plan.checkpoint,
+        trainer.global_step,
+        stopped_by_signal=checkpoints.stopped_by_signal,
+    )
     if checkpoints.stopped_by_signal:
         _report_stop(trainer, checkpoints, stop, result, echo)
         return result
@@ -454,21 +500,29 @@ def finish(cfg: ExperimentConfig, trainer: pl.Trainer, module: LMModule, data: R
     return result
 
 
-def _report_stop(trainer: pl.Trainer, checkpoints: CheckpointManager, stop: Optional[StopRequest],
-                 result: TrainResult, echo) -> None:
+def _report_stop(
+    trainer: pl.Trainer, checkpoints: CheckpointManager, stop: Optional[StopRequest], result: TrainResult, echo
+) -> None:
     """Say where a signal stopped the run; requeue the SLURM job when the signal asked for it."""
-    unsaved = (f" (step {checkpoints.skipped_nonfinite} not saved: non-finite loss or weights)"
-               if checkpoints.skipped_nonfinite == trainer.global_step else "")
-    stopped = (f"stopped by {checkpoints.stopped_by_signal} at step {trainer.global_step}; "
-               f"checkpoint {result.checkpoint}{unsaved}")
+    unsaved = (
+        f" (step {checkpoints.skipped_nonfinite} not saved: non-finite loss or weights)"
+        if checkpoints.skipped_nonfinite == trainer.global_step
+        else ""
+    )
+    stopped = (
+        f"stopped by {checkpoints.stopped_by_signal} at step {trainer.global_step}; "
+        f"checkpoint {result.checkpoint}{unsaved}"
+    )
     if stop is not None and stop.wants_requeue and trainer.is_global_zero:
         # said before the requeue: SLURM terminates the job's processes as soon as it is requeued
         echo(f"{stopped}; requeueing SLURM job {os.environ.get('SLURM_JOB_ID')}")
         result.requeued = requeue_slurm_job()
         if not result.requeued:
             # exiting 0 here would record the unfinished job as COMPLETED
-            raise LMError(f"{stopped}, but `scontrol requeue` failed: resubmit the job (lm submit, which "
-                          f"resumes with resume=auto)")
+            raise LMError(
+                f"{stopped}, but `scontrol requeue` failed: resubmit the job (lm submit, which "
+                f"resumes with resume=auto)"
+            )
     elif trainer.is_global_zero:
         echo(stopped)
 
@@ -480,8 +534,10 @@ def _check_world_size(cfg: DictConfig, manifest: Dict[str, Any], resume_from: Pa
     devices, nodes = world_shape(cfg.train)
     before = int(manifest.get("world_size", devices * nodes))
     if before != devices * nodes:
-        raise ConfigError(f"resume from {resume_from}: the DeepSpeed checkpoint was written by {before} ranks, this run "
-                          f"has {devices * nodes} (train.devices x train.num_nodes); resume it on {before} ranks")
+        raise ConfigError(
+            f"resume from {resume_from}: the DeepSpeed checkpoint was written by {before} ranks, this run "
+            f"has {devices * nodes} (train.devices x train.num_nodes); resume it on {before} ranks"
+        )
 
 
 def _precision(value: str) -> str:
@@ -514,8 +570,14 @@ def _final_report(cfg: ExperimentConfig, module: LMModule, datamodule, result: T
         model = load_model(str(result.checkpoint)).model.to(next(module.parameters()).device)
     was_training = model.training
     model.eval()
-    sums = evaluate(model, datamodule.val_dataloader(), module.task_output, module.loss_chunk_size,
-                    module.loss_across_boundary, max_batches=cfg.train.val_batches)
+    sums = evaluate(
+        model,
+        datamodule.val_dataloader(),
+        module.task_output,
+        module.loss_chunk_size,
+        module.loss_across_boundary,
+        max_batches=cfg.train.val_batches,
+    )
     metrics = sums.metrics(module.bytes_per_token)
     for name in ("val/acc", "val/seq_acc"):
         if name in metrics:
@@ -525,10 +587,17 @@ def _final_report(cfg: ExperimentConfig, module: LMModule, datamodule, result: T
         result.val_bpb = metrics.get("val/bpb")
     stop_reason, prompt_from = _final_sample(cfg, model, datamodule, result)
     model.train(was_training)
-    summary = {"step": result.global_step, "checkpoint": str(result.checkpoint), "val_loss": result.val_loss,
-               "val_ppl": result.val_ppl, "val_bpb": result.val_bpb, "sample": result.sample,
-               "sample_stop": stop_reason,
-               "val_acc": result.metrics.get("val/acc"), "val_seq_acc": result.metrics.get("val/seq_acc")}
+    summary = {
+        "step": result.global_step,
+        "checkpoint": str(result.checkpoint),
+        "val_loss": result.val_loss,
+        "val_ppl": result.val_ppl,
+        "val_bpb": result.val_bpb,
+        "sample": result.sample,
+        "sample_stop": stop_reason,
+        "val_acc": result.metrics.get("val/acc"),
+        "val_seq_acc": result.metrics.get("val/seq_acc"),
+    }
     write_atomic(result.run_dir / "summary.json", json.dumps(summary, indent=1))
     _echo_report(cfg, result, stop_reason, prompt_from, echo)
 
@@ -546,14 +615,22 @@ def _final_sample(cfg: ExperimentConfig, model, datamodule, result: TrainResult)
     if not prompt:
         prompt, prompt_from = _validation_prompt(datamodule.data_dir, tokenizer), "a validation document's start"
     result.sample, stop_reason = sample_with_reason(
-        model, lambda s: tokenizer.encode(s).ids, lambda ids: tokenizer.decode(ids),
-        prompt, cfg.train.sample_tokens, temperature=0.8, top_k=50, seed=cfg.seed, stop_token=datamodule.eod_id,
+        model,
+        lambda s: tokenizer.encode(s).ids,
+        lambda ids: tokenizer.decode(ids),
+        prompt,
+        cfg.train.sample_tokens,
+        temperature=0.8,
+        top_k=50,
+        seed=cfg.seed,
+        stop_token=datamodule.eod_id,
     )
     return stop_reason, prompt_from
 
 
-def _echo_report(cfg: ExperimentConfig, result: TrainResult, stop_reason: Optional[str], prompt_from: Optional[str],
-                 echo) -> None:
+def _echo_report(
+    cfg: ExperimentConfig, result: TrainResult, stop_reason: Optional[str], prompt_from: Optional[str], echo
+) -> None:
     metrics_csv = result.run_dir / "logs" / "metrics.csv"
     plot = None
     if metrics_csv.is_file():
@@ -561,11 +638,16 @@ def _echo_report(cfg: ExperimentConfig, result: TrainResult, stop_reason: Option
 
         plot = plot_loss_curves(metrics_csv, result.run_dir / "loss.png")
     echo("")
-    echo(f"finished at step {result.global_step}; checkpoint: {result.checkpoint}"
-         + (f"; loss curves: {plot}" if plot else ""))
+    echo(
+        f"finished at step {result.global_step}; checkpoint: {result.checkpoint}"
+        + (f"; loss curves: {plot}" if plot else "")
+    )
     if result.val_loss is not None and cfg.data.source.kind == "task":
-        acc = (f", accuracy {result.metrics['val/acc']:.3f}, sequence accuracy {result.metrics['val/seq_acc']:.3f}"
-               if "val/acc" in result.metrics else "")
+        acc = (
+            f", accuracy {result.metrics['val/acc']:.3f}, sequence accuracy {result.metrics['val/seq_acc']:.3f}"
+            if "val/acc" in result.metrics
+            else ""
+        )
         echo(f"validation: loss {result.val_loss:.5f}{acc}")
     elif result.val_loss is not None:
         bpb = f", bits/byte {result.val_bpb:.3f}" if result.val_bpb is not None else ""

@@ -23,8 +23,7 @@ def config_dir(tmp_path, monkeypatch):
     write(root / "model" / "m" / "small.yaml", "family: transformer\nd_model: 64\nn_heads: 4\nn_layers: 2\n")
     write(root / "model" / "other.yaml", "family: linear_attention\nvariant: gla\nd_model: 32\nn_heads: 2\n")
     write(root / "train" / "t.yaml", "max_steps: 7\nlr: 0.01\n")
-    write(root / "experiment" / "exp.yaml",
-          "defaults: {data: d1, model: m/small, train: t}\ntrain: {max_steps: 9}\n")
+    write(root / "experiment" / "exp.yaml", "defaults: {data: d1, model: m/small, train: t}\ntrain: {max_steps: 9}\n")
     monkeypatch.setenv("LM_CONFIG_DIR", str(root))
     return root
 
@@ -121,8 +120,9 @@ def test_choices_live_on_the_schema():
 
     assert CHOICES == choices()
     assert CHOICES["train.strategy"] == ("auto", "single", "ddp", "deepspeed")
-    assert {f.name: f.metadata["choices"] for f in dataclasses.fields(ModelConfig) if "choices" in f.metadata}["norm"] \
-        == ("rmsnorm", "layernorm", "none")
+    assert {f.name: f.metadata["choices"] for f in dataclasses.fields(ModelConfig) if "choices" in f.metadata}[
+        "norm"
+    ] == ("rmsnorm", "layernorm", "none")
     for key, options in CHOICES.items():
         section, _, leaf = key.rpartition(".")
         default = {"train": TrainConfig(), "model": ModelConfig()}.get(section)
@@ -172,7 +172,8 @@ def test_resolve_fills_data_fields_once_and_freezes():
     exp = resolve(task, SimpleNamespace(task=SimpleNamespace(spec=spec)))
     assert exp.data.task_output == "vectors" and exp.model.input_dim == spec.input_dim
     assert exp.model.output_dim == spec.output_dim and exp.model.vocab_size == 0
-    wrong = load_experiment(None, ["model=gla/tiny", "data.source.kind=task", "data.task.name=icl_regression",
-                                   "data.task_output=classes"])
+    wrong = load_experiment(
+        None, ["model=gla/tiny", "data.source.kind=task", "data.task.name=icl_regression", "data.task_output=classes"]
+    )
     with pytest.raises(ConfigError, match="data.task_output"):
         resolve(wrong, SimpleNamespace(task=SimpleNamespace(spec=spec)))

@@ -11,8 +11,10 @@ import pytest
 #: tinyshakespeare lives in ../shared/data next to the repository
 SHAKESPEARE = Path(__file__).resolve().parents[3] / "shared/data/tinyshakespeare.txt"
 
-WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho "
-         "sigma tau upsilon phi chi psi omega").split()
+WORDS = (
+    "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho "
+    "sigma tau upsilon phi chi psi omega"
+).split()
 
 
 def paragraph(i: int, n_words: int = 40) -> str:
@@ -74,7 +76,8 @@ def prepared_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("prepared")
     corpus = root / "corpus.txt"
     corpus.write_text("\n\n".join(paragraph(i) for i in range(60)) + "\n", encoding="utf-8")
-    cfg_path = write_data_config(root / "tiny.yaml", source={"paths": [str(corpus)]},
-                                 out_dir=str(root / "out"), shard_tokens=1000)
+    cfg_path = write_data_config(
+        root / "tiny.yaml", source={"paths": [str(corpus)]}, out_dir=str(root / "out"), shard_tokens=1000
+    )
     prepare(load_data_config(str(cfg_path)), echo=lambda s: None, progress=False)
     return root / "out"

@@ -96,8 +96,9 @@ def test_resume_mid_epoch_and_across_epoch_boundary(prepared_dir, num_workers):
             loader_state, module_state = loader.state_dict(), dm.state_dict()
             del it
             assert seen == straight[:stop]
-            assert module_state["consumed"] == (stop - (per_epoch if stop >= per_epoch else 0)) * B * world \
-                or (stop == per_epoch and module_state["consumed"] == per_epoch * B * world)
+            assert module_state["consumed"] == (stop - (per_epoch if stop >= per_epoch else 0)) * B * world or (
+                stop == per_epoch and module_state["consumed"] == per_epoch * B * world
+            )
 
             for how in ("loader", "module"):
                 dm2 = make(prepared_dir, rank, world, num_workers=num_workers)
@@ -149,8 +150,7 @@ def test_resume_with_other_world_size_covers_the_rest_of_the_epoch(prepared_dir)
 def test_validation_is_ordered_strided_and_capped(prepared_dir):
     full = [i for b in make(prepared_dir).val_dataloader() for i in b["index"].tolist()]
     assert full == list(range(len(full))) and len(full) >= 4
-    shares = [[i for b in make(prepared_dir, r, 2).val_dataloader() for i in b["index"].tolist()]
-              for r in range(2)]
+    shares = [[i for b in make(prepared_dir, r, 2).val_dataloader() for i in b["index"].tolist()] for r in range(2)]
     assert len(shares[0]) == len(shares[1]) and not set(shares[0]) & set(shares[1])
     assert shares[0] == list(range(0, 2 * len(shares[0]), 2))
     capped = list(make(prepared_dir, 1, 2, val_batches=1).val_dataloader())
@@ -165,7 +165,8 @@ def test_too_small_splits_are_clear_errors(prepared_dir):
         big.val_dataloader()
     with pytest.raises(DataError, match="windows"):
         ResumableBatchSampler(10, 4, 0).load_state_dict(
-            {"epoch": 0, "consumed": 0, "seed": 0, "num_windows": 11, "world_size": 1, "batch_size": 4})
+            {"epoch": 0, "consumed": 0, "seed": 0, "num_windows": 11, "world_size": 1, "batch_size": 4}
+        )
 
 
 def test_lightning_fit_resume_is_exact(prepared_dir, tmp_path):
@@ -197,10 +198,18 @@ def test_lightning_fit_resume_is_exact(prepared_dir, tmp_path):
     def fit(max_steps, ckpt=None, callbacks=()):
         module = Recorder()
         trainer = pl.Trainer(
-            max_steps=max_steps, accelerator="cpu", devices=1, logger=False,
-            enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-            use_distributed_sampler=False, limit_val_batches=0, num_sanity_val_steps=0,
-            callbacks=list(callbacks))
+            max_steps=max_steps,
+            accelerator="cpu",
+            devices=1,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+            use_distributed_sampler=False,
+            limit_val_batches=0,
+            num_sanity_val_steps=0,
+            callbacks=list(callbacks),
+        )
         trainer.fit(module, datamodule=make(prepared_dir, seed=5), ckpt_path=ckpt)
         return module.seen
 

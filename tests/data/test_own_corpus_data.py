@@ -15,8 +15,10 @@ from lm.config import load_experiment
 from lm.config.schema import SourceConfig
 from lm.errors import ConfigError, DataError
 
-WIKI = (" = Alpha = \n\n Alpha is a letter . \n\n = = Use = = \n\n It starts words . \n\n"
-        " = Beta = \n\n Beta follows alpha . \n\n = = = History = = = \n\n Old . \n")
+WIKI = (
+    " = Alpha = \n\n Alpha is a letter . \n\n = = Use = = \n\n It starts words . \n\n"
+    " = Beta = \n\n Beta follows alpha . \n\n = = = History = = = \n\n Old . \n"
+)
 
 
 def texts(cfg):
@@ -46,8 +48,9 @@ def test_hf_builder_reads_exactly_the_given_local_files(tmp_path, monkeypatch, b
     rows = [{"text": f"document {i} " * 3} for i in range(5)]
     path = tmp_path / "files" / f"x.{suffix}"
     path.parent.mkdir()
-    datasets.Dataset.from_list(rows).to_parquet(str(path)) if builder == "parquet" else \
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    datasets.Dataset.from_list(rows).to_parquet(str(path)) if builder == "parquet" else path.write_text(
+        "".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8"
+    )
     # the current directory holds a file the builder would choke on if it scanned it
     cwd = tmp_path / "cwd"
     cwd.mkdir()

@@ -23,8 +23,7 @@ def leftovers(parent: Path):
 def test_prepare_end_to_end_and_metadata(tmp_path, text_corpus, capsys):
     cfg = write_data_config(tmp_path / "d.yaml", source={"paths": [str(text_corpus)]})
     out = tmp_path / "out"
-    code, stdout, err = run_cli(capsys, ["data", "prepare", str(cfg), f"out_dir={out}",
-                                         "tokenizer.vocab_size=320"])
+    code, stdout, err = run_cli(capsys, ["data", "prepare", str(cfg), f"out_dir={out}", "tokenizer.vocab_size=320"])
     assert code == 0, err
     assert f"prepared {out}" in stdout and "train" in stdout and "validation" in stdout
     meta = read_metadata(out)
@@ -32,8 +31,13 @@ def test_prepare_end_to_end_and_metadata(tmp_path, text_corpus, capsys):
     assert meta["vocab_size"] == 320 and meta["dtype"] == "uint16"
     assert (meta["eod_id"], meta["pad_id"]) == (0, 1)
     assert meta["tokenizer_sha256"] == tokenizer_sha256(out / "tokenizer.json")
-    assert meta["source"] == {"kind": "text", "paths": [str(text_corpus)], "split_by": "blank_line",
-                              "files": 1, "files_read": 1}
+    assert meta["source"] == {
+        "kind": "text",
+        "paths": [str(text_corpus)],
+        "split_by": "blank_line",
+        "files": 1,
+        "files_read": 1,
+    }
     assert meta["invalid_utf8_replaced"] == 0 and meta["config"]["tokenizer"]["vocab_size"] == 320
     assert len(meta["fingerprint"]) == 64
     splits = meta["splits"]
@@ -57,13 +61,12 @@ def test_prepare_end_to_end_and_metadata(tmp_path, text_corpus, capsys):
         assert (ids == 0).sum() == s["documents"] and ids[-1] == 0
         for a, b in zip(starts, ends):
             assert ids[b - 1] == 0
-            docs.append(tok.decode(ids[a:b - 1].tolist()))
+            docs.append(tok.decode(ids[a : b - 1].tolist()))
     assert sorted(d.rstrip("\n") for d in docs) == sorted(paragraph(i) for i in range(60))
 
 
 def test_idempotent_and_force(tmp_path, text_corpus, capsys):
-    cfg = write_data_config(tmp_path / "d.yaml", source={"paths": [str(text_corpus)]},
-                            out_dir=str(tmp_path / "out"))
+    cfg = write_data_config(tmp_path / "d.yaml", source={"paths": [str(text_corpus)]}, out_dir=str(tmp_path / "out"))
     assert run_cli(capsys, ["data", "prepare", str(cfg)])[0] == 0
     created = read_metadata(tmp_path / "out")["created"]
     sha = read_metadata(tmp_path / "out")["tokenizer_sha256"]
@@ -94,8 +97,7 @@ def test_failure_midway_leaves_nothing(tmp_path, text_corpus, monkeypatch, exc):
         raise exc
 
     monkeypatch.setattr(data.shards.SplitWriter, "close", boom)
-    cfg = write_data_config(tmp_path / "d.yaml", source={"paths": [str(text_corpus)]},
-                            out_dir=str(tmp_path / "out"))
+    cfg = write_data_config(tmp_path / "d.yaml", source={"paths": [str(text_corpus)]}, out_dir=str(tmp_path / "out"))
     from lm.config.loader import load_data_config
     from data.prepare import prepare
 
@@ -108,8 +110,9 @@ def test_failure_during_rebuild_keeps_old_output(tmp_path, text_corpus, monkeypa
     import data.prepare
     from lm.config.loader import load_data_config
 
-    cfg = load_data_config(str(write_data_config(
-        tmp_path / "d.yaml", source={"paths": [str(text_corpus)]}, out_dir=str(tmp_path / "out"))))
+    cfg = load_data_config(
+        str(write_data_config(tmp_path / "d.yaml", source={"paths": [str(text_corpus)]}, out_dir=str(tmp_path / "out")))
+    )
     data.prepare.prepare(cfg, echo=lambda s: None)
     before = read_metadata(tmp_path / "out")
 
@@ -135,9 +138,19 @@ def test_inspect_output(prepared_dir, capsys):
 @pytest.mark.skipif(not SHAKESPEARE.is_file(), reason=f"{SHAKESPEARE} not present")
 def test_prepare_tinyshakespeare_via_overrides(tmp_path, capsys):
     out = tmp_path / "shakespeare"
-    code, stdout, err = run_cli(capsys, [
-        "data", "prepare", "text", f"source.paths=[{SHAKESPEARE}]", "source.max_bytes=300000",
-        "tokenizer.vocab_size=512", f"out_dir={out}", "name=shakespeare"])
+    code, stdout, err = run_cli(
+        capsys,
+        [
+            "data",
+            "prepare",
+            "text",
+            f"source.paths=[{SHAKESPEARE}]",
+            "source.max_bytes=300000",
+            "tokenizer.vocab_size=512",
+            f"out_dir={out}",
+            "name=shakespeare",
+        ],
+    )
     assert code == 0, err
     meta = read_metadata(out)
     assert meta["name"] == "shakespeare" and meta["bytes"] <= 300_000
@@ -146,8 +159,12 @@ def test_prepare_tinyshakespeare_via_overrides(tmp_path, capsys):
 
 def test_existing_tokenizer_path_and_check_compatible(tmp_path, prepared_dir, text_corpus, capsys):
     tok_path = prepared_dir / "tokenizer.json"
-    cfg = write_data_config(tmp_path / "d.yaml", source={"paths": [str(text_corpus)]},
-                            tokenizer={"path": str(tok_path)}, out_dir=str(tmp_path / "out"))
+    cfg = write_data_config(
+        tmp_path / "d.yaml",
+        source={"paths": [str(text_corpus)]},
+        tokenizer={"path": str(tok_path)},
+        out_dir=str(tmp_path / "out"),
+    )
     code, _, err = run_cli(capsys, ["data", "prepare", str(cfg)])
     assert code == 0, err
     meta = read_metadata(tmp_path / "out")
@@ -169,8 +186,9 @@ def test_check_compatible_mismatches(tmp_path, prepared_dir):
         check_compatible(prepared_dir, prepared_dir / "tokenizer.json", vocab_size=512)
     with pytest.raises(DataError, match="shards were tokenized"):
         TokenDataModule(prepared_dir, 16, 2, seed=0, expected_tokenizer_hash="0" * 64)
-    dm = TokenDataModule(prepared_dir, 16, 2, seed=0,
-                         expected_tokenizer_hash=tokenizer_sha256(prepared_dir / "tokenizer.json"))
+    dm = TokenDataModule(
+        prepared_dir, 16, 2, seed=0, expected_tokenizer_hash=tokenizer_sha256(prepared_dir / "tokenizer.json")
+    )
     assert dm.vocab_size == 300
 
 
@@ -237,8 +255,7 @@ def test_shipped_configs_load():
 def test_bench_runs_and_prints_table(text_corpus, capsys):
     from data.bench import main as bench
 
-    bench(["--text", str(text_corpus), "--mb", "0.05", "--vocab", "300", "--repeat", "1",
-           "--workers", "2"])
+    bench(["--text", str(text_corpus), "--mb", "0.05", "--vocab", "300", "--repeat", "1", "--workers", "2"])
     out = capsys.readouterr().out
     assert "baseline: encode_batch, 1 process, Rust threads on" in out
     assert "prepare path, 2 processes: encode+pack+write" in out
@@ -248,15 +265,32 @@ def test_bench_runs_and_prints_table(text_corpus, capsys):
 def test_prepare_jsonl_and_capped_stdlib_by_config_name(tmp_path, capsys):
     rows = tmp_path / "rows.jsonl"
     rows.write_text("".join(json.dumps({"text": paragraph(i), "n": i}) + "\n" for i in range(40)))
-    code, stdout, err = run_cli(capsys, [
-        "data", "prepare", "jsonl", f"source.paths=[{rows}]", f"out_dir={tmp_path / 'j'}",
-        "tokenizer.vocab_size=300", "validation_fraction=0.1"])
+    code, stdout, err = run_cli(
+        capsys,
+        [
+            "data",
+            "prepare",
+            "jsonl",
+            f"source.paths=[{rows}]",
+            f"out_dir={tmp_path / 'j'}",
+            "tokenizer.vocab_size=300",
+            "validation_fraction=0.1",
+        ],
+    )
     assert code == 0, err
     meta = read_metadata(tmp_path / "j")
     assert meta["documents"] == 40 and meta["source"]["kind"] == "jsonl"
-    code, stdout, err = run_cli(capsys, [
-        "data", "prepare", "stdlib-small", "source.max_bytes=200000", f"out_dir={tmp_path / 's'}",
-        "tokenizer.vocab_size=400"])
+    code, stdout, err = run_cli(
+        capsys,
+        [
+            "data",
+            "prepare",
+            "stdlib-small",
+            "source.max_bytes=200000",
+            f"out_dir={tmp_path / 's'}",
+            "tokenizer.vocab_size=400",
+        ],
+    )
     assert code == 0, err
     meta = read_metadata(tmp_path / "s")
     assert meta["source"]["kind"] == "stdlib" and 0 < meta["bytes"] <= 200_000

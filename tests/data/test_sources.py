@@ -66,11 +66,14 @@ def test_invalid_utf8_replace_counts_and_fail_names_file(tmp_path):
         texts({"kind": "text", "paths": [str(p)], "encoding_errors": "fail"})
 
 
-@pytest.mark.parametrize("paths, message", [
-    (["/nonexistent/file.txt"], "file not found: /nonexistent/file.txt"),
-    (["/nonexistent/*.txt"], "'/nonexistent/\\*.txt' matches no files"),
-    ([], "source.paths: no files given"),
-])
+@pytest.mark.parametrize(
+    "paths, message",
+    [
+        (["/nonexistent/file.txt"], "file not found: /nonexistent/file.txt"),
+        (["/nonexistent/*.txt"], "'/nonexistent/\\*.txt' matches no files"),
+        ([], "source.paths: no files given"),
+    ],
+)
 def test_missing_paths(paths, message):
     with pytest.raises(DataError, match=message):
         open_source({"kind": "text", "paths": paths}).files()
@@ -102,11 +105,10 @@ def test_jsonl_json_csv_parquet(tmp_path):
     rows = _rows(4)
     (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     (tmp_path / "b.json").write_text(json.dumps(rows))
-    (tmp_path / "c.csv").write_text("id,text\n" + "".join(f'{r["id"]},{r["text"]}\n' for r in rows))
+    (tmp_path / "c.csv").write_text("id,text\n" + "".join(f"{r['id']},{r['text']}\n" for r in rows))
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
     expected = [r["text"] for r in rows]
-    for kind, name in (("jsonl", "a.jsonl"), ("json", "b.json"), ("csv", "c.csv"),
-                       ("parquet", "d.parquet")):
+    for kind, name in (("jsonl", "a.jsonl"), ("json", "b.json"), ("csv", "c.csv"), ("parquet", "d.parquet")):
         assert texts({"kind": kind, "paths": [str(tmp_path / name)]}) == expected, kind
     both = texts({"kind": "jsonl", "paths": [str(tmp_path / "a.jsonl")] * 2})
     assert both == expected  # the same file is read once
@@ -115,8 +117,11 @@ def test_jsonl_json_csv_parquet(tmp_path):
 def test_jsonl_missing_field_names_file_field_and_columns(tmp_path):
     p = tmp_path / "x.jsonl"
     p.write_text(json.dumps({"body": "hello", "id": 1}) + "\n")
-    with pytest.raises(DataError, match=r"x\.jsonl: no field 'text' \(source\.text_field\); "
-                                        r"columns: body, id"):
+    with pytest.raises(
+        DataError,
+        match=r"x\.jsonl: no field 'text' \(source\.text_field\); "
+        r"columns: body, id",
+    ):
         texts({"kind": "jsonl", "paths": [str(p)]})
     assert texts({"kind": "jsonl", "paths": [str(p)], "text_field": "body"}) == ["hello"]
 

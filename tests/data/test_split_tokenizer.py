@@ -8,7 +8,11 @@ import pytest
 from lm.errors import DataError
 from data.split import TEST, TRAIN, VALIDATION, assign_splits, splitmix64, unit_hash
 from data.tokenizer import (
-    TrainingSample, ensure_special_tokens, load_tokenizer, tokenizer_sha256, train_tokenizer,
+    TrainingSample,
+    ensure_special_tokens,
+    load_tokenizer,
+    tokenizer_sha256,
+    train_tokenizer,
 )
 from data.shards import SplitWriter, TokenShards, FlatTokens
 
@@ -109,15 +113,17 @@ def test_split_writer_shards_and_flat_windows(tmp_path):
     flat = FlatTokens([np.load(tmp_path / s["file"], mmap_mode="r") for s in info["shards"]])
     assert len(flat) == 2500
     for start, length in ((0, 10), (995, 10), (990, 1500), (2490, 10), (1000, 0)):
-        assert np.array_equal(flat.window(start, length), tokens[start:start + length])
+        assert np.array_equal(flat.window(start, length), tokens[start : start + length])
     assert np.array_equal(flat[998:1003], tokens[998:1003]) and flat[-1] == tokens[-1]
     with pytest.raises(IndexError):
         flat.window(2495, 10)
-    (tmp_path / "metadata.json").write_text(json.dumps(
-        {"format": "lm-token-shards/1", "dtype": "uint16", "splits": {"train": info}}))
+    (tmp_path / "metadata.json").write_text(
+        json.dumps({"format": "lm-token-shards/1", "dtype": "uint16", "splits": {"train": info}})
+    )
     shards = TokenShards(tmp_path, "train")
     assert len(shards) == 2500 and shards.num_documents == 3
     import pickle
+
     clone = pickle.loads(pickle.dumps(shards))
     assert np.array_equal(clone.window(990, 20), tokens[990:1010])
     with pytest.raises(DataError, match="no split 'test'"):
@@ -138,7 +144,7 @@ def test_encoder_appends_eod_and_keeps_literal_special_tokens_as_text(workers, b
     for label, tokens, lengths, nbytes in results:
         assert tokens.dtype == np.uint16 and lengths.sum() == len(tokens)
         starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-        by_split[label] += [tokens[s:s + n] for s, n in zip(starts, lengths)]
+        by_split[label] += [tokens[s : s + n] for s, n in zip(starts, lengths)]
     for label in (0, 1):
         expected = [t for i, t in enumerate(texts) if i % 2 == label]
         assert len(by_split[label]) == len(expected)

@@ -37,7 +37,7 @@ def test_resume_continues_the_same_batches_and_epochs_differ():
     again = StreamBatchSampler(40, 2, seed=1)
     again.load_state_dict(state)
     rest = list(again)
-    assert head + rest == first[:len(head) + len(rest)]
+    assert head + rest == first[: len(head) + len(rest)]
     assert first[:20] != first[20:], "the epoch offset should change the start of each stream"
 
 

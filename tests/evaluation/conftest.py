@@ -31,11 +31,17 @@ def eval_data(tmp_path_factory) -> Path:
     from lm.config.schema import DataConfig
 
     out = tmp_path_factory.mktemp("eval-data") / "stdlib-eval"
-    cfg = OmegaConf.merge(OmegaConf.structured(DataConfig), {
-        "name": "stdlib-eval", "out_dir": str(out), "validation_fraction": 0.3, "num_proc": 1,
-        "source": {"kind": "stdlib", "max_bytes": 150_000},
-        "tokenizer": {"vocab_size": 384, "train_max_bytes": 150_000},
-    })
+    cfg = OmegaConf.merge(
+        OmegaConf.structured(DataConfig),
+        {
+            "name": "stdlib-eval",
+            "out_dir": str(out),
+            "validation_fraction": 0.3,
+            "num_proc": 1,
+            "source": {"kind": "stdlib", "max_bytes": 150_000},
+            "tokenizer": {"vocab_size": 384, "train_max_bytes": 150_000},
+        },
+    )
     prepare(cfg, echo=quiet, progress=False)
     return out
 
@@ -59,15 +65,31 @@ def train_run(path: Path) -> Path:
 def lm_runs(tmp_path_factory, eval_data) -> Dict[str, Path]:
     """Run directories of a tiny GLA and a tiny Transformer (max_seq_len 64) trained 6 steps."""
     root = tmp_path_factory.mktemp("eval-runs")
-    data = {"name": "stdlib-eval", "out_dir": str(eval_data), "source": {"kind": "stdlib", "max_bytes": 150_000},
-            "tokenizer": {"vocab_size": 384, "train_max_bytes": 150_000}, "validation_fraction": 0.3, "num_proc": 1}
+    data = {
+        "name": "stdlib-eval",
+        "out_dir": str(eval_data),
+        "source": {"kind": "stdlib", "max_bytes": 150_000},
+        "tokenizer": {"vocab_size": 384, "train_max_bytes": 150_000},
+        "validation_fraction": 0.3,
+        "num_proc": 1,
+    }
     train = {"max_steps": 6, "seq_len": 32, "val_every_n_steps": 0, "sample_tokens": 0, "lr": 1e-2}
     runs = {}
     for name, model in (("gla", "gla/tiny"), ("transformer", "transformer/tiny")):
-        runs[name] = train_run(write_experiment(root, name, {
-            "defaults": {"model": model, "train": "cpu-test"}, "data": data,
-            "model": {"d_model": 32, "n_heads": 2, "n_layers": 2, "max_seq_len": 64}, "train": train,
-            "checkpoint": {"every_n_steps": 6}, "logging": {"tensorboard": False}}))
+        runs[name] = train_run(
+            write_experiment(
+                root,
+                name,
+                {
+                    "defaults": {"model": model, "train": "cpu-test"},
+                    "data": data,
+                    "model": {"d_model": 32, "n_heads": 2, "n_layers": 2, "max_seq_len": 64},
+                    "train": train,
+                    "checkpoint": {"every_n_steps": 6},
+                    "logging": {"tensorboard": False},
+                },
+            )
+        )
     return runs
 
 
@@ -75,20 +97,41 @@ def lm_runs(tmp_path_factory, eval_data) -> Dict[str, Path]:
 def parity_run(tmp_path_factory) -> Path:
     """A tiny recurrent-delta model trained 6 steps on parity (a synthetic-task checkpoint)."""
     root = tmp_path_factory.mktemp("eval-task")
-    return train_run(write_experiment(root, "parity", {
-        "defaults": {"model": "recurrent_delta/tiny", "train": "cpu-test"},
-        "data": {"source": {"kind": "task"},
-                 "task": {"name": "formal", "params": {"language": "parity", "min_length": 2, "max_length": 8},
-                          "val_examples": 16}},
-        "model": {"d_model": 32, "n_heads": 2, "n_layers": 1},
-        "train": {"max_steps": 6, "val_every_n_steps": 0, "micro_batch_size": 8},
-        "checkpoint": {"every_n_steps": 6}, "logging": {"tensorboard": False}}))
+    return train_run(
+        write_experiment(
+            root,
+            "parity",
+            {
+                "defaults": {"model": "recurrent_delta/tiny", "train": "cpu-test"},
+                "data": {
+                    "source": {"kind": "task"},
+                    "task": {
+                        "name": "formal",
+                        "params": {"language": "parity", "min_length": 2, "max_length": 8},
+                        "val_examples": 16,
+                    },
+                },
+                "model": {"d_model": 32, "n_heads": 2, "n_layers": 1},
+                "train": {"max_steps": 6, "val_every_n_steps": 0, "micro_batch_size": 8},
+                "checkpoint": {"every_n_steps": 6},
+                "logging": {"tensorboard": False},
+            },
+        )
+    )
 
 
 def lm_env(**extra: str) -> Dict[str, str]:
     env = dict(os.environ)
-    env.update({"WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
-                "TOKENIZERS_PARALLELISM": "false", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})
+    env.update(
+        {
+            "WANDB_MODE": "disabled",
+            "PYTHONUNBUFFERED": "1",
+            "OMP_NUM_THREADS": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "HF_DATASETS_OFFLINE": "1",
+            "HF_HUB_OFFLINE": "1",
+        }
+    )
     env.update(extra)
     return env
 
@@ -110,22 +153,32 @@ def run_lm(*args: str, check: bool = True) -> subprocess.CompletedProcess:
             code = int(e.code or 0)
     proc = subprocess.CompletedProcess(["lm", *args], code, out.getvalue(), err.getvalue())
     if check and proc.returncode != 0:
-        raise AssertionError(f"lm {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-4000:]}")
+        raise AssertionError(
+            f"lm {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-4000:]}"
+        )
     return proc
 
 
 def run_lm_subprocess(*args: str, check: bool = True, env=None, timeout: float = 300) -> subprocess.CompletedProcess:
     """``lm <args>`` in a subprocess (as a user runs it)."""
-    proc = subprocess.run([sys.executable, "-m", "lm.cli.main", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env or lm_env(), cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lm.cli.main", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env or lm_env(),
+        cwd=REPO,
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"lm {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-4000:]}")
+        raise AssertionError(
+            f"lm {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-4000:]}"
+        )
     return proc
 
 
 def error_line(proc: subprocess.CompletedProcess) -> str:
     """The one-line ``error: ...`` message of a failed command (asserting there is exactly one)."""
-    lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2 and len(lines) == 1, f"rc {proc.returncode}, stderr:\n{proc.stderr[-3000:]}"
     return lines[0]
 

@@ -33,15 +33,43 @@ def test_batched_greedy_decoding_equals_one_by_one_and_pieces():
 def test_generate_cli_streams_and_checks_lengths(lm_runs, parity_run, tmp_path):
     # one prompt: the prompt, then the text inline; JSON with the completion
     out = tmp_path / "gen.json"
-    proc = run_lm("generate", str(lm_runs["gla"]), "--prompt", "def main(", "--max-new-tokens", "12",
-                  "--temperature", "0", "--out", str(out))
+    proc = run_lm(
+        "generate",
+        str(lm_runs["gla"]),
+        "--prompt",
+        "def main(",
+        "--max-new-tokens",
+        "12",
+        "--temperature",
+        "0",
+        "--out",
+        str(out),
+    )
     res = json.loads(out.read_text())
     comp = res["completions"][0]
     assert proc.stdout.startswith("def main(") and proc.stdout.rstrip("\n").endswith(comp["text"].rstrip("\n")[-5:])
     assert 0 < len(comp["tokens"]) <= 12 and "tokens/s" in proc.stderr
     # sampling is reproducible with a seed; several prompts stream as [k] lines
-    args = ("generate", str(lm_runs["gla"]), "-p", "import os", "-p", "class A:", "-p", "x", "-n", "10",
-            "--temperature", "0.9", "--top-k", "20", "--top-p", "0.9", "--seed", "3")
+    args = (
+        "generate",
+        str(lm_runs["gla"]),
+        "-p",
+        "import os",
+        "-p",
+        "class A:",
+        "-p",
+        "x",
+        "-n",
+        "10",
+        "--temperature",
+        "0.9",
+        "--top-k",
+        "20",
+        "--top-p",
+        "0.9",
+        "--seed",
+        "3",
+    )
     first, second = run_lm(*args, "--out", str(tmp_path / "a.json")), run_lm(*args, "--out", str(tmp_path / "b.json"))
     a = json.loads((tmp_path / "a.json").read_text())["completions"]
     assert a == json.loads((tmp_path / "b.json").read_text())["completions"] and len(a) == 3
@@ -63,8 +91,22 @@ def test_generation_benchmark_runs(tmp_path, capsys):
     from lm.evaluation.bench_generate import main
 
     out = tmp_path / "bench.json"
-    main(["--size", "tiny", "--contexts", "16", "48", "--steps", "3", "--chunk", "16", "--in-process",
-          "--json", str(out)])
+    main(
+        [
+            "--size",
+            "tiny",
+            "--contexts",
+            "16",
+            "48",
+            "--steps",
+            "3",
+            "--chunk",
+            "16",
+            "--in-process",
+            "--json",
+            str(out),
+        ]
+    )
     printed = capsys.readouterr().out
     assert "| gla (tiny" in printed and "| transformer (tiny" in printed
     rows = json.loads(out.read_text())["rows"]

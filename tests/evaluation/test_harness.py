@@ -67,17 +67,24 @@ def test_adapter_scores_equal_whole_sequence_scoring(lm_runs, name):
 @pytest.mark.xdist_group("evaluation")
 def test_harness_cli_offline_with_local_tasks(lm_runs, tmp_path):
     mc = tmp_path / "mc.jsonl"
-    mc.write_text("\n".join(json.dumps(d) for d in [
-        {"question": "def add(a, b):\n    return a", "choices": [" + b", " ((", " 42 ]"], "answer": 0},
-        {"question": "import", "choices": [" os", " )))", " ]"], "answer": 0},
-        {"question": "class Foo", "choices": [":", "!!", " +"], "answer": 0},
-    ]) + "\n")
+    mc.write_text(
+        "\n".join(
+            json.dumps(d)
+            for d in [
+                {"question": "def add(a, b):\n    return a", "choices": [" + b", " ((", " 42 ]"], "answer": 0},
+                {"question": "import", "choices": [" os", " )))", " ]"], "answer": 0},
+                {"question": "class Foo", "choices": [":", "!!", " +"], "answer": 0},
+            ]
+        )
+        + "\n"
+    )
     texts = tmp_path / "texts.jsonl"
     texts.write_text("\n".join(json.dumps({"text": t}) for t in ["def f(x):\n    return x\n", "import sys\n"]) + "\n")
     tasks = tmp_path / "tasks"
     tasks.mkdir()
     write_mc_task(tasks, mc)
-    (tasks / "tiny_rolling.yaml").write_text(textwrap.dedent(f"""\
+    (tasks / "tiny_rolling.yaml").write_text(
+        textwrap.dedent(f"""\
         task: tiny_rolling
         dataset_path: json
         dataset_kwargs:
@@ -90,18 +97,34 @@ def test_harness_cli_offline_with_local_tasks(lm_runs, tmp_path):
         metric_list:
           - metric: word_perplexity
           - metric: bits_per_byte
-        """))
+        """)
+    )
     out = tmp_path / "harness"
-    env = lm_env(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"),
-                 HF_DATASETS_CACHE=str(tmp_path / "hf" / "datasets"))
-    proc = run_lm_subprocess("eval", "harness", str(lm_runs["gla"]), "--tasks", "tiny_mc,tiny_rolling",
-                             "--include-path", str(tasks), "--limit", "3", "--out", str(out), env=env)
+    env = lm_env(
+        HF_DATASETS_OFFLINE="1",
+        HF_HUB_OFFLINE="1",
+        HF_HOME=str(tmp_path / "hf"),
+        HF_DATASETS_CACHE=str(tmp_path / "hf" / "datasets"),
+    )
+    proc = run_lm_subprocess(
+        "eval",
+        "harness",
+        str(lm_runs["gla"]),
+        "--tasks",
+        "tiny_mc,tiny_rolling",
+        "--include-path",
+        str(tasks),
+        "--limit",
+        "3",
+        "--out",
+        str(out),
+        env=env,
+    )
     assert "tiny_mc" in proc.stdout and "bits_per_byte" in proc.stdout
     res = json.loads((out / "harness.json").read_text())
     assert 0.0 <= res["results"]["tiny_mc"]["acc,none"] <= 1.0
     assert res["results"]["tiny_rolling"]["bits_per_byte,none"] > 0
     assert res["adapter_stats"]["contexts_read"] == 3 and res["adapter_stats"]["continuations"] == 9
-
 
 
 @pytest.mark.xdist_group("evaluation")
@@ -112,13 +135,17 @@ def test_harness_unknown_task_lists_close_names(lm_runs, tmp_path, monkeypatch):
 
     tasks = tmp_path / "tasks"
     tasks.mkdir()
-    (tasks / "tiny_mc.yaml").write_text("task: tiny_mc\ndataset_path: json\noutput_type: multiple_choice\n"
-                                        "doc_to_text: q\ndoc_to_choice: [a, b]\ndoc_to_target: 0\n")
+    (tasks / "tiny_mc.yaml").write_text(
+        "task: tiny_mc\ndataset_path: json\noutput_type: multiple_choice\n"
+        "doc_to_text: q\ndoc_to_choice: [a, b]\ndoc_to_target: 0\n"
+    )
     # only the local tasks (indexing lm-eval's ~15k built-in tasks takes long on a small CPU)
-    monkeypatch.setattr(harness, "task_manager_for",
-                        lambda names, path: TaskManager(include_path=path, include_defaults=False))
-    line = error_line(run_lm("eval", "harness", str(lm_runs["gla"]), "--tasks", "tiny_mcq",
-                             "--include-path", str(tasks), check=False))
+    monkeypatch.setattr(
+        harness, "task_manager_for", lambda names, path: TaskManager(include_path=path, include_defaults=False)
+    )
+    line = error_line(
+        run_lm("eval", "harness", str(lm_runs["gla"]), "--tasks", "tiny_mcq", "--include-path", str(tasks), check=False)
+    )
     assert "unknown lm-eval task(s) tiny_mcq" in line and "closest known: tiny_mc" in line
 
 

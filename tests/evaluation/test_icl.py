@@ -52,9 +52,13 @@ class CopyOracle(nn.Module):
 
 
 def parity_config(max_length=8):
-    return {"data": {"source": {"kind": "task"},
-                     "task": {"name": "formal", "params": {"language": "parity", "max_length": max_length}}},
-            "model": {"family": "fwp", "variant": "recurrent_delta"}}
+    return {
+        "data": {
+            "source": {"kind": "task"},
+            "task": {"name": "formal", "params": {"language": "parity", "max_length": max_length}},
+        },
+        "model": {"family": "fwp", "variant": "recurrent_delta"},
+    }
 
 
 def test_parity_oracle_scores_one_across_length_buckets():
@@ -85,7 +89,7 @@ class ParitySetOracle(nn.Module):
     def forward(self, tokens, state=None, return_state=None):
         even = (tokens == self.one).long().cumsum(1) % 2 == 0
         if self.flip_after:  # a model that loses track after `flip_after` positions
-            even[:, self.flip_after:] = True
+            even[:, self.flip_after :] = True
         logits = torch.full(tokens.shape + (3,), 10.0)
         logits[..., 2] = torch.where(even, 10.0, -10.0)
         return logits, None
@@ -104,8 +108,10 @@ def test_parity_character_prediction_scores_whole_strings():
     bits = ex["inputs"][1:] == task.token["1"]
     assert bits.sum() % 2 == 0  # in the language
     assert (ex["targets"][:, 2] == (np.concatenate([[0], np.cumsum(bits)]) % 2 == 0)).all()
-    config = {"data": {"source": {"kind": "task"}, "task": {"name": "formal", "params": params}},
-              "model": {"family": "fwp", "variant": "srwm"}}
+    config = {
+        "data": {"source": {"kind": "task"}, "task": {"name": "formal", "params": params}},
+        "model": {"family": "fwp", "variant": "srwm"},
+    }
     sweeps = {"length": [(2, 8), (9, 40)]}
     res = evaluate_task(in_memory_checkpoint(ParitySetOracle(task.token["1"]), config), "parity", sweeps, 40, 16, 0)
     assert all(r["acc"] == 1.0 and r["seq_acc"] == 1.0 for r in res["rows"])
@@ -121,8 +127,10 @@ def test_remapped_induction_on_a_language_model(eval_data):
     from data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(eval_data / "tokenizer.json")
-    cfg = {"data": {"source": {"kind": "stdlib"}, "tokenizer": {"eod_token": "<|endoftext|>"}},
-           "model": {"family": "gla"}}
+    cfg = {
+        "data": {"source": {"kind": "stdlib"}, "tokenizer": {"eod_token": "<|endoftext|>"}},
+        "model": {"family": "gla"},
+    }
     ckpt = in_memory_checkpoint(CopyOracle(lag=13, vocab=tok.get_vocab_size()), cfg, eval_data / "tokenizer.json")
     res = evaluate_task(ckpt, "induction", {"length": [13]}, n_examples=16, batch_size=8, seed=0)
     assert res["kind"].startswith("remapped")
@@ -138,9 +146,13 @@ def test_regression_reports_one_step_gd_baseline():
     torch.manual_seed(0)
     task = build_task("icl_regression", {"dx": 4, "n_pairs": 6, "eval_pairs": [3, 6]})
     model, cfg = random_model("gla", vocab=0, input_dim=5, output_dim=1)
-    config = {"data": {"source": {"kind": "task"}, "task": {"name": "icl_regression",
-                                                           "params": {"dx": 4, "n_pairs": 6, "eval_pairs": [3, 6]}}},
-              "model": cfg}
+    config = {
+        "data": {
+            "source": {"kind": "task"},
+            "task": {"name": "icl_regression", "params": {"dx": 4, "n_pairs": 6, "eval_pairs": [3, 6]}},
+        },
+        "model": cfg,
+    }
     res = evaluate_task(in_memory_checkpoint(model, config), "icl_regression", {}, n_examples=32, batch_size=16, seed=0)
     assert [r["value"] for r in res["rows"]] == ["3", "6"] and res["output"] == "vectors"
     for r in res["rows"]:
@@ -184,8 +196,23 @@ def test_icl_cli_on_task_and_lm_checkpoints(parity_run, lm_runs, tmp_path):
 
     # a language model: remapped recall and induction, and the LM in-context-learning score
     out = tmp_path / "icl-lm"
-    proc = run_lm("eval", "icl", str(lm_runs["gla"]), "--examples", "16", "--sweep", "n_pairs=4,8",
-                  "--sweep", "length=8", "--early", "4", "--late", "40", "--out", str(out))
+    proc = run_lm(
+        "eval",
+        "icl",
+        str(lm_runs["gla"]),
+        "--examples",
+        "16",
+        "--sweep",
+        "n_pairs=4,8",
+        "--sweep",
+        "length=8",
+        "--early",
+        "4",
+        "--late",
+        "40",
+        "--out",
+        str(out),
+    )
     res = json.loads((out / "icl.json").read_text())
     names = [t["task"] for t in res["tasks"]]
     assert names == ["associative_recall", "induction", "lm_icl_score"]

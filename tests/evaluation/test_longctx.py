@@ -15,8 +15,17 @@ import torch
 import torch.nn as nn
 
 from lm.errors import LMError
-from lm.evaluation.longctx import (Filler, build_trial, exact_match, make_template, parse_depths, parse_lengths,
-                                   run_longctx, trial_rng, write_longctx_outputs)
+from lm.evaluation.longctx import (
+    Filler,
+    build_trial,
+    exact_match,
+    make_template,
+    parse_depths,
+    parse_lengths,
+    run_longctx,
+    trial_rng,
+    write_longctx_outputs,
+)
 from tests.evaluation.conftest import error_line, in_memory_checkpoint, run_lm
 
 
@@ -29,7 +38,7 @@ class InductionOracle(nn.Module):
         super().__init__()
         self.dummy = nn.Parameter(torch.zeros(1))
         self.vocab, self.k, self.fallback, self.constant = vocab, k, fallback, constant
-        self.cfg = SimpleNamespace(variant="induction-oracle", max_seq_len=10 ** 9, family="fwp")
+        self.cfg = SimpleNamespace(variant="induction-oracle", max_seq_len=10**9, family="fwp")
         self.blocks = [SimpleNamespace(mixer=SimpleNamespace(constant_state=True))]  # what Checkpoint.recurrent reads
 
     def _next(self, history: np.ndarray) -> int:
@@ -50,7 +59,7 @@ class InductionOracle(nn.Module):
         h = torch.zeros(tokens.shape[0], T, self.vocab)
         for b in range(tokens.shape[0]):
             for t in range(max(0, T - 8), T):  # prefill reads the last position, answer scoring a few
-                h[b, t, self._next(history[b, :offset + t + 1].numpy())] = 10.0
+                h[b, t, self._next(history[b, : offset + t + 1].numpy())] = 10.0
         return h, (history if return_state else None)
 
     def logits(self, h):
@@ -65,8 +74,10 @@ class InductionOracle(nn.Module):
 
 
 def lm_checkpoint(model, tokenizer_path):
-    config = {"model": {"family": "fwp", "variant": "induction-oracle"},
-              "data": {"source": {"kind": "stdlib"}, "tokenizer": {"eod_token": "<|endoftext|>"}}}
+    config = {
+        "model": {"family": "fwp", "variant": "induction-oracle"},
+        "data": {"source": {"kind": "stdlib"}, "tokenizer": {"eod_token": "<|endoftext|>"}},
+    }
     return in_memory_checkpoint(model, config, tokenizer_path)
 
 
@@ -125,10 +136,11 @@ def test_trials_are_deterministic_exact_length_and_placed_at_depth(tok, filler, 
             assert len(p) == length and p[0] == eod and eod not in p[1:]
             s, n = t["needle_start"], t["needle_tokens"]
             needle_ids = tok.encode(template.needle.format(key=t["key"], value=t["answer"])).ids
-            assert p[s:s + n] == needle_ids  # the needle is where the trial says
+            assert p[s : s + n] == needle_ids  # the needle is where the trial says
             assert abs((s - 1) - depth * t["filler_tokens"]) <= 0.5  # ... at the asked depth of the filler
-            filler_text = tok.decode(p[1:s]) + tok.decode(p[s + n:len(p) - len(tok.encode(
-                template.question.format(key=t["key"])).ids)])
+            filler_text = tok.decode(p[1:s]) + tok.decode(
+                p[s + n : len(p) - len(tok.encode(template.question.format(key=t["key"])).ids)]
+            )
             assert t["answer"] not in filler_text and len(t["answer"]) == template.digits
     with pytest.raises(LMError, match="cannot hold the needle"):
         build_trial(tok, filler, template, 10, 0.5, trial_rng(0, 10, 0.5, 0), eod)
@@ -139,8 +151,9 @@ def test_answers_are_redrawn_until_absent_from_the_filler(tok):
     one_digit = make_template("passkey", digits=1)
     # the filler holds every digit but 9: the only possible answer is 9
     no_nine = Filler([np.array(tok.encode("a1 b2 c3 d4 e5 f6 g7 h8 " * 40).ids)], eod, [], "digits")
-    answers = {build_trial(tok, no_nine, one_digit, 200, 0.5, trial_rng(0, 200, 0.5, i), eod)["answer"]
-               for i in range(20)}
+    answers = {
+        build_trial(tok, no_nine, one_digit, 200, 0.5, trial_rng(0, 200, 0.5, i), eod)["answer"] for i in range(20)
+    }
     assert answers == {"9"}
     every = Filler([np.array(tok.encode("0 1 2 3 4 5 6 7 8 9 " * 40).ids)], eod, [], "digits")
     with pytest.raises(LMError, match="occurs in the filler"):
@@ -158,8 +171,10 @@ def test_copying_model_scores_one_and_constant_scores_zero(eval_data, tok, fille
         assert res["acc"] == 1.0 and len(res["cells"]) == 6 and all(c["acc"] == 1.0 for c in res["cells"])
         assert all(r["correct"] and r["generated"].lstrip().startswith(r["answer"]) for r in res["records"])
         # the copying model is sure of the answer after the needle, not after the control's other value
-        assert all(r["answer_nll"] < 0.1 and r["control_nll"] > 3 and r["control_answer"] != r["answer"]
-                   for r in res["records"])
+        assert all(
+            r["answer_nll"] < 0.1 and r["control_nll"] > 3 and r["control_answer"] != r["answer"]
+            for r in res["records"]
+        )
         assert all(c["nll_gain"] > 3 for c in res["cells"])
     again = run_longctx(perfect, filler, "needle", [128, 384], [0.0, 0.5, 1.0], trials=3, seed=1, likelihood=False)
     assert [r["answer"] for r in again["records"]] == [r["answer"] for r in res["records"]]  # the seed decides
@@ -185,19 +200,43 @@ def test_copying_model_scores_one_and_constant_scores_zero(eval_data, tok, fille
 @pytest.mark.xdist_group("evaluation")
 def test_longctx_cli(lm_runs, parity_run, eval_data, tmp_path):
     out = tmp_path / "lc"
-    proc = run_lm("eval", "longctx", str(lm_runs["gla"]), "--lengths", "128,256", "--depths", "0,1", "--trials", "2",
-                  "--out", str(out))
+    proc = run_lm(
+        "eval",
+        "longctx",
+        str(lm_runs["gla"]),
+        "--lengths",
+        "128,256",
+        "--depths",
+        "0,1",
+        "--trials",
+        "2",
+        "--out",
+        str(out),
+    )
     res = json.loads((out / "longctx.json").read_text())
     assert res["lengths"] == [128, 256] and len(res["cells"]) == 4 and len(res["records"]) == 8
     assert "| depth \\ length | 128 | 256 |" in proc.stdout and (out / "longctx.png").stat().st_size > 5000
     assert "validation" in res["filler"]
     assert all("nll_gain" in c for c in res["cells"]) and "log-likelihood gain" in proc.stdout
     # same seed, same prompts, answers and generations (without the likelihood pass)
-    run_lm("eval", "longctx", str(lm_runs["gla"]), "--lengths", "128,256", "--depths", "0,1", "--trials", "2",
-           "--no-likelihood", "--out", str(tmp_path / "lc2"))
+    run_lm(
+        "eval",
+        "longctx",
+        str(lm_runs["gla"]),
+        "--lengths",
+        "128,256",
+        "--depths",
+        "0,1",
+        "--trials",
+        "2",
+        "--no-likelihood",
+        "--out",
+        str(tmp_path / "lc2"),
+    )
     again = json.loads((tmp_path / "lc2" / "longctx.json").read_text())
-    assert [(r["answer"], r["generated"]) for r in again["records"]] == [(r["answer"], r["generated"])
-                                                                          for r in res["records"]]
+    assert [(r["answer"], r["generated"]) for r in again["records"]] == [
+        (r["answer"], r["generated"]) for r in res["records"]
+    ]
     assert "nll_gain" not in again["cells"][0]
     # the Transformer (max_seq_len 64) cannot hold 128 tokens
     line = error_line(run_lm("eval", "longctx", str(lm_runs["transformer"]), "--lengths", "128", check=False))
@@ -213,8 +252,22 @@ def test_longctx_cli(lm_runs, parity_run, eval_data, tmp_path):
 @pytest.mark.xdist_group("evaluation")
 def test_extrapolation_cli_puts_models_on_one_figure(lm_runs, eval_data, tmp_path):
     out = tmp_path / "ex"
-    proc = run_lm("eval", "extrapolation", str(lm_runs["gla"]), str(lm_runs["transformer"]), "--data", str(eval_data),
-                  "--max-docs", "4", "--max-tokens", "3000", "--labels", "gla,transformer", "--out", str(out))
+    proc = run_lm(
+        "eval",
+        "extrapolation",
+        str(lm_runs["gla"]),
+        str(lm_runs["transformer"]),
+        "--data",
+        str(eval_data),
+        "--max-docs",
+        "4",
+        "--max-tokens",
+        "3000",
+        "--labels",
+        "gla,transformer",
+        "--out",
+        str(out),
+    )
     res = json.loads((out / "extrapolation.json").read_text())
     assert [m["label"] for m in res["models"]] == ["gla", "transformer"]
     assert all(m["train_seq_len"] == 32 and m["tokens_beyond_train_len"] > 0 for m in res["models"])
@@ -222,8 +275,21 @@ def test_extrapolation_cli_puts_models_on_one_figure(lm_runs, eval_data, tmp_pat
     assert rows[0].startswith("label,") and {r.split(",")[0] for r in rows[1:]} == {'"gla"', '"transformer"'}
     assert (out / "extrapolation.png").stat().st_size > 5000 and "| gla | 32 |" in proc.stdout
     # the same numbers as `lm eval ppl --context full`
-    run_lm("eval", "ppl", str(lm_runs["gla"]), "--data", str(eval_data), "--max-docs", "4", "--max-tokens", "3000",
-           "--context", "full", "--out", str(tmp_path / "ppl"))
+    run_lm(
+        "eval",
+        "ppl",
+        str(lm_runs["gla"]),
+        "--data",
+        str(eval_data),
+        "--max-docs",
+        "4",
+        "--max-tokens",
+        "3000",
+        "--context",
+        "full",
+        "--out",
+        str(tmp_path / "ppl"),
+    )
     ppl = json.loads((tmp_path / "ppl" / "ppl.json").read_text())
     assert ppl["loss"] == pytest.approx(res["models"][0]["loss"])
     line = error_line(run_lm("eval", "extrapolation", str(lm_runs["gla"]), "--labels", "a,b", check=False))

@@ -15,8 +15,14 @@ import torch.nn as nn
 from data.tasks import build_task, rng_for
 from data.tasks.mqar import gap_distribution
 from lm.errors import ConfigError, LMError
-from tests.evaluation.conftest import (error_line, in_memory_checkpoint, random_model, run_lm, train_run,
-                                       write_experiment)
+from tests.evaluation.conftest import (
+    error_line,
+    in_memory_checkpoint,
+    random_model,
+    run_lm,
+    train_run,
+    write_experiment,
+)
 
 
 def mqar(**params):
@@ -92,9 +98,13 @@ def test_difficulty_knobs():
     region = blank["inputs"][8:]
     assert (region[~blank["mask"][8:]] == 0).all() and (region[blank["mask"][8:]] > 0).all()
     # bad configs are one-line config errors
-    for params, msg in (({"seq_len": 33}, "positive even"), ({"n_pairs": 9}, "need an even seq_len >= 36"),
-                        ({"n_queries": 5}, "cannot exceed n_pairs"), ({"vocab_size": 8, "n_pairs": 4}, "exceeds"),
-                        ({"power_a": 0.0}, "power_a")):
+    for params, msg in (
+        ({"seq_len": 33}, "positive even"),
+        ({"n_pairs": 9}, "need an even seq_len >= 36"),
+        ({"n_queries": 5}, "cannot exceed n_pairs"),
+        ({"vocab_size": 8, "n_pairs": 4}, "exceeds"),
+        ({"power_a": 0.0}, "power_a"),
+    ):
         with pytest.raises(ConfigError, match=msg):
             mqar(**params)
     # the sweep keeps the pair counts that fit
@@ -121,8 +131,7 @@ def test_query_gaps_follow_the_power_law(power_a):
     # with every key queried, short gaps still dominate under a steep law
     if power_a == 0.01:
         many = mqar(seq_len=128, n_pairs=8, power_a=0.01)
-        gaps = np.concatenate([(np.flatnonzero(many.example(rng_for(2, i, 0))["mask"]) - 16) // 2
-                               for i in range(300)])
+        gaps = np.concatenate([(np.flatnonzero(many.example(rng_for(2, i, 0))["mask"]) - 16) // 2 for i in range(300)])
         assert np.mean(gaps < 10) > 0.3 and gaps.max() < (128 - 16) // 2
 
 
@@ -189,14 +198,27 @@ def mqar_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("mqar-runs")
     runs = {}
     for name, model in (("gla", "gla/tiny"), ("transformer", "transformer/tiny")):
-        runs[name] = train_run(write_experiment(root, name, {
-            "defaults": {"model": model, "train": "cpu-test"},
-            "data": {"source": {"kind": "task"},
-                     "task": {"name": "mqar", "params": {"vocab_size": 64, "seq_len": 32, "n_pairs": 4,
-                                                         "eval_pairs": [2, 4]}, "val_examples": 8}},
-            "model": {"d_model": 32, "n_heads": 2, "n_layers": 1, "max_seq_len": 64},
-            "train": {"max_steps": 4, "val_every_n_steps": 0, "micro_batch_size": 8, "seq_len": 32},
-            "checkpoint": {"every_n_steps": 4}, "logging": {"tensorboard": False}}))
+        runs[name] = train_run(
+            write_experiment(
+                root,
+                name,
+                {
+                    "defaults": {"model": model, "train": "cpu-test"},
+                    "data": {
+                        "source": {"kind": "task"},
+                        "task": {
+                            "name": "mqar",
+                            "params": {"vocab_size": 64, "seq_len": 32, "n_pairs": 4, "eval_pairs": [2, 4]},
+                            "val_examples": 8,
+                        },
+                    },
+                    "model": {"d_model": 32, "n_heads": 2, "n_layers": 1, "max_seq_len": 64},
+                    "train": {"max_steps": 4, "val_every_n_steps": 0, "micro_batch_size": 8, "seq_len": 32},
+                    "checkpoint": {"every_n_steps": 4},
+                    "logging": {"tensorboard": False},
+                },
+            )
+        )
     return root, runs
 
 

@@ -90,8 +90,19 @@ def test_ppl_cli_on_shards_and_text_file(lm_runs, eval_data, tmp_path):
     text = tmp_path / "doc.txt"
     text.write_text("def f(x):\n    return [i * x for i in range(10)]\n" * 12 + "# naïve café\n", encoding="utf-8")
     out_t = tmp_path / "ppl-t"
-    run_lm("eval", "ppl", str(lm_runs["transformer"]), "--data", str(text), "--context", "full", "--stride", "16",
-           "--out", str(out_t))
+    run_lm(
+        "eval",
+        "ppl",
+        str(lm_runs["transformer"]),
+        "--data",
+        str(text),
+        "--context",
+        "full",
+        "--stride",
+        "16",
+        "--out",
+        str(out_t),
+    )
     res_t = json.loads((out_t / "ppl.json").read_text())
     assert res_t["bytes"] == len(text.read_bytes()) and res_t["documents"] == 1
     assert res_t["method"] == "sliding windows" and res_t["seq_len"] == 64 and res_t["stride"] == 16
@@ -163,10 +174,13 @@ def test_ppl_default_protocol_is_the_same_for_every_family(lm_runs, tmp_path):
     text.write_text("def f(x):\n    return x\n\n\nclass A:\n    pass\n\n" * 3, encoding="utf-8")
     for name in ("gla", "transformer"):
         out = tmp_path / name
-        proc = run_lm("eval", "ppl", str(lm_runs[name]), "--data", str(text), "--split-by", "blank_line",
-                      "--out", str(out))
-        assert "protocol: per-document (each document scored separately); context: 32 tokens for every family" \
-            in proc.stdout, proc.stdout
+        proc = run_lm(
+            "eval", "ppl", str(lm_runs[name]), "--data", str(text), "--split-by", "blank_line", "--out", str(out)
+        )
+        assert (
+            "protocol: per-document (each document scored separately); context: 32 tokens for every family"
+            in proc.stdout
+        ), proc.stdout
         res = json.loads((out / "ppl.json").read_text())
         assert res["documents"] == 6 and res["method"] == "sliding windows (every family)" and res["seq_len"] == 32
     line = error_line(run_lm("eval", "ppl", str(lm_runs["gla"]), "--context", "lots", check=False))

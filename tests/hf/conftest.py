@@ -14,8 +14,11 @@ import yaml
 from safetensors.torch import save_file
 
 REPO = Path(__file__).resolve().parents[2]
-TEXTS = ["def add(a, b):\n    return a + b\n" * 8, "import os\nprint(os.getcwd())\n" * 8,
-         "class Foo:\n    x = [1, 2, 3]\n" * 8]
+TEXTS = [
+    "def add(a, b):\n    return a + b\n" * 8,
+    "import os\nprint(os.getcwd())\n" * 8,
+    "class Foo:\n    x = [1, 2, 3]\n" * 8,
+]
 VOCAB = 320
 
 
@@ -32,8 +35,9 @@ def tokenizer_file(tmp_path_factory) -> Path:
 def tiny_config(name: str, **overrides: Any) -> Dict[str, Any]:
     """configs/model/<name>/tiny.yaml shrunk to d_model 32, 2 layers, 2 heads, vocab 320."""
     cfg = yaml.safe_load((REPO / "configs" / "model" / name / "tiny.yaml").read_text())
-    cfg.update({"d_model": 32, "n_layers": 2, "n_heads": 2, "vocab_size": VOCAB, "max_seq_len": 64,
-                "kernel_backend": "torch"})
+    cfg.update(
+        {"d_model": 32, "n_layers": 2, "n_heads": 2, "vocab_size": VOCAB, "max_seq_len": 64, "kernel_backend": "torch"}
+    )
     cfg.update(overrides)
     return cfg
 

@@ -95,11 +95,13 @@ def test_loads_without_cli_and_one_line_errors(tmp_path, tokenizer_file):
 
     src = write_source(tmp_path / "src", tiny_config("gla"), tokenizer_file)
     out = export_hf(str(src), str(tmp_path / "hf-nocli"))
-    code = ("import sys, torch; from transformers import AutoModelForCausalLM, AutoTokenizer; "
-            f"m = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True); "
-            f"t = AutoTokenizer.from_pretrained({str(out)!r}, trust_remote_code=True); "
-            "print(m.generate(**t('def', return_tensors='pt'), max_new_tokens=2).shape); "
-            "assert not [k for k in sys.modules if k.startswith('lm.cli') or k.startswith('lm.training')], 'cli'")
+    code = (
+        "import sys, torch; from transformers import AutoModelForCausalLM, AutoTokenizer; "
+        f"m = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True); "
+        f"t = AutoTokenizer.from_pretrained({str(out)!r}, trust_remote_code=True); "
+        "print(m.generate(**t('def', return_tensors='pt'), max_new_tokens=2).shape); "
+        "assert not [k for k in sys.modules if k.startswith('lm.cli') or k.startswith('lm.training')], 'cli'"
+    )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     with pytest.raises(LMError, match="exists and is not empty"):
@@ -120,6 +122,8 @@ def test_cli_export_format_hf(tmp_path, tokenizer_file):
     src = write_source(tmp_path / "src", tiny_config("deltanet"), tokenizer_file)
     proc = run_lm("export", str(src), str(tmp_path / "hf-cli"), "--format", "hf")
     assert "as a transformers model" in proc.stdout
-    assert (tmp_path / "hf-cli" / "model.safetensors").is_file() and (tmp_path / "hf-cli" / "modeling_rnn_lm.py").is_file()
+    assert (tmp_path / "hf-cli" / "model.safetensors").is_file() and (
+        tmp_path / "hf-cli" / "modeling_rnn_lm.py"
+    ).is_file()
     line = error_line(run_lm("export", str(src), str(tmp_path / "x"), "--format", "onnx", check=False))
     assert "--format: 'onnx' is not one of lm, hf" in line

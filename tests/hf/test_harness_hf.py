@@ -39,10 +39,18 @@ def test_hf_model_scores_equal_rnn_lm_adapter(tmp_path, tokenizer_file, name):
     requests.append(Request("", "class Foo"))
     for (got, got_greedy), (want, want_greedy) in zip(hf.loglikelihood(requests), ours.loglikelihood(requests)):
         assert got == pytest.approx(want, abs=1e-4) and got_greedy == want_greedy
-    outs = hf.generate_until([Request("def add", {"until": ["\n\n"], "max_gen_toks": 4, "do_sample": False}),
-                              Request("import os\nprint", {"until": ["\n\n"], "max_gen_toks": 4, "do_sample": False})])
-    want = ours.generate_until([Request("def add", {"until": ["\n\n"], "max_gen_toks": 4}),
-                                Request("import os\nprint", {"until": ["\n\n"], "max_gen_toks": 4})])
+    outs = hf.generate_until(
+        [
+            Request("def add", {"until": ["\n\n"], "max_gen_toks": 4, "do_sample": False}),
+            Request("import os\nprint", {"until": ["\n\n"], "max_gen_toks": 4, "do_sample": False}),
+        ]
+    )
+    want = ours.generate_until(
+        [
+            Request("def add", {"until": ["\n\n"], "max_gen_toks": 4}),
+            Request("import os\nprint", {"until": ["\n\n"], "max_gen_toks": 4}),
+        ]
+    )
     assert outs == want
 
 
@@ -51,10 +59,16 @@ def test_simple_evaluate_hf_on_local_task(tmp_path, tokenizer_file):
 
     out = export_hf(str(write_source(tmp_path / "src", tiny_config("rwkv7"), tokenizer_file)), str(tmp_path / "hf-se"))
     mc = tmp_path / "mc.jsonl"
-    mc.write_text("\n".join(json.dumps(d) for d in [
-        {"question": "def add(a, b):\n    return a", "choices": [" + b", " ((", " 42 ]"], "answer": 0},
-        {"question": "import", "choices": [" os", " )))", " ]"], "answer": 0},
-    ]) + "\n")
+    mc.write_text(
+        "\n".join(
+            json.dumps(d)
+            for d in [
+                {"question": "def add(a, b):\n    return a", "choices": [" + b", " ((", " 42 ]"], "answer": 0},
+                {"question": "import", "choices": [" os", " )))", " ]"], "answer": 0},
+            ]
+        )
+        + "\n"
+    )
     tasks = tmp_path / "tasks"
     tasks.mkdir()
     write_mc_task(tasks, mc)
@@ -67,10 +81,17 @@ def test_simple_evaluate_hf_on_local_task(tmp_path, tokenizer_file):
                               batch_size=2, device="cpu")
         print(json.dumps(res["results"]["tiny_mc"]))
         """)
-    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"),
-           "HF_DATASETS_CACHE": str(tmp_path / "hf" / "datasets"), "OMP_NUM_THREADS": "1"}
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path,
-                         timeout=600)
+    env = {
+        **os.environ,
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_HUB_OFFLINE": "1",
+        "HF_HOME": str(tmp_path / "hf"),
+        "HF_DATASETS_CACHE": str(tmp_path / "hf" / "datasets"),
+        "OMP_NUM_THREADS": "1",
+    }
+    res = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     scores = json.loads(res.stdout.strip().splitlines()[-1])
     assert 0.0 <= scores["acc,none"] <= 1.0

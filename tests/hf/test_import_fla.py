@@ -15,8 +15,10 @@ from kernels._dispatch import triton_interpret
 pytest.importorskip("transformers", reason="the optional extra 'hf' (transformers) is not installed")
 pytest.importorskip("fla.models", reason="flash-linear-attention (fla.models) is not installed: pip install -e '.[hf]'")
 
-pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() or triton_interpret()),
-                                reason="fla's models run Triton kernels: needs CUDA or TRITON_INTERPRET=1")
+pytestmark = pytest.mark.skipif(
+    not (torch.cuda.is_available() or triton_interpret()),
+    reason="fla's models run Triton kernels: needs CUDA or TRITON_INTERPRET=1",
+)
 
 
 def randomize(model, seed=0):
@@ -30,14 +32,24 @@ def randomize(model, seed=0):
 def gla_model(**overrides):
     from fla.models import GLAConfig, GLAForCausalLM
 
-    args = {"hidden_size": 64, "num_hidden_layers": 2, "num_heads": 2, "vocab_size": 96, "intermediate_size": 128,
-            "fuse_cross_entropy": False, **overrides}
+    args = {
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_heads": 2,
+        "vocab_size": 96,
+        "intermediate_size": 128,
+        "fuse_cross_entropy": False,
+        **overrides,
+    }
     cfg = GLAConfig(**args)
     return randomize(GLAForCausalLM(cfg))
 
 
-@pytest.mark.parametrize("overrides", [{}, {"fuse_norm": False, "fuse_swiglu": False, "tie_word_embeddings": True,
-                                            "use_output_gate": False}], ids=["fused", "plain-tied-nogate"])
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"fuse_norm": False, "fuse_swiglu": False, "tie_word_embeddings": True, "use_output_gate": False}],
+    ids=["fused", "plain-tied-nogate"],
+)
 def test_import_gla_matches_fla(tmp_path, fla_interpreter, overrides):
     from lm.hf.import_fla import import_fla
     from lm.training.export import load_model
@@ -60,9 +72,12 @@ def test_import_refuses_missing_features(tmp_path):
     src = tmp_path / "fla"
     src.mkdir()
     base = {"model_type": "gla", "hidden_size": 64, "num_hidden_layers": 1, "num_heads": 2, "vocab_size": 96}
-    for extra, feature in [({"num_kv_heads": 1}, "grouped key/value heads"), ({"clamp_min": -1.0}, "clamped"),
-                           ({"attn": {"layers": [0]}}, "hybrid softmax-attention"),
-                           ({"use_short_conv": True}, "short convolution")]:
+    for extra, feature in [
+        ({"num_kv_heads": 1}, "grouped key/value heads"),
+        ({"clamp_min": -1.0}, "clamped"),
+        ({"attn": {"layers": [0]}}, "hybrid softmax-attention"),
+        ({"use_short_conv": True}, "short convolution"),
+    ]:
         (src / "config.json").write_text(json.dumps({**base, **extra}))
         with pytest.raises(LMError, match=feature):
             import_fla(str(src), str(tmp_path / "out"))
@@ -96,8 +111,9 @@ def test_import_deltanet_matches_fla(tmp_path, fla_interpreter):
     from lm.hf.import_fla import import_fla
     from lm.training.export import load_model
 
-    cfg = DeltaNetConfig(hidden_size=64, num_hidden_layers=2, num_heads=2, vocab_size=96, intermediate_size=128,
-                         fuse_cross_entropy=False)
+    cfg = DeltaNetConfig(
+        hidden_size=64, num_hidden_layers=2, num_heads=2, vocab_size=96, intermediate_size=128, fuse_cross_entropy=False
+    )
     fla_model = randomize(DeltaNetForCausalLM(cfg))
     fla_model.save_pretrained(str(tmp_path / "fla"))
     ours = load_model(str(import_fla(str(tmp_path / "fla"), str(tmp_path / "ours")))).model
@@ -108,16 +124,25 @@ def test_import_deltanet_matches_fla(tmp_path, fla_interpreter):
     assert (got - want).abs().max().item() <= 1e-4
 
 
-@pytest.mark.parametrize("overrides", [{}, {"use_gate": False, "expand_v": 1.0, "fuse_norm": False}],
-                         ids=["gated", "nogate-plain"])
+@pytest.mark.parametrize(
+    "overrides", [{}, {"use_gate": False, "expand_v": 1.0, "fuse_norm": False}], ids=["gated", "nogate-plain"]
+)
 def test_import_gated_deltanet_matches_fla(tmp_path, fla_interpreter, overrides):
     from fla.models import GatedDeltaNetConfig, GatedDeltaNetForCausalLM
 
     from lm.hf.import_fla import import_fla
     from lm.training.export import load_model
 
-    cfg = GatedDeltaNetConfig(hidden_size=64, num_hidden_layers=2, num_heads=2, head_dim=16, vocab_size=96,
-                              intermediate_size=128, fuse_cross_entropy=False, **overrides)
+    cfg = GatedDeltaNetConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_heads=2,
+        head_dim=16,
+        vocab_size=96,
+        intermediate_size=128,
+        fuse_cross_entropy=False,
+        **overrides,
+    )
     fla_model = randomize(GatedDeltaNetForCausalLM(cfg))
     fla_model.save_pretrained(str(tmp_path / "fla"))
     loaded = load_model(str(import_fla(str(tmp_path / "fla"), str(tmp_path / "ours"))))
@@ -135,12 +160,21 @@ def test_import_gated_deltanet_refuses_missing_features(tmp_path):
 
     src = tmp_path / "fla"
     src.mkdir()
-    base = {"model_type": "gated_deltanet", "hidden_size": 64, "num_hidden_layers": 1, "num_heads": 2,
-            "head_dim": 16, "vocab_size": 96}
-    for extra, feature in [({"num_v_heads": 4}, "grouped value heads"), ({"allow_neg_eigval": True}, "negative eigen"),
-                           ({"output_gate_activation": "sigmoid"}, "output gate activation"),
-                           ({"use_short_conv": False}, "without the short convolution"),
-                           ({"attn": {"layers": [0]}}, "hybrid softmax-attention")]:
+    base = {
+        "model_type": "gated_deltanet",
+        "hidden_size": 64,
+        "num_hidden_layers": 1,
+        "num_heads": 2,
+        "head_dim": 16,
+        "vocab_size": 96,
+    }
+    for extra, feature in [
+        ({"num_v_heads": 4}, "grouped value heads"),
+        ({"allow_neg_eigval": True}, "negative eigen"),
+        ({"output_gate_activation": "sigmoid"}, "output gate activation"),
+        ({"use_short_conv": False}, "without the short convolution"),
+        ({"attn": {"layers": [0]}}, "hybrid softmax-attention"),
+    ]:
         (src / "config.json").write_text(json.dumps({**base, **extra}))
         with pytest.raises(LMError, match=feature):
             import_fla(str(src), str(tmp_path / "out"))

@@ -18,8 +18,11 @@ X = torch.randint(0, 96, (2, 11), generator=torch.Generator().manual_seed(3))
 
 
 # ------------------------------------------------------------------------------------ fla source
-@pytest.mark.parametrize("overrides", [{}, {"fuse_norm": False, "norm_bias": False, "num_hidden_layers": 3}],
-                         ids=["fused", "plain-nobias-3layers"])
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"fuse_norm": False, "norm_bias": False, "num_hidden_layers": 3}],
+    ids=["fused", "plain-nobias-3layers"],
+)
 def test_import_fla_rwkv7_matches_fla(tmp_path, fla_interpreter, overrides):
     from fla.models import RWKV7Config, RWKV7ForCausalLM
 
@@ -27,9 +30,18 @@ def test_import_fla_rwkv7_matches_fla(tmp_path, fla_interpreter, overrides):
     from lm.training.export import load_model
     from tests.hf.test_import_fla import randomize
 
-    args = dict(hidden_size=64, num_hidden_layers=2, head_dim=16, vocab_size=96, intermediate_size=128,
-                decay_low_rank_dim=8, a_low_rank_dim=8, v_low_rank_dim=16, gate_low_rank_dim=16,
-                fuse_cross_entropy=False)
+    args = dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        head_dim=16,
+        vocab_size=96,
+        intermediate_size=128,
+        decay_low_rank_dim=8,
+        a_low_rank_dim=8,
+        v_low_rank_dim=16,
+        gate_low_rank_dim=16,
+        fuse_cross_entropy=False,
+    )
     fla_model = randomize(RWKV7ForCausalLM(RWKV7Config(**{**args, **overrides})))
     fla_model.save_pretrained(str(tmp_path / "fla"))
     loaded = load_model(str(import_fla(str(tmp_path / "fla"), str(tmp_path / "ours"))))
@@ -47,8 +59,11 @@ def test_import_fla_rwkv7_refuses_missing_features(tmp_path):
     src = tmp_path / "fla"
     src.mkdir()
     base = {"model_type": "rwkv7", "hidden_size": 64, "num_hidden_layers": 1, "head_dim": 16, "vocab_size": 96}
-    for extra, feature in [({"attn": {"layers": [0]}}, "hybrid softmax-attention"),
-                           ({"hidden_act": "gelu"}, "squared ReLU"), ({"value_dim": [128]}, "value width")]:
+    for extra, feature in [
+        ({"attn": {"layers": [0]}}, "hybrid softmax-attention"),
+        ({"hidden_act": "gelu"}, "squared ReLU"),
+        ({"value_dim": [128]}, "value width"),
+    ]:
         (src / "config.json").write_text(json.dumps({**base, **extra}))
         with pytest.raises(LMError, match=feature):
             import_fla(str(src), str(tmp_path / "out"))
@@ -66,8 +81,14 @@ def blink_state(V=96, D=64, H=4, L=3, F_=128, r=(8, 8, 16, 16), seed=0):
         return torch.randn(*shape, generator=g) * s
 
     rw, ra, rv, rg = r
-    sd = {"emb.weight": rnd(V, D, s=1.0), "blocks.0.ln0.weight": 1 + rnd(D), "blocks.0.ln0.bias": rnd(D),
-          "ln_out.weight": 1 + rnd(D), "ln_out.bias": rnd(D), "head.weight": rnd(V, D)}
+    sd = {
+        "emb.weight": rnd(V, D, s=1.0),
+        "blocks.0.ln0.weight": 1 + rnd(D),
+        "blocks.0.ln0.bias": rnd(D),
+        "ln_out.weight": 1 + rnd(D),
+        "ln_out.bias": rnd(D),
+        "head.weight": rnd(V, D),
+    }
     for i in range(L):
         b = f"blocks.{i}"
         for n in ("ln1", "ln2"):
@@ -80,25 +101,25 @@ def blink_state(V=96, D=64, H=4, L=3, F_=128, r=(8, 8, 16, 16), seed=0):
         sd[f"{b}.att.k_k"], sd[f"{b}.att.k_a"] = 0.7 + rnd(1, 1, D), 1 + rnd(1, 1, D)
         sd[f"{b}.att.r_k"] = rnd(H, D // H)
         for n in ("receptance", "key", "value", "output"):
-            sd[f"{b}.att.{n}.weight"] = rnd(D, D, s=D ** -0.5)
+            sd[f"{b}.att.{n}.weight"] = rnd(D, D, s=D**-0.5)
         sd[f"{b}.att.ln_x.weight"], sd[f"{b}.att.ln_x.bias"] = 1 + rnd(D), rnd(D)
         sd[f"{b}.ffn.x_k"] = torch.rand(1, 1, D, generator=g)
-        sd[f"{b}.ffn.key.weight"], sd[f"{b}.ffn.value.weight"] = rnd(F_, D, s=D ** -0.5), rnd(D, F_, s=F_ ** -0.5)
+        sd[f"{b}.ffn.key.weight"], sd[f"{b}.ffn.value.weight"] = rnd(F_, D, s=D**-0.5), rnd(D, F_, s=F_**-0.5)
     return sd
 
 
 def blink_forward(sd, idx, H):
     """RWKV-7 as in the paper / RWKV-LM (x070), one token at a time, in float64:
 
-        x = ln0(emb[idx]);  per block: x += att(ln1(x)), x += ffn(ln2(x));  logits = head(ln_out(x))
-        att: xx = x_{t-1} - x_t;  x_c = x + xx * x_c  (c = r w k v a g)
-             r, k, v = W x_r, W x_k, W x_v;  w = exp(-exp(-softplus(-(w0 + tanh(x_w w1) w2)) - 0.5))
-             v += (v_first - v) sigmoid(v0 + x_v v1 v2)  (blocks > 0; v_first: block 0's v)
-             a = sigmoid(a0 + x_a a1 a2);  g = sigmoid(x_g g1) g2
-             kk = normalize_head(k * k_k);  k = k * (1 + (a - 1) k_a)
-             S = S diag(w) + (S (-kk)) (kk a)^T + v k^T  (per head, S [N_v, N_k]);  y = S r
-             y = GroupNorm_H(y, eps 64e-5) + sum_head(r k r_k) v;  out = W_o (y g)
-        ffn: k = x + xx * x_k;  out = W_v relu(W_k k)^2
+    x = ln0(emb[idx]);  per block: x += att(ln1(x)), x += ffn(ln2(x));  logits = head(ln_out(x))
+    att: xx = x_{t-1} - x_t;  x_c = x + xx * x_c  (c = r w k v a g)
+         r, k, v = W x_r, W x_k, W x_v;  w = exp(-exp(-softplus(-(w0 + tanh(x_w w1) w2)) - 0.5))
+         v += (v_first - v) sigmoid(v0 + x_v v1 v2)  (blocks > 0; v_first: block 0's v)
+         a = sigmoid(a0 + x_a a1 a2);  g = sigmoid(x_g g1) g2
+         kk = normalize_head(k * k_k);  k = k * (1 + (a - 1) k_a)
+         S = S diag(w) + (S (-kk)) (kk a)^T + v k^T  (per head, S [N_v, N_k]);  y = S r
+         y = GroupNorm_H(y, eps 64e-5) + sum_head(r k r_k) v;  out = W_o (y g)
+    ffn: k = x + xx * x_k;  out = W_v relu(W_k k)^2
     """
     p = {k: v.double() for k, v in sd.items()}
     L = 1 + max(int(k.split(".")[1]) for k in p if k.startswith("blocks."))
@@ -192,13 +213,21 @@ def test_cli_import_pth_then_generate_and_probe(tmp_path, tokenizer_file):
     from tests.evaluation.conftest import error_line, run_lm
 
     torch.save(blink_state(V=320, L=2), tmp_path / "rwkv7.pth")
-    proc = run_lm("import", str(tmp_path / "rwkv7.pth"), str(tmp_path / "ours"), "--tokenizer", str(tokenizer_file),
-                  "--eod-token", "<|endoftext|>")
+    proc = run_lm(
+        "import",
+        str(tmp_path / "rwkv7.pth"),
+        str(tmp_path / "ours"),
+        "--tokenizer",
+        str(tokenizer_file),
+        "--eod-token",
+        "<|endoftext|>",
+    )
     assert "rwkv/rwkv7" in proc.stdout
     gen = run_lm("generate", str(tmp_path / "ours"), "-p", "def ", "-n", "4", "--temperature", "0")
     assert gen.returncode == 0
-    probe = run_lm("probe", str(tmp_path / "ours"), "--out", str(tmp_path / "probes"), "--batch-size", "4",
-                   "--seq-len", "16")
+    probe = run_lm(
+        "probe", str(tmp_path / "ours"), "--out", str(tmp_path / "probes"), "--batch-size", "4", "--seq-len", "16"
+    )
     assert probe.returncode == 0 and any((tmp_path / "probes").iterdir())
     line = error_line(run_lm("import", str(tmp_path / "missing.pth"), str(tmp_path / "x"), check=False))
     assert "missing.pth: no config.json" in line
@@ -215,8 +244,17 @@ def test_fla_older_single_lerp_parameter(tmp_path):
     from lm.hf.import_rwkv7 import fla_import
     from tests.hf.test_import_fla import randomize
 
-    fla_cfg = RWKV7Config(hidden_size=64, num_hidden_layers=2, head_dim=16, vocab_size=96, intermediate_size=128,
-                          decay_low_rank_dim=8, a_low_rank_dim=8, v_low_rank_dim=16, gate_low_rank_dim=16)
+    fla_cfg = RWKV7Config(
+        hidden_size=64,
+        num_hidden_layers=2,
+        head_dim=16,
+        vocab_size=96,
+        intermediate_size=128,
+        decay_low_rank_dim=8,
+        a_low_rank_dim=8,
+        v_low_rank_dim=16,
+        gate_low_rank_dim=16,
+    )
     sd = randomize(RWKV7ForCausalLM(fla_cfg)).state_dict()
     old = dict(sd)
     for i in range(2):

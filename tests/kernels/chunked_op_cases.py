@@ -80,28 +80,34 @@ class ChunkedOpCases:
     def triton_path(self, request, monkeypatch):
         """Route backend='triton' to one path: 'chunk' or 'recurrent'."""
         harness.require_triton()
-        monkeypatch.setattr(self.OP_MODULE, "RECURRENT_MAX_T", 0 if request.param == "chunk" else 10 ** 9)
+        monkeypatch.setattr(self.OP_MODULE, "RECURRENT_MAX_T", 0 if request.param == "chunk" else 10**9)
         return request.param
 
     @pytest.mark.triton
     @pytest.mark.parametrize("triton_path", ["chunk", "recurrent"], indirect=True)
     @pytest.mark.parametrize("T", [1, 7])
     def test_triton_short(self, triton_path, T):
-        harness.compare_backends(self.OP, "triton", T=T, decay="moderate", with_state=True, seed=T,
-                                 **self.TRITON_SHAPE)
+        harness.compare_backends(self.OP, "triton", T=T, decay="moderate", with_state=True, seed=T, **self.TRITON_SHAPE)
 
     @pytest.mark.triton
     @pytest.mark.parametrize("triton_path", ["chunk"], indirect=True)
     @pytest.mark.parametrize("decay", harness.DECAYS)
     def test_triton_chunk_decays(self, triton_path, decay):
-        harness.compare_backends(self.OP, "triton", T=65, decay=decay, with_state=decay != "strong",
-                                 **self.TRITON_SHAPE)
+        harness.compare_backends(
+            self.OP, "triton", T=65, decay=decay, with_state=decay != "strong", **self.TRITON_SHAPE
+        )
 
     @pytest.mark.triton
     @pytest.mark.parametrize("triton_path", ["chunk", "recurrent"], indirect=True)
     def test_triton_bf16(self, triton_path):
-        harness.compare_backends(self.OP, "triton", dtype=torch.bfloat16, T=65 if triton_path == "chunk" else 7,
-                                 with_state=True, **self.TRITON_SHAPE)
+        harness.compare_backends(
+            self.OP,
+            "triton",
+            dtype=torch.bfloat16,
+            T=65 if triton_path == "chunk" else 7,
+            with_state=True,
+            **self.TRITON_SHAPE,
+        )
 
     @pytest.mark.triton
     @pytest.mark.parametrize("triton_path", ["chunk"], indirect=True)

@@ -28,8 +28,10 @@ TOL = {torch.float32: 1e-4, torch.float64: 1e-9, torch.bfloat16: 3e-2, torch.flo
 #: under TRITON_INTERPRET=1
 needs_triton = [
     pytest.mark.triton,
-    pytest.mark.skipif(not (triton_available() and (triton_interpret() or torch.cuda.is_available())),
-                       reason="Triton tests run on CPU tensors under TRITON_INTERPRET=1"),
+    pytest.mark.skipif(
+        not (triton_available() and (triton_interpret() or torch.cuda.is_available())),
+        reason="Triton tests run on CPU tensors under TRITON_INTERPRET=1",
+    ),
 ]
 
 
@@ -94,21 +96,35 @@ def make_inputs(
             state = randn(B, D)
     elif op == "gla":
         g_shape = (B, T, H) if per_head_gate else (B, T, H, K)
-        args = {"q": randn(B, T, H, K), "k": randn(B, T, H, K), "v": randn(B, T, H, V),
-                "g": _log_decay(g_shape, decay, gen)}
+        args = {
+            "q": randn(B, T, H, K),
+            "k": randn(B, T, H, K),
+            "v": randn(B, T, H, V),
+            "g": _log_decay(g_shape, decay, gen),
+        }
         if with_state:
             state = randn(B, H, K, V)
     elif op == "delta_rule":
-        args = {"q": randn(B, T, H, K), "k": F.normalize(randn(B, T, H, K), dim=-1),
-                "v": randn(B, T, H, V), "beta": torch.rand(B, T, H, generator=gen),
-                "g": _log_decay((B, T, H), decay, gen)}
+        args = {
+            "q": randn(B, T, H, K),
+            "k": F.normalize(randn(B, T, H, K), dim=-1),
+            "v": randn(B, T, H, V),
+            "beta": torch.rand(B, T, H, generator=gen),
+            "g": _log_decay((B, T, H), decay, gen),
+        }
         if with_state:
             state = randn(B, H, K, V)
     elif op == "dplr":
         kappa = F.normalize(randn(B, T, H, K), dim=-1)
         lr = torch.rand(B, T, H, K, generator=gen)
-        args = {"q": randn(B, T, H, K), "k": randn(B, T, H, K) * 0.5, "v": randn(B, T, H, V),
-                "a": -kappa, "b": kappa * lr, "g": _log_decay((B, T, H, K), decay, gen)}
+        args = {
+            "q": randn(B, T, H, K),
+            "k": randn(B, T, H, K) * 0.5,
+            "v": randn(B, T, H, V),
+            "a": -kappa,
+            "b": kappa * lr,
+            "g": _log_decay((B, T, H, K), decay, gen),
+        }
         if with_state:
             state = randn(B, H, K, V)
     elif op == "softmax_scan":
@@ -117,20 +133,31 @@ def make_inputs(
             m = randn(B, H)
             state = (m, torch.rand(B, H, generator=gen) + 0.5, randn(B, H, V))
     elif op == "recurrent_delta":
-        args = {"q": randn(B, T, H, K), "k": randn(B, T, H, K), "v": randn(B, T, H, V),
-                "beta": randn(B, T, H), "r_q": randn(H, K, V, scale=0.3),
-                "r_k": randn(H, K, V, scale=0.3), "r_v": randn(H, V, V, scale=0.3),
-                "r_b": randn(H, V, scale=0.3)}
+        args = {
+            "q": randn(B, T, H, K),
+            "k": randn(B, T, H, K),
+            "v": randn(B, T, H, V),
+            "beta": randn(B, T, H),
+            "r_q": randn(H, K, V, scale=0.3),
+            "r_k": randn(H, K, V, scale=0.3),
+            "r_v": randn(H, V, V, scale=0.3),
+            "r_b": randn(H, V, scale=0.3),
+        }
         if with_state:
             state = (randn(B, H, K, V, scale=0.5), randn(B, H, V))
     elif op == "srwm":
         D = K
-        args = {"x": randn(B, T, H, D), "w_y": randn(H, V, D, scale=D ** -0.5),
-                "w_q": randn(H, D, D, scale=D ** -0.5), "w_k": randn(H, D, D, scale=D ** -0.5),
-                "w_b": randn(H, 4, D, scale=D ** -0.5)}
+        args = {
+            "x": randn(B, T, H, D),
+            "w_y": randn(H, V, D, scale=D**-0.5),
+            "w_q": randn(H, D, D, scale=D**-0.5),
+            "w_k": randn(H, D, D, scale=D**-0.5),
+            "w_b": randn(H, 4, D, scale=D**-0.5),
+        }
         if with_state:
-            state = tuple(randn(B, *w.shape, scale=D ** -0.5) for w in
-                          (args["w_y"], args["w_q"], args["w_k"], args["w_b"]))
+            state = tuple(
+                randn(B, *w.shape, scale=D**-0.5) for w in (args["w_y"], args["w_q"], args["w_k"], args["w_b"])
+            )
     else:
         raise ValueError(op)
     args = {n: x.to(device=device, dtype=dtype).requires_grad_() for n, x in args.items()}
@@ -188,8 +215,9 @@ def assert_close(name: str, actual, expected, tol: float) -> None:
     assert err <= tol, f"{name}: relative max error {err:.3g} > {tol:g}"
 
 
-def compare_backends(op: str, backend: str, tol: Optional[float] = None, dtype=torch.float32,
-                     check_grads: bool = True, **make_kw) -> None:
+def compare_backends(
+    op: str, backend: str, tol: Optional[float] = None, dtype=torch.float32, check_grads: bool = True, **make_kw
+) -> None:
     """Assert ``backend`` equals the reference on outputs, final state and all gradients.
 
     For low precision the reference runs on the same (rounded) inputs in fp32.
@@ -219,8 +247,13 @@ def check_split(op: str, backend: str, split: int, tol: float = 1e-4, **make_kw)
     args, state = make_inputs(op, **make_kw)
     with torch.no_grad():
         o_full, s_full = run(op, args, state, backend)
-        seq = {n: x for n, x in args.items() if x.dim() >= 3 and x.shape[1] == o_full.shape[1]
-               and n not in ("r_q", "r_k", "r_v", "w_q", "w_k", "w_b", "w_y")}
+        seq = {
+            n: x
+            for n, x in args.items()
+            if x.dim() >= 3
+            and x.shape[1] == o_full.shape[1]
+            and n not in ("r_q", "r_k", "r_v", "w_q", "w_k", "w_b", "w_y")
+        }
         first = {n: (x[:, :split] if n in seq else x) for n, x in args.items()}
         second = {n: (x[:, split:] if n in seq else x) for n, x in args.items()}
         o1, s1 = run(op, first, state, backend)

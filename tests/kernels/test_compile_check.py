@@ -23,8 +23,14 @@ def _gate(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     interpreter functions, and the launchers pick CPU tile sizes)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    return subprocess.run([sys.executable, "-m", "kernels.compile_check", "--no-progress", *args], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "kernels.compile_check", "--no-progress", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def _launches(*args: str):
@@ -37,11 +43,20 @@ def _launches(*args: str):
 def test_recording_runs_the_real_launchers():
     """delta_rule at K = V = 128 takes 32-step chunks and the launchers' block sizes; the
     backward adds its kernels; a 256-wide head falls back to PyTorch (and launches nothing)."""
-    jobs, fallbacks = _launches("--op", "delta_rule", "--head-dim", "128", "--head-dim", "256",
-                                "--dtype", "bf16", "--subset", "ci")
+    jobs, fallbacks = _launches(
+        "--op", "delta_rule", "--head-dim", "128", "--head-dim", "256", "--dtype", "bf16", "--subset", "ci"
+    )
     names = [j["kernel"] for j in jobs]
-    assert names == ["_prep_fwd", "_state_fwd", "_output_fwd", "_state_bwd", "_grads_output_state",
-                     "_grads_solve", "_recurrent_fwd", "_recurrent_bwd"]
+    assert names == [
+        "_prep_fwd",
+        "_state_fwd",
+        "_output_fwd",
+        "_state_bwd",
+        "_grads_output_state",
+        "_grads_solve",
+        "_recurrent_fwd",
+        "_recurrent_bwd",
+    ]
     prep = jobs[0]
     assert prep["constexprs"] == {"GATED": True, "BT": 32, "BK": 128, "BV": 128, "PREC": "tf32"}
     assert prep["signature"]["k_ptr"] == "*bf16" and prep["signature"]["ainv_ptr"] == "*fp32"
@@ -67,10 +82,12 @@ def test_ci_subset_has_one_launch_per_kernel():
 
 
 def test_parse_ptxas_log_and_verdicts():
-    log = ("ptxas info    : Compiling entry function 'k' for 'sm_90a'\n"
-           "ptxas info    : Function properties for k\n"
-           "    64 bytes stack frame, 40 bytes spill stores, 300 bytes spill loads\n"
-           "ptxas info    : Used 255 registers, used 1 barriers, 16 bytes smem, 400 bytes cmem[0]\n")
+    log = (
+        "ptxas info    : Compiling entry function 'k' for 'sm_90a'\n"
+        "ptxas info    : Function properties for k\n"
+        "    64 bytes stack frame, 40 bytes spill stores, 300 bytes spill loads\n"
+        "ptxas info    : Used 255 registers, used 1 barriers, 16 bytes smem, 400 bytes cmem[0]\n"
+    )
     info = cc.parse_ptxas_log(log)
     assert info == {"regs": 255, "spill": 300, "static_smem": 16, "ptxas": "ptxas", "ptxas_s": None}
     log_39 = log.replace("ptxas ", "ptxas-blackwell ") + "ptxas-blackwell info    : Compile time = 1794.5 ms\n"
@@ -101,4 +118,3 @@ def test_ci_subset_compiles_for_sm90():
     proc = _gate("--subset", "ci", "--timeout", "300")
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     assert "0 failed" in proc.stdout and "Triton " in proc.stdout
-

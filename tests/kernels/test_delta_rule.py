@@ -34,8 +34,7 @@ class TestDeltaRule(ChunkedOpCases):
     @pytest.mark.triton
     @pytest.mark.parametrize("triton_path", ["chunk", "recurrent"], indirect=True)
     def test_triton_without_gate(self, triton_path):
-        _compare_without_gate("triton", T=65 if triton_path == "chunk" else 7, with_state=True,
-                              **self.TRITON_SHAPE)
+        _compare_without_gate("triton", T=65 if triton_path == "chunk" else 7, with_state=True, **self.TRITON_SHAPE)
 
 
 @harness.triton_test
@@ -103,6 +102,7 @@ def test_bad_shapes_name_the_argument():
 
 # ---- packed sequences (cu_seqlens): the chunked PyTorch path natively, vs each sequence run alone ----
 
+
 def _check_varlen(cu, gated, with_state, decay="moderate", dtype=torch.float32, H=2, K=8, V=6, **kw):
     from kernels.ops.delta_rule.torch_chunk import delta_rule_chunked
     from kernels.ops.delta_rule.reference import delta_rule_reference
@@ -110,9 +110,12 @@ def _check_varlen(cu, gated, with_state, decay="moderate", dtype=torch.float32, 
     assert getattr(delta_rule_chunked, "varlen", False)
     gen = torch.Generator().manual_seed(0)
     T, N = cu[-1], len(cu) - 1
-    inputs = [torch.randn(1, T, H, K, generator=gen),
-              torch.nn.functional.normalize(torch.randn(1, T, H, K, generator=gen), dim=-1),
-              torch.randn(1, T, H, V, generator=gen), torch.rand(1, T, H, generator=gen)]
+    inputs = [
+        torch.randn(1, T, H, K, generator=gen),
+        torch.nn.functional.normalize(torch.randn(1, T, H, K, generator=gen), dim=-1),
+        torch.randn(1, T, H, V, generator=gen),
+        torch.rand(1, T, H, generator=gen),
+    ]
     if gated:
         inputs.append(torch.full((1, T, H), -5.0) if decay == "strong" else -torch.rand(1, T, H, generator=gen))
     if with_state:
@@ -126,10 +129,19 @@ def _check_varlen(cu, gated, with_state, decay="moderate", dtype=torch.float32, 
         if fast:
             o, s = delta_rule_chunked(q, k, v, beta, g, 0.3, h0, True, cu_seqlens=torch.tensor(cu), **kw)
         else:
-            parts = [delta_rule_reference(q[:, a:b], k[:, a:b], v[:, a:b], beta[:, a:b],
-                                          None if g is None else g[:, a:b], 0.3,
-                                          None if h0 is None else h0[n:n + 1], True)
-                     for n, (a, b) in enumerate(zip(cu[:-1], cu[1:]))]
+            parts = [
+                delta_rule_reference(
+                    q[:, a:b],
+                    k[:, a:b],
+                    v[:, a:b],
+                    beta[:, a:b],
+                    None if g is None else g[:, a:b],
+                    0.3,
+                    None if h0 is None else h0[n : n + 1],
+                    True,
+                )
+                for n, (a, b) in enumerate(zip(cu[:-1], cu[1:]))
+            ]
             o, s = torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 0)
         cot = torch.Generator().manual_seed(1)
         loss = (o.float() * torch.randn(o.shape, generator=cot)).sum() + (s * torch.randn(s.shape, generator=cot)).sum()

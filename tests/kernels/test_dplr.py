@@ -100,8 +100,7 @@ def test_torch_varlen_native(lengths, with_state, decay):
 def test_torch_varlen_strong_decay_and_bf16():
     lengths = (5, 65, 1, 0, 59, 70)
     compare_packed(OP, "torch", harness.TOL[torch.float32], lengths=lengths, with_state=True, decay="strong")
-    compare_packed(OP, "torch", harness.TOL[torch.bfloat16], dtype=torch.bfloat16, lengths=lengths,
-                   with_state=True)
+    compare_packed(OP, "torch", harness.TOL[torch.bfloat16], dtype=torch.bfloat16, lengths=lengths, with_state=True)
 
 
 def test_torch_varlen_is_one_pass(monkeypatch):

@@ -29,8 +29,10 @@ from tests.kernels import harness
 pytestmark = [
     pytest.mark.triton,
     pytest.mark.skipif(not fla_available(), reason="flash-linear-attention not installed (pip install 'rnn-lm[fla]')"),
-    pytest.mark.skipif(not (torch.cuda.is_available() or triton_interpret()),
-                       reason="fla runs Triton kernels: needs CUDA or TRITON_INTERPRET=1"),
+    pytest.mark.skipif(
+        not (torch.cuda.is_available() or triton_interpret()),
+        reason="fla runs Triton kernels: needs CUDA or TRITON_INTERPRET=1",
+    ),
 ]
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -83,15 +85,15 @@ def fla_on_interpreter():
 @pytest.mark.parametrize("T", [1, 37, 100])
 @pytest.mark.parametrize("per_head_gate", [False, True])
 def test_gla(T, per_head_gate):
-    harness.compare_backends("gla", "fla", T=T, per_head_gate=per_head_gate, with_state=True, seed=T,
-                             device=DEVICE, **SHAPE)
+    harness.compare_backends(
+        "gla", "fla", T=T, per_head_gate=per_head_gate, with_state=True, seed=T, device=DEVICE, **SHAPE
+    )
 
 
 @pytest.mark.parametrize("T", [1, 37, 100])
 @pytest.mark.parametrize("decay", ["moderate", "strong"])
 def test_gated_delta_rule(T, decay):
-    harness.compare_backends("delta_rule", "fla", T=T, decay=decay, with_state=True, seed=T, device=DEVICE,
-                             **SHAPE)
+    harness.compare_backends("delta_rule", "fla", T=T, decay=decay, with_state=True, seed=T, device=DEVICE, **SHAPE)
 
 
 def test_ungated_delta_rule_fp32_and_half():

@@ -9,17 +9,27 @@ import torch
 
 import kernels
 from tests.kernels.harness import (
-    DECAYS, TOL, assert_close, check_split, compare_backends, device_for, forward_backward, make_inputs,
-    needs_triton, triton_test,
+    DECAYS,
+    TOL,
+    assert_close,
+    check_split,
+    compare_backends,
+    device_for,
+    forward_backward,
+    make_inputs,
+    needs_triton,
+    triton_test,
 )
 
 OP = "gla"
+
+
 @pytest.fixture(params=["chunked", "fused"])
 def triton_path(request, monkeypatch):
     """Route backend="triton" to one path for every T (gla_triton picks by length otherwise)."""
     from kernels.ops.gla import triton_chunk
 
-    monkeypatch.setattr(triton_chunk, "FUSED_MAX_T", 0 if request.param == "chunked" else 10 ** 9)
+    monkeypatch.setattr(triton_chunk, "FUSED_MAX_T", 0 if request.param == "chunked" else 10**9)
     return request.param
 
 
@@ -31,15 +41,27 @@ GATES = [pytest.param(False, id="per_key"), pytest.param(True, id="per_head")]
 @pytest.mark.parametrize("per_head_gate", GATES)
 @pytest.mark.parametrize("with_state", [False, True])
 def test_torch_matches_reference(T, decay, per_head_gate, with_state):
-    compare_backends(OP, "torch", T=T, decay=decay, per_head_gate=per_head_gate, with_state=with_state,
-                     B=2, H=2, K=8, V=6)
+    compare_backends(
+        OP, "torch", T=T, decay=decay, per_head_gate=per_head_gate, with_state=with_state, B=2, H=2, K=8, V=6
+    )
 
 
 @pytest.mark.parametrize("per_head_gate", GATES)
 @pytest.mark.parametrize("decay", ["strong", "moderate"])
 def test_torch_bf16(per_head_gate, decay):
-    compare_backends(OP, "torch", dtype=torch.bfloat16, T=130, decay=decay, per_head_gate=per_head_gate,
-                     with_state=True, B=1, H=2, K=16, V=8)
+    compare_backends(
+        OP,
+        "torch",
+        dtype=torch.bfloat16,
+        T=130,
+        decay=decay,
+        per_head_gate=per_head_gate,
+        with_state=True,
+        B=1,
+        H=2,
+        K=16,
+        V=8,
+    )
 
 
 @pytest.mark.parametrize("per_head_gate", GATES)
@@ -60,10 +82,10 @@ def test_torch_segments_carry_the_state():
     from kernels.ops.gla import torch_chunk
 
     args, state = make_inputs(OP, T=300, B=1, H=2, K=8, V=4, with_state=True)
-    out, final = torch_chunk.gla_chunked(**args, scale=0.3, initial_state=state, output_final_state=True,
-                                   segment=128)
-    ref, ref_final = torch_chunk.gla_chunked(**args, scale=0.3, initial_state=state, output_final_state=True,
-                                       segment=None)
+    out, final = torch_chunk.gla_chunked(**args, scale=0.3, initial_state=state, output_final_state=True, segment=128)
+    ref, ref_final = torch_chunk.gla_chunked(
+        **args, scale=0.3, initial_state=state, output_final_state=True, segment=None
+    )
     assert_close("output", out, ref, 1e-5)
     assert_close("final_state", final, ref_final, 1e-5)
 
@@ -71,8 +93,7 @@ def test_torch_segments_carry_the_state():
 @pytest.mark.parametrize("per_head_gate", GATES)
 @pytest.mark.parametrize("split", [64, 41])
 def test_torch_split_equals_one_pass(per_head_gate, split):
-    check_split(OP, "torch", split, T=150, per_head_gate=per_head_gate, with_state=True,
-                B=2, H=2, K=8, V=6)
+    check_split(OP, "torch", split, T=150, per_head_gate=per_head_gate, with_state=True, B=2, H=2, K=8, V=6)
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
@@ -84,8 +105,9 @@ def test_non_contiguous_inputs(backend):
     g = -torch.rand(2, 2, 20, generator=gen).transpose(1, 2)  # per head
     assert not any(x.is_contiguous() for x in (q, k, v, g))
     out, final = kernels.gla(q, k, v, g, output_final_state=True, backend=backend)
-    ref, ref_final = kernels.gla(q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(),
-                                 output_final_state=True, backend="reference")
+    ref, ref_final = kernels.gla(
+        q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(), output_final_state=True, backend="reference"
+    )
     assert_close("output", out, ref, 1e-5)
     assert_close("final_state", final, ref_final, 1e-5)
 
@@ -114,15 +136,27 @@ TRITON_CASES = [  # (T, decay, per_head_gate, with_state, H): both paths
 @triton_test
 @pytest.mark.parametrize("T,decay,per_head_gate,with_state,H", TRITON_CASES)
 def test_triton_matches_reference(triton_path, T, decay, per_head_gate, with_state, H):
-    compare_backends(OP, "triton", T=T, decay=decay, per_head_gate=per_head_gate, with_state=with_state,
-                     B=1, H=H, K=32, V=16)
+    compare_backends(
+        OP, "triton", T=T, decay=decay, per_head_gate=per_head_gate, with_state=with_state, B=1, H=H, K=32, V=16
+    )
 
 
 @triton_test
 @pytest.mark.parametrize("T,per_head_gate", [(7, True), (65, False)])
 def test_triton_bf16(triton_path, T, per_head_gate):
-    compare_backends(OP, "triton", dtype=torch.bfloat16, T=T, decay="moderate", per_head_gate=per_head_gate,
-                     with_state=True, B=1, H=1, K=16, V=32)
+    compare_backends(
+        OP,
+        "triton",
+        dtype=torch.bfloat16,
+        T=T,
+        decay="moderate",
+        per_head_gate=per_head_gate,
+        with_state=True,
+        B=1,
+        H=1,
+        K=16,
+        V=32,
+    )
 
 
 @triton_test
@@ -157,20 +191,22 @@ def _per_sequence_reference(q, k, v, g, scale, h0, cu):
     outs, finals = [], []
     for n in range(len(cu) - 1):
         a, b = cu[n], cu[n + 1]
-        o, s = gla_reference(q[:, a:b], k[:, a:b], v[:, a:b], g[:, a:b], scale,
-                             None if h0 is None else h0[n:n + 1], True)
+        o, s = gla_reference(
+            q[:, a:b], k[:, a:b], v[:, a:b], g[:, a:b], scale, None if h0 is None else h0[n : n + 1], True
+        )
         outs.append(o)
         finals.append(s)
     return torch.cat(outs, 1), torch.cat(finals, 0)
 
 
-def check_varlen(fn, cu, per_head_gate, with_state, decay="moderate", dtype=torch.float32, H=2, K=8, V=6,
-                 device="cpu", **kw):
+def check_varlen(
+    fn, cu, per_head_gate, with_state, decay="moderate", dtype=torch.float32, H=2, K=8, V=6, device="cpu", **kw
+):
     """``fn(..., cu_seqlens=cu)`` equals the per-sequence reference: outputs, final states, every gradient."""
     gen = torch.Generator().manual_seed(0)
     T, N = cu[-1], len(cu) - 1
     q = torch.randn(1, T, H, K, generator=gen)
-    k = torch.randn(1, T, H, K, generator=gen) / K ** 0.5
+    k = torch.randn(1, T, H, K, generator=gen) / K**0.5
     v = torch.randn(1, T, H, V, generator=gen)
     gs = (1, T, H) if per_head_gate else (1, T, H, K)
     g = {"strong": torch.full(gs, -5.0), "none": torch.zeros(gs)}.get(decay, -torch.rand(gs, generator=gen))
@@ -178,8 +214,7 @@ def check_varlen(fn, cu, per_head_gate, with_state, decay="moderate", dtype=torc
     inputs = [x.to(dtype) for x in (q, k, v, g)] + ([h0] if with_state else [])
     results = []
     for run_fn, cast in ((None, torch.float32), (fn, dtype)):
-        xs = [x.detach().to(cast if i < 4 else torch.float32).to(device).requires_grad_()
-              for i, x in enumerate(inputs)]
+        xs = [x.detach().to(cast if i < 4 else torch.float32).to(device).requires_grad_() for i, x in enumerate(inputs)]
         state = xs[4] if with_state else None
         if run_fn is None:
             o, s = _per_sequence_reference(*xs[:4], 0.3, state, cu)
@@ -234,8 +269,9 @@ def test_triton_varlen_native(triton_path, cu, per_head_gate, with_state, decay)
 def test_triton_varlen_bf16(triton_path):
     from kernels.ops.gla.triton_chunk import gla_triton
 
-    check_varlen(gla_triton, [0, 5, 70, 71, 90], True, True, dtype=torch.bfloat16, K=16, V=16,
-                 device=device_for("triton"))
+    check_varlen(
+        gla_triton, [0, 5, 70, 71, 90], True, True, dtype=torch.bfloat16, K=16, V=16, device=device_for("triton")
+    )
 
 
 @triton_test

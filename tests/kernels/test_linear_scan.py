@@ -8,10 +8,18 @@ import torch
 
 import kernels
 from tests.kernels.harness import (
-    DECAYS, assert_close, check_split, compare_backends, forward_backward, needs_triton, triton_test,
+    DECAYS,
+    assert_close,
+    check_split,
+    compare_backends,
+    forward_backward,
+    needs_triton,
+    triton_test,
 )
 
 OP = "linear_scan"
+
+
 @pytest.mark.parametrize("T", [1, 7, 63, 64, 65, 200])
 @pytest.mark.parametrize("decay", DECAYS)
 @pytest.mark.parametrize("with_state", [False, True])
@@ -48,8 +56,7 @@ def test_non_contiguous_inputs(backend):
     b = torch.randn(2, 6, 40, generator=gen).transpose(1, 2)
     assert not a.is_contiguous() and not b.is_contiguous()
     out, final = kernels.linear_scan(a, b, output_final_state=True, backend=backend)
-    ref, ref_final = kernels.linear_scan(a.contiguous(), b.contiguous(), output_final_state=True,
-                                         backend="reference")
+    ref, ref_final = kernels.linear_scan(a.contiguous(), b.contiguous(), output_final_state=True, backend="reference")
     assert_close("output", out, ref, 1e-5)
     assert_close("final_state", final, ref_final, 1e-5)
 
@@ -64,9 +71,11 @@ def test_bad_shapes_raise_naming_the_argument():
 
 # ---- Triton (CPU interpreter): small shapes --------------------------------------------------
 
+
 @triton_test
-@pytest.mark.parametrize("T,decay,with_state", [(1, "moderate", True), (7, "strong", False),
-                                                (65, "moderate", True), (65, "none", False)])
+@pytest.mark.parametrize(
+    "T,decay,with_state", [(1, "moderate", True), (7, "strong", False), (65, "moderate", True), (65, "none", False)]
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_triton_matches_reference(T, decay, with_state, dtype):
     compare_backends(OP, "triton", dtype=dtype, T=T, decay=decay, with_state=with_state, B=2, K=12)
@@ -104,6 +113,7 @@ def _assert_all(o, s, g, o_ref, s_ref, g_ref, tol):
 
 
 # ---- packed sequences (cu_seqlens): native on torch and triton -------------------------------
+
 
 def test_packed_paths_are_native():
     from kernels._varlen import is_varlen

@@ -12,7 +12,14 @@ import kernels
 from kernels.ops.recurrent_delta import BACKENDS, torch_recurrent
 from kernels.ops.utils.step_rows import step_rows
 from tests.kernels.harness import (
-    TOL, assert_close, check_split, compare_backends, device_for, forward_backward, make_inputs, require_triton,
+    TOL,
+    assert_close,
+    check_split,
+    compare_backends,
+    device_for,
+    forward_backward,
+    make_inputs,
+    require_triton,
 )
 from tests.kernels.varlen_cases import compare_packed
 
@@ -29,7 +36,7 @@ def test_torch_matches_reference_bf16():
     compare_backends(OP, "torch", dtype=torch.bfloat16, T=40, with_state=True, B=2, H=2, K=8, V=6)
 
 
-@pytest.mark.parametrize("checkpoint", [5, 10 ** 9])
+@pytest.mark.parametrize("checkpoint", [5, 10**9])
 def test_torch_state_rebuild_across_segments(monkeypatch, checkpoint):
     """The backward rebuilds S_{t-1} by inverting the update: exact with many short segments and
     with a single segment (the inversion alone over the whole sequence)."""
@@ -47,8 +54,7 @@ def test_empty_sequence_passes_the_state_through(backend):
     if backend == "triton":
         require_triton()
     args, state = make_inputs(OP, T=0, with_state=True, B=2, H=2, K=4, V=3)
-    o, (S, y) = kernels.recurrent_delta(**args, initial_state=state, output_final_state=True,
-                                        backend=backend)
+    o, (S, y) = kernels.recurrent_delta(**args, initial_state=state, output_final_state=True, backend=backend)
     assert o.shape == (2, 0, 2, 3)
     assert torch.equal(S, state[0]) and torch.equal(y, state[1])
     (S.sum() + 2 * y.sum()).backward()
@@ -62,8 +68,9 @@ def _strided(x: torch.Tensor) -> torch.Tensor:
     return x.detach().permute(*dims).contiguous().permute(*dims)
 
 
-@pytest.mark.parametrize("backend,T,B,H", [
-    ("torch", 23, 2, 3), pytest.param("triton", 5, 1, 2, marks=pytest.mark.triton)])
+@pytest.mark.parametrize(
+    "backend,T,B,H", [("torch", 23, 2, 3), pytest.param("triton", 5, 1, 2, marks=pytest.mark.triton)]
+)
 def test_non_contiguous_inputs(backend, T, B, H):
     if backend == "triton":
         require_triton()
@@ -171,15 +178,17 @@ def test_torch_packed_across_checkpoints(monkeypatch, with_state):
 
 
 def test_torch_packed_bf16():
-    compare_packed(OP, "torch", TOL[torch.bfloat16], dtype=torch.bfloat16, lengths=PACKED, with_state=True,
-                   H=2, K=8, V=6)
+    compare_packed(
+        OP, "torch", TOL[torch.bfloat16], dtype=torch.bfloat16, lengths=PACKED, with_state=True, H=2, K=8, V=6
+    )
 
 
 def test_torch_one_sequence_is_the_plain_call():
     args, state = make_inputs(OP, B=1, T=37, with_state=True, H=2, K=5, V=4)
     with torch.no_grad():
-        o, s = kernels.recurrent_delta(**args, initial_state=state, output_final_state=True,
-                                       cu_seqlens=torch.tensor([0, 37]), backend="torch")
+        o, s = kernels.recurrent_delta(
+            **args, initial_state=state, output_final_state=True, cu_seqlens=torch.tensor([0, 37]), backend="torch"
+        )
         o1, s1 = kernels.recurrent_delta(**args, initial_state=state, output_final_state=True, backend="torch")
     assert torch.equal(o, o1) and all(torch.equal(a, b) for a, b in zip(s, s1))
 
@@ -191,5 +200,14 @@ def test_triton_packed_across_checkpoints(triton_backend, monkeypatch):
 
     assert BACKENDS["triton"]().varlen
     monkeypatch.setattr(triton_recurrent, "CHECKPOINT", 4)
-    compare_packed(OP, "triton", TOL[torch.float32], lengths=(5, 0, 9, 1, 3), with_state=True,
-                   device=device_for("triton"), H=2, K=16, V=8)
+    compare_packed(
+        OP,
+        "triton",
+        TOL[torch.float32],
+        lengths=(5, 0, 9, 1, 3),
+        with_state=True,
+        device=device_for("triton"),
+        H=2,
+        K=16,
+        V=8,
+    )

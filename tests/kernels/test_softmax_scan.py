@@ -9,10 +9,18 @@ import torch
 import kernels
 from kernels.ops.softmax_scan.reference import empty_state
 from tests.kernels.harness import (
-    assert_close, check_split, compare_backends, forward_backward, make_inputs, needs_triton, triton_test,
+    assert_close,
+    check_split,
+    compare_backends,
+    forward_backward,
+    make_inputs,
+    needs_triton,
+    triton_test,
 )
 
 OP = "softmax_scan"
+
+
 def _compare(args, state, backend, tol=1e-4, state_tol=None):
     o_ref, s_ref, g_ref = forward_backward(OP, args, state, "reference")
     o, s, g = forward_backward(OP, args, state, backend)
@@ -80,8 +88,7 @@ def test_non_contiguous_inputs(backend):
     v = torch.randn(2, 3, 50, 4, generator=gen).transpose(1, 2)
     assert not s.is_contiguous() and not v.is_contiguous()
     out, final = kernels.softmax_scan(s, v, output_final_state=True, backend=backend)
-    ref, ref_final = kernels.softmax_scan(s.contiguous(), v.contiguous(), output_final_state=True,
-                                          backend="reference")
+    ref, ref_final = kernels.softmax_scan(s.contiguous(), v.contiguous(), output_final_state=True, backend="reference")
     assert_close("output", out, ref, 1e-5)
     for i in range(3):
         assert_close(f"final_state[{i}]", final[i], ref_final[i], 1e-5)
@@ -98,6 +105,7 @@ def test_bad_shapes_raise_naming_the_argument():
 
 # ---- Triton (CPU interpreter): small shapes --------------------------------------------------
 
+
 @triton_test
 @pytest.mark.parametrize("T,with_state", [(1, True), (7, False), (65, True), (100, False)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -113,6 +121,7 @@ def test_triton_several_value_blocks_and_split():
 
 
 # ---- packed sequences (cu_seqlens): native segmented scan on torch ----------------------------
+
 
 def test_packed_torch_is_native():
     from kernels._varlen import is_varlen

@@ -12,7 +12,14 @@ import torch
 import kernels
 from kernels.ops.srwm import BACKENDS, torch_recurrent
 from tests.kernels.harness import (
-    TOL, assert_close, check_split, compare_backends, device_for, forward_backward, make_inputs, require_triton,
+    TOL,
+    assert_close,
+    check_split,
+    compare_backends,
+    device_for,
+    forward_backward,
+    make_inputs,
+    require_triton,
 )
 from tests.kernels.varlen_cases import compare_packed
 
@@ -58,7 +65,7 @@ def test_torch_matches_reference_bf16():
     compare_backends(OP, "torch", dtype=torch.bfloat16, T=40, B=2, H=2, K=8, V=6)
 
 
-@pytest.mark.parametrize("checkpoint", [5, 10 ** 9])
+@pytest.mark.parametrize("checkpoint", [5, 10**9])
 def test_torch_state_rebuild_across_segments(monkeypatch, checkpoint):
     """The backward rebuilds W_{t-1} by inverting the update: exact with many short segments and
     with a single segment (the inversion alone over the whole sequence)."""
@@ -91,8 +98,9 @@ def _strided(x: torch.Tensor) -> torch.Tensor:
     return x.detach().permute(*dims).contiguous().permute(*dims).requires_grad_()
 
 
-@pytest.mark.parametrize("backend,T,B,H", [
-    ("torch", 23, 2, 3), pytest.param("triton", 5, 1, 2, marks=pytest.mark.triton)])
+@pytest.mark.parametrize(
+    "backend,T,B,H", [("torch", 23, 2, 3), pytest.param("triton", 5, 1, 2, marks=pytest.mark.triton)]
+)
 def test_non_contiguous_inputs(backend, T, B, H):
     if backend == "triton":
         require_triton()
@@ -181,8 +189,17 @@ def test_torch_packed_across_checkpoints(monkeypatch, case):
     an initial_state one set per sequence."""
     monkeypatch.setattr(torch_recurrent, "CHECKPOINT", 5)
     assert BACKENDS["torch"]().varlen
-    compare_packed(OP, "torch", TOL[torch.float32], lengths=PACKED, with_state=case == "state",
-                   per_sequence_weights=case == "per_sequence", H=3, K=7, V=4)
+    compare_packed(
+        OP,
+        "torch",
+        TOL[torch.float32],
+        lengths=PACKED,
+        with_state=case == "state",
+        per_sequence_weights=case == "per_sequence",
+        H=3,
+        K=7,
+        V=4,
+    )
 
 
 def test_torch_packed_bf16():
@@ -205,5 +222,14 @@ def test_triton_packed_across_checkpoints(triton_backend, monkeypatch, per_seque
 
     assert BACKENDS["triton"]().varlen
     monkeypatch.setattr(triton_recurrent, "CHECKPOINT", 4)
-    compare_packed(OP, "triton", TOL[torch.float32], lengths=(5, 0, 9, 1, 3), per_sequence_weights=per_sequence,
-                   device=device_for("triton"), H=2, K=16, V=8)
+    compare_packed(
+        OP,
+        "triton",
+        TOL[torch.float32],
+        lengths=(5, 0, 9, 1, 3),
+        per_sequence_weights=per_sequence,
+        device=device_for("triton"),
+        H=2,
+        K=16,
+        V=8,
+    )

@@ -8,7 +8,7 @@ import torch
 
 import kernels
 from tests.kernels.harness import OPS, TOL, device_for, needs_triton
-from tests.kernels.varlen_cases import compare_packed, cu_seqlens_of, make_packed
+from tests.kernels.varlen_cases import compare_packed, make_packed
 
 BACKENDS = ("reference", "torch", pytest.param("triton", marks=needs_triton))
 #: small heads keep the Triton interpreter fast
@@ -28,10 +28,12 @@ def _cases(states):
         for backend in BACKENDS:
             name = getattr(backend, "values", (backend,))[0]
             for with_state in states:
-                if (op, name) in SLOW_FALLBACK and not (with_state is True):
+                if (op, name) in SLOW_FALLBACK and with_state is not True:
                     continue
                 marks = getattr(backend, "marks", ())
-                yield pytest.param(op, name, with_state, marks=marks, id=f"{op}-{name}-{_ID.get(with_state, with_state)}")
+                yield pytest.param(
+                    op, name, with_state, marks=marks, id=f"{op}-{name}-{_ID.get(with_state, with_state)}"
+                )
 
 
 @pytest.mark.parametrize("op,backend,with_state", list(_cases((False, True))))
@@ -41,15 +43,15 @@ def test_packed_equals_each_sequence_alone(op, backend, with_state):
 
 @pytest.mark.parametrize("op,backend,_", [c for c in _cases(("bf16",)) if c.values[1] != "reference"])
 def test_packed_bf16(op, backend, _):
-    compare_packed(op, backend, TOL[torch.bfloat16], dtype=torch.bfloat16, with_state=True,
-                   device=device_for(backend), **SHAPES)
+    compare_packed(
+        op, backend, TOL[torch.bfloat16], dtype=torch.bfloat16, with_state=True, device=device_for(backend), **SHAPES
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_srwm_per_sequence_initial_weights(backend):
     """srwm's initial weights with a leading dim are one set per sequence ([N, ...])."""
-    compare_packed("srwm", backend, TOL[torch.float32], per_sequence_weights=True, device=device_for(backend),
-                   **SHAPES)
+    compare_packed("srwm", backend, TOL[torch.float32], per_sequence_weights=True, device=device_for(backend), **SHAPES)
 
 
 @pytest.mark.parametrize("backend", ["reference", "torch"])
@@ -81,13 +83,16 @@ def test_all_sequences_empty():
     torch.testing.assert_close(final, h0)
 
 
-@pytest.mark.parametrize("cu,match", [
-    ([[0, 5, 10]], "1-D"),
-    ([0], "N >= 1"),
-    ([1, 5, 10], "start at 0"),
-    ([0, 5, 9], "end at T = 10"),
-    ([0, 6, 5, 10], "non-decreasing"),
-])
+@pytest.mark.parametrize(
+    "cu,match",
+    [
+        ([[0, 5, 10]], "1-D"),
+        ([0], "N >= 1"),
+        ([1, 5, 10], "start at 0"),
+        ([0, 5, 9], "end at T = 10"),
+        ([0, 6, 5, 10], "non-decreasing"),
+    ],
+)
 def test_bad_cu_seqlens_raise(cu, match):
     a, b = torch.rand(1, 10, 4), torch.randn(1, 10, 4)
     with pytest.raises(ValueError, match=f"^cu_seqlens: .*{match}"):

@@ -31,9 +31,13 @@ def lengths_for(op: str):
 
 #: per-step input names of each op (sliced along T per sequence); the others are shared
 STEP_ARGS = {
-    "linear_scan": ("a", "b"), "gla": ("q", "k", "v", "g"), "delta_rule": ("q", "k", "v", "beta", "g"),
-    "dplr": ("q", "k", "v", "a", "b", "g"), "softmax_scan": ("s", "v"),
-    "recurrent_delta": ("q", "k", "v", "beta"), "srwm": ("x",),
+    "linear_scan": ("a", "b"),
+    "gla": ("q", "k", "v", "g"),
+    "delta_rule": ("q", "k", "v", "beta", "g"),
+    "dplr": ("q", "k", "v", "a", "b", "g"),
+    "softmax_scan": ("s", "v"),
+    "recurrent_delta": ("q", "k", "v", "beta"),
+    "srwm": ("x",),
 }
 
 
@@ -44,8 +48,16 @@ def cu_seqlens_of(lengths: Sequence[int], device="cpu", dtype=torch.int32) -> to
     return torch.tensor(offsets, dtype=dtype, device=device)
 
 
-def make_packed(op: str, lengths: Sequence[int] = LENGTHS, with_state: bool = False, dtype=torch.float32,
-                device: str = "cpu", seed: int = 0, per_sequence_weights: bool = False, **kw):
+def make_packed(
+    op: str,
+    lengths: Sequence[int] = LENGTHS,
+    with_state: bool = False,
+    dtype=torch.float32,
+    device: str = "cpu",
+    seed: int = 0,
+    per_sequence_weights: bool = False,
+    **kw,
+):
     """(args, initial_state [N, ...] or None, cu_seqlens) for one packed row (B = 1)."""
     T, N = sum(lengths), len(lengths)
     args, _ = make_inputs(op, B=1, T=T, dtype=dtype, device=device, seed=seed, **kw)
@@ -72,9 +84,9 @@ def expected(op: str, args: Dict[str, torch.Tensor], state, cu_seqlens: torch.Te
             if name in STEP_ARGS[op]:
                 x = x[:, lo:hi]
             elif op == "srwm" and x.dim() == 4:
-                x = x[n:n + 1]
+                x = x[n : n + 1]
             call[name] = x
-        s = None if state is None else _map(lambda x: x[n:n + 1], state)
+        s = None if state is None else _map(lambda x: x[n : n + 1], state)
         o, f = fn(**call, initial_state=s, output_final_state=True, backend="reference", **kw)
         outs.append(o)
         finals.append(_flat(f))
@@ -89,8 +101,9 @@ def packed_forward_backward(op: str, args, state, cu_seqlens, backend: Optional[
     if backend is None:
         out, final = expected(op, args, state, cu_seqlens, **kw)
     else:
-        out, final = getattr(kernels, op)(**args, initial_state=state, output_final_state=True,
-                                          cu_seqlens=cu_seqlens, backend=backend, **kw)
+        out, final = getattr(kernels, op)(
+            **args, initial_state=state, output_final_state=True, cu_seqlens=cu_seqlens, backend=backend, **kw
+        )
     gen = torch.Generator().manual_seed(seed)
     loss = (out.float() * torch.randn(out.shape, generator=gen).to(out.device)).sum()
     for s in _flat(final):  # softmax_scan's empty sequences keep m = -inf: no cotangent there
@@ -102,15 +115,24 @@ def packed_forward_backward(op: str, args, state, cu_seqlens, backend: Optional[
     return out, final, dict(zip(names, grads))
 
 
-def compare_packed(op: str, backend: str, tol: float, dtype=torch.float32, lengths=None,
-                   with_state: bool = False, device: str = "cpu", per_sequence_weights: bool = False,
-                   **make_kw) -> None:
+def compare_packed(
+    op: str,
+    backend: str,
+    tol: float,
+    dtype=torch.float32,
+    lengths=None,
+    with_state: bool = False,
+    device: str = "cpu",
+    per_sequence_weights: bool = False,
+    **make_kw,
+) -> None:
     """``backend`` with ``cu_seqlens`` equals each sequence run alone through the reference: outputs,
     final states and every gradient. Low precision: the reference runs on the rounded inputs in fp32.
     ``lengths`` defaults to :func:`lengths_for` the op."""
     lengths = lengths_for(op) if lengths is None else lengths
-    args, state, cu = make_packed(op, lengths, with_state, dtype, device,
-                                  per_sequence_weights=per_sequence_weights, **make_kw)
+    args, state, cu = make_packed(
+        op, lengths, with_state, dtype, device, per_sequence_weights=per_sequence_weights, **make_kw
+    )
     ref_args = {n: x.detach().float() for n, x in args.items()} if dtype != torch.float32 else args
     o_ref, s_ref, g_ref = packed_forward_backward(op, ref_args, state, cu, None)
     o, s, g = packed_forward_backward(op, args, state, cu, backend)
@@ -126,4 +148,3 @@ def compare_packed(op: str, backend: str, tol: float, dtype=torch.float32, lengt
         assert_close(f"final_state[{i}]", a, b, tol)
     for name in g_ref:
         assert_close(f"grad {name}", g[name], g_ref[name], tol)
-

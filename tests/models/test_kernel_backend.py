@@ -16,9 +16,17 @@ IDS = [f"{f}/{v}" for f, v in VARIANTS]
 
 
 def tiny(family, variant, backend):
-    cfg = dict(family=family, variant=variant, vocab_size=48, d_model=32, n_layers=2, n_heads=2,
-               mlp="rwkv_cmix" if family == "rwkv" else "swiglu", norm="layernorm" if family == "rwkv" else "rmsnorm",
-               kernel_backend=backend)
+    cfg = dict(
+        family=family,
+        variant=variant,
+        vocab_size=48,
+        d_model=32,
+        n_layers=2,
+        n_heads=2,
+        mlp="rwkv_cmix" if family == "rwkv" else "swiglu",
+        norm="layernorm" if family == "rwkv" else "rmsnorm",
+        kernel_backend=backend,
+    )
     torch.manual_seed(0)
     return build_model(cfg)
 

@@ -80,8 +80,9 @@ def test_every_variant_has_recorded_flops():
 @pytest.mark.parametrize("seq_len", [256, 2048])
 def test_flops_equal_the_recorded_values(family, variant, seq_len):
     model = build_on_meta(dict(family=family, variant=variant, **SMALL))
-    assert (mixer_forward_flops(model, seq_len), training_flops_per_token(model, seq_len)) == \
-        RECORDED[family, variant][seq_len]
+    assert (mixer_forward_flops(model, seq_len), training_flops_per_token(model, seq_len)) == RECORDED[family, variant][
+        seq_len
+    ]
 
 
 @pytest.mark.parametrize("family,variant", VARIANTS)
@@ -116,28 +117,42 @@ def test_only_attention_flops_grow_with_the_sequence():
 #: those without; today's rule (matrices decay) on every family
 MIXER_DECAY = {
     "aaren/aaren": ("k_proj.weight o_proj.weight query v_proj.weight", ""),
-    "fwp/recurrent_delta": ("b_proj.weight k_proj.weight o_norm.weight o_proj.weight q_proj.weight "
-                            "r_b r_k r_q r_v v_proj.weight", "b_proj.bias"),
+    "fwp/recurrent_delta": (
+        "b_proj.weight k_proj.weight o_norm.weight o_proj.weight q_proj.weight r_b r_k r_q r_v v_proj.weight",
+        "b_proj.bias",
+    ),
     "fwp/srwm": ("in_proj.weight o_norm.weight o_proj.weight w_b w_k w_q w_y", ""),
     "gated_rnn/static": ("w_g.weight w_o.weight w_q.weight w_v.weight", "nu"),
     "gated_rnn/input_dependent": ("w_g.weight w_o.weight w_q.weight w_r.weight w_v.weight", "nu w_r.bias"),
     "gated_rnn/ungated": ("w_o.weight w_v.weight", "nu"),
     "linear_attention/lsa": ("k_proj.weight o_proj.weight q_proj.weight v_proj.weight", ""),
     "linear_attention/linear_transformer": ("k_proj.weight o_proj.weight q_proj.weight v_proj.weight", ""),
-    "linear_attention/retnet": ("gate_proj.weight k_proj.weight o_norm.weight o_proj.weight q_proj.weight "
-                                "v_proj.weight", ""),
-    "linear_attention/gla": ("g_down.weight g_up.weight gate_proj.weight k_proj.weight o_norm.weight "
-                             "o_proj.weight q_proj.weight v_proj.weight", "g_up.bias"),
-    "linear_attention/deltanet": ("b_proj.weight conv_k.weight conv_q.weight conv_v.weight k_proj.weight "
-                                  "o_norm.weight o_proj.weight q_proj.weight v_proj.weight",
-                                  "b_proj.bias conv_k.bias conv_q.bias conv_v.bias"),
-    "linear_attention/gated_deltanet": ("a_proj.weight b_proj.weight conv_k.weight conv_q.weight conv_v.weight "
-                                        "gate_proj.weight k_proj.weight o_norm.weight o_proj.weight "
-                                        "q_proj.weight v_proj.weight",
-                                        "A_log b_proj.bias conv_k.bias conv_q.bias conv_v.bias dt_bias"),
-    "rwkv/rwkv7": ("a_down.weight a_up.weight g_down.weight g_up.weight key.weight mu o_norm.bias "
-                   "o_norm.weight output.weight r_k receptance.weight v_down.weight v_up.weight value.weight "
-                   "w_down.weight w_up.weight", "a0 k_a k_k v0 w0"),
+    "linear_attention/retnet": (
+        "gate_proj.weight k_proj.weight o_norm.weight o_proj.weight q_proj.weight v_proj.weight",
+        "",
+    ),
+    "linear_attention/gla": (
+        "g_down.weight g_up.weight gate_proj.weight k_proj.weight o_norm.weight "
+        "o_proj.weight q_proj.weight v_proj.weight",
+        "g_up.bias",
+    ),
+    "linear_attention/deltanet": (
+        "b_proj.weight conv_k.weight conv_q.weight conv_v.weight k_proj.weight "
+        "o_norm.weight o_proj.weight q_proj.weight v_proj.weight",
+        "b_proj.bias conv_k.bias conv_q.bias conv_v.bias",
+    ),
+    "linear_attention/gated_deltanet": (
+        "a_proj.weight b_proj.weight conv_k.weight conv_q.weight conv_v.weight "
+        "gate_proj.weight k_proj.weight o_norm.weight o_proj.weight "
+        "q_proj.weight v_proj.weight",
+        "A_log b_proj.bias conv_k.bias conv_q.bias conv_v.bias dt_bias",
+    ),
+    "rwkv/rwkv7": (
+        "a_down.weight a_up.weight g_down.weight g_up.weight key.weight mu o_norm.bias "
+        "o_norm.weight output.weight r_k receptance.weight v_down.weight v_up.weight value.weight "
+        "w_down.weight w_up.weight",
+        "a0 k_a k_k v0 w0",
+    ),
     "transformer/transformer": ("o_proj.weight qkv.weight", ""),
 }
 #: the skeleton around the mixers (SwiGLU channel mixer, untied head off by default: tied)
@@ -147,8 +162,18 @@ SKELETON_NO_DECAY = "norm_f.weight blocks.{i}.norm1.weight blocks.{i}.norm2.weig
 
 def tiny(family: str, variant: str, **extra):
     torch.manual_seed(0)
-    return build_model(dict(family=family, variant=variant, vocab_size=61, d_model=32, n_layers=2, n_heads=2,
-                            kernel_backend="torch", **extra))
+    return build_model(
+        dict(
+            family=family,
+            variant=variant,
+            vocab_size=61,
+            d_model=32,
+            n_layers=2,
+            n_heads=2,
+            kernel_backend="torch",
+            **extra,
+        )
+    )
 
 
 def split_names(model, params):

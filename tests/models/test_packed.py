@@ -14,8 +14,16 @@ B, T, VOCAB = 2, 23, 48
 
 
 def tiny(family, variant, **kw):
-    cfg = dict(family=family, variant=variant, vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=2,
-               mlp="rwkv_cmix" if family == "rwkv" else "swiglu", norm="layernorm" if family == "rwkv" else "rmsnorm")
+    cfg = dict(
+        family=family,
+        variant=variant,
+        vocab_size=VOCAB,
+        d_model=32,
+        n_layers=2,
+        n_heads=2,
+        mlp="rwkv_cmix" if family == "rwkv" else "swiglu",
+        norm="layernorm" if family == "rwkv" else "rmsnorm",
+    )
     cfg.update(kw)
     torch.manual_seed(0)
     model = build_model(cfg)
@@ -57,7 +65,7 @@ def row_state(state, b):
     if state is None:
         return None
     if isinstance(state, torch.Tensor):
-        return state[b:b + 1]
+        return state[b : b + 1]
     if isinstance(state, dict):
         return {k: row_state(v, b) for k, v in state.items()}
     return type(state)(row_state(v, b) for v in state)
@@ -91,7 +99,7 @@ def separate(model, starts, state):
     finals = [None] * B
     for b, a, e in documents(starts):
         carried = row_state(state, b) if a == 0 and not starts[b, 0] else None
-        out, s = model(TOKENS[b:b + 1, a:e], state=carried, return_state=True)
+        out, s = model(TOKENS[b : b + 1, a:e], state=carried, return_state=True)
         logits = logits.index_put((torch.tensor([b]), torch.arange(a, e)), out[0])
         finals[b] = s
     return logits, finals
@@ -174,8 +182,9 @@ def test_transformer_returns_the_cache_of_equal_last_documents():
             model(TOKENS, return_state=True, doc_starts=LAYOUTS["start0-len1-none"])
 
 
-@pytest.mark.parametrize("family,variant", [("rwkv", "rwkv7"), ("linear_attention", "deltanet"),
-                                            ("transformer", "transformer")])
+@pytest.mark.parametrize(
+    "family,variant", [("rwkv", "rwkv7"), ("linear_attention", "deltanet"), ("transformer", "transformer")]
+)
 def test_activation_checkpointing_passes_the_segments(family, variant):
     starts = LAYOUTS["continue-len1end"]
     results = []
@@ -210,6 +219,6 @@ def test_step_form_is_unchanged_after_a_packed_window():
             stepped.append(logits)
         # row 0's last document is the length-1 one at 22; row 1's starts at 11
         for b, a in ((0, 22), (1, 11)):
-            want, _ = model(torch.cat([TOKENS[b:b + 1, a:], more[b:b + 1]], 1))
+            want, _ = model(torch.cat([TOKENS[b : b + 1, a:], more[b : b + 1]], 1))
             got = torch.stack(stepped, 1)[b]
-            assert (got - want[0, T - a:]).abs().max() <= 1e-5 * want.abs().max()
+            assert (got - want[0, T - a :]).abs().max() <= 1e-5 * want.abs().max()

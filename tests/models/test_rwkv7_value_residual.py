@@ -12,8 +12,17 @@ from lm.probes.runner import run_probes
 
 
 def rwkv(n_layers=3, **mixer):
-    cfg = dict(family="rwkv", variant="rwkv7", vocab_size=48, d_model=32, n_layers=n_layers, n_heads=2,
-               mlp="rwkv_cmix", norm="layernorm", mixer=mixer)
+    cfg = dict(
+        family="rwkv",
+        variant="rwkv7",
+        vocab_size=48,
+        d_model=32,
+        n_layers=n_layers,
+        n_heads=2,
+        mlp="rwkv_cmix",
+        norm="layernorm",
+        mixer=mixer,
+    )
     torch.manual_seed(0)
     model = build_model(cfg)
     with torch.no_grad():  # random, so that zero-initialised low-rank maps do not hide a missing path
@@ -25,8 +34,11 @@ def rwkv(n_layers=3, **mixer):
 TOKENS = torch.randint(0, 48, (2, 19), generator=torch.Generator().manual_seed(1))
 
 
-@pytest.mark.parametrize("mixer", [{}, {"value_residual": False}, {"head_norm": "rms", "embed_norm": False}],
-                         ids=["reference", "no-value-residual", "rms-no-ln0"])
+@pytest.mark.parametrize(
+    "mixer",
+    [{}, {"value_residual": False}, {"head_norm": "rms", "embed_norm": False}],
+    ids=["reference", "no-value-residual", "rms-no-ln0"],
+)
 def test_forward_equals_stepping(mixer):
     model = rwkv(**mixer)
     with torch.no_grad():
@@ -46,9 +58,14 @@ def test_value_residual_carries_layer0_values():
     layers = capture_layers(model, TOKENS)
     mixer = model.blocks[2].mixer
     first = layers[2].shared["shared"]["v_first"]
-    assert torch.equal(first, model.blocks[0].mixer.value(
-        layers[0].x + (torch.cat([torch.zeros_like(layers[0].x[:, :1]), layers[0].x[:, :-1]], 1) - layers[0].x)
-        * model.blocks[0].mixer.mu[3]))
+    assert torch.equal(
+        first,
+        model.blocks[0].mixer.value(
+            layers[0].x
+            + (torch.cat([torch.zeros_like(layers[0].x[:, :1]), layers[0].x[:, :-1]], 1) - layers[0].x)
+            * model.blocks[0].mixer.mu[3]
+        ),
+    )
     with torch.no_grad():
         mixer.v0.fill_(60.0)
         y_a, _ = mixer(layers[2].x, shared={"v_first": first})
@@ -110,8 +127,9 @@ def test_head_norm_is_a_per_head_group_norm():
         norm.weight.copy_(torch.randn_like(norm.weight))
         norm.bias.copy_(torch.randn_like(norm.bias))
         x = torch.randn(3, 5, 2, 16)
-        want = torch.nn.functional.group_norm(x.reshape(15, 32), 2, norm.weight.reshape(-1), norm.bias.reshape(-1),
-                                              eps=64e-5).reshape(3, 5, 2, 16)
+        want = torch.nn.functional.group_norm(
+            x.reshape(15, 32), 2, norm.weight.reshape(-1), norm.bias.reshape(-1), eps=64e-5
+        ).reshape(3, 5, 2, 16)
     assert torch.allclose(norm(x), want, atol=1e-5)
 
 

@@ -63,10 +63,16 @@ def test_same_document():
     seg = Segments.from_starts(STARTS)
     assert seg.same_document(0).all()
     # lag 1: false only at a document's first token (and row 0's start, which starts a document)
-    assert seg.same_document(1).tolist() == [[False, True, True, False, False, True],
-                                             [True, True, False, True, True, True], [True] * 6]
-    assert seg.same_document(2).tolist() == [[False, False, True, False, False, False],
-                                             [True, True, False, False, True, True], [True] * 6]
+    assert seg.same_document(1).tolist() == [
+        [False, True, True, False, False, True],
+        [True, True, False, True, True, True],
+        [True] * 6,
+    ]
+    assert seg.same_document(2).tolist() == [
+        [False, False, True, False, False, False],
+        [True, True, False, False, True, True],
+        [True] * 6,
+    ]
     # after the window: row 0's last document is [4, 6) (2 tokens), row 1's [2, 6), row 2 continues
     assert seg.same_document_after(1).tolist() == [True, True, True]
     assert seg.same_document_after(2).tolist() == [True, True, True]
@@ -75,8 +81,11 @@ def test_same_document():
     assert seg.same_document_after(9).tolist() == [False, False, True]
 
 
-@pytest.mark.parametrize("bad", [torch.zeros(2, 3), torch.zeros(6, dtype=torch.bool),
-                                 torch.zeros(1, 2, 3, dtype=torch.bool)], ids=["float", "1d", "3d"])
+@pytest.mark.parametrize(
+    "bad",
+    [torch.zeros(2, 3), torch.zeros(6, dtype=torch.bool), torch.zeros(1, 2, 3, dtype=torch.bool)],
+    ids=["float", "1d", "3d"],
+)
 def test_bad_input(bad):
     with pytest.raises(ValueError, match=r"document starts: expected a bool tensor \[B, T\]"):
         Segments.from_starts(bad)

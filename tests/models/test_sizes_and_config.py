@@ -53,11 +53,19 @@ def test_1p3b_configs_instantiate_on_meta(name):
 def test_construction_makes_gated_rnn_equal_linear_self_attention(heads, dk, dv):
     torch.manual_seed(0)
     D = 12
-    cfg = as_model_config(dict(family="gated_rnn", variant="static", d_model=D, n_heads=2, vocab_size=8,
-                               mixer={"state_dim": heads * dk * dv}))
+    cfg = as_model_config(
+        dict(
+            family="gated_rnn",
+            variant="static",
+            d_model=D,
+            n_heads=2,
+            vocab_size=8,
+            mixer={"state_dim": heads * dk * dv},
+        )
+    )
     layer = GatedRNN(cfg, resolve_options("gated_rnn", "static", cfg.mixer), 0)
-    W_Q, W_K = torch.randn(heads, dk, D) / D ** 0.5, torch.randn(heads, dk, D) / D ** 0.5
-    W_V, W_O = torch.randn(heads, dv, D) / D ** 0.5, torch.randn(D, heads * dv) / (heads * dv) ** 0.5
+    W_Q, W_K = torch.randn(heads, dk, D) / D**0.5, torch.randn(heads, dk, D) / D**0.5
+    W_V, W_O = torch.randn(heads, dv, D) / D**0.5, torch.randn(D, heads * dv) / (heads * dv) ** 0.5
     set_lsa_construction(layer, W_Q, W_K, W_V, W_O)
     x = torch.randn(3, 41, D)
     y, _ = layer(x)

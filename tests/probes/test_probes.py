@@ -46,7 +46,9 @@ def test_attention_statistics_on_known_matrices():
     T = 8
     prev = torch.diag(torch.ones(T - 1), -1)
     prev[0, 0] = 1.0
-    ia = ImplicitAttention(prev[None, None], torch.randn(1, T, 1, 2), torch.einsum("ts,sv->tv", prev, torch.zeros(T, 2))[None, :, None])
+    ia = ImplicitAttention(
+        prev[None, None], torch.randn(1, T, 1, 2), torch.einsum("ts,sv->tv", prev, torch.zeros(T, 2))[None, :, None]
+    )
     stats = attention_stats(ia, period=None)
     assert stats["prev_token"] == pytest.approx((T - 1) / (T - 1), rel=1e-6) or stats["prev_token"] > 0.85
     assert stats["entropy"] == pytest.approx(0.0, abs=1e-6)
@@ -59,11 +61,13 @@ def test_attention_statistics_on_known_matrices():
 def test_lsa_fit_is_one_for_lsa_and_zero_for_noise():
     torch.manual_seed(0)
     D = 4
-    cfg = as_model_config(dict(family="gated_rnn", variant="static", d_model=D, n_heads=1, vocab_size=8,
-                               mixer={"state_dim": 16}))
+    cfg = as_model_config(
+        dict(family="gated_rnn", variant="static", d_model=D, n_heads=1, vocab_size=8, mixer={"state_dim": 16})
+    )
     layer = GatedRNN(cfg, resolve_options("gated_rnn", "static", cfg.mixer), 0)
-    set_lsa_construction(layer, torch.randn(1, 4, D) / 2, torch.randn(1, 4, D) / 2, torch.randn(1, 4, D) / 2,
-                         torch.randn(D, 4) / 2)
+    set_lsa_construction(
+        layer, torch.randn(1, 4, D) / 2, torch.randn(1, 4, D) / 2, torch.randn(1, 4, D) / 2, torch.randn(D, 4) / 2
+    )
     x = torch.randn(8, 48, D)
     with torch.no_grad():
         y, _ = layer(x)
@@ -78,8 +82,16 @@ def test_run_probes_scalars_and_form_equivalence():
     assert torch.equal(batch["inputs"][:, :16], batch["inputs"][:, 16:])
     result = run_probes(model, batch["inputs"], period=batch["period"])
     for layer in (0, 1):
-        for key in ("form_out_rel", "form_state_rel", "attn_recon_error", "attn_entropy", "attn_distance",
-                    "attn_prev_token", "attn_induction", "lsa_r2"):
+        for key in (
+            "form_out_rel",
+            "form_state_rel",
+            "attn_recon_error",
+            "attn_entropy",
+            "attn_distance",
+            "attn_prev_token",
+            "attn_induction",
+            "lsa_r2",
+        ):
             assert f"probe/{key}/layer{layer}" in result.scalars
         assert result.scalars[f"probe/form_out_rel/layer{layer}"] < 1e-4
     assert set(result.maps) == {0, 1} and result.maps[0].shape == (32, 32)
@@ -91,8 +103,12 @@ def _probe_columns(run: Path):
 
 
 def test_callback_logs_scalars_and_writes_png(tmp_path, tiny_data):
-    path = experiment(tmp_path, tiny_data, train={"max_steps": 10, "val_every_n_steps": 0},
-                      probes={"every_n_steps": 5, "batch_size": 4, "seq_len": 16})
+    path = experiment(
+        tmp_path,
+        tiny_data,
+        train={"max_steps": 10, "val_every_n_steps": 0},
+        probes={"every_n_steps": 5, "batch_size": 4, "seq_len": 16},
+    )
     run_lm("train", str(path))
     run = tmp_path / "exp"
     assert sorted(p.name for p in (run / "probes").glob("*.png")) == ["step-00000005.png", "step-00000010.png"]
@@ -114,10 +130,21 @@ def test_callback_logs_scalars_and_writes_png(tmp_path, tiny_data):
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_callback_under_two_rank_deepspeed_zero3(tmp_path, tiny_data):
-    path = experiment(tmp_path, tiny_data, train={"max_steps": 6, "val_every_n_steps": 0},
-                      probes={"every_n_steps": 3, "batch_size": 4, "seq_len": 16})
-    run_lm("train", str(path), "train.devices=2", "train.accelerator=cpu", "train.strategy=deepspeed",
-           "train.zero_stage=3", timeout=900)
+    path = experiment(
+        tmp_path,
+        tiny_data,
+        train={"max_steps": 6, "val_every_n_steps": 0},
+        probes={"every_n_steps": 3, "batch_size": 4, "seq_len": 16},
+    )
+    run_lm(
+        "train",
+        str(path),
+        "train.devices=2",
+        "train.accelerator=cpu",
+        "train.strategy=deepspeed",
+        "train.zero_stage=3",
+        timeout=900,
+    )
     run = tmp_path / "exp"
     assert (run / "probes" / "step-00000006.png").is_file()
     assert "probe/lsa_r2/layer1" in _probe_columns(run)

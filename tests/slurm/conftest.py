@@ -26,8 +26,17 @@ import pytest
 from tests.helpers import prepare_tiny_data, run_lm
 
 CLUSTER_SH = Path(__file__).with_name("cluster.sh")
-FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
-                "DEADLINE", "PREEMPTED"}
+FINAL_STATES = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+}
 
 
 @pytest.fixture(scope="session")
@@ -104,8 +113,10 @@ def wait_for_job(job_id: str, run_dir: Path, timeout: float = 600.0):
             return state
         time.sleep(1.0)
     subprocess.run(["scancel", job_id], capture_output=True)
-    raise AssertionError(f"job {job_id} did not finish in {timeout:.0f} s (last state {state.state}); "
-                         f"log:\n{job_log(run_dir, job_id)[-4000:]}")
+    raise AssertionError(
+        f"job {job_id} did not finish in {timeout:.0f} s (last state {state.state}); "
+        f"log:\n{job_log(run_dir, job_id)[-4000:]}"
+    )
 
 
 def wait_for_samples(run_dir: Path, job_id: str, step: int, timeout: float = 600.0) -> int:

@@ -27,9 +27,11 @@ from tests.helpers import experiment, read_samples, run_lm
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.xdist_group("slurm")]
 
 MAX_STEPS = 60
-SECTIONS = dict(train={"max_steps": MAX_STEPS, "record_samples": True, "val_every_n_steps": 30},
-                checkpoint={"every_n_steps": 25, "keep_last": 2},
-                model={"dropout": 0.1, "d_model": 32, "n_heads": 2, "n_layers": 2})
+SECTIONS = dict(
+    train={"max_steps": MAX_STEPS, "record_samples": True, "val_every_n_steps": 30},
+    checkpoint={"every_n_steps": 25, "keep_last": 2},
+    model={"dropout": 0.1, "d_model": 32, "n_heads": 2, "n_layers": 2},
+)
 
 
 def _train_steps(run_dir: Path):
@@ -41,10 +43,10 @@ def _train_steps(run_dir: Path):
 @pytest.fixture(scope="module")
 def uninterrupted(slurm_cluster, slurm_data, tmp_path_factory):
     """The tiny job, submitted once per session and run to the end: (job id, run dir, final JobState)."""
+
     def make(directory: Path) -> dict:
         job_id, run_dir = submit(experiment(directory, slurm_data, name="straight", **SECTIONS))
-        return {"job_id": job_id, "run_dir": str(run_dir),
-                "state": dataclasses.asdict(wait_for_job(job_id, run_dir))}
+        return {"job_id": job_id, "run_dir": str(run_dir), "state": dataclasses.asdict(wait_for_job(job_id, run_dir))}
 
     done = run_once(tmp_path_factory, "slurm-straight", make)
     return done["job_id"], Path(done["run_dir"]), JobState(**done["state"])
@@ -110,10 +112,12 @@ def test_usr1_checkpoints_requeues_and_resumes_exactly(uninterrupted, slurm_data
 
 
 def test_two_rank_srun_job_with_deepspeed_on_gloo(slurm_cluster, slurm_data, tmp_path):
-    path = experiment(tmp_path, slurm_data, name="two-ranks",
-                      train={"max_steps": 4, "val_every_n_steps": 0, "record_samples": True})
-    job_id, run_dir = submit(path, "train.devices=2", "train.accelerator=cpu", "train.strategy=deepspeed",
-                             "train.zero_stage=2")
+    path = experiment(
+        tmp_path, slurm_data, name="two-ranks", train={"max_steps": 4, "val_every_n_steps": 0, "record_samples": True}
+    )
+    job_id, run_dir = submit(
+        path, "train.devices=2", "train.accelerator=cpu", "train.strategy=deepspeed", "train.zero_stage=2"
+    )
     script = (run_dir / "slurm" / "job.sbatch").read_text()
     assert "#SBATCH --ntasks-per-node=2" in script and "srun " in script
     state = wait_for_job(job_id, run_dir, timeout=400)

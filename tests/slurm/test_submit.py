@@ -36,17 +36,29 @@ def lm(capsys, *args, env_path=None, monkeypatch=None):
     return code, out, err
 
 
-@pytest.mark.parametrize("value,seconds", [
-    ("30", 1800), ("90", 5400), ("5:30", 330), ("1:00:00", 3600), ("36:00:00", 129600), ("2-0", 172800),
-    ("1-12", 129600), ("1-2:30", 95400), ("0-00:00:10", 10), ("3-23:59:59", 345599),
-])
+@pytest.mark.parametrize(
+    "value,seconds",
+    [
+        ("30", 1800),
+        ("90", 5400),
+        ("5:30", 330),
+        ("1:00:00", 3600),
+        ("36:00:00", 129600),
+        ("2-0", 172800),
+        ("1-12", 129600),
+        ("1-2:30", 95400),
+        ("0-00:00:10", 10),
+        ("3-23:59:59", 345599),
+    ],
+)
 def test_slurm_time_formats(value, seconds):
     assert time_seconds(value) == seconds
     assert check_time(value) == seconds
 
 
-@pytest.mark.parametrize("value", ["", "1h", "1:2:3:4", "10:60", "1:60:00", "1:00:60", "2-24", "-5", "1-", "0", "0:00",
-                                   "1.5", "1 -2"])
+@pytest.mark.parametrize(
+    "value", ["", "1h", "1:2:3:4", "10:60", "1:60:00", "1:00:60", "2-24", "-5", "1-", "0", "0:00", "1.5", "1 -2"]
+)
 def test_invalid_slurm_times_name_the_option_and_value(value):
     with pytest.raises(ConfigError) as e:
         check_time(value)
@@ -68,12 +80,32 @@ def _bash_syntax_ok(script: str, tmp_path: Path) -> None:
 
 def test_dry_run_renders_cpu_job_and_writes_nothing(capsys, tmp_path):
     path = experiment(tmp_path, tmp_path / "corpus", name="dry", train={"devices": 2})
-    script = _dry_run(capsys, path, "--time", "1-02:00", "--cpus-per-task", "3", "--partition", "debug",
-                      "--account", "proj_1", "train.max_steps=7")
+    script = _dry_run(
+        capsys,
+        path,
+        "--time",
+        "1-02:00",
+        "--cpus-per-task",
+        "3",
+        "--partition",
+        "debug",
+        "--account",
+        "proj_1",
+        "train.max_steps=7",
+    )
     lines = script.splitlines()
-    for option in ["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=3", "--time=1-02:00", "--signal=B:USR1@120",
-                   "--requeue", "--open-mode=append", "--partition=debug", "--account=proj_1",
-                   f"--output={tmp_path / 'dry' / 'slurm' / 'job-%j.out'}"]:
+    for option in [
+        "--nodes=1",
+        "--ntasks-per-node=2",
+        "--cpus-per-task=3",
+        "--time=1-02:00",
+        "--signal=B:USR1@120",
+        "--requeue",
+        "--open-mode=append",
+        "--partition=debug",
+        "--account=proj_1",
+        f"--output={tmp_path / 'dry' / 'slurm' / 'job-%j.out'}",
+    ]:
         assert f"#SBATCH {option}" in lines, option
     assert "gpus" not in script and "NCCL" not in script
     assert f"train {tmp_path / 'dry' / 'slurm' / 'experiment.yaml'} resume=auto &" in script
@@ -91,19 +123,30 @@ def test_dry_run_renders_gpu_variants(capsys, tmp_path):
     assert "#SBATCH --gpus-per-node=4" in single and "#SBATCH --ntasks-per-node=4" in single
     assert "#SBATCH --nodes=1" in single and "TORCH_NCCL_ASYNC_ERROR_HANDLING" in single
     assert "NCCL_SOCKET_IFNAME" not in single
-    multi = _dry_run(capsys, path, "--nodes", "2", "--gpus-per-node", "8", "--time", "12:00:00",
-                     "train.accelerator=auto")
+    multi = _dry_run(
+        capsys, path, "--nodes", "2", "--gpus-per-node", "8", "--time", "12:00:00", "train.accelerator=auto"
+    )
     for option in ["--nodes=2", "--ntasks-per-node=8", "--gpus-per-node=8", "--time=12:00:00"]:
         assert f"#SBATCH {option}" in multi.splitlines(), option
-    assert "NCCL_SOCKET_IFNAME" in multi and 'MASTER_ADDR=$(scontrol show hostnames' in multi
+    assert "NCCL_SOCKET_IFNAME" in multi and "MASTER_ADDR=$(scontrol show hostnames" in multi
     _bash_syntax_ok(single, tmp_path)
     _bash_syntax_ok(multi, tmp_path)
 
 
 def test_config_section_and_setup_lines(capsys, tmp_path):
-    path = experiment(tmp_path, tmp_path / "corpus", name="cfg", slurm={
-        "time": "45", "mem": "8G", "signal_grace_s": 60, "extra_sbatch": ["--qos=high"],
-        "setup": ["module load cuda/12.4", "echo setup-done"], "job_name": "my-run"})
+    path = experiment(
+        tmp_path,
+        tmp_path / "corpus",
+        name="cfg",
+        slurm={
+            "time": "45",
+            "mem": "8G",
+            "signal_grace_s": 60,
+            "extra_sbatch": ["--qos=high"],
+            "setup": ["module load cuda/12.4", "echo setup-done"],
+            "job_name": "my-run",
+        },
+    )
     script = _dry_run(capsys, path)
     for option in ["--time=45", "--mem=8G", "--qos=high", "--signal=B:USR1@60", "--job-name=my-run"]:
         assert f"#SBATCH {option}" in script.splitlines(), option
@@ -118,23 +161,30 @@ def test_the_shipped_slurm_experiment_renders(capsys):
     assert "#SBATCH --job-name=slurm-tiny" in out and "resume=auto" in out
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["--time", "1:2:3:4"], "--time/slurm.time: invalid SLURM time limit '1:2:3:4'"),
-    (["slurm.time=25:61:00"], "--time/slurm.time: invalid SLURM time limit '25:61:00'"),
-    (["--gpus-per-node", "2", "train.accelerator=cpu"], "--gpus-per-node/slurm.gpus_per_node=2 asks for GPUs but "
-                                                        "train.accelerator=cpu"),
-    (["train.accelerator=gpu"], "train.accelerator=gpu needs GPUs: pass --gpus-per-node"),
-    (["--gpus-per-node", "4", "train.devices=2", "train.accelerator=gpu"],
-     "train.devices=2 disagrees with --gpus-per-node"),
-    (["--nodes", "0"], "--nodes/slurm.nodes: must be >= 1, got 0"),
-    (["--cpus-per-task", "0"], "--cpus-per-task/slurm.cpus_per_task: must be >= 1"),
-    (["--time", "1"], "slurm.signal_grace_s (120) must be shorter than the time limit"),
-    (["--partition", "a b"], "--partition/slurm.partition: 'a b' is not a valid SLURM name"),
-    (["slurm.mem=lots"], "slurm.mem: 'lots' is not a SLURM memory size"),
-    (["slurm.extra_sbatch=[qos]"], "slurm.extra_sbatch: 'qos' is not an sbatch option"),
-    (["resume=/some/ckpt"], "lm submit always trains with resume=auto"),
-    (["slurm.tiem=5"], "unknown key 'slurm.tiem'"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--time", "1:2:3:4"], "--time/slurm.time: invalid SLURM time limit '1:2:3:4'"),
+        (["slurm.time=25:61:00"], "--time/slurm.time: invalid SLURM time limit '25:61:00'"),
+        (
+            ["--gpus-per-node", "2", "train.accelerator=cpu"],
+            "--gpus-per-node/slurm.gpus_per_node=2 asks for GPUs but train.accelerator=cpu",
+        ),
+        (["train.accelerator=gpu"], "train.accelerator=gpu needs GPUs: pass --gpus-per-node"),
+        (
+            ["--gpus-per-node", "4", "train.devices=2", "train.accelerator=gpu"],
+            "train.devices=2 disagrees with --gpus-per-node",
+        ),
+        (["--nodes", "0"], "--nodes/slurm.nodes: must be >= 1, got 0"),
+        (["--cpus-per-task", "0"], "--cpus-per-task/slurm.cpus_per_task: must be >= 1"),
+        (["--time", "1"], "slurm.signal_grace_s (120) must be shorter than the time limit"),
+        (["--partition", "a b"], "--partition/slurm.partition: 'a b' is not a valid SLURM name"),
+        (["slurm.mem=lots"], "slurm.mem: 'lots' is not a SLURM memory size"),
+        (["slurm.extra_sbatch=[qos]"], "slurm.extra_sbatch: 'qos' is not an sbatch option"),
+        (["resume=/some/ckpt"], "lm submit always trains with resume=auto"),
+        (["slurm.tiem=5"], "unknown key 'slurm.tiem'"),
+    ],
+)
 def test_bad_input_is_one_line_error(capsys, tmp_path, args, needle):
     path = experiment(tmp_path, tmp_path / "corpus", name="bad")
     code, out, err = lm(capsys, "submit", str(path), "--dry-run", *args)
@@ -163,8 +213,9 @@ def test_sbatch_failure_is_reported(capsys, tmp_path, monkeypatch):
     fake = bin_dir / "sbatch"
     fake.write_text("#!/bin/sh\necho 'sbatch: error: invalid partition specified: nope' >&2\nexit 1\n")
     fake.chmod(0o755)
-    code, out, err = lm(capsys, "submit", str(path), env_path=f"{bin_dir}:{os.environ['PATH']}",
-                        monkeypatch=monkeypatch)
+    code, out, err = lm(
+        capsys, "submit", str(path), env_path=f"{bin_dir}:{os.environ['PATH']}", monkeypatch=monkeypatch
+    )
     assert code == 2 and "sbatch failed (1): sbatch: error: invalid partition specified: nope" in err
     assert not (tmp_path / "rejected" / "slurm" / "jobs.jsonl").exists()
 
@@ -177,8 +228,9 @@ def test_submit_records_job_with_fake_sbatch(capsys, tmp_path, monkeypatch):
     fake = bin_dir / "sbatch"
     fake.write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path}/sbatch-args\necho '4242;ci'\n")
     fake.chmod(0o755)
-    code, out, err = lm(capsys, "submit", str(path), "--time", "20", env_path=f"{bin_dir}:{os.environ['PATH']}",
-                        monkeypatch=monkeypatch)
+    code, out, err = lm(
+        capsys, "submit", str(path), "--time", "20", env_path=f"{bin_dir}:{os.environ['PATH']}", monkeypatch=monkeypatch
+    )
     assert code == 0, err
     run = tmp_path / "recorded"
     script = run / "slurm" / "job.sbatch"
@@ -234,8 +286,9 @@ def test_usr1_before_training_is_remembered_under_slurm(monkeypatch):
 def test_cluster_script_refuses_without_root(tmp_path):
     if os.geteuid() != 0 or shutil.which("runuser") is None:
         pytest.skip("needs root and runuser to run the script as another user")
-    proc = subprocess.run(["runuser", "-u", "nobody", "--", "bash", str(CLUSTER_SH)], capture_output=True, text=True,
-                          timeout=60)
+    proc = subprocess.run(
+        ["runuser", "-u", "nobody", "--", "bash", str(CLUSTER_SH)], capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 3 and "cannot install SLURM here: not root" in proc.stdout
 
 
@@ -251,15 +304,22 @@ def test_failed_requeue_is_an_error_not_a_clean_exit(tmp_path, tiny_data):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     fake = bin_dir / "scontrol"
-    fake.write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path}/scontrol-args\necho 'slurm_requeue error: denied' >&2\n"
-                    "exit 1\n")
+    fake.write_text(
+        f"#!/bin/sh\necho \"$@\" >> {tmp_path}/scontrol-args\necho 'slurm_requeue error: denied' >&2\nexit 1\n"
+    )
     fake.chmod(0o755)
-    path = experiment(tmp_path, tiny_data, name="norequeue", train={"max_steps": 400, "record_samples": True},
-                      checkpoint={"every_n_steps": 1000})
+    path = experiment(
+        tmp_path,
+        tiny_data,
+        name="norequeue",
+        train={"max_steps": 400, "record_samples": True},
+        checkpoint={"every_n_steps": 1000},
+    )
     env = {**lm_env(), "SLURM_JOB_ID": "999999", "PATH": f"{bin_dir}:{os.environ['PATH']}"}
     log = open(tmp_path / "log.txt", "w")
-    proc = subprocess.Popen(lm_command("train", str(path)), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        lm_command("train", str(path)), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True
+    )
     samples = tmp_path / "norequeue" / "samples" / "rank00000.jsonl"
     try:
         deadline = time.time() + 300

@@ -22,8 +22,9 @@ def _run(env_value):
     env = {"LM_CPU_ALLOCATOR": env_value} if env_value else {}
     import os
 
-    out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, check=True,
-                         env={**os.environ, **env}).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", SCRIPT], capture_output=True, text=True, check=True, env={**os.environ, **env}
+    ).stdout.split()
     return out[0] == "True", float(out[1])
 
 

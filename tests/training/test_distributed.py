@@ -23,7 +23,9 @@ def test_zero2_kill_and_resume_bit_exact_on_two_ranks(tmp_path, tiny_data):
     straight, killed, kill_at = kill_and_resume(tmp_path, tiny_data, extra=extra, max_steps=16, every=4)
     assert_same_weights(_final_weights(straight), _final_weights(killed))
     for rank in (0, 1):
-        assert read_samples(straight, rank) == read_samples(killed, rank), f"rank {rank} samples differ (kill at {kill_at})"
+        assert read_samples(straight, rank) == read_samples(killed, rank), (
+            f"rank {rank} samples differ (kill at {kill_at})"
+        )
     r0, r1 = read_samples(straight, 0), read_samples(straight, 1)
     for step in r0:
         assert not set(sum(r0[step], [])) & set(sum(r1[step], [])), f"ranks overlap at step {step}"
@@ -50,8 +52,9 @@ def test_zero3_trains_checkpoints_and_resumes(tmp_path, tiny_data):
 
 
 def test_ddp_two_ranks_train(tmp_path, tiny_data):
-    path = experiment(tmp_path, tiny_data, name="ddp", train={"max_steps": 6, "val_every_n_steps": 3,
-                                                              "record_samples": True})
+    path = experiment(
+        tmp_path, tiny_data, name="ddp", train={"max_steps": 6, "val_every_n_steps": 3, "record_samples": True}
+    )
     run_lm("train", str(path), *TWO_RANKS, "train.strategy=ddp")
     r0, r1 = read_samples(tmp_path / "ddp", 0), read_samples(tmp_path / "ddp", 1)
     assert sorted(r0) == sorted(r1) == list(range(1, 7))

@@ -13,8 +13,9 @@ pytestmark = pytest.mark.slow
 
 
 def test_one_kill_resumes_bit_exactly_and_a_difference_is_seen(tmp_path, capsys):
-    results = faults.main(["--kills", "1", "--modes", "single", "--steps", "6", "--seed", "3",
-                           "--workdir", str(tmp_path)])
+    results = faults.main(
+        ["--kills", "1", "--modes", "single", "--steps", "6", "--seed", "3", "--workdir", str(tmp_path)]
+    )
     trial = results[0]["trials"][0]
     assert trial["killed"] and trial["exact"], trial
     assert "| single | 1 | 1 | 100% |" in capsys.readouterr().out

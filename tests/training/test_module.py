@@ -14,8 +14,16 @@ from lm.training.schedule import lr_multiplier
 
 
 def module(**train):
-    cfg = load_experiment(None, ["model=gla/tiny", "model.vocab_size=64", "model.d_model=32", "model.n_heads=2",
-                                 *[f"train.{k}={v}" for k, v in train.items()]])
+    cfg = load_experiment(
+        None,
+        [
+            "model=gla/tiny",
+            "model.vocab_size=64",
+            "model.d_model=32",
+            "model.n_heads=2",
+            *[f"train.{k}={v}" for k, v in train.items()],
+        ],
+    )
     torch.manual_seed(0)
     return LMModule(resolve(cfg))
 
@@ -77,13 +85,28 @@ def test_schedule_warmup_then_cosine():
 
 @pytest.mark.slow
 def test_compiled_blocks_match_eager():
-    cfg = load_experiment(None, ["model=gla/tiny", "model.vocab_size=64", "model.d_model=32", "model.n_heads=2",
-                                 "model.n_layers=1", "train.compile=true"])
+    cfg = load_experiment(
+        None,
+        [
+            "model=gla/tiny",
+            "model.vocab_size=64",
+            "model.d_model=32",
+            "model.n_heads=2",
+            "model.n_layers=1",
+            "train.compile=true",
+        ],
+    )
     torch.manual_seed(0)
     compiled = LMModule(resolve(cfg))
     torch.manual_seed(0)
-    eager = LMModule(resolve(load_experiment(None, ["model=gla/tiny", "model.vocab_size=64", "model.d_model=32",
-                                                  "model.n_heads=2", "model.n_layers=1"])))
+    eager = LMModule(
+        resolve(
+            load_experiment(
+                None,
+                ["model=gla/tiny", "model.vocab_size=64", "model.d_model=32", "model.n_heads=2", "model.n_layers=1"],
+            )
+        )
+    )
     assert list(compiled.state_dict()) == list(eager.state_dict())
     tokens = torch.randint(0, 64, (2, 17))
     a_loss, a_grads = grads(eager, tokens)

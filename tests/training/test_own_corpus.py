@@ -24,9 +24,13 @@ from tests.helpers import experiment, run_lm
 def run(tmp_path_factory, tiny_data):
     """A tiny run of 4 steps (metrics every 3 steps), resumed to 6 with a new train.max_steps."""
     tmp = tmp_path_factory.mktemp("own")
-    path = experiment(tmp, tiny_data, train={"max_steps": 4, "log_every_n_steps": 3, "val_every_n_steps": 0,
-                                             "sample_tokens": 8, "threads": 2},
-                      checkpoint={"every_n_steps": 2}, logging={"tensorboard": False})
+    path = experiment(
+        tmp,
+        tiny_data,
+        train={"max_steps": 4, "log_every_n_steps": 3, "val_every_n_steps": 0, "sample_tokens": 8, "threads": 2},
+        checkpoint={"every_n_steps": 2},
+        logging={"tensorboard": False},
+    )
     threads = torch.get_num_threads()
     lines, resumed = [], []
     try:
@@ -34,8 +38,14 @@ def run(tmp_path_factory, tiny_data):
         second = train(load_experiment(str(path), ["resume=auto", "train.max_steps=6"]), echo=resumed.append)
     finally:
         torch.set_num_threads(threads)
-    return {"path": path, "dir": Path(first.run_dir), "first": first, "second": second, "lines": lines,
-            "resumed": resumed}
+    return {
+        "path": path,
+        "dir": Path(first.run_dir),
+        "first": first,
+        "second": second,
+        "lines": lines,
+        "resumed": resumed,
+    }
 
 
 def test_loss_ppl_bpb_of_one_step_in_each_row(run):
@@ -55,7 +65,9 @@ def test_loss_ppl_bpb_of_one_step_in_each_row(run):
 
 
 def test_threads_setting_applied_and_printed(run):
-    assert any(line == "threads: 2 per process (train.threads; set train.threads=N)" for line in run["lines"]), run["lines"]
+    assert any(line == "threads: 2 per process (train.threads; set train.threads=N)" for line in run["lines"]), run[
+        "lines"
+    ]
     from lm.training.threads import resolve_threads
 
     env = os.environ.pop("OMP_NUM_THREADS", None)
@@ -82,8 +94,12 @@ def test_vocabulary_from_the_data_and_parameter_count(run, tmp_path, tiny_data):
     n = load_model(str(run["dir"])).model.num_parameters()
     assert f"with {n:,} parameters" in model_line
     # a fixed size larger than the tokenizer's: a warning naming the unused rows
-    path = experiment(tmp_path, tiny_data, model={"d_model": 32, "n_heads": 2, "n_layers": 2, "vocab_size": 1024},
-                      train={"max_steps": 1, "val_every_n_steps": 0, "sample_tokens": 0})
+    path = experiment(
+        tmp_path,
+        tiny_data,
+        model={"d_model": 32, "n_heads": 2, "n_layers": 2, "vocab_size": 1024},
+        train={"max_steps": 1, "val_every_n_steps": 0, "sample_tokens": 0},
+    )
     lines = []
     train(load_experiment(str(path)), echo=lines.append)
     warning = [line for line in lines if line.startswith("warning: model.vocab_size=1024")]
@@ -95,7 +111,7 @@ def test_small_validation_set_warning(run):
 
     warning = [line for line in run["lines"] if line.startswith("warning: the validation split has only")]
     assert warning and f"(< {MIN_VALIDATION_DOCUMENTS})" in warning[0]
-    big = {"splits": {"validation": {"documents": 500, "tokens": 10 ** 6}}}
+    big = {"splits": {"validation": {"documents": 500, "tokens": 10**6}}}
     assert small_split_warning(big) is None
     few_tokens = {"splits": {"validation": {"documents": 500, "tokens": 9400}}}
     assert "9,400 tokens" in small_split_warning(few_tokens)
@@ -155,8 +171,12 @@ def test_sigint_saves_and_exits_130(tmp_path, tiny_data):
     from lm.training.checkpoint import latest_complete
     from tests.training.test_train import _start, _wait_for_step
 
-    path = experiment(tmp_path, tiny_data, train={"max_steps": 400, "record_samples": True, "val_every_n_steps": 0},
-                      checkpoint={"every_n_steps": 1000})
+    path = experiment(
+        tmp_path,
+        tiny_data,
+        train={"max_steps": 400, "record_samples": True, "val_every_n_steps": 0},
+        checkpoint={"every_n_steps": 1000},
+    )
     run = tmp_path / "exp"
     proc, log = _start(["train", str(path)], tmp_path)
     try:

@@ -25,7 +25,7 @@ from lm.errors import ConfigError, LMError
 from lm.training.checkpoint import latest_complete, list_complete, read_manifest
 from lm.training.export import checkpoint_state_dict
 from lm.training.run_lock import RunLock, holder
-from tests.helpers import experiment, lm_command, lm_env, REPO, run_lm
+from tests.helpers import experiment, run_lm
 from tests.training.test_train import _start, _wait_for_step
 
 
@@ -53,8 +53,11 @@ def snapshot(run: Path) -> dict:
     """Every file under ``run`` (but the lock) with its bytes' hash: what a refused command must not change."""
     import hashlib
 
-    return {str(p.relative_to(run)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(run.rglob("*")) if p.is_file() and p.name != ".lock"}
+    return {
+        str(p.relative_to(run)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(run.rglob("*"))
+        if p.is_file() and p.name != ".lock"
+    }
 
 
 def train_run(capsys, tmp_path, tiny_data, *overrides, name="exp", **sections):
@@ -64,8 +67,9 @@ def train_run(capsys, tmp_path, tiny_data, *overrides, name="exp", **sections):
     return path, tmp_path / name
 
 
-SHORT = dict(train={"max_steps": 4, "val_every_n_steps": 0, "sample_tokens": 0},
-             checkpoint={"every_n_steps": 2, "keep_last": 5})
+SHORT = dict(
+    train={"max_steps": 4, "val_every_n_steps": 0, "sample_tokens": 0}, checkpoint={"every_n_steps": 2, "keep_last": 5}
+)
 
 
 # ------------------------------------------------------------------------------------ 1. lock
@@ -90,8 +94,12 @@ def test_lock_refuses_a_second_holder_and_takes_over_a_dead_ones(tmp_path):
 
 
 def test_two_trainers_on_one_run_dir_one_refuses(tmp_path, tiny_data):
-    path = experiment(tmp_path, tiny_data, train={"max_steps": 400, "record_samples": True, "val_every_n_steps": 0},
-                      checkpoint={"every_n_steps": 1000})
+    path = experiment(
+        tmp_path,
+        tiny_data,
+        train={"max_steps": 400, "record_samples": True, "val_every_n_steps": 0},
+        checkpoint={"every_n_steps": 1000},
+    )
     run = tmp_path / "exp"
     proc, log = _start(["train", str(path)], tmp_path)
     try:
@@ -118,15 +126,19 @@ def test_two_trainers_on_one_run_dir_one_refuses(tmp_path, tiny_data):
 
 
 def test_corrupt_checkpoints_are_rejected_by_name_and_none_usable_touches_nothing(capsys, tmp_path, tiny_data):
-    path, run = train_run(capsys, tmp_path, tiny_data, train={"max_steps": 8, "val_every_n_steps": 0,
-                                                              "sample_tokens": 0},
-                          checkpoint={"every_n_steps": 4, "keep_last": 5})
+    path, run = train_run(
+        capsys,
+        tmp_path,
+        tiny_data,
+        train={"max_steps": 8, "val_every_n_steps": 0, "sample_tokens": 0},
+        checkpoint={"every_n_steps": 4, "keep_last": 5},
+    )
     ckpts = run / "checkpoints"
     original = checkpoint_state_dict(ckpts / "step-00000008")
     # 3. same-size corruption in the middle of the newest: caught by the checksum, step 4 resumed
     victim = ckpts / "step-00000008" / "model.ckpt"
     data = bytearray(victim.read_bytes())
-    data[len(data) // 2:len(data) // 2 + 4096] = os.urandom(4096)
+    data[len(data) // 2 : len(data) // 2 + 4096] = os.urandom(4096)
     victim.write_bytes(bytes(data))
     code, out, err = cli(capsys, "train", str(path), "resume=auto")
     assert code == 0, err[-3000:]
@@ -168,10 +180,20 @@ def test_export_and_eval_reject_a_corrupt_checkpoint(capsys, tmp_path, tiny_data
 
 
 def test_nonfinite_streak_neither_checkpoints_nor_prunes_the_last_good_one(capsys, tmp_path, tiny_data):
-    path = experiment(tmp_path, tiny_data, train={"max_steps": 40, "lr": 1e6, "warmup_steps": 10000, "grad_clip": 0.0,
-                                                  "max_nonfinite_steps": 3, "val_every_n_steps": 0,
-                                                  "log_every_n_steps": 1},
-                      checkpoint={"every_n_steps": 1, "keep_last": 3})
+    path = experiment(
+        tmp_path,
+        tiny_data,
+        train={
+            "max_steps": 40,
+            "lr": 1e6,
+            "warmup_steps": 10000,
+            "grad_clip": 0.0,
+            "max_nonfinite_steps": 3,
+            "val_every_n_steps": 0,
+            "log_every_n_steps": 1,
+        },
+        checkpoint={"every_n_steps": 1, "keep_last": 3},
+    )
     code, out, err = cli(capsys, "train", str(path))
     assert code == 2
     line = one_line_error(err)
@@ -221,9 +243,11 @@ def test_resume_applies_a_changed_lr_and_refuses_a_changed_model(capsys, tmp_pat
     path, run = train_run(capsys, tmp_path, tiny_data, **sections)
     config = (run / "config.yaml").read_bytes()
     before = snapshot(run)
-    for override, named in (("model.d_model=64", "model.d_model (32 -> 64)"),
-                            ("model=transformer/tiny", "model.family ('linear_attention' -> 'transformer')"),
-                            ("seed=7", "seed (1234 -> 7)")):
+    for override, named in (
+        ("model.d_model=64", "model.d_model (32 -> 64)"),
+        ("model=transformer/tiny", "model.family ('linear_attention' -> 'transformer')"),
+        ("seed=7", "seed (1234 -> 7)"),
+    ):
         code, _, err = cli(capsys, "train", str(path), "resume=auto", override)
         assert code == 2
         line = one_line_error(err)
@@ -247,7 +271,7 @@ def test_resume_policy_classifies_every_schema_key():
     assert not unclassified, f"classify these keys in lm/training/resume_policy.py: {unclassified}"
     names = list(CLASSES)
     for i, a in enumerate(names):
-        for b in names[i + 1:]:
+        for b in names[i + 1 :]:
             assert not CLASSES[a] & CLASSES[b], f"{a} and {b} share {CLASSES[a] & CLASSES[b]}"
     assert classify("train.lr") == "notice" and classify("model.d_model") == "forbidden"
     assert classify("train.max_steps") == "notice" and classify("train.threads") == "overridable"
@@ -258,11 +282,19 @@ def test_resume_policy_classifies_every_schema_key():
 
 def test_task_run_config_reads_back(capsys, tmp_path):
     path = tmp_path / "task.yaml"
-    path.write_text(json.dumps({
-        "defaults": {"model": "gla/tiny", "train": "cpu-test"}, "name": "task", "run_dir": str(tmp_path / "task"),
-        "data": {"source": {"kind": "task"}, "task": {"name": "associative_recall", "val_examples": 8}},
-        "model": {"d_model": 32, "n_heads": 2, "n_layers": 1},
-        "train": {"max_steps": 2, "val_every_n_steps": 0}, "checkpoint": {"every_n_steps": 2}}))
+    path.write_text(
+        json.dumps(
+            {
+                "defaults": {"model": "gla/tiny", "train": "cpu-test"},
+                "name": "task",
+                "run_dir": str(tmp_path / "task"),
+                "data": {"source": {"kind": "task"}, "task": {"name": "associative_recall", "val_examples": 8}},
+                "model": {"d_model": 32, "n_heads": 2, "n_layers": 1},
+                "train": {"max_steps": 2, "val_every_n_steps": 0},
+                "checkpoint": {"every_n_steps": 2},
+            }
+        )
+    )
     code, _, err = cli(capsys, "train", str(path))
     assert code == 0, err[-3000:]
     run = tmp_path / "task"

@@ -16,8 +16,17 @@ from lm.training.state_passing import CarriedState
 
 
 def module(family="gla", **train):
-    cfg = load_experiment(None, [f"model={family}/tiny", "model.vocab_size=64", "model.d_model=32", "model.n_heads=2",
-                                 "model.n_layers=2", *[f"train.{k}={v}" for k, v in train.items()]])
+    cfg = load_experiment(
+        None,
+        [
+            f"model={family}/tiny",
+            "model.vocab_size=64",
+            "model.d_model=32",
+            "model.n_heads=2",
+            "model.n_layers=2",
+            *[f"train.{k}={v}" for k, v in train.items()],
+        ],
+    )
     torch.manual_seed(0)
     return LMModule(resolve(cfg))
 
@@ -29,12 +38,11 @@ def test_carried_state_makes_consecutive_windows_one_forward(family):
     stream = torch.randint(0, 64, (2, 3 * T + 1))
     with torch.no_grad():
         h, _ = m.model.hidden_states(stream[:, :-1])
-        expected = torch.nn.functional.cross_entropy(m.model.logits(h).transpose(1, 2), stream[:, 1:],
-                                                     reduction="none")
+        expected = torch.nn.functional.cross_entropy(m.model.logits(h).transpose(1, 2), stream[:, 1:], reduction="none")
         for w in range(3):
-            batch = {"tokens": stream[:, w * T:(w + 1) * T + 1], "index": torch.tensor([10 + w, 20 + w])}
+            batch = {"tokens": stream[:, w * T : (w + 1) * T + 1], "index": torch.tensor([10 + w, 20 + w])}
             total, count = m.carried_loss(batch)
-            want = expected[:, w * T:(w + 1) * T].sum()
+            want = expected[:, w * T : (w + 1) * T].sum()
             assert count == 2 * T
             torch.testing.assert_close(total, want, rtol=1e-5, atol=1e-5)
 
@@ -44,7 +52,7 @@ def test_a_row_that_does_not_continue_starts_fresh():
     T = 7
     a = torch.randint(0, 64, (2, 2 * T + 1))
     with torch.no_grad():
-        m.carried_loss({"tokens": a[:, :T + 1], "index": torch.tensor([3, 8])})
+        m.carried_loss({"tokens": a[:, : T + 1], "index": torch.tensor([3, 8])})
         # row 0 continues (4 == 3 + 1), row 1 jumps (2 != 9): it must equal a fresh forward
         m.carried_loss({"tokens": a[:, T:], "index": torch.tensor([4, 2])})
         state = m.carried.state

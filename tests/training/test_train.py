@@ -29,8 +29,12 @@ def quiet(msg):
 
 
 def test_training_lowers_loss_and_writes_artifacts(tmp_path, tiny_data):
-    path = experiment(tmp_path, tiny_data, train={"max_steps": 40, "lr": 1e-2, "val_every_n_steps": 20},
-                      checkpoint={"every_n_steps": 10, "keep_last": 2})
+    path = experiment(
+        tmp_path,
+        tiny_data,
+        train={"max_steps": 40, "lr": 1e-2, "val_every_n_steps": 20},
+        checkpoint={"every_n_steps": 10, "keep_last": 2},
+    )
     cfg = load_experiment(str(path))
     result = train(cfg, echo=quiet)
     run = Path(cfg.run_dir)
@@ -83,8 +87,9 @@ def test_incomplete_checkpoints_are_never_loaded(tmp_path, tiny_data):
 
 def _start(args, tmp_path):
     log = open(tmp_path / f"log-{time.time_ns()}.txt", "w")
-    return subprocess.Popen(lm_command(*args), stdout=log, stderr=subprocess.STDOUT, env=lm_env(), cwd=REPO,
-                            start_new_session=True), log
+    return subprocess.Popen(
+        lm_command(*args), stdout=log, stderr=subprocess.STDOUT, env=lm_env(), cwd=REPO, start_new_session=True
+    ), log
 
 
 def _wait_for_step(run_dir: Path, step: int, proc, timeout=300.0) -> None:
@@ -112,9 +117,11 @@ def assert_same_weights(a, b):
 
 
 def kill_and_resume(tmp_path, tiny_data, extra=(), max_steps=24, every=4, name="exp"):
-    sections = dict(train={"max_steps": max_steps, "record_samples": True, "val_every_n_steps": 6},
-                    checkpoint={"every_n_steps": every}, model={"dropout": 0.1, "d_model": 32, "n_heads": 2,
-                                                                "n_layers": 2})
+    sections = dict(
+        train={"max_steps": max_steps, "record_samples": True, "val_every_n_steps": 6},
+        checkpoint={"every_n_steps": every},
+        model={"dropout": 0.1, "d_model": 32, "n_heads": 2, "n_layers": 2},
+    )
     straight = experiment(tmp_path, tiny_data, name=f"{name}-straight", **sections)
     killed = experiment(tmp_path, tiny_data, name=f"{name}-killed", **sections)
     run_lm("train", str(straight), *extra)
@@ -142,7 +149,9 @@ def test_sigkill_and_resume_is_bit_exact(tmp_path, tiny_data):
     # the logs continued in the same CSV file: it holds the steps of both attempts
     import csv
 
-    steps = {int(float(r["step"])) for r in csv.DictReader(open(killed / "logs" / "metrics.csv")) if r.get("train/loss")}
+    steps = {
+        int(float(r["step"])) for r in csv.DictReader(open(killed / "logs" / "metrics.csv")) if r.get("train/loss")
+    }
     assert min(steps) <= 2 and max(steps) >= 22
 
 
@@ -150,8 +159,7 @@ def test_sigkill_and_resume_is_bit_exact(tmp_path, tiny_data):
 def test_sigkill_and_resume_with_state_passing_is_bit_exact(tmp_path, tiny_data):
     """train.state_passing: the carried states are in the checkpoint, so the resumed run continues
     from the same states and ends with the same weights."""
-    straight, killed, kill_at = kill_and_resume(tmp_path, tiny_data, extra=("train.state_passing=true",),
-                                                name="tbptt")
+    straight, killed, kill_at = kill_and_resume(tmp_path, tiny_data, extra=("train.state_passing=true",), name="tbptt")
     assert_same_weights(_final_weights(straight), _final_weights(killed))
     samples = read_samples(straight)
     assert samples == read_samples(killed), f"samples differ (killed at step {kill_at})"
@@ -164,8 +172,9 @@ def test_sigkill_and_resume_with_state_passing_is_bit_exact(tmp_path, tiny_data)
 
 @pytest.mark.slow
 def test_sigterm_saves_and_exits_cleanly(tmp_path, tiny_data):
-    path = experiment(tmp_path, tiny_data, train={"max_steps": 400, "record_samples": True},
-                      checkpoint={"every_n_steps": 1000})
+    path = experiment(
+        tmp_path, tiny_data, train={"max_steps": 400, "record_samples": True}, checkpoint={"every_n_steps": 1000}
+    )
     proc, log = _start(["train", str(path)], tmp_path)
     try:
         _wait_for_step(tmp_path / "exp", 5, proc)
@@ -193,8 +202,11 @@ def test_bad_config_fails_before_heavy_work(tmp_path, tiny_data):
 
 
 def test_diverging_run_aborts_after_k_nonfinite_steps(tmp_path, tiny_data):
-    path = experiment(tmp_path, tiny_data, train={"max_steps": 60, "lr": 1e4, "grad_clip": 0.0,
-                                                  "warmup_steps": 0, "max_nonfinite_steps": 3})
+    path = experiment(
+        tmp_path,
+        tiny_data,
+        train={"max_steps": 60, "lr": 1e4, "grad_clip": 0.0, "warmup_steps": 0, "max_nonfinite_steps": 3},
+    )
     proc = run_lm("train", str(path), check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
@@ -226,8 +238,12 @@ def test_nonfinite_step_is_skipped_and_counted(tmp_path, tiny_data, monkeypatch)
 
 
 def test_wandb_offline_run_directory(tmp_path, tiny_data):
-    path = experiment(tmp_path, tiny_data, train={"max_steps": 3, "val_every_n_steps": 0},
-                      logging={"wandb": {"mode": "offline", "project": "test"}})
+    path = experiment(
+        tmp_path,
+        tiny_data,
+        train={"max_steps": 3, "val_every_n_steps": 0},
+        logging={"wandb": {"mode": "offline", "project": "test"}},
+    )
     env = lm_env()
     env.pop("WANDB_MODE", None)
     proc = run_group(lm_command("train", str(path)), 300, env=env, cwd=REPO)

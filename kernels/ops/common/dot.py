@@ -21,8 +21,7 @@ def dot(a, b, LOWP: tl.constexpr):
     """fp32-accumulated matmul: bf16 operands for low-precision inputs, exact fp32 otherwise."""
     if LOWP:
         if INTERPRETED:
-            return tl.dot(a.to(tl.bfloat16).to(tl.float32), b.to(tl.bfloat16).to(tl.float32),
-                          input_precision="ieee")
+            return tl.dot(a.to(tl.bfloat16).to(tl.float32), b.to(tl.bfloat16).to(tl.float32), input_precision="ieee")
         else:
             return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
     else:

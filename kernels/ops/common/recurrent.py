@@ -68,9 +68,24 @@ class FusedRecurrentFunction(torch.autograd.Function):
         ht = torch.empty(B, H, K, V, **f32) if output_final_state else None
         states = torch.empty(B, H, T, K, V, **f32) if save_states else None
         kernels.fwd[(NV, B * H)](
-            *_or(inputs, o), _or(h0, o), o, _or(ht, o), _or(states, o), scale, T, H, K, V,
-            HAS_H0=h0 is not None, STORE_FINAL=ht is not None, SAVE_STATES=states is not None, BK=BK, BV=BV,
-            **kernels.flags(inputs), **LAUNCH)
+            *_or(inputs, o),
+            _or(h0, o),
+            o,
+            _or(ht, o),
+            _or(states, o),
+            scale,
+            T,
+            H,
+            K,
+            V,
+            HAS_H0=h0 is not None,
+            STORE_FINAL=ht is not None,
+            SAVE_STATES=states is not None,
+            BK=BK,
+            BV=BV,
+            **kernels.flags(inputs),
+            **LAUNCH,
+        )
         ctx.save_for_backward(*inputs, states)
         ctx.kernels, ctx.scale, ctx.has_h0 = kernels, scale, h0 is not None
         return o, ht
@@ -89,15 +104,35 @@ class FusedRecurrentFunction(torch.autograd.Function):
         NV = triton.cdiv(V, BV)
         f32 = dict(device=q.device, dtype=torch.float32)
         dv = torch.empty(B, T, H, V, **f32)
-        grads = [None if x is None else dv if i == kernels.value_input else torch.empty(NV, *x.shape, **f32)
-                 for i, x in enumerate(inputs)]
+        grads = [
+            None if x is None else dv if i == kernels.value_input else torch.empty(NV, *x.shape, **f32)
+            for i, x in enumerate(inputs)
+        ]
         dh0 = torch.empty(B, H, K, V, **f32) if ctx.has_h0 else None
         kernels.bwd[(NV, B * H)](
-            *_or(inputs, dv), states, do.contiguous(), _or(dht.contiguous() if dht is not None else None, dv),
-            *_or(grads, dv), _or(dh0, dv), ctx.scale, B, T, H, K, V,
-            HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, BK=BK, BV=BV, **kernels.flags(inputs), **LAUNCH)
-        grads = [None if d is None else d.to(x.dtype) if i == kernels.value_input else d.sum(0).to(x.dtype)
-                 for i, (x, d) in enumerate(zip(inputs, grads))]
+            *_or(inputs, dv),
+            states,
+            do.contiguous(),
+            _or(dht.contiguous() if dht is not None else None, dv),
+            *_or(grads, dv),
+            _or(dh0, dv),
+            ctx.scale,
+            B,
+            T,
+            H,
+            K,
+            V,
+            HAS_DHT=dht is not None,
+            STORE_DH0=dh0 is not None,
+            BK=BK,
+            BV=BV,
+            **kernels.flags(inputs),
+            **LAUNCH,
+        )
+        grads = [
+            None if d is None else d.to(x.dtype) if i == kernels.value_input else d.sum(0).to(x.dtype)
+            for i, (x, d) in enumerate(zip(inputs, grads))
+        ]
         return (None, None, dh0, None, None, *grads)
 
 
@@ -109,8 +144,11 @@ def _or(x, dummy):
 
 
 def fused_recurrent(
-    kernels: RecurrentKernels, inputs: Sequence[Optional[torch.Tensor]], scale: float,
-    initial_state: Optional[torch.Tensor], output_final_state: bool,
+    kernels: RecurrentKernels,
+    inputs: Sequence[Optional[torch.Tensor]],
+    scale: float,
+    initial_state: Optional[torch.Tensor],
+    output_final_state: bool,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Run the op's fused-recurrent kernels on ``inputs`` (as its reference takes them, before ``scale``);
     same result as the reference."""

@@ -1,8 +1,8 @@
 """Reference for ``delta_rule`` (and the gated delta rule when ``g`` is given)::
 
-    S' = exp(g_t) S_{t-1}
-    S_t = S' + beta_t k_t (v_t - S'^T k_t)^T
-    o_t = scale S_t^T q_t
+S' = exp(g_t) S_{t-1}
+S_t = S' + beta_t k_t (v_t - S'^T k_t)^T
+o_t = scale S_t^T q_t
 """
 
 from typing import Optional, Tuple

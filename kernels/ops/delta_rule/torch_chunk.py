@@ -20,8 +20,14 @@ from typing import Optional
 
 import torch
 
-from kernels.ops.utils.chunks import (causal_mask, chunk_length, default_segment, empty_result, masked_exp_diff,
-                                  run_in_segments)
+from kernels.ops.utils.chunks import (
+    causal_mask,
+    chunk_length,
+    default_segment,
+    empty_result,
+    masked_exp_diff,
+    run_in_segments,
+)
 from kernels.ops.utils.chunks import from_chunks, per_chunk, to_chunks
 from kernels.ops.utils import packed as varlen
 
@@ -29,8 +35,9 @@ from kernels.ops.utils import packed as varlen
 SEGMENT_CPU = 1024
 
 
-def delta_rule_chunked(q, k, v, beta, g, scale, initial_state=None, output_final_state=False, chunk_size=64, segment=-1,
-                       cu_seqlens=None):
+def delta_rule_chunked(
+    q, k, v, beta, g, scale, initial_state=None, output_final_state=False, chunk_size=64, segment=-1, cu_seqlens=None
+):
     """q, k: [B, T, H, K]; v: [B, T, H, V]; beta, g: [B, T, H]; state [B, H, K, V] (fp32).
 
     ``segment``: tokens per chunked pass, the state carried between passes (None: all at once;
@@ -39,8 +46,9 @@ def delta_rule_chunked(q, k, v, beta, g, scale, initial_state=None, output_final
     [N, H, K, V]), handled natively (``delta_rule_chunked_varlen``).
     """
     if cu_seqlens is not None:
-        return delta_rule_chunked_varlen(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens,
-                                         chunk_size, segment)
+        return delta_rule_chunked_varlen(
+            q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens, chunk_size, segment
+        )
     if q.shape[1] == 0:
         return empty_result(q, v, initial_state, output_final_state)
     B, _, H, K = q.shape
@@ -103,8 +111,19 @@ def _chunked_pass(q, k, v, beta, g, scale: float, S: torch.Tensor, chunk_size: i
     return from_chunks(o, T).to(q.dtype), S.view(B, H, K, V)
 
 
-def delta_rule_chunked_varlen(q, k, v, beta, g, scale: float, initial_state, output_final_state: bool, cu_seqlens,
-                              chunk_size: int = 64, segment: Optional[int] = -1):
+def delta_rule_chunked_varlen(
+    q,
+    k,
+    v,
+    beta,
+    g,
+    scale: float,
+    initial_state,
+    output_final_state: bool,
+    cu_seqlens,
+    chunk_size: int = 64,
+    segment: Optional[int] = -1,
+):
     """``delta_rule_chunked`` over packed sequences (B = 1; states [N, H, K, V]).
 
     As ``_chunked_pass`` with per-step sequence ids (the layout and state terms of
@@ -125,8 +144,18 @@ def delta_rule_chunked_varlen(q, k, v, beta, g, scale: float, initial_state, out
     def one_pass(steps, S, seqc, flows, X, own):
         return _varlen_pass(*steps, scale, S, C, seqc, flows, X, own)
 
-    return varlen.run_packed(one_pass, (q, k, v, beta, g), gate, scale, initial_state, output_final_state,
-                             cu_seqlens, C, segment, lambda steps, us: (steps[1], torch.cat(us, 1)))
+    return varlen.run_packed(
+        one_pass,
+        (q, k, v, beta, g),
+        gate,
+        scale,
+        initial_state,
+        output_final_state,
+        cu_seqlens,
+        C,
+        segment,
+        lambda steps, us: (steps[1], torch.cat(us, 1)),
+    )
 
 
 def _varlen_pass(q, k, v, beta, g, scale: float, S, C: int, seqc, flows, X, own):
@@ -177,8 +206,9 @@ def _varlen_pass(q, k, v, beta, g, scale: float, S, C: int, seqc, flows, X, own)
     injected = X[None, :, 1:].unbind(2) if X is not None else [None] * N
     states, us = [], []
     S = S.reshape(H, K, V)
-    for w_n, u_tilde_n, k_n, gamma_n, x_n in zip(*map(per_chunk, (w, u_tilde, k_to_end.transpose(-1, -2),
-                                                                   gamma_last.expand(N, 1, H, 1, 1))), injected):
+    for w_n, u_tilde_n, k_n, gamma_n, x_n in zip(
+        *map(per_chunk, (w, u_tilde, k_to_end.transpose(-1, -2), gamma_last.expand(N, 1, H, 1, 1))), injected
+    ):
         states.append(S)
         u = torch.baddbmm(u_tilde_n, w_n, S, alpha=-1.0)
         us.append(u)

@@ -23,8 +23,20 @@ import triton.language as tl
 
 from kernels.ops.common.state import start_state, state_block, store_state
 from kernels.ops.common.tiles import (
-    LAUNCH, block_size, chunk_cumsum, chunk_length, chunk_reverse_cumsum, chunk_start, dot_precision, load_rows,
-    load_steps, load_tile, store_rows, store_steps, store_tile, unit_lower_inverse,
+    LAUNCH,
+    block_size,
+    chunk_cumsum,
+    chunk_length,
+    chunk_reverse_cumsum,
+    chunk_start,
+    dot_precision,
+    load_rows,
+    load_steps,
+    load_tile,
+    store_rows,
+    store_steps,
+    store_tile,
+    unit_lower_inverse,
 )
 from kernels.ops.utils.chunks import empty_result
 
@@ -60,10 +72,25 @@ def _decay_matrix(bc, GATED: tl.constexpr, STRICT: tl.constexpr, BT: tl.constexp
 
 
 @triton.jit
-def _prep_fwd(k_ptr, v_ptr, beta_ptr, bcum_ptr, ainv_ptr, w_ptr, ut_ptr,
-              T, H, K, V, Tp,
-              GATED: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-              PREC: tl.constexpr):
+def _prep_fwd(
+    k_ptr,
+    v_ptr,
+    beta_ptr,
+    bcum_ptr,
+    ainv_ptr,
+    w_ptr,
+    ut_ptr,
+    T,
+    H,
+    K,
+    V,
+    Tp,
+    GATED: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    PREC: tl.constexpr,
+):
     i_n, i_bh = tl.program_id(0), tl.program_id(1)
     b, h, t0, row0 = chunk_start(i_n, i_bh, H, Tp, BT)
     rows = tl.arange(0, BT)
@@ -84,10 +111,29 @@ def _prep_fwd(k_ptr, v_ptr, beta_ptr, bcum_ptr, ainv_ptr, w_ptr, ut_ptr,
 
 
 @triton.jit
-def _state_fwd(k_ptr, w_ptr, ut_ptr, bcum_ptr, h0_ptr, states_ptr, u_ptr, ht_ptr,
-               T, H, K, V, Tp, NT,
-               GATED: tl.constexpr, HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr,
-               BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+def _state_fwd(
+    k_ptr,
+    w_ptr,
+    ut_ptr,
+    bcum_ptr,
+    h0_ptr,
+    states_ptr,
+    u_ptr,
+    ht_ptr,
+    T,
+    H,
+    K,
+    V,
+    Tp,
+    NT,
+    GATED: tl.constexpr,
+    HAS_H0: tl.constexpr,
+    STORE_FINAL: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    PREC: tl.constexpr,
+):
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     b, h, rk, rv, mk, mv, kv_offs, kv_mask = state_block(i_v, i_bh, H, K, V, BK, BV)
     v0 = i_v * BV
@@ -114,10 +160,26 @@ def _state_fwd(k_ptr, w_ptr, ut_ptr, bcum_ptr, h0_ptr, states_ptr, u_ptr, ht_ptr
 
 
 @triton.jit
-def _output_fwd(q_ptr, k_ptr, bcum_ptr, states_ptr, u_ptr, o_ptr, scale,
-                T, H, K, V, Tp, NT,
-                GATED: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                PREC: tl.constexpr):
+def _output_fwd(
+    q_ptr,
+    k_ptr,
+    bcum_ptr,
+    states_ptr,
+    u_ptr,
+    o_ptr,
+    scale,
+    T,
+    H,
+    K,
+    V,
+    Tp,
+    NT,
+    GATED: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    PREC: tl.constexpr,
+):
     i_n, i_bh, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h, t0, row0 = chunk_start(i_n, i_bh, H, Tp, BT)
     v0 = i_v * BV
@@ -135,10 +197,31 @@ def _output_fwd(q_ptr, k_ptr, bcum_ptr, states_ptr, u_ptr, o_ptr, scale,
 
 
 @triton.jit
-def _state_bwd(q_ptr, k_ptr, do_ptr, w_ptr, bcum_ptr, dht_ptr, dstates_ptr, du_ptr, dh0_ptr, scale,
-               T, H, K, V, Tp, NT,
-               GATED: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
-               BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+def _state_bwd(
+    q_ptr,
+    k_ptr,
+    do_ptr,
+    w_ptr,
+    bcum_ptr,
+    dht_ptr,
+    dstates_ptr,
+    du_ptr,
+    dh0_ptr,
+    scale,
+    T,
+    H,
+    K,
+    V,
+    Tp,
+    NT,
+    GATED: tl.constexpr,
+    HAS_DHT: tl.constexpr,
+    STORE_DH0: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    PREC: tl.constexpr,
+):
     """Reverse loop: dS (gradient of the state leaving chunk n) and dU = scale scores^T dO + Kd dS."""
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     b, h, rk, rv, mk, mv, kv_offs, kv_mask = state_block(i_v, i_bh, H, K, V, BK, BV)
@@ -167,19 +250,41 @@ def _state_bwd(q_ptr, k_ptr, do_ptr, w_ptr, bcum_ptr, dht_ptr, dstates_ptr, du_p
         du = scale * tl.dot(scores_t, do, input_precision=PREC) + tl.dot(kd, dS, input_precision=PREC)
         store_tile(du_ptr, du, row0, BT, V, v0, BT, BV)
         qg = q * (scale * tl.exp(bc))[:, None]
-        dS = dS * tl.exp(b_last) + tl.dot(tl.trans(qg), do, input_precision=PREC) \
+        dS = (
+            dS * tl.exp(b_last)
+            + tl.dot(tl.trans(qg), do, input_precision=PREC)
             - tl.dot(tl.trans(w), du, input_precision=PREC)
+        )
         i += 1
     if STORE_DH0:
         store_state(dh0_ptr, dS, i_bh.to(tl.int64), K, V, kv_offs, kv_mask)
 
 
 @triton.jit
-def _grads_output_state(q_ptr, k_ptr, bcum_ptr, u_ptr, states_ptr, dstates_ptr, do_ptr,
-                        dq_ptr, dk_ptr, db_ptr, scale,
-                        T, H, K, V, Tp, NT,
-                        GATED: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                        PREC: tl.constexpr):
+def _grads_output_state(
+    q_ptr,
+    k_ptr,
+    bcum_ptr,
+    u_ptr,
+    states_ptr,
+    dstates_ptr,
+    do_ptr,
+    dq_ptr,
+    dk_ptr,
+    db_ptr,
+    scale,
+    T,
+    H,
+    K,
+    V,
+    Tp,
+    NT,
+    GATED: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    PREC: tl.constexpr,
+):
     """Per chunk and key block of BK (values whole, BV >= V), the output and state-update paths:
     that block's columns of dq and dk (part), and its share of db (b = chunk cumsum of g), stored
     at ``db_ptr``'s row block ``i_k`` ([NK, B*H*Tp]; the host sums the key blocks).
@@ -224,11 +329,32 @@ def _grads_output_state(q_ptr, k_ptr, bcum_ptr, u_ptr, states_ptr, dstates_ptr, 
 
 
 @triton.jit
-def _grads_solve(k_ptr, v_ptr, beta_ptr, bcum_ptr, ainv_ptr, w_ptr, ut_ptr, states_ptr, du_ptr,
-                 dk_ptr, dv_ptr, dbeta_ptr, db_ptr,
-                 T, H, K, V, Tp, NT,
-                 GATED: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                 PREC: tl.constexpr):
+def _grads_solve(
+    k_ptr,
+    v_ptr,
+    beta_ptr,
+    bcum_ptr,
+    ainv_ptr,
+    w_ptr,
+    ut_ptr,
+    states_ptr,
+    du_ptr,
+    dk_ptr,
+    dv_ptr,
+    dbeta_ptr,
+    db_ptr,
+    T,
+    H,
+    K,
+    V,
+    Tp,
+    NT,
+    GATED: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    PREC: tl.constexpr,
+):
     """Per chunk, the WY path U = U~ - W S, [U~ | W] = Ai [diag(beta) V | diag(beta gamma) K]:
     dv, dbeta, and the rest of dk and db (added to what ``_grads_output_state`` stored)."""
     i_n, i_bh = tl.program_id(0), tl.program_id(1)
@@ -253,8 +379,9 @@ def _grads_solve(k_ptr, v_ptr, beta_ptr, bcum_ptr, ainv_ptr, w_ptr, ut_ptr, stat
     dk = dxk * (beta * gamma)[:, None]
     store_rows(dv_ptr, dxv * beta[:, None], b, h, t0, T, H, V, 0, BT, BV)
     # Ai = (I + A)^-1, A = strict_lower(diag(beta) exp(b_t - b_j) K K^T): dA = -(dXv U~^T + dXk W^T)
-    da = tl.dot(dxv, tl.trans(load_tile(ut_ptr, row0, BT, V, 0, BT, BV)), input_precision=PREC) \
-        + tl.dot(dxk, tl.trans(load_tile(w_ptr, row0, BT, K, 0, BT, BK)), input_precision=PREC)
+    da = tl.dot(dxv, tl.trans(load_tile(ut_ptr, row0, BT, V, 0, BT, BV)), input_precision=PREC) + tl.dot(
+        dxk, tl.trans(load_tile(w_ptr, row0, BT, K, 0, BT, BK)), input_precision=PREC
+    )
     da = -da * _decay_matrix(bc, GATED, True, BT)
     kk = tl.dot(k, tl.trans(k), input_precision=PREC)
     dbeta += tl.sum(da * kk, 1)
@@ -301,15 +428,37 @@ def _forward(q, k, v, beta, bcum, scale, h0, need_final):
     states = torch.empty(B, H, NT, K, V, **f32)
     ht = torch.empty(B, H, K, V, **f32) if need_final else states
     bc = bcum if gated else w  # placeholder pointer when ungated
-    _prep_fwd[(NT, B * H)](k, v, beta, bc, ainv, w, ut, T, H, K, V, Tp,
-                           GATED=gated, BT=BT, BK=BK, BV=BV, PREC=prec, **LAUNCH)
+    _prep_fwd[(NT, B * H)](
+        k, v, beta, bc, ainv, w, ut, T, H, K, V, Tp, GATED=gated, BT=BT, BK=BK, BV=BV, PREC=prec, **LAUNCH
+    )
     _state_fwd[(triton.cdiv(V, BVs), B * H)](
-        k, w, ut, bc, h0 if h0 is not None else states, states, u, ht, T, H, K, V, Tp, NT,
-        GATED=gated, HAS_H0=h0 is not None, STORE_FINAL=need_final, BT=BT, BK=BK, BV=BVs, PREC=prec, **LAUNCH)
+        k,
+        w,
+        ut,
+        bc,
+        h0 if h0 is not None else states,
+        states,
+        u,
+        ht,
+        T,
+        H,
+        K,
+        V,
+        Tp,
+        NT,
+        GATED=gated,
+        HAS_H0=h0 is not None,
+        STORE_FINAL=need_final,
+        BT=BT,
+        BK=BK,
+        BV=BVs,
+        PREC=prec,
+        **LAUNCH,
+    )
     o = torch.empty(B, T, H, V, device=q.device, dtype=q.dtype)
     _output_fwd[(NT, B * H, triton.cdiv(V, BVs))](
-        q, k, bc, states, u, o, scale, T, H, K, V, Tp, NT,
-        GATED=gated, BT=BT, BK=BK, BV=BVs, PREC=prec, **LAUNCH)
+        q, k, bc, states, u, o, scale, T, H, K, V, Tp, NT, GATED=gated, BT=BT, BK=BK, BV=BVs, PREC=prec, **LAUNCH
+    )
     return o, (ht if need_final else None), (ainv, w, ut, u, states)
 
 
@@ -340,10 +489,31 @@ class DeltaRuleChunkFunction(torch.autograd.Function):
         dh0 = torch.empty(B, H, K, V, **f32) if ctx.has_h0 else None
         bc = bcum if gated else w
         _state_bwd[(triton.cdiv(V, BVs), B * H)](
-            q, k, do, w, bc, dht.contiguous() if dht is not None else dstates, dstates, du,
-            dh0 if dh0 is not None else dstates, ctx.scale, T, H, K, V, Tp, NT,
-            GATED=gated, HAS_DHT=dht is not None, STORE_DH0=dh0 is not None,
-            BT=BT, BK=BK, BV=BVs, PREC=prec, **_BWD_LAUNCH)
+            q,
+            k,
+            do,
+            w,
+            bc,
+            dht.contiguous() if dht is not None else dstates,
+            dstates,
+            du,
+            dh0 if dh0 is not None else dstates,
+            ctx.scale,
+            T,
+            H,
+            K,
+            V,
+            Tp,
+            NT,
+            GATED=gated,
+            HAS_DHT=dht is not None,
+            STORE_DH0=dh0 is not None,
+            BT=BT,
+            BK=BK,
+            BV=BVs,
+            PREC=prec,
+            **_BWD_LAUNCH,
+        )
         dq = torch.empty(B, T, H, K, **f32)
         dk = torch.empty(B, T, H, K, **f32)
         dv = torch.empty(B, T, H, V, **f32)
@@ -352,12 +522,58 @@ class DeltaRuleChunkFunction(torch.autograd.Function):
         NKg = triton.cdiv(K, BKg)
         db_parts = torch.empty(NKg, B, H, Tp, **f32) if gated else None
         _grads_output_state[(NT, B * H, NKg)](
-            q, k, bc, u, states, dstates, do, dq, dk, db_parts if gated else dbeta, ctx.scale,
-            T, H, K, V, Tp, NT, GATED=gated, BT=BT, BK=BKg, BV=BV, PREC=prec, **_BWD_LAUNCH)
+            q,
+            k,
+            bc,
+            u,
+            states,
+            dstates,
+            do,
+            dq,
+            dk,
+            db_parts if gated else dbeta,
+            ctx.scale,
+            T,
+            H,
+            K,
+            V,
+            Tp,
+            NT,
+            GATED=gated,
+            BT=BT,
+            BK=BKg,
+            BV=BV,
+            PREC=prec,
+            **_BWD_LAUNCH,
+        )
         db = db_parts.sum(0) if gated else None
         _grads_solve[(NT, B * H)](
-            k, v, beta, bc, ainv, w, ut, states, du, dk, dv, dbeta, db if gated else dbeta, T, H, K, V, Tp, NT,
-            GATED=gated, BT=BT, BK=BK, BV=BV, PREC=prec, **_BWD_LAUNCH)
+            k,
+            v,
+            beta,
+            bc,
+            ainv,
+            w,
+            ut,
+            states,
+            du,
+            dk,
+            dv,
+            dbeta,
+            db if gated else dbeta,
+            T,
+            H,
+            K,
+            V,
+            Tp,
+            NT,
+            GATED=gated,
+            BT=BT,
+            BK=BK,
+            BV=BV,
+            PREC=prec,
+            **_BWD_LAUNCH,
+        )
         dg = chunk_reverse_cumsum(db, T, BT).to(ctx.g_dtype) if gated else None
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbeta.to(beta.dtype), dg, None, dh0, None)
 

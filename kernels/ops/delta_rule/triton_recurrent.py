@@ -14,10 +14,28 @@ from kernels.ops.common.state import load_state, start_state, state_block, store
 
 
 @triton.jit
-def _recurrent_fwd(q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, h0_ptr, o_ptr, ht_ptr, states_ptr, scale,
-                   T, H, K, V,
-                   GATED: tl.constexpr, HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr,
-                   SAVE_STATES: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+def _recurrent_fwd(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    beta_ptr,
+    g_ptr,
+    h0_ptr,
+    o_ptr,
+    ht_ptr,
+    states_ptr,
+    scale,
+    T,
+    H,
+    K,
+    V,
+    GATED: tl.constexpr,
+    HAS_H0: tl.constexpr,
+    STORE_FINAL: tl.constexpr,
+    SAVE_STATES: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+):
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     b, h, rk, rv, mk, mv, kv_offs, kv_mask = state_block(i_v, i_bh, H, K, V, BK, BV)
     S = start_state(h0_ptr, i_bh.to(tl.int64), K, V, kv_offs, kv_mask, HAS_H0, BK, BV)
@@ -42,11 +60,33 @@ def _recurrent_fwd(q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, h0_ptr, o_ptr, ht_ptr, 
 
 
 @triton.jit
-def _recurrent_bwd(q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, states_ptr, do_ptr, dht_ptr,
-                   dq_ptr, dk_ptr, dv_ptr, dbeta_ptr, dg_ptr, dh0_ptr, scale,
-                   B, T, H, K, V,
-                   GATED: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
-                   BK: tl.constexpr, BV: tl.constexpr):
+def _recurrent_bwd(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    beta_ptr,
+    g_ptr,
+    states_ptr,
+    do_ptr,
+    dht_ptr,
+    dq_ptr,
+    dk_ptr,
+    dv_ptr,
+    dbeta_ptr,
+    dg_ptr,
+    dh0_ptr,
+    scale,
+    B,
+    T,
+    H,
+    K,
+    V,
+    GATED: tl.constexpr,
+    HAS_DHT: tl.constexpr,
+    STORE_DH0: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+):
     """dq, dk, dbeta, dg are partial sums over this V block: [NV, B, T, H, (K)] buffers."""
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     b, h, rk, rv, mk, mv, kv_offs, kv_mask = state_block(i_v, i_bh, H, K, V, BK, BV)
@@ -91,8 +131,9 @@ def _recurrent_bwd(q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, states_ptr, do_ptr, dht
         store_state(dh0_ptr, dS, i_bh.to(tl.int64), K, V, kv_offs, kv_mask)
 
 
-KERNELS = RecurrentKernels("delta_rule", _recurrent_fwd, _recurrent_bwd, value_input=2,
-                           flags=lambda inputs: dict(GATED=inputs[4] is not None))
+KERNELS = RecurrentKernels(
+    "delta_rule", _recurrent_fwd, _recurrent_bwd, value_input=2, flags=lambda inputs: dict(GATED=inputs[4] is not None)
+)
 
 
 def delta_rule_fused_recurrent(q, k, v, beta, g, scale, initial_state=None, output_final_state=False):

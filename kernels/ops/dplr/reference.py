@@ -1,7 +1,7 @@
 """Reference for ``dplr`` (diagonal plus low-rank transition, the RWKV-7 family)::
 
-    S_t = (diag(exp(g_t)) + b_t a_t^T) S_{t-1} + k_t v_t^T
-    o_t = scale S_t^T q_t
+S_t = (diag(exp(g_t)) + b_t a_t^T) S_{t-1} + k_t v_t^T
+o_t = scale S_t^T q_t
 """
 
 from typing import Optional, Tuple

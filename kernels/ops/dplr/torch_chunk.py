@@ -46,8 +46,7 @@ def dplr_chunked(q, k, v, a, b, g, scale, initial_state=None, output_final_state
     """q, k, a, b, g: [B, T, H, K]; v: [B, T, H, V]; state [B, H, K, V] (fp32). ``cu_seqlens`` [N+1]: packed
     sequences (B = 1, states [N, H, K, V]), handled natively (:func:`dplr_chunked_varlen`)."""
     if cu_seqlens is not None:
-        return dplr_chunked_varlen(q, k, v, a, b, g, scale, initial_state, output_final_state, cu_seqlens,
-                                   chunk_size)
+        return dplr_chunked_varlen(q, k, v, a, b, g, scale, initial_state, output_final_state, cu_seqlens, chunk_size)
     B, T, H, K = q.shape
     V = v.shape[-1]
     if T == 0:
@@ -58,8 +57,9 @@ def dplr_chunked(q, k, v, a, b, g, scale, initial_state=None, output_final_state
     return from_chunks(o, T).to(q.dtype), (S if output_final_state else None)
 
 
-def dplr_chunked_varlen(q, k, v, a, b, g, scale: float, initial_state, output_final_state: bool, cu_seqlens,
-                        chunk_size: int = 64):
+def dplr_chunked_varlen(
+    q, k, v, a, b, g, scale: float, initial_state, output_final_state: bool, cu_seqlens, chunk_size: int = 64
+):
     """``dplr_chunked`` over packed sequences (B = 1; states [N, H, K, V]): one pass over the row (see the
     module doc)."""
     T = q.shape[1]
@@ -72,8 +72,9 @@ def dplr_chunked_varlen(q, k, v, a, b, g, scale: float, initial_state, output_fi
     def updates(steps, zs):  # every step's state update is k v^T + b z^T (one pass: zs holds its Z)
         return (steps[1], steps[4]), (steps[2], from_chunks(zs[0], T))
 
-    return varlen.run_packed(one_pass, (q, k, v, a, b, g), g, scale, initial_state, output_final_state,
-                             cu_seqlens, C, None, updates)
+    return varlen.run_packed(
+        one_pass, (q, k, v, a, b, g), g, scale, initial_state, output_final_state, cu_seqlens, C, None, updates
+    )
 
 
 def _chunked_pass(q, k, v, a, b, g, scale: float, S: torch.Tensor, C: int, packed: Optional[tuple] = None):
@@ -131,8 +132,9 @@ def _chunked_pass(q, k, v, a, b, g, scale: float, S: torch.Tensor, C: int, packe
     states, zs = [], []
     S = S.reshape(B * H, K, V)
     injected = injected or [None] * N
-    for zv_n, wz_n, gamma_n, kv_n, b_n, x_n in zip(*map(per_chunk, (zv, wz, gamma_last, kv_to_end, b_to_end_t)),
-                                                   injected):
+    for zv_n, wz_n, gamma_n, kv_n, b_n, x_n in zip(
+        *map(per_chunk, (zv, wz, gamma_last, kv_to_end, b_to_end_t)), injected
+    ):
         states.append(S)
         z = torch.baddbmm(zv_n, wz_n, S)
         zs.append(z)

@@ -60,7 +60,7 @@ class _Level:
     def __init__(self, gxs, gy, size: int):
         h = size // 2
         self.size, self.h = size, h
-        g_ref = _blocks(gy, size)[..., h - 1: h, :]  # G_e, e = last step of each block's first half
+        g_ref = _blocks(gy, size)[..., h - 1 : h, :]  # G_e, e = last step of each block's first half
         self.e_left = [torch.exp(_blocks(gx, size)[..., h:, :] - g_ref) for gx in gxs]
         self.e_right = torch.exp(g_ref - _blocks(gy, size)[..., :h, :])
 
@@ -71,9 +71,9 @@ class _Level:
         left = self.e_right.new_empty(*lead, len(xs) * h, K)
         right = self.e_right.new_empty(*lead, len(ys) * h, K)
         for p, (x, e) in enumerate(zip(xs, self.e_left)):
-            torch.mul(_blocks(x, size)[..., h:, :], e, out=left[..., p * h:(p + 1) * h, :])
+            torch.mul(_blocks(x, size)[..., h:, :], e, out=left[..., p * h : (p + 1) * h, :])
         for m, y in enumerate(ys):
-            torch.mul(_blocks(y, size)[..., :h, :], self.e_right, out=right[..., m * h:(m + 1) * h, :])
+            torch.mul(_blocks(y, size)[..., :h, :], self.e_right, out=right[..., m * h : (m + 1) * h, :])
         return left, right
 
     def products(self, xs, ys) -> torch.Tensor:
@@ -92,8 +92,8 @@ class DecayedScores(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, diagonal, P, *tensors):
-        xs, gxs = tensors[:P], tensors[P:2 * P]
-        ys, gy = tensors[2 * P:-1], tensors[-1]
+        xs, gxs = tensors[:P], tensors[P : 2 * P]
+        ys, gy = tensors[2 * P : -1], tensors[-1]
         M = len(ys)
         C = gy.shape[-2]
         outs = [gy.new_zeros(*gy.shape[:-2], C, C) for _ in range(P * M)]
@@ -129,14 +129,14 @@ class DecayedScores(torch.autograd.Function):
             for p in range(P):
                 for m in range(M):
                     if d_outs[p * M + m] is not None:
-                        d_rect[..., p * h:(p + 1) * h, m * h:(m + 1) * h] = _lower_left(d_outs[p * M + m], size)
+                        d_rect[..., p * h : (p + 1) * h, m * h : (m + 1) * h] = _lower_left(d_outs[p * M + m], size)
             left, right = level.operands(xs, ys)
             d_left = _matmul(d_rect, right)  # [..., nb, P h, K]
             d_right = _matmul(d_rect.transpose(-1, -2), left)  # [..., nb, M h, K]
             for p in range(P):
-                _blocks(d_xs[p], size)[..., h:, :].addcmul_(d_left[..., p * h:(p + 1) * h, :], level.e_left[p])
+                _blocks(d_xs[p], size)[..., h:, :].addcmul_(d_left[..., p * h : (p + 1) * h, :], level.e_left[p])
             for m in range(M):
-                _blocks(d_ys[m], size)[..., :h, :].addcmul_(d_right[..., m * h:(m + 1) * h, :], level.e_right)
+                _blocks(d_ys[m], size)[..., :h, :].addcmul_(d_right[..., m * h : (m + 1) * h, :], level.e_right)
         d_gxs = [x * dx for x, dx in zip(xs, d_xs)]
         d_gy = ys[0] * d_ys[0]
         for y, dy in zip(ys[1:], d_ys[1:]):
@@ -154,8 +154,13 @@ class DecayedScores(torch.autograd.Function):
         return (None, None, *d_xs, *d_gxs, *d_ys, d_gy)
 
 
-def decayed_scores(xs: Sequence[torch.Tensor], gxs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor],
-                   gy: torch.Tensor, diagonal: Sequence[bool]) -> Tuple[torch.Tensor, ...]:
+def decayed_scores(
+    xs: Sequence[torch.Tensor],
+    gxs: Sequence[torch.Tensor],
+    ys: Sequence[torch.Tensor],
+    gy: torch.Tensor,
+    diagonal: Sequence[bool],
+) -> Tuple[torch.Tensor, ...]:
     """xs, gxs (P each), ys (M), gy: [..., C, K] with C a power of two -> P * M score matrices
     [..., C, C] (x[p] against y[m] at index p * M + m)."""
     C = gy.shape[-2]

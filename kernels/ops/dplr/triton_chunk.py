@@ -32,7 +32,15 @@ import triton
 
 from kernels.ops.utils.chunks import empty_result
 from kernels.ops.common.tiles import chunk_cumsum, chunk_reverse_cumsum, dot_precision
-from kernels.ops.dplr.triton_chunk_bwd import _dscores_bwd, _solve_bwd, _dv_bwd, _grads_diag, _grads_scores, _grads_state, _state_bwd
+from kernels.ops.dplr.triton_chunk_bwd import (
+    _dscores_bwd,
+    _solve_bwd,
+    _dv_bwd,
+    _grads_diag,
+    _grads_scores,
+    _grads_state,
+    _state_bwd,
+)
 from kernels.ops.dplr.triton_chunk_fwd import _decay_inputs, _output_fwd, _scores_fwd, _solve_fwd, _state_fwd
 from kernels.ops.dplr.triton_chunk_tiles import KEY_SLICE, LAUNCH, SUB, Blocks, blocks
 
@@ -67,23 +75,46 @@ def _forward(q, k, v, a, b, G, scale, h0, need_final):
     prec = dot_precision(q.dtype)
     f32 = dict(device=q.device, dtype=torch.float32)
     aqk, aqb, pn, rn, tinv = (torch.empty(B, H, Tp, BT, **f32) for _ in range(5))
-    _scores_fwd[(NT * bl.NC, B * H)](q, k, a, b, G, aqk, aqb, pn, rn, T, H, K, Tp,
-                                     BT=BT, BS=SUB, BK=bl.BK, BKC=KEY_SLICE, PREC=prec, **LAUNCH)
+    _scores_fwd[(NT * bl.NC, B * H)](
+        q, k, a, b, G, aqk, aqb, pn, rn, T, H, K, Tp, BT=BT, BS=SUB, BK=bl.BK, BKC=KEY_SLICE, PREC=prec, **LAUNCH
+    )
     qg, kd, bd, ap = _decayed(q, k, a, b, G, sizes)
     wz, zv = torch.empty(B, H, Tp, K, **f32), torch.empty(B, H, Tp, V, **f32)
-    _solve_fwd[(NT, B * H)](rn, pn, v, ap, tinv, wz, zv, T, H, K, V, Tp, BT=BT, BK=bl.BK, BV=bl.BV, PREC=prec,
-                            **LAUNCH)
+    _solve_fwd[(NT, B * H)](rn, pn, v, ap, tinv, wz, zv, T, H, K, V, Tp, BT=BT, BK=bl.BK, BV=bl.BV, PREC=prec, **LAUNCH)
     del ap, rn
     z = torch.empty(B, H, Tp, V, **f32)
     states = torch.empty(B, H, NT, K, V, **f32)
     ht = torch.empty(B, H, K, V, **f32) if need_final else states
     _state_fwd[(triton.cdiv(V, bl.BVS), B * H)](
-        v, G, kd, bd, wz, zv, h0 if h0 is not None else states, states, z, ht, T, H, K, V, Tp, NT,
-        HAS_H0=h0 is not None, STORE_FINAL=need_final, BT=BT, BK=bl.BKF, BV=bl.BVS, BKR=bl.BKR, PREC=prec,
-        **LAUNCH)
+        v,
+        G,
+        kd,
+        bd,
+        wz,
+        zv,
+        h0 if h0 is not None else states,
+        states,
+        z,
+        ht,
+        T,
+        H,
+        K,
+        V,
+        Tp,
+        NT,
+        HAS_H0=h0 is not None,
+        STORE_FINAL=need_final,
+        BT=BT,
+        BK=bl.BKF,
+        BV=bl.BVS,
+        BKR=bl.BKR,
+        PREC=prec,
+        **LAUNCH,
+    )
     o = torch.empty(B, T, H, V, device=q.device, dtype=q.dtype)
-    _output_fwd[(NT, B * H, triton.cdiv(V, bl.BV))](qg, v, aqk, aqb, states, z, o, scale, T, H, K, V, Tp, NT,
-                                                     BT=BT, BK=bl.BK, BV=bl.BV, PREC=prec, **LAUNCH)
+    _output_fwd[(NT, B * H, triton.cdiv(V, bl.BV))](
+        qg, v, aqk, aqb, states, z, o, scale, T, H, K, V, Tp, NT, BT=BT, BK=bl.BK, BV=bl.BV, PREC=prec, **LAUNCH
+    )
     return o, (ht if need_final else None), (aqk, aqb, pn, tinv, states, z)
 
 
@@ -99,29 +130,83 @@ def _backward(q, k, v, a, b, G, aqk, aqb, pn, tinv, states, z, do, dht, scale, h
     dy = torch.empty(B, H, Tp, V, **f32)
     dh0 = torch.empty(B, H, K, V, **f32) if has_h0 else None
     wb, dyo = torch.empty(B, H, Tp, K, **f32), torch.empty(B, H, Tp, V, **f32)
-    _solve_bwd[(NT, B * H)](tinv, aqb, bd, do, wb, dyo, scale, T, H, K, V, Tp, BT=BT, BK=bl.BK, BV=bl.BV, PREC=prec,
-                            **LAUNCH)
+    _solve_bwd[(NT, B * H)](
+        tinv, aqb, bd, do, wb, dyo, scale, T, H, K, V, Tp, BT=BT, BK=bl.BK, BV=bl.BV, PREC=prec, **LAUNCH
+    )
     _state_bwd[(triton.cdiv(V, bl.BVS), B * H)](
-        qg, wb, ap, G, do, dyo, dht if dht is not None else dstates, dstates, dy,
-        dh0 if dh0 is not None else dstates, scale, T, H, K, V, Tp, NT,
-        HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, BT=BT, BK=bl.BKF, BV=bl.BVS, BKR=bl.BKR, PREC=prec,
-        **LAUNCH)
+        qg,
+        wb,
+        ap,
+        G,
+        do,
+        dyo,
+        dht if dht is not None else dstates,
+        dstates,
+        dy,
+        dh0 if dh0 is not None else dstates,
+        scale,
+        T,
+        H,
+        K,
+        V,
+        Tp,
+        NT,
+        HAS_DHT=dht is not None,
+        STORE_DH0=dh0 is not None,
+        BT=BT,
+        BK=bl.BKF,
+        BV=bl.BVS,
+        BKR=bl.BKR,
+        PREC=prec,
+        **LAUNCH,
+    )
     del qg, bd, ap, wb, dyo
     d_scores = [torch.empty(B, H, Tp, BT, **f32) for _ in range(4)]  # dAqk, dAqb, dPn, dRn
     _dscores_bwd[(NT, B * H, 2)](do, dy, v, z, *d_scores, scale, T, H, V, Tp, BT=BT, BV=bl.BV, PREC=prec, **LAUNCH)
     dv = torch.empty(B, T, H, V, **f32)
-    _dv_bwd[(NT, B * H, triton.cdiv(V, bl.BV))](kd, do, aqk, pn, dstates, dy, dv, scale, T, H, K, V, Tp, NT,
-                                                BT=BT, BK=bl.BK, BV=bl.BV, PREC=prec, **LAUNCH)
+    _dv_bwd[(NT, B * H, triton.cdiv(V, bl.BV))](
+        kd, do, aqk, pn, dstates, dy, dv, scale, T, H, K, V, Tp, NT, BT=BT, BK=bl.BK, BV=bl.BV, PREC=prec, **LAUNCH
+    )
     del kd
     dq, dk, da, db = (torch.empty(B, T, H, K, **f32) for _ in range(4))
     dG, dGx, dan = (torch.empty(B, H, Tp, K, **f32) for _ in range(3))
     _grads_state[(NT, B * H, triton.cdiv(K, bl.BKG))](
-        q, k, v, a, b, G, do, states, dstates, z, dy, dq, dk, da, db, dG, dGx, scale, T, H, K, V, Tp, NT,
-        BT=BT, BK=bl.BKG, BV=bl.BV, PREC=prec, **LAUNCH)
+        q,
+        k,
+        v,
+        a,
+        b,
+        G,
+        do,
+        states,
+        dstates,
+        z,
+        dy,
+        dq,
+        dk,
+        da,
+        db,
+        dG,
+        dGx,
+        scale,
+        T,
+        H,
+        K,
+        V,
+        Tp,
+        NT,
+        BT=BT,
+        BK=bl.BKG,
+        BV=bl.BV,
+        PREC=prec,
+        **LAUNCH,
+    )
     _grads_scores[(NT * bl.NC, B * H, triton.cdiv(K, bl.BK))](
-        q, k, a, b, G, *d_scores, dq, dk, db, dG, dan, T, H, K, Tp, BT=BT, BS=SUB, BK=bl.BK, PREC=prec, **LAUNCH)
-    _grads_diag[(NT, B * H, bl.NC)](q, k, a, b, G, *d_scores, dq, dk, db, dG, dan, T, H, K, Tp,
-                                    BT=BT, BS=SUB, BKC=KEY_SLICE, **LAUNCH)
+        q, k, a, b, G, *d_scores, dq, dk, db, dG, dan, T, H, K, Tp, BT=BT, BS=SUB, BK=bl.BK, PREC=prec, **LAUNCH
+    )
+    _grads_diag[(NT, B * H, bl.NC)](
+        q, k, a, b, G, *d_scores, dq, dk, db, dG, dan, T, H, K, Tp, BT=BT, BS=SUB, BKC=KEY_SLICE, **LAUNCH
+    )
     # a_next[t] = a[t + 1] and G'_t = G_{t-1} inside each chunk, then G = chunk cumsum(g)
     da += _shift_down_in_chunks(dan, BT)[:, :, :T].transpose(1, 2)
     dG = dG.view(B, H, NT, BT, K)
@@ -145,9 +230,19 @@ class DplrChunkFunction(torch.autograd.Function):
     def backward(ctx, do, dht):
         q, k, v, a, b = ctx.saved_tensors[:5]
         dq, dk, dv, da, db, dg, dh0 = _backward(
-            *ctx.saved_tensors, do.contiguous(), dht.contiguous() if dht is not None else None, ctx.scale, ctx.has_h0)
-        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), da.to(a.dtype), db.to(b.dtype),
-                dg.to(ctx.g_dtype), None, dh0, None)
+            *ctx.saved_tensors, do.contiguous(), dht.contiguous() if dht is not None else None, ctx.scale, ctx.has_h0
+        )
+        return (
+            dq.to(q.dtype),
+            dk.to(k.dtype),
+            dv.to(v.dtype),
+            da.to(a.dtype),
+            db.to(b.dtype),
+            dg.to(ctx.g_dtype),
+            None,
+            dh0,
+            None,
+        )
 
 
 def dplr_triton_chunked(q, k, v, a, b, g, scale, initial_state=None, output_final_state=False):

@@ -23,13 +23,35 @@ import triton.language as tl
 
 from kernels.ops.common.state import start_state, state_block, store_state
 from kernels.ops.common.tiles import chunk_start, load_rows, load_tile, store_rows, store_tile
-from kernels.ops.dplr.triton_chunk_tiles import (add_w_state, carry_over_chunk, load_next, load_next_rows, load_prev,
-                                               load_row)
+from kernels.ops.dplr.triton_chunk_tiles import (
+    add_w_state,
+    carry_over_chunk,
+    load_next,
+    load_next_rows,
+    load_prev,
+    load_row,
+)
 
 
 @triton.jit
-def _solve_bwd(tinv_ptr, aqb_ptr, bd_ptr, do_ptr, wb_ptr, dyo_ptr, scale, T, H, K, V, Tp,
-               BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+def _solve_bwd(
+    tinv_ptr,
+    aqb_ptr,
+    bd_ptr,
+    do_ptr,
+    wb_ptr,
+    dyo_ptr,
+    scale,
+    T,
+    H,
+    K,
+    V,
+    Tp,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    PREC: tl.constexpr,
+):
     """Per chunk: Wb = Ti^T Bd (keys in blocks) and dYo = scale Ti^T Aqb^T dO (values in blocks), so that
     dY = Ti^T dZ = dYo + Wb dS."""
     i_n, i_bh = tl.program_id(0), tl.program_id(1)
@@ -49,10 +71,32 @@ def _solve_bwd(tinv_ptr, aqb_ptr, bd_ptr, do_ptr, wb_ptr, dyo_ptr, scale, T, H, 
 
 
 @triton.jit
-def _state_bwd(qg_ptr, wb_ptr, ap_ptr, G_ptr, do_ptr, dyo_ptr, dht_ptr, dstates_ptr, dy_ptr, dh0_ptr,
-               scale, T, H, K, V, Tp, NT,
-               HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
-               BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BKR: tl.constexpr, PREC: tl.constexpr):
+def _state_bwd(
+    qg_ptr,
+    wb_ptr,
+    ap_ptr,
+    G_ptr,
+    do_ptr,
+    dyo_ptr,
+    dht_ptr,
+    dstates_ptr,
+    dy_ptr,
+    dh0_ptr,
+    scale,
+    T,
+    H,
+    K,
+    V,
+    Tp,
+    NT,
+    HAS_DHT: tl.constexpr,
+    STORE_DH0: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    BKR: tl.constexpr,
+    PREC: tl.constexpr,
+):
     """Reverse loop: dS leaving each chunk and dY = dYo + Wb dS (``_solve_bwd``); qg, ap are q e^G and
     a e^{G'} (``_decay_inputs``). BKR < BK: Wb dS in key blocks read back (as in ``_state_fwd``)."""
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
@@ -65,20 +109,60 @@ def _state_bwd(qg_ptr, wb_ptr, ap_ptr, G_ptr, do_ptr, dyo_ptr, dht_ptr, dstates_
         t0 = n * BT
         row0 = i_bh * Tp + t0
         store_state(dstates_ptr, dS, i_bh.to(tl.int64) * NT + n, K, V, kv_offs, kv_mask)
-        dy = add_w_state(load_tile(dyo_ptr, row0, BT, V, v0, BT, BV), wb_ptr, dS, dstates_ptr, row0,
-                         (i_bh * NT + n) * K, K, V, v0, BT, BK, BV, BKR, PREC)
+        dy = add_w_state(
+            load_tile(dyo_ptr, row0, BT, V, v0, BT, BV),
+            wb_ptr,
+            dS,
+            dstates_ptr,
+            row0,
+            (i_bh * NT + n) * K,
+            K,
+            V,
+            v0,
+            BT,
+            BK,
+            BV,
+            BKR,
+            PREC,
+        )
         store_tile(dy_ptr, dy, row0, BT, V, v0, BT, BV)
-        dS = carry_over_chunk(dS, G_ptr, row0, K, qg_ptr, load_rows(do_ptr, bb, h, t0, T, H, V, v0, BT, BV) * scale,
-                              ap_ptr, dy, BT, BK, PREC)
+        dS = carry_over_chunk(
+            dS,
+            G_ptr,
+            row0,
+            K,
+            qg_ptr,
+            load_rows(do_ptr, bb, h, t0, T, H, V, v0, BT, BV) * scale,
+            ap_ptr,
+            dy,
+            BT,
+            BK,
+            PREC,
+        )
         i += 1
     if STORE_DH0:
         store_state(dh0_ptr, dS, i_bh.to(tl.int64), K, V, kv_offs, kv_mask)
 
 
 @triton.jit
-def _dscores_bwd(do_ptr, dy_ptr, v_ptr, z_ptr, daqk_ptr, daqb_ptr, dpn_ptr, drn_ptr, scale,
-                 T, H, V, Tp,
-                 BT: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+def _dscores_bwd(
+    do_ptr,
+    dy_ptr,
+    v_ptr,
+    z_ptr,
+    daqk_ptr,
+    daqb_ptr,
+    dpn_ptr,
+    drn_ptr,
+    scale,
+    T,
+    H,
+    V,
+    Tp,
+    BT: tl.constexpr,
+    BV: tl.constexpr,
+    PREC: tl.constexpr,
+):
     """Operand 0: dAqk = incl(scale dO V^T), dAqb = incl(scale dO Z^T); operand 1: dPn = incl(dY_next V^T),
     dRn = incl(dY_next Z^T) with dY_next[t] = dY[t + 1] (0 at the chunk's last step)."""
     i_n, i_bh, which = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -107,31 +191,83 @@ def _dscores_bwd(do_ptr, dy_ptr, v_ptr, z_ptr, daqk_ptr, daqb_ptr, dpn_ptr, drn_
 
 
 @triton.jit
-def _dv_bwd(kd_ptr, do_ptr, aqk_ptr, pn_ptr, dstates_ptr, dy_ptr, dv_ptr, scale,
-            T, H, K, V, Tp, NT,
-            BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+def _dv_bwd(
+    kd_ptr,
+    do_ptr,
+    aqk_ptr,
+    pn_ptr,
+    dstates_ptr,
+    dy_ptr,
+    dv_ptr,
+    scale,
+    T,
+    H,
+    K,
+    V,
+    Tp,
+    NT,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    PREC: tl.constexpr,
+):
     """dV = scale Aqk^T dO + P^T dY + (k e^{G_C - G}) dS for one chunk and value block; keys in blocks."""
     i_n, i_bh, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bb, h, t0, row0 = chunk_start(i_n, i_bh, H, Tp, BT)
     v0 = i_v * BV
-    dv = scale * tl.dot(tl.trans(load_tile(aqk_ptr, row0, BT, BT, 0, BT, BT)),
-                        load_rows(do_ptr, bb, h, t0, T, H, V, v0, BT, BV), input_precision=PREC)
-    dv += tl.dot(tl.trans(load_prev(pn_ptr, row0, 0, BT, 0, BT, BT)), load_tile(dy_ptr, row0, BT, V, v0, BT, BV),
-                 input_precision=PREC)
+    dv = scale * tl.dot(
+        tl.trans(load_tile(aqk_ptr, row0, BT, BT, 0, BT, BT)),
+        load_rows(do_ptr, bb, h, t0, T, H, V, v0, BT, BV),
+        input_precision=PREC,
+    )
+    dv += tl.dot(
+        tl.trans(load_prev(pn_ptr, row0, 0, BT, 0, BT, BT)),
+        load_tile(dy_ptr, row0, BT, V, v0, BT, BV),
+        input_precision=PREC,
+    )
     srow = (i_bh * NT + i_n) * K
     k0 = 0
     while k0 < K:
-        dv += tl.dot(load_tile(kd_ptr, row0, BT, K, k0, BT, BK), load_tile(dstates_ptr, srow + k0, K - k0, V, v0, BK, BV),
-                     input_precision=PREC)
+        dv += tl.dot(
+            load_tile(kd_ptr, row0, BT, K, k0, BT, BK),
+            load_tile(dstates_ptr, srow + k0, K - k0, V, v0, BK, BV),
+            input_precision=PREC,
+        )
         k0 += BK
     store_rows(dv_ptr, dv, bb, h, t0, T, H, V, v0, BT, BV)
 
 
 @triton.jit
-def _grads_state(q_ptr, k_ptr, v_ptr, a_ptr, b_ptr, G_ptr, do_ptr, states_ptr, dstates_ptr, z_ptr, dy_ptr,
-                 dq_ptr, dk_ptr, da_ptr, db_ptr, dG_ptr, dGx_ptr, scale,
-                 T, H, K, V, Tp, NT,
-                 BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+def _grads_state(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    a_ptr,
+    b_ptr,
+    G_ptr,
+    do_ptr,
+    states_ptr,
+    dstates_ptr,
+    z_ptr,
+    dy_ptr,
+    dq_ptr,
+    dk_ptr,
+    da_ptr,
+    db_ptr,
+    dG_ptr,
+    dGx_ptr,
+    scale,
+    T,
+    H,
+    K,
+    V,
+    Tp,
+    NT,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    PREC: tl.constexpr,
+):
     """One chunk and key block: dq through (q e^G) S, dk and db through the state update, da through
     A' S, and dG, dG' (gradients of the cumulative decays G, G'; the host maps them to dg)."""
     i_n, i_bh, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -179,10 +315,30 @@ def _grads_state(q_ptr, k_ptr, v_ptr, a_ptr, b_ptr, G_ptr, do_ptr, states_ptr, d
 
 
 @triton.jit
-def _grads_scores(q_ptr, k_ptr, a_ptr, b_ptr, G_ptr, daqk_ptr, daqb_ptr, dpn_ptr, drn_ptr,
-                  dq_ptr, dk_ptr, db_ptr, dG_ptr, dan_ptr,
-                  T, H, K, Tp,
-                  BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+def _grads_scores(
+    q_ptr,
+    k_ptr,
+    a_ptr,
+    b_ptr,
+    G_ptr,
+    daqk_ptr,
+    daqb_ptr,
+    dpn_ptr,
+    drn_ptr,
+    dq_ptr,
+    dk_ptr,
+    db_ptr,
+    dG_ptr,
+    dan_ptr,
+    T,
+    H,
+    K,
+    Tp,
+    BT: tl.constexpr,
+    BS: tl.constexpr,
+    BK: tl.constexpr,
+    PREC: tl.constexpr,
+):
     """Sub-block j of a chunk, one key block: adds the off-diagonal sub-blocks' terms to dq, dk, db, dG
     of the block's rows and writes those of a_next (da_next) to ``dan``. As rows (q, a_next) the block
     meets the column blocks c < j through their last steps; as columns (k, b) the row blocks r > j
@@ -204,10 +360,14 @@ def _grads_scores(q_ptr, k_ptr, a_ptr, b_ptr, G_ptr, daqk_ptr, daqb_ptr, dpn_ptr
         kc = load_rows(k_ptr, bb, h, t0 + c * BS, T, H, K, k0, BS, BK) * er
         bc = load_rows(b_ptr, bb, h, t0 + c * BS, T, H, K, k0, BS, BK) * er
         el = tl.exp(Gj - Ge)
-        dq += (tl.dot(load_tile(daqk_ptr, rj, BS, BT, c * BS, BS, BS), kc, input_precision=PREC)
-               + tl.dot(load_tile(daqb_ptr, rj, BS, BT, c * BS, BS, BS), bc, input_precision=PREC)) * el
-        dan += (tl.dot(load_tile(dpn_ptr, rj, BS, BT, c * BS, BS, BS), kc, input_precision=PREC)
-                + tl.dot(load_tile(drn_ptr, rj, BS, BT, c * BS, BS, BS), bc, input_precision=PREC)) * el
+        dq += (
+            tl.dot(load_tile(daqk_ptr, rj, BS, BT, c * BS, BS, BS), kc, input_precision=PREC)
+            + tl.dot(load_tile(daqb_ptr, rj, BS, BT, c * BS, BS, BS), bc, input_precision=PREC)
+        ) * el
+        dan += (
+            tl.dot(load_tile(dpn_ptr, rj, BS, BT, c * BS, BS, BS), kc, input_precision=PREC)
+            + tl.dot(load_tile(drn_ptr, rj, BS, BT, c * BS, BS, BS), bc, input_precision=PREC)
+        ) * el
         c += 1
     dk = tl.zeros([BS, BK], dtype=tl.float32)
     db = tl.zeros([BS, BK], dtype=tl.float32)
@@ -219,10 +379,12 @@ def _grads_scores(q_ptr, k_ptr, a_ptr, b_ptr, G_ptr, daqk_ptr, daqb_ptr, dpn_ptr
         el = tl.exp(load_tile(G_ptr, rr, BS, K, k0, BS, BK) - Ge)
         lq = load_rows(q_ptr, bb, h, t0 + r * BS, T, H, K, k0, BS, BK) * el
         la = load_next_rows(a_ptr, bb, h, t0 + r * BS, t0 + BT, T, H, K, k0, BS, BK) * el
-        dk += tl.dot(tl.trans(load_tile(daqk_ptr, rr, BS, BT, j * BS, BS, BS)), lq, input_precision=PREC) \
-            + tl.dot(tl.trans(load_tile(dpn_ptr, rr, BS, BT, j * BS, BS, BS)), la, input_precision=PREC)
-        db += tl.dot(tl.trans(load_tile(daqb_ptr, rr, BS, BT, j * BS, BS, BS)), lq, input_precision=PREC) \
-            + tl.dot(tl.trans(load_tile(drn_ptr, rr, BS, BT, j * BS, BS, BS)), la, input_precision=PREC)
+        dk += tl.dot(tl.trans(load_tile(daqk_ptr, rr, BS, BT, j * BS, BS, BS)), lq, input_precision=PREC) + tl.dot(
+            tl.trans(load_tile(dpn_ptr, rr, BS, BT, j * BS, BS, BS)), la, input_precision=PREC
+        )
+        db += tl.dot(tl.trans(load_tile(daqb_ptr, rr, BS, BT, j * BS, BS, BS)), lq, input_precision=PREC) + tl.dot(
+            tl.trans(load_tile(drn_ptr, rr, BS, BT, j * BS, BS, BS)), la, input_precision=PREC
+        )
         r += 1
     dk *= er
     db *= er
@@ -239,10 +401,29 @@ def _grads_scores(q_ptr, k_ptr, a_ptr, b_ptr, G_ptr, daqk_ptr, daqb_ptr, dpn_ptr
 
 
 @triton.jit
-def _grads_diag(q_ptr, k_ptr, a_ptr, b_ptr, G_ptr, daqk_ptr, daqb_ptr, dpn_ptr, drn_ptr,
-                dq_ptr, dk_ptr, db_ptr, dG_ptr, dan_ptr,
-                T, H, K, Tp,
-                BT: tl.constexpr, BS: tl.constexpr, BKC: tl.constexpr):
+def _grads_diag(
+    q_ptr,
+    k_ptr,
+    a_ptr,
+    b_ptr,
+    G_ptr,
+    daqk_ptr,
+    daqb_ptr,
+    dpn_ptr,
+    drn_ptr,
+    dq_ptr,
+    dk_ptr,
+    db_ptr,
+    dG_ptr,
+    dan_ptr,
+    T,
+    H,
+    K,
+    Tp,
+    BT: tl.constexpr,
+    BS: tl.constexpr,
+    BKC: tl.constexpr,
+):
     """Diagonal sub-block j of a chunk's score matrices: adds its gradient terms to dq, dk, db, dG and
     dan (da_next) of the block's rows. The [BS, BS, BKC] tensors of masked exponent differences are
     formed slice by slice over the keys; the exponent-0 diagonal is left out of dG."""

@@ -22,9 +22,26 @@ from kernels.ops.dplr.triton_chunk_tiles import add_w_state, carry_over_chunk, l
 
 
 @triton.jit
-def _scores_fwd(q_ptr, k_ptr, a_ptr, b_ptr, G_ptr, aqk_ptr, aqb_ptr, pn_ptr, rn_ptr,
-                T, H, K, Tp,
-                BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BKC: tl.constexpr, PREC: tl.constexpr):
+def _scores_fwd(
+    q_ptr,
+    k_ptr,
+    a_ptr,
+    b_ptr,
+    G_ptr,
+    aqk_ptr,
+    aqb_ptr,
+    pn_ptr,
+    rn_ptr,
+    T,
+    H,
+    K,
+    Tp,
+    BT: tl.constexpr,
+    BS: tl.constexpr,
+    BK: tl.constexpr,
+    BKC: tl.constexpr,
+    PREC: tl.constexpr,
+):
     """Row sub-block r of Aqk, Aqb (rows of q) and Pn, Rn (rows of a_next[t] = a[t + 1]) against the
     columns of k and b; zero right of the diagonal."""
     i_nr, i_bh = tl.program_id(0), tl.program_id(1)
@@ -97,8 +114,24 @@ def _scores_fwd(q_ptr, k_ptr, a_ptr, b_ptr, G_ptr, aqk_ptr, aqb_ptr, pn_ptr, rn_
 
 
 @triton.jit
-def _solve_fwd(rn_ptr, pn_ptr, v_ptr, ap_ptr, tinv_ptr, wz_ptr, zv_ptr, T, H, K, V, Tp,
-               BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+def _solve_fwd(
+    rn_ptr,
+    pn_ptr,
+    v_ptr,
+    ap_ptr,
+    tinv_ptr,
+    wz_ptr,
+    zv_ptr,
+    T,
+    H,
+    K,
+    V,
+    Tp,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    PREC: tl.constexpr,
+):
     """Per chunk: Ti = (I - R)^-1 (R[t] = Rn[t - 1], strictly lower), Wz = Ti A' (keys in blocks) and
     Zv = Ti P V (values in blocks; P[t] = Pn[t - 1]), so that Z = Zv + Wz S."""
     i_n, i_bh = tl.program_id(0), tl.program_id(1)
@@ -119,8 +152,9 @@ def _solve_fwd(rn_ptr, pn_ptr, v_ptr, ap_ptr, tinv_ptr, wz_ptr, zv_ptr, T, H, K,
 
 
 @triton.jit
-def _decay_inputs(q_ptr, k_ptr, a_ptr, b_ptr, G_ptr, qg_ptr, kd_ptr, bd_ptr, ap_ptr, T, H, K, Tp,
-                  BT: tl.constexpr, BK: tl.constexpr):
+def _decay_inputs(
+    q_ptr, k_ptr, a_ptr, b_ptr, G_ptr, qg_ptr, kd_ptr, bd_ptr, ap_ptr, T, H, K, Tp, BT: tl.constexpr, BK: tl.constexpr
+):
     """One chunk and key block of q e^G, k e^{G_C - G}, b e^{G_C - G} and A' = a e^{G'} (exponents <= 0)
     into row-major [*, K] fp32 buffers."""
     i_n, i_bh, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -136,10 +170,31 @@ def _decay_inputs(q_ptr, k_ptr, a_ptr, b_ptr, G_ptr, qg_ptr, kd_ptr, bd_ptr, ap_
 
 
 @triton.jit
-def _state_fwd(v_ptr, G_ptr, kd_ptr, bd_ptr, wz_ptr, zv_ptr, h0_ptr, states_ptr, z_ptr, ht_ptr,
-               T, H, K, V, Tp, NT,
-               HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr,
-               BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BKR: tl.constexpr, PREC: tl.constexpr):
+def _state_fwd(
+    v_ptr,
+    G_ptr,
+    kd_ptr,
+    bd_ptr,
+    wz_ptr,
+    zv_ptr,
+    h0_ptr,
+    states_ptr,
+    z_ptr,
+    ht_ptr,
+    T,
+    H,
+    K,
+    V,
+    Tp,
+    NT,
+    HAS_H0: tl.constexpr,
+    STORE_FINAL: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    BKR: tl.constexpr,
+    PREC: tl.constexpr,
+):
     """Loop over chunks for one head and value block: stores each entering state and Z = Zv + Wz S
     (``_solve_fwd``); kd, bd = k, b e^{G_C - G} (``_decay_inputs``). BKR < BK: Wz S is summed over
     key blocks of BKR read back from the stored state (smaller dot operands for exact fp32 dots)."""
@@ -152,32 +207,71 @@ def _state_fwd(v_ptr, G_ptr, kd_ptr, bd_ptr, wz_ptr, zv_ptr, h0_ptr, states_ptr,
         t0 = n * BT
         row0 = i_bh * Tp + t0
         store_state(states_ptr, S, i_bh.to(tl.int64) * NT + n, K, V, kv_offs, kv_mask)
-        z = add_w_state(load_tile(zv_ptr, row0, BT, V, v0, BT, BV), wz_ptr, S, states_ptr, row0,
-                        (i_bh * NT + n) * K, K, V, v0, BT, BK, BV, BKR, PREC)
+        z = add_w_state(
+            load_tile(zv_ptr, row0, BT, V, v0, BT, BV),
+            wz_ptr,
+            S,
+            states_ptr,
+            row0,
+            (i_bh * NT + n) * K,
+            K,
+            V,
+            v0,
+            BT,
+            BK,
+            BV,
+            BKR,
+            PREC,
+        )
         store_tile(z_ptr, z, row0, BT, V, v0, BT, BV)
-        S = carry_over_chunk(S, G_ptr, row0, K, kd_ptr, load_rows(v_ptr, bb, h, t0, T, H, V, v0, BT, BV), bd_ptr, z,
-                             BT, BK, PREC)
+        S = carry_over_chunk(
+            S, G_ptr, row0, K, kd_ptr, load_rows(v_ptr, bb, h, t0, T, H, V, v0, BT, BV), bd_ptr, z, BT, BK, PREC
+        )
         n += 1
     if STORE_FINAL:
         store_state(ht_ptr, S, i_bh.to(tl.int64), K, V, kv_offs, kv_mask)
 
 
 @triton.jit
-def _output_fwd(qg_ptr, v_ptr, aqk_ptr, aqb_ptr, states_ptr, z_ptr, o_ptr, scale,
-                T, H, K, V, Tp, NT,
-                BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+def _output_fwd(
+    qg_ptr,
+    v_ptr,
+    aqk_ptr,
+    aqb_ptr,
+    states_ptr,
+    z_ptr,
+    o_ptr,
+    scale,
+    T,
+    H,
+    K,
+    V,
+    Tp,
+    NT,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    PREC: tl.constexpr,
+):
     """O = scale ((q e^G) S + Aqk V + Aqb Z) for one chunk and value block; keys in blocks."""
     i_n, i_bh, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bb, h, t0, row0 = chunk_start(i_n, i_bh, H, Tp, BT)
     v0 = i_v * BV
-    o = tl.dot(load_tile(aqk_ptr, row0, BT, BT, 0, BT, BT), load_rows(v_ptr, bb, h, t0, T, H, V, v0, BT, BV),
-               input_precision=PREC)
-    o += tl.dot(load_tile(aqb_ptr, row0, BT, BT, 0, BT, BT), load_tile(z_ptr, row0, BT, V, v0, BT, BV),
-                input_precision=PREC)
+    o = tl.dot(
+        load_tile(aqk_ptr, row0, BT, BT, 0, BT, BT),
+        load_rows(v_ptr, bb, h, t0, T, H, V, v0, BT, BV),
+        input_precision=PREC,
+    )
+    o += tl.dot(
+        load_tile(aqb_ptr, row0, BT, BT, 0, BT, BT), load_tile(z_ptr, row0, BT, V, v0, BT, BV), input_precision=PREC
+    )
     srow = (i_bh * NT + i_n) * K  # row of the entering state's first key
     k0 = 0
     while k0 < K:
-        o += tl.dot(load_tile(qg_ptr, row0, BT, K, k0, BT, BK), load_tile(states_ptr, srow + k0, K - k0, V, v0, BK, BV),
-                    input_precision=PREC)
+        o += tl.dot(
+            load_tile(qg_ptr, row0, BT, K, k0, BT, BK),
+            load_tile(states_ptr, srow + k0, K - k0, V, v0, BK, BV),
+            input_precision=PREC,
+        )
         k0 += BK
     store_rows(o_ptr, o * scale, bb, h, t0, T, H, V, v0, BT, BV)

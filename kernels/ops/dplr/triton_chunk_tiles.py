@@ -70,9 +70,16 @@ def blocks(K: int, V: int, exact: bool = False) -> Blocks:
         BT = min(BT, _EXACT_CHUNK)
         blk, state, grad = _EXACT_BLOCK, _EXACT_STATE_ELEMS, _EXACT_GRAD_ELEMS
         BKR = BKF if BKF <= _EXACT_LOOP_KEYS else min(BKF, _EXACT_BLOCK)
-    return Blocks(BT=BT, BKF=BKF, BVS=min(block_size(V), max(16, state // BKF)),
-                  BK=min(BKF, blk), BV=min(block_size(V), blk),
-                  BKG=min(BKF, max(16, grad // BT)), NC=BT // SUB, BKR=BKR)
+    return Blocks(
+        BT=BT,
+        BKF=BKF,
+        BVS=min(block_size(V), max(16, state // BKF)),
+        BK=min(BKF, blk),
+        BV=min(block_size(V), blk),
+        BKG=min(BKF, max(16, grad // BT)),
+        NC=BT // SUB,
+        BKR=BKR,
+    )
 
 
 @triton.jit
@@ -114,8 +121,22 @@ def load_next_rows(ptr, bb, h, t, t_end, T, H, K, d0, BR: tl.constexpr, BK: tl.c
 
 
 @triton.jit
-def add_w_state(acc, w_ptr, S, states_ptr, row0, srow, K, V, v0,
-                BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BKR: tl.constexpr, PREC: tl.constexpr):
+def add_w_state(
+    acc,
+    w_ptr,
+    S,
+    states_ptr,
+    row0,
+    srow,
+    K,
+    V,
+    v0,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    BKR: tl.constexpr,
+    PREC: tl.constexpr,
+):
     """``acc + W S`` in the state loops (Z = Zv + Wz S forward, dY = dYo + Wb dS backward): W [BT, K] of the
     chunk at buffer row ``row0``, S the held [BK, BV] block; BKR < BK: in key blocks of BKR read back from
     the state just stored at row ``srow`` of ``states_ptr`` (smaller dot operands for exact fp32 dots)."""
@@ -123,8 +144,11 @@ def add_w_state(acc, w_ptr, S, states_ptr, row0, srow, K, V, v0,
         tl.debug_barrier()
         k0 = 0
         while k0 < K:
-            acc += tl.dot(load_tile(w_ptr, row0, BT, K, k0, BT, BKR),
-                          load_tile(states_ptr, srow + k0, K - k0, V, v0, BKR, BV), input_precision=PREC)
+            acc += tl.dot(
+                load_tile(w_ptr, row0, BT, K, k0, BT, BKR),
+                load_tile(states_ptr, srow + k0, K - k0, V, v0, BKR, BV),
+                input_precision=PREC,
+            )
             k0 += BKR
     else:
         acc += tl.dot(load_tile(w_ptr, row0, BT, K, 0, BT, BK), S, input_precision=PREC)
@@ -132,10 +156,11 @@ def add_w_state(acc, w_ptr, S, states_ptr, row0, srow, K, V, v0,
 
 
 @triton.jit
-def carry_over_chunk(S, G_ptr, row0, K, x_ptr, y, x2_ptr, y2, BT: tl.constexpr, BK: tl.constexpr,
-                     PREC: tl.constexpr):
+def carry_over_chunk(S, G_ptr, row0, K, x_ptr, y, x2_ptr, y2, BT: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
     """The state (forward) or its gradient (backward) carried over the chunk at buffer row ``row0``:
     ``S e^{G_C} + X^T y + X2^T y2`` with X, X2 [BT, K] buffers and G_C the chunk's total log decay."""
-    return S * tl.exp(load_row(G_ptr, row0 + BT - 1, K, 0, BK))[:, None] \
-        + tl.dot(tl.trans(load_tile(x_ptr, row0, BT, K, 0, BT, BK)), y, input_precision=PREC) \
+    return (
+        S * tl.exp(load_row(G_ptr, row0 + BT - 1, K, 0, BK))[:, None]
+        + tl.dot(tl.trans(load_tile(x_ptr, row0, BT, K, 0, BT, BK)), y, input_precision=PREC)
         + tl.dot(tl.trans(load_tile(x2_ptr, row0, BT, K, 0, BT, BK)), y2, input_precision=PREC)
+    )

@@ -16,10 +16,28 @@ from kernels.ops.common.state import load_state, start_state, state_block, store
 
 
 @triton.jit
-def _recurrent_fwd(q_ptr, k_ptr, v_ptr, a_ptr, b_ptr, g_ptr, h0_ptr, o_ptr, ht_ptr, states_ptr, scale,
-                   T, H, K, V,
-                   HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr, SAVE_STATES: tl.constexpr,
-                   BK: tl.constexpr, BV: tl.constexpr):
+def _recurrent_fwd(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    a_ptr,
+    b_ptr,
+    g_ptr,
+    h0_ptr,
+    o_ptr,
+    ht_ptr,
+    states_ptr,
+    scale,
+    T,
+    H,
+    K,
+    V,
+    HAS_H0: tl.constexpr,
+    STORE_FINAL: tl.constexpr,
+    SAVE_STATES: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+):
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     bb, h, rk, rv, mk, mv, kv_offs, kv_mask = state_block(i_v, i_bh, H, K, V, BK, BV)
     S = start_state(h0_ptr, i_bh.to(tl.int64), K, V, kv_offs, kv_mask, HAS_H0, BK, BV)
@@ -44,10 +62,34 @@ def _recurrent_fwd(q_ptr, k_ptr, v_ptr, a_ptr, b_ptr, g_ptr, h0_ptr, o_ptr, ht_p
 
 
 @triton.jit
-def _recurrent_bwd(q_ptr, k_ptr, v_ptr, a_ptr, b_ptr, g_ptr, states_ptr, do_ptr, dht_ptr,
-                   dq_ptr, dk_ptr, dv_ptr, da_ptr, db_ptr, dg_ptr, dh0_ptr, scale,
-                   B, T, H, K, V,
-                   HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+def _recurrent_bwd(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    a_ptr,
+    b_ptr,
+    g_ptr,
+    states_ptr,
+    do_ptr,
+    dht_ptr,
+    dq_ptr,
+    dk_ptr,
+    dv_ptr,
+    da_ptr,
+    db_ptr,
+    dg_ptr,
+    dh0_ptr,
+    scale,
+    B,
+    T,
+    H,
+    K,
+    V,
+    HAS_DHT: tl.constexpr,
+    STORE_DH0: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+):
     """dq, dk, da, db, dg are partial sums over this V block: [NV, B, T, H, K] buffers."""
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     bb, h, rk, rv, mk, mv, kv_offs, kv_mask = state_block(i_v, i_bh, H, K, V, BK, BV)

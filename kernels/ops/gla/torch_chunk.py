@@ -29,8 +29,15 @@ from typing import Optional, Tuple
 import torch
 
 from kernels.ops.utils import chunks
-from kernels.ops.utils.chunks import (causal_mask, empty_result, masked_exp_diff, merge_chunks,
-                                     pad_to_multiple, run_in_segments, split_chunks)
+from kernels.ops.utils.chunks import (
+    causal_mask,
+    empty_result,
+    masked_exp_diff,
+    merge_chunks,
+    pad_to_multiple,
+    run_in_segments,
+    split_chunks,
+)
 
 CHUNK = 64
 SUB = 16
@@ -95,7 +102,7 @@ def intra_scores_per_key(q: torch.Tensor, k: torch.Tensor, b: torch.Tensor, sub:
         if j < nb - 1:
             r = b_blocks[j][..., -1:, :]
             k_j = k_blocks[j] * torch.exp(r - b_blocks[j])
-            q_later = torch.cat(q_blocks[j + 1:], -2) * torch.exp(torch.cat(b_blocks[j + 1:], -2) - r)
+            q_later = torch.cat(q_blocks[j + 1 :], -2) * torch.exp(torch.cat(b_blocks[j + 1 :], -2) - r)
             parts.append(q_later @ k_j.transpose(-1, -2))
         columns.append(torch.cat(parts, -2))
     return torch.cat(columns, -1)
@@ -112,8 +119,9 @@ def _gla_pass(q, k, v, g, scale: float, S: torch.Tensor, chunk: int) -> Tuple[to
     qc, kc, vc, gc = (_heads_first_chunks(x, chunk) for x in (q, k, v, g))
     if g.dim() == 3:  # per head: b [B, H, N, C]
         b = gc.cumsum(-1)
-        A = (qc @ kc.transpose(-1, -2)) * masked_exp_diff(b[..., :, None], b[..., None, :],
-                                                          causal_mask(chunk, q.device))
+        A = (qc @ kc.transpose(-1, -2)) * masked_exp_diff(
+            b[..., :, None], b[..., None, :], causal_mask(chunk, q.device)
+        )
         b_last = b[..., -1]
         q_in = qc * torch.exp(b)[..., None]
         k_out = kc * torch.exp(b_last[..., None] - b)[..., None]
@@ -135,8 +143,18 @@ def _gla_pass(q, k, v, g, scale: float, S: torch.Tensor, chunk: int) -> Tuple[to
     return merge_chunks(o, 2)[:, :, :T], S
 
 
-def _gla_pass_varlen(q, k, v, g, scale: float, S: torch.Tensor, chunk: int, seqc: torch.Tensor,
-                     flows: torch.Tensor, X: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+def _gla_pass_varlen(
+    q,
+    k,
+    v,
+    g,
+    scale: float,
+    S: torch.Tensor,
+    chunk: int,
+    seqc: torch.Tensor,
+    flows: torch.Tensor,
+    X: Optional[torch.Tensor],
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """``_gla_pass`` over packed sequences (B = 1), see :mod:`kernels.ops.utils.packed`: pairs masked to one sequence, the
     entering state only for the rows of the chunk's first sequence, the state passed on only when that
     sequence continues. ``seqc`` long [N, C]: sequence per step; ``flows`` bool [N]; ``X`` [H, N + 1, K, V]
@@ -151,8 +169,9 @@ def _gla_pass_varlen(q, k, v, g, scale: float, S: torch.Tensor, chunk: int, seqc
     carry = flows & (seqc[:, 0] == seqc[:, -1])  # the entering state itself passes on
     if g.dim() == 3:  # per head: b [1, H, N, C]
         b = gc.cumsum(-1)
-        A = (qc @ kc.transpose(-1, -2)) * masked_exp_diff(b[..., :, None], b[..., None, :],
-                                                          causal_mask(chunk, q.device) & same)
+        A = (qc @ kc.transpose(-1, -2)) * masked_exp_diff(
+            b[..., :, None], b[..., None, :], causal_mask(chunk, q.device) & same
+        )
         b_last = b[..., -1]
         q_in = qc * (torch.exp(b) * first)[..., None]
         k_out = kc * (torch.exp(b_last[..., None] - b) * tail)[..., None]
@@ -178,8 +197,18 @@ def _gla_pass_varlen(q, k, v, g, scale: float, S: torch.Tensor, chunk: int, seqc
     return merge_chunks(o, 2)[:, :, :T], entering[0], S
 
 
-def gla_chunked_varlen(q, k, v, g, scale: float, initial_state, output_final_state: bool, cu_seqlens,
-                       chunk: int = CHUNK, segment: Optional[int] = -1):
+def gla_chunked_varlen(
+    q,
+    k,
+    v,
+    g,
+    scale: float,
+    initial_state,
+    output_final_state: bool,
+    cu_seqlens,
+    chunk: int = CHUNK,
+    segment: Optional[int] = -1,
+):
     """``gla_chunked`` over packed sequences: q, k, v, g [1, T, ...]; initial/final states [N, H, K, V]."""
     from kernels.ops.utils import packed as varlen
 
@@ -198,9 +227,19 @@ def gla_chunked_varlen(q, k, v, g, scale: float, initial_state, output_final_sta
     outs, entering = [], []
     for a in range(0, T, step):  # passes of ``segment`` steps (a multiple of chunk), state carried
         n0, n1 = a // chunk, -(-min(a + step, T) // chunk)
-        x = X[:, n0:n1 + 1] if X is not None else None
-        o, ent, S = _gla_pass_varlen(q[:, a:a + step], k[:, a:a + step], v[:, a:a + step], g[:, a:a + step],
-                                  scale, S, chunk, seqc[n0:n1], flows[n0:n1], x)
+        x = X[:, n0 : n1 + 1] if X is not None else None
+        o, ent, S = _gla_pass_varlen(
+            q[:, a : a + step],
+            k[:, a : a + step],
+            v[:, a : a + step],
+            g[:, a : a + step],
+            scale,
+            S,
+            chunk,
+            seqc[n0:n1],
+            flows[n0:n1],
+            x,
+        )
         outs.append(o)
         entering.append(ent)
     o = torch.cat(outs, 2).transpose(1, 2)[0]  # [T, H, V]
@@ -220,8 +259,9 @@ def default_segment(device: torch.device) -> Optional[int]:
     return chunks.default_segment(device, SEGMENT_CPU)
 
 
-def gla_chunked(q, k, v, g, scale, initial_state=None, output_final_state=False, chunk=CHUNK, segment=-1,
-                cu_seqlens=None):
+def gla_chunked(
+    q, k, v, g, scale, initial_state=None, output_final_state=False, chunk=CHUNK, segment=-1, cu_seqlens=None
+):
     """Same contract as ``gla_reference``: q, k [B,T,H,K], v [B,T,H,V], g [B,T,H,K] or [B,T,H].
 
     ``segment``: tokens per chunked pass (a multiple of ``chunk``; None: all at once; -1: the
@@ -229,8 +269,7 @@ def gla_chunked(q, k, v, g, scale, initial_state=None, output_final_state=False,
     [N, H, K, V]), handled natively (``gla_chunked_varlen``).
     """
     if cu_seqlens is not None:
-        return gla_chunked_varlen(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens,
-                                  chunk, segment)
+        return gla_chunked_varlen(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, chunk, segment)
     B, T, H, K = q.shape
     V = v.shape[-1]
     if T == 0:

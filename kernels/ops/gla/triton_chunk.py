@@ -64,9 +64,26 @@ def _chunk_cumsum_kernel(g_ptr, b_ptr, T, H, K, PER_HEAD: tl.constexpr, C: tl.co
 
 @triton.jit
 def _fwd_states_kernel(
-    k_ptr, v_ptr, b_ptr, h0_ptr, hs_ptr, sid_ptr, x_ptr, flag_ptr, T, H, K, V, N,
-    HAS_H0: tl.constexpr, LOWP: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    VARLEN: tl.constexpr, HAS_X: tl.constexpr,
+    k_ptr,
+    v_ptr,
+    b_ptr,
+    h0_ptr,
+    hs_ptr,
+    sid_ptr,
+    x_ptr,
+    flag_ptr,
+    T,
+    H,
+    K,
+    V,
+    N,
+    HAS_H0: tl.constexpr,
+    LOWP: tl.constexpr,
+    C: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    VARLEN: tl.constexpr,
+    HAS_X: tl.constexpr,
 ):
     i_bh, i_k, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
@@ -131,8 +148,20 @@ def _diagonal_decays(b_t, b_s, t_ok, SUB: tl.constexpr):
 
 @triton.jit
 def _scores(
-    q_ptr, k_ptr, b_ptr, sid_ptr, tok0, T, H, K, row0, col0,
-    LOWP: tl.constexpr, SUB: tl.constexpr, BK: tl.constexpr, VARLEN: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    b_ptr,
+    sid_ptr,
+    tok0,
+    T,
+    H,
+    K,
+    row0,
+    col0,
+    LOWP: tl.constexpr,
+    SUB: tl.constexpr,
+    BK: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):
     """A[t, s] = sum_k q_tk k_sk exp(b_tk - b_sk), rows t = row0.., columns s = col0.. (col0 <= row0)."""
     r_idx = tl.arange(0, SUB)
@@ -145,10 +174,18 @@ def _scores(
         for k0 in range(0, K, BK):
             kk = k0 + tl.arange(0, BK)
             k_ok = kk < K
-            q = tl.load(q_ptr + (tok0 + t * H)[:, None] * K + kk[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-            b_t = tl.load(b_ptr + (tok0 + t * H)[:, None] * K + kk[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0)
-            k = tl.load(k_ptr + (tok0 + s * H)[:, None] * K + kk[None, :], mask=s_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-            b_s = tl.load(b_ptr + (tok0 + s * H)[:, None] * K + kk[None, :], mask=s_ok[:, None] & k_ok[None, :], other=0.0)
+            q = tl.load(
+                q_ptr + (tok0 + t * H)[:, None] * K + kk[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0
+            ).to(tl.float32)
+            b_t = tl.load(
+                b_ptr + (tok0 + t * H)[:, None] * K + kk[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0
+            )
+            k = tl.load(
+                k_ptr + (tok0 + s * H)[:, None] * K + kk[None, :], mask=s_ok[:, None] & k_ok[None, :], other=0.0
+            ).to(tl.float32)
+            b_s = tl.load(
+                b_ptr + (tok0 + s * H)[:, None] * K + kk[None, :], mask=s_ok[:, None] & k_ok[None, :], other=0.0
+            )
             r = tl.load(b_ptr + (tok0 + (col0 + SUB - 1) * H) * K + kk, mask=k_ok, other=0.0)
             q_in = q * masked_exp(b_t - r[None, :], t_ok[:, None])
             k_in = k * tl.exp(r[None, :] - b_s)
@@ -177,8 +214,24 @@ def _same_seq(sid_ptr, t, s, T):
 
 @triton.jit
 def _fwd_output_kernel(
-    q_ptr, k_ptr, v_ptr, b_ptr, hs_ptr, o_ptr, sid_ptr, scale, T, H, K, V, N,
-    LOWP: tl.constexpr, C: tl.constexpr, SUB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    b_ptr,
+    hs_ptr,
+    o_ptr,
+    sid_ptr,
+    scale,
+    T,
+    H,
+    K,
+    V,
+    N,
+    LOWP: tl.constexpr,
+    C: tl.constexpr,
+    SUB: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
     VARLEN: tl.constexpr,
 ):
     i_bh, i_sub, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -202,7 +255,9 @@ def _fwd_output_kernel(
     for k0 in range(0, K, BK):  # inter-chunk: (q e^b) S_prev
         kk = k0 + tl.arange(0, BK)
         k_ok = kk < K
-        q = tl.load(q_ptr + (tok0 + t * H)[:, None] * K + kk[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        q = tl.load(
+            q_ptr + (tok0 + t * H)[:, None] * K + kk[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0
+        ).to(tl.float32)
         b = tl.load(b_ptr + (tok0 + t * H)[:, None] * K + kk[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0)
         S = tl.load(hs_base + kk[:, None] * V + vv[None, :], mask=k_ok[:, None] & v_ok[None, :], other=0.0)
         acc += dot(q * masked_exp(b, first[:, None]), S, LOWP)
@@ -210,16 +265,37 @@ def _fwd_output_kernel(
         col0 = i_n * C + j * SUB
         A = _scores(q_ptr, k_ptr, b_ptr, sid_ptr, tok0, T, H, K, row0, col0, LOWP, SUB, BK, VARLEN)
         s = col0 + tl.arange(0, SUB)
-        v = tl.load(v_ptr + (tok0 + s * H)[:, None] * V + vv[None, :], mask=(s < T)[:, None] & v_ok[None, :], other=0.0).to(tl.float32)
+        v = tl.load(
+            v_ptr + (tok0 + s * H)[:, None] * V + vv[None, :], mask=(s < T)[:, None] & v_ok[None, :], other=0.0
+        ).to(tl.float32)
         acc += dot(A, v, LOWP)
-    tl.store(o_ptr + (tok0 + t * H)[:, None] * V + vv[None, :], (acc * scale).to(o_ptr.dtype.element_ty),
-             mask=t_ok[:, None] & v_ok[None, :])
+    tl.store(
+        o_ptr + (tok0 + t * H)[:, None] * V + vv[None, :],
+        (acc * scale).to(o_ptr.dtype.element_ty),
+        mask=t_ok[:, None] & v_ok[None, :],
+    )
 
 
 @triton.jit
 def _bwd_states_kernel(
-    q_ptr, do_ptr, b_ptr, dht_ptr, dhs_ptr, sid_ptr, flag_ptr, scale, T, H, K, V, N,
-    HAS_DHT: tl.constexpr, LOWP: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    q_ptr,
+    do_ptr,
+    b_ptr,
+    dht_ptr,
+    dhs_ptr,
+    sid_ptr,
+    flag_ptr,
+    scale,
+    T,
+    H,
+    K,
+    V,
+    N,
+    HAS_DHT: tl.constexpr,
+    LOWP: tl.constexpr,
+    C: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
     VARLEN: tl.constexpr,
 ):
     """dhs[n] = dL/d(state entering chunk n) (dhs[N]: of the final state). With VARLEN, ``dht`` is
@@ -268,8 +344,28 @@ def _bwd_states_kernel(
 
 @triton.jit
 def _bwd_dqk_kernel(
-    q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, hs_ptr, dhs_ptr, dq_ptr, dk_ptr, x_ptr, sid_ptr, scale, T, H, K, V, N,
-    LOWP: tl.constexpr, C: tl.constexpr, SUB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    b_ptr,
+    do_ptr,
+    hs_ptr,
+    dhs_ptr,
+    dq_ptr,
+    dk_ptr,
+    x_ptr,
+    sid_ptr,
+    scale,
+    T,
+    H,
+    K,
+    V,
+    N,
+    LOWP: tl.constexpr,
+    C: tl.constexpr,
+    SUB: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
     VARLEN: tl.constexpr,
 ):
     """dq, dk of the rows of sub-block i (K block i_k), and x = q dq - k dk for dg."""
@@ -303,8 +399,12 @@ def _bwd_dqk_kernel(
     for v0 in range(0, V, BV):  # state terms and P_ii
         vv = v0 + tl.arange(0, BV)
         v_ok = vv < V
-        do_i = tl.load(do_ptr + (tok0 + t * H)[:, None] * V + vv[None, :], mask=t_ok[:, None] & v_ok[None, :], other=0.0).to(tl.float32)
-        v_i = tl.load(v_ptr + (tok0 + t * H)[:, None] * V + vv[None, :], mask=t_ok[:, None] & v_ok[None, :], other=0.0).to(tl.float32)
+        do_i = tl.load(
+            do_ptr + (tok0 + t * H)[:, None] * V + vv[None, :], mask=t_ok[:, None] & v_ok[None, :], other=0.0
+        ).to(tl.float32)
+        v_i = tl.load(
+            v_ptr + (tok0 + t * H)[:, None] * V + vv[None, :], mask=t_ok[:, None] & v_ok[None, :], other=0.0
+        ).to(tl.float32)
         S = tl.load(hs_base + kk[:, None] * V + vv[None, :], mask=k_ok[:, None] & v_ok[None, :], other=0.0)
         dS = tl.load(dhs_base + kk[:, None] * V + vv[None, :], mask=k_ok[:, None] & v_ok[None, :], other=0.0)
         dq += dot(do_i, tl.trans(S), LOWP)
@@ -327,8 +427,12 @@ def _bwd_dqk_kernel(
         for v0 in range(0, V, BV):
             vv = v0 + tl.arange(0, BV)
             v_ok = vv < V
-            do_i = tl.load(do_ptr + (tok0 + t * H)[:, None] * V + vv[None, :], mask=t_ok[:, None] & v_ok[None, :], other=0.0).to(tl.float32)
-            v_j = tl.load(v_ptr + (tok0 + s * H)[:, None] * V + vv[None, :], mask=v_ok[None, :], other=0.0).to(tl.float32)
+            do_i = tl.load(
+                do_ptr + (tok0 + t * H)[:, None] * V + vv[None, :], mask=t_ok[:, None] & v_ok[None, :], other=0.0
+            ).to(tl.float32)
+            v_j = tl.load(v_ptr + (tok0 + s * H)[:, None] * V + vv[None, :], mask=v_ok[None, :], other=0.0).to(
+                tl.float32
+            )
             P += dot(do_i, tl.trans(v_j), LOWP)
         if VARLEN:
             P = tl.where(_same_seq(sid_ptr, t, s, T), P, 0.0)
@@ -336,7 +440,9 @@ def _bwd_dqk_kernel(
         b_j = tl.load(b_ptr + (tok0 + s * H)[:, None] * K + kk[None, :], mask=k_ok[None, :], other=0.0)
         r = tl.load(b_ptr + (tok0 + (i_n * C + j * SUB + SUB - 1) * H) * K + kk, mask=k_ok, other=0.0)
         dq += scale * masked_exp(b_i - r[None, :], t_ok[:, None]) * dot(P, k_j * tl.exp(r[None, :] - b_j), LOWP)
-    r_i = tl.load(b_ptr + (tok0 + (row0 + SUB - 1) * H) * K + kk, mask=k_ok & ((kk * 0 + row0 + SUB - 1) < T), other=0.0)
+    r_i = tl.load(
+        b_ptr + (tok0 + (row0 + SUB - 1) * H) * K + kk, mask=k_ok & ((kk * 0 + row0 + SUB - 1) < T), other=0.0
+    )
     for m in range(i_i + 1, n_valid):  # later blocks m feed dk_i (block i is then complete)
         tm = i_n * C + m * SUB + r_idx
         tm_ok = tm < T
@@ -344,13 +450,21 @@ def _bwd_dqk_kernel(
         for v0 in range(0, V, BV):
             vv = v0 + tl.arange(0, BV)
             v_ok = vv < V
-            do_m = tl.load(do_ptr + (tok0 + tm * H)[:, None] * V + vv[None, :], mask=tm_ok[:, None] & v_ok[None, :], other=0.0).to(tl.float32)
-            v_i = tl.load(v_ptr + (tok0 + t * H)[:, None] * V + vv[None, :], mask=t_ok[:, None] & v_ok[None, :], other=0.0).to(tl.float32)
+            do_m = tl.load(
+                do_ptr + (tok0 + tm * H)[:, None] * V + vv[None, :], mask=tm_ok[:, None] & v_ok[None, :], other=0.0
+            ).to(tl.float32)
+            v_i = tl.load(
+                v_ptr + (tok0 + t * H)[:, None] * V + vv[None, :], mask=t_ok[:, None] & v_ok[None, :], other=0.0
+            ).to(tl.float32)
             P += dot(do_m, tl.trans(v_i), LOWP)
         if VARLEN:
             P = tl.where(_same_seq(sid_ptr, tm, t, T), P, 0.0)
-        q_m = tl.load(q_ptr + (tok0 + tm * H)[:, None] * K + kk[None, :], mask=tm_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-        b_m = tl.load(b_ptr + (tok0 + tm * H)[:, None] * K + kk[None, :], mask=tm_ok[:, None] & k_ok[None, :], other=0.0)
+        q_m = tl.load(
+            q_ptr + (tok0 + tm * H)[:, None] * K + kk[None, :], mask=tm_ok[:, None] & k_ok[None, :], other=0.0
+        ).to(tl.float32)
+        b_m = tl.load(
+            b_ptr + (tok0 + tm * H)[:, None] * K + kk[None, :], mask=tm_ok[:, None] & k_ok[None, :], other=0.0
+        )
         q_in = q_m * masked_exp(b_m - r_i[None, :], tm_ok[:, None])
         dk += scale * tl.exp(r_i[None, :] - b_i) * dot(tl.trans(P), q_in, LOWP)
     # diagonal block: explicit masked decays E[t, s, k]
@@ -364,8 +478,24 @@ def _bwd_dqk_kernel(
 
 @triton.jit
 def _bwd_dv_kernel(
-    q_ptr, k_ptr, b_ptr, do_ptr, dhs_ptr, dv_ptr, sid_ptr, scale, T, H, K, V, N,
-    LOWP: tl.constexpr, C: tl.constexpr, SUB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    b_ptr,
+    do_ptr,
+    dhs_ptr,
+    dv_ptr,
+    sid_ptr,
+    scale,
+    T,
+    H,
+    K,
+    V,
+    N,
+    LOWP: tl.constexpr,
+    C: tl.constexpr,
+    SUB: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
     VARLEN: tl.constexpr,
 ):
     """dv_j = sum_{i >= j} A_ij^T do_i + (k_j e^(b_last - b_j)) dS_n, rows of sub-block j."""
@@ -393,7 +523,9 @@ def _bwd_dv_kernel(
     for k0 in range(0, K, BK):
         kk = k0 + tl.arange(0, BK)
         k_ok = kk < K
-        k = tl.load(k_ptr + (tok0 + s * H)[:, None] * K + kk[None, :], mask=s_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        k = tl.load(
+            k_ptr + (tok0 + s * H)[:, None] * K + kk[None, :], mask=s_ok[:, None] & k_ok[None, :], other=0.0
+        ).to(tl.float32)
         b = tl.load(b_ptr + (tok0 + s * H)[:, None] * K + kk[None, :], mask=s_ok[:, None] & k_ok[None, :], other=0.0)
         b_last = tl.load(b_ptr + (tok0 + t_last * H) * K + kk, mask=k_ok, other=0.0)
         dS = tl.load(dhs_base + kk[:, None] * V + vv[None, :], mask=k_ok[:, None] & v_ok[None, :], other=0.0)
@@ -402,15 +534,37 @@ def _bwd_dv_kernel(
         row0 = i_n * C + i * SUB
         A = _scores(q_ptr, k_ptr, b_ptr, sid_ptr, tok0, T, H, K, row0, col0, LOWP, SUB, BK, VARLEN)
         t = row0 + tl.arange(0, SUB)
-        do = tl.load(do_ptr + (tok0 + t * H)[:, None] * V + vv[None, :], mask=(t < T)[:, None] & v_ok[None, :], other=0.0).to(tl.float32)
+        do = tl.load(
+            do_ptr + (tok0 + t * H)[:, None] * V + vv[None, :], mask=(t < T)[:, None] & v_ok[None, :], other=0.0
+        ).to(tl.float32)
         acc += scale * dot(tl.trans(A), do, LOWP)
-    tl.store(dv_ptr + (tok0 + s * H)[:, None] * V + vv[None, :], acc.to(dv_ptr.dtype.element_ty), mask=s_ok[:, None] & v_ok[None, :])
+    tl.store(
+        dv_ptr + (tok0 + s * H)[:, None] * V + vv[None, :],
+        acc.to(dv_ptr.dtype.element_ty),
+        mask=s_ok[:, None] & v_ok[None, :],
+    )
 
 
 @triton.jit
 def _bwd_dg_kernel(
-    x_ptr, k_ptr, v_ptr, hs_ptr, dhs_ptr, dg_ptr, sid_ptr, inj_ptr, T, H, K, V, N,
-    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, VARLEN: tl.constexpr, HAS_X: tl.constexpr,
+    x_ptr,
+    k_ptr,
+    v_ptr,
+    hs_ptr,
+    dhs_ptr,
+    dg_ptr,
+    sid_ptr,
+    inj_ptr,
+    T,
+    H,
+    K,
+    V,
+    N,
+    C: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    VARLEN: tl.constexpr,
+    HAS_X: tl.constexpr,
 ):
     """dg_t = sum_{t' >= t in the chunk} x_t' + sum_v (S_n - k_l v_l^T) dS_n, l the chunk's last step.
 
@@ -463,17 +617,36 @@ class _Shapes:
 def _cumsum(g: torch.Tensor, s: _Shapes) -> torch.Tensor:
     b = torch.empty(s.B, s.T, s.H, s.K, device=g.device, dtype=torch.float32)
     _chunk_cumsum_kernel[(s.B * s.H, s.N, triton.cdiv(s.K, s.BK))](
-        g, b, s.T, s.H, s.K, PER_HEAD=g.dim() == 3, C=CHUNK, BK=s.BK, num_warps=NUM_WARPS)
+        g, b, s.T, s.H, s.K, PER_HEAD=g.dim() == 3, C=CHUNK, BK=s.BK, num_warps=NUM_WARPS
+    )
     return b
 
 
 def _states(k, v, b, h0, s: _Shapes, sid=None, X=None, flags=None) -> torch.Tensor:
     hs = torch.empty(s.B, s.H, s.N + 1, s.K, s.V, device=k.device, dtype=torch.float32)
     _fwd_states_kernel[(s.B * s.H, triton.cdiv(s.K, s.BK), triton.cdiv(s.V, s.BV_states))](
-        k, v, b, h0 if h0 is not None else hs, hs, sid if sid is not None else b, X if X is not None else hs,
+        k,
+        v,
+        b,
+        h0 if h0 is not None else hs,
+        hs,
+        sid if sid is not None else b,
+        X if X is not None else hs,
         flags if flags is not None else b,
-        s.T, s.H, s.K, s.V, s.N, HAS_H0=h0 is not None, LOWP=s.lowp, C=CHUNK, BK=s.BK, BV=s.BV_states,
-        VARLEN=sid is not None, HAS_X=X is not None, num_warps=NUM_WARPS)
+        s.T,
+        s.H,
+        s.K,
+        s.V,
+        s.N,
+        HAS_H0=h0 is not None,
+        LOWP=s.lowp,
+        C=CHUNK,
+        BK=s.BK,
+        BV=s.BV_states,
+        VARLEN=sid is not None,
+        HAS_X=X is not None,
+        num_warps=NUM_WARPS,
+    )
     return hs
 
 
@@ -493,8 +666,27 @@ class _GLAChunkTriton(torch.autograd.Function):
         hs = _states(k, v, b, h0c, s, sid, X, flags)
         o = torch.empty_like(v)
         _fwd_output_kernel[(s.B * s.H, s.N * (CHUNK // SUB), triton.cdiv(s.V, s.BV))](
-            q, k, v, b, hs, o, sid if sid is not None else b, scale, s.T, s.H, s.K, s.V, s.N,
-            LOWP=s.lowp, C=CHUNK, SUB=SUB, BK=s.BK, BV=s.BV, VARLEN=sid is not None, num_warps=NUM_WARPS)
+            q,
+            k,
+            v,
+            b,
+            hs,
+            o,
+            sid if sid is not None else b,
+            scale,
+            s.T,
+            s.H,
+            s.K,
+            s.V,
+            s.N,
+            LOWP=s.lowp,
+            C=CHUNK,
+            SUB=SUB,
+            BK=s.BK,
+            BV=s.BV,
+            VARLEN=sid is not None,
+            num_warps=NUM_WARPS,
+        )
         ctx.save_for_backward(q, k, v, g, h0c, sid, X, flags)
         ctx.scale, ctx.h0_dtype = scale, (None if h0 is None else h0.dtype)
         if sid is not None:
@@ -513,24 +705,101 @@ class _GLAChunkTriton(torch.autograd.Function):
         hs = _states(k, v, b, h0c, s, sid, X, flags)  # recomputed rather than stored
         dhs = torch.empty_like(hs)
         _bwd_states_kernel[(s.B * s.H, triton.cdiv(s.K, s.BK), triton.cdiv(s.V, s.BV_states))](
-            q, do, b, dht.float().contiguous() if dht is not None else dhs, dhs, sid_arg,
-            flags if flags is not None else sid_arg, scale,
-            s.T, s.H, s.K, s.V, s.N, HAS_DHT=dht is not None, LOWP=s.lowp, C=CHUNK, BK=s.BK, BV=s.BV_states,
-            VARLEN=varlen, num_warps=NUM_WARPS)
+            q,
+            do,
+            b,
+            dht.float().contiguous() if dht is not None else dhs,
+            dhs,
+            sid_arg,
+            flags if flags is not None else sid_arg,
+            scale,
+            s.T,
+            s.H,
+            s.K,
+            s.V,
+            s.N,
+            HAS_DHT=dht is not None,
+            LOWP=s.lowp,
+            C=CHUNK,
+            BK=s.BK,
+            BV=s.BV_states,
+            VARLEN=varlen,
+            num_warps=NUM_WARPS,
+        )
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         x = torch.empty_like(b)
         n_sub = s.N * (CHUNK // SUB)
         bk = _block(s.K, DQK_BLOCK_K)
         _bwd_dqk_kernel[(s.B * s.H, n_sub, triton.cdiv(s.K, bk))](
-            q, k, v, b, do, hs, dhs, dq, dk, x, sid_arg, scale, s.T, s.H, s.K, s.V, s.N,
-            LOWP=s.lowp, C=CHUNK, SUB=SUB, BK=bk, BV=s.BV, VARLEN=varlen, num_warps=NUM_WARPS)
+            q,
+            k,
+            v,
+            b,
+            do,
+            hs,
+            dhs,
+            dq,
+            dk,
+            x,
+            sid_arg,
+            scale,
+            s.T,
+            s.H,
+            s.K,
+            s.V,
+            s.N,
+            LOWP=s.lowp,
+            C=CHUNK,
+            SUB=SUB,
+            BK=bk,
+            BV=s.BV,
+            VARLEN=varlen,
+            num_warps=NUM_WARPS,
+        )
         _bwd_dv_kernel[(s.B * s.H, n_sub, triton.cdiv(s.V, s.BV))](
-            q, k, b, do, dhs, dv, sid_arg, scale, s.T, s.H, s.K, s.V, s.N,
-            LOWP=s.lowp, C=CHUNK, SUB=SUB, BK=s.BK, BV=s.BV, VARLEN=varlen, num_warps=NUM_WARPS)
+            q,
+            k,
+            b,
+            do,
+            dhs,
+            dv,
+            sid_arg,
+            scale,
+            s.T,
+            s.H,
+            s.K,
+            s.V,
+            s.N,
+            LOWP=s.lowp,
+            C=CHUNK,
+            SUB=SUB,
+            BK=s.BK,
+            BV=s.BV,
+            VARLEN=varlen,
+            num_warps=NUM_WARPS,
+        )
         dg = torch.empty_like(b)
         _bwd_dg_kernel[(s.B * s.H, s.N, triton.cdiv(s.K, s.BK))](
-            x, k, v, hs, dhs, dg, sid_arg, X if X is not None else hs, s.T, s.H, s.K, s.V, s.N,
-            C=CHUNK, BK=s.BK, BV=s.BV, VARLEN=varlen, HAS_X=X is not None, num_warps=NUM_WARPS)
+            x,
+            k,
+            v,
+            hs,
+            dhs,
+            dg,
+            sid_arg,
+            X if X is not None else hs,
+            s.T,
+            s.H,
+            s.K,
+            s.V,
+            s.N,
+            C=CHUNK,
+            BK=s.BK,
+            BV=s.BV,
+            VARLEN=varlen,
+            HAS_X=X is not None,
+            num_warps=NUM_WARPS,
+        )
         dg = (dg.sum(-1) if g.dim() == 3 else dg).to(g.dtype)
         dh0 = None if h0c is None else dhs[:, :, 0].to(ctx.h0_dtype)
         dX = None if X is None else dhs[0]
@@ -555,7 +824,7 @@ def gla_triton_chunked_varlen(q, k, v, g, scale: float, initial_state, output_fi
         o = (o.float() + extra[None]).to(q.dtype)
     if not output_final_state:
         return o, None
-    finals = varlen.final_states(k, v, g, hs[0, :, :L.NC], h0, L)
+    finals = varlen.final_states(k, v, g, hs[0, :, : L.NC], h0, L)
     return o, varlen.assemble_finals(finals, initial_state, L)
 
 

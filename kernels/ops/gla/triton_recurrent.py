@@ -27,8 +27,25 @@ interpreter_compat.install()
 
 @triton.jit
 def _fused_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, g_ptr, h0_ptr, o_ptr, ht_ptr, cu_ptr, scale, T, H, K, V, NSEQ,
-    PER_HEAD: tl.constexpr, HAS_H0: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, VARLEN: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    g_ptr,
+    h0_ptr,
+    o_ptr,
+    ht_ptr,
+    cu_ptr,
+    scale,
+    T,
+    H,
+    K,
+    V,
+    NSEQ,
+    PER_HEAD: tl.constexpr,
+    HAS_H0: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):
     """One program per (batch x head, V block); with VARLEN (B = 1) it runs the NSEQ packed sequences
     ``cu[m] <= t < cu[m + 1]`` one after the other, each from its own initial state."""
@@ -48,15 +65,60 @@ def _fused_fwd_kernel(
             t_start = T * 0
             t_end = T
             state_offs = i_bh.to(tl.int64) * K * V + kk[:, None] * V + vv[None, :]
-        _fused_fwd_sequence(q_ptr, k_ptr, v_ptr, g_ptr, h0_ptr, o_ptr, ht_ptr, scale, tok0, t_start, t_end,
-                            state_offs, H, K, V, kk, vv, k_ok, v_ok, kv_ok, PER_HEAD, HAS_H0, BK, BV)
+        _fused_fwd_sequence(
+            q_ptr,
+            k_ptr,
+            v_ptr,
+            g_ptr,
+            h0_ptr,
+            o_ptr,
+            ht_ptr,
+            scale,
+            tok0,
+            t_start,
+            t_end,
+            state_offs,
+            H,
+            K,
+            V,
+            kk,
+            vv,
+            k_ok,
+            v_ok,
+            kv_ok,
+            PER_HEAD,
+            HAS_H0,
+            BK,
+            BV,
+        )
 
 
 @triton.jit
 def _fused_fwd_sequence(
-    q_ptr, k_ptr, v_ptr, g_ptr, h0_ptr, o_ptr, ht_ptr, scale, tok0, t_start, t_end, state_offs,
-    H, K, V, kk, vv, k_ok, v_ok, kv_ok,
-    PER_HEAD: tl.constexpr, HAS_H0: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    g_ptr,
+    h0_ptr,
+    o_ptr,
+    ht_ptr,
+    scale,
+    tok0,
+    t_start,
+    t_end,
+    state_offs,
+    H,
+    K,
+    V,
+    kk,
+    vv,
+    k_ok,
+    v_ok,
+    kv_ok,
+    PER_HEAD: tl.constexpr,
+    HAS_H0: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
 ):
     if HAS_H0:
         S = tl.load(h0_ptr + state_offs, mask=kv_ok, other=0.0).to(tl.float32)
@@ -79,9 +141,30 @@ def _fused_fwd_sequence(
 
 @triton.jit
 def _fused_bwd_kernel(
-    q_ptr, k_ptr, v_ptr, g_ptr, h0_ptr, do_ptr, dht_ptr, dq_ptr, dk_ptr, dv_ptr, dh0_ptr, cu_ptr,
-    scale, T, H, K, V, B, NSEQ,
-    PER_HEAD: tl.constexpr, HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    g_ptr,
+    h0_ptr,
+    do_ptr,
+    dht_ptr,
+    dq_ptr,
+    dk_ptr,
+    dv_ptr,
+    dh0_ptr,
+    cu_ptr,
+    scale,
+    T,
+    H,
+    K,
+    V,
+    B,
+    NSEQ,
+    PER_HEAD: tl.constexpr,
+    HAS_H0: tl.constexpr,
+    HAS_DHT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
     VARLEN: tl.constexpr,
 ):
     i_bh, i_v = tl.program_id(0), tl.program_id(1)
@@ -101,16 +184,72 @@ def _fused_bwd_kernel(
             t_start = T * 0
             t_end = T
             state_offs = i_bh.to(tl.int64) * K * V + kk[:, None] * V + vv[None, :]
-        _fused_bwd_sequence(q_ptr, k_ptr, v_ptr, g_ptr, h0_ptr, do_ptr, dht_ptr, dq_ptr, dk_ptr, dv_ptr, dh0_ptr,
-                            scale, tok0, part, t_start, t_end, state_offs, H, K, V, kk, vv, k_ok, v_ok, kv_ok,
-                            PER_HEAD, HAS_H0, HAS_DHT, BK, BV)
+        _fused_bwd_sequence(
+            q_ptr,
+            k_ptr,
+            v_ptr,
+            g_ptr,
+            h0_ptr,
+            do_ptr,
+            dht_ptr,
+            dq_ptr,
+            dk_ptr,
+            dv_ptr,
+            dh0_ptr,
+            scale,
+            tok0,
+            part,
+            t_start,
+            t_end,
+            state_offs,
+            H,
+            K,
+            V,
+            kk,
+            vv,
+            k_ok,
+            v_ok,
+            kv_ok,
+            PER_HEAD,
+            HAS_H0,
+            HAS_DHT,
+            BK,
+            BV,
+        )
 
 
 @triton.jit
 def _fused_bwd_sequence(
-    q_ptr, k_ptr, v_ptr, g_ptr, h0_ptr, do_ptr, dht_ptr, dq_ptr, dk_ptr, dv_ptr, dh0_ptr,
-    scale, tok0, part, t_start, t_end, state_offs, H, K, V, kk, vv, k_ok, v_ok, kv_ok,
-    PER_HEAD: tl.constexpr, HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    g_ptr,
+    h0_ptr,
+    do_ptr,
+    dht_ptr,
+    dq_ptr,
+    dk_ptr,
+    dv_ptr,
+    dh0_ptr,
+    scale,
+    tok0,
+    part,
+    t_start,
+    t_end,
+    state_offs,
+    H,
+    K,
+    V,
+    kk,
+    vv,
+    k_ok,
+    v_ok,
+    kv_ok,
+    PER_HEAD: tl.constexpr,
+    HAS_H0: tl.constexpr,
+    HAS_DHT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
 ):
     if HAS_H0:
         S = tl.load(h0_ptr + state_offs, mask=kv_ok, other=0.0).to(tl.float32)
@@ -169,9 +308,27 @@ class _GLAFusedTriton(torch.autograd.Function):
         o = torch.empty_like(v)
         ht = torch.empty(B * nseq, H, K, V, device=q.device, dtype=torch.float32)
         _fused_fwd_kernel[(B * H, triton.cdiv(V, BV))](
-            q, k, v, g, h0c if h0c is not None else ht, o, ht, cu if cu is not None else ht, scale, T, H, K, V,
-            nseq, PER_HEAD=g.dim() == 3, HAS_H0=h0c is not None, BK=BK, BV=BV, VARLEN=cu is not None,
-            num_warps=8)
+            q,
+            k,
+            v,
+            g,
+            h0c if h0c is not None else ht,
+            o,
+            ht,
+            cu if cu is not None else ht,
+            scale,
+            T,
+            H,
+            K,
+            V,
+            nseq,
+            PER_HEAD=g.dim() == 3,
+            HAS_H0=h0c is not None,
+            BK=BK,
+            BV=BV,
+            VARLEN=cu is not None,
+            num_warps=8,
+        )
         ctx.save_for_backward(q, k, v, g, h0c, ht, cu)
         ctx.scale, ctx.h0_dtype = scale, (None if h0 is None else h0.dtype)
         return o, ht
@@ -191,17 +348,46 @@ class _GLAFusedTriton(torch.autograd.Function):
         dh0 = torch.empty_like(ht) if h0c is not None else None
         dummy = ht
         _fused_bwd_kernel[(B * H, NV)](
-            q, k, v, g, h0c if h0c is not None else dummy, do,
-            dht.contiguous() if dht is not None else dummy, dq, dk, dv, dh0 if dh0 is not None else dummy,
-            cu if cu is not None else dummy, ctx.scale, T, H, K, V, B, nseq,
-            PER_HEAD=g.dim() == 3, HAS_H0=h0c is not None, HAS_DHT=dht is not None, BK=BK, BV=BV,
-            VARLEN=cu is not None, num_warps=8)
+            q,
+            k,
+            v,
+            g,
+            h0c if h0c is not None else dummy,
+            do,
+            dht.contiguous() if dht is not None else dummy,
+            dq,
+            dk,
+            dv,
+            dh0 if dh0 is not None else dummy,
+            cu if cu is not None else dummy,
+            ctx.scale,
+            T,
+            H,
+            K,
+            V,
+            B,
+            nseq,
+            PER_HEAD=g.dim() == 3,
+            HAS_H0=h0c is not None,
+            HAS_DHT=dht is not None,
+            BK=BK,
+            BV=BV,
+            VARLEN=cu is not None,
+            num_warps=8,
+        )
         dq, dk = dq.sum(0), dk.sum(0)
         dg = _dg(q, k, v, dq, dk, ht, dht, cu)
         if g.dim() == 3:
             dg = dg.sum(-1)
-        return (dq.to(q.dtype), dk.to(k.dtype), dv, dg.to(g.dtype), None,
-                None if dh0 is None else dh0.to(ctx.h0_dtype), None)
+        return (
+            dq.to(q.dtype),
+            dk.to(k.dtype),
+            dv,
+            dg.to(g.dtype),
+            None,
+            None if dh0 is None else dh0.to(ctx.h0_dtype),
+            None,
+        )
 
 
 def _dg(q, k, v, dq, dk, ht, dht, cu):

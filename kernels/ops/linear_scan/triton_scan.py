@@ -21,7 +21,7 @@ from kernels import _triton_compat as interpreter_compat
 
 interpreter_compat.install()
 
-from kernels._dispatch import triton_interpret
+from kernels._dispatch import triton_interpret  # noqa: E402  (after the interpreter shims)
 
 #: tile sizes; the CPU interpreter runs tl.associative_scan element by element in Python, so
 #: there the tiles are kept small (the kernel code is the same)
@@ -36,8 +36,16 @@ def _affine_combine(a1, b1, a2, b2):
 
 @triton.jit
 def _linear_scan_fwd_kernel(
-    a_ptr, b_ptr, h0_ptr, out_ptr, final_ptr, T, D,
-    HAS_H0: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    a_ptr,
+    b_ptr,
+    h0_ptr,
+    out_ptr,
+    final_ptr,
+    T,
+    D,
+    HAS_H0: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     i_b = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -64,8 +72,20 @@ def _linear_scan_fwd_kernel(
 
 @triton.jit
 def _linear_scan_bwd_kernel(
-    a_ptr, h_ptr, h0_ptr, dout_ptr, dfinal_ptr, da_ptr, db_ptr, dh0_ptr, T, D,
-    HAS_H0: tl.constexpr, HAS_DFINAL: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    a_ptr,
+    h_ptr,
+    h0_ptr,
+    dout_ptr,
+    dfinal_ptr,
+    da_ptr,
+    db_ptr,
+    dh0_ptr,
+    T,
+    D,
+    HAS_H0: tl.constexpr,
+    HAS_DFINAL: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     i_b = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -114,8 +134,16 @@ class _LinearScanTriton(torch.autograd.Function):
         out = torch.empty_like(a)
         final = torch.empty(B, D, device=a.device, dtype=torch.float32)
         _linear_scan_fwd_kernel[_grid(B, D)](
-            a, b, h0c if h0c is not None else final, out, final, T, D,
-            HAS_H0=h0c is not None, BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D,
+            a,
+            b,
+            h0c if h0c is not None else final,
+            out,
+            final,
+            T,
+            D,
+            HAS_H0=h0c is not None,
+            BLOCK_T=BLOCK_T,
+            BLOCK_D=BLOCK_D,
         )
         ctx.save_for_backward(a, out, h0c)
         ctx.h0_dtype = None if h0 is None else h0.dtype
@@ -130,9 +158,20 @@ class _LinearScanTriton(torch.autograd.Function):
         dh0 = torch.empty(B, D, device=a.device, dtype=torch.float32) if h0c is not None else None
         dummy = da
         _linear_scan_bwd_kernel[_grid(B, D)](
-            a, out, h0c if h0c is not None else dummy, dout,
-            dfinal.contiguous() if dfinal is not None else dummy, da, db, dh0 if dh0 is not None else dummy,
-            T, D, HAS_H0=h0c is not None, HAS_DFINAL=dfinal is not None, BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D,
+            a,
+            out,
+            h0c if h0c is not None else dummy,
+            dout,
+            dfinal.contiguous() if dfinal is not None else dummy,
+            da,
+            db,
+            dh0 if dh0 is not None else dummy,
+            T,
+            D,
+            HAS_H0=h0c is not None,
+            HAS_DFINAL=dfinal is not None,
+            BLOCK_T=BLOCK_T,
+            BLOCK_D=BLOCK_D,
         )
         return da, db, (None if dh0 is None else dh0.to(ctx.h0_dtype))
 

@@ -1,10 +1,10 @@
 """Reference for ``recurrent_delta`` (the recurrent fast weight programmer "Recurrent Delta Net")::
 
-    r       = tanh(y_{t-1})
-    q_t     = softmax(q_t + R_q r)          k_t = softmax(k_t + R_k r)
-    v_t     = v_t + R_v r                   beta_t = sigmoid(beta_t + r_b . r)
-    S_t     = S_{t-1} + beta_t k_t (v_t - S_{t-1}^T k_t)^T
-    y_t     = S_t^T q_t
+r       = tanh(y_{t-1})
+q_t     = softmax(q_t + R_q r)          k_t = softmax(k_t + R_k r)
+v_t     = v_t + R_v r                   beta_t = sigmoid(beta_t + r_b . r)
+S_t     = S_{t-1} + beta_t k_t (v_t - S_{t-1}^T k_t)^T
+y_t     = S_t^T q_t
 """
 
 from typing import Optional, Tuple

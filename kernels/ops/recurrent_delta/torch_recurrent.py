@@ -67,13 +67,19 @@ def _forward(X: torch.Tensor, RT: torch.Tensor, S: torch.Tensor, y: torch.Tensor
     Returns Y [steps, 1, V] (all outputs), U [steps, 1, V] (all ``u_t``) and the checkpoints
     [ceil(len(counts) / CHECKPOINT), N, K, V] (``S`` before steps 0, CHECKPOINT, ...; active rows).
     """
-    F = X.shape[-1]
     N, _, V = S.shape
     Y = X.new_empty(X.shape[0], 1, V)
     U = X.new_empty(X.shape[0], 1, V)
     ckpt = X.new_empty((len(counts) + CHECKPOINT - 1) // CHECKPOINT, N, K, V)
     bmm, baddbmm, tanh, softmax, sigmoid, mul, sub = (
-        torch.bmm, torch.baddbmm, torch.tanh, torch.softmax, torch.sigmoid, torch.mul, torch.sub)
+        torch.bmm,
+        torch.baddbmm,
+        torch.tanh,
+        torch.softmax,
+        torch.sigmoid,
+        torch.mul,
+        torch.sub,
+    )
     K2, KV = 2 * K, 2 * K + V
     for t, (n, x_t, u, y_out) in enumerate(zip(counts, X.split(counts), U.split(counts), Y.split(counts))):
         S_n = S if n == N else S[:n]
@@ -99,7 +105,7 @@ def _backward(X, R, Y, U, ckpt, y0, S_T, dY, dS, dy, K: int, rows: StepRows):
     r = torch.tanh(torch.cat([y0, Y], 0).index_select(0, rows.expand(rows.prev)))
     Z = X + torch.einsum("jhv,hfv->jhf", r.view(-1, H, V), R).reshape(-1, 1, F)
     P = torch.softmax(Z[..., : 2 * K].reshape(-1, 2, K), -1)
-    b = torch.sigmoid(Z[..., F - 1:])
+    b = torch.sigmoid(Z[..., F - 1 :])
     one_minus_b = (1.0 - b).split(counts)
     one_minus_r2 = (1.0 - r * r).split(counts)
     b = b.split(counts)
@@ -134,8 +140,7 @@ def _backward(X, R, Y, U, ckpt, y0, S_T, dY, dS, dy, K: int, rows: StepRows):
         dk = bmm(u, dSt).baddbmm_(dv, St, alpha=-1.0)  # dS u - S_{t-1} dv
         dS_n.baddbmm_(k_col[t], dv, alpha=-1.0)
         pg = p * cat([dq, dk], 1)
-        dz = cat([(pg - p * pg.sum(-1, keepdim=True)).view(n, 1, 2 * K), dv,
-                  bmm(du, u_col[t]) * one_minus_b[t]], -1)
+        dz = cat([(pg - p * pg.sum(-1, keepdim=True)).view(n, 1, 2 * K), dv, bmm(du, u_col[t]) * one_minus_b[t]], -1)
         dz_steps.append(dz)
         torch.mul(bmm(dz, R_n), one_minus_r2[t], out=dy_rows)
     return torch.cat(dz_steps[::-1], 0), dS, dy, r
@@ -148,14 +153,20 @@ class RecurrentDeltaLoop(torch.autograd.Function):
     def forward(ctx, q, k, v, beta, r_q, r_k, r_v, r_b, S0, y0, rows: StepRows):
         K = q.shape[-1]
         V = v.shape[-1]
-        N, H = rows.n * rows.H, rows.H
+        N = rows.n * rows.H
         with torch.no_grad():
             X = _stack_inputs(q, k, v, beta, rows)
             RT = _per_row(_stack_recurrent(r_q, r_k, r_v, r_b).transpose(1, 2), rows.n)
-            S = (q.new_zeros(N, K, V, dtype=torch.float32) if S0 is None
-                 else rows.sort_state(S0.float()).clone(memory_format=torch.contiguous_format))
-            y_init = (q.new_zeros(N, 1, V, dtype=torch.float32) if y0 is None
-                      else rows.sort_state(y0.float()).reshape(N, 1, V).clone())
+            S = (
+                q.new_zeros(N, K, V, dtype=torch.float32)
+                if S0 is None
+                else rows.sort_state(S0.float()).clone(memory_format=torch.contiguous_format)
+            )
+            y_init = (
+                q.new_zeros(N, 1, V, dtype=torch.float32)
+                if y0 is None
+                else rows.sort_state(y0.float()).reshape(N, 1, V).clone()
+            )
             Y, U, ckpt = _forward(X, RT, S, y_init, K, rows.counts)
             o = rows.to_packed(Y, (*q.shape[:-1], V)).to(q.dtype)
             y_T = torch.cat([y_init, Y], 0).index_select(0, rows.expand(rows.last))
@@ -174,7 +185,7 @@ class RecurrentDeltaLoop(torch.autograd.Function):
         K = q.shape[-1]
         V = v.shape[-1]
         N, H = rows.n * rows.H, rows.H
-        dS = (S_T.new_zeros(N, K, V) if dS_T is None else rows.sort_state(dS_T.float()).clone())
+        dS = S_T.new_zeros(N, K, V) if dS_T is None else rows.sort_state(dS_T.float()).clone()
         dy = None if dy_T is None else rows.sort_state(dy_T.float()).reshape(N, 1, V).clone()
         if rows.steps == 0:
             dy = S_T.new_zeros(N, 1, V) if dy is None else dy
@@ -187,18 +198,27 @@ class RecurrentDeltaLoop(torch.autograd.Function):
             dX = rows.to_packed(dZ, (*q.shape[:-1], -1))
             dR = torch.einsum("jhf,jhv->hfv", dZ.view(-1, H, dZ.shape[-1]), r.view(-1, H, V))
             grads_in = [
-                dX[..., :K].to(q.dtype), dX[..., K: 2 * K].to(k.dtype),
-                dX[..., 2 * K: 2 * K + V].to(v.dtype), dX[..., -1].to(beta.dtype),
-                dR[:, :K].to(r_q.dtype), dR[:, K: 2 * K].to(r_k.dtype),
-                dR[:, 2 * K: 2 * K + V].to(r_v.dtype), dR[:, -1].to(r_b.dtype),
+                dX[..., :K].to(q.dtype),
+                dX[..., K : 2 * K].to(k.dtype),
+                dX[..., 2 * K : 2 * K + V].to(v.dtype),
+                dX[..., -1].to(beta.dtype),
+                dR[:, :K].to(r_q.dtype),
+                dR[:, K : 2 * K].to(r_k.dtype),
+                dR[:, 2 * K : 2 * K + V].to(r_v.dtype),
+                dR[:, -1].to(r_b.dtype),
             ]
         has_S0, has_y0 = ctx.has_state
-        return (*grads_in, rows.unsort_state(dS) if has_S0 else None,
-                rows.unsort_state(dy.view(N, V)) if has_y0 else None, None)
+        return (
+            *grads_in,
+            rows.unsort_state(dS) if has_S0 else None,
+            rows.unsort_state(dy.view(N, V)) if has_y0 else None,
+            None,
+        )
 
 
-def recurrent_delta_torch(q, k, v, beta, r_q, r_k, r_v, r_b, initial_state=None, output_final_state=False,
-                          cu_seqlens=None):
+def recurrent_delta_torch(
+    q, k, v, beta, r_q, r_k, r_v, r_b, initial_state=None, output_final_state=False, cu_seqlens=None
+):
     """Same contract as :func:`recurrent_delta_reference`; state (S [B,H,K,V], y [B,H,V]) in fp32.
 
     With ``cu_seqlens`` [N+1] (B = 1) the N sequences run as N rows of one batched loop (sorted by

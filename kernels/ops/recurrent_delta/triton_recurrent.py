@@ -32,17 +32,45 @@ from torch.autograd.function import once_differentiable
 import triton
 import triton.language as tl
 
-from kernels.ops.common.loop import (checkpoint_layout, masked_softmax, num_warps_for, sequence_span, sigmoid_fp32,
-                                    tanh_fp32)
+from kernels.ops.common.loop import (
+    checkpoint_layout,
+    masked_softmax,
+    num_warps_for,
+    sequence_span,
+    sigmoid_fp32,
+    tanh_fp32,
+)
 from kernels.ops.recurrent_delta.torch_recurrent import CHECKPOINT
 
 
 @triton.jit
 def _rdn_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, beta_ptr, rq_ptr, rk_ptr, rv_ptr, rb_ptr, s0_ptr, y0_ptr,
-    y_ptr, u_ptr, ck_ptr, sT_ptr, yT_ptr, cu_ptr, ckoff_ptr,
-    T, H, K, V, NC,
-    CHECKPOINT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    beta_ptr,
+    rq_ptr,
+    rk_ptr,
+    rv_ptr,
+    rb_ptr,
+    s0_ptr,
+    y0_ptr,
+    y_ptr,
+    u_ptr,
+    ck_ptr,
+    sT_ptr,
+    yT_ptr,
+    cu_ptr,
+    ckoff_ptr,
+    T,
+    H,
+    K,
+    V,
+    NC,
+    CHECKPOINT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
 ):
     pid = tl.program_id(0)
     i_h = pid % H
@@ -74,11 +102,14 @@ def _rdn_fwd_kernel(
         tl.store(ck_ptr + (t // CHECKPOINT) * K * V + kv, S, mask=ok_kv & (kv * 0 + t % CHECKPOINT == 0))
         r = tanh_fp32(y)
         zq = tl.load(q_ptr + ik, mask=ok_k, other=0.0).to(tl.float32) + tl.sum(
-            tl.load(rq_ptr + kv, mask=ok_kv, other=0.0) * r[None, :], 1)
+            tl.load(rq_ptr + kv, mask=ok_kv, other=0.0) * r[None, :], 1
+        )
         zk = tl.load(k_ptr + ik, mask=ok_k, other=0.0).to(tl.float32) + tl.sum(
-            tl.load(rk_ptr + kv, mask=ok_kv, other=0.0) * r[None, :], 1)
+            tl.load(rk_ptr + kv, mask=ok_kv, other=0.0) * r[None, :], 1
+        )
         zv = tl.load(v_ptr + iv, mask=ok_v, other=0.0).to(tl.float32) + tl.sum(
-            tl.load(rv_ptr + vv, mask=ok_vv, other=0.0) * r[None, :], 1)
+            tl.load(rv_ptr + vv, mask=ok_vv, other=0.0) * r[None, :], 1
+        )
         zb = tl.load(beta_ptr).to(tl.float32) + tl.sum(tl.load(rb_ptr + iv, mask=ok_v, other=0.0) * r, 0)
         qs = masked_softmax(zq, ok_k)
         ks = masked_softmax(zk, ok_k)
@@ -100,11 +131,40 @@ def _rdn_fwd_kernel(
 
 @triton.jit
 def _rdn_bwd_kernel(
-    q_ptr, k_ptr, v_ptr, beta_ptr, rq_ptr, rk_ptr, rv_ptr, rb_ptr, y0_ptr,
-    y_ptr, u_ptr, ck_ptr, sT_ptr, do_ptr, dsT_ptr, dyT_ptr,
-    dq_ptr, dk_ptr, dv_ptr, dbeta_ptr, ds0_ptr, dy0_ptr, r_ptr, cu_ptr, ckoff_ptr,
-    T, H, K, V, NC,
-    CHECKPOINT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    beta_ptr,
+    rq_ptr,
+    rk_ptr,
+    rv_ptr,
+    rb_ptr,
+    y0_ptr,
+    y_ptr,
+    u_ptr,
+    ck_ptr,
+    sT_ptr,
+    do_ptr,
+    dsT_ptr,
+    dyT_ptr,
+    dq_ptr,
+    dk_ptr,
+    dv_ptr,
+    dbeta_ptr,
+    ds0_ptr,
+    dy0_ptr,
+    r_ptr,
+    cu_ptr,
+    ckoff_ptr,
+    T,
+    H,
+    K,
+    V,
+    NC,
+    CHECKPOINT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
 ):
     pid = tl.program_id(0)
     i_h = pid % H
@@ -149,16 +209,20 @@ def _rdn_bwd_kernel(
         t = last - i
         # recompute the step's activations from y_{t-1}
         # (a scalar condition is widened to a vector mask: the 3.9 interpreter rejects bool & scalar)
-        y_prev = (tl.load(y_ptr - H * V + iv, mask=ok_v & (iv * 0 + t > 0), other=0.0)
-                  + tl.where(t == 0, y0, 0.0))
+        y_prev = tl.load(y_ptr - H * V + iv, mask=ok_v & (iv * 0 + t > 0), other=0.0) + tl.where(t == 0, y0, 0.0)
         r = tanh_fp32(y_prev)
         tl.store(r_ptr + iv, r, mask=ok_v)
-        qs = masked_softmax(tl.load(q_ptr + ik, mask=ok_k, other=0.0).to(tl.float32) + tl.sum(
-            tl.load(rq_ptr + kv, mask=ok_kv, other=0.0) * r[None, :], 1), ok_k)
-        ks = masked_softmax(tl.load(k_ptr + ik, mask=ok_k, other=0.0).to(tl.float32) + tl.sum(
-            tl.load(rk_ptr + kv, mask=ok_kv, other=0.0) * r[None, :], 1), ok_k)
-        b = sigmoid_fp32(tl.load(beta_ptr).to(tl.float32)
-                         + tl.sum(tl.load(rb_ptr + iv, mask=ok_v, other=0.0) * r, 0))
+        qs = masked_softmax(
+            tl.load(q_ptr + ik, mask=ok_k, other=0.0).to(tl.float32)
+            + tl.sum(tl.load(rq_ptr + kv, mask=ok_kv, other=0.0) * r[None, :], 1),
+            ok_k,
+        )
+        ks = masked_softmax(
+            tl.load(k_ptr + ik, mask=ok_k, other=0.0).to(tl.float32)
+            + tl.sum(tl.load(rk_ptr + kv, mask=ok_kv, other=0.0) * r[None, :], 1),
+            ok_k,
+        )
+        b = sigmoid_fp32(tl.load(beta_ptr).to(tl.float32) + tl.sum(tl.load(rb_ptr + iv, mask=ok_v, other=0.0) * r, 0))
         u = tl.load(u_ptr + iv, mask=ok_v, other=0.0)
         # adjoint of y_t = S_t^T q
         dy = tl.load(do_ptr + iv, mask=ok_v, other=0.0).to(tl.float32) + dy_next
@@ -166,8 +230,7 @@ def _rdn_bwd_kernel(
         dq = tl.sum(S * dy[None, :], 1)
         # S_{t-1}: invert the update, or reload the checkpoint
         is_ck = t % CHECKPOINT == 0
-        S_ck = tl.load(ck_ptr + (t // CHECKPOINT) * K * V + kv, mask=ok_kv & (kv * 0 + t % CHECKPOINT == 0),
-                       other=0.0)
+        S_ck = tl.load(ck_ptr + (t // CHECKPOINT) * K * V + kv, mask=ok_kv & (kv * 0 + t % CHECKPOINT == 0), other=0.0)
         S = tl.where(is_ck, S_ck, S - ks[:, None] * u[None, :])
         # adjoint of S_t = S_{t-1} + k u^T, u = b (v - S_{t-1}^T k)
         du = tl.sum(dS * ks[:, None], 0)
@@ -182,10 +245,12 @@ def _rdn_bwd_kernel(
         tl.store(dv_ptr + iv, dv, mask=ok_v)
         tl.store(dbeta_ptr, dzb)
         # through r = tanh(y_{t-1}) (R re-read here rather than kept live through the step)
-        dr = (tl.sum(tl.load(rq_ptr + kv, mask=ok_kv, other=0.0) * dzq[:, None], 0)
-              + tl.sum(tl.load(rk_ptr + kv, mask=ok_kv, other=0.0) * dzk[:, None], 0)
-              + tl.sum(tl.load(rv_ptr + vv, mask=ok_vv, other=0.0) * dv[:, None], 0)
-              + tl.load(rb_ptr + iv, mask=ok_v, other=0.0) * dzb)
+        dr = (
+            tl.sum(tl.load(rq_ptr + kv, mask=ok_kv, other=0.0) * dzq[:, None], 0)
+            + tl.sum(tl.load(rk_ptr + kv, mask=ok_kv, other=0.0) * dzk[:, None], 0)
+            + tl.sum(tl.load(rv_ptr + vv, mask=ok_vv, other=0.0) * dv[:, None], 0)
+            + tl.load(rb_ptr + iv, mask=ok_v, other=0.0) * dzb
+        )
         dy_next = dr * (1.0 - r * r)
         q_ptr -= H * K
         k_ptr -= H * K
@@ -223,8 +288,8 @@ class RecurrentDeltaTriton(torch.autograd.Function):
         dev = q.device
         q_c, k_c, v_c, beta_c = (x.contiguous() for x in (q, k, v, beta))
         R = [x.float().contiguous() for x in (r_q, r_k, r_v, r_b)]
-        S0_ = (torch.zeros(N, H, K, V, device=dev) if S0 is None else S0.float().contiguous())
-        y0_ = (torch.zeros(N, H, V, device=dev) if y0 is None else y0.float().contiguous())
+        S0_ = torch.zeros(N, H, K, V, device=dev) if S0 is None else S0.float().contiguous()
+        y0_ = torch.zeros(N, H, V, device=dev) if y0 is None else y0.float().contiguous()
         Y = torch.empty(B, T, H, V, device=dev)
         U = torch.empty(B, T, H, V, device=dev)
         cu, ckoff, ck_rows, NC = checkpoint_layout(cu_seqlens, B, T, H, CHECKPOINT, y0_)
@@ -233,8 +298,30 @@ class RecurrentDeltaTriton(torch.autograd.Function):
         y_T = torch.empty(N, H, V, device=dev)
         BK, BV, warps = _blocks(K, V)
         _rdn_fwd_kernel[(N * H,)](
-            q_c, k_c, v_c, beta_c, *R, S0_, y0_, Y, U, ck, S_T, y_T, cu, ckoff, T, H, K, V, NC,
-            CHECKPOINT=CHECKPOINT, BK=BK, BV=BV, IS_VARLEN=cu_seqlens is not None, num_warps=warps,
+            q_c,
+            k_c,
+            v_c,
+            beta_c,
+            *R,
+            S0_,
+            y0_,
+            Y,
+            U,
+            ck,
+            S_T,
+            y_T,
+            cu,
+            ckoff,
+            T,
+            H,
+            K,
+            V,
+            NC,
+            CHECKPOINT=CHECKPOINT,
+            BK=BK,
+            BV=BV,
+            IS_VARLEN=cu_seqlens is not None,
+            num_warps=warps,
         )
         ctx.save_for_backward(q_c, k_c, v_c, beta_c, r_q, r_k, r_v, r_b, y0_, Y, U, ck, S_T, cu, ckoff)
         ctx.has_state = (S0 is not None, y0 is not None)
@@ -263,23 +350,60 @@ class RecurrentDeltaTriton(torch.autograd.Function):
         dy0 = torch.empty_like(y0)
         BK, BV, warps = _blocks(K, V)
         _rdn_bwd_kernel[(N * H,)](
-            q, k, v, beta, *[x.float().contiguous() for x in (r_q, r_k, r_v, r_b)], y0, Y, U, ck, S_T,
-            do, dS_T, dy_T, dq, dk, dv, dbeta, dS0, dy0, r, cu, ckoff, T, H, K, V, NC,
-            CHECKPOINT=CHECKPOINT, BK=BK, BV=BV, IS_VARLEN=is_varlen, num_warps=warps,
+            q,
+            k,
+            v,
+            beta,
+            *[x.float().contiguous() for x in (r_q, r_k, r_v, r_b)],
+            y0,
+            Y,
+            U,
+            ck,
+            S_T,
+            do,
+            dS_T,
+            dy_T,
+            dq,
+            dk,
+            dv,
+            dbeta,
+            dS0,
+            dy0,
+            r,
+            cu,
+            ckoff,
+            T,
+            H,
+            K,
+            V,
+            NC,
+            CHECKPOINT=CHECKPOINT,
+            BK=BK,
+            BV=BV,
+            IS_VARLEN=is_varlen,
+            num_warps=warps,
         )
         dz = torch.cat([dq, dk, dv, dbeta.unsqueeze(-1)], -1)
         dR = torch.einsum("bthf,bthv->hfv", dz, r)
         has_S0, has_y0 = ctx.has_state
         return (
-            dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbeta.to(beta.dtype),
-            dR[:, :K].to(r_q.dtype), dR[:, K: 2 * K].to(r_k.dtype),
-            dR[:, 2 * K: 2 * K + V].to(r_v.dtype), dR[:, -1].to(r_b.dtype),
-            dS0 if has_S0 else None, dy0 if has_y0 else None, None,
+            dq.to(q.dtype),
+            dk.to(k.dtype),
+            dv.to(v.dtype),
+            dbeta.to(beta.dtype),
+            dR[:, :K].to(r_q.dtype),
+            dR[:, K : 2 * K].to(r_k.dtype),
+            dR[:, 2 * K : 2 * K + V].to(r_v.dtype),
+            dR[:, -1].to(r_b.dtype),
+            dS0 if has_S0 else None,
+            dy0 if has_y0 else None,
+            None,
         )
 
 
-def recurrent_delta_triton(q, k, v, beta, r_q, r_k, r_v, r_b, initial_state=None, output_final_state=False,
-                           cu_seqlens=None):
+def recurrent_delta_triton(
+    q, k, v, beta, r_q, r_k, r_v, r_b, initial_state=None, output_final_state=False, cu_seqlens=None
+):
     """Same contract as :func:`recurrent_delta_reference`; state (S [B,H,K,V], y [B,H,V]) in fp32.
 
     With ``cu_seqlens`` [N+1] (packed input, B = 1): one launch, a program per (sequence, head) that

@@ -1,9 +1,9 @@
 """Reference for ``softmax_scan`` (Aaren): attention of a fixed query as a recurrence::
 
-    m_t = max(m_{t-1}, s_t)
-    u_t = u_{t-1} exp(m_{t-1} - m_t) + exp(s_t - m_t)
-    w_t = w_{t-1} exp(m_{t-1} - m_t) + exp(s_t - m_t) v_t
-    o_t = w_t / u_t  =  sum_{i<=t} exp(s_i) v_i / sum_{i<=t} exp(s_i)
+m_t = max(m_{t-1}, s_t)
+u_t = u_{t-1} exp(m_{t-1} - m_t) + exp(s_t - m_t)
+w_t = w_{t-1} exp(m_{t-1} - m_t) + exp(s_t - m_t) v_t
+o_t = w_t / u_t  =  sum_{i<=t} exp(s_i) v_i / sum_{i<=t} exp(s_i)
 """
 
 from typing import Optional, Tuple

@@ -28,8 +28,11 @@ State = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 def _segmented_exclusive_scan(flags: torch.Tensor, totals: State) -> State:
     """States entering every chunk (m, u: [H, Nc]; w: [H, Nc, V]) from the empty state, with resets."""
     H, Nc = flags.shape
-    empty = (totals[0].new_full((H, 1), NEG_INF), totals[1].new_zeros(H, 1), totals[2].new_zeros(H, 1,
-                                                                                                    totals[2].shape[-1]))
+    empty = (
+        totals[0].new_full((H, 1), NEG_INF),
+        totals[1].new_zeros(H, 1),
+        totals[2].new_zeros(H, 1, totals[2].shape[-1]),
+    )
     seq = [torch.cat([e, x[:, :-1]], 1) for e, x in zip(empty, totals)]
     f = torch.cat([flags.new_zeros(H, 1), flags[:, :-1]], 1)
     d = 1

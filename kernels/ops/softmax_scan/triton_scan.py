@@ -48,8 +48,23 @@ def _rescale(m_from, m_to):
 
 @triton.jit
 def _softmax_scan_fwd_kernel(
-    s_ptr, v_ptr, m0_ptr, u0_ptr, w0_ptr, o_ptr, ell_ptr, mT_ptr, uT_ptr, wT_ptr, T, H, V,
-    HAS_STATE: tl.constexpr, LOWP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr,
+    s_ptr,
+    v_ptr,
+    m0_ptr,
+    u0_ptr,
+    w0_ptr,
+    o_ptr,
+    ell_ptr,
+    mT_ptr,
+    uT_ptr,
+    wT_ptr,
+    T,
+    H,
+    V,
+    HAS_STATE: tl.constexpr,
+    LOWP: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
     i_bh = tl.program_id(0)
     i_v = tl.program_id(1)
@@ -99,8 +114,23 @@ def _softmax_scan_fwd_kernel(
 
 @triton.jit
 def _softmax_scan_bwd_kernel(
-    s_ptr, v_ptr, o_ptr, ell_ptr, do_ptr, Rc_ptr, rc_ptr, ds_ptr, dv_ptr, R0_ptr, r0_ptr, T, H, V,
-    LOWP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr,
+    s_ptr,
+    v_ptr,
+    o_ptr,
+    ell_ptr,
+    do_ptr,
+    Rc_ptr,
+    rc_ptr,
+    ds_ptr,
+    dv_ptr,
+    R0_ptr,
+    r0_ptr,
+    T,
+    H,
+    V,
+    LOWP: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
     i_bh = tl.program_id(0)
     i_b = i_bh // H
@@ -162,9 +192,23 @@ class _SoftmaxScanTriton(torch.autograd.Function):
         uT, wT = torch.empty_like(mT), torch.empty(B, H, V, device=s.device, dtype=torch.float32)
         block_v = min(MAX_BLOCK_V, max(16, triton.next_power_of_2(V)))
         _softmax_scan_fwd_kernel[(B * H, triton.cdiv(V, block_v))](
-            s, v, m0 if has_state else mT, u0 if has_state else mT, w0 if has_state else wT,
-            o, ell, mT, uT, wT, T, H, V, HAS_STATE=has_state, LOWP=v.dtype != torch.float32,
-            BLOCK_T=BLOCK_T, BLOCK_V=block_v,
+            s,
+            v,
+            m0 if has_state else mT,
+            u0 if has_state else mT,
+            w0 if has_state else wT,
+            o,
+            ell,
+            mT,
+            uT,
+            wT,
+            T,
+            H,
+            V,
+            HAS_STATE=has_state,
+            LOWP=v.dtype != torch.float32,
+            BLOCK_T=BLOCK_T,
+            BLOCK_V=block_v,
         )
         ctx.save_for_backward(s, v, o, ell, mT, uT, wT, *((m0, u0, w0) if has_state else ()))
         ctx.has_state = has_state
@@ -185,8 +229,23 @@ class _SoftmaxScanTriton(torch.autograd.Function):
         dv = torch.empty_like(v)
         R0, r0 = torch.empty_like(wT), torch.empty_like(uT)
         _softmax_scan_bwd_kernel[(B * H,)](
-            s, v, o, ell, do, R_c, r_c, ds, dv, R0, r0, T, H, V,
-            LOWP=v.dtype != torch.float32, BLOCK_T=BLOCK_T, BLOCK_V=max(16, triton.next_power_of_2(V)),
+            s,
+            v,
+            o,
+            ell,
+            do,
+            R_c,
+            r_c,
+            ds,
+            dv,
+            R0,
+            r0,
+            T,
+            H,
+            V,
+            LOWP=v.dtype != torch.float32,
+            BLOCK_T=BLOCK_T,
+            BLOCK_V=max(16, triton.next_power_of_2(V)),
             num_warps=8,
         )
         # m_T = max(m_0, s_1..s_T): its gradient (u_T, w_T hold m_T fixed) goes to the maximum,

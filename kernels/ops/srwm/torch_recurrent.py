@@ -118,9 +118,14 @@ def _backward(X, Z, Dd, ckpt, WT_T, dY, dWT, V: int, counts):
         dd = ds * beta_rows[t]
         dc = bmm(dd, W)  # W_{t-1}^T dd
         pg = p * cat([dc, dk - dc], 1)
-        dz = cat([X.new_zeros(n, 1, V) if dY[t] is None else dY[t],
-                  (pg - p * pg.sum(-1, keepdim=True)).view(n, 1, 2 * D),
-                  matmul(ds * Dd[t], segment) * dsig[t]], -1)
+        dz = cat(
+            [
+                X.new_zeros(n, 1, V) if dY[t] is None else dY[t],
+                (pg - p * pg.sum(-1, keepdim=True)).view(n, 1, 2 * D),
+                matmul(ds * Dd[t], segment) * dsig[t],
+            ],
+            -1,
+        )
         dx_steps.append(bmm(dz, W))  # W_{t-1}^T dz
         dWT_n.baddbmm_(c_col[t], dd).baddbmm_(x_col[t], dz)
     return torch.cat(dx_steps[::-1], 0), dWT
@@ -131,8 +136,6 @@ class SrwmLoop(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, V, rows: StepRows, w_y, w_q, w_k, w_b):
-        D = x.shape[-1]
-        N = rows.n * rows.H
         with torch.no_grad():
             W0 = stack_weights((w_y, w_q, w_k, w_b), rows.n)  # [n, H, R, D]
             WT = rows.sort_state(W0).transpose(1, 2).contiguous()  # [N, D, R]
@@ -153,8 +156,7 @@ class SrwmLoop(torch.autograd.Function):
         V, rows = ctx.V, ctx.rows
         D = x.shape[-1]
         N, _, R = WT_T.shape
-        dWT = (WT_T.new_zeros(N, D, R) if dW_T is None
-               else rows.sort_state(dW_T.float()).transpose(1, 2).contiguous())
+        dWT = WT_T.new_zeros(N, D, R) if dW_T is None else rows.sort_state(dW_T.float()).transpose(1, 2).contiguous()
         if rows.steps == 0:
             dx = torch.zeros_like(x)
         else:
@@ -185,7 +187,7 @@ def srwm_torch(x, w_y, w_q, w_k, w_b, initial_state=None, output_final_state=Fal
     o, W = SrwmLoop.apply(x, V, rows, *weights)
     if not output_final_state:
         return o, None
-    return o, (W[:, :, :V], W[:, :, V: V + D], W[:, :, V + D: V + 2 * D], W[:, :, V + 2 * D:])
+    return o, (W[:, :, :V], W[:, :, V : V + D], W[:, :, V + D : V + 2 * D], W[:, :, V + 2 * D :])
 
 
 srwm_torch.varlen = True

@@ -30,7 +30,11 @@ import triton.language as tl
 
 from kernels import _triton_compat as interpreter_compat
 from kernels.ops.common.loop import (
-    checkpoint_layout, masked_softmax, num_warps_for, sequence_span, sigmoid_fp32,
+    checkpoint_layout,
+    masked_softmax,
+    num_warps_for,
+    sequence_span,
+    sigmoid_fp32,
 )
 from kernels.ops.srwm.torch_recurrent import CHECKPOINT, stack_weights
 
@@ -45,9 +49,23 @@ def _pick(vec, i4, i: tl.constexpr):
 
 @triton.jit
 def _srwm_fwd_kernel(
-    x_ptr, w0_ptr, z_ptr, d_ptr, ck_ptr, wT_ptr, cu_ptr, ckoff_ptr,
-    T, H, D, V, NC,
-    CHECKPOINT: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr,
+    x_ptr,
+    w0_ptr,
+    z_ptr,
+    d_ptr,
+    ck_ptr,
+    wT_ptr,
+    cu_ptr,
+    ckoff_ptr,
+    T,
+    H,
+    D,
+    V,
+    NC,
+    CHECKPOINT: tl.constexpr,
+    BD: tl.constexpr,
+    BV: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
 ):
     pid = tl.program_id(0)
     i_h = pid % H
@@ -119,9 +137,26 @@ def _srwm_fwd_kernel(
 
 @triton.jit
 def _srwm_bwd_kernel(
-    x_ptr, z_ptr, d_ptr, ck_ptr, wT_ptr, do_ptr, dwT_ptr, dx_ptr, dw0_ptr, cu_ptr, ckoff_ptr,
-    T, H, D, V, NC,
-    CHECKPOINT: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr,
+    x_ptr,
+    z_ptr,
+    d_ptr,
+    ck_ptr,
+    wT_ptr,
+    do_ptr,
+    dwT_ptr,
+    dx_ptr,
+    dw0_ptr,
+    cu_ptr,
+    ckoff_ptr,
+    T,
+    H,
+    D,
+    V,
+    NC,
+    CHECKPOINT: tl.constexpr,
+    BD: tl.constexpr,
+    BV: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
 ):
     pid = tl.program_id(0)
     i_h = pid % H
@@ -176,36 +211,64 @@ def _srwm_bwd_kernel(
         ds_q = tl.sum(dWq * ks[None, :], 1)
         ds_k = tl.sum(dWk * ks[None, :], 1)
         ds_b = tl.sum(dWb * ks[None, :], 1)
-        dka = (tl.sum(dWy * (b0 * vy)[:, None], 0) + tl.sum(dWq * (b1 * vq)[:, None], 0)
-               + tl.sum(dWk * (b2 * vk)[:, None], 0) + tl.sum(dWb * (b3 * vb)[:, None], 0))
+        dka = (
+            tl.sum(dWy * (b0 * vy)[:, None], 0)
+            + tl.sum(dWq * (b1 * vq)[:, None], 0)
+            + tl.sum(dWk * (b2 * vk)[:, None], 0)
+            + tl.sum(dWb * (b3 * vb)[:, None], 0)
+        )
         # M_{t-1}: invert the update, or reload the checkpoint
         is_ck = t % CHECKPOINT == 0
         ck = ck_ptr + (t // CHECKPOINT) * R * D
-        Wy = tl.where(is_ck, tl.load(ck + o_y, mask=ok_yd & (o_y * 0 + t % CHECKPOINT == 0), other=0.0),
-                      Wy - (b0 * vy)[:, None] * ks[None, :])
-        Wq = tl.where(is_ck, tl.load(ck + o_q, mask=ok_dd & (o_q * 0 + t % CHECKPOINT == 0), other=0.0),
-                      Wq - (b1 * vq)[:, None] * ks[None, :])
-        Wk = tl.where(is_ck, tl.load(ck + o_k, mask=ok_dd & (o_k * 0 + t % CHECKPOINT == 0), other=0.0),
-                      Wk - (b2 * vk)[:, None] * ks[None, :])
-        Wb = tl.where(is_ck, tl.load(ck + o_b, mask=ok_4d & (o_b * 0 + t % CHECKPOINT == 0), other=0.0),
-                      Wb - (b3 * vb)[:, None] * ks[None, :])
+        Wy = tl.where(
+            is_ck,
+            tl.load(ck + o_y, mask=ok_yd & (o_y * 0 + t % CHECKPOINT == 0), other=0.0),
+            Wy - (b0 * vy)[:, None] * ks[None, :],
+        )
+        Wq = tl.where(
+            is_ck,
+            tl.load(ck + o_q, mask=ok_dd & (o_q * 0 + t % CHECKPOINT == 0), other=0.0),
+            Wq - (b1 * vq)[:, None] * ks[None, :],
+        )
+        Wk = tl.where(
+            is_ck,
+            tl.load(ck + o_k, mask=ok_dd & (o_k * 0 + t % CHECKPOINT == 0), other=0.0),
+            Wk - (b2 * vk)[:, None] * ks[None, :],
+        )
+        Wb = tl.where(
+            is_ck,
+            tl.load(ck + o_b, mask=ok_4d & (o_b * 0 + t % CHECKPOINT == 0), other=0.0),
+            Wb - (b3 * vb)[:, None] * ks[None, :],
+        )
         # through d = M c and the betas
         dd_y = b0 * ds_y
         dd_q = b1 * ds_q
         dd_k = b2 * ds_k
         dd_b = b3 * ds_b
-        g = tl.where(i4 == 0, tl.sum(ds_y * vy, 0), 0.0) + tl.where(i4 == 1, tl.sum(ds_q * vq, 0), 0.0) \
-            + tl.where(i4 == 2, tl.sum(ds_k * vk, 0), 0.0) + tl.where(i4 == 3, tl.sum(ds_b * vb, 0), 0.0)
+        g = (
+            tl.where(i4 == 0, tl.sum(ds_y * vy, 0), 0.0)
+            + tl.where(i4 == 1, tl.sum(ds_q * vq, 0), 0.0)
+            + tl.where(i4 == 2, tl.sum(ds_k * vk, 0), 0.0)
+            + tl.where(i4 == 3, tl.sum(ds_b * vb, 0), 0.0)
+        )
         dzb = g * b * (1.0 - b)
-        dc = (tl.sum(Wy * dd_y[:, None], 0) + tl.sum(Wq * dd_q[:, None], 0)
-              + tl.sum(Wk * dd_k[:, None], 0) + tl.sum(Wb * dd_b[:, None], 0))
+        dc = (
+            tl.sum(Wy * dd_y[:, None], 0)
+            + tl.sum(Wq * dd_q[:, None], 0)
+            + tl.sum(Wk * dd_k[:, None], 0)
+            + tl.sum(Wb * dd_b[:, None], 0)
+        )
         dks = dka - dc
         dzq = qs * (dc - tl.sum(qs * dc, 0))
         dzk = ks * (dks - tl.sum(ks * dks, 0))
         dzy = tl.load(do_ptr + iv, mask=ok_v, other=0.0).to(tl.float32)
         # through z = M_{t-1} x
-        dx = (tl.sum(Wy * dzy[:, None], 0) + tl.sum(Wq * dzq[:, None], 0)
-              + tl.sum(Wk * dzk[:, None], 0) + tl.sum(Wb * dzb[:, None], 0))
+        dx = (
+            tl.sum(Wy * dzy[:, None], 0)
+            + tl.sum(Wq * dzq[:, None], 0)
+            + tl.sum(Wk * dzk[:, None], 0)
+            + tl.sum(Wb * dzb[:, None], 0)
+        )
         tl.store(dx_ptr + idd, dx, mask=ok_d)
         x = tl.load(x_ptr + idd, mask=ok_d, other=0.0).to(tl.float32)
         c = qs - ks
@@ -252,8 +315,24 @@ class SrwmTriton(torch.autograd.Function):
         W_T = torch.empty(N, H, R, D, device=dev)
         BD, BV, warps = _blocks(D, V)
         _srwm_fwd_kernel[(N * H,)](
-            x_c, W0, Z, Dd, ck, W_T, cu, ckoff, T, H, D, V, NC,
-            CHECKPOINT=CHECKPOINT, BD=BD, BV=BV, IS_VARLEN=cu_seqlens is not None, num_warps=warps,
+            x_c,
+            W0,
+            Z,
+            Dd,
+            ck,
+            W_T,
+            cu,
+            ckoff,
+            T,
+            H,
+            D,
+            V,
+            NC,
+            CHECKPOINT=CHECKPOINT,
+            BD=BD,
+            BV=BV,
+            IS_VARLEN=cu_seqlens is not None,
+            num_warps=warps,
         )
         ctx.save_for_backward(x_c, Z, Dd, ck, W_T, cu, ckoff)
         ctx.V = V
@@ -277,8 +356,27 @@ class SrwmTriton(torch.autograd.Function):
         dW0 = torch.empty_like(W_T)
         BD, BV, warps = _blocks(D, V)
         _srwm_bwd_kernel[(N * H,)](
-            x, Z, Dd, ck, W_T, do, dW_T, dx, dW0, cu, ckoff, T, H, D, V, NC,
-            CHECKPOINT=CHECKPOINT, BD=BD, BV=BV, IS_VARLEN=is_varlen, num_warps=warps,
+            x,
+            Z,
+            Dd,
+            ck,
+            W_T,
+            do,
+            dW_T,
+            dx,
+            dW0,
+            cu,
+            ckoff,
+            T,
+            H,
+            D,
+            V,
+            NC,
+            CHECKPOINT=CHECKPOINT,
+            BD=BD,
+            BV=BV,
+            IS_VARLEN=is_varlen,
+            num_warps=warps,
         )
         grads = []
         bounds = (0, V, V + D, V + 2 * D, V + 2 * D + 4)
@@ -300,7 +398,7 @@ def srwm_triton(x, w_y, w_q, w_k, w_b, initial_state=None, output_final_state=Fa
     if not output_final_state:
         return o, None
     D = x.shape[-1]
-    return o, (W[:, :, :V], W[:, :, V: V + D], W[:, :, V + D: V + 2 * D], W[:, :, V + 2 * D:])
+    return o, (W[:, :, :V], W[:, :, V : V + D], W[:, :, V + D : V + 2 * D], W[:, :, V + 2 * D :])
 
 
 srwm_triton.varlen = True

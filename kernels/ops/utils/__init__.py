@@ -12,7 +12,13 @@
 ``from kernels.ops.utils import causal_mask, masked_exp_diff`` is the import for code outside ``kernels``.
 """
 
-from kernels.ops.utils.chunks import (causal_mask, chunk_length, masked_exp_diff, merge_chunks, pad_to_multiple,
-                                     split_chunks)
+from kernels.ops.utils.chunks import (
+    causal_mask,
+    chunk_length,
+    masked_exp_diff,
+    merge_chunks,
+    pad_to_multiple,
+    split_chunks,
+)
 
 __all__ = ["causal_mask", "chunk_length", "masked_exp_diff", "merge_chunks", "pad_to_multiple", "split_chunks"]

@@ -12,9 +12,15 @@ import torch
 from kernels.ops.utils.chunks import empty_result
 
 
-def call_fla(fn: Callable, args: Sequence[torch.Tensor], v: torch.Tensor, scale: float,
-             initial_state: Optional[torch.Tensor], output_final_state: bool,
-             **kwargs) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+def call_fla(
+    fn: Callable,
+    args: Sequence[torch.Tensor],
+    v: torch.Tensor,
+    scale: float,
+    initial_state: Optional[torch.Tensor],
+    output_final_state: bool,
+    **kwargs,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """``fn(*args, scale=, initial_state=, output_final_state=, **kwargs)``; ``args[0]`` is q, ``v`` the
     values (for the shape of an empty result)."""
     q = args[0]

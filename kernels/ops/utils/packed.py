@@ -68,7 +68,7 @@ class Layout:
     def seq_chunks(self, pad_value: int = -1) -> torch.Tensor:
         """long [NC, C]: the sequence of every step, padded steps ``pad_value``."""
         seq = torch.full((self.NC * self.C,), pad_value, dtype=torch.long, device=self.device)
-        seq[:self.T] = self.seq
+        seq[: self.T] = self.seq
         return seq.view(self.NC, self.C)
 
     def flows(self) -> torch.Tensor:
@@ -116,8 +116,11 @@ class Layout:
         t = torch.tensor(chunks)[:, None] * C + torch.arange(C)
         lo, hi = (torch.tensor([bounds[m] for m in mine])[:, None] for bounds in (self.starts, self.ends))
         rows = (t >= lo) & (t < hi)
-        return (torch.tensor(chunks, device=h0.device) - n0, rows.to(h0.device),
-                h0.index_select(0, torch.tensor(mine, device=h0.device)))
+        return (
+            torch.tensor(chunks, device=h0.device) - n0,
+            rows.to(h0.device),
+            h0.index_select(0, torch.tensor(mine, device=h0.device)),
+        )
 
     def select(self, h0: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """The initial states of the non-empty sequences (fp32 [M, H, K, V]) or None."""
@@ -199,8 +202,9 @@ def injection(g: torch.Tensor, h0: Optional[torch.Tensor], L: Layout) -> Optiona
     return X.transpose(0, 1)
 
 
-def initial_state_output(q: torch.Tensor, g: torch.Tensor, h0: Optional[torch.Tensor], L: Layout,
-                         scale: float) -> Optional[torch.Tensor]:
+def initial_state_output(
+    q: torch.Tensor, g: torch.Tensor, h0: Optional[torch.Tensor], L: Layout, scale: float
+) -> Optional[torch.Tensor]:
     """fp32 [T, H, V]: the initial states' contribution to the rows of sequences that begin strictly
     inside a chunk (the others receive theirs through ``injection``), or None."""
     if h0 is None:
@@ -218,14 +222,14 @@ def initial_state_output(q: torch.Tensor, g: torch.Tensor, h0: Optional[torch.Te
     qw = _windows(q, chunks, C) * decay
     seqs = torch.tensor(ms, dtype=torch.long, device=q.device)
     term = scale * torch.einsum("mchk,mhkv->mchv", qw, h0.index_select(0, seqs))
-    rows = (torch.tensor(chunks, dtype=torch.long, device=q.device)[:, None] * C
-            + torch.arange(C, device=q.device)).clamp_max(L.T - 1)  # rows past T carry zeros
+    rows = (
+        torch.tensor(chunks, dtype=torch.long, device=q.device)[:, None] * C + torch.arange(C, device=q.device)
+    ).clamp_max(L.T - 1)  # rows past T carry zeros
     out = q.new_zeros(L.T, *term.shape[2:], dtype=torch.float32)
     return out.index_add(0, rows.flatten(), term.flatten(0, 1))
 
 
-def final_states(k, v, g: torch.Tensor, entering: torch.Tensor, h0: Optional[torch.Tensor],
-                 L: Layout) -> torch.Tensor:
+def final_states(k, v, g: torch.Tensor, entering: torch.Tensor, h0: Optional[torch.Tensor], L: Layout) -> torch.Tensor:
     """fp32 [M, H, K, V]: each non-empty sequence's state at its last step.
 
     ``k`` [1, T, H, K], ``v`` [1, T, H, V]: the step's update ``k_s v_s^T``; or equal-length sequences of
@@ -266,13 +270,21 @@ def assemble_finals(finals: torch.Tensor, h0: Optional[torch.Tensor], L: Layout)
     order: List[int] = list(range(L.N))
     for i, n in enumerate(L.keep):
         order[n] = L.N + i
-    return torch.cat([empty, finals], 0).index_select(0, torch.tensor(order, dtype=torch.long,
-                                                                     device=finals.device))
+    return torch.cat([empty, finals], 0).index_select(0, torch.tensor(order, dtype=torch.long, device=finals.device))
 
 
-def run_packed(pass_fn: Callable, steps: Sequence[Optional[torch.Tensor]], gate: torch.Tensor, scale: float,
-               initial_state: Optional[torch.Tensor], output_final_state: bool, cu_seqlens, C: int,
-               segment: Optional[int], updates: Callable):
+def run_packed(
+    pass_fn: Callable,
+    steps: Sequence[Optional[torch.Tensor]],
+    gate: torch.Tensor,
+    scale: float,
+    initial_state: Optional[torch.Tensor],
+    output_final_state: bool,
+    cu_seqlens,
+    C: int,
+    segment: Optional[int],
+    updates: Callable,
+):
     """A chunked pass over packed sequences (B = 1, matrix states [N, H, K, V]), with the state terms above.
 
     ``steps``: the per-step inputs [1, T, ...] (or None), q first and v third; ``gate``: the log decays
@@ -298,8 +310,8 @@ def run_packed(pass_fn: Callable, steps: Sequence[Optional[torch.Tensor]], gate:
     outs, per_step, entering = [], [], []
     for a in range(0, T, step):  # passes of ``segment`` steps, the state carried
         n0, n1 = a // C, -(-min(a + step, T) // C)
-        x = X[:, n0:n1 + 1] if X is not None else None
-        piece = [None if z is None else z[:, a:a + step] for z in steps]
+        x = X[:, n0 : n1 + 1] if X is not None else None
+        piece = [None if z is None else z[:, a : a + step] for z in steps]
         o, w, ent, S = pass_fn(piece, S, seqc[n0:n1], flows[n0:n1], x, L.begin_inside(h0, n0, n1))
         outs.append(o)
         per_step.append(w)

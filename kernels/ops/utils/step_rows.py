@@ -82,11 +82,21 @@ def step_rows(B: int, T: int, H: int, offsets: Optional[Sequence[int]], device) 
     pos = torch.arange(gather.numel())
     prev_step = pos - torch.cat([per_step.new_zeros(1), per_step[:-1]])[t_idx]
     prev = torch.where(t_idx == 0, i_idx, n + prev_step)
-    last_pos = (step_start[(sorted_len - 1).clamp_min(0)] + torch.arange(n) if longest
-                else torch.zeros(n, dtype=torch.long))
+    last_pos = (
+        step_start[(sorted_len - 1).clamp_min(0)] + torch.arange(n) if longest else torch.zeros(n, dtype=torch.long)
+    )
     last = torch.where(sorted_len > 0, n + last_pos, torch.arange(n))
     unorder = torch.empty_like(order)
     unorder[order] = torch.arange(n)
     move = lambda x: x.to(device)  # noqa: E731
-    return StepRows(n, H, [int(c) * H for c in per_step.tolist()], move(order), move(unorder), move(gather),
-                    move(scatter), move(prev), move(last))
+    return StepRows(
+        n,
+        H,
+        [int(c) * H for c in per_step.tolist()],
+        move(order),
+        move(unorder),
+        move(gather),
+        move(scatter),
+        move(prev),
+        move(last),
+    )

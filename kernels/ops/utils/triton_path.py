@@ -7,8 +7,16 @@ import warnings
 from typing import Callable
 
 
-def pick_triton_path(op: str, q, v, recurrent_max_t: int, max_head: int, recurrent: Callable[[], Callable],
-                     chunked: Callable[[], Callable], fallback: Callable[[], Callable]) -> Callable:
+def pick_triton_path(
+    op: str,
+    q,
+    v,
+    recurrent_max_t: int,
+    max_head: int,
+    recurrent: Callable[[], Callable],
+    chunked: Callable[[], Callable],
+    fallback: Callable[[], Callable],
+) -> Callable:
     """The fused-recurrent kernels for ``T <= recurrent_max_t`` (short sequences, generation), else the chunked
     kernels; heads wider than ``max_head`` keys or values do not fit the chunked kernels' tiles on chip and
     take ``fallback`` (the chunked PyTorch path), with a warning. The three are loaders (imported on use)."""
@@ -16,7 +24,9 @@ def pick_triton_path(op: str, q, v, recurrent_max_t: int, max_head: int, recurre
         return recurrent()
     K, V = q.shape[-1], v.shape[-1]
     if max(K, V) > max_head:
-        warnings.warn(f"{op}: K={K}, V={V} exceed {max_head} for the chunked Triton kernels; using the chunked "
-                      "PyTorch path", stacklevel=3)
+        warnings.warn(
+            f"{op}: K={K}, V={V} exceed {max_head} for the chunked Triton kernels; using the chunked PyTorch path",
+            stacklevel=3,
+        )
         return fallback()
     return chunked()
