@@ -2,7 +2,7 @@
 
 Suite tasks (names accepted by ``--tasks``)::
 
-    associative_recall  induction  icl_regression  lsa_teacher      (data/tasks generators)
+    associative_recall  induction  mqar  icl_regression  lsa_teacher   (data/tasks generators)
     parity aa_star abab_star anbn anbncn dyck1 reset_dyck1          (formal languages)
     lm_icl_score                                                    (a language model on a corpus)
 
@@ -40,7 +40,7 @@ from lm.evaluation.common import Checkpoint, write_atomic, write_json
 
 FORMAL_LANGUAGES = ["parity", "aa_star", "abab_star", "anbn", "anbncn", "dyck1", "reset_dyck1"]
 TOKEN_TASKS = ["associative_recall", "induction"]
-SUITE = TOKEN_TASKS + ["icl_regression", "lsa_teacher"] + FORMAL_LANGUAGES + ["lm_icl_score"]
+SUITE = TOKEN_TASKS + ["mqar", "icl_regression", "lsa_teacher"] + FORMAL_LANGUAGES + ["lm_icl_score"]
 #: per-example parameter draws have their own generator stream (examples use TEST_STREAM)
 DRAW_STREAM = 3
 

@@ -244,7 +244,7 @@ def test_recall_vs_state_cli(mqar_runs, lm_runs, tmp_path):
     assert tr["state_bytes_per_layer"] == 2 * 2 * 32 * 16 * 4  # KV cache at seq_len 32
     assert "(KV cache)" in proc.stdout and (out / "recall_vs_state.png").stat().st_size > 5000
     # the ICL suite evaluates the trained MQAR task too
-    proc = run_lm("eval", "icl", str(runs["gla"]), "--examples", "8", "--out", str(tmp_path / "icl"))
+    proc = run_lm("eval", "icl", str(runs["gla"]), "--tasks", "mqar", "--examples", "8", "--out", str(tmp_path / "icl"))
     assert "| mqar | n_pairs | 4 | 8 |" in proc.stdout
     # bad input: one-line errors
     line = error_line(run_lm("eval", "recall-vs-state", str(lm_runs["gla"]), "--out", str(out), check=False))
