@@ -1,7 +1,7 @@
 # Two commands set everything up (see README.md):
 #   make demo   create .venv, install, prepare the default corpus and train the small demo model
 #   make test   create .venv if needed, install, run the test suite
-#   make lint   ruff (lint + format check) and mypy on lm/config, lm/training, data
+#   make lint   ruff (lint + format check) and mypy (the files in pyproject.toml: lm/config, lm/training, data)
 #   make test-fast  the suite without slow, distributed and SLURM tests (a few minutes)
 PYTHON ?= python3
 VENV   ?= .venv
@@ -30,6 +30,7 @@ test-fast: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 clean:
 	rm -rf runs artifacts

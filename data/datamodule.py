@@ -149,6 +149,7 @@ class TokenDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> StatefulDataLoader:
         self.setup("fit")
+        assert self.train_dataset is not None  # setup builds it
         rank, world = self.rank_and_world()
         kind = StreamBatchSampler if self.state_passing else ResumableBatchSampler
         sampler = kind(len(self.train_dataset), self.micro_batch_size, self.seed, rank, world)

@@ -21,12 +21,15 @@ import os
 import signal
 from collections import deque
 from contextlib import contextmanager
-from typing import Iterable, Iterator, List, Optional, Tuple
+from typing import TYPE_CHECKING, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
 from tokenizers import Tokenizer
 
 from data.sources import Document
+
+if TYPE_CHECKING:
+    from multiprocessing.pool import Pool
 
 #: a task holds at most this much text (bytes), besides the ``batch_size`` document cap
 TASK_BYTES = 1 << 20
@@ -135,7 +138,7 @@ class ParallelEncoder:
         self.dtype = dtype
         self.workers = workers if workers > 0 else default_workers()
         self.backend = backend
-        self._pool = None
+        self._pool: Optional[Pool] = None
         self._tok: Optional[Tokenizer] = None
 
     def __enter__(self) -> "ParallelEncoder":
@@ -165,6 +168,7 @@ class ParallelEncoder:
         """Encode ``tasks``; results in task order, at most ``2 * workers`` tasks in flight."""
         if self._pool is None:
             threads = "true" if (self.workers > 1 and self.backend == "threads") else "false"
+            assert self._tok is not None  # loaded by __enter__ when there is no pool
             with _env("TOKENIZERS_PARALLELISM", threads):
                 for label, texts, nbytes in tasks:
                     tokens, lengths = encode_texts(self._tok, texts, self.eod_id, self.dtype)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, BinaryIO, Dict, List, Optional, Union
 
 import numpy as np
 
@@ -66,7 +66,7 @@ class SplitWriter:
         self.documents = 0
         self.bytes = 0
         self._doc_lengths: List[np.ndarray] = []
-        self._file = None
+        self._file: Optional[BinaryIO] = None
         self._in_shard = 0
 
     def _open_shard(self) -> None:
@@ -96,6 +96,7 @@ class SplitWriter:
                 self._close_shard()
                 self._open_shard()
             take = min(len(tokens) - pos, self.shard_tokens - self._in_shard)
+            assert self._file is not None  # open: _open_shard ran above if it was not
             self._file.write(tokens[pos : pos + take].tobytes())
             self._in_shard += take
             pos += take
@@ -209,6 +210,10 @@ class TokenShards:
     ``window(start, length)`` reads a global token range. Pickles without the maps (workers reopen).
     """
 
+    # set by _open, in __init__ and again in __setstate__ (only the pickled state holds None)
+    _tokens: FlatTokens
+    _doc_starts: np.ndarray
+
     def __init__(self, data_dir: Union[str, Path], split: str):
         self.dir = Path(data_dir)
         self.split = split
@@ -218,8 +223,6 @@ class TokenShards:
             raise DataError(f"{self.dir}: no split '{split}'; splits: {', '.join(splits)}")
         self.info = splits[split]
         self.dtype = np.dtype(self.metadata["dtype"])
-        self._tokens: Optional[FlatTokens] = None
-        self._doc_starts: Optional[np.ndarray] = None
         self._open()
 
     def _open(self) -> None:

@@ -28,7 +28,7 @@ import sysconfig
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Optional
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Type
 
 from lm.errors import DataError
 
@@ -64,7 +64,8 @@ class ReadStats:
 _REPLACED = [0, 0]  # invalid sequences, invalid bytes
 
 
-def _count_and_replace(exc: UnicodeDecodeError):
+def _count_and_replace(exc: UnicodeError) -> Tuple[str, int]:
+    assert isinstance(exc, UnicodeDecodeError)  # the handler of decode_utf8's raw.decode only
     _REPLACED[0] += 1
     _REPLACED[1] += exc.end - exc.start
     return "\ufffd", exc.end
@@ -144,7 +145,7 @@ def expand_paths(patterns: List[str]) -> List[Path]:
 def stdlib_files() -> List[Path]:
     """The standard library's ``*.py`` files, without site-/dist-packages, sorted by relative path."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = []
+    files: List[Path] = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if d not in STDLIB_EXCLUDE and d != "__pycache__"]
         files.extend(Path(dirpath) / f for f in filenames if f.endswith(".py"))
@@ -412,7 +413,7 @@ class HubSource(Source):
         yield from _rows_text(iter(ds), field, where)
 
 
-_KINDS = {
+_KINDS: Dict[str, Type[Source]] = {
     "stdlib": StdlibSource,
     "text": TextSource,
     "json": DatasetsFileSource,

@@ -57,11 +57,11 @@ def assign_splits(keys: Sequence[float], validation_fraction: float, test_fracti
     Raises a one-line DataError when the corpus has too few documents to give every requested
     split (train always, validation/test when their fraction is > 0) at least one document.
     """
-    keys = np.asarray(keys, dtype=np.float64)
-    n = len(keys)
+    u = np.asarray(keys, dtype=np.float64)  # the hashes
+    n = len(u)
     labels = np.full(n, TRAIN, dtype=np.uint8)
-    labels[keys < validation_fraction + test_fraction] = TEST
-    labels[keys < validation_fraction] = VALIDATION
+    labels[u < validation_fraction + test_fraction] = TEST
+    labels[u < validation_fraction] = VALIDATION
     wanted = [s for s, f in zip(SPLITS, (1.0, validation_fraction, test_fraction)) if f > 0]
     if n < len(wanted):
         raise DataError(
@@ -69,14 +69,14 @@ def assign_splits(keys: Sequence[float], validation_fraction: float, test_fracti
             f"(use source.split_by=blank_line, more data, or set validation_fraction/test_fraction to 0)"
         )
     if not (labels == TRAIN).any():  # every document hashed into validation/test
-        labels[np.argmax(keys)] = TRAIN
+        labels[np.argmax(u)] = TRAIN
     for label, fraction in ((VALIDATION, validation_fraction), (TEST, test_fraction)):
         if fraction > 0 and not (labels == label).any():
             # take a document from the largest other split, never emptying it
             donors = [s for s in (TRAIN, VALIDATION, TEST) if s != label]
             donor = max(donors, key=lambda s: int((labels == s).sum()))
             pool = np.flatnonzero(labels == donor)
-            labels[pool[np.argmin(keys[pool])]] = label
+            labels[pool[np.argmin(u[pool])]] = label
     return labels
 
 

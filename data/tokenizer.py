@@ -99,7 +99,12 @@ def ensure_special_tokens(tok: Tokenizer, tokens: List[str]) -> Tuple[List[int],
     missing = [t for t in tokens if tok.token_to_id(t) is None]
     if missing:
         tok.add_special_tokens(missing)
-    return [int(tok.token_to_id(t)) for t in tokens], missing
+    ids = []
+    for t in tokens:
+        i = tok.token_to_id(t)
+        assert i is not None  # in the vocabulary: added above if it was missing
+        ids.append(int(i))
+    return ids, missing
 
 
 def sha256_text(text: str) -> str:

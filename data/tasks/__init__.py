@@ -4,7 +4,7 @@ in-context-learning evaluation suite (``lm eval icl``)."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, Mapping
+from typing import Any, Dict, Mapping, Optional, Type
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -15,12 +15,12 @@ from data.tasks.mqar import MQAR
 from data.tasks.recall import AssociativeRecall, Induction
 from data.tasks.regression import ICLRegression, LSATeacher, one_step_gd_loss
 
-TASKS: Dict[str, type] = {
+TASKS: Dict[str, Type[Task]] = {
     cls.name: cls for cls in (AssociativeRecall, Induction, ICLRegression, LSATeacher, FormalLanguage, MQAR)
 }
 
 
-def build_task(name: str, params: Mapping[str, Any] = None, prefix: str = "data.task") -> Task:
+def build_task(name: str, params: Optional[Mapping[str, Any]] = None, prefix: str = "data.task") -> Task:
     """A task by name with validated parameters (unknown keys and names suggest the closest)."""
     from lm.errors import ConfigError, did_you_mean
 

@@ -51,8 +51,10 @@ class Task(abc.ABC):
         """What the task's examples look like (input and output kinds, sizes, padding id)."""
 
     @abc.abstractmethod
-    def example(self, rng: np.random.Generator, **overrides: Any) -> Example:
-        """One example; ``overrides`` change per-example parameters (e.g. length for evaluation)."""
+    def example(self, rng: np.random.Generator) -> Example:
+        """One example. A task adds its per-example parameters as keyword arguments with defaults
+        (e.g. ``length: int = 0``, 0 taking the option's value) that override its options for this
+        example (e.g. a length for evaluation); ``lm eval icl --sweep`` finds them in the signature."""
 
     def eval_settings(self) -> Dict[str, list]:
         """Parameter sweeps ``lm eval icl`` reports accuracy against (e.g. {"n_pairs": [...]})."""

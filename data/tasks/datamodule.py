@@ -33,7 +33,7 @@ class TaskExamples(Dataset):
         return self.size
 
     def __getitem__(self, index: int) -> Dict[str, Any]:
-        example = self.task.example(rng_for(self.seed, index, self.stream), **self.overrides)
+        example: Dict[str, Any] = self.task.example(rng_for(self.seed, index, self.stream), **self.overrides)
         example["index"] = index
         return example
 

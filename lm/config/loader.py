@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Type, cast
 
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -32,7 +32,7 @@ from lm.errors import ConfigError, did_you_mean
 
 #: allowed values of enumerated string keys (key path relative to the experiment root), declared on the
 #: schema's fields (:func:`lm.config.schema.choice`)
-CHOICES: Dict[str, Sequence[str]] = choices(ExperimentConfig)
+CHOICES: Dict[str, Tuple[str, ...]] = choices(ExperimentConfig)
 
 #: checks that need more than the schema (registered by lm.models, lm.training, ...):
 #: each takes the merged experiment DictConfig and raises ConfigError
@@ -128,7 +128,7 @@ def _read_yaml(path: Path) -> Dict[str, Any]:
 def _merge(base: DictConfig, update: Any, source: str, prefix: str = "") -> DictConfig:
     """``OmegaConf.merge`` with its errors turned into one line naming ``source`` and the key."""
     try:
-        return OmegaConf.merge(base, update)
+        return cast(DictConfig, OmegaConf.merge(base, update))  # merging into a DictConfig gives one
     except OmegaConfBaseException as e:
         raise _config_error(e, base, source, prefix) from None
 
@@ -139,7 +139,7 @@ def _config_error(e: OmegaConfBaseException, base: DictConfig, source: str, pref
     if isinstance(e, ConfigKeyError):
         parent_path, _, leaf = key.rpartition(".")
         parent = OmegaConf.select(base, parent_path) if parent_path else base
-        options = list(parent.keys()) if isinstance(parent, DictConfig) else []
+        options = cast(List[str], list(parent.keys())) if isinstance(parent, DictConfig) else []
         return ConfigError(f"{source}: unknown key '{full}'{_suggest(leaf, options)}")
     msg = getattr(e, "msg", None) or str(e).splitlines()[0]
     return ConfigError(f"{source}: {full}: {msg.splitlines()[0]}")
@@ -331,9 +331,11 @@ def _check_state_passing(cfg: DictConfig) -> None:
         raise ConfigError("train.state_passing: needs a corpus (data.source.kind: task gives independent examples)")
     family = OmegaConf.select(cfg, "model.family", default=None)
     import lm.models  # noqa: F401  (registers the families)
+    from lm.models.mixer import TokenMixer
     from lm.models.registry import get_family
 
-    if not get_family(str(family)).mixer.constant_state:
+    mixer = cast(Type[TokenMixer], get_family(str(family)).mixer)  # every family registers a TokenMixer
+    if not mixer.constant_state:
         raise ConfigError(
             f"train.state_passing: model.family={family} carries a state that grows with the "
             f"context (a KV cache); state passing is for constant-state families"

@@ -21,7 +21,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-from typing import Any, Callable, Dict, Mapping, Optional, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Union, cast
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -40,7 +40,7 @@ def resolve(cfg: Union[DictConfig, Mapping[str, Any]], data: Any = None, echo: E
     echo: where :func:`resolve_vocab` warns (None: silent).
     """
     node = (
-        OmegaConf.merge(OmegaConf.structured(ExperimentConfig), cfg)
+        cast(DictConfig, OmegaConf.merge(OmegaConf.structured(ExperimentConfig), cfg))
         if not isinstance(cfg, DictConfig)
         else copy.deepcopy(cfg)
     )

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, cast
 
 
 def choice(default: Optional[str], options: Sequence[str]) -> Any:
@@ -308,7 +308,7 @@ def choices(cls: type = ExperimentConfig, prefix: str = "") -> Dict[str, Tuple[s
 def freeze(obj: Any) -> Any:
     """Make a section instance and every section nested in it read-only (in place); returns it."""
     if isinstance(obj, Frozen):
-        for f in dataclasses.fields(obj):
+        for f in dataclasses.fields(cast(Any, obj)):  # every Frozen section is a dataclass
             freeze(getattr(obj, f.name))
         object.__setattr__(obj, "_frozen", True)
     return obj

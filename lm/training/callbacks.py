@@ -7,7 +7,7 @@ import csv
 import json
 import math
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional, TextIO
 
 from pytorch_lightning.callbacks import Callback
 
@@ -23,7 +23,7 @@ class SampleRecorder(Callback):
 
     def __init__(self, run_dir: Path):
         self.run_dir = Path(run_dir)
-        self._file = None
+        self._file: Optional[TextIO] = None
 
     def on_train_start(self, trainer, pl_module) -> None:
         path = self.run_dir / "samples" / f"rank{trainer.global_rank:05d}.jsonl"
@@ -33,6 +33,7 @@ class SampleRecorder(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step if ends_optimizer_step(trainer, batch_idx) else trainer.global_step + 1
         record = {"step": step, "batch_idx": batch_idx, "index": [int(i) for i in batch["index"].tolist()]}
+        assert self._file is not None  # opened by on_train_start
         self._file.write(json.dumps(record) + "\n")
 
     def on_train_end(self, trainer, pl_module) -> None:

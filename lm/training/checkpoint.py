@@ -118,6 +118,7 @@ def _complete_with_steps(directory: Path, rejected: Optional[List[Tuple[Path, st
         if info is not None:
             found.append((info["step"], p))
         elif rejected is not None:
+            assert reason is not None  # check_checkpoint gives a reason with every rejection
             rejected.append((p, reason))
     return sorted(found, key=lambda item: item[0])
 
@@ -151,6 +152,7 @@ def latest_complete(
         if info is not None:
             return path
         if rejected is not None:
+            assert reason is not None  # check_checkpoint gives a reason with every rejection
             rejected.append((path, reason))
     return None
 

@@ -191,8 +191,10 @@ def compare(reference: Path, resumed: Path) -> Optional[str]:
     """None when the two runs' final checkpoints and losses are identical, else what differs."""
     from lm.training.checkpoint import latest_complete
 
-    a = checkpoint_tensors(latest_complete(reference / "checkpoints"))
-    b = checkpoint_tensors(latest_complete(resumed / "checkpoints"))
+    ckpt_a, ckpt_b = latest_complete(reference / "checkpoints"), latest_complete(resumed / "checkpoints")
+    assert ckpt_a is not None and ckpt_b is not None  # both runs trained to the end (_run checks)
+    a = checkpoint_tensors(ckpt_a)
+    b = checkpoint_tensors(ckpt_b)
     if a.keys() != b.keys():
         return f"tensor names differ ({sorted(a.keys() ^ b.keys())[:3]})"
     for key in a:

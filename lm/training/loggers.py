@@ -8,7 +8,7 @@ import csv
 import os
 import uuid
 from pathlib import Path
-from typing import Any, List
+from typing import Any, List, cast
 
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
@@ -37,7 +37,7 @@ class AppendingCSVLogger(CSVLogger):
         if self._experiment is None:
             os.makedirs(self.root_dir, exist_ok=True)
             self._experiment = _AppendingWriter(log_dir=self.log_dir)
-        return self._experiment
+        return cast(_AppendingWriter, self._experiment)  # only this property sets it
 
 
 def wandb_run_id(run_dir: Path) -> str:

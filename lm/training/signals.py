@@ -14,7 +14,8 @@ import logging
 import os
 import signal
 import subprocess
-from typing import Dict, Optional
+from types import FrameType
+from typing import Any, Callable, Dict, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -24,6 +25,9 @@ log = logging.getLogger(__name__)
 HANDLED = ("SIGTERM", "SIGINT", "SIGUSR1")
 #: the signals that ask for a requeue after the checkpoint (under SLURM)
 REQUEUE_ON = ("SIGUSR1",)
+
+#: what ``signal.signal`` returns and accepts: a handler, SIG_DFL / SIG_IGN, or None (not set from Python)
+_Handler = Union[Callable[[int, Optional[FrameType]], Any], int, signal.Handlers, None]
 
 
 class StopRequest:
@@ -37,11 +41,11 @@ class StopRequest:
     default behaviour until :meth:`install` (Ctrl-C still interrupts data preparation).
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.requested = False
         self.signal_name: Optional[str] = None
         self.requeue_on = REQUEUE_ON
-        self._previous: Dict[int, object] = {}
+        self._previous: Dict[int, _Handler] = {}
         if "SLURM_JOB_ID" in os.environ:
             for name in self.requeue_on:
                 sig = getattr(signal, name, None)
@@ -51,7 +55,7 @@ class StopRequest:
                     except ValueError:  # not in the main thread
                         pass
 
-    def _handler(self, signum, frame) -> None:
+    def _handler(self, signum: int, frame: Optional[FrameType]) -> None:
         name = signal.Signals(signum).name
         if self.requested and name == "SIGINT":
             raise KeyboardInterrupt

@@ -22,7 +22,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, cast
 
 import pytorch_lightning as pl
 import torch
@@ -217,7 +217,7 @@ def plan_resume(cfg: DictConfig, ckpt_dir: Path, echo) -> Tuple[DictConfig, Resu
         return cfg, ResumePlan()
     manifest = read_manifest(found)
     if "packing" not in manifest.get("config", {}).get("data", {"packing": None}):
-        cfg = OmegaConf.merge(cfg, {"data": {"packing": "stream"}})
+        cfg = cast(DictConfig, OmegaConf.merge(cfg, {"data": {"packing": "stream"}}))
     changes = check_resume(manifest.get("config", {}), plain(cfg), str(found))
     _check_world_size(cfg, manifest, found)
     step = int(manifest["step"])
@@ -325,6 +325,7 @@ def _train(cfg: DictConfig, echo) -> TrainResult:
     run_dir, rank0 = Path(cfg.run_dir), launch_rank() == 0
     cfg, plan = plan_resume(cfg, run_dir / "checkpoints", echo)
     if plan.done:
+        assert plan.step is not None  # plan_resume sets the step of every plan it marks done
         return TrainResult(run_dir, plan.checkpoint, plan.step)
     devices, nodes = world_shape(cfg.train)
     from lm.training.threads import apply_threads
@@ -427,7 +428,7 @@ def build_trainer(
         from lm.training.ds_ops import prebuild_cpu_ops
 
         prebuild_cpu_ops(echo if launch_rank() == 0 else (lambda line: None))
-    plugins = []
+    plugins: List[Any] = []
     if isinstance(strategy, str):
         from pytorch_lightning.plugins.environments import SLURMEnvironment
 
@@ -439,7 +440,9 @@ def build_trainer(
         devices=devices,
         num_nodes=nodes,
         strategy=strategy,
-        precision=_precision(train.precision),
+        # Lightning annotates precision as a Literal of its spellings; ours is a str the schema's
+        # choices already restrict to them
+        precision=_precision(train.precision),  # type: ignore[arg-type]
         max_steps=train.max_steps,
         max_epochs=-1,
         val_check_interval=train.val_every_n_steps * accumulate if train.val_every_n_steps else None,
