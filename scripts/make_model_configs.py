@@ -34,6 +34,7 @@ NAMES = {
     "gla": {"family": "linear_attention", "variant": "gla"},
     "deltanet": {"family": "linear_attention", "variant": "deltanet"},
     "gated_deltanet": {"family": "linear_attention", "variant": "gated_deltanet"},
+    "mamba2": {"family": "linear_attention", "variant": "mamba2"},
     "recurrent_delta": {"family": "fwp", "variant": "recurrent_delta"},
     "srwm": {"family": "fwp", "variant": "srwm"},
     "aaren": {"family": "aaren", "variant": "aaren"},

@@ -11,8 +11,18 @@
                         q, k = L2norm(silu(conv(W x)))                       (Yang et al., 2024)
     gated_deltanet      S' = exp(g_t) S_{t-1};  S_t = S' + beta_t k_t (v_t - S'^T k_t)^T,
                         g_t = -exp(A_log) softplus(w_a x_t + dt_bias)        (per head)
+    mamba2              S_t = exp(g_t) S_{t-1} + dt_t B_t x_t^T,  o_t = S_t^T C_t + D_h x_t     (Dao & Gu, 2024)
+                        dt_t = softplus(w_a x_t + dt_bias), g_t = -exp(A_log) dt_t  (scalar per head),
+                        C, B, x = silu(conv(W x)) (q, k, v: B and C shared by all heads, ngroups = 1),
+                        y = W_o RMSnorm(o_t * silu(W_z x_t))       (the gated norm after the gate)
 
     o_t = scale S_t^T q_t  ->  per-head RMS norm (optional)  ->  * silu(W_g x_t) (optional)  ->  W_o
+    (``norm_after_gate``: the gate first, then the norm, as Mamba-2's gated RMS norm)
+
+Mamba-2 here differs from state-spaces/mamba in: the norm is per head (Mamba-2 normalises over the
+whole inner width with ngroups = 1); the widths are the family's (key and value dim = head dim, no
+inner expansion, the block keeps its MLP like every family here) rather than d_state 128 and expand 2;
+dt is not clamped (Mamba-2's default dt_limit is (0, inf) too).
 """
 
 from __future__ import annotations
@@ -55,6 +65,11 @@ class LinearAttentionOptions:
     output_gate: bool = True
     gate_low_rank: int = 16
     gate_normalizer: float = 16.0
+    qk_groups: int = 0  # heads of q and k (shared by n_heads / qk_groups value heads); 0: one per head
+    input_dt: bool = False  # Mamba-2's discretisation: k_t scaled by dt_t (per-head gate only)
+    d_skip: bool = False  # o_t += D_h v_t (Mamba-2's D)
+    norm_after_gate: bool = False  # the output gate before the per-head norm (Mamba-2's gated norm)
+    scale: float = 0.0  # o_t = scale S_t^T q_t; 0: 1 / sqrt(key dim)
 
 
 VARIANTS = {
@@ -65,6 +80,15 @@ VARIANTS = {
     "gla": {"gate": "per_key"},
     "deltanet": {"rule": "delta", "short_conv": True, "normalize_qk": True, "output_gate": False},
     "gated_deltanet": {"rule": "delta", "gate": "per_head", "short_conv": True, "normalize_qk": True},
+    "mamba2": {
+        "gate": "per_head",
+        "short_conv": True,
+        "qk_groups": 1,
+        "input_dt": True,
+        "d_skip": True,
+        "norm_after_gate": True,
+        "scale": 1.0,
+    },
 }
 
 
@@ -78,14 +102,15 @@ class LinearAttention(TokenMixer):
         D, H = self.d_model, self.n_heads
         self.key_dim = K = int(self.head_dim * o.expand_k)
         self.value_dim = V = int(self.head_dim * o.expand_v)
-        self.q_proj = nn.Linear(D, H * K, bias=False)
-        self.k_proj = nn.Linear(D, H * K, bias=False)
+        self.qk_heads = G = int(o.qk_groups) or H
+        self.q_proj = nn.Linear(D, G * K, bias=False)
+        self.k_proj = nn.Linear(D, G * K, bias=False)
         self.v_proj = nn.Linear(D, H * V, bias=False)
         self.o_proj = nn.Linear(H * V, D, bias=False)
         self.o_proj.is_residual_out = True
         if o.short_conv:
-            self.conv_q = ShortConv(H * K, o.conv_size)
-            self.conv_k = ShortConv(H * K, o.conv_size)
+            self.conv_q = ShortConv(G * K, o.conv_size)
+            self.conv_k = ShortConv(G * K, o.conv_size)
             self.conv_v = ShortConv(H * V, o.conv_size)
         if o.rule == "delta":
             self.b_proj = nn.Linear(D, H, bias=True)
@@ -99,6 +124,8 @@ class LinearAttention(TokenMixer):
             self.a_proj = nn.Linear(D, H, bias=False)
             self.A_log = nn.Parameter(torch.zeros(H))
             self.dt_bias = nn.Parameter(torch.zeros(H))
+        if o.d_skip:
+            self.D = nn.Parameter(torch.ones(H))
         if o.output_norm:
             self.o_norm = HeadNorm(H, V, eps=float(cfg.norm_eps))
         if o.output_gate:
@@ -119,6 +146,20 @@ class LinearAttention(TokenMixer):
             raise ConfigError("model.mixer.gate: the delta rule takes a per-head gate only (none | per_head)")
         if options.rule == "delta" and options.denominator:
             raise ConfigError("model.mixer.denominator: not defined for the delta rule")
+        if options.input_dt and options.gate != "per_head":
+            raise ConfigError("model.mixer.input_dt: needs the per-head gate (gate: per_head), whose dt it uses")
+        if options.d_skip and options.denominator:
+            raise ConfigError("model.mixer.d_skip: not defined with the denominator")
+        if options.scale and options.rule == "delta":
+            raise ConfigError("model.mixer.scale: the delta rule keeps its 1 / sqrt(key dim) (set 0)")
+        if options.scale < 0:
+            raise ConfigError(f"model.mixer.scale: {options.scale} must be > 0 (or 0 for 1 / sqrt(key dim))")
+        groups = int(options.qk_groups)
+        n_heads = int(cfg.n_heads)
+        if groups < 0 or (groups and n_heads % groups != 0):
+            raise ConfigError(
+                f"model.mixer.qk_groups: {groups} must divide model.n_heads ({n_heads}) (or 0: one per head)"
+            )
 
     def reset_parameters(self) -> None:
         o = self.options
@@ -128,6 +169,8 @@ class LinearAttention(TokenMixer):
                 self.A_log.copy_(torch.log(torch.empty(H).uniform_(1.0, 16.0)))
                 dt = torch.exp(torch.empty(H).uniform_(math.log(1e-3), math.log(0.1)))
                 self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
+            if o.d_skip:
+                nn.init.ones_(self.D)
             if o.rule == "delta":
                 nn.init.zeros_(self.b_proj.bias)
 
@@ -142,8 +185,12 @@ class LinearAttention(TokenMixer):
             g = F.logsigmoid(self.g_up(self.g_down(x)).float()) / o.gate_normalizer
             return g.view(B, T, self.n_heads, self.key_dim)
         if o.gate == "per_head":
-            return -torch.exp(self.A_log.float()) * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
+            return -torch.exp(self.A_log.float()) * self.step_size(x)
         return None
+
+    def step_size(self, x: torch.Tensor) -> torch.Tensor:
+        """The per-head step dt_t = softplus(w_a x_t + dt_bias) [B, T, H] (fp32) of the per-head gate."""
+        return F.softplus(self.a_proj(x).float() + self.dt_bias.float())
 
     def features(self, x: torch.Tensor, state=None, segments=None):
         """Kernel inputs q, k [B,T,H,K], v [B,T,H,V], log decay g, beta [B,T,H], and conv states
@@ -158,11 +205,16 @@ class LinearAttention(TokenMixer):
             q, conv_state["conv_q"] = self.conv_q(q, get(state, "conv_q"), **seg)
             k, conv_state["conv_k"] = self.conv_k(k, get(state, "conv_k"), **seg)
             v, conv_state["conv_v"] = self.conv_v(v, get(state, "conv_v"), **seg)
-        q = FEATURE_MAPS[o.feature_map](q.view(B, T, H, K))
-        k = FEATURE_MAPS[o.feature_map](k.view(B, T, H, K))
+        G = self.qk_heads
+        q = FEATURE_MAPS[o.feature_map](q.view(B, T, G, K))
+        k = FEATURE_MAPS[o.feature_map](k.view(B, T, G, K))
         v = v.view(B, T, H, V)
         if o.normalize_qk:
             q, k = l2_normalize(q), l2_normalize(k)
+        if G != H:  # grouped q and k: each serves H / G consecutive heads
+            q, k = q.repeat_interleave(H // G, dim=2), k.repeat_interleave(H // G, dim=2)
+        if o.input_dt:  # S += dt_t k_t v_t^T: the step folded into the key (Mamba-2's dt B_t x_t^T)
+            k = (k.float() * self.step_size(x)[..., None]).to(k.dtype)
         g = self.log_decay(x)
         g = x.new_zeros(B, T, H) if g is None and o.rule != "delta" else g
         g = None if g is None else g.to(x.dtype)
@@ -180,6 +232,10 @@ class LinearAttention(TokenMixer):
                 q, k, v, beta, g, initial_state=S0, output_final_state=return_state, backend=self.backend
             )
         if not o.denominator:
+            if o.scale:
+                return kernels.gla(
+                    q, k, v, g, scale=o.scale, initial_state=S0, output_final_state=return_state, backend=self.backend
+                )
             return kernels.gla(q, k, v, g, initial_state=S0, output_final_state=return_state, backend=self.backend)
         V = v.shape[-1]
         ones = torch.ones_like(v[..., :1])
@@ -205,7 +261,10 @@ class LinearAttention(TokenMixer):
                 kernels.delta_rule, segments, (q, k, v, beta, g), S0, fresh, return_state, backend=self.backend
             )
         if not o.denominator:
-            return packed_scan(kernels.gla, segments, (q, k, v, g), S0, fresh, return_state, backend=self.backend)
+            extra = {"scale": o.scale} if o.scale else {}
+            return packed_scan(
+                kernels.gla, segments, (q, k, v, g), S0, fresh, return_state, backend=self.backend, **extra
+            )
         V = v.shape[-1]
         ones = torch.ones_like(v[..., :1])
         out, S = packed_scan(
@@ -230,10 +289,14 @@ class LinearAttention(TokenMixer):
         else:
             q, k, v, g, beta, new_state = self.features(x, state, segments)
             out, S = self.mix(q, k, v, g, beta, get(state, "S"), return_state, segments)
-        if o.output_norm:
+        if o.d_skip:
+            out = out + v * self.D.to(v.dtype)[:, None]
+        if o.output_norm and not o.norm_after_gate:
             out = self.o_norm(out)
         if o.output_gate:
             out = out * F.silu(self.gate_proj(x)).view(B, T, H, V)
+        if o.output_norm and o.norm_after_gate:
+            out = self.o_norm(out)
         y = self.o_proj(out.reshape(B, T, H * V))
         if not return_state:
             return y, None
@@ -253,6 +316,10 @@ class LinearAttention(TokenMixer):
             weights = num / (num.sum(-1, keepdim=True).float() + 1e-6).to(num.dtype)
         else:
             weights, _ = self.mix(q, k, eye, g, beta)
+        if self.options.d_skip:  # D_h v_t: the diagonal
+            D = self.D.to(v.dtype)[:, None]
+            out = out + v * D
+            weights = weights + eye * D
         return ImplicitAttention(weights.permute(0, 2, 1, 3), v, out)
 
     def forward_flops(self, seq_len: int) -> float:
@@ -273,7 +340,7 @@ class LinearAttention(TokenMixer):
         state = {"S": torch.zeros(batch_size, self.n_heads, self.key_dim, V, device=device)}
         if o.short_conv:
             pad = o.conv_size - 1
-            HK, HV = self.n_heads * self.key_dim, self.n_heads * self.value_dim
+            HK, HV = self.qk_heads * self.key_dim, self.n_heads * self.value_dim
             state["conv_q"] = torch.zeros(batch_size, pad, HK, device=device, dtype=dtype)
             state["conv_k"] = torch.zeros(batch_size, pad, HK, device=device, dtype=dtype)
             state["conv_v"] = torch.zeros(batch_size, pad, HV, device=device, dtype=dtype)

@@ -12,7 +12,12 @@ call per document over the packed row (a single batched call when every row hold
 RoPE positions restarting at 0 at every document start, so a packed window equals separate forwards
 of its documents. Not supported (``ValueError``): document starts together with a carried, non-empty
 KV cache (state passing across windows is for the constant-state families); returning the cache when
-the rows' last documents differ in length (the cache is one [B, H, L, K] tensor). Cost: the
+the rows' last documents differ in length (the cache is one [B, H_kv, L, K] tensor).
+
+Grouped-query attention (``model.mixer.n_kv_heads``, Ainslie et al., 2023): keys and values are projected
+to ``n_kv_heads`` heads, each shared by ``n_heads / n_kv_heads`` consecutive query heads; the KV cache
+holds the ``n_kv_heads`` heads only. ``n_kv_heads`` 0 (the default) or equal to ``n_heads`` is plain
+multi-head attention, computed exactly as before; 1 is multi-query attention. Cost: the
 per-document loop launches one attention per document and layer (a few dozen per window of
 ~10 documents per row), each over its own document only.
 """
@@ -27,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels.ops.utils import causal_mask
+from lm.errors import ConfigError
 from lm.models.mixer import ImplicitAttention, TokenMixer, get
 from lm.models.registry import register
 
@@ -34,6 +40,7 @@ from lm.models.registry import register
 @dataclass
 class TransformerOptions:
     rope_theta: float = 10000.0
+    n_kv_heads: int = 0  # key/value heads (grouped-query attention); 0: n_heads
 
 
 def rotary_angles(T: int, offset: int, d: int, theta: float, device=None) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -70,16 +77,40 @@ class Attention(TokenMixer):
     def __init__(self, cfg: Any, options: TransformerOptions, layer_idx: int):
         super().__init__(cfg, options, layer_idx)
         D, H, K = self.d_model, self.n_heads, self.head_dim
-        self.qkv = nn.Linear(D, 3 * H * K, bias=False)
+        self.n_kv_heads = Hkv = int(options.n_kv_heads) or H
+        self.qkv = nn.Linear(D, (H + 2 * Hkv) * K, bias=False)
         self.o_proj = nn.Linear(H * K, D, bias=False)
         self.o_proj.is_residual_out = True
+
+    @staticmethod
+    def check_config(cfg: Any, options: TransformerOptions) -> None:
+        n_kv, n_heads = int(options.n_kv_heads), int(cfg.n_heads)
+        if n_kv < 0 or (n_kv and n_heads % n_kv != 0):
+            raise ConfigError(
+                f"model.mixer.n_kv_heads: {n_kv} must divide model.n_heads ({n_heads}) (or 0: one per query head)"
+            )
+
+    def project(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [B, H, T, K] and k, v [B, H_kv, T, K] (before RoPE)."""
+        B, T, _ = x.shape
+        H, Hkv, K = self.n_heads, self.n_kv_heads, self.head_dim
+        if Hkv == H:
+            q, k, v = self.qkv(x).view(B, T, 3, H, K).permute(2, 0, 3, 1, 4)  # each [B, H, T, K]
+            return q, k, v
+        q, k, v = self.qkv(x).view(B, T, H + 2 * Hkv, K).transpose(1, 2).split([H, Hkv, Hkv], dim=1)
+        return q, k, v
+
+    def expand_kv(self, t: torch.Tensor) -> torch.Tensor:
+        """[B, H_kv, ...] -> [B, H, ...]: each key/value head repeated for its group of query heads."""
+        groups = self.n_heads // self.n_kv_heads
+        return t if groups == 1 else t.repeat_interleave(groups, dim=1)
 
     def forward(self, x, state=None, return_state=False, segments=None):
         if segments is not None:
             return self._forward_segments(x, state, return_state, segments)
         B, T, _ = x.shape
         H, K = self.n_heads, self.head_dim
-        q, k, v = self.qkv(x).view(B, T, 3, H, K).permute(2, 0, 3, 1, 4)  # each [B, H, T, K]
+        q, k, v = self.project(x)  # q [B, H, T, K], k, v [B, H_kv, T, K]
         past_k, past_v = get(state, "k"), get(state, "v")
         offset = 0 if past_k is None else past_k.shape[2]
         cos, sin = rotary_angles(T, offset, K, self.options.rope_theta, x.device)  # shared by q and k
@@ -87,12 +118,13 @@ class Attention(TokenMixer):
         if past_k is not None:
             k = torch.cat([past_k.to(k.dtype), k], dim=2)
             v = torch.cat([past_v.to(v.dtype), v], dim=2)
+        ka, va = self.expand_kv(k), self.expand_kv(v)
         if offset == 0:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            out = F.scaled_dot_product_attention(q, ka, va, is_causal=True)
         else:
             L = k.shape[2]
             mask = torch.arange(L, device=x.device)[None, :] <= (offset + torch.arange(T, device=x.device))[:, None]
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            out = F.scaled_dot_product_attention(q, ka, va, attn_mask=mask)
         y = self.o_proj(out.transpose(1, 2).reshape(B, T, H * K))
         return y, ({"k": k, "v": v} if return_state else None)
 
@@ -110,13 +142,14 @@ class Attention(TokenMixer):
             return self.forward(x, state, return_state)  # no document starts: the plain continuation
         B, T, _ = x.shape
         H, K = self.n_heads, self.head_dim
-        q, k, v = self.qkv(x).view(B, T, 3, H, K).permute(2, 0, 3, 1, 4)  # each [B, H, T, K]
+        q, k, v = self.project(x)  # q [B, H, T, K], k, v [B, H_kv, T, K]
         cos, sin = rotary_angles_at(segments.position, K, self.options.rope_theta)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        ka, va = self.expand_kv(k), self.expand_kv(v)
         if segments.num_segments == B:  # one segment per row: the plain batched call
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)  # [B, T, H, K]
+            out = F.scaled_dot_product_attention(q, ka, va, is_causal=True).transpose(1, 2)  # [B, T, H, K]
         else:  # the packed row [H, B*T, K], one causal call per document
-            qp, kp, vp = (t.transpose(0, 1).reshape(H, B * T, K) for t in (q, k, v))
+            qp, kp, vp = (t.transpose(0, 1).reshape(H, B * T, K) for t in (q, ka, va))
             bounds = segments.offsets
             parts = [
                 F.scaled_dot_product_attention(qp[:, a:b], kp[:, a:b], vp[:, a:b], is_causal=True)
@@ -138,26 +171,29 @@ class Attention(TokenMixer):
     def implicit_attention(self, x: torch.Tensor) -> ImplicitAttention:
         """The softmax attention matrix of a whole sequence, and the values it weights."""
         B, T, _ = x.shape
-        H, K = self.n_heads, self.head_dim
-        q, k, v = self.qkv(x).view(B, T, 3, H, K).permute(2, 0, 3, 1, 4)
+        K = self.head_dim
+        q, k, v = self.project(x)
         cos, sin = rotary_angles(T, 0, K, self.options.rope_theta, x.device)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        k, v = self.expand_kv(k), self.expand_kv(v)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
         scores = q.float() @ k.float().transpose(-1, -2) * K**-0.5
         weights = torch.softmax(scores.masked_fill(~causal_mask(T, x.device), float("-inf")), -1)
         return ImplicitAttention(weights, v.transpose(1, 2), out)
 
     def forward_flops(self, seq_len: int) -> float:
-        """Causal softmax attention: scores and the weighted sum, ``2 * 2 * d * T/2`` per token."""
+        """Causal softmax attention: scores and the weighted sum, ``2 * 2 * d * T/2`` per token. The same
+        with grouped-query attention (every query head still scores every key; the smaller key/value
+        projection is counted with the parameters)."""
         return 2.0 * self.d_model * seq_len
 
     def state_size(self, batch_size: int = 1, context: int = 0, dtype=None) -> int:
-        """The KV cache after ``context`` tokens: keys and values [B, H, context, K] in ``dtype`` (the
+        """The KV cache after ``context`` tokens: keys and values [B, H_kv, context, K] in ``dtype`` (the
         activations', default the parameters'), growing with the context."""
         itemsize = torch.empty((), dtype=dtype or self.parameter_dtype()).element_size()
-        return 2 * batch_size * self.n_heads * int(context) * self.head_dim * itemsize
+        return 2 * batch_size * self.n_kv_heads * int(context) * self.head_dim * itemsize
 
     def init_state(self, batch_size, device=None, dtype=None):
-        H, K = self.n_heads, self.head_dim
+        H, K = self.n_kv_heads, self.head_dim
         empty = torch.zeros(batch_size, H, 0, K, device=device, dtype=dtype)
         return {"k": empty, "v": empty.clone()}

@@ -67,6 +67,7 @@ RECORDED = {
     ("linear_attention", "gla"): {256: (49152.0, 883584.0), 2048: (49152.0, 883584.0)},
     ("linear_attention", "deltanet"): {256: (81920.0, 909696.0), 2048: (81920.0, 909696.0)},
     ("linear_attention", "gated_deltanet"): {256: (81920.0, 960384.0), 2048: (81920.0, 960384.0)},
+    ("linear_attention", "mamba2"): {256: (49152.0, 811392.0), 2048: (49152.0, 811392.0)},
     ("rwkv", "rwkv7"): {256: (90112.0, 1153920.0), 2048: (90112.0, 1153920.0)},
     ("transformer", "transformer"): {256: (65536.0, 859008.0), 2048: (524288.0, 2235264.0)},
 }
@@ -146,6 +147,12 @@ MIXER_DECAY = {
         "gate_proj.weight k_proj.weight o_norm.weight o_proj.weight "
         "q_proj.weight v_proj.weight",
         "A_log b_proj.bias conv_k.bias conv_q.bias conv_v.bias dt_bias",
+    ),
+    "linear_attention/mamba2": (
+        "a_proj.weight conv_k.weight conv_q.weight conv_v.weight "
+        "gate_proj.weight k_proj.weight o_norm.weight o_proj.weight "
+        "q_proj.weight v_proj.weight",
+        "A_log D conv_k.bias conv_q.bias conv_v.bias dt_bias",
     ),
     "rwkv/rwkv7": (
         "a_down.weight a_up.weight g_down.weight g_up.weight key.weight mu o_norm.bias "
