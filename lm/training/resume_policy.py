@@ -27,8 +27,6 @@ OVERRIDABLE = frozenset(
         "run_dir",
         "resume",
         "overwrite",
-        # the weights a run started from: a resume continues from its checkpoint's weights either way
-        "init_from",
         "data.num_proc",
         "data.batch_size",
         "data.task.val_examples",
@@ -83,8 +81,6 @@ OPTIMIZER_KEYS = frozenset({"train.lr", "train.beta1", "train.beta2", "train.eps
 NOTICE = OPTIMIZER_KEYS | frozenset(
     {
         "train.min_lr_ratio",
-        "train.schedule",
-        "train.decay_fraction",
         "train.warmup_steps",
         "train.grad_clip",
         "train.accumulate_grad_batches",
@@ -152,8 +148,6 @@ FORBIDDEN = frozenset(
         "train.offload_params",
         "data.packing",
         "train.state_passing",
-        # the restored optimizer state keeps the implementation flags it was saved with (foreach/fused)
-        "train.optimizer",
     }
 )
 
