@@ -12,6 +12,8 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
+from lm.models.mixer import state_bytes  # noqa: F401  (re-exported for evaluation code)
+
 from data.atomic import write_atomic  # noqa: F401  (re-exported: evaluation writers import it from here)
 from lm.errors import LMError
 from lm.training.export import LoadedModel, load_model
@@ -148,19 +150,6 @@ def map_state(state: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
 def select_state(state: Any, index: torch.Tensor) -> Any:
     """The rows ``index`` [N] of a batch-first state (repeats allowed: branching a prefix)."""
     return map_state(state, lambda t: t.index_select(0, index.to(t.device)))
-
-
-def state_bytes(state: Any) -> int:
-    """Bytes held by the tensors of a state."""
-    total = 0
-
-    def count(t: torch.Tensor) -> torch.Tensor:
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    map_state(state, count)
-    return total
 
 
 # ----------------------------------------------------------------------------------- results
