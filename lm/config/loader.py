@@ -286,6 +286,17 @@ def check_ranges(cfg: DictConfig) -> None:
     t = OmegaConf.select(cfg, "data.test_fraction", default=0) or 0
     if v + t >= 1:
         raise ConfigError(f"data.validation_fraction + data.test_fraction must be < 1, got {v + t}")
+    decay = OmegaConf.select(cfg, "train.decay_fraction", default=None)
+    if decay is not None and not 0 <= decay <= 1:
+        raise ConfigError(f"train.decay_fraction: must be in [0, 1], got {decay}")
+    init_from = OmegaConf.select(cfg, "init_from", default=None)
+    resume = OmegaConf.select(cfg, "resume", default=None)
+    # resume=auto (lm submit, requeues) starts from init_from until the run has a checkpoint of its own
+    if init_from not in (None, "", "none", "None") and resume not in (None, "", "none", "null", "None", "auto"):
+        raise ConfigError(
+            f"init_from={init_from} starts a new run from those weights and resume={resume} continues a run; "
+            f"set only one of them"
+        )
     stage = OmegaConf.select(cfg, "train.zero_stage", default=None)
     if stage is not None and stage not in (1, 2, 3):
         raise ConfigError(f"train.zero_stage: must be 1, 2 or 3, got {stage}")

@@ -187,6 +187,12 @@ class TrainConfig(Frozen):
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0
+    # cosine: warmup, then cosine decay to min_lr_ratio * lr; wsd: warmup, constant, then a linear decay
+    # to min_lr_ratio * lr over the last decay_fraction of max_steps (lm/training/schedule.py)
+    schedule: str = choice("cosine", ("cosine", "wsd"))
+    decay_fraction: float = 0.2
+    # torch.optim.AdamW as is, or with foreach=True / fused=True (DeepSpeed CPU offload: DeepSpeedCPUAdam)
+    optimizer: str = choice("adamw", ("adamw", "adamw_foreach", "adamw_fused"))
     precision: str = choice("32-true", ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true"))
     accelerator: str = choice("auto", ("auto", "cpu", "gpu", "cuda"))
     devices: int = 1  # processes per node (0: all visible GPUs)
@@ -281,6 +287,10 @@ class ExperimentConfig(Frozen):
     run_dir: str = "runs/${name}"
     resume: str = "none"  # none | auto | <checkpoint path>
     overwrite: bool = False  # a fresh run (resume: none) may replace the checkpoints of an earlier run in run_dir
+    # warm start: model weights only from a run, checkpoint or export directory (a new optimizer, step 0,
+    # a new data position); cannot be combined with resume=<checkpoint> (resume=auto uses it only until
+    # the run has a checkpoint of its own)
+    init_from: Optional[str] = None
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -3,7 +3,8 @@
 ``lm export <checkpoint> <dir>`` writes ``<dir>/model.safetensors`` (fp32, keys of
 :class:`~lm.models.lm.LanguageModel`), ``config.yaml`` (the resolved experiment config),
 ``tokenizer.json`` and ``export.json`` (step, parameter count, tokenizer hash, source).
-:func:`load_model` opens an export, a checkpoint directory, or a run directory.
+:func:`load_model` opens an export, a checkpoint directory, or a run directory; :func:`warm_start`
+copies their weights into a new run's model (``init_from``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import yaml
@@ -106,15 +107,17 @@ def export_checkpoint(checkpoint: str, out_dir: str) -> Path:
     return out
 
 
-def load_model(path: str, device: str = "cpu") -> LoadedModel:
-    """A model in eval mode from an export directory, a checkpoint directory or a run directory."""
+def load_weights(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any], Dict[str, Any]]:
+    """fp32 model weights, the experiment config and source facts (tokenizer path and sha256, step,
+    source) from an export directory, a checkpoint directory or a run directory."""
     p = Path(path)
     if (p / WEIGHTS).is_file():
         config = yaml.safe_load((p / "config.yaml").read_text())
         info = json.loads((p / "export.json").read_text()) if (p / "export.json").is_file() else {}
         state = load_file(str(p / WEIGHTS))
         tokenizer = p / "tokenizer.json" if (p / "tokenizer.json").is_file() else None
-        sha, step, source = info.get("tokenizer_sha256"), int(info.get("step", 0)), p
+        facts = {"tokenizer": tokenizer, "sha256": info.get("tokenizer_sha256"), "step": int(info.get("step", 0))}
+        facts["source"] = p
     else:
         ckpt_dir = resolve_checkpoint(path)
         manifest = read_manifest(ckpt_dir)
@@ -122,7 +125,13 @@ def load_model(path: str, device: str = "cpu") -> LoadedModel:
         state = checkpoint_state_dict(ckpt_dir)
         tok = manifest.get("tokenizer", {})
         tokenizer = Path(tok["path"]) if tok.get("path") else None
-        sha, step, source = tok.get("sha256"), int(manifest["step"]), ckpt_dir
+        facts = {"tokenizer": tokenizer, "sha256": tok.get("sha256"), "step": int(manifest["step"]), "source": ckpt_dir}
+    return state, config, facts
+
+
+def load_model(path: str, device: str = "cpu") -> LoadedModel:
+    """A model in eval mode from an export directory, a checkpoint directory or a run directory."""
+    state, config, facts = load_weights(path)
     model = build_model(config["model"])
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
@@ -130,4 +139,41 @@ def load_model(path: str, device: str = "cpu") -> LoadedModel:
             f"{path}: weights do not match the model config (missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
     model.to(device).eval()
-    return LoadedModel(model, config, tokenizer, sha, step, source)
+    return LoadedModel(model, config, facts["tokenizer"], facts["sha256"], facts["step"], facts["source"])
+
+
+def warm_start(model: torch.nn.Module, path: str) -> int:
+    """``init_from``: copy the weights of a run, checkpoint or export directory into ``model`` (weights
+    only); returns the step they were trained to. Any missing, unexpected or differently shaped
+    parameter is a one-line :class:`ConfigError` naming it."""
+    from lm.errors import ConfigError
+
+    if not Path(path).exists():
+        raise ConfigError(f"init_from={path}: no such run, checkpoint or export directory")
+    try:
+        state, _, facts = load_weights(path)
+    except LMError as e:
+        raise ConfigError(f"init_from={path}: {e}") from None
+    own = model.state_dict()
+    for name, value in own.items():
+        if name not in state:
+            raise ConfigError(
+                f"init_from={path}: parameter {name} (shape {tuple(value.shape)}) is missing from those weights; "
+                f"the model configs differ"
+            )
+        if tuple(state[name].shape) != tuple(value.shape):
+            raise ConfigError(
+                f"init_from={path}: parameter {name} has shape {tuple(state[name].shape)} there and "
+                f"{tuple(value.shape)} in this model; the model configs differ"
+            )
+    extra = [name for name in state if name not in own]
+    if extra:
+        raise ConfigError(
+            f"init_from={path}: parameter {extra[0]} (shape {tuple(state[extra[0]].shape)}) is not in this model"
+            + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
+            + "; the model configs differ"
+        )
+    with torch.no_grad():
+        for name, value in own.items():
+            value.copy_(state[name].to(dtype=value.dtype))
+    return int(facts["step"])

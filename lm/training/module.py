@@ -4,9 +4,13 @@
   head optionally applied in chunks (``train.loss_chunk_size``); with ``data.packing: reset`` the
   model resets at every document of the window (``doc_start_mask``); with ``train.state_passing``
   each row starts from its carried state (:mod:`lm.training.state_passing`, saved in checkpoints);
-* AdamW with weight decay on the groups the model declares (``LanguageModel.weight_decay_groups``:
-  matrices decay unless a token mixer exempts them); linear warmup then cosine decay, stepped per
-  optimizer step; gradient clipping and accumulation by the Trainer (or DeepSpeed);
+* AdamW (``train.optimizer``: as is, foreach or fused) with weight decay on the groups the model
+  declares (``LanguageModel.weight_decay_groups``: matrices decay unless a token mixer exempts them);
+  linear warmup then cosine decay or warmup-stable-decay (``train.schedule``), stepped per optimizer
+  step; gradient clipping and accumulation by the Trainer (or DeepSpeed);
+* gradient norm: the total 2-norm of all gradients before clipping (``train/grad_norm``) and the share
+  of optimizer steps so far whose norm exceeded ``train.grad_clip`` (``train/clipped_share``), every
+  optimizer step; not under DeepSpeed, whose engine holds the gradients (partitioned) and clips them itself;
 * metrics: loss, perplexity, bits per byte (``loss / ln 2 / bytes_per_token``), tokens/s, step
   time, estimated MFU (:mod:`lm.models.flops`), peak GPU memory;
 * guard: a non-finite loss (agreed across ranks) skips the step and is counted; ``K`` in a row
@@ -18,7 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import pytorch_lightning as pl
 import torch
@@ -26,6 +30,7 @@ import torch.distributed as dist
 
 from lm.config.resolve import to_dict
 from lm.config.schema import ExperimentConfig
+from lm.errors import ConfigError
 from lm.models import build_model
 from lm.models.flops import peak_flops, training_flops_per_token
 from lm.training.losses import VAL_PROG_BAR, LossSums, batch_loss, token_loss
@@ -64,6 +69,8 @@ class LMModule(pl.LightningModule):
         self._step_started: Optional[float] = None
         self._flops_per_token: Optional[float] = None
         self._zero_lr_this_step = False
+        self.grad_steps = 0  # optimizer steps whose gradient norm was measured, and how many were clipped
+        self.clipped_steps = 0
         #: set by the trainer when a resume changes optimizer settings (lm.training.resume_policy)
         self.apply_optimizer_settings_on_start = False
 
@@ -194,6 +201,22 @@ class LMModule(pl.LightningModule):
             for group in optimizer.param_groups:
                 group["lr"] = 0.0
             self._zero_lr_this_step = False
+        if not self._uses_deepspeed():
+            self._log_grad_norm()
+
+    def _log_grad_norm(self) -> None:
+        """Lightning calls on_before_optimizer_step after backward (and AMP's unscaling), before it clips."""
+        grads = [p.grad.detach() for p in self.parameters() if p.grad is not None]
+        if not grads:
+            return
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]))
+        value = float(norm)
+        self.grad_steps += 1
+        clip = self.train_cfg.grad_clip
+        # a non-finite norm counts as clipped (the clipped update is non-finite too)
+        self.clipped_steps += int(bool(clip) and not value <= clip)
+        self.log("train/grad_norm", value, on_step=True, on_epoch=False)
+        self.log("train/clipped_share", self.clipped_steps / self.grad_steps, on_step=True, on_epoch=False)
 
     # --------------------------------------------------------------------------- validation
     def validation_step(self, batch: Dict[str, torch.Tensor], batch_idx: int) -> None:
@@ -232,16 +255,18 @@ class LMModule(pl.LightningModule):
         cfg = self.train_cfg
         decay, no_decay = self.model.weight_decay_groups()  # each token mixer names its exempt parameters
         groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+        kwargs: Dict[str, Any] = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
         if cfg.offload_optimizer and cfg.strategy == "deepspeed":
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
             optimizer = DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
         else:
-            optimizer = torch.optim.AdamW(groups, **kwargs)
+            optimizer = build_optimizer(cfg.optimizer, groups, **kwargs)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
-            lambda step: lr_multiplier(step, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio),
+            lambda step: lr_multiplier(
+                step, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio, cfg.schedule, cfg.decay_fraction
+            ),
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step", "frequency": 1}}
 
@@ -271,6 +296,7 @@ class LMModule(pl.LightningModule):
     # ---------------------------------------------------------------------------- checkpoint
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         checkpoint["nonfinite"] = {"total": self.nonfinite_total, "streak": self.nonfinite_streak}
+        checkpoint["grad_clipping"] = {"steps": self.grad_steps, "clipped": self.clipped_steps}
         if self.state_passing:
             if self._pending_carried is not None:  # restored but not used yet: keep it as it was
                 checkpoint["state_passing"] = self._pending_carried
@@ -282,5 +308,27 @@ class LMModule(pl.LightningModule):
         state = checkpoint.get("nonfinite", {})
         self.nonfinite_total = int(state.get("total", 0))
         self.nonfinite_streak = int(state.get("streak", 0))
+        clipping = checkpoint.get("grad_clipping", {})
+        self.grad_steps = int(clipping.get("steps", 0))
+        self.clipped_steps = int(clipping.get("clipped", 0))
         if self.state_passing:
             self._pending_carried = checkpoint.get("state_passing", {"record": None})
+
+
+def build_optimizer(name: str, groups: List[Dict[str, Any]], **kwargs: Any) -> torch.optim.Optimizer:
+    """``train.optimizer``: ``adamw`` is ``torch.optim.AdamW`` with its defaults; ``adamw_foreach`` and
+    ``adamw_fused`` pass ``foreach=True`` / ``fused=True`` (the same update, other kernels)."""
+    if name == "adamw":
+        return torch.optim.AdamW(groups, **kwargs)
+    if name == "adamw_foreach":
+        return torch.optim.AdamW(groups, foreach=True, **kwargs)
+    if name == "adamw_fused":
+        try:
+            return torch.optim.AdamW(groups, fused=True, **kwargs)
+        except (RuntimeError, ValueError) as e:
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ConfigError(
+                f"train.optimizer=adamw_fused: this torch ({torch.__version__}) cannot fuse AdamW for these "
+                f"parameters ({first}); use adamw_foreach or adamw"
+            ) from None
+    raise ConfigError(f"train.optimizer: unknown optimizer {name!r} (adamw, adamw_foreach, adamw_fused)")

@@ -27,6 +27,8 @@ OVERRIDABLE = frozenset(
         "run_dir",
         "resume",
         "overwrite",
+        # the weights a run started from: a resume continues from its checkpoint's weights either way
+        "init_from",
         "data.num_proc",
         "data.batch_size",
         "data.task.val_examples",
@@ -81,6 +83,8 @@ OPTIMIZER_KEYS = frozenset({"train.lr", "train.beta1", "train.beta2", "train.eps
 NOTICE = OPTIMIZER_KEYS | frozenset(
     {
         "train.min_lr_ratio",
+        "train.schedule",
+        "train.decay_fraction",
         "train.warmup_steps",
         "train.grad_clip",
         "train.accumulate_grad_batches",
@@ -148,6 +152,8 @@ FORBIDDEN = frozenset(
         "train.offload_params",
         "data.packing",
         "train.state_passing",
+        # the restored optimizer state keeps the implementation flags it was saved with (foreach/fused)
+        "train.optimizer",
     }
 )
 

@@ -333,9 +333,10 @@ def _train(cfg: DictConfig, echo) -> TrainResult:
     threads = apply_threads(cfg.train.threads, devices)
     data = build_data(cfg)
     exp = resolve(cfg, data.datamodule, echo if rank0 else None)
+    # before anything is written: a warm start whose weights do not fit is a one-line error
+    module = build_module(exp, data, plan)
     if rank0:
         _write_run_files(run_dir, exp, plan.step)
-    module = build_module(exp, data, plan)
     if rank0:
         _announce(exp, module, data, plan, threads, echo)
     stop = StopRequest() if exp.checkpoint.save_on_signal else None
@@ -368,7 +369,16 @@ def build_module(cfg: ExperimentConfig, data: RunData, plan: ResumePlan) -> LMMo
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     module = LMModule(cfg, bytes_per_token=data.bytes_per_token)
     module.apply_optimizer_settings_on_start = plan.apply_optimizer_settings
+    if _init_from(cfg) and plan.checkpoint is None:
+        # warm start: weights only; the optimizer, the step count and the data position start fresh
+        from lm.training.export import warm_start
+
+        warm_start(module.model, str(cfg.init_from))
     return module
+
+
+def _init_from(cfg: ExperimentConfig) -> bool:
+    return cfg.init_from not in (None, "", "none", "None", "null")
 
 
 def _announce(
@@ -381,6 +391,7 @@ def _announce(
         f"model: {model_name(cfg.model)} with {size} parameters (vocabulary {cfg.model.vocab_size}); "
         f"data: {data.describe(cfg)}; run: {Path(cfg.run_dir)}"
         + (f"; resuming from {plan.checkpoint}" if plan.checkpoint else "")
+        + (f"; weights from init_from={cfg.init_from}" if _init_from(cfg) and not plan.checkpoint else "")
     )
     echo(f"threads: {threads[0]} per process ({threads[1]}; set train.threads=N)")
     if data.data_dir is not None:
