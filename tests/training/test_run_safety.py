@@ -97,8 +97,9 @@ def test_two_trainers_on_one_run_dir_one_refuses(tmp_path, tiny_data):
     path = experiment(
         tmp_path,
         tiny_data,
-        train={"max_steps": 400, "record_samples": True, "val_every_n_steps": 0},
-        checkpoint={"every_n_steps": 1000},
+        # far more steps than the test takes: the trainer must still be training when it is signalled
+        train={"max_steps": 100_000, "record_samples": True, "val_every_n_steps": 0},
+        checkpoint={"every_n_steps": 100_000},
     )
     run = tmp_path / "exp"
     proc, log = _start(["train", str(path)], tmp_path)
@@ -110,6 +111,7 @@ def test_two_trainers_on_one_run_dir_one_refuses(tmp_path, tiny_data):
         line = one_line_error(second.stderr)
         assert f"run_dir {run} is in use by another training job (pid {proc.pid}" in line
         assert (run / "config.yaml").read_bytes() == config_before
+        assert proc.poll() is None, f"the first trainer ended (exit {proc.returncode}) before it was signalled"
         os.killpg(proc.pid, signal.SIGTERM)
         assert proc.wait(120) == 128 + signal.SIGTERM  # a signal stop exits 128 + signum after saving
     finally:
