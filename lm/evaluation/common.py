@@ -92,12 +92,14 @@ class Checkpoint:
         return int(eod)
 
     def data_dir(self) -> Optional[Path]:
-        """The training data directory recorded in the checkpoint's config, if it still exists."""
-        out = self.config.get("data", {}).get("out_dir")
+        """The training data directory, if it still exists: the config's ``data.out_dir`` (relative
+        to the working directory), else the absolute path the checkpoint recorded."""
         from data.shards import METADATA_FILE
 
-        if out and (Path(out) / METADATA_FILE).is_file():
-            return Path(out)
+        out = self.config.get("data", {}).get("out_dir")
+        for candidate in (Path(out) if out else None, self.loaded.data_dir):
+            if candidate is not None and (candidate / METADATA_FILE).is_file():
+                return candidate
         return None
 
     def default_out_dir(self, name: str) -> Path:

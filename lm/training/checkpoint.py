@@ -33,6 +33,8 @@ write_atomic_text = write_atomic
 
 MANIFEST = "manifest.json"
 STATE = "model.ckpt"
+#: the run's copy of its tokenizer, ``<run_dir>/tokenizer.json`` (beside ``config.yaml`` and ``checkpoints/``)
+RUN_TOKENIZER = "tokenizer.json"
 PREFIX = "step-"
 _CHUNK = 1 << 20
 

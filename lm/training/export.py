@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from lm.errors import LMError
 from lm.models import build_model
 from lm.models.lm import LanguageModel
-from lm.training.checkpoint import STATE, read_manifest, resolve_checkpoint
+from lm.training.checkpoint import RUN_TOKENIZER, STATE, read_manifest, resolve_checkpoint
 
 WEIGHTS = "model.safetensors"
 
@@ -37,6 +37,7 @@ class LoadedModel:
     tokenizer_sha256: Optional[str]
     step: int
     source: Path
+    data_dir: Optional[Path] = None  # the prepared corpus a checkpoint was trained on (absolute), if recorded
 
 
 def _strip(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -124,9 +125,26 @@ def load_weights(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any], Di
         config = manifest["config"]
         state = checkpoint_state_dict(ckpt_dir)
         tok = manifest.get("tokenizer", {})
-        tokenizer = Path(tok["path"]) if tok.get("path") else None
-        facts = {"tokenizer": tokenizer, "sha256": tok.get("sha256"), "step": int(manifest["step"]), "source": ckpt_dir}
+        facts = {
+            "tokenizer": _checkpoint_tokenizer(tok, ckpt_dir),
+            "sha256": tok.get("sha256"),
+            "step": int(manifest["step"]),
+            "source": ckpt_dir,
+            "data_dir": Path(manifest["data_dir"]) if manifest.get("data_dir") else None,
+        }
     return state, config, facts
+
+
+def _checkpoint_tokenizer(tok: Dict[str, Any], ckpt_dir: Path) -> Optional[Path]:
+    """The checkpoint's tokenizer file: the recorded path when it still holds the recorded tokenizer,
+    else the run's own copy (``<run_dir>/tokenizer.json``) when its sha256 matches; None when neither."""
+    from data.tokenizer import tokenizer_sha256
+
+    run_copy = ckpt_dir.parent.parent / RUN_TOKENIZER
+    for candidate in ([Path(tok["path"])] if tok.get("path") else []) + [run_copy]:
+        if candidate.is_file() and (not tok.get("sha256") or tokenizer_sha256(candidate) == tok["sha256"]):
+            return candidate
+    return Path(tok["path"]) if tok.get("path") else None
 
 
 def load_model(path: str, device: str = "cpu") -> LoadedModel:
@@ -139,7 +157,9 @@ def load_model(path: str, device: str = "cpu") -> LoadedModel:
             f"{path}: weights do not match the model config (missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
     model.to(device).eval()
-    return LoadedModel(model, config, facts["tokenizer"], facts["sha256"], facts["step"], facts["source"])
+    return LoadedModel(
+        model, config, facts["tokenizer"], facts["sha256"], facts["step"], facts["source"], facts.get("data_dir")
+    )
 
 
 def warm_start(model: torch.nn.Module, path: str) -> int:

@@ -35,6 +35,7 @@ from lm.config.schema import ExperimentConfig
 from lm.errors import ConfigError, LMError
 from lm.models.registry import model_name
 from lm.training.checkpoint import (
+    RUN_TOKENIZER,
     STATE,
     latest_complete,
     read_manifest,
@@ -158,8 +159,9 @@ def build_data(cfg: DictConfig) -> RunData:
         doc_start_mask=cfg.data.packing == "reset",
         state_passing=cfg.train.state_passing,
     )
-    tokenizer = {"path": str(datamodule.tokenizer_path), "sha256": datamodule.tokenizer_sha256}
-    return RunData(datamodule, datamodule.bytes_per_token, tokenizer, data_dir)
+    # absolute paths: a checkpoint is read from any working directory (lm eval, lm generate, lm export)
+    tokenizer = {"path": str(Path(datamodule.tokenizer_path).resolve()), "sha256": datamodule.tokenizer_sha256}
+    return RunData(datamodule, datamodule.bytes_per_token, tokenizer, Path(data_dir).resolve())
 
 
 # ------------------------------------------------------------------------------------- resume
@@ -268,10 +270,15 @@ def prepare_run_dir(cfg: DictConfig, echo=print) -> None:
     echo(f"overwrite=true: removed the earlier run's files from {run_dir}")
 
 
-def _write_run_files(run_dir: Path, cfg: ExperimentConfig, resumed_step: Optional[int] = None) -> None:
+def _write_run_files(
+    run_dir: Path, cfg: ExperimentConfig, resumed_step: Optional[int] = None, tokenizer: Optional[Dict[str, Any]] = None
+) -> None:
     """``config.yaml``; a resume that changes it keeps the earlier one as ``config.<step>.yaml``
-    (the config that trained up to that step)."""
+    (the config that trained up to that step). A copy of the tokenizer, ``tokenizer.json``, keeps the
+    run's checkpoints usable when the prepared data directory moves or is deleted."""
     run_dir.mkdir(parents=True, exist_ok=True)
+    if tokenizer and tokenizer.get("path") and Path(tokenizer["path"]).is_file():
+        write_atomic(run_dir / RUN_TOKENIZER, Path(tokenizer["path"]).read_bytes())
     text = to_yaml(cfg)
     current = run_dir / "config.yaml"
     if resumed_step is not None and current.is_file() and current.read_text() != text:
@@ -336,7 +343,7 @@ def _train(cfg: DictConfig, echo) -> TrainResult:
     # before anything is written: a warm start whose weights do not fit is a one-line error
     module = build_module(exp, data, plan)
     if rank0:
-        _write_run_files(run_dir, exp, plan.step)
+        _write_run_files(run_dir, exp, plan.step, data.tokenizer)
     if rank0:
         _announce(exp, module, data, plan, threads, echo)
     stop = StopRequest() if exp.checkpoint.save_on_signal else None
