@@ -312,8 +312,8 @@ def test_failed_requeue_is_an_error_not_a_clean_exit(tmp_path, tiny_data):
         tmp_path,
         tiny_data,
         name="norequeue",
-        train={"max_steps": 400, "record_samples": True},
-        checkpoint={"every_n_steps": 1000},
+        train={"max_steps": 100_000, "record_samples": True},
+        checkpoint={"every_n_steps": 100_000},
     )
     env = {**lm_env(), "SLURM_JOB_ID": "999999", "PATH": f"{bin_dir}:{os.environ['PATH']}"}
     log = open(tmp_path / "log.txt", "w")
@@ -336,4 +336,4 @@ def test_failed_requeue_is_an_error_not_a_clean_exit(tmp_path, tiny_data):
     assert "error: stopped by SIGUSR1 at step" in output and "`scontrol requeue` failed" in output
     assert (tmp_path / "scontrol-args").read_text().split() == ["requeue", "999999"]
     stopped = read_manifest(latest_complete(tmp_path / "norequeue" / "checkpoints"))["step"]
-    assert 3 <= stopped < 400
+    assert 3 <= stopped < 100_000

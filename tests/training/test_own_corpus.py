@@ -174,8 +174,8 @@ def test_sigint_saves_and_exits_130(tmp_path, tiny_data):
     path = experiment(
         tmp_path,
         tiny_data,
-        train={"max_steps": 400, "record_samples": True, "val_every_n_steps": 0},
-        checkpoint={"every_n_steps": 1000},
+        train={"max_steps": 100_000, "record_samples": True, "val_every_n_steps": 0},
+        checkpoint={"every_n_steps": 100_000},
     )
     run = tmp_path / "exp"
     proc, log = _start(["train", str(path)], tmp_path)
