@@ -1,4 +1,4 @@
-"""``lm data inspect <dir>``: what a prepared directory holds, and a decoded sample."""
+"""``lm data inspect <dir>``: what a prepared directory (or a pretokenized corpus) holds, and a decoded sample."""
 
 from __future__ import annotations
 
@@ -7,17 +7,37 @@ from typing import List, Optional, Union
 
 from lm.errors import DataError
 
-from data.shards import TokenShards, read_metadata
+from data.pretokenized import describe_pretokenized, megatron_prefix
+from data.shards import METADATA_FILE, TokenShards, read_metadata
 from data.tokenizer import load_tokenizer
 
 
-def describe(data_dir: Union[str, Path], sample_tokens: int = 200, split: Optional[str] = None) -> str:
+def _megatron(d: Path) -> bool:
+    prefix = megatron_prefix(d)
+    return prefix.with_name(prefix.name + ".idx").is_file()
+
+
+def _saved_dataset(d: Path) -> bool:
+    from data.pretokenized import _is_saved_dataset
+
+    return _is_saved_dataset(d)
+
+
+def describe(
+    data_dir: Union[str, Path], sample_tokens: int = 200, split: Optional[str] = None, tokenizer: Optional[str] = None
+) -> str:
     """A text report: counts per split, bytes/token, dtype, tokenizer hash, a decoded sample.
+
+    A Megatron ``.bin``/``.idx`` prefix or an HF dataset of token ids (not yet prepared) gets
+    :func:`data.pretokenized.describe_pretokenized` instead (ids decoded with ``tokenizer``).
 
     The sample is the first ``sample_tokens`` tokens of ``split`` (default: validation if it has
     tokens, else train), decoded with the directory's tokenizer (special tokens shown).
     """
     d = Path(data_dir)
+    if not (d / METADATA_FILE).is_file() and (_megatron(d) or d.is_file() or _saved_dataset(d)):
+        # a pretokenized corpus (Megatron .bin/.idx or an HF dataset of ids), before any prepare
+        return describe_pretokenized(d, tokenizer, sample_tokens)
     meta = read_metadata(d)
     tok = meta["tokenizer"]
     src = meta.get("source", {})

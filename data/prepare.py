@@ -22,13 +22,16 @@ import time
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Iterator, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple, Union
+
+import numpy as np
 
 from lm.errors import DataError
 
 from data.atomic import atomic_directory
 from data.encode import ParallelEncoder, default_workers, make_tasks
 from data.fingerprint import fingerprint
+from data.pretokenized import TokenSource
 from data.shards import FORMAT, METADATA_FILE, SplitWriter, read_metadata
 from data.sources import Document, ReadStats, Source, open_source, utf8_len
 from data.split import (
@@ -223,13 +226,12 @@ def prepare(
 def _build(
     tmp: Path,
     conf: Dict[str, Any],
-    source: Source,
+    source: Union[Source, TokenSource],
     fp: str,
     echo: Callable[[str], None],
     progress: bool,
     t_start: float,
 ) -> Dict[str, Any]:
-    import lm
 
     tok_cfg = conf["tokenizer"]
     vf, tf = float(conf["validation_fraction"]), float(conf["test_fraction"])
@@ -240,6 +242,8 @@ def _build(
     for key in ("batch_size", "shard_tokens"):
         if int(conf[key]) <= 0:
             raise DataError(f"{key}: must be > 0, got {conf[key]}")
+    if isinstance(source, TokenSource):
+        return _build_from_ids(tmp, conf, source, fp, specials, progress, t_start)
     timings: Dict[str, float] = {}
 
     # 1. read pass: split plan + tokenizer sample
@@ -302,6 +306,42 @@ def _build(
     timings["total_s"] = time.perf_counter() - t_start
 
     description = {**source.describe(), "files_read": read_stats.files}
+    return _metadata(
+        conf,
+        vocab,
+        eod_id,
+        pad_id,
+        dtype,
+        sha,
+        specials,
+        tok_origin,
+        splits,
+        description,
+        read_stats,
+        fp,
+        workers,
+        timings,
+    )
+
+
+def _metadata(
+    conf: Dict[str, Any],
+    vocab: int,
+    eod_id: int,
+    pad_id: int,
+    dtype: str,
+    sha: str,
+    specials: List[str],
+    tok_origin: Dict[str, Any],
+    splits: Dict[str, Any],
+    description: Dict[str, Any],
+    read_stats: ReadStats,
+    fp: str,
+    workers: int,
+    timings: Dict[str, float],
+) -> Dict[str, Any]:
+    import lm
+
     return {
         "format": FORMAT,
         "name": conf.get("name"),
@@ -333,6 +373,92 @@ def _build(
         "encode": {"backend": ENCODE_BACKEND, "workers": workers},
         "timings": {k: round(v, 3) for k, v in timings.items()},
     }
+
+
+def _build_from_ids(
+    tmp: Path,
+    conf: Dict[str, Any],
+    source: TokenSource,
+    fp: str,
+    specials: List[str],
+    progress: bool,
+    t_start: float,
+) -> Dict[str, Any]:
+    """Shards of a corpus that is token ids already (:mod:`data.pretokenized`): no tokenizer pass.
+
+    ``tokenizer.path`` names the tokenizer the ids were made with (copied in, its special tokens
+    added when missing; every id must be below its vocabulary size). Documents are split exactly
+    like text documents (by their index); each gets an end-of-document id unless it ends with one.
+    The corpus has no text, so ``bytes`` are 0 (no bits per byte).
+    """
+    if not conf["tokenizer"].get("path"):
+        raise DataError(
+            f"tokenizer.path: source.kind={source.kind} holds token ids; name the tokenizer they were made with "
+            f"(a tokenizer.json path or a HF tokenizer name)"
+        )
+    vf, tf = float(conf["validation_fraction"]), float(conf["test_fraction"])
+    seed = int(conf["split_seed"])
+    timings: Dict[str, float] = {}
+    t = time.perf_counter()
+    tok, where = resolve_tokenizer(str(conf["tokenizer"]["path"]))
+    (eod_id, pad_id), added = ensure_special_tokens(tok, specials)
+    tok_origin: Dict[str, Any] = {"trained": False, "from": where}
+    if added:
+        tok_origin["added_special_tokens"] = added
+    tokenizer_json = tok.to_str()
+    (tmp / TOKENIZER_FILE).write_text(tokenizer_json, encoding="utf-8")
+    vocab = int(tok.get_vocab_size())
+    dtype = token_dtype(vocab)
+    timings["tokenizer_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    stats = ReadStats()
+    n = sum(1 for _ in source.token_documents())
+    if n == 0:
+        raise DataError(f"empty corpus: the source ({source.kind}, {', '.join(source.paths)}) holds no documents")
+    labels = assign_splits([unit_hash(seed, SPLIT_SALT, i) for i in range(n)], vf, tf)
+    timings["read_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    split_labels = [TRAIN, VALIDATION] + ([TEST] if tf > 0 else [])
+    writers = {label: SplitWriter(tmp, SPLITS[label], dtype, int(conf["shard_tokens"])) for label in split_labels}
+    eod = np.array([eod_id], dtype=np.int64)
+    try:
+        with _bar(progress, desc="copying ids", unit="doc", total=n) as bar:
+            for i, ids in enumerate(source.token_documents(stats)):
+                if int(ids.max()) >= vocab:
+                    raise DataError(
+                        f"{', '.join(source.paths)}: document {i} holds id {int(ids.max())}, outside the "
+                        f"tokenizer's vocabulary of {vocab} (tokenizer.path={conf['tokenizer']['path']})"
+                    )
+                if ids[-1] != eod_id:
+                    ids = np.concatenate([ids, eod])
+                writers[int(labels[i])].add(ids, np.array([len(ids)], dtype=np.int64))
+                bar.update(1)
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        raise
+    splits = {SPLITS[label]: w.close() for label, w in writers.items()}
+    timings["encode_s"] = time.perf_counter() - t
+    timings["total_s"] = time.perf_counter() - t_start
+    description = {**source.describe(), "files_read": len(source.files())}
+    return _metadata(
+        conf,
+        vocab,
+        eod_id,
+        pad_id,
+        dtype,
+        sha256_text(tokenizer_json),
+        specials,
+        tok_origin,
+        splits,
+        description,
+        stats,
+        fp,
+        1,
+        timings,
+    )
 
 
 def _summary(out: Path, meta: Dict[str, Any], wall: float, echo: Callable[[str], None]) -> None:

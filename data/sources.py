@@ -9,6 +9,8 @@ Kinds (``data.source.kind``):
   ``split_regex`` with ``split_by: regex`` (default: WikiText-style article headings);
 - ``json`` / ``jsonl`` / ``parquet`` / ``csv``  local files read with HF ``datasets``' builders,
   the text in ``text_field``, one document per row;
+- ``megatron`` / ``hf_tokens``  token ids already (:mod:`data.pretokenized`: GPT-NeoX/Megatron
+  ``.bin``/``.idx`` pairs, HF datasets with an ``input_ids`` column); not text, never re-tokenized;
 - ``hf``       a dataset on the HF hub (``hf_name``, ``hf_config``, ``hf_split``, ``streaming``), or,
   with ``paths``, local files read by the ``datasets`` builder ``hf_name`` (``data_files=paths``).
 
@@ -413,6 +415,9 @@ class HubSource(Source):
         yield from _rows_text(iter(ds), field, where)
 
 
+#: kinds whose documents are token ids already (data.pretokenized), prepared without a tokenizer pass
+TOKEN_KINDS = ("megatron", "hf_tokens")
+
 _KINDS: Dict[str, Type[Source]] = {
     "stdlib": StdlibSource,
     "text": TextSource,
@@ -431,6 +436,10 @@ def open_source(cfg: Mapping[str, Any]) -> Source:
         raise DataError(
             "source.kind=task: synthetic tasks are generated during training (data.tasks); there is nothing to prepare"
         )
+    if kind in TOKEN_KINDS:
+        from data.pretokenized import TokenSource
+
+        return TokenSource(cfg)  # type: ignore[return-value]  # prepare tells the two apart
     if kind not in _KINDS:
-        raise DataError(f"source.kind: unknown kind '{kind}'; choose one of: {', '.join(_KINDS)}")
+        raise DataError(f"source.kind: unknown kind '{kind}'; choose one of: {', '.join([*_KINDS, *TOKEN_KINDS])}")
     return _KINDS[kind](cfg)

@@ -31,11 +31,17 @@ def prepare(
 
 @data_app.command("inspect")
 def inspect(
-    data_dir: Path = typer.Argument(..., help="a directory written by `lm data prepare`"),
+    data_dir: Path = typer.Argument(
+        ..., help="a directory written by `lm data prepare`, a Megatron .bin/.idx prefix or an HF dataset of ids"
+    ),
     tokens: int = typer.Option(200, "--tokens", help="how many tokens of sample text to decode"),
     split: Optional[str] = typer.Option(None, "--split", help="split to sample (default validation)"),
+    tokenizer: Optional[str] = typer.Option(
+        None, "--tokenizer", help="pretokenized corpora: a tokenizer.json (or HF name) to decode the sample with"
+    ),
 ) -> None:
-    """Show counts per split, bytes/token, dtype, tokenizer hash and a decoded sample."""
+    """Show counts per split, bytes/token, dtype, tokenizer hash and a decoded sample; for a Megatron
+    .bin/.idx prefix or an HF dataset of token ids: format, counts, document lengths and a sample."""
     from data.inspect import describe
 
-    typer.echo(describe(data_dir, sample_tokens=tokens, split=split))
+    typer.echo(describe(data_dir, sample_tokens=tokens, split=split, tokenizer=tokenizer))

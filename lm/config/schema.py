@@ -57,16 +57,23 @@ class SourceConfig(Frozen):
       ``hf``      a dataset on the HF hub (``hf_name``, ``hf_config``, ``hf_split``), streamed when
                   ``streaming`` is true; with ``paths``, local files read by the ``datasets`` builder
                   named in ``hf_name`` (``parquet``, ``json``, ``csv``, ``text``, ...):
-                  ``load_dataset(hf_name, data_files=paths, split=hf_split)``.
+                  ``load_dataset(hf_name, data_files=paths, split=hf_split)``;
+      ``megatron``  GPT-NeoX/Megatron ``.bin``/``.idx`` pairs (``paths``: their prefixes), token ids
+                  kept as they are (``tokenizer.path`` names the tokenizer they were made with);
+      ``hf_tokens`` a ``save_to_disk`` directory or parquet/json(l) files of token ids in the column
+                  ``ids_field`` (same tokenizer rule).
     """
 
-    kind: str = choice("stdlib", ("stdlib", "text", "json", "jsonl", "parquet", "csv", "hf", "task"))
+    kind: str = choice(
+        "stdlib", ("stdlib", "text", "json", "jsonl", "parquet", "csv", "hf", "megatron", "hf_tokens", "task")
+    )
     paths: List[str] = field(default_factory=list)
     split_by: str = choice("file", ("file", "blank_line", "regex"))
     # split_by: regex: a document starts at every match (zero-width lookaheads keep the matched line);
     # the default: WikiText-style article headings " = Title = " (not " = = Section = = ")
     split_regex: str = r"(?m)^(?=[ \t]*= (?!=)[^\n]*[^=\n] =[ \t]*$)"
     text_field: str = "text"
+    ids_field: str = "input_ids"  # kind hf_tokens: the column of token ids
     hf_name: Optional[str] = None
     hf_config: Optional[str] = None
     hf_split: str = "train"

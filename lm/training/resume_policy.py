@@ -114,6 +114,7 @@ FORBIDDEN = frozenset(
         "data.source.split_by",
         "data.source.split_regex",
         "data.source.text_field",
+        "data.source.ids_field",
         "data.source.hf_name",
         "data.source.hf_config",
         "data.source.hf_split",
