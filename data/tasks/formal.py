@@ -9,10 +9,16 @@ parity (``parity_target: next_symbols``, character prediction as in Bhattamishra
 setting of Irie et al.): strings of bits with an even number of 1s; after every prefix the set of
 valid next symbols is {0, 1}, plus end-of-string when the prefix has an even number of 1s.
 
-(aa)*, (abab)*, a^n b^n, a^n b^n c^n, Dyck-1, reset Dyck-1 (character prediction, as in
-Bhattamishra et al., 2020): after every prefix predict the SET of symbols that may follow
+(aa)*, (abab)*, a^n b^n, a^n b^n c^n, shuffle-2, Dyck-1, reset Dyck-1 (character prediction, as
+in Bhattamishra et al., 2020): after every prefix predict the SET of symbols that may follow
 (including end-of-string) as a multi-label target; a string is correct when every position's set
 is right. Reset Dyck-1 adds a symbol ``r`` that may appear anywhere and resets the depth to 0.
+Shuffle-2 interleaves a Dyck-1 word over ``()`` with one over ``[]`` (two independent counters).
+
+Lengths: a string's length is drawn uniformly among the lengths the language has inside
+[min_length, max_length] (``valid_lengths``); an explicit ``length`` is moved up to the next such
+length. ``length_bins: paper`` replaces the training range and the test bins with
+:data:`PAPER_BINS` (the ranges of Bhattamishra et al., 2020, which Irie et al., 2023 follow).
 
 Token ids: 0 PAD, 1 BOS, symbols from 2. Labels: one per symbol, then EOS.
 """
@@ -20,7 +26,7 @@ Token ids: 0 PAD, 1 BOS, symbols from 2. Labels: one per symbol, then EOS.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import numpy as np
 
@@ -36,29 +42,85 @@ class FormalOptions:
     max_length: int = 40
     eval_lengths: List[int] = field(default_factory=lambda: [20, 40, 80, 160])
     parity_target: str = "class"  # parity only: class | next_symbols (see the module docstring)
+    length_bins: str = "custom"  # custom: min/max_length, eval_lengths | paper: PAPER_BINS
 
 
-def _round(n: int, multiple: int) -> int:
-    return max(multiple, multiple * round(n / multiple))
+#: (training range, [test bins]) of string lengths per language, after Bhattamishra et al. (2020),
+#: the ranges Irie et al. (2023) use (bin 0 = the training lengths, bin 1 = longer strings);
+#: a^n b^n and a^n b^n c^n as n in [1, 50] then [51, 100], here as string lengths
+PAPER_BINS: Dict[str, Tuple[Tuple[int, int], List[Tuple[int, int]]]] = {
+    "parity": ((2, 50), [(2, 50), (51, 100)]),
+    "aa_star": ((2, 500), [(2, 500), (502, 600)]),
+    "abab_star": ((4, 500), [(4, 500), (504, 600)]),
+    "anbn": ((2, 100), [(2, 100), (102, 200)]),
+    "anbncn": ((3, 150), [(3, 150), (153, 300)]),
+    "shuffle2": ((2, 50), [(2, 50), (52, 100)]),
+    "dyck1": ((2, 50), [(2, 50), (52, 100)]),
+    "reset_dyck1": ((2, 50), [(2, 50), (52, 100)]),
+}
+
+#: a language's string lengths are the multiples of this (parity and reset Dyck-1: any length >= 1)
+LENGTH_MULTIPLE = {
+    "parity": 1,
+    "aa_star": 2,
+    "abab_star": 4,
+    "anbn": 2,
+    "anbncn": 3,
+    "shuffle2": 2,
+    "dyck1": 2,
+    "reset_dyck1": 1,
+}
 
 
-def _dyck(rng, n: int, reset: bool) -> str:
+def valid_lengths(language: str, lo: int, hi: int) -> List[int]:
+    """The lengths in [lo, hi] (>= 1) that ``language`` has strings of."""
+    m = LENGTH_MULTIPLE[language]
+    return [n for n in range(max(lo, 1), hi + 1) if n % m == 0]
+
+
+def next_valid_length(language: str, n: int) -> int:
+    """The smallest length >= n (and >= 1) that ``language`` has strings of."""
+    m = LENGTH_MULTIPLE[language]
+    n = max(n, 1)
+    return n + (-n) % m
+
+
+def _dyck(rng, n: int, reset: bool, pair: str = "()") -> str:
+    """A random string of length n with balanced brackets ``pair`` (n even), or with ``reset``
+    a reset Dyck-1 string of any length: an ``r`` (depth := 0) may appear anywhere (probability 0.1
+    per step) and is forced when the remaining steps cannot close the brackets."""
     out, depth = [], 0
     for i in range(n):
         remaining = n - i
-        if reset and rng.random() < 0.1 and remaining >= 1 and (depth == 0 or remaining > 1):
+        if reset and ((remaining - depth) % 2 == 1 or rng.random() < 0.1):
             out.append("r")
             depth = 0
             continue
         if depth >= remaining:
-            choice = ")"
+            choice = pair[1]
         elif depth == 0:
-            choice = "("
+            choice = pair[0]
         else:
-            choice = "(" if rng.random() < 0.5 else ")"
-        depth += 1 if choice == "(" else -1
+            choice = pair[0] if rng.random() < 0.5 else pair[1]
+        depth += 1 if choice == pair[0] else -1
         out.append(choice)
     return "".join(out)
+
+
+def _shuffle2(rng, n: int) -> str:
+    """A Dyck-1 word over () and one over [] (even lengths adding to n) interleaved at random."""
+    n1 = 2 * int(rng.integers(0, n // 2 + 1))
+    first, second = _dyck(rng, n1, reset=False), _dyck(rng, n - n1, reset=False, pair="[]")
+    order = rng.permutation(np.array([0] * len(first) + [1] * len(second), dtype=np.int64))
+    parts, i, j = [], 0, 0
+    for o in order:
+        if o == 0:
+            parts.append(first[i])
+            i += 1
+        else:
+            parts.append(second[j])
+            j += 1
+    return "".join(parts)
 
 
 def _next_sets(language: str, s: str) -> List[set]:
@@ -87,6 +149,14 @@ def _next_sets(language: str, s: str) -> List[set]:
                 sets.append({"$"})
         elif language == "parity":
             sets.append({"0", "1"} | ({"$"} if p.count("1") % 2 == 0 else set()))
+        elif language == "shuffle2":
+            d1, d2 = p.count("(") - p.count(")"), p.count("[") - p.count("]")
+            sets.append(
+                {"(", "["}
+                | ({")"} if d1 > 0 else set())
+                | ({"]"} if d2 > 0 else set())
+                | ({"$"} if d1 == d2 == 0 else set())
+            )
         elif language in ("dyck1", "reset_dyck1"):
             depth = 0
             for ch in p:
@@ -99,24 +169,26 @@ def _next_sets(language: str, s: str) -> List[set]:
 
 
 def _string(language: str, rng, n: int) -> str:
+    """A random string of ``language`` of length :func:`next_valid_length` (n)."""
+    n = next_valid_length(language, n)
     if language == "parity":  # random bits with an even number of 1s (the last bit fixes it)
         bits = rng.integers(0, 2, size=n)
         bits[-1] = bits[:-1].sum() % 2
         return "".join(str(b) for b in bits)
     if language == "aa_star":
-        return "a" * _round(n, 2)
+        return "a" * n
     if language == "abab_star":
-        return "abab" * (_round(n, 4) // 4)
+        return "abab" * (n // 4)
     if language == "anbn":
-        k = _round(n, 2) // 2
-        return "a" * k + "b" * k
+        return "a" * (n // 2) + "b" * (n // 2)
     if language == "anbncn":
-        k = _round(n, 3) // 3
-        return "a" * k + "b" * k + "c" * k
+        return "a" * (n // 3) + "b" * (n // 3) + "c" * (n // 3)
+    if language == "shuffle2":
+        return _shuffle2(rng, n)
     if language == "dyck1":
-        return _dyck(rng, _round(n, 2), reset=False)
+        return _dyck(rng, n, reset=False)
     if language == "reset_dyck1":
-        return _dyck(rng, _round(n, 2), reset=True)
+        return _dyck(rng, n, reset=True)
     raise ValueError(language)
 
 
@@ -126,6 +198,7 @@ ALPHABETS: Dict[str, str] = {
     "abab_star": "ab",
     "anbn": "ab",
     "anbncn": "abc",
+    "shuffle2": "()[]",
     "dyck1": "()",
     "reset_dyck1": "()r",
 }
@@ -142,6 +215,22 @@ class FormalLanguage(Task):
 
             raise ConfigError(
                 f"data.task.params.language: unknown language '{options.language}'; known: {', '.join(ALPHABETS)}"
+            )
+        if options.length_bins not in ("custom", "paper"):
+            from lm.errors import ConfigError
+
+            raise ConfigError(f"data.task.params.length_bins: '{options.length_bins}' is not one of custom, paper")
+        if options.length_bins == "paper":
+            (options.min_length, options.max_length), bins = PAPER_BINS[options.language]
+            self.bins: List[Tuple[int, int]] = list(bins)
+        else:
+            self.bins = []
+        if not valid_lengths(options.language, options.min_length, options.max_length):
+            from lm.errors import ConfigError
+
+            raise ConfigError(
+                f"data.task.params.min_length/max_length: no string of '{options.language}' has a length in "
+                f"[{options.min_length}, {options.max_length}]"
             )
         if options.parity_target not in ("class", "next_symbols"):
             from lm.errors import ConfigError
@@ -164,7 +253,13 @@ class FormalLanguage(Task):
 
     def example(self, rng: np.random.Generator, length: int = 0) -> Example:
         o = self.options
-        n = length or int(rng.integers(o.min_length, o.max_length + 1))
+        if length:
+            n = length
+        elif self.classify:
+            n = int(rng.integers(o.min_length, o.max_length + 1))
+        else:
+            choices = valid_lengths(o.language, o.min_length, o.max_length)
+            n = choices[int(rng.integers(0, len(choices)))]
         if self.classify:
             bits = rng.integers(0, 2, size=n)
             inputs = np.array([BOS] + [self.token[str(b)] for b in bits] + [self.token["="]], dtype=np.int64)
@@ -181,4 +276,6 @@ class FormalLanguage(Task):
         return {"inputs": inputs, "targets": targets, "mask": np.ones(len(inputs), dtype=bool)}
 
     def eval_settings(self):
+        if self.bins:
+            return {"length": list(self.bins)}
         return {"length": list(self.options.eval_lengths)}
