@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import shutil
 import sys
 import time
 from array import array
@@ -28,9 +29,10 @@ import numpy as np
 
 from lm.errors import DataError
 
-from data.atomic import atomic_directory
+from data.atomic import atomic_directory, sigterm_as_interrupt
 from data.encode import ParallelEncoder, default_workers, make_tasks
 from data.fingerprint import fingerprint
+from data.parts import budget_files
 from data.pretokenized import TokenSource
 from data.shards import FORMAT, METADATA_FILE, SplitWriter, read_metadata
 from data.sources import Document, ReadStats, Source, open_source, utf8_len
@@ -186,8 +188,13 @@ def prepare(
     force: bool = False,
     echo: Callable[[str], None] = print,
     progress: Optional[bool] = None,
+    shard: Optional[int] = None,
 ) -> PrepareResult:
-    """Prepare the data directory described by a data config (DictConfig or mapping)."""
+    """Prepare the data directory described by a data config (DictConfig or mapping).
+
+    ``data.parts > 0``: the parts layout (:mod:`data.parts`); ``shard``: prepare only that part
+    (the merged metadata is written when every part is done; until then ``metadata`` is empty).
+    """
     t_start = time.perf_counter()
     conf = _plain(cfg)
     progress = sys.stderr.isatty() if progress is None else progress
@@ -197,7 +204,23 @@ def prepare(
 
     source = open_source(src_cfg)
     files = source.files()  # a missing path / empty glob fails here, before anything is written
-    fp = fingerprint(conf, files, _local_tokenizer_sha(tok_cfg.get("path")))
+    if conf.get("budget_bytes") is not None:
+        files = budget_files(files, int(conf["budget_bytes"]))
+        source._files = files
+    tok_sha = _local_tokenizer_sha(tok_cfg.get("path"))
+    fp = fingerprint(conf, files, tok_sha)
+    n_parts = int(conf.get("parts") or 0)
+    if n_parts < 0:
+        raise DataError(f"parts: must be >= 0 (0: one directory), got {n_parts}")
+    if shard is not None and not 0 <= shard < max(n_parts, 1):
+        raise DataError(f"--shard: part {shard} does not exist with data.parts={n_parts}")
+    if n_parts > 0:
+        from data.parts import check_source
+
+        check_source(source)
+        assert isinstance(source, Source)  # check_source refuses the token kinds with a DataError first
+        tok_fp = fingerprint({k: v for k, v in conf.items() if k not in ("parts", "shard_tokens")}, files, tok_sha)
+        return _prepare_parts(out, conf, source, files, fp, tok_fp, force, shard, progress, echo, t_start)
 
     if out.exists():
         if not out.is_dir():
@@ -219,6 +242,62 @@ def prepare(
         meta = _build(tmp, conf, source, fp, echo, progress, t_start)
         (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     wall = time.perf_counter() - t_start
+    _summary(out, meta, wall, echo)
+    return PrepareResult(out, False, meta, wall)
+
+
+def _prepare_parts(
+    out: Path,
+    conf: Dict[str, Any],
+    source: Source,
+    files: List[Path],
+    fp: str,
+    tok_fp: str,
+    force: bool,
+    shard: Optional[int],
+    progress: bool,
+    echo: Callable[[str], None],
+    t_start: float,
+) -> PrepareResult:
+    """The parts layout: up-to-date check, ``--force``, then :func:`data.parts.prepare_parts`."""
+    from data.parts import INDEX_DIR, PARTS_DIR, check_source, part_name, prepare_parts
+
+    check_source(source)
+    n = int(conf["parts"])
+    if out.exists() and not out.is_dir():
+        raise DataError(f"out_dir: {out} exists and is not a directory")
+    if (out / METADATA_FILE).is_file():
+        try:
+            old: Optional[Dict[str, Any]] = json.loads((out / METADATA_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            old = None
+        if old is not None and old.get("fingerprint") == fp and not force:
+            echo(f"{out}: up to date (fingerprint {fp[:12]}); use --force to rebuild")
+            return PrepareResult(out, True, old, time.perf_counter() - t_start)
+        if old is not None and "layout" not in old:
+            if not force:
+                raise DataError(
+                    f"out_dir: {out} holds a corpus prepared in one piece (data.parts: 0); remove it, "
+                    f"choose another out_dir, or rebuild it in parts with --force"
+                )
+            shutil.rmtree(out)
+        else:  # stale merged index: never mistaken for the new one
+            (out / METADATA_FILE).unlink(missing_ok=True)
+    elif out.is_dir() and any(out.iterdir()) and not (out / PARTS_DIR).is_dir():
+        raise DataError(
+            f"out_dir: {out} exists and is not a prepared data directory; remove it or choose another out_dir"
+        )
+    if force and out.is_dir():
+        shutil.rmtree(out / INDEX_DIR, ignore_errors=True)
+        if shard is None:
+            shutil.rmtree(out / PARTS_DIR, ignore_errors=True)
+        else:  # a SLURM array task: only its own part
+            shutil.rmtree(out / PARTS_DIR / part_name(shard, n), ignore_errors=True)
+    with sigterm_as_interrupt():
+        meta = prepare_parts(out, conf, source, files, fp, tok_fp, shard, progress, echo, t_start)
+    wall = time.perf_counter() - t_start
+    if meta is None:
+        return PrepareResult(out, False, {}, wall)
     _summary(out, meta, wall, echo)
     return PrepareResult(out, False, meta, wall)
 

@@ -21,12 +21,29 @@ def prepare(
         None, help="key=value overrides of the data section, e.g. tokenizer.vocab_size=4096"
     ),
     force: bool = typer.Option(False, "--force", help="rebuild even if the output is up to date"),
+    shard: Optional[str] = typer.Option(
+        None, "--shard", help="i/n: prepare part i of n only (data.parts=n), e.g. $SLURM_ARRAY_TASK_ID/16"
+    ),
+    max_bytes: Optional[int] = typer.Option(
+        None, "--max-bytes", help="byte budget: only the first source files within it (data.budget_bytes)"
+    ),
 ) -> None:
-    """Tokenize a corpus into packed shards (skips when the output is up to date)."""
+    """Tokenize a corpus into packed shards (skips when the output is up to date).
+
+    In parts (data.parts=n or --shard i/n) the files are prepared n parts at a time, num_proc
+    processes in parallel; a killed run redoes only unfinished parts (docs/data.md)."""
+    from data.parts import parse_shard
     from data.prepare import prepare as run_prepare
 
-    cfg = load_data_config(config, overrides or [])
-    run_prepare(cfg, force=force, echo=typer.echo)
+    extra: List[str] = []
+    part: Optional[int] = None
+    if shard is not None:
+        part, n = parse_shard(shard)
+        extra.append(f"parts={n}")
+    if max_bytes is not None:
+        extra.append(f"budget_bytes={max_bytes}")
+    cfg = load_data_config(config, [*(overrides or []), *extra])
+    run_prepare(cfg, force=force, echo=typer.echo, shard=part)
 
 
 @data_app.command("inspect")

@@ -126,6 +126,13 @@ class DataConfig(Frozen):
     num_proc: int = 0  # 0: one worker per CPU core
     batch_size: int = 256  # documents per tokenization batch
     shard_tokens: int = 64 * 1024 * 1024
+    # 0: one prepared directory; n > 0: the source's files in n parts prepared separately (num_proc at a
+    # time, or one per `lm data prepare --shard i/n`), resumable part by part, read through one index
+    # (data/parts.py, docs/data.md)
+    parts: int = 0
+    # read only the first source files (in order) whose sizes add up to at most this many bytes (always
+    # the first file); null: all (`lm data prepare --max-bytes`)
+    budget_bytes: Optional[int] = None
     task: TaskConfig = field(default_factory=TaskConfig)
     # reset | stream: how documents packed into one training window see each other. reset: every
     # recurrent state, convolution, token shift and attention restarts at each document (the

@@ -109,6 +109,8 @@ FORBIDDEN = frozenset(
         "data.test_fraction",
         "data.split_seed",
         "data.shard_tokens",
+        "data.parts",
+        "data.budget_bytes",
         "data.source.kind",
         "data.source.paths",
         "data.source.split_by",
