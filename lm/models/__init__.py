@@ -2,7 +2,7 @@
 token-mixer family with its equations, and a registry by family/variant name (:mod:`.registry`).
 """
 
-from lm.models import aaren, fwp, gated_rnn, linear_attention, rwkv, transformer  # noqa: F401  (register)
+from lm.models import aaren, fwp, gated_rnn, linear_attention, lstm, rwkv, transformer  # noqa: F401  (register)
 from lm.models.lm import LanguageModel, as_model_config
 from lm.models.registry import FAMILIES, get_family, resolve_options, validate_model_config
 

@@ -4,11 +4,14 @@
     lsa                 S_t = S_{t-1} + k_t v_t^T,  o_t = scale S_t^T q_t   (linear self-attention)
     linear_transformer  S_t = S_{t-1} + phi(k_t) v_t^T,  o_t = S_t^T phi(q_t) / (phi(q_t) . sum_s phi(k_s)),
                         phi(x) = elu(x) + 1                                      (Katharopoulos et al.)
+    linear_transformer_nonorm   the same without the denominator, o_t = S_t^T phi(q_t) (Irie et al., 2023)
     retnet              S_t = gamma_h S_{t-1} + k_t v_t^T,  gamma_h = 1 - 2^(-5-h) fixed per head
     gla                 S_t = diag(alpha_t) S_{t-1} + k_t v_t^T,
                         log alpha_t = logsigmoid(W_2 W_1 x_t + b) / tau  (per key, low rank)
     deltanet            S_t = S_{t-1} + beta_t k_t (v_t - S_{t-1}^T k_t)^T,  beta_t = sigmoid(w_b x_t),
                         q, k = L2norm(silu(conv(W x)))                       (Yang et al., 2024)
+    deltanet_sumnorm    the same rule with q, k = phi(W x) / sum phi(W x), phi = elu + 1, no conv
+                        (Schlag et al., 2021; Irie et al., 2023)
     gated_deltanet      S' = exp(g_t) S_{t-1};  S_t = S' + beta_t k_t (v_t - S'^T k_t)^T,
                         g_t = -exp(A_log) softplus(w_a x_t + dt_bias)        (per head)
     mamba2              S_t = exp(g_t) S_{t-1} + dt_t B_t x_t^T,  o_t = S_t^T C_t + D_h x_t     (Dao & Gu, 2024)
@@ -45,6 +48,8 @@ from lm.models.registry import register
 FEATURE_MAPS = {
     "identity": lambda x: x,
     "elu1": lambda x: F.elu(x) + 1.0,
+    # elu + 1 divided by its sum over the head (Schlag et al., 2021's DeltaNet): positive, sums to 1
+    "elu1_sum": lambda x: (F.elu(x) + 1.0) / (F.elu(x) + 1.0).sum(-1, keepdim=True),
     "silu": F.silu,
     "relu": F.relu,
 }
@@ -79,6 +84,11 @@ VARIANTS = {
     "retnet": {"gate": "fixed"},
     "gla": {"gate": "per_key"},
     "deltanet": {"rule": "delta", "short_conv": True, "normalize_qk": True, "output_gate": False},
+    # the definitions of Irie et al. (2023)'s code (IDSIA/fwp-formal-lang): the linear Transformer with
+    # elu + 1 features and no denominator, o_t = S_t^T phi(q_t); DeltaNet of Schlag et al. (2021) with
+    # sum-normalised elu + 1 q and k and no short convolution; neither has the head norm or output gate
+    "linear_transformer_nonorm": {"feature_map": "elu1", "output_norm": False, "output_gate": False, "scale": 1.0},
+    "deltanet_sumnorm": {"rule": "delta", "feature_map": "elu1_sum", "output_norm": False, "output_gate": False},
     "gated_deltanet": {"rule": "delta", "gate": "per_head", "short_conv": True, "normalize_qk": True},
     "mamba2": {
         "gate": "per_head",

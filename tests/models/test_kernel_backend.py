@@ -48,7 +48,7 @@ def test_torch_and_reference_backends_give_the_same_model(family, variant, monke
     ref_logits, ref_grads = logits_and_grads(tiny(family, variant, "reference"), tokens)
     seen_ref, calls[:] = list(calls), []
     logits, grads = logits_and_grads(tiny(family, variant, "torch"), tokens)
-    if family != "transformer":  # the only family without a scan op
+    if family not in ("transformer", "lstm"):  # the families without a scan op (lstm: torch.nn.LSTM)
         assert seen_ref and set(seen_ref) == {"reference"} and set(calls) == {"torch"}, (seen_ref, calls)
     scale = ref_logits.abs().max()
     assert (logits - ref_logits).abs().max() <= 1e-5 * scale, "logits differ between backends"

@@ -37,7 +37,7 @@ def flops_by_name(model, seq_len: int) -> float:
     if cfg.family == "linear_attention":
         mixer = model.blocks[0].mixer
         K, V = mixer.key_dim, mixer.value_dim
-        delta = variant in ("deltanet", "gated_deltanet")
+        delta = variant in ("deltanet", "gated_deltanet", "deltanet_sumnorm")
         C = kernel_chunk("delta_rule" if delta else "gla", K, V)
         per_head = 2 * C * (K + V) + 4 * K * V
         if delta:
@@ -49,6 +49,8 @@ def flops_by_name(model, seq_len: int) -> float:
         return L * H * float(2 * C * (2 * K + V) + C * C + 6 * K * V)
     if cfg.family == "fwp":
         return L * H * 12.0 * hd * hd
+    if cfg.family == "lstm":  # torch.nn.LSTM's weights (not nn.Linear): 2 * 4N(d + N), N = d
+        return L * 2.0 * 4 * d * (d + d)
     return 0.0
 
 
@@ -68,6 +70,9 @@ RECORDED = {
     ("linear_attention", "retnet"): {256: (49152.0, 859008.0), 2048: (49152.0, 859008.0)},
     ("linear_attention", "gla"): {256: (49152.0, 883584.0), 2048: (49152.0, 883584.0)},
     ("linear_attention", "deltanet"): {256: (81920.0, 909696.0), 2048: (81920.0, 909696.0)},
+    ("linear_attention", "linear_transformer_nonorm"): {256: (49152.0, 809856.0), 2048: (49152.0, 809856.0)},
+    ("linear_attention", "deltanet_sumnorm"): {256: (81920.0, 909696.0), 2048: (81920.0, 909696.0)},
+    ("lstm", "lstm"): {256: (131072.0, 908160.0), 2048: (131072.0, 908160.0)},
     ("linear_attention", "gated_deltanet"): {256: (81920.0, 960384.0), 2048: (81920.0, 960384.0)},
     ("linear_attention", "mamba2"): {256: (49152.0, 811392.0), 2048: (49152.0, 811392.0)},
     ("rwkv", "rwkv7"): {256: (90112.0, 1153920.0), 2048: (90112.0, 1153920.0)},
@@ -132,6 +137,12 @@ MIXER_DECAY = {
     "gated_rnn/ungated": ("w_o.weight w_v.weight", "nu"),
     "linear_attention/lsa": ("k_proj.weight o_proj.weight q_proj.weight v_proj.weight", ""),
     "linear_attention/linear_transformer": ("k_proj.weight o_proj.weight q_proj.weight v_proj.weight", ""),
+    "linear_attention/linear_transformer_nonorm": ("k_proj.weight o_proj.weight q_proj.weight v_proj.weight", ""),
+    "linear_attention/deltanet_sumnorm": (
+        "b_proj.weight k_proj.weight o_proj.weight q_proj.weight v_proj.weight",
+        "b_proj.bias",
+    ),
+    "lstm/lstm": ("lstm.weight_hh_l0 lstm.weight_ih_l0 w_o.weight", "lstm.bias_hh_l0 lstm.bias_ih_l0"),
     "linear_attention/retnet": (
         "gate_proj.weight k_proj.weight o_norm.weight o_proj.weight q_proj.weight v_proj.weight",
         "",
