@@ -10,13 +10,14 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from data.tasks.base import Task, TaskSpec, rng_for
+from data.tasks.forecast import Forecast
 from data.tasks.formal import FormalLanguage
 from data.tasks.mqar import MQAR
 from data.tasks.recall import AssociativeRecall, Induction
 from data.tasks.regression import ICLRegression, LSATeacher, one_step_gd_loss
 
 TASKS: Dict[str, Type[Task]] = {
-    cls.name: cls for cls in (AssociativeRecall, Induction, ICLRegression, LSATeacher, FormalLanguage, MQAR)
+    cls.name: cls for cls in (AssociativeRecall, Induction, ICLRegression, LSATeacher, FormalLanguage, MQAR, Forecast)
 }
 
 

@@ -1,13 +1,14 @@
-"""Families side by side at one budget: ``lm train main`` once per model, then one table and one plot.
+"""Families side by side at one budget: ``lm train <experiment>`` per model (and seed), one table, one plot.
 
     python -m lm.training.compare_families --models transformer/small gla/small gated_deltanet/small \\
         rwkv7/small mamba2/small hybrid-gla/small --out docs/compare
 
 Each model trains in its own ``lm train`` process (its own process group, killed on any exit), on the
-same data, seed, schedule and token budget as the README's main job (``configs/experiment/main.yaml``:
-``--steps`` shortens it for every model alike; ``--set key=value`` adds overrides for all). Runs go to
-``<out>/runs/<model>`` (``resume=auto``: an interrupted comparison continues, finished runs are
-read back, not retrained). The table (``<out>/compare.md``) has, per model: parameters, validation
+same data, seed, schedule and token budget: by default the README's main job
+(``configs/experiment/main.yaml``; ``--experiment`` picks another, ``--seeds`` runs each model once per
+seed, ``--steps`` shortens every run alike, ``--set key=value`` adds overrides for all). Runs go to
+``<out>/runs/<model>[-s<seed>]`` (``resume=auto``: an interrupted comparison continues, finished runs
+are read back, not retrained). The table (``<out>/compare.md``) has, per model: parameters, validation
 loss and bits/byte at the end (the trainer's own ``summary.json``), the median training tokens/s
 after the first tenth of the steps (``perf/tokens_per_s`` in the run's ``metrics.csv``) and the
 wall time; ``<out>/compare.png`` plots the training and validation loss curves.
@@ -26,7 +27,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 from data.atomic import write_atomic
 
@@ -39,15 +40,24 @@ DEFAULT_MODELS = [
 ]
 
 
-def run_name(model: str) -> str:
-    """``gla/small`` -> ``gla-small``: the run directory's name."""
-    return model.replace("/", "-")
+def run_name(model: str, seed: Optional[int] = None) -> str:
+    """``gla/small`` -> ``gla-small`` (``gla-small-s1`` with a seed): the run directory's name."""
+    return model.replace("/", "-") + ("" if seed is None else f"-s{seed}")
 
 
-def train_command(model: str, run_dir: Path, steps: Optional[int], overrides: List[str]) -> List[str]:
-    """The ``lm train main`` command line of one model of the comparison."""
-    cmd = [sys.executable, "-m", "lm.cli.main", "train", "main", f"model={model}", f"name={run_name(model)}"]
+def train_command(
+    model: str,
+    run_dir: Path,
+    steps: Optional[int],
+    overrides: List[str],
+    experiment: str = "main",
+    seed: Optional[int] = None,
+) -> List[str]:
+    """The ``lm train <experiment>`` command line of one model (and seed) of the comparison."""
+    cmd = [sys.executable, "-m", "lm.cli.main", "train", experiment, f"model={model}", f"name={run_dir.name}"]
     cmd += [f"run_dir={run_dir}", "resume=auto", "train.sample_tokens=0", "train.progress_bar=false"]
+    if seed is not None:
+        cmd.append(f"seed={seed}")
     if steps is not None:
         cmd.append(f"train.max_steps={steps}")
     return cmd + list(overrides)
@@ -89,7 +99,7 @@ def read_metrics(run_dir: Path) -> Dict[str, List[Dict[str, float]]]:
     return out
 
 
-def summarize(model: str, run_dir: Path, wall_s: Optional[float]) -> Dict[str, Optional[float]]:
+def summarize(model: str, run_dir: Path, wall_s: Optional[float], seed: Optional[int] = None) -> Dict[str, Any]:
     """One table row from a finished run directory."""
     summary = json.loads((run_dir / "summary.json").read_text())
     metrics = read_metrics(run_dir)
@@ -97,7 +107,8 @@ def summarize(model: str, run_dir: Path, wall_s: Optional[float]) -> Dict[str, O
     last_step = max((p["step"] for p in speed), default=0.0)
     steady = [p["value"] for p in speed if p["step"] > 0.1 * last_step] or [p["value"] for p in speed]
     return {
-        "model": model,  # type: ignore[dict-item]
+        "model": model,
+        "seed": seed,
         "parameters": count_parameters(run_dir),
         "step": summary.get("step"),
         "val_loss": summary.get("val_loss"),
@@ -117,46 +128,72 @@ def count_parameters(run_dir: Path) -> int:
     return sum(p.numel() for p in build_model(config["model"]).parameters())
 
 
-def table(rows: List[Dict[str, Optional[float]]], header: str) -> str:
+def table(rows: List[Dict[str, Any]], header: str) -> str:
+    """Markdown: one line per run; with several seeds, then one line per model (mean ± std over seeds)."""
+
     def fmt(x, spec):
         return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
-    lines = [header, "", "| model | parameters | steps | val loss | val bits/byte | train tokens/s | wall |"]
-    lines.append("|---|---|---|---|---|---|---|")
+    lines = [header, "", "| model | seed | parameters | steps | val loss | val bits/byte | train tokens/s | wall |"]
+    lines.append("|---|---|---|---|---|---|---|---|")
     for r in rows:
         wall = "—" if r["wall_s"] is None else f"{r['wall_s'] / 60:.1f} min"
         lines.append(
-            f"| {r['model']} | {fmt((r['parameters'] or 0) / 1e6, '.2f')}M | {fmt(r['step'], 'd')} | "
-            f"{fmt(r['val_loss'], '.4f')} | {fmt(r['val_bpb'], '.3f')} | {fmt(r['tokens_per_s'], ',.0f')} | {wall} |"
+            f"| {r['model']} | {fmt(r['seed'], 'd')} | {fmt((r['parameters'] or 0) / 1e6, '.3f')}M | "
+            f"{fmt(r['step'], 'd')} | {fmt(r['val_loss'], '.4f')} | {fmt(r['val_bpb'], '.3f')} | "
+            f"{fmt(r['tokens_per_s'], ',.0f')} | {wall} |"
         )
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    if any(sum(r["model"] == m for r in rows) > 1 for m in models):
+        lines += ["", "| model | runs | val loss (mean ± std) | best | worst | train tokens/s (median) |"]
+        lines.append("|---|---|---|---|---|---|")
+        for m in models:
+            losses = [r["val_loss"] for r in rows if r["model"] == m and r["val_loss"] is not None]
+            speeds = [r["tokens_per_s"] for r in rows if r["model"] == m and r["tokens_per_s"]]
+            if not losses:
+                continue
+            std = statistics.stdev(losses) if len(losses) > 1 else 0.0
+            lines.append(
+                f"| {m} | {len(losses)} | {statistics.mean(losses):.4f} ± {std:.4f} | {min(losses):.4f} | "
+                f"{max(losses):.4f} | {fmt(statistics.median(speeds) if speeds else None, ',.0f')} |"
+            )
     return "\n".join(lines) + "\n"
 
 
-def plot(runs: Dict[str, Path], path: Path) -> None:
-    """Training loss (left) and validation loss (right) against step, one line per model."""
+def plot(runs: Dict[str, List[Path]], path: Path, ylabel: str = "loss") -> None:
+    """Training loss (left) and validation loss (right) against step: one colour per model, one
+    line per run (seed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (ax_t, ax_v) = plt.subplots(1, 2, figsize=(11, 4))
-    for model, run_dir in runs.items():
-        m = read_metrics(run_dir)
-        final = json.loads((run_dir / "summary.json").read_text())
-        if final.get("val_loss") is not None and final["step"] not in [p["step"] for p in m.get("val/loss", [])]:
-            m.setdefault("val/loss", []).append({"step": float(final["step"]), "value": float(final["val_loss"])})
-        for ax, key in ((ax_t, "train/loss"), (ax_v, "val/loss")):
-            pts = m.get(key, [])
-            if pts:
-                ax.plot(
-                    [p["step"] for p in pts], [p["value"] for p in pts], marker="." if ax is ax_v else None, label=model
-                )
+    for i, (model, run_dirs) in enumerate(runs.items()):
+        colour = f"C{i % 10}"
+        for j, run_dir in enumerate(run_dirs):
+            m = read_metrics(run_dir)
+            final = json.loads((run_dir / "summary.json").read_text())
+            if final.get("val_loss") is not None and final["step"] not in [p["step"] for p in m.get("val/loss", [])]:
+                m.setdefault("val/loss", []).append({"step": float(final["step"]), "value": float(final["val_loss"])})
+            for ax, key in ((ax_t, "train/loss"), (ax_v, "val/loss")):
+                pts = m.get(key, [])
+                if pts:
+                    ax.plot(
+                        [p["step"] for p in pts],
+                        [p["value"] for p in pts],
+                        color=colour,
+                        alpha=0.8 if ax is ax_v else 0.5,
+                        marker="." if ax is ax_v else None,
+                        label=model if j == 0 else None,
+                    )
     for ax, title in ((ax_t, "training loss"), (ax_v, "validation loss")):
         ax.set_xlabel("step")
-        ax.set_ylabel("loss (nats/token)")
+        ax.set_ylabel(ylabel)
         ax.set_title(title)
         ax.grid(alpha=0.3)
-    ax_v.legend(fontsize=8)
+    if ax_v.get_legend_handles_labels()[0]:
+        ax_v.legend(fontsize=8)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=110)
@@ -164,40 +201,47 @@ def plot(runs: Dict[str, Path], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def main(argv=None) -> List[Dict[str, Optional[float]]]:
+def main(argv=None) -> List[Dict[str, Any]]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=DEFAULT_MODELS, help="model configs (configs/model/<name>.yaml)")
+    p.add_argument("--experiment", default="main", help="the experiment every model trains (configs/experiment)")
+    p.add_argument("--seeds", nargs="+", type=int, default=None, help="one run per seed (default: the config's)")
     p.add_argument("--out", default="runs/compare", help="runs, table and plot go here")
-    p.add_argument("--steps", type=int, default=None, help="train.max_steps for every model (default: the main job's)")
+    p.add_argument("--steps", type=int, default=None, help="train.max_steps for every model (default: the config's)")
     p.add_argument("--set", dest="overrides", action="append", default=[], help="key=value for every run")
+    p.add_argument("--ylabel", default="loss (nats/token)", help="the plot's loss axis label")
     args = p.parse_args(argv)
     out = Path(args.out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
-    rows, runs = [], {}
+    rows: List[Dict[str, Any]] = []
+    runs: Dict[str, List[Path]] = {}
     for model in args.models:
-        run_dir = out / "runs" / run_name(model)
-        runs[model] = run_dir
-        wall: Optional[float] = None
-        if not finished(run_dir, args.steps):
-            cmd = train_command(model, run_dir, args.steps, args.overrides)
-            print(f"[{model}] {' '.join(cmd[2:])}", flush=True)
-            begin = time.perf_counter()
-            code = run_one(cmd, out / f"{run_name(model)}.log")
-            if code != 0:
-                print(f"[{model}] failed (exit {code}); see {out / (run_name(model) + '.log')}", flush=True)
-                continue
-            wall = time.perf_counter() - begin
-        row = summarize(model, run_dir, wall)
-        rows.append(row)
-        print(f"[{model}] val loss {row['val_loss']:.4f}, {row['tokens_per_s'] or 0:,.0f} tokens/s", flush=True)
+        for seed in args.seeds or [None]:
+            name = run_name(model, seed)
+            run_dir = out / "runs" / name
+            wall: Optional[float] = None
+            if not finished(run_dir, args.steps):
+                cmd = train_command(model, run_dir, args.steps, args.overrides, args.experiment, seed)
+                print(f"[{name}] {' '.join(cmd[2:])}", flush=True)
+                begin = time.perf_counter()
+                code = run_one(cmd, out / f"{name}.log")
+                if code != 0:
+                    print(f"[{name}] failed (exit {code}); see {out / (name + '.log')}", flush=True)
+                    continue
+                wall = time.perf_counter() - begin
+            runs.setdefault(model, []).append(run_dir)
+            row = summarize(model, run_dir, wall, seed)
+            rows.append(row)
+            print(f"[{name}] val loss {row['val_loss']:.4f}, {row['tokens_per_s'] or 0:,.0f} tokens/s", flush=True)
     header = (
-        f"Main-job budget ({args.steps or 'default'} steps; overrides: {' '.join(args.overrides) or 'none'}), "
+        f"`lm train {args.experiment}` ({args.steps or 'its'} steps; overrides: {' '.join(args.overrides) or 'none'}), "
         f"{os.cpu_count()} CPU cores, {time.strftime('%Y-%m-%d')}"
     )
     text = table(rows, header)
     write_atomic(out / "compare.md", text)
+    write_atomic(out / "compare.json", json.dumps({"args": vars(args), "rows": rows}, indent=1))
     if runs:
-        plot({m: d for m, d in runs.items() if (d / "summary.json").is_file()}, out / "compare.png")
+        plot(runs, out / "compare.png", args.ylabel)
     print(text)
     return rows
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from lm.training.compare_families import main
+from lm.training.compare_families import main, table
 
 
 @pytest.mark.slow
@@ -25,11 +25,12 @@ def test_two_models_table_plot_and_rerun(tmp_path, tiny_data):
         "train.log_every_n_steps=1",
         "probes.every_n_steps=0",
     ]
-    argv = ["--models", "gla/tiny", "transformer/tiny", "--out", str(tmp_path), "--steps", "6"]
+    argv = ["--models", "gla/tiny", "transformer/tiny", "--out", str(tmp_path), "--steps", "6", "--seeds", "3"]
     for o in overrides:
         argv += ["--set", o]
     rows = main(argv)
-    assert [r["model"] for r in rows] == ["gla/tiny", "transformer/tiny"]
+    assert [(r["model"], r["seed"]) for r in rows] == [("gla/tiny", 3), ("transformer/tiny", 3)]
+    assert (tmp_path / "runs" / "gla-tiny-s3" / "summary.json").is_file()
     for r in rows:
         assert r["step"] == 6 and r["val_loss"] > 0 and r["val_bpb"] > 0 and r["tokens_per_s"] > 0
         assert r["parameters"] > 10_000 and r["wall_s"] is not None
@@ -40,3 +41,22 @@ def test_two_models_table_plot_and_rerun(tmp_path, tiny_data):
     again = main(argv)  # resume=auto: finished runs are read back, not retrained
     assert [r["val_loss"] for r in again] == [r["val_loss"] for r in rows]
     assert all(r["wall_s"] is None for r in again)
+
+
+def test_table_aggregates_seeds():
+    rows = [
+        {
+            "model": m,
+            "seed": s,
+            "parameters": 1000,
+            "step": 10,
+            "val_loss": v,
+            "val_bpb": None,
+            "tokens_per_s": 5.0,
+            "wall_s": 60.0,
+        }
+        for m, s, v in (("a", 0, 1.0), ("a", 1, 3.0), ("b", 0, 2.0))
+    ]
+    text = table(rows, "h")
+    assert "| a | 2 | 2.0000 ± 1.4142 | 1.0000 | 3.0000 | 5 |" in text
+    assert "| b | 1 | 2.0000 ± 0.0000 |" in text and text.count("| a | 0 |") == 1
