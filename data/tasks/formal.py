@@ -18,7 +18,8 @@ Shuffle-2 interleaves a Dyck-1 word over ``()`` with one over ``[]`` (two indepe
 Lengths: a string's length is drawn uniformly among the lengths the language has inside
 [min_length, max_length] (``valid_lengths``); an explicit ``length`` is moved up to the next such
 length. ``length_bins: paper`` replaces the training range and the test bins with
-:data:`PAPER_BINS` (the ranges of Bhattamishra et al., 2020, which Irie et al., 2023 follow).
+:data:`PAPER_BINS` (the ranges of Bhattamishra et al., 2020, which Irie et al., 2023 follow);
+``small`` with :data:`SMALL_BINS` (the same shape at CPU size).
 
 Token ids: 0 PAD, 1 BOS, symbols from 2. Labels: one per symbol, then EOS.
 """
@@ -42,7 +43,7 @@ class FormalOptions:
     max_length: int = 40
     eval_lengths: List[int] = field(default_factory=lambda: [20, 40, 80, 160])
     parity_target: str = "class"  # parity only: class | next_symbols (see the module docstring)
-    length_bins: str = "custom"  # custom: min/max_length, eval_lengths | paper: PAPER_BINS
+    length_bins: str = "custom"  # custom: min/max_length, eval_lengths | paper: PAPER_BINS | small: SMALL_BINS
 
 
 #: (training range, [test bins]) of string lengths per language, after Bhattamishra et al. (2020),
@@ -58,6 +59,19 @@ PAPER_BINS: Dict[str, Tuple[Tuple[int, int], List[Tuple[int, int]]]] = {
     "dyck1": ((2, 50), [(2, 50), (52, 100)]),
     "reset_dyck1": ((2, 50), [(2, 50), (52, 100)]),
 }
+
+#: CPU-sized bins of the same shape: training lengths up to ~40, test bin 1 up to twice that
+SMALL_BINS: Dict[str, Tuple[Tuple[int, int], List[Tuple[int, int]]]] = {
+    "parity": ((2, 20), [(2, 20), (21, 40)]),
+    "aa_star": ((2, 40), [(2, 40), (42, 80)]),
+    "abab_star": ((4, 40), [(4, 40), (44, 80)]),
+    "anbn": ((2, 40), [(2, 40), (42, 80)]),
+    "anbncn": ((3, 45), [(3, 45), (48, 90)]),
+    "shuffle2": ((2, 40), [(2, 40), (42, 80)]),
+    "dyck1": ((2, 40), [(2, 40), (42, 80)]),
+    "reset_dyck1": ((2, 40), [(2, 40), (41, 80)]),
+}
+BINS = {"paper": PAPER_BINS, "small": SMALL_BINS}
 
 #: a language's string lengths are the multiples of this (parity and reset Dyck-1: any length >= 1)
 LENGTH_MULTIPLE = {
@@ -216,12 +230,14 @@ class FormalLanguage(Task):
             raise ConfigError(
                 f"data.task.params.language: unknown language '{options.language}'; known: {', '.join(ALPHABETS)}"
             )
-        if options.length_bins not in ("custom", "paper"):
+        if options.length_bins not in ("custom", "paper", "small"):
             from lm.errors import ConfigError
 
-            raise ConfigError(f"data.task.params.length_bins: '{options.length_bins}' is not one of custom, paper")
-        if options.length_bins == "paper":
-            (options.min_length, options.max_length), bins = PAPER_BINS[options.language]
+            raise ConfigError(
+                f"data.task.params.length_bins: '{options.length_bins}' is not one of custom, paper, small"
+            )
+        if options.length_bins in BINS:
+            (options.min_length, options.max_length), bins = BINS[options.length_bins][options.language]
             self.bins: List[Tuple[int, int]] = list(bins)
         else:
             self.bins = []

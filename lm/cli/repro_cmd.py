@@ -1,4 +1,5 @@
-"""``lm repro``: the reproductions of "Gated recurrent neural networks discover attention"."""
+"""``lm repro``: the reproductions of "Gated recurrent neural networks discover attention" (construction,
+icl-regression, mechanism, icl-gd) and of Irie et al. (2023)'s formal-language table (formal-table)."""
 
 from __future__ import annotations
 
@@ -39,3 +40,76 @@ def icl_regression_command(
 
     icl_regression(runs, out, n_examples=examples)
     typer.echo(open(f"{out}/icl_regression.md").read())
+
+
+@repro_app.command("mechanism")
+def mechanism_command(
+    out: str = typer.Option("docs/repro", "--out", help="output directory"),
+    neurons: str = typer.Option("4,6,8,10,12,14,16,20,28", "--neurons", help="student widths N, comma-separated"),
+    steps: int = typer.Option(4000, "--steps", help="Adam steps per student"),
+    seed: int = typer.Option(0, "--seed", help="teacher and student seed"),
+) -> None:
+    """(b') The paper's gated RNN (gated_rnn/state_gated) taught by a linear self-attention layer:
+    loss against the number of neurons, the learned decays and the output gate's pairing."""
+    from lm.errors import LMError
+    from lm.probes.repro_gated import teacher_student_study
+
+    try:
+        counts = tuple(int(n) for n in neurons.split(","))
+    except ValueError:
+        raise LMError(f"--neurons: '{neurons}' is not a comma-separated list of integers") from None
+    if not counts or min(counts) < 1 or steps < 1:
+        raise LMError(f"--neurons/--steps: need neuron counts >= 1 and steps >= 1, got '{neurons}', {steps}")
+    teacher_student_study(out, neuron_counts=counts, steps=steps, seed=seed)
+    typer.echo(open(f"{out}/mechanism.md").read())
+    typer.echo(f"written to {out}/mechanism.md, mechanism.json and mechanism.png")
+
+
+@repro_app.command("icl-gd")
+def icl_gd_command(
+    out: str = typer.Option("docs/repro", "--out", help="output directory"),
+    steps: int = typer.Option(6000, "--steps", help="Adam steps per model"),
+    seed: int = typer.Option(1, "--seed", help="seed of the models and data"),
+) -> None:
+    """(c') In-context regression: each model's predictions against one GD step whose rate is fitted
+    on held-out sequences (R²), for LSA, the paper's gated RNN, the x_gated RNN and the ungated RNN."""
+    from lm.errors import LMError
+    from lm.probes.repro_gated import icl_gd_study
+
+    if steps < 1:
+        raise LMError(f"--steps: {steps} must be >= 1")
+    icl_gd_study(out, steps=steps, seed=seed)
+    typer.echo(open(f"{out}/icl_gd.md").read())
+
+
+@repro_app.command("formal-table")
+def formal_table_command(
+    out: str = typer.Option("docs/repro", "--out", help="output directory"),
+    models: str = typer.Option("", "--models", help="family/variant names, comma-separated (default: all eight)"),
+    languages: str = typer.Option("", "--languages", help="languages, comma-separated (default: all eight)"),
+    seeds: int = typer.Option(3, "--seeds", help="seeds 0..n-1 per cell"),
+    bins: str = typer.Option("small", "--bins", help="length bins: small (CPU size) or paper"),
+    steps: int = typer.Option(1000, "--steps", help="training steps per cell"),
+    d_model: int = typer.Option(64, "--d-model", help="model width (2 layers, 2 heads)"),
+    examples: int = typer.Option(256, "--examples", help="test strings per bin"),
+) -> None:
+    """Seed 001: models x languages x seeds on character prediction; writes formal_table.md/.json/.png."""
+    from lm.errors import LMError
+    from lm.probes.repro_formal import formal_table
+
+    if seeds < 1 or steps < 1 or examples < 1 or d_model < 2:
+        raise LMError(
+            f"--seeds/--steps/--examples/--d-model: must be positive, got {seeds}, {steps}, {examples}, {d_model}"
+        )
+    formal_table(
+        out,
+        models=[m for m in models.split(",") if m] or None,
+        languages=[lang for lang in languages.split(",") if lang] or None,
+        seeds=tuple(range(seeds)),
+        bins=bins,
+        steps=steps,
+        n_test=examples,
+        log=typer.echo,
+        d_model=d_model,
+    )
+    typer.echo(open(f"{out}/formal_table.md").read())

@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from data.tasks.formal import ALPHABETS, PAPER_BINS, FormalLanguage, FormalOptions, valid_lengths
+from data.tasks.formal import ALPHABETS, BINS, PAPER_BINS, FormalLanguage, FormalOptions, valid_lengths
 from lm.errors import ConfigError
 
 LANGUAGES = ["parity", "aa_star", "abab_star", "anbn", "anbncn", "shuffle2", "dyck1", "reset_dyck1"]
@@ -114,10 +114,11 @@ def _words_of_length(language, n):
     return ["()" * (n // 2) + "r" * (n % 2)]
 
 
+@pytest.mark.parametrize("kind", ["paper", "small"])
 @pytest.mark.parametrize("language", LANGUAGES)
-def test_explicit_lengths_and_paper_bins(language):
-    task = task_for(language, length_bins="paper")
-    (lo, hi), bins = PAPER_BINS[language]
+def test_explicit_lengths_and_bins(language, kind):
+    task = task_for(language, length_bins=kind)
+    (lo, hi), bins = BINS[kind][language]
     assert (task.options.min_length, task.options.max_length) == (lo, hi)
     assert task.eval_settings() == {"length": bins}
     rng = np.random.default_rng(1)
@@ -125,6 +126,7 @@ def test_explicit_lengths_and_paper_bins(language):
         for n in (b_lo, b_hi, (b_lo + b_hi) // 2):
             s = decode(task, task.example(rng, length=n)["inputs"])
             assert in_language(language, s) and b_lo <= len(s) <= b_hi, (language, n, len(s))
+        assert valid_lengths(language, b_lo, b_hi)[0] == b_lo and valid_lengths(language, b_lo, b_hi)[-1] == b_hi
 
 
 def test_bad_length_options_are_config_errors():
