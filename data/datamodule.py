@@ -27,8 +27,14 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from lm.errors import DataError
 
-from data.dataset import WindowDataset, collate_windows
-from data.sampler import ResumableBatchSampler, StreamBatchSampler, StridedBatchSampler
+from data.dataset import MixtureWindows, WindowDataset, collate_windows
+from data.sampler import (
+    MixtureBatchSampler,
+    ResumableBatchSampler,
+    SourceStridedBatchSampler,
+    StreamBatchSampler,
+    StridedBatchSampler,
+)
 from data.shards import TokenShards, check_compatible, read_metadata
 
 
@@ -82,7 +88,7 @@ class TokenDataModule(pl.LightningDataModule):
         self.train_dataset: Optional[WindowDataset] = None
         self.val_dataset: Optional[WindowDataset] = None
         self.test_dataset: Optional[WindowDataset] = None
-        self.batch_sampler: Optional[ResumableBatchSampler] = None
+        self.batch_sampler: Optional[Union[ResumableBatchSampler, MixtureBatchSampler]] = None
         self._train_loader: Optional[StatefulDataLoader] = None
         self._pending_state: Optional[Dict[str, Any]] = None
 
@@ -130,8 +136,30 @@ class TokenDataModule(pl.LightningDataModule):
         return 0, 1
 
     # ---------------------------------------------------------------------------------- setup
+    @property
+    def mixture(self) -> List[Dict[str, Any]]:
+        """The sources of a mixture directory (``data.sources``), else []."""
+        return list(self.metadata.get("mixture") or [])
+
+    def _source_windows(self, split: str) -> Optional[MixtureWindows]:
+        parts = []
+        for entry in self.mixture:
+            sub = self.data_dir / entry["dir"]
+            parts.append(WindowDataset(TokenShards(sub, split), self.seq_len, self.doc_start_mask))
+        return MixtureWindows(parts) if any(len(p) for p in parts) else None
+
     def setup(self, stage: Optional[str] = None) -> None:
         splits = self.metadata["splits"]
+        if self.mixture:
+            if self.state_passing:
+                raise DataError("train.state_passing: not available with a mixture (data.sources)")
+            if self.train_dataset is None:
+                self.train_dataset = self._source_windows("train")  # type: ignore[assignment]
+            if self.val_dataset is None and splits.get("validation", {}).get("tokens"):
+                self.val_dataset = self._source_windows("validation")  # type: ignore[assignment]
+            if self.test_dataset is None and splits.get("test", {}).get("tokens"):
+                self.test_dataset = self._source_windows("test")  # type: ignore[assignment]
+            return
         if self.train_dataset is None:
             self.train_dataset = WindowDataset(TokenShards(self.data_dir, "train"), self.seq_len, self.doc_start_mask)
         if self.val_dataset is None and splits.get("validation", {}).get("tokens"):
@@ -151,8 +179,15 @@ class TokenDataModule(pl.LightningDataModule):
         self.setup("fit")
         assert self.train_dataset is not None  # setup builds it
         rank, world = self.rank_and_world()
-        kind = StreamBatchSampler if self.state_passing else ResumableBatchSampler
-        sampler = kind(len(self.train_dataset), self.micro_batch_size, self.seed, rank, world)
+        sampler: Union[ResumableBatchSampler, MixtureBatchSampler]
+        if isinstance(self.train_dataset, MixtureWindows):
+            weights = [float(m["weight"]) for m in self.mixture]
+            sampler = MixtureBatchSampler(
+                self.train_dataset.sizes, weights, self.micro_batch_size, self.seed, rank, world
+            )
+        else:
+            kind = StreamBatchSampler if self.state_passing else ResumableBatchSampler
+            sampler = kind(len(self.train_dataset), self.micro_batch_size, self.seed, rank, world)
         if self._pending_state is not None:
             sampler.load_state_dict(self._pending_state)
             self._pending_state = None
@@ -172,7 +207,11 @@ class TokenDataModule(pl.LightningDataModule):
                 f"{name} split too small: {len(dataset.shards)} tokens give {len(dataset)} windows of "
                 f"{self.seq_len + 1} tokens, fewer than the {world} rank(s)"
             )
-        sampler = StridedBatchSampler(len(dataset), self.micro_batch_size, rank, world, self.val_batches)
+        sampler: Union[StridedBatchSampler, SourceStridedBatchSampler]
+        if isinstance(dataset, MixtureWindows):  # one source per batch, val_batches per source
+            sampler = SourceStridedBatchSampler(dataset.sizes, self.micro_batch_size, rank, world, self.val_batches)
+        else:
+            sampler = StridedBatchSampler(len(dataset), self.micro_batch_size, rank, world, self.val_batches)
         return DataLoader(dataset, batch_sampler=sampler, **self._loader_kwargs())
 
     def val_dataloader(self) -> Union[DataLoader, List]:
@@ -194,7 +233,18 @@ class TokenDataModule(pl.LightningDataModule):
         if self.num_workers > 0 and loader is not None and getattr(loader, "_iterator", None) is not None:
             # workers prefetch: the sampler is ahead of what was consumed; use the loader's snapshot
             state = sampler_state_from_loader_state(loader.state_dict(), state)
+            if isinstance(self.batch_sampler, MixtureBatchSampler):  # counts of the snapshot's position
+                k = int(state["epoch"]) * self.batch_sampler.samples_per_epoch * self.batch_sampler.world_size
+                state["counts"] = self.batch_sampler.counts_at(k + int(state["consumed"])).tolist()
         return state
+
+    def callbacks(self) -> List[Any]:
+        """Callbacks the trainer adds for this data: a mixture's per-source metrics."""
+        if not self.mixture:
+            return []
+        from data.mixture_metrics import MixtureMetrics
+
+        return [MixtureMetrics(self)]
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         if not state_dict:

@@ -78,3 +78,47 @@ def collate_windows(batch):
     if isinstance(batch, dict):
         return batch
     return default_collate(batch)
+
+
+class MixtureWindows(Dataset):
+    """The windows of several sources' :class:`WindowDataset` one after the other (a mixture).
+
+    Global index ``offset_s + i`` is window ``i`` of source ``s``; batches also carry ``"source"``
+    (LongTensor[B], the source of each row), which the mixture's metrics read.
+    """
+
+    def __init__(self, parts: Sequence[WindowDataset]):
+        self.parts = list(parts)
+        self.sizes = [len(p) for p in self.parts]
+        self.offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
+        self.doc_start_mask = bool(self.parts and self.parts[0].doc_start_mask)
+        self.seq_len = self.parts[0].seq_len if self.parts else 0
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def locate(self, i: int) -> "tuple[int, int]":
+        """``(source, window within it)`` of global index ``i``."""
+        if not 0 <= i < len(self):
+            raise IndexError(f"window {i} outside 0..{len(self) - 1}")
+        s = int(np.searchsorted(self.offsets, i, side="right")) - 1
+        return s, i - int(self.offsets[s])
+
+    def __getitem__(self, i: int) -> Dict[str, torch.Tensor]:
+        s, j = self.locate(int(i))
+        item = self.parts[s][j]
+        item["index"] = torch.tensor(int(i), dtype=torch.long)
+        item["source"] = torch.tensor(s, dtype=torch.long)
+        return item
+
+    def __getitems__(self, indices: Sequence[int]) -> Dict[str, torch.Tensor]:
+        where = [self.locate(int(i)) for i in indices]
+        tokens = np.stack([self.parts[s].window(j) for s, j in where]).astype(np.int64)
+        batch = {
+            "tokens": torch.from_numpy(tokens),
+            "index": torch.tensor([int(i) for i in indices], dtype=torch.long),
+            "source": torch.tensor([s for s, _ in where], dtype=torch.long),
+        }
+        if self.doc_start_mask:
+            batch["doc_start_mask"] = torch.from_numpy(np.stack([self.parts[s].starts_mask(j) for s, j in where]))
+        return batch

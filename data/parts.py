@@ -34,7 +34,6 @@ part is prepared, ``num_proc`` at a time (one process each, the tokenizer's own 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -44,16 +43,15 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
-import numpy as np
 
 from lm.errors import DataError
 
 from data.atomic import atomic_directory, pid_alive, write_atomic
+from data.shards import merge_splits
 from data.sources import Document, ReadStats, Source
 from data.split import SPLIT_SALT, TEST, TRAIN, VALIDATION, label_of, unit_hash
 
 PARTS_DIR = "parts"
-INDEX_DIR = "index"
 PART_FILE = "part.json"
 TOKENIZER_META = "tokenizer.meta.json"
 #: sources whose files can be read one at a time (one document stream per file)
@@ -340,41 +338,6 @@ def _run_part(args: tuple) -> Tuple[Dict[str, Any], bool]:
     return prepare_part(*args)
 
 
-# ------------------------------------------------------------------------------------- merging
-
-
-def merge(out: Path, n: int, parts: List[Dict[str, Any]], tok_meta: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
-    """Write ``index/<split>_doc_starts.npy`` for the parts in order; returns the splits' entries
-    (shards named relative to ``out``)."""
-    splits: Dict[str, Dict[str, Any]] = {}
-    for name in parts[0]["splits"]:
-        shards: List[Dict[str, Any]] = []
-        starts: List[np.ndarray] = []
-        tokens = documents = nbytes = 0
-        for i, part in enumerate(parts):
-            entry = part["splits"][name]
-            prefix = f"{PARTS_DIR}/{part_name(i, n)}/"
-            shards += [{"file": prefix + s["file"], "tokens": s["tokens"]} for s in entry["shards"]]
-            own = np.load(out / (prefix + entry["doc_starts"]))
-            starts.append(own.astype(np.int64) + tokens)
-            tokens += int(entry["tokens"])
-            documents += int(entry["documents"])
-            nbytes += int(entry["bytes"])
-        buf = io.BytesIO()
-        np.save(buf, np.concatenate(starts) if starts else np.zeros(0, np.int64))
-        rel = f"{INDEX_DIR}/{name}_doc_starts.npy"
-        write_atomic(out / rel, buf.getvalue())
-        splits[name] = {
-            "tokens": tokens,
-            "documents": documents,
-            "bytes": nbytes,
-            "bytes_per_token": (nbytes / tokens) if tokens else None,
-            "shards": shards,
-            "doc_starts": rel,
-        }
-    return splits
-
-
 # --------------------------------------------------------------------------------------- driver
 
 
@@ -455,7 +418,7 @@ def prepare_parts(
         echo(f"{out}: {n - len(missing)} of {n} parts done; missing: {', '.join(map(str, missing[:20]))}")
         return None
     full = [p for p in parts if p is not None]
-    splits = merge(out, n, full, tok_meta)
+    splits = merge_splits(out, [(f"{PARTS_DIR}/{part_name(i, n)}/", p["splits"]) for i, p in enumerate(full)])
     vf, tf = float(conf["validation_fraction"]), float(conf["test_fraction"])
     for name, fraction in (("validation", vf), ("test", tf)):
         if fraction > 0 and not splits[name]["documents"]:

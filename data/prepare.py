@@ -201,6 +201,12 @@ def prepare(
     out = Path(conf["out_dir"])
     src_cfg: Mapping[str, Any] = conf["source"]
     tok_cfg: Mapping[str, Any] = conf["tokenizer"]
+    if conf.get("sources"):
+        from data.mixture import prepare_mixture
+
+        if shard is not None:
+            raise DataError("--shard: prepare the sources of a mixture one by one (data.sources), not in shards")
+        return prepare_mixture(conf, force, echo, progress, t_start)
 
     source = open_source(src_cfg)
     files = source.files()  # a missing path / empty glob fails here, before anything is written
@@ -260,7 +266,8 @@ def _prepare_parts(
     t_start: float,
 ) -> PrepareResult:
     """The parts layout: up-to-date check, ``--force``, then :func:`data.parts.prepare_parts`."""
-    from data.parts import INDEX_DIR, PARTS_DIR, check_source, part_name, prepare_parts
+    from data.parts import PARTS_DIR, check_source, part_name, prepare_parts
+    from data.shards import INDEX_DIR
 
     check_source(source)
     n = int(conf["parts"])

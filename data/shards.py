@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, BinaryIO, Dict, List, Optional, Union
+from typing import Any, BinaryIO, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
@@ -26,6 +26,8 @@ METADATA_FILE = "metadata.json"
 FORMAT = "lm-token-shards/1"
 #: bytes reserved for a shard's .npy header (magic, version, length, padded dict); see write_npy_header
 NPY_HEADER_BYTES = 128
+#: where merged indexes (data.parts, mixtures) keep their document offsets
+INDEX_DIR = "index"
 
 
 # -------------------------------------------------------------------------------------- writing
@@ -127,6 +129,49 @@ class SplitWriter:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def merge_splits(out: Path, pieces: List[Tuple[str, Dict[str, Any]]]) -> Dict[str, Dict[str, Any]]:
+    """One index over several prepared pieces (parts of a corpus, sources of a mixture) under ``out``.
+
+    ``pieces``: ``(prefix, splits)`` in order, ``prefix`` the piece's directory relative to ``out``
+    (ending in ``/``) and ``splits`` its metadata's split entries. Each split's stream is the
+    pieces' streams one after the other: shards are listed with the prefix (no token is copied) and
+    ``index/<split>_doc_starts.npy`` holds the shifted document offsets (written atomically).
+    Returns the merged split entries.
+    """
+    import io
+
+    from data.atomic import write_atomic
+
+    merged: Dict[str, Dict[str, Any]] = {}
+    names = list(dict.fromkeys(name for _, splits in pieces for name in splits))
+    for name in names:
+        shards: List[Dict[str, Any]] = []
+        starts: List[np.ndarray] = []
+        tokens = documents = nbytes = 0
+        for prefix, splits in pieces:
+            entry = splits.get(name)
+            if not entry:
+                continue
+            shards += [{"file": prefix + s["file"], "tokens": s["tokens"]} for s in entry["shards"]]
+            starts.append(np.load(Path(out) / (prefix + entry["doc_starts"])).astype(np.int64) + tokens)
+            tokens += int(entry["tokens"])
+            documents += int(entry["documents"])
+            nbytes += int(entry["bytes"])
+        buf = io.BytesIO()
+        np.save(buf, np.concatenate(starts) if starts else np.zeros(0, np.int64))
+        rel = f"{INDEX_DIR}/{name}_doc_starts.npy"
+        write_atomic(Path(out) / rel, buf.getvalue())
+        merged[name] = {
+            "tokens": tokens,
+            "documents": documents,
+            "bytes": nbytes,
+            "bytes_per_token": (nbytes / tokens) if tokens else None,
+            "shards": shards,
+            "doc_starts": rel,
+        }
+    return merged
 
 
 # -------------------------------------------------------------------------------------- reading

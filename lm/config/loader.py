@@ -131,6 +131,10 @@ def _merge(base: DictConfig, update: Any, source: str, prefix: str = "") -> Dict
         return cast(DictConfig, OmegaConf.merge(base, update))  # merging into a DictConfig gives one
     except OmegaConfBaseException as e:
         raise _config_error(e, base, source, prefix) from None
+    except TypeError as e:  # OmegaConf: a dotted key into a list (data.sources.0.weight=2) gives a dict
+        raise ConfigError(
+            f"{source}: cannot merge {OmegaConf.to_yaml(update).strip()!r} ({e}); set a list whole: key=[...]"
+        )
 
 
 def _config_error(e: OmegaConfBaseException, base: DictConfig, source: str, prefix: str = "") -> ConfigError:

@@ -113,6 +113,16 @@ class TaskConfig(Frozen):
 
 
 @dataclass
+class MixtureSourceConfig(Frozen):
+    """One corpus of a mixture (``data.sources``): prepared like ``data.source`` into
+    ``<out_dir>/<name>`` with the shared tokenizer, drawn in proportion to ``weight``."""
+
+    name: str = ""  # required: the directory under out_dir and the metric prefix (val/<name>/loss)
+    weight: float = 1.0  # relative share of training windows (normalised over the sources)
+    source: SourceConfig = field(default_factory=SourceConfig)
+
+
+@dataclass
 class DataConfig(Frozen):
     """A tokenized corpus (source, tokenizer, split, shards) or a synthetic task."""
 
@@ -133,6 +143,9 @@ class DataConfig(Frozen):
     # read only the first source files (in order) whose sizes add up to at most this many bytes (always
     # the first file); null: all (`lm data prepare --max-bytes`)
     budget_bytes: Optional[int] = None
+    # a weighted mixture (data/mixture.py, docs/data.md): non-empty replaces `source`; the tokenizer is
+    # `tokenizer.path` or trained on the first source, and shared by all
+    sources: List[MixtureSourceConfig] = field(default_factory=list)
     task: TaskConfig = field(default_factory=TaskConfig)
     # reset | stream: how documents packed into one training window see each other. reset: every
     # recurrent state, convolution, token shift and attention restarts at each document (the

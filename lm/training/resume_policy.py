@@ -111,6 +111,7 @@ FORBIDDEN = frozenset(
         "data.shard_tokens",
         "data.parts",
         "data.budget_bytes",
+        "data.sources",
         "data.source.kind",
         "data.source.paths",
         "data.source.split_by",

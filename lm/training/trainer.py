@@ -364,6 +364,7 @@ def _train(cfg: DictConfig, echo) -> TrainResult:
     callbacks = build_callbacks(exp, run_dir, checkpoints, loggers)
     trainer = build_trainer(exp, devices, nodes, callbacks, loggers, echo)
     fit(trainer, module, data, plan, checkpoints)
+    callbacks += getattr(data.datamodule, "callbacks", list)()  # the data's own metrics (a mixture's per source)
     return finish(exp, trainer, module, data, plan, checkpoints, stop, echo)
 
 
