@@ -82,3 +82,13 @@ def test_lstm_mixer_is_torch_lstm_per_document():
             assert torch.allclose(state["h"][b], h[0, 0], atol=1e-6) and torch.allclose(
                 state["c"][b], c[0, 0], atol=1e-6
             )
+
+
+def test_state_gated_experiment_configs_build():
+    from lm.config import load_experiment
+
+    for name in ("repro-lsa-teacher-state_gated", "repro-icl-regression-state_gated"):
+        cfg = load_experiment(name, [])
+        assert cfg.model.family == "gated_rnn" and cfg.model.variant == "state_gated"
+        model = build_model(dict(cfg.model, vocab_size=0, input_dim=4, output_dim=4))
+        assert model.blocks[0].mixer.state_gated
