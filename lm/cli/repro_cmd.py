@@ -15,7 +15,8 @@ app.add_typer(repro_app, name="repro")
 
 @repro_app.command("construction")
 def construction_command(out: str = typer.Option("docs/repro", "--out", help="output directory")) -> None:
-    """(a) Gated RNNs set by the explicit construction equal linear self-attention layers."""
+    """(a) Gated RNNs set by the explicit constructions (x_gated and the paper's state_gated layer)
+    equal linear self-attention layers."""
     from lm.probes.repro import construction
 
     rows = construction(out)
@@ -24,7 +25,14 @@ def construction_command(out: str = typer.Option("docs/repro", "--out", help="ou
             f"H={r['heads']} dk={r['dk']} dv={r['dv']} units={r['units']}: max relative error "
             f"{r['error']:.2e} (whole sequence), {r['error_stepped']:.2e} (stepped)"
         )
-    typer.echo(f"written to {out}/construction.md and construction.png")
+    from lm.probes.repro_gated import construction_state_gated
+
+    for r in construction_state_gated(out):
+        typer.echo(
+            f"state_gated H={r['heads']} dk={r['dk']} dv={r['dv']} neurons={r['neurons']}: max relative error "
+            f"{r['error']:.2e} (whole sequence), {r['error_stepped']:.2e} (stepped)"
+        )
+    typer.echo(f"written to {out}/construction.md, construction.png and construction_state_gated.md")
 
 
 @repro_app.command("icl-regression")

@@ -126,3 +126,12 @@ def test_aaren_forecast_study(tmp_path):
     assert res["reference"]["noise_floor"] == pytest.approx(0.01)
     assert "predict the last value" in (tmp_path / "aaren_forecast.md").read_text()
     assert (tmp_path / "aaren_forecast.png").stat().st_size > 0
+
+
+def test_state_gated_construction_report(tmp_path):
+    from lm.probes.repro_gated import construction_state_gated
+
+    rows = construction_state_gated(str(tmp_path), settings=((1, 4, 4), (2, 3, 5)), seq_len=16)
+    assert [r["neurons"] for r in rows] == [20, 36] and [r["x_gated_neurons"] for r in rows] == [16, 30]
+    assert all(r["error"] <= 1e-5 and r["error_stepped"] <= 1e-5 for r in rows)
+    assert "| 2 | 3 | 5 | 36 | 30 | 30 |" in (tmp_path / "construction_state_gated.md").read_text()
