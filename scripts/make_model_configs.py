@@ -7,7 +7,10 @@ tokenizer size (rounded up to 64), so no embedding row goes untrained; the size'
 header's count assume the nominal vocabulary (:data:`NOMINAL_VOCAB`). A fixed size is set only when
 asked (``model.vocab_size=N``; larger than the tokenizer's is a warning). Where the standard shape misses the size's name by more than 5%, the layer count and MLP
 ratio are adjusted so that the parameter count is within 10% of it; ``tests/models/test_sizes.py`` checks this on the meta
-device. Run: ``python scripts/make_model_configs.py``.
+device. Hybrids (``hybrid-<family>``: ``model.layers`` puts softmax attention in the last layer of
+every group of four, lm/models/hybrid.py) keep their depth a multiple of the pattern's period (tiny: 4
+layers, small: 8), so every size has exactly one attention layer in four.
+Run: ``python scripts/make_model_configs.py``.
 """
 
 from __future__ import annotations
@@ -38,6 +41,13 @@ NAMES = {
     "recurrent_delta": {"family": "fwp", "variant": "recurrent_delta"},
     "srwm": {"family": "fwp", "variant": "srwm"},
     "aaren": {"family": "aaren", "variant": "aaren"},
+    # hybrids: the default layers are the family's, every 4th layer (3, 7, 11, ...) softmax attention
+    "hybrid-gla": {"family": "linear_attention", "variant": "gla", "layers": {"every": 4, "mixer": "transformer"}},
+    "hybrid-gated_deltanet": {
+        "family": "linear_attention",
+        "variant": "gated_deltanet",
+        "layers": {"every": 4, "mixer": "transformer"},
+    },
 }
 
 #: size -> (target params or None, shape); vocab_size 0: the data's
@@ -57,13 +67,23 @@ def nominal_parameters(cfg: dict, size: str) -> int:
     return count_parameters({**cfg, "vocab_size": cfg.get("vocab_size") or NOMINAL_VOCAB[size]})
 
 
+def layer_period(keys: dict) -> int:
+    """The depth a model name's layer count must be a multiple of: a hybrid pattern's ``every``, else 1."""
+    layers = keys.get("layers")
+    return int(layers["every"]) if isinstance(layers, dict) else 1
+
+
 def fit(base: dict, target: float | None, size: str) -> dict:
     cfg = dict(base)
+    period = layer_period(cfg)
+    cfg["n_layers"] = period * -(-cfg["n_layers"] // period)  # rounded up to whole periods
     if target is None or abs(nominal_parameters(cfg, size) / target - 1) <= 0.05:
         return cfg
     # small models: change the depth; large ones: also allow the MLP ratio to move
     best = None
     for n_layers in range(max(2, cfg["n_layers"] - 6), cfg["n_layers"] + 7):
+        if n_layers % period:
+            continue
         for ratio in (4.0, 3.5, 4.5, 3.0, 5.0):
             trial = {**cfg, "n_layers": n_layers, "mlp_ratio": ratio}
             err = abs(nominal_parameters(trial, size) / target - 1)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Type, cast
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, cast
 
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -344,15 +344,12 @@ def _check_state_passing(cfg: DictConfig) -> None:
         return
     if OmegaConf.select(cfg, "data.source.kind", default=None) == "task":
         raise ConfigError("train.state_passing: needs a corpus (data.source.kind: task gives independent examples)")
-    family = OmegaConf.select(cfg, "model.family", default=None)
     import lm.models  # noqa: F401  (registers the families)
-    from lm.models.mixer import TokenMixer
-    from lm.models.registry import get_family
+    from lm.models.registry import constant_state, model_name
 
-    mixer = cast(Type[TokenMixer], get_family(str(family)).mixer)  # every family registers a TokenMixer
-    if not mixer.constant_state:
+    if not constant_state(cfg.model):  # a hybrid: any attention layer
         raise ConfigError(
-            f"train.state_passing: model.family={family} carries a state that grows with the "
+            f"train.state_passing: model {model_name(cfg.model)} carries a state that grows with the "
             f"context (a KV cache); state passing is for constant-state families"
         )
 

@@ -193,6 +193,10 @@ class ModelConfig(Frozen):
     # kernels (the fla extra; gla, delta_rule, dplr only)
     kernel_backend: Optional[str] = choice("auto", ("auto", "reference", "torch", "triton", "fla"))
     mixer: Dict[str, Any] = field(default_factory=dict)
+    # a hybrid (lm/models/hybrid.py): null, every layer is `family`; a pattern {every: N, mixer: <layer>,
+    # offset: N-1, default: <layer>} (layer i is `mixer` when i % every == offset); or a list of n_layers
+    # <layer>s. <layer>: a family, variant or family/variant name, or {family:, variant:, mixer: {options}}
+    layers: Any = None
 
 
 # ---------------------------------------------------------------------------------------- train

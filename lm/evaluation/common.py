@@ -62,7 +62,9 @@ class Checkpoint:
 
     @property
     def name(self) -> str:
-        return f"{self.family}/{self.variant}"
+        """``family/variant``, or ``hybrid[family/variant:count,...]`` (``LanguageModel.name``)."""
+        name = getattr(self.loaded.model, "name", None)
+        return str(name) if isinstance(name, str) else f"{self.family}/{self.variant}"
 
     def tokenizer(self):
         """The checkpoint's tokenizer, loaded once (one-line error when it has none)."""

@@ -1,6 +1,7 @@
 """Sampling from a model that carries a state: the prompt is read in one whole-sequence pass,
-then each new token is one ``step`` (constant memory per token for the recurrent families, a
-growing KV cache for the Transformer)."""
+then each new token is one ``step`` (constant memory per token for the recurrent layers; attention
+layers write into a KV cache preallocated to the prompt plus ``max_new_tokens`` positions,
+``LanguageModel.reserve_state``, instead of growing it token by token)."""
 
 from __future__ import annotations
 
@@ -73,6 +74,9 @@ def generate_tokens(
         states.append(state)
         last_logits.append(logits)
     state = merge_states(states)
+    reserve = getattr(model, "reserve_state", None)
+    if reserve is not None:  # attention layers: room for every new token up front (no torch.cat per step)
+        state = reserve(state, max(len(p) for p in prompts) + max_new_tokens)
     logits = torch.cat(last_logits, 0)
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     for _ in range(max_new_tokens):

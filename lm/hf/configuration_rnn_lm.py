@@ -12,11 +12,12 @@ from typing import Any, Dict, Optional
 from transformers import PretrainedConfig
 
 
-def _constant_state(family: str) -> bool:
+def _constant_state(model: Dict[str, Any]) -> bool:
+    """True when no layer of the model config keeps a growing state (a hybrid: any attention layer)."""
     import lm.models  # noqa: F401  (registers the families)
-    from lm.models.registry import get_family
+    from lm.models.registry import constant_state
 
-    return get_family(family).mixer.constant_state
+    return constant_state(model)
 
 
 class RnnLMConfig(PretrainedConfig):
@@ -31,7 +32,7 @@ class RnnLMConfig(PretrainedConfig):
         self.num_hidden_layers = int(m.get("n_layers") or 0)
         self.num_attention_heads = int(m.get("n_heads") or 0)
         self.use_cache = use_cache
-        if m.get("family") and not _constant_state(str(m["family"])):  # constant-state families read any length
+        if m.get("family") and not _constant_state(m):  # constant-state families read any length
             self.max_position_embeddings = int(m.get("max_seq_len") or 0)
         # the head is tied inside the model (no separate parameter): transformers must not tie anything
         kwargs["tie_word_embeddings"] = False

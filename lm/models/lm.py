@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.checkpoint import checkpoint
 
 from lm.config.schema import ModelConfig
+from lm.models.hybrid import LayerSpec, layers_name, resolve_layers
 from lm.models.layers import init_linear_, make_mlp, make_norm
 from lm.models.mixer import segments_kwargs, shared_kwargs
 from lm.models.registry import get_family, resolve_options, resolve_variant
@@ -45,15 +46,21 @@ def as_model_config(cfg: Any) -> ModelConfig:
 
 class Block(nn.Module):
     """Pre-norm residual block: token mixer then channel mixer. Block 0 of a family whose options
-    set ``embed_norm`` (RWKV-7's ln0) first normalises the embedding: ``h_0 = norm0(embed(tokens))``."""
+    set ``embed_norm`` (RWKV-7's ln0) first normalises the embedding: ``h_0 = norm0(embed(tokens))``.
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int, options: Any):
+    ``layer``: this block's token mixer (:class:`~lm.models.hybrid.LayerSpec`); the mixer is built as
+    layer ``layer.index`` of its family's ``layer.count`` (the single-family model: ``layer_idx`` of
+    ``n_layers``, with the model's config itself)."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int, layer: LayerSpec, options: Any = None):
         super().__init__()
-        spec = get_family(cfg.family)
+        spec = get_family(layer.family)
+        options = layer.options() if options is None else options
+        self.layer = layer
         embed_norm = layer_idx == 0 and getattr(options, "embed_norm", False)
         self.norm0 = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps) if embed_norm else None
         self.norm1 = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
-        self.mixer = spec.mixer(cfg, options, layer_idx)
+        self.mixer = spec.mixer(layer.mixer_config(cfg), options, layer.index)
         self.mlp = make_mlp(cfg.mlp, cfg.d_model, cfg.mlp_ratio)
         self.norm2 = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps) if self.mlp is not None else None
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
@@ -97,6 +104,13 @@ class Block(nn.Module):
         return {"mixer": self.mixer.init_state(batch_size, device, dtype), "mlp": mlp_state}
 
 
+def layer_shared(shareds: Dict[str, Dict[str, Any]], block: Block) -> Dict[str, Any]:
+    """The cross-layer dict of ``block`` in a forward pass: one per family (``shareds``: family -> dict,
+    filled as the pass goes), so that a ``uses_shared`` family (RWKV-7's value residual) reads values
+    written by the layers of its own family only."""
+    return shareds.setdefault(block.layer.family, {})
+
+
 class TiedHead(nn.Module):
     """The LM head tied to the embedding: ``logits = h E^T``. A module of its own (holding no
     parameter) so that sharded strategies gather the embedding when it runs (ZeRO-3 registers
@@ -122,8 +136,13 @@ class LanguageModel(nn.Module):
             self.embed: nn.Module = nn.Linear(cfg.input_dim, cfg.d_model, bias=True)
         else:
             self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        options = resolve_options(cfg.family, cfg.variant, cfg.mixer)
-        self.blocks = nn.ModuleList(Block(cfg, i, options) for i in range(cfg.n_layers))
+        #: one entry per layer: its token mixer's family, variant and options (lm/models/hybrid.py)
+        self.layers = resolve_layers(cfg)
+        if cfg.layers is None:  # one options object for all layers, as built before hybrids
+            options = resolve_options(cfg.family, cfg.variant, cfg.mixer)
+            self.blocks = nn.ModuleList(Block(cfg, i, layer, options) for i, layer in enumerate(self.layers))
+        else:
+            self.blocks = nn.ModuleList(Block(cfg, i, layer) for i, layer in enumerate(self.layers))
         self.norm_f = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
         out_dim = cfg.output_dim or cfg.vocab_size
         tie = cfg.tie_embeddings and not cfg.input_dim and not cfg.output_dim
@@ -164,10 +183,36 @@ class LanguageModel(nn.Module):
             (decay if decays else no_decay).append(p)
         return decay, no_decay
 
+    @property
+    def name(self) -> str:
+        """``family/variant``, or ``hybrid[family/variant:count,...]`` for a hybrid (as
+        :func:`lm.models.registry.model_name` prints the config)."""
+        return layers_name(self.layers)
+
     # --------------------------------------------------------------------------------- forward
     def init_state(self, batch_size: int, device=None, dtype=None) -> ModelState:
         """The state before any token: one entry per layer."""
         return [b.init_state(batch_size, device, dtype) for b in self.blocks]
+
+    def reserve_state(self, state: ModelState, capacity: int) -> ModelState:
+        """``state`` with room for ``capacity`` tokens in every layer whose state grows (a KV cache is
+        moved into a buffer preallocated to ``capacity`` positions, then filled in place token by
+        token, see ``Attention.reserve_state``); constant-state layers are returned as they are.
+        Used by generation, which knows the final length; training and evaluation never call it."""
+        out = []
+        for block, layer in zip(self.blocks, state):
+            reserve = getattr(block.mixer, "reserve_state", None)
+            if reserve is None or layer is None:
+                out.append(layer)
+            else:
+                out.append({**layer, "mixer": reserve(layer.get("mixer"), capacity)})
+        return out
+
+    def state_sizes(self, batch_size: int = 1, context: int = 0, dtype: Optional[torch.dtype] = None) -> List[int]:
+        """Bytes of each layer's token-mixer state after ``context`` tokens
+        (:meth:`~lm.models.mixer.TokenMixer.state_size`): constant for recurrent layers, linear in
+        ``context`` for attention layers."""
+        return [b.mixer.state_size(batch_size, context, dtype) for b in self.blocks]
 
     def hidden_states(
         self,
@@ -190,11 +235,14 @@ class LanguageModel(nn.Module):
             segments = Segments.from_starts(doc_starts.to(tokens.device))
         x = self.embed(tokens)
         new_state: List[Dict[str, Any]] = []
-        shared: Dict[str, Any] = {}  # per-token values later layers read (RWKV-7: layer 0's v)
+        shareds: Dict[str, Dict[str, Any]] = {}  # per family: per-token values later layers read (RWKV-7: v_1)
         for i, block in enumerate(self.blocks):
+            shared = layer_shared(shareds, block)
             layer_state = None if state is None else state[i]
             if self.gradient_checkpointing and self.training and not return_state and layer_state is None:
-                x = checkpoint(lambda inp, b=block: b(inp, shared=shared, segments=segments)[0], x, use_reentrant=False)
+                x = checkpoint(
+                    lambda inp, b=block, sh=shared: b(inp, shared=sh, segments=segments)[0], x, use_reentrant=False
+                )
                 s = None
             else:
                 x, s = block(x, layer_state, return_state=return_state, shared=shared, segments=segments)

@@ -83,10 +83,22 @@ def resolve_variant(family: str, variant: Optional[str]) -> str:
 
 def model_name(model_cfg: Any) -> str:
     """``family/variant`` with the family's default variant filled in (e.g. ``transformer/transformer``):
-    the one name training, evaluation, probes and plots print for a model config (mapping or object)."""
+    the one name training, evaluation, probes and plots print for a model config (mapping or object).
+    A hybrid (``model.layers``) is ``hybrid[family/variant:count,...]`` (:func:`lm.models.hybrid.layers_name`)."""
+    from lm.models.hybrid import is_hybrid, layers_name, resolve_layers
+
+    if is_hybrid(model_cfg):
+        return layers_name(resolve_layers(model_cfg))
     get = model_cfg.get if hasattr(model_cfg, "get") else (lambda key: getattr(model_cfg, key, None))
     family = str(get("family"))
     return f"{family}/{resolve_variant(family, get('variant'))}"
+
+
+def constant_state(model_cfg: Any) -> bool:
+    """True when every layer's state has a constant size (no KV cache in any layer)."""
+    from lm.models.hybrid import resolve_layers
+
+    return all(get_family(s.family).mixer.constant_state for s in resolve_layers(model_cfg))
 
 
 def resolve_options(family: str, variant: Optional[str], mixer: Any) -> Any:
@@ -117,7 +129,10 @@ def head_dim(cfg: Any) -> int:
 
 
 def validate_model_config(cfg: Any) -> None:
-    """Family, variant and options exist; dimensions are consistent. ``cfg`` is the model node."""
+    """Family, variant and options exist; dimensions are consistent. ``cfg`` is the model node.
+    A hybrid (``model.layers``): every layer's family, variant and options, each checked by its family."""
+    from lm.models.hybrid import is_hybrid, resolve_layers
+
     spec = get_family(cfg.family)
     variant = resolve_variant(cfg.family, cfg.variant)
     options = resolve_options(cfg.family, variant, cfg.mixer)
@@ -125,9 +140,19 @@ def validate_model_config(cfg: Any) -> None:
         raise ConfigError(
             f"model.d_model ({cfg.d_model}) must be divisible by model.n_heads ({cfg.n_heads}) (or set model.head_dim)"
         )
-    check = getattr(spec.mixer, "check_config", None)
-    if check is not None:
-        check(cfg, options)
+    if not is_hybrid(cfg):
+        check = getattr(spec.mixer, "check_config", None)
+        if check is not None:
+            check(cfg, options)
+        return
+    for i, layer in enumerate(resolve_layers(cfg)):
+        try:
+            layer_options = layer.options()
+            check = getattr(get_family(layer.family).mixer, "check_config", None)
+            if check is not None:
+                check(cfg, layer_options)
+        except ConfigError as e:
+            raise ConfigError(f"model.layers (layer {i}, {layer.name}): {e}") from None
 
 
 def _experiment_validator(cfg: DictConfig) -> None:

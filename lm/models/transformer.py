@@ -14,6 +14,12 @@ of its documents. Not supported (``ValueError``): document starts together with 
 KV cache (state passing across windows is for the constant-state families); returning the cache when
 the rows' last documents differ in length (the cache is one [B, H_kv, L, K] tensor).
 
+The KV cache is ``{"k", "v"}`` [B, H_kv, L, K], grown by concatenation when a forward continues it
+(training, evaluation in pieces), or, for generation, preallocated (:meth:`Attention.reserve_state`):
+``{"k", "v"}`` buffers [B, H_kv, capacity, K] with ``"length"`` L filled positions; a forward then writes
+its keys and values in place at positions L .. L + T - 1 (the buffers never move; the state passed in
+is updated, so it must not be reused) and attends to the first L + T. Both give the same outputs.
+
 Grouped-query attention (``model.mixer.n_kv_heads``, Ainslie et al., 2023): keys and values are projected
 to ``n_kv_heads`` heads, each shared by ``n_heads / n_kv_heads`` consecutive query heads; the KV cache
 holds the ``n_kv_heads`` heads only. ``n_kv_heads`` 0 (the default) or equal to ``n_heads`` is plain
@@ -41,6 +47,14 @@ from lm.models.registry import register
 class TransformerOptions:
     rope_theta: float = 10000.0
     n_kv_heads: int = 0  # key/value heads (grouped-query attention); 0: n_heads
+
+
+def cache_length(state) -> int:
+    """Positions held by a KV cache state: ``"length"`` of a preallocated one, else the keys' length."""
+    if state is None or state.get("k") is None:
+        return 0
+    n = state.get("length")
+    return int(n) if n is not None else int(state["k"].shape[2])
 
 
 def rotary_angles(T: int, offset: int, d: int, theta: float, device=None) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -112,10 +126,21 @@ class Attention(TokenMixer):
         H, K = self.n_heads, self.head_dim
         q, k, v = self.project(x)  # q [B, H, T, K], k, v [B, H_kv, T, K]
         past_k, past_v = get(state, "k"), get(state, "v")
-        offset = 0 if past_k is None else past_k.shape[2]
+        offset = cache_length(state)
         cos, sin = rotary_angles(T, offset, K, self.options.rope_theta, x.device)  # shared by q and k
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if past_k is not None:
+        preallocated = get(state, "length") is not None
+        if preallocated:  # write in place into the reserved buffers (see the module docstring)
+            end = offset + T
+            if end > past_k.shape[2]:
+                raise ValueError(
+                    f"Transformer: the preallocated KV cache holds {past_k.shape[2]} positions; {offset} are "
+                    f"filled and {T} more do not fit (reserve_state with a larger capacity)"
+                )
+            past_k[:, :, offset:end] = k
+            past_v[:, :, offset:end] = v
+            k, v = past_k[:, :, :end], past_v[:, :, :end]
+        elif past_k is not None:
             k = torch.cat([past_k.to(k.dtype), k], dim=2)
             v = torch.cat([past_v.to(v.dtype), v], dim=2)
         ka, va = self.expand_kv(k), self.expand_kv(v)
@@ -126,13 +151,36 @@ class Attention(TokenMixer):
             mask = torch.arange(L, device=x.device)[None, :] <= (offset + torch.arange(T, device=x.device))[:, None]
             out = F.scaled_dot_product_attention(q, ka, va, attn_mask=mask)
         y = self.o_proj(out.transpose(1, 2).reshape(B, T, H * K))
-        return y, ({"k": k, "v": v} if return_state else None)
+        if not return_state:
+            return y, None
+        if preallocated:
+            return y, {"k": past_k, "v": past_v, "length": offset + T}
+        return y, {"k": k, "v": v}
+
+    def reserve_state(self, state, capacity: int):
+        """The cache ``state`` moved into buffers preallocated to ``capacity`` positions (at least the
+        filled length), ``{"k", "v", "length"}``; a state that already has room is returned as it is."""
+        k, v, n = get(state, "k"), get(state, "v"), cache_length(state)
+        if k is None:
+            raise ValueError("Transformer.reserve_state: needs a state (init_state or a forward's)")
+        if get(state, "length") is not None and k.shape[2] >= capacity:
+            return state
+        B, Hkv, _, K = k.shape
+        size = max(int(capacity), n)
+        buf_k = k.new_zeros(B, Hkv, size, K)
+        buf_v = v.new_zeros(B, Hkv, size, K)
+        buf_k[:, :, :n] = k[:, :, :n]
+        buf_v[:, :, :n] = v[:, :, :n]
+        return {"k": buf_k, "v": buf_v, "length": n}
 
     def _forward_segments(self, x, state, return_state, segments):
         """Block-diagonal causal attention: every document attends to itself only (see the module
         docstring)."""
-        past_k = get(state, "k")
-        if past_k is not None and past_k.shape[2] > 0:
+        if get(state, "length") is not None and segments.has_starts():
+            raise ValueError(
+                "Transformer: document starts with a preallocated KV cache (generation's) are not supported"
+            )
+        if cache_length(state) > 0 or get(state, "length") is not None:
             if segments.has_starts():
                 raise ValueError(
                     "Transformer: document resets with a carried KV cache are not supported (a window with "

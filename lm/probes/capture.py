@@ -7,7 +7,7 @@ from typing import Any, Dict, List
 
 import torch
 
-from lm.models.lm import LanguageModel
+from lm.models.lm import LanguageModel, layer_shared
 from lm.models.mixer import shared_kwargs
 
 
@@ -28,11 +28,13 @@ class LayerIO:
 @torch.no_grad()
 def capture_layers(model: LanguageModel, inputs: torch.Tensor) -> List[LayerIO]:
     """Run the model block by block (whole-sequence form, each mixer once) and keep every mixer's
-    input, output and final state."""
+    input, output and final state. Cross-layer inputs follow the model's rule (one dict per family,
+    :func:`~lm.models.lm.layer_shared`), so the layers of a hybrid see what they see in training."""
     h = model.embed(inputs)
     layers = []
-    shared: Dict[str, Any] = {}
+    shareds: Dict[str, Dict[str, Any]] = {}
     for i, block in enumerate(model.blocks):
+        shared = layer_shared(shareds, block)
         if block.norm0 is not None:
             h = block.norm0(h)
         x = block.norm1(h)

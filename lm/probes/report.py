@@ -25,7 +25,10 @@ COLUMNS = [
 
 def markdown_table(result: ProbeResult) -> str:
     present = [(k, label) for k, label in COLUMNS if any(k in row for row in result.per_layer)]
-    lines = ["| layer | " + " | ".join(label for _, label in present) + " |", "|---|" + "---|" * len(present)]
+    lines = [
+        "| layer | mixer | " + " | ".join(label for _, label in present) + " |",
+        "|---|---|" + "---|" * len(present),
+    ]
     for row in result.per_layer:
         cells = []
         for key, _ in present:
@@ -36,7 +39,7 @@ def markdown_table(result: ProbeResult) -> str:
                 cells.append(f"{value:.1e}")
             else:
                 cells.append(f"{value:.3f}")
-        lines.append(f"| {row['layer']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {row['layer']} | {row.get('mixer', '')} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -70,7 +70,9 @@ def run_probes(
         layers = capture_layers(model, inputs)
         for io in layers:
             mixer = model.blocks[io.layer].mixer
-            row: Dict[str, Any] = {"layer": io.layer}
+            # the layer's mixer (a hybrid mixes families: attention layers report their exact softmax
+            # matrix, the recurrent ones their closed form)
+            row: Dict[str, Any] = {"layer": io.layer, "mixer": model.blocks[io.layer].layer.name}
             if "form" in probes:
                 form = form_equivalence(mixer, io.x, (io.y, io.state), io.shared)
                 row.update({f"form_{k}": v for k, v in form.items()})
@@ -89,7 +91,7 @@ def run_probes(
         for key, value in row.items():
             if key != "layer" and isinstance(value, float) and math.isfinite(value):
                 result.scalars[f"probe/{key}/layer{row['layer']}"] = value
-    for key in {k for row in result.per_layer for k in row if k != "layer"}:
+    for key in {k for row in result.per_layer for k, v in row.items() if k != "layer" and isinstance(v, float)}:
         values = [row[key] for row in result.per_layer if key in row]
         agg = max if key.startswith("form_") or key == "attn_recon_error" else (lambda v: sum(v) / len(v))
         result.scalars[f"probe/{key}/{'max' if agg is max else 'mean'}"] = float(agg(values))

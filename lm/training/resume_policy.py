@@ -148,6 +148,7 @@ FORBIDDEN = frozenset(
         "model.max_seq_len",
         "model.init_std",
         "model.mixer",
+        "model.layers",
         "train.seq_len",
         "train.precision",
         "train.strategy",
