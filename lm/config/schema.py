@@ -224,6 +224,12 @@ class TrainConfig(Frozen):
     decay_fraction: float = 0.2
     # torch.optim.AdamW as is, or with foreach=True / fused=True (DeepSpeed CPU offload: DeepSpeedCPUAdam)
     optimizer: str = choice("adamw", ("adamw", "adamw_foreach", "adamw_fused"))
+    # which parameters decay (docs/recipes.md): family = each token mixer's recipe (no decay on norms, biases,
+    # lerp/decay/bonus parameters; RWKV-7: only its four projections), the skeleton's matrices elsewhere;
+    # matrices = every parameter with 2+ dimensions (the split before the recipes)
+    weight_decay_groups: str = choice("family", ("family", "matrices"))
+    # per-group learning-rate multipliers from the family recipe (RWKV-7: w0 at 2x); false: one lr for all
+    lr_multipliers: bool = True
     precision: str = choice("32-true", ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true"))
     accelerator: str = choice("auto", ("auto", "cpu", "gpu", "cuda"))
     devices: int = 1  # processes per node (0: all visible GPUs)

@@ -27,7 +27,7 @@ from torch.utils.checkpoint import checkpoint
 from lm.config.schema import ModelConfig
 from lm.models.hybrid import LayerSpec, layers_name, resolve_layers
 from lm.models.layers import init_linear_, make_mlp, make_norm
-from lm.models.mixer import segments_kwargs, shared_kwargs
+from lm.models.mixer import ParamGroup, segments_kwargs, shared_kwargs
 from lm.models.registry import get_family, resolve_options, resolve_variant
 from lm.models.segments import Segments
 
@@ -158,6 +158,8 @@ class LanguageModel(nn.Module):
             reset = getattr(block.mixer, "reset_parameters", None)
             if reset is not None:
                 reset()
+        for block in self.blocks:  # the family recipes' parts outside the mixers (channel mixer, embedding)
+            block.mixer.reset_around(block, self)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
@@ -165,23 +167,39 @@ class LanguageModel(nn.Module):
             n -= self.embed.weight.numel()
         return n
 
-    def weight_decay_groups(self) -> Tuple[List[nn.Parameter], List[nn.Parameter]]:
-        """(decay, no_decay): the trainable parameters in ``self.parameters()`` order, split for the
-        optimizer. A token mixer's parameters decay unless named in its
-        :meth:`~lm.models.mixer.TokenMixer.no_weight_decay`; the rest of the model (embedding, norms,
-        channel mixers, head) by the same default rule: matrices decay, vectors and scalars do not."""
-        exempt = {
-            f"blocks.{i}.mixer.{name}" for i, block in enumerate(self.blocks) for name in block.mixer.no_weight_decay()
-        }
+    def weight_decay_groups(self, family: bool = True, lr_multipliers: bool = True) -> List[ParamGroup]:
+        """The optimizer's parameter groups (:class:`~lm.models.mixer.ParamGroup`), each holding its
+        trainable parameters in ``self.parameters()`` order.
+
+        ``family`` (``train.weight_decay_groups: family``): a token mixer's parameters decay unless named
+        in its :meth:`~lm.models.mixer.TokenMixer.no_weight_decay`; ``lr_multipliers``
+        (``train.lr_multipliers``): a mixer's parameters named in its
+        :meth:`~lm.models.mixer.TokenMixer.lr_multipliers` train at that multiple of the learning rate.
+        The rest of the model (embedding, norms, channel mixers, head) follows the skeleton rule:
+        matrices decay, vectors and scalars do not, multiplier 1. ``family=False``: the skeleton rule for
+        every parameter (the split before issue 16's recipes).
+
+        Order: the ``decay`` and ``no_decay`` groups at multiplier 1 first (always, possibly empty: the
+        two groups of before), then one group per other (decay, multiplier), decayed first, by multiplier.
+        """
+        exempt: set = set()
+        scaled: Dict[str, float] = {}
         in_mixer = {id(p) for block in self.blocks for p in block.mixer.parameters()}
-        decay: List[nn.Parameter] = []
-        no_decay: List[nn.Parameter] = []
+        for i, block in enumerate(self.blocks):
+            prefix = f"blocks.{i}.mixer."
+            if family:
+                exempt |= {prefix + name for name in block.mixer.no_weight_decay()}
+            if lr_multipliers:
+                scaled.update({prefix + name: float(m) for name, m in block.mixer.lr_multipliers().items()})
+        groups: Dict[Tuple[bool, float], List[nn.Parameter]] = {(True, 1.0): [], (False, 1.0): []}
         for name, p in self.named_parameters():
             if not p.requires_grad:
                 continue
-            decays = name not in exempt if id(p) in in_mixer else p.dim() >= 2
-            (decay if decays else no_decay).append(p)
-        return decay, no_decay
+            decays = name not in exempt if family and id(p) in in_mixer else p.dim() >= 2
+            groups.setdefault((decays, scaled.get(name, 1.0)), []).append(p)
+        first = [(True, 1.0), (False, 1.0)]
+        rest = sorted((k for k in groups if k not in first), key=lambda k: (not k[0], k[1]))
+        return [ParamGroup(decay, mult, groups[(decay, mult)]) for decay, mult in first + rest]
 
     @property
     def name(self) -> str:

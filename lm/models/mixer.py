@@ -11,9 +11,13 @@ generated token by token, or probed. ``init_state(batch)`` gives the state befor
 
 Besides its forms, a mixer declares the facts the rest of the code needs about its family, so that
 nothing outside the family switches on its name: :meth:`TokenMixer.forward_flops` (the cost along the
-sequence that its parameters do not count, for MFU), :meth:`TokenMixer.no_weight_decay` (its
-parameters kept out of weight decay), :meth:`TokenMixer.state_size` (bytes of its state) and
-:attr:`TokenMixer.constant_state` (whether that size is independent of the context).
+sequence that its parameters do not count, for MFU), its training recipe -- :meth:`TokenMixer.no_weight_decay`
+(its parameters kept out of weight decay), :meth:`TokenMixer.lr_multipliers` (parameters trained at a
+multiple of the learning rate) and :meth:`TokenMixer.reset_around` (initialisation of the block and model
+parts around it, where the family's reference design prescribes one) --, :meth:`TokenMixer.state_size`
+(bytes of its state) and :attr:`TokenMixer.constant_state` (whether that size is independent of the
+context). :class:`ParamGroup` is one optimizer group built from those declarations
+(``LanguageModel.weight_decay_groups``).
 
 Document boundaries (``data.packing: reset``): ``segments`` (:class:`lm.models.segments.Segments`,
 one per forward pass, shared by all layers) marks where documents start inside the rows of x. The
@@ -30,11 +34,12 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.nn as nn
 
+from lm.models.layers import HeadNorm
 from lm.models.registry import head_dim
 
 State = Optional[Dict[str, Any]]
@@ -121,9 +126,23 @@ class TokenMixer(nn.Module, abc.ABC):
 
     def no_weight_decay(self) -> Set[str]:
         """Names (relative to this mixer, as ``named_parameters`` gives them) of the parameters kept
-        out of weight decay. Default: those with fewer than 2 dimensions (biases, gains, decay rates,
-        per-channel mixing coefficients), the rule for the whole model."""
-        return {name for name, p in self.named_parameters() if p.dim() < 2}
+        out of weight decay (``train.weight_decay_groups: family``). Default: those with fewer than 2
+        dimensions (biases, gains, decay rates, per-channel mixing coefficients) and every parameter of
+        a norm layer (:func:`norm_parameter_names`: per-head norms hold ``[H, K]`` gains); a family whose
+        reference recipe exempts more (RWKV-7) overrides it."""
+        vectors = {name for name, p in self.named_parameters() if p.dim() < 2}
+        return vectors | norm_parameter_names(self)
+
+    def lr_multipliers(self) -> Dict[str, float]:
+        """Names (as in :meth:`no_weight_decay`) -> learning-rate multiplier of the family recipe
+        (``train.lr_multipliers: true``); parameters not named train at the base rate. Default: none."""
+        return {}
+
+    def reset_around(self, block: nn.Module, model: nn.Module) -> None:
+        """Initialise what the family's recipe prescribes outside this mixer: its ``block`` (the channel
+        mixer, norms) and, for the model's first block, the ``model``'s embedding and head. Called by
+        ``LanguageModel.reset_parameters`` once per layer after every module's own initialisation.
+        Default: nothing (the skeleton's normal(init_std) init stays)."""
 
     def state_size(self, batch_size: int = 1, context: int = 0, dtype: Optional[torch.dtype] = None) -> int:
         """Bytes of this mixer's state for ``batch_size`` sequences after ``context`` tokens (``dtype``:
@@ -136,6 +155,37 @@ class TokenMixer(nn.Module, abc.ABC):
     def parameter_dtype(self) -> torch.dtype:
         """The dtype of the mixer's first parameter (float32 without any)."""
         return next((p.dtype for p in self.parameters()), torch.float32)
+
+
+#: norm layers whose parameters (gains, biases) never decay under the family recipes; a module class
+#: can also declare ``is_norm = True``
+NORM_TYPES: Tuple[type, ...] = (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, HeadNorm)
+
+
+def norm_parameter_names(module: nn.Module) -> Set[str]:
+    """Names (relative to ``module``) of the parameters held by its norm layers (:data:`NORM_TYPES` or a
+    module with ``is_norm = True``), whatever their shape."""
+    names: Set[str] = set()
+    for prefix, sub in module.named_modules():
+        if isinstance(sub, NORM_TYPES) or getattr(sub, "is_norm", False):
+            names |= {f"{prefix}.{n}" if prefix else n for n, _ in sub.named_parameters()}
+    return names
+
+
+@dataclass
+class ParamGroup:
+    """One optimizer parameter group: the trainable parameters that share a weight-decay decision
+    (``decay``: the run's ``train.weight_decay``, else 0) and a learning-rate multiplier."""
+
+    decay: bool
+    lr_multiplier: float
+    params: List[nn.Parameter]
+
+    @property
+    def name(self) -> str:
+        """``decay`` / ``no_decay``, with ``_lr<m>x`` for a multiplier other than 1 (``no_decay_lr2x``)."""
+        base = "decay" if self.decay else "no_decay"
+        return base if self.lr_multiplier == 1.0 else f"{base}_lr{self.lr_multiplier:g}x"
 
 
 def state_bytes(state: Any) -> int:

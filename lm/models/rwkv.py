@@ -29,17 +29,38 @@ Against the reference (BlinkDL/RWKV-LM ``RWKV-v7``, ``rwkv_v7_demo.py`` and
   or 3.5x of the width, a multiple of 32; an importer maps only widths that are multiples of 64);
   one head width for keys and values (fla's ``value_dim`` above ``hidden_size`` is refused on
   import); no lower clamp on the decay (fla's ``safe_gate`` is a kernel bound, not a model change).
-* initialisation (issue 16's per-family recipe owns it): the lerps and ``v0``/``v_down``/``v_up``
-  follow the reference; the rest does not yet: ``w0`` uses an earlier schedule
-  (``-7 + 5 (n/(C-1))^(0.85 + sqrt(l/(L-1))) + 0.5``, no zigzag; the reference
-  ``-6 + 6 (n/(C-1))^(1 + (l/(L-1))^0.3) + 0.5 + 2.5 zigzag``), ``k_k`` 0.85 (ref. ``0.71 - 0.1
-  linear``), ``k_a`` 1 (1.02), ``r_k`` N(0, 0.1) (-0.04), ``a0`` 0 (``-0.19 + 0.3 zigzag + 0.4
-  linear``), ``w_up``/``a_up`` zero and ``w_down``/``a_down`` normal (the reference zeroes the down
-  maps and makes the up maps orthogonal * 0.1), the gate maps, projections, channel mixer and
-  embedding normal(init_std) (the reference: ``g1`` zero / ``g2`` orthogonal * 0.1, receptance and
-  value uniform(+-0.5/sqrt(C)), key uniform(+-0.05/sqrt(C)), zero output and channel-mixer value,
-  embedding uniform(+-1e-4)), channel-mixer lerp 0.5 (``1 - (n/C)^((1 - l/L)^4)``); ``ln_x``
-  weight 1 as in BlinkDL's trainer (fla: ``((l+1)/L)^0.7``).
+* initialisation (``init: reference``, the default; ``init: simple`` is the earlier one, kept to compare):
+  BlinkDL's trainer builds a new model's weights in two passes, the modules' own init and then
+  ``generate_init_weight`` over every 2-D ``.weight``; the result is what this recipe reproduces. With
+  ``n`` the channel (0..C-1, C = H*K), ``linear = n/(C-1) - 0.5``, ``z = ((n mod K) - (K-1)/2) / ((K-1)/2)``,
+  ``zigzag = z |z|``, ``l`` the layer and ``L`` the depth:
+  ``w0 = -6 + 6 (n/(C-1))^(1 + (l/(L-1))^0.3) + 0.5 + 2.5 zigzag``, ``a0 = -0.19 + 0.3 zigzag + 0.4 linear``,
+  ``v0 = 0.73 - 0.4 linear``, ``k_k = 0.71 - 0.1 linear``, ``k_a = 1.02``, ``r_k = -0.04``; the
+  six lerps ``1 - (d/D)^(p (1 - l/L))`` (p: r 0.2, w 0.9, k 0.7, v 0.7, a 0.9, g 0.2); each low-rank
+  map (``w/a/v/g``) zero down and orthogonal up with gain ``0.1`` (times ``sqrt(rank/C)`` when the rank
+  exceeds C); ``receptance``/``value`` orthogonal, ``key`` orthogonal * 0.1, ``output`` zero;
+  ``ln_x`` weight ``((l+1)/L)^0.7``, bias 0; around the mixer (:meth:`RWKV7TimeMix.reset_around`): the
+  channel mixer's lerp ``1 - (d/D)^((1 - l/L)^4)``, key orthogonal, value zero; the embedding
+  uniform(+-1e-4) and an untied head orthogonal with gain ``0.5 sqrt(V/D)`` (0.5 if V <= D).
+  ``init: simple``: ``w0 = -7 + 5 (n/(C-1))^(0.85 + sqrt(l/(L-1))) + 0.5``, ``k_k`` 0.85, ``k_a`` 1,
+  ``r_k`` N(0, 0.1), ``a0`` 0, the ``w``/``a`` up maps zero and down maps, gate maps, projections,
+  channel mixer and embedding normal(init_std) (residual outputs scaled by ``1/sqrt(2L)``), channel
+  mixer lerp 0.5, ``ln_x`` 1 (lerps and value residual as the reference).
+* training recipe (``train.weight_decay_groups: family``, ``train.lr_multipliers: true``, the
+  defaults): as BlinkDL's ``configure_optimizers``, only the projections decay (receptance, key, value,
+  output here; the channel mixer's key/value, the embedding and the head by the skeleton's rule), the
+  low-rank maps, lerps, ``w0/a0/v0``, ``k_k/k_a/r_k`` and ``ln_x`` do not, and ``w0`` trains at 2x
+  the learning rate (:meth:`RWKV7TimeMix.no_weight_decay`, :meth:`RWKV7TimeMix.lr_multipliers`).
+* remaining differences from the reference recipe: the low-rank widths are options
+  (``decay_low_rank`` 32, ``a_low_rank`` 32, ``v_low_rank`` 32, ``gate_low_rank`` 64; the reference
+  suggests ``max(32, round(c sqrt(C) / 32) 32)`` with c = 2.5, 2.5, 1.7, 5: the same at C = 256 (the
+  small config), gate 32 at C = 64 (tiny), 64/64/32/128 at C = 768 (125m)); ``configs/model/rwkv7`` tie the head to the embedding (the skeleton's default; the
+  reference unties it: ``model.tie_embeddings=false``), and a tied head keeps the embedding's
+  uniform(+-1e-4) init; no L2Wrap (the reference adds ``1e-4 / (B T)`` times the largest logit to its
+  gradient); the optimizer's own settings are the run's ``train.*`` (the reference's demo: betas
+  0.9/0.99, eps 1e-18, weight decay 0.001, warmup from 0.01 lr over 10 steps, cosine to lr/10 by tokens);
+  the LayerNorms' eps is ``model.norm_eps`` (the reference: torch's 1e-5, the default here too);
+  orthogonal matrices are drawn for our ``[out, in]`` layout (the same distribution, other values).
 * a hybrid whose layer 0 is not RWKV: its first RWKV layer is the value-residual source (its own
   ``v0/v_down/v_up`` then go unused).
 """
@@ -48,19 +69,33 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Set
 
 import torch
 import torch.nn as nn
 
 import kernels
-from lm.errors import ConfigError
+from lm.errors import ConfigError, did_you_mean
 from lm.models.flops import kernel_chunk
-from lm.models.layers import HeadNorm, l2_normalize, token_shift
+from lm.models.layers import HeadNorm, RWKVChannelMix, l2_normalize, token_shift
 from lm.models.mixer import ImplicitAttention, TokenMixer, get, onehot_values, packed_scan
 from lm.models.registry import register
 
 BRANCHES = ("r", "w", "k", "v", "a", "g")
+#: the exponent of each branch's token-shift lerp profile (both inits)
+LERP_POWERS = {"r": 0.2, "w": 0.9, "k": 0.7, "v": 0.7, "a": 0.9, "g": 0.2}
+#: the parameters that decay under the reference recipe (the rest: no_weight_decay)
+DECAYED = ("receptance.weight", "key.weight", "value.weight", "output.weight")
+INITS = ("reference", "simple")
+
+
+def low_rank_orthogonal_(weight: torch.Tensor, scale: float) -> None:
+    """The reference's ``ortho_init`` of an up map: it stores the map as ``[rank, out]`` (used as
+    ``x @ W``), ours as the Linear weight ``[out, rank]``; gain ``scale * sqrt(rank / out)`` when
+    rank > out, else ``scale``."""
+    out, rank = weight.shape
+    gain = math.sqrt(rank / out) if rank > out else 1.0
+    nn.init.orthogonal_(weight, gain=gain * scale)
 
 
 @dataclass
@@ -73,11 +108,16 @@ class RWKV7Options:
     head_norm: str = "groupnorm"  # groupnorm (the reference's ln_x: centred, with bias) | rms
     head_norm_eps: float = 64e-5
     embed_norm: bool = True  # ln0: a norm on the embedding before block 0 (held by the Block)
+    # reference: BlinkDL's RWKV-LM initialisation (this mixer, the rwkv_cmix channel mixer, the embedding
+    # and head; see the module docstring); simple: the earlier init (normal(init_std) projections, ...)
+    init: str = "reference"
 
 
 class HeadGroupNorm(nn.Module):
     """GroupNorm with one group per head over ``[..., H, K]``: ``(x - mean) / sqrt(var + eps) * w + b``
     (biased variance, per head), weights and biases ``[H, K]``."""
+
+    is_norm = True  # its [H, K] gain and bias stay out of weight decay (lm.models.mixer.norm_parameter_names)
 
     def __init__(self, n_heads: int, head_dim: int, eps: float):
         super().__init__()
@@ -100,6 +140,7 @@ class RWKV7TimeMix(TokenMixer):
 
     def __init__(self, cfg: Any, options: RWKV7Options, layer_idx: int):
         super().__init__(cfg, options, layer_idx)
+        self.check_config(cfg, options)  # also when built without a validated experiment config
         D, H, K = self.d_model, self.n_heads, self.head_dim
         HK = H * K
         self.mu = nn.Parameter(torch.zeros(len(BRANCHES), D))
@@ -133,17 +174,99 @@ class RWKV7TimeMix(TokenMixer):
     def check_config(cfg: Any, options: RWKV7Options) -> None:
         if options.head_norm not in ("groupnorm", "rms"):
             raise ConfigError(f"model.mixer.head_norm: '{options.head_norm}' is not one of groupnorm, rms")
+        if options.init not in INITS:
+            raise ConfigError(
+                f"model.mixer.init: '{options.init}' is not one of {', '.join(INITS)}{did_you_mean(options.init, INITS)}"
+            )
+
+    # ---------------------------------------------------------------------------- the recipe
+    def no_weight_decay(self) -> Set[str]:
+        """The reference's groups: only the four projections decay (BlinkDL decays the 2-D ``.weight``
+        tensors of ``att``; the low-rank maps, lerps, ``w0/a0/v0``, ``k_k/k_a/r_k`` and ``ln_x`` do not)."""
+        return {name for name, _ in self.named_parameters()} - set(DECAYED)
+
+    def lr_multipliers(self) -> Dict[str, float]:
+        """The reference trains the decay base ``w0`` at twice the learning rate (its ``lr_2x`` group)."""
+        return {"w0": 2.0}
 
     def reset_parameters(self) -> None:
-        D, HK = self.d_model, self.n_heads * self.head_dim
+        if self.options.init == "reference":
+            self.reset_reference()
+        else:
+            self.reset_simple()
+
+    def reset_reference(self) -> None:
+        """BlinkDL's initialisation (formulas in the module docstring): per-channel ``linear`` and
+        per-head ``zigzag`` profiles set w0/a0/v0/k_k, the low-rank maps start as zero down and
+        orthogonal * 0.1 up, the projections orthogonal (key * 0.1, output zero), ``ln_x`` ((l+1)/L)^0.7."""
+        HK, K = self.n_heads * self.head_dim, self.head_dim
         n_layers = max(int(self.cfg.n_layers), 1)
         ratio_0_to_1 = self.layer_idx / max(n_layers - 1, 1)
-        ratio_1_to_0 = 1.0 - self.layer_idx / n_layers
         with torch.no_grad():
-            ddd = torch.arange(D, dtype=torch.float32) / D
-            powers = {"r": 0.2, "w": 0.9, "k": 0.7, "v": 0.7, "a": 0.9, "g": 0.2}
-            for i, name in enumerate(BRANCHES):
-                self.mu[i].copy_(1.0 - torch.pow(ddd, powers[name] * ratio_1_to_0))
+            self._reset_lerps()
+            n = torch.arange(HK, dtype=torch.float32)
+            linear = n / max(HK - 1, 1) - 0.5
+            zigzag = ((n % K) - (K - 1) / 2) / max((K - 1) / 2, 1e-9) if K > 1 else torch.zeros(HK)
+            zigzag = zigzag * zigzag.abs()
+            decay_speed = -6.0 + 6.0 * (n / max(HK - 1, 1)) ** (1.0 + ratio_0_to_1**0.3)
+            self.w0.copy_(decay_speed + 0.5 + 2.5 * zigzag)
+            self.a0.copy_(-0.19 + 0.3 * zigzag + 0.4 * linear)
+            self.k_k.copy_(0.71 - 0.1 * linear)
+            self.k_a.fill_(1.02)
+            self.r_k.fill_(-0.04)
+            maps = [("w_down", "w_up"), ("a_down", "a_up"), ("g_down", "g_up")]
+            if hasattr(self, "v0"):
+                self.v0.copy_(0.73 - 0.4 * linear)
+                maps.append(("v_down", "v_up"))
+            for down, up in maps:
+                nn.init.zeros_(getattr(self, down).weight)
+                low_rank_orthogonal_(getattr(self, up).weight, 0.1)
+            nn.init.orthogonal_(self.receptance.weight, gain=1.0)
+            nn.init.orthogonal_(self.key.weight, gain=0.1)
+            nn.init.orthogonal_(self.value.weight, gain=1.0)
+            nn.init.zeros_(self.output.weight)
+            self.o_norm.weight.fill_(((self.layer_idx + 1) / n_layers) ** 0.7)
+            if getattr(self.o_norm, "bias", None) is not None:
+                nn.init.zeros_(self.o_norm.bias)
+
+    def reset_around(self, block: nn.Module, model: nn.Module) -> None:
+        """The reference's channel mixer (``rwkv_cmix``: lerp ``1 - (n/D)^((1 - l/L)^4)``, key
+        orthogonal, value zero) and, for the first block, embedding uniform(+-1e-4) and an untied head
+        orthogonal with gain ``0.5 sqrt(V/D)`` (0.5 when V <= D). ``init: simple``: nothing."""
+        if self.options.init != "reference":
+            return
+        D = self.d_model
+        with torch.no_grad():
+            mlp = getattr(block, "mlp", None)
+            if isinstance(mlp, RWKVChannelMix):
+                ratio_1_to_0 = 1.0 - self.layer_idx / max(int(self.cfg.n_layers), 1)
+                mlp.mu.copy_(1.0 - torch.pow(torch.arange(D, dtype=torch.float32) / D, ratio_1_to_0**4))
+                nn.init.orthogonal_(mlp.key.weight, gain=1.0)
+                nn.init.zeros_(mlp.value.weight)
+            if block is not model.blocks[0]:
+                return
+            if isinstance(model.embed, nn.Embedding):
+                nn.init.uniform_(model.embed.weight, -1e-4, 1e-4)
+            head = getattr(model, "head", None)
+            if isinstance(head, nn.Linear):
+                V = head.weight.shape[0]
+                nn.init.orthogonal_(head.weight, gain=0.5 * math.sqrt(V / D) if V > D else 0.5)
+
+    def _reset_lerps(self) -> None:
+        """The six token-shift lerps, shared by both inits: ``mu_* = 1 - (n/D)^(p_* (1 - l/L))``."""
+        D = self.d_model
+        ratio_1_to_0 = 1.0 - self.layer_idx / max(int(self.cfg.n_layers), 1)
+        ddd = torch.arange(D, dtype=torch.float32) / D
+        for i, name in enumerate(BRANCHES):
+            self.mu[i].copy_(1.0 - torch.pow(ddd, LERP_POWERS[name] * ratio_1_to_0))
+
+    def reset_simple(self) -> None:
+        """The earlier init (``init: simple``): the skeleton's normal(init_std) projections and maps,
+        the lerps and value-residual parameters as the reference, the rest in the module docstring."""
+        HK = self.n_heads * self.head_dim
+        ratio_0_to_1 = self.layer_idx / max(int(self.cfg.n_layers) - 1, 1)
+        with torch.no_grad():
+            self._reset_lerps()
             n = torch.arange(HK, dtype=torch.float32)
             speed = -7.0 + 5.0 * (n / max(HK - 1, 1)) ** (0.85 + math.sqrt(ratio_0_to_1))
             self.w0.copy_(speed + 0.5)

@@ -4,10 +4,13 @@
   head optionally applied in chunks (``train.loss_chunk_size``); with ``data.packing: reset`` the
   model resets at every document of the window (``doc_start_mask``); with ``train.state_passing``
   each row starts from its carried state (:mod:`lm.training.state_passing`, saved in checkpoints);
-* AdamW (``train.optimizer``: as is, foreach or fused) with weight decay on the groups the model
-  declares (``LanguageModel.weight_decay_groups``: matrices decay unless a token mixer exempts them);
-  linear warmup then cosine decay or warmup-stable-decay (``train.schedule``), stepped per optimizer
-  step; gradient clipping and accumulation by the Trainer (or DeepSpeed);
+* AdamW (``train.optimizer``: as is, foreach or fused) on the parameter groups the model's family
+  recipes declare (``LanguageModel.weight_decay_groups``; :meth:`LMModule.param_groups`): weight decay
+  where the token mixer does not exempt a parameter (``train.weight_decay_groups: family``; ``matrices``:
+  every parameter with 2+ dimensions), a per-group learning-rate multiplier (``train.lr_multipliers``,
+  RWKV-7: ``w0`` at 2x); linear warmup then cosine decay or warmup-stable-decay (``train.schedule``) of
+  each group's own base lr, stepped per optimizer step; gradient clipping and accumulation by the
+  Trainer (or DeepSpeed);
 * gradient norm: the total 2-norm of all gradients before clipping (``train/grad_norm``) and the share
   of optimizer steps so far whose norm exceeded ``train.grad_clip`` (``train/clipped_share``), every
   optimizer step; not under DeepSpeed, whose engine holds the gradients (partitioned) and clips them itself;
@@ -253,15 +256,14 @@ class LMModule(pl.LightningModule):
     # ---------------------------------------------------------------------------- optimizer
     def configure_optimizers(self):
         cfg = self.train_cfg
-        decay, no_decay = self.model.weight_decay_groups()  # each token mixer names its exempt parameters
-        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        optimizer_groups = self.param_groups()
         kwargs: Dict[str, Any] = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
         if cfg.offload_optimizer and cfg.strategy == "deepspeed":
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-            optimizer = DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
+            optimizer = DeepSpeedCPUAdam(optimizer_groups, adamw_mode=True, **kwargs)
         else:
-            optimizer = build_optimizer(cfg.optimizer, groups, **kwargs)
+            optimizer = build_optimizer(cfg.optimizer, optimizer_groups, **kwargs)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
             lambda step: lr_multiplier(
@@ -269,6 +271,28 @@ class LMModule(pl.LightningModule):
             ),
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step", "frequency": 1}}
+
+    def param_groups(self) -> List[Dict[str, Any]]:
+        """The optimizer's parameter groups from the model's recipe (``LanguageModel.weight_decay_groups``
+        with ``train.weight_decay_groups`` and ``train.lr_multipliers``): ``weight_decay`` is
+        ``train.weight_decay`` for decayed groups, else 0; ``lr`` is ``train.lr`` times the group's
+        multiplier (the schedule scales each group's own base). Each group also records ``name``,
+        ``decays`` and ``lr_multiplier``, which a resume that changes the optimizer settings reads."""
+        cfg = self.train_cfg
+        groups = self.model.weight_decay_groups(
+            family=cfg.weight_decay_groups == "family", lr_multipliers=cfg.lr_multipliers
+        )
+        return [
+            {
+                "params": g.params,
+                "weight_decay": cfg.weight_decay if g.decay else 0.0,
+                "lr": cfg.lr * g.lr_multiplier,
+                "name": g.name,
+                "decays": g.decay,
+                "lr_multiplier": g.lr_multiplier,
+            }
+            for g in groups
+        ]
 
     def on_train_start(self) -> None:
         if self.apply_optimizer_settings_on_start:
@@ -280,13 +304,15 @@ class LMModule(pl.LightningModule):
         cfg = self.train_cfg
         for config in self.trainer.lr_scheduler_configs:
             scheduler = config.scheduler
-            scheduler.base_lrs = [cfg.lr] * len(scheduler.base_lrs)
+            groups = scheduler.optimizer.param_groups
+            scheduler.base_lrs = [cfg.lr * group.get("lr_multiplier", 1.0) for group in groups]
         for optimizer in self.trainer.optimizers:
             for i, group in enumerate(optimizer.param_groups):
-                group["initial_lr"] = cfg.lr
+                group["initial_lr"] = cfg.lr * group.get("lr_multiplier", 1.0)
                 group["betas"] = (cfg.beta1, cfg.beta2)
                 group["eps"] = cfg.eps
-                if i == 0:  # the decayed group (see configure_optimizers)
+                # a decayed group (see param_groups); checkpoints from before it: the first group
+                if group.get("decays", i == 0):
                     group["weight_decay"] = cfg.weight_decay
         for config in self.trainer.lr_scheduler_configs:
             scheduler = config.scheduler

@@ -159,11 +159,18 @@ FORBIDDEN = frozenset(
         "train.state_passing",
         # the restored optimizer state keeps the implementation flags it was saved with (foreach/fused)
         "train.optimizer",
+        # the restored optimizer state holds one entry per parameter group of the run's layout
+        "train.weight_decay_groups",
+        "train.lr_multipliers",
     }
 )
 
 #: set by the trainer (from the data or the task); compared only when the new config sets them
 DERIVED = frozenset({"model.vocab_size", "model.input_dim", "model.output_dim", "data.task_output"})
+
+#: keys added after runs existed, with the value that reproduces how a run without them trained: a
+#: checkpoint whose config lacks one resumes with that value (:func:`legacy_overrides`)
+LEGACY_DEFAULTS: Dict[str, Any] = {"train.weight_decay_groups": "matrices", "train.lr_multipliers": False}
 
 CLASSES = {"overridable": OVERRIDABLE, "notice": NOTICE, "forbidden": FORBIDDEN, "derived": DERIVED}
 
@@ -191,6 +198,21 @@ def classify(key: str) -> str:
         if key in keys:
             return name
     raise KeyError(key)
+
+
+def legacy_overrides(old: Dict[str, Any]) -> Dict[str, Any]:
+    """Nested overrides for the new config of a resume: :data:`LEGACY_DEFAULTS` for the keys the
+    checkpoint's config ``old`` lacks (a run from before them keeps its optimizer's groups)."""
+    out: Dict[str, Any] = {}
+    for key, value in LEGACY_DEFAULTS.items():
+        if _get(old, key)[0]:
+            continue
+        *parents, leaf = key.split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out
 
 
 def _get(config: Dict[str, Any], key: str) -> Tuple[bool, Any]:

@@ -46,7 +46,7 @@ from lm.training.checkpoint_manager import CheckpointManager
 from lm.training.loggers import build_loggers
 from lm.training.losses import evaluate
 from lm.training.module import LMModule, NonFiniteLossError
-from lm.training.resume_policy import check_resume
+from lm.training.resume_policy import check_resume, legacy_overrides
 from lm.training.run_lock import LOCK_FILE, RunLock
 from lm.training.signals import StopRequest, requeue_slurm_job
 from lm.training.strategies import build_strategy, uses_gpu
@@ -220,6 +220,8 @@ def plan_resume(cfg: DictConfig, ckpt_dir: Path, echo) -> Tuple[DictConfig, Resu
     manifest = read_manifest(found)
     if "packing" not in manifest.get("config", {}).get("data", {"packing": None}):
         cfg = cast(DictConfig, OmegaConf.merge(cfg, {"data": {"packing": "stream"}}))
+    # a run from before the family recipes keeps its optimizer's parameter groups
+    cfg = cast(DictConfig, OmegaConf.merge(cfg, legacy_overrides(manifest.get("config", {}))))
     changes = check_resume(manifest.get("config", {}), plain(cfg), str(found))
     _check_world_size(cfg, manifest, found)
     step = int(manifest["step"])

@@ -122,7 +122,8 @@ def test_only_attention_flops_grow_with_the_sequence():
 # ------------------------------------------------------------------------------- weight decay
 
 #: per family/variant, the token mixer's parameters (relative names, any layer) with weight decay and
-#: those without; today's rule (matrices decay) on every family
+#: those without under ``train.weight_decay_groups: matrices`` (matrices decay, the split before the
+#: family recipes; those: tests/models/test_param_groups.py)
 MIXER_DECAY = {
     "aaren/aaren": ("k_proj.weight o_proj.weight query v_proj.weight", ""),
     "fwp/recurrent_delta": (
@@ -205,6 +206,12 @@ def split_names(model, params):
     return mixer, rest
 
 
+def matrices_split(model):
+    """(decay, no_decay) parameters of the ``matrices`` split (two groups, one learning rate)."""
+    decay, no_decay = model.weight_decay_groups(family=False, lr_multipliers=False)
+    return decay.params, no_decay.params
+
+
 def skeleton(template: str, n_layers: int = 2) -> set:
     return {name.format(i=i) for name in template.split() for i in range(n_layers)}
 
@@ -216,7 +223,7 @@ def test_every_variant_lists_its_weight_decay():
 @pytest.mark.parametrize("family,variant", VARIANTS)
 def test_weight_decay_groups_list_per_family(family, variant):
     model = tiny(family, variant)
-    decay, no_decay = model.weight_decay_groups()
+    decay, no_decay = matrices_split(model)
     (mixer_decay, rest_decay), (mixer_no_decay, rest_no_decay) = split_names(model, decay), split_names(model, no_decay)
     want_decay, want_no_decay = MIXER_DECAY[f"{family}/{variant}"]
     assert mixer_decay == set(want_decay.split()) and mixer_no_decay == set(want_no_decay.split())
@@ -231,7 +238,7 @@ def test_weight_decay_groups_are_the_optimizers_groups_of_before(family, variant
     ``parameters()``, so an optimizer built from them is the same optimizer."""
     model = tiny(family, variant, tie_embeddings=False, mlp="rwkv_cmix" if family == "rwkv" else "swiglu")
     model.blocks[0].norm1.weight.requires_grad_(False)  # frozen parameters stay out of both groups
-    decay, no_decay = model.weight_decay_groups()
+    decay, no_decay = matrices_split(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert [id(p) for p in decay] == [id(p) for p in trainable if p.dim() >= 2]
     assert [id(p) for p in no_decay] == [id(p) for p in trainable if p.dim() < 2]
@@ -241,7 +248,7 @@ def test_a_mixer_can_exempt_its_matrices():
     model = tiny("linear_attention", "gla")
     for block in model.blocks:
         block.mixer.no_weight_decay = lambda: {"o_norm.weight", "g_up.bias"}
-    decay, no_decay = model.weight_decay_groups()
+    decay, no_decay = (g.params for g in model.weight_decay_groups())
     mixer_no_decay, rest = split_names(model, no_decay)
     assert mixer_no_decay == {"o_norm.weight", "g_up.bias"} and rest == skeleton(SKELETON_NO_DECAY)
     assert len(decay) + len(no_decay) == len(list(model.parameters()))

@@ -21,6 +21,8 @@ def tiny(family, variant, **kw):
         mlp="rwkv_cmix" if family == "rwkv" else "swiglu",
         norm="layernorm" if family == "rwkv" else "rmsnorm",
     )
+    if family == "rwkv":  # RWKV-7's reference init zeroes the output maps: the logits would not see the recurrence
+        cfg["mixer"] = {"init": "simple"}
     cfg.update(kw)
     torch.manual_seed(0)
     return build_model(cfg)

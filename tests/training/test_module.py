@@ -67,7 +67,8 @@ def test_activation_checkpointing_same_gradients():
 
 
 def test_weight_decay_only_on_matrices():
-    m = module(weight_decay=0.1)
+    """train.weight_decay_groups=matrices (the family recipes: tests/models/test_param_groups.py)."""
+    m = module(weight_decay=0.1, weight_decay_groups="matrices")
     opt = m.configure_optimizers()["optimizer"]
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0

@@ -5,6 +5,8 @@ clipped steps, and warm start (init_from) from an export and from a run's checkp
 from __future__ import annotations
 
 import csv
+import dataclasses
+import json
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -14,9 +16,11 @@ import torch
 
 from lm.config import load_experiment, resolve
 from lm.errors import ConfigError
+from lm.models import build_model
 from lm.training.checkpoint import latest_complete, read_manifest
 from lm.training.export import checkpoint_state_dict, load_model
 from lm.training.module import LMModule
+from lm.training.resume_policy import classify, legacy_overrides
 from lm.training.schedule import lr_multiplier
 from lm.training.trainer import ResumePlan, build_module, train
 from tests.training.conftest import experiment, run_lm
@@ -91,7 +95,7 @@ def test_default_optimizer_is_plain_adamw_on_the_model_groups():
     opt = m.configure_optimizers()["optimizer"]
     assert type(opt) is torch.optim.AdamW
     assert opt.defaults["foreach"] is None and opt.defaults["fused"] is None
-    decay, no_decay = m.model.weight_decay_groups()
+    decay, no_decay = (g.params for g in m.model.weight_decay_groups())  # GLA: no lr multipliers
     assert [g["weight_decay"] for g in opt.param_groups] == [m.train_cfg.weight_decay, 0.0]
     assert [id(p) for p in opt.param_groups[0]["params"]] == [id(p) for p in decay]
     assert [id(p) for p in opt.param_groups[1]["params"]] == [id(p) for p in no_decay]
@@ -219,3 +223,158 @@ def test_init_from_and_resume_conflict(tmp_path):
     with pytest.raises(ConfigError, match="set only one of them"):
         load_experiment(None, ["model=gla/tiny", f"init_from={tmp_path}", f"resume={tmp_path}/ckpt"])
     load_experiment(None, ["model=gla/tiny", f"init_from={tmp_path}", "resume=auto"])  # lm submit's requeues
+
+
+# ------------------------------------------------------------------------ family parameter groups
+def rwkv_module(*overrides):
+    return module("model=rwkv7/tiny", "model.d_model=32", "model.n_heads=2", *overrides)
+
+
+def _group_names(model, groups):
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [sorted(names[id(p)] for p in g["params"]) for g in groups]
+
+
+def test_optimizer_uses_the_family_groups_and_multipliers():
+    m = rwkv_module("train.lr=1e-3", "train.weight_decay=0.05")
+    out = m.configure_optimizers()
+    opt, sched = out["optimizer"], out["lr_scheduler"]["scheduler"]
+    assert [g["name"] for g in opt.param_groups] == ["decay", "no_decay", "no_decay_lr2x"]
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0, 0.0]
+    assert [g["lr_multiplier"] for g in opt.param_groups] == [1.0, 1.0, 2.0]
+    assert [g["initial_lr"] for g in opt.param_groups] == [1e-3, 1e-3, 2e-3]
+    decay, no_decay, fast = _group_names(m.model, opt.param_groups)
+    assert fast == ["blocks.0.mixer.w0", "blocks.1.mixer.w0"]
+    assert "blocks.0.mixer.receptance.weight" in decay and "blocks.0.mixer.w_up.weight" in no_decay
+    assert "blocks.0.mixer.o_norm.weight" in no_decay and "blocks.0.mixer.mu" in no_decay
+    # the schedule scales each group's own base: the 2x group stays at twice the rate at every step
+    cfg = m.train_cfg
+    for step in range(12):
+        factor = lr_multiplier(
+            step, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio, cfg.schedule, cfg.decay_fraction
+        )
+        assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-3 * factor, 1e-3 * factor, 2e-3 * factor])
+        opt.step()
+        sched.step()
+
+
+def test_opting_out_gives_the_groups_of_before():
+    m = rwkv_module("train.lr_multipliers=false", "train.weight_decay_groups=matrices")
+    opt = m.configure_optimizers()["optimizer"]
+    assert [g["name"] for g in opt.param_groups] == ["decay", "no_decay"]
+    trainable = [p for p in m.model.parameters() if p.requires_grad]
+    assert [id(p) for p in opt.param_groups[0]["params"]] == [id(p) for p in trainable if p.dim() >= 2]
+    assert [id(p) for p in opt.param_groups[1]["params"]] == [id(p) for p in trainable if p.dim() < 2]
+    assert {g["initial_lr"] for g in opt.param_groups} == {m.train_cfg.lr}
+    with pytest.raises(ConfigError, match="train.weight_decay_groups"):
+        load_experiment(None, ["model=gla/tiny", "train.weight_decay_groups=all"])
+
+
+def _optimizer_groups(run_dir: Path):
+    ckpt = latest_complete(run_dir / "checkpoints")
+    state = torch.load(ckpt / "model.ckpt", map_location="cpu", weights_only=False)
+    return state["optimizer_states"][0]["param_groups"]
+
+
+def rwkv_experiment(tmp_path, tiny_data, name, **train_keys):
+    return experiment(
+        tmp_path,
+        tiny_data,
+        name=name,
+        defaults={"model": "rwkv7/tiny", "train": "cpu-test"},
+        train={"max_steps": 4, "val_every_n_steps": 0, **train_keys},
+        checkpoint={"every_n_steps": 2, "keep_last": 5},
+    )
+
+
+def test_a_training_run_trains_with_the_groups(tmp_path, tiny_data):
+    """The optimizer a real run steps (saved in its checkpoint) has the recipe's groups and rates, and
+    w0 moved (its 2x group was stepped)."""
+    cfg = load_experiment(str(rwkv_experiment(tmp_path, tiny_data, "groups", lr=1e-2, weight_decay=0.1)))
+    torch.manual_seed(0)
+    train(cfg, echo=quiet)
+    groups = _optimizer_groups(Path(cfg.run_dir))
+    assert [g["name"] for g in groups] == ["decay", "no_decay", "no_decay_lr2x"]
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0, 0.0]
+    assert groups[2]["lr"] == pytest.approx(2 * groups[0]["lr"]) and groups[0]["lr"] == pytest.approx(groups[1]["lr"])
+    assert len(groups[2]["params"]) == 2  # w0 of both layers
+    weights = checkpoint_state_dict(latest_complete(Path(cfg.run_dir) / "checkpoints"))
+    fresh = build_model(dict(family="rwkv", variant="rwkv7", vocab_size=64, d_model=32, n_layers=2, n_heads=2))
+    assert not torch.equal(weights["blocks.0.mixer.w0"], fresh.blocks[0].mixer.w0.detach())  # init: no randomness
+
+
+def test_a_run_from_before_the_recipes_resumes_with_its_groups(tmp_path, tiny_data):
+    """A checkpoint whose config has no train.weight_decay_groups / train.lr_multipliers (made before
+    them) resumes with the two groups it was trained with; a run that has the keys cannot change them."""
+    path = rwkv_experiment(tmp_path, tiny_data, "old", weight_decay_groups="matrices", lr_multipliers=False)
+    cfg = load_experiment(str(path), ["train.max_steps=2"])
+    train(cfg, echo=quiet)
+    run_dir = Path(cfg.run_dir)
+    ckpt = latest_complete(run_dir / "checkpoints")
+    manifest_path = ckpt / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    for key in ("weight_decay_groups", "lr_multipliers"):
+        del manifest["config"]["train"][key]
+    manifest_path.write_text(json.dumps(manifest))
+    assert [g["name"] for g in _optimizer_groups(run_dir)] == ["decay", "no_decay"]
+
+    # the defaults (family groups, multipliers) on the command line: the old layout is kept
+    resumed = rwkv_experiment(tmp_path, tiny_data, "old")
+    result = train(load_experiment(str(resumed), ["resume=auto"]), echo=quiet)
+    assert result.global_step == 4
+    assert [g["name"] for g in _optimizer_groups(run_dir)] == ["decay", "no_decay"]
+
+    # a run made with the keys: changing them on resume is refused in one line
+    path = rwkv_experiment(tmp_path, tiny_data, "new")
+    cfg = load_experiment(str(path), ["train.max_steps=2"])
+    train(cfg, echo=quiet)
+    with pytest.raises(ConfigError, match=r"train.lr_multipliers \(True -> False\)") as e:
+        train(load_experiment(str(path), ["resume=auto", "train.lr_multipliers=false"]), echo=quiet)
+    assert "\n" not in str(e.value)
+
+
+def test_legacy_overrides():
+    assert legacy_overrides({"train": {"lr": 1.0}}) == {
+        "train": {"weight_decay_groups": "matrices", "lr_multipliers": False}
+    }
+    assert legacy_overrides({"train": {"weight_decay_groups": "family", "lr_multipliers": True}}) == {}
+    assert classify("train.weight_decay_groups") == classify("train.lr_multipliers") == "forbidden"
+
+
+def test_resume_with_a_new_lr_keeps_the_multipliers():
+    """A resume that changes train.lr (a notice) rescales every group's base by its multiplier."""
+    m = rwkv_module("train.lr=1e-3")
+    out = m.configure_optimizers()
+    opt, sched = out["optimizer"], out["lr_scheduler"]["scheduler"]
+    m.train_cfg = dataclasses.replace(m.train_cfg, lr=4e-3)
+    m._trainer = SimpleNamespace(
+        lr_scheduler_configs=[SimpleNamespace(scheduler=sched)], optimizers=[opt]
+    )  # what _apply_optimizer_settings reads
+    m._apply_optimizer_settings()
+    assert sched.base_lrs == [4e-3, 4e-3, 8e-3]
+    assert [g["initial_lr"] for g in opt.param_groups] == [4e-3, 4e-3, 8e-3]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_deepspeed_trains_with_the_groups(tmp_path, tiny_data):
+    """Under DeepSpeed ZeRO-2 (one CPU rank) the engine's optimizer holds the recipe's groups: names,
+    weight decay, the 2x rate, and each group's flat partition holds exactly that group's parameters."""
+    path = rwkv_experiment(tmp_path, tiny_data, "ds", max_steps=2)
+    run_lm("train", str(path), "train.strategy=deepspeed", "train.zero_stage=2", "train.accelerator=cpu")
+    ckpt = latest_complete(tmp_path / "ds" / "checkpoints")
+    files = sorted((ckpt / "model.ckpt").rglob("*optim_states.pt"))
+    state = torch.load(files[0], map_location="cpu", weights_only=False)["optimizer_state_dict"]
+    groups = state["base_optimizer_state"]["param_groups"]
+    assert [g["name"] for g in groups] == ["decay", "no_decay", "no_decay_lr2x"]
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0, 0.0]  # configs/train/cpu-test: the schema's 0.1
+    assert groups[2]["lr"] == pytest.approx(2 * groups[0]["lr"]) and groups[0]["lr"] > 0
+    want = [sum(p.numel() for p in g.params) for g in load_model_groups(ckpt)]
+    sizes = [t.numel() - pad for t, pad in zip(state["single_partition_of_fp32_groups"], state["group_paddings"])]
+    assert sizes == want and want[2] == 2 * 32  # w0 of both layers
+
+
+def load_model_groups(ckpt: Path):
+    """The recipe's groups of the model a checkpoint's config describes (built fresh)."""
+    config = read_manifest(ckpt)["config"]["model"]
+    return build_model(config).weight_decay_groups()
