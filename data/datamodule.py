@@ -36,6 +36,7 @@ from data.sampler import (
     StridedBatchSampler,
 )
 from data.shards import TokenShards, check_compatible, read_metadata
+from data.streaming import StreamWindows
 
 
 class TokenDataModule(pl.LightningDataModule):
@@ -116,6 +117,8 @@ class TokenDataModule(pl.LightningDataModule):
     @property
     def bytes_per_token(self) -> float:
         """UTF-8 bytes per token of the validation split (train if there is none): for bits/byte."""
+        if self.stream:  # measured on the first documents when the stream was set up
+            return float(self.stream["bytes_per_token"])
         splits = self.metadata["splits"]
         for name in ("validation", "train"):
             s = splits.get(name)
@@ -148,8 +151,44 @@ class TokenDataModule(pl.LightningDataModule):
             parts.append(WindowDataset(TokenShards(sub, split), self.seq_len, self.doc_start_mask))
         return MixtureWindows(parts) if any(len(p) for p in parts) else None
 
+    @property
+    def stream(self) -> Optional[Dict[str, Any]]:
+        """A streaming directory's description (``data.streaming``), else None."""
+        return self.metadata.get("stream")
+
+    def _stream_windows(self, split: str, max_windows: Optional[int] = None) -> StreamWindows:
+        conf = self.metadata["config"]
+        rank, world = self.rank_and_world()
+        return StreamWindows(
+            {**conf["source"], "paths": self.stream["files"]} if self.stream else {},
+            list(self.stream["files"]) if self.stream else [],
+            self.tokenizer_path.read_text(encoding="utf-8"),
+            self.eod_id,
+            self.seq_len,
+            split,
+            int(conf["split_seed"]),
+            float(conf["validation_fraction"]),
+            float(conf["test_fraction"]),
+            rank,
+            world,
+            self.doc_start_mask,
+            max_windows,
+        )
+
     def setup(self, stage: Optional[str] = None) -> None:
         splits = self.metadata["splits"]
+        if self.stream:
+            if self.state_passing:
+                raise DataError("train.state_passing: not available with data.streaming")
+            conf = self.metadata["config"]
+            cap = (self.val_batches or 32) * self.micro_batch_size
+            if self.train_dataset is None:
+                self.train_dataset = self._stream_windows("train")  # type: ignore[assignment]
+            if self.val_dataset is None and float(conf["validation_fraction"]) > 0:
+                self.val_dataset = self._stream_windows("validation", cap)  # type: ignore[assignment]
+            if self.test_dataset is None and float(conf["test_fraction"]) > 0:
+                self.test_dataset = self._stream_windows("test", cap)  # type: ignore[assignment]
+            return
         if self.mixture:
             if self.state_passing:
                 raise DataError("train.state_passing: not available with a mixture (data.sources)")
@@ -178,6 +217,12 @@ class TokenDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> StatefulDataLoader:
         self.setup("fit")
         assert self.train_dataset is not None  # setup builds it
+        if isinstance(self.train_dataset, StreamWindows):
+            # the dataset is its own stateful iterator: the loader collects every worker's state
+            self._train_loader = StatefulDataLoader(
+                self.train_dataset, batch_size=self.micro_batch_size, **self._loader_kwargs()
+            )
+            return self._train_loader
         rank, world = self.rank_and_world()
         sampler: Union[ResumableBatchSampler, MixtureBatchSampler]
         if isinstance(self.train_dataset, MixtureWindows):
@@ -201,6 +246,8 @@ class TokenDataModule(pl.LightningDataModule):
     def _eval_loader(self, dataset: Optional[WindowDataset], name: str):
         if dataset is None:
             return []
+        if isinstance(dataset, StreamWindows):  # one pass over the files, in this process
+            return DataLoader(dataset, batch_size=self.micro_batch_size, collate_fn=collate_windows)
         rank, world = self.rank_and_world()
         if len(dataset) < world:
             raise DataError(
@@ -225,7 +272,10 @@ class TokenDataModule(pl.LightningDataModule):
 
     # ---------------------------------------------------------------------------------- state
     def state_dict(self) -> Dict[str, Any]:
-        """The training order's position, counting only batches the loader has yielded."""
+        """The training order's position, counting only batches the loader has yielded (a stream's
+        position is the loader's own state, which Lightning stores in the checkpoint)."""
+        if self.stream:
+            return {}
         if self.batch_sampler is None:
             return dict(self._pending_state) if self._pending_state else {}
         state = self.batch_sampler.state_dict()
@@ -247,7 +297,7 @@ class TokenDataModule(pl.LightningDataModule):
         return [MixtureMetrics(self)]
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        if not state_dict:
+        if not state_dict or self.stream:
             return
         if self.batch_sampler is not None:
             self.batch_sampler.load_state_dict(state_dict)

@@ -21,7 +21,7 @@ NOT_IN_FINGERPRINT = ("out_dir", "num_proc", "batch_size", "task", "task_output"
 SOURCE_NOT_IN_FINGERPRINT = ("max_invalid_utf8",)
 #: keys added after directories were prepared: left out while they hold these defaults, so an existing
 #: directory keeps its fingerprint (and is not rebuilt) until one of them is set
-NEUTRAL_DEFAULTS: Dict[str, Any] = {"parts": 0, "budget_bytes": None, "sources": []}
+NEUTRAL_DEFAULTS: Dict[str, Any] = {"parts": 0, "budget_bytes": None, "sources": [], "streaming": False}
 SOURCE_NEUTRAL_DEFAULTS: Dict[str, Any] = {"ids_field": "input_ids"}
 
 

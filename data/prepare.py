@@ -201,6 +201,12 @@ def prepare(
     out = Path(conf["out_dir"])
     src_cfg: Mapping[str, Any] = conf["source"]
     tok_cfg: Mapping[str, Any] = conf["tokenizer"]
+    if conf.get("streaming"):
+        from data.streaming import prepare_stream
+
+        if shard is not None or conf.get("sources") or int(conf.get("parts") or 0):
+            raise DataError("data.streaming: prepares no shards (no --shard, data.parts or data.sources with it)")
+        return prepare_stream(conf, force, echo, t_start)
     if conf.get("sources"):
         from data.mixture import prepare_mixture
 

@@ -146,6 +146,9 @@ class DataConfig(Frozen):
     # a weighted mixture (data/mixture.py, docs/data.md): non-empty replaces `source`; the tokenizer is
     # `tokenizer.path` or trained on the first source, and shared by all
     sources: List[MixtureSourceConfig] = field(default_factory=list)
+    # tokenize local json/jsonl/parquet/csv files (or kind hf with paths) on the fly during training, in
+    # the DataLoader's worker processes, instead of preparing shards (data/streaming.py; needs tokenizer.path)
+    streaming: bool = False
     task: TaskConfig = field(default_factory=TaskConfig)
     # reset | stream: how documents packed into one training window see each other. reset: every
     # recurrent state, convolution, token shift and attention restarts at each document (the

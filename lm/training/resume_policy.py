@@ -112,6 +112,7 @@ FORBIDDEN = frozenset(
         "data.parts",
         "data.budget_bytes",
         "data.sources",
+        "data.streaming",
         "data.source.kind",
         "data.source.paths",
         "data.source.split_by",
