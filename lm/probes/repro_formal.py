@@ -155,7 +155,8 @@ def formal_table(
     **train_kw,
 ) -> Dict:
     """Run every (model, language, seed) cell and write the table, JSON and figure. ``models``: keys of
-    :data:`MODELS` or ``family/variant`` names; ``languages``: of :data:`LANGUAGES`."""
+    :data:`MODELS` or ``family/variant`` names; ``languages``: of :data:`LANGUAGES`. Cells already in
+    ``out_dir/formal_table.json`` with the same setting are reused, not retrained."""
     if bins not in BINS:
         raise LMError(f"--bins: '{bins}' is not one of {', '.join(BINS)}")
     chosen = _models(models)
@@ -165,20 +166,46 @@ def formal_table(
             raise LMError(f"--languages: unknown language '{lang}'; known: {', '.join(LANGUAGES)}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    setting = dict(bins=bins, steps=steps, n_test=n_test, **train_kw)
+    done = _previous_cells(out / "formal_table.json", setting)
     cells = []
     for name, (family, variant) in chosen.items():
         for lang in languages:
             for seed in seeds:
-                cell = train_and_score(family, variant, lang, seed, bins=bins, steps=steps, n_test=n_test, **train_kw)
+                cell = done.get((family, variant, lang, seed))
+                if cell is None:
+                    cell = train_and_score(
+                        family, variant, lang, seed, bins=bins, steps=steps, n_test=n_test, **train_kw
+                    )
+                    log(f"{name} | {lang} | seed {seed}: seq acc {cell['seq_acc']} ({cell['train_seconds']:.0f} s)")
+                else:
+                    log(
+                        f"{name} | {lang} | seed {seed}: seq acc {cell['seq_acc']} (from the previous formal_table.json)"
+                    )
                 cell["model"] = name
                 cells.append(cell)
-                log(f"{name} | {lang} | seed {seed}: seq acc {cell['seq_acc']} ({cell['train_seconds']:.0f} s)")
-    setting = dict(bins=bins, steps=steps, n_test=n_test, seeds=list(seeds), **train_kw)
     result = {"setting": setting, "cells": cells}
     write_json(out / "formal_table.json", result)
     write_atomic(out / "formal_table.md", table_markdown(cells, list(chosen), languages))
     _figure(cells, list(chosen), languages, out / "formal_table.png")
     return result
+
+
+def _previous_cells(path: Path, setting: Dict) -> Dict[Tuple[str, str, str, int], Dict]:
+    """Cells of an earlier run in ``path`` with the same setting (so a table can be extended or an
+    interrupted run finished without retraining); {} when there is none or the setting differs."""
+    import json
+
+    if not path.exists():
+        return {}
+    try:
+        prev = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    before = {k: v for k, v in prev.get("setting", {}).items() if k != "seeds"}  # the seeds may differ
+    if before != json.loads(json.dumps(setting)):
+        return {}
+    return {(c["family"], c["variant"], c["language"], int(c["seed"])): c for c in prev.get("cells", [])}
 
 
 def _models(models: Optional[Sequence[str]]) -> Dict[str, Tuple[str, str]]:

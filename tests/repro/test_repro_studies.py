@@ -112,6 +112,25 @@ def test_formal_table_command(tmp_path):
     table = (out / "formal_table.md").read_text()
     assert "Shuffle-2 bin 1 (42-80)" in table and "LSTM" in table and table in proc.stdout
     assert (out / "formal_table.png").stat().st_size > 0
+    # a second call with the same setting reuses the cells it has and trains only the new ones
+    from lm.probes.repro_formal import formal_table
+
+    logs = []
+    res = formal_table(
+        str(out),
+        models=["lstm/lstm"],
+        languages=["dyck1", "parity"],
+        seeds=(0,),
+        steps=3,
+        n_test=8,
+        log=logs.append,
+        d_model=8,
+    )
+    assert any("from the previous formal_table.json" in line for line in logs if "dyck1" in line)
+    assert not any("from the previous" in line for line in logs if "parity" in line)
+    assert [c["seq_acc"] for c in res["cells"] if c["language"] == "dyck1"] == [
+        c["seq_acc"] for c in cells if c["variant"] == "lstm" and c["language"] == "dyck1"
+    ]
     bad = run_lm("repro", "formal-table", "--models", "gru/gru", "--out", str(out), check=False)
     assert bad.returncode == 2 and "--models: unknown model 'gru/gru'" in bad.stderr
 
