@@ -31,6 +31,9 @@ from typing import Any, Dict, List, Optional
 
 from data.atomic import write_atomic
 
+#: the wall time of a comparison's run, kept in its run directory so that a read-back table shows it
+WALL_FILE = "compare_wall.json"
+
 DEFAULT_MODELS = [
     "transformer/small",
     "gla/small",
@@ -229,6 +232,9 @@ def main(argv=None) -> List[Dict[str, Any]]:
                     print(f"[{name}] failed (exit {code}); see {out / (name + '.log')}", flush=True)
                     continue
                 wall = time.perf_counter() - begin
+                write_atomic(run_dir / WALL_FILE, json.dumps({"wall_s": wall}))
+            elif (run_dir / WALL_FILE).is_file():  # read back: the wall time of the run that trained it
+                wall = json.loads((run_dir / WALL_FILE).read_text())["wall_s"]
             runs.setdefault(model, []).append(run_dir)
             row = summarize(model, run_dir, wall, seed)
             rows.append(row)

@@ -1,6 +1,6 @@
 """``python -m lm.training.compare_families``: each model trains in its own process, the table holds
 every model's validation loss, bits/byte, tokens/s and parameters read back from its run, the plot
-is written, and a second call reads finished runs back instead of training them again."""
+is written, and a second call reads finished runs back (with their wall times) instead of training them again."""
 
 from __future__ import annotations
 
@@ -38,9 +38,12 @@ def test_two_models_table_plot_and_rerun(tmp_path, tiny_data):
     text = (tmp_path / "compare.md").read_text()
     assert "| gla/tiny |" in text and "| transformer/tiny |" in text
     assert (tmp_path / "compare.png").stat().st_size > 10_000
-    again = main(argv)  # resume=auto: finished runs are read back, not retrained
+    logs = {p.name: p.stat().st_size for p in tmp_path.glob("*.log")}
+    assert len(logs) == 2
+    again = main(argv)  # finished runs are read back, not retrained (no lm train ran: logs unchanged)
+    assert {p.name: p.stat().st_size for p in tmp_path.glob("*.log")} == logs
     assert [r["val_loss"] for r in again] == [r["val_loss"] for r in rows]
-    assert all(r["wall_s"] is None for r in again)
+    assert [r["wall_s"] for r in again] == [r["wall_s"] for r in rows]  # kept from the runs that trained
 
 
 def test_table_aggregates_seeds():
