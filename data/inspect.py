@@ -51,6 +51,18 @@ def describe(
         f"            vocab {meta['vocab_size']}, eod {tok['eod_token']!r} = {meta['eod_id']}, "
         f"pad {tok['pad_token']!r} = {meta['pad_id']}",
         f"dtype:      {meta['dtype']}",
+    ]
+    for m in meta.get("mixture") or []:
+        lines.append(
+            f"mixture:    {m['name']}: weight {m['weight']:g} ({m['share']:.1%} of training windows), {d / m['dir']}"
+        )
+    if meta.get("stream"):
+        st = meta["stream"]
+        lines.append(
+            f"streaming:  {len(st['files'])} files read by the '{st['builder']}' builder during training, "
+            f"{st['bytes_per_token']:.3f} bytes/token on the first {st['sampled_bytes']:,} bytes"
+        )
+    lines += [
         "",
         f"{'split':<11}{'tokens':>14}{'documents':>11}{'bytes':>15}{'bytes/token':>13}{'shards':>8}",
     ]
@@ -59,7 +71,7 @@ def describe(
         lines.append(
             f"{name:<11}{s['tokens']:>14,}{s['documents']:>11,}{s['bytes']:>15,}{bpt:>13}{len(s['shards']):>8}"
         )
-    if sample_tokens > 0:
+    if sample_tokens > 0 and meta["splits"]:
         if split is None:
             split = "validation" if meta["splits"].get("validation", {}).get("tokens") else "train"
         if split not in meta["splits"]:

@@ -230,6 +230,7 @@ def stream_files(source: Dict[str, Any]) -> List[Path]:
 def prepare_stream(conf: Dict[str, Any], force: bool, echo, t_start: float) -> Any:
     """``lm data prepare`` of a streaming config: the tokenizer and a ``metadata.json`` that describes
     the stream (files, builder, split keys, bytes per token measured on the first documents); no shards."""
+    import datetime as _dt
     import json
     import time
 
@@ -328,6 +329,7 @@ def prepare_stream(conf: Dict[str, Any], force: bool, echo, t_start: float) -> A
         "fingerprint": fp,
         "config": conf,
         "version": lm.__version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "timings": {"total_s": round(time.perf_counter() - t_start, 3)},
     }
     with atomic_directory(out) as tmp:

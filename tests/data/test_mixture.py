@@ -133,7 +133,7 @@ def test_prepare_mixture_and_datamodule(tmp_path, capsys):
     code, out, err = run_cli(capsys, ["data", "prepare", str(cfg)])
     assert code == 0 and "mixture up to date" in out
     code, out, err = run_cli(capsys, ["data", "inspect", str(mix), "--tokens", "0"])
-    assert code == 0 and "mixture" in out
+    assert code == 0 and "mixture:    alpha: weight 3 (75.0% of training windows)" in out
 
     from data.datamodule import TokenDataModule
 

@@ -122,6 +122,8 @@ def test_prepare_streaming_config_and_errors(tmp_path, prepared_dir, capsys):
     assert meta["stream"]["bytes_per_token"] > 1 and meta["splits"] == {}
     code, out, err = run_cli(capsys, ["data", "prepare", str(cfg)])
     assert code == 0 and "up to date" in out
+    code, out, err = run_cli(capsys, ["data", "inspect", str(tmp_path / "stream")])
+    assert code == 0 and "streaming:  3 files read by the 'json' builder" in out
     for args, message in (
         (["tokenizer.path=null"], "tokenizer.path"),
         (["source.kind=text"], "cannot be streamed"),
