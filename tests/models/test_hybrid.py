@@ -343,3 +343,12 @@ def test_tiny_hybrid_trains_evaluates_generates_and_exports(tmp_path, tiny_data)
     assert exported.model.layers == loaded.model.layers
     tokens = torch.randint(0, 256, (1, 16))
     assert torch.equal(exported.model(tokens)[0], loaded.model(tokens)[0])
+
+
+def test_bad_layout_on_the_command_line_is_one_error_line_and_exit_2():
+    from tests.evaluation.conftest import error_line, run_lm
+
+    proc = run_lm("config", "show", "default", "model=hybrid-gla/tiny", "model.layers.mixer=transfomer", check=False)
+    assert "model.layers.mixer: unknown family or variant 'transfomer' (did you mean 'transformer'?)" in error_line(
+        proc
+    )
