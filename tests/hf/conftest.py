@@ -33,10 +33,19 @@ def tokenizer_file(tmp_path_factory) -> Path:
 
 
 def tiny_config(name: str, **overrides: Any) -> Dict[str, Any]:
-    """configs/model/<name>/tiny.yaml shrunk to d_model 32, 2 layers, 2 heads, vocab 320."""
+    """configs/model/<name>/tiny.yaml shrunk to d_model 32, 2 layers (a hybrid keeps its tiny depth, the
+    pattern's period), 2 heads, vocab 320."""
     cfg = yaml.safe_load((REPO / "configs" / "model" / name / "tiny.yaml").read_text())
+    n_layers = cfg["n_layers"] if cfg.get("layers") else 2
     cfg.update(
-        {"d_model": 32, "n_layers": 2, "n_heads": 2, "vocab_size": VOCAB, "max_seq_len": 64, "kernel_backend": "torch"}
+        {
+            "d_model": 32,
+            "n_layers": n_layers,
+            "n_heads": 2,
+            "vocab_size": VOCAB,
+            "max_seq_len": 64,
+            "kernel_backend": "torch",
+        }
     )
     cfg.update(overrides)
     return cfg
