@@ -336,6 +336,11 @@ def test_tiny_hybrid_trains_evaluates_generates_and_exports(tmp_path, tiny_data)
     completions = json.loads(gen.read_text())
     assert completions["model"] == "hybrid[linear_attention/gla:3,transformer/transformer:1]"
     assert completions["completions"][0]["prompt_tokens"] > 1
+    # probes: one row per layer, named by its mixer
+    report = tmp_path / "probes"
+    run_lm("probe", str(run), "--out", str(report), "--batch-size", "4", "--seq-len", "16")
+    table = (report / "report.md").read_text()
+    assert table.count("| linear_attention/gla |") == 3 and table.count("| transformer/transformer |") == 1
     # export and load back: the same model and logits
     export = tmp_path / "export"
     run_lm("export", str(run), str(export))
@@ -352,3 +357,18 @@ def test_bad_layout_on_the_command_line_is_one_error_line_and_exit_2():
     assert "model.layers.mixer: unknown family or variant 'transfomer' (did you mean 'transformer'?)" in error_line(
         proc
     )
+
+
+def test_activation_checkpointing_gives_the_same_gradients_in_a_hybrid():
+    """Each checkpointed block recomputes with its own family's cross-layer dict (RWKV-7's values)."""
+    model = hybrid("rwkv", "rwkv7", ["rwkv7", "transformer", "rwkv7", "transformer"]).train()
+    tokens = torch.randint(0, V, (2, 12), generator=torch.Generator().manual_seed(5))
+    grads = []
+    for ckpt in (False, True):
+        model.zero_grad()
+        model.gradient_checkpointing = ckpt
+        logits, _ = model(tokens)
+        torch.nn.functional.cross_entropy(logits.reshape(-1, V), tokens.roll(-1, 1).reshape(-1)).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
