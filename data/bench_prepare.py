@@ -100,8 +100,8 @@ def main(argv=None) -> None:
             f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; python {platform.python_version()}"
         )
         print(f"stdlib corpus cut to {args.mb:g} MB, {args.parts} parts, best of {args.repeat}\n")
-        print("| processes | MB | encode s | MB/s | speed-up | wall s | CPU s | load |")
-        print("|---|---|---|---|---|---|---|---|")
+        print("| processes | MB | encode s | MB/s | speed-up | wall s | CPU s | MB per CPU s | load |")
+        print("|---|---|---|---|---|---|---|---|---|")
         one = best[args.processes[0]]
         rates: List[float] = []
         for procs in args.processes:
@@ -111,7 +111,7 @@ def main(argv=None) -> None:
             speed = one["encode_s"] / b["encode_s"]
             print(
                 f"| {procs} | {b['bytes'] / 1e6:.1f} | {b['encode_s']:.2f} | {rate:.2f} | {speed:.2f}x | "
-                f"{b['wall_s']:.2f} | {b['cpu_s']:.2f} | {b['load']:.1f} |"
+                f"{b['wall_s']:.2f} | {b['cpu_s']:.2f} | {b['bytes'] / 1e6 / b['cpu_s']:.2f} | {b['load']:.1f} |"
             )
         if args.png is not None:
             import matplotlib
@@ -119,13 +119,19 @@ def main(argv=None) -> None:
             matplotlib.use("Agg")
             import matplotlib.pyplot as plt
 
-            fig, ax = plt.subplots(figsize=(4.5, 3.2))
-            ax.bar([str(x) for x in args.processes], rates, color="#4c72b0")
-            for i, v in enumerate(rates):
-                ax.text(i, v, f"{v:.2f}", ha="center", va="bottom")
-            ax.set_xlabel("processes (num_proc), tokenizer threads = 1")
-            ax.set_ylabel("prepare MB/s (encode phase)")
-            ax.set_title(f"lm data prepare, stdlib {args.mb:g} MB, {args.parts} parts")
+            per_cpu = [best[x]["bytes"] / 1e6 / best[x]["cpu_s"] for x in args.processes]
+            loads = ", ".join(f"{best[x]['load']:.1f}" for x in args.processes)
+            fig, axes = plt.subplots(1, 2, figsize=(8, 3.4))
+            for ax, values, label in (
+                (axes[0], rates, "MB/s (wall clock, encode phase)"),
+                (axes[1], per_cpu, "MB per CPU-second (all processes)"),
+            ):
+                ax.bar([str(x) for x in args.processes], values, color="#4c72b0")
+                for i, v in enumerate(values):
+                    ax.text(i, v, f"{v:.2f}", ha="center", va="bottom")
+                ax.set_xlabel("processes (num_proc), tokenizer threads 1")
+                ax.set_ylabel(label)
+            fig.suptitle(f"lm data prepare, stdlib {args.mb:g} MB in {args.parts} parts (2-CPU VM, load {loads})")
             fig.tight_layout()
             args.png.parent.mkdir(parents=True, exist_ok=True)
             fig.savefig(args.png, dpi=120)

@@ -337,6 +337,6 @@ def prepare_stream(conf: Dict[str, Any], force: bool, echo, t_start: float) -> A
         (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     echo(
         f"streaming {len(files)} files ({builder}) from {out}: tokenizer vocab {vocab}, "
-        f"{nbytes / ntokens:.3f} bytes/token on the first {nbytes / 1e6:.1f} MB"
+        f"{nbytes / ntokens:.3f} bytes/token on the first {nbytes:,} bytes"
     )
     return PrepareResult(out, False, meta, time.perf_counter() - t_start)
