@@ -121,19 +121,3 @@ def formal_table_command(
         d_model=d_model,
     )
     typer.echo(open(f"{out}/formal_table.md").read())
-
-
-@repro_app.command("aaren-forecast")
-def aaren_forecast_command(
-    out: str = typer.Option("docs/repro", "--out", help="output directory"),
-    seeds: int = typer.Option(3, "--seeds", help="seeds 0..n-1 per model"),
-    steps: int = typer.Option(1500, "--steps", help="training steps per run"),
-) -> None:
-    """Seed 002: Aaren against a Transformer on synthetic time-series forecasting (offline)."""
-    from lm.errors import LMError
-    from lm.probes.repro_aaren import aaren_forecast_study
-
-    if seeds < 1 or steps < 1:
-        raise LMError(f"--seeds/--steps: must be >= 1, got {seeds}, {steps}")
-    aaren_forecast_study(out, seeds=tuple(range(seeds)), steps=steps)
-    typer.echo(open(f"{out}/aaren_forecast.md").read())

@@ -135,18 +135,6 @@ def test_formal_table_command(tmp_path):
     assert bad.returncode == 2 and "--models: unknown model 'gru/gru'" in bad.stderr
 
 
-def test_aaren_forecast_study(tmp_path):
-    from lm.probes.repro_aaren import aaren_forecast_study, forecast_batch
-
-    x, y = forecast_batch(4, 16, torch.Generator().manual_seed(0), noise=0.0)
-    assert torch.equal(x[:, 1:], y[:, :-1]) and x.shape == (4, 16, 1)
-    res = aaren_forecast_study(str(tmp_path), seeds=(0,), length=16, steps=3, batch=4, n_test=8, d_model=8)
-    assert {r["model"] for r in res["rows"]} == {"Aaren", "Transformer (softmax, RoPE)"}
-    assert res["reference"]["noise_floor"] == pytest.approx(0.01)
-    assert "predict the last value" in (tmp_path / "aaren_forecast.md").read_text()
-    assert (tmp_path / "aaren_forecast.png").stat().st_size > 0
-
-
 def test_state_gated_construction_report(tmp_path):
     from lm.probes.repro_gated import construction_state_gated
 
