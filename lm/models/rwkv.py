@@ -41,7 +41,8 @@ Against the reference (BlinkDL/RWKV-LM ``RWKV-v7``, ``rwkv_v7_demo.py`` and
   exceeds C); ``receptance``/``value`` orthogonal, ``key`` orthogonal * 0.1, ``output`` zero;
   ``ln_x`` weight ``((l+1)/L)^0.7``, bias 0; around the mixer (:meth:`RWKV7TimeMix.reset_around`): the
   channel mixer's lerp ``1 - (d/D)^((1 - l/L)^4)``, key orthogonal, value zero; the embedding
-  uniform(+-1e-4) and an untied head orthogonal with gain ``0.5 sqrt(V/D)`` (0.5 if V <= D).
+  uniform(+-1e-4) and an untied head orthogonal with gain ``0.5 sqrt(V/D)`` (0.5 if V <= D); a tied
+  head and embedding keep the skeleton's normal(init_std) (see the differences below).
   ``init: simple``: ``w0 = -7 + 5 (n/(C-1))^(0.85 + sqrt(l/(L-1))) + 0.5``, ``k_k`` 0.85, ``k_a`` 1,
   ``r_k`` N(0, 0.1), ``a0`` 0, the ``w``/``a`` up maps zero and down maps, gate maps, projections,
   channel mixer and embedding normal(init_std) (residual outputs scaled by ``1/sqrt(2L)``), channel
@@ -55,8 +56,9 @@ Against the reference (BlinkDL/RWKV-LM ``RWKV-v7``, ``rwkv_v7_demo.py`` and
   (``decay_low_rank`` 32, ``a_low_rank`` 32, ``v_low_rank`` 32, ``gate_low_rank`` 64; the reference
   suggests ``max(32, round(c sqrt(C) / 32) 32)`` with c = 2.5, 2.5, 1.7, 5: the same at C = 256 (the
   small config), gate 32 at C = 64 (tiny), 64/64/32/128 at C = 768 (125m)); ``configs/model/rwkv7`` tie the head to the embedding (the skeleton's default; the
-  reference unties it: ``model.tie_embeddings=false``), and a tied head keeps the embedding's
-  uniform(+-1e-4) init; no L2Wrap (the reference adds ``1e-4 / (B T)`` times the largest logit to its
+  reference unties it: ``model.tie_embeddings=false``), and the tied matrix keeps normal(init_std):
+  the reference's uniform(+-1e-4) embedding, as the output layer too, left ``rwkv7/small`` far behind
+  at the demo budget (docs/recipes.md); no L2Wrap (the reference adds ``1e-4 / (B T)`` times the largest logit to its
   gradient); the optimizer's own settings are the run's ``train.*`` (the reference's demo: betas
   0.9/0.99, eps 1e-18, weight decay 0.001, warmup from 0.01 lr over 10 steps, cosine to lr/10 by tokens);
   the LayerNorms' eps is ``model.norm_eps`` (the reference: torch's 1e-5, the default here too);
@@ -231,8 +233,11 @@ class RWKV7TimeMix(TokenMixer):
 
     def reset_around(self, block: nn.Module, model: nn.Module) -> None:
         """The reference's channel mixer (``rwkv_cmix``: lerp ``1 - (n/D)^((1 - l/L)^4)``, key
-        orthogonal, value zero) and, for the first block, embedding uniform(+-1e-4) and an untied head
-        orthogonal with gain ``0.5 sqrt(V/D)`` (0.5 when V <= D). ``init: simple``: nothing."""
+        orthogonal, value zero) and, for the first block of a model with an untied head, embedding
+        uniform(+-1e-4) and the head orthogonal with gain ``0.5 sqrt(V/D)`` (0.5 when V <= D). A head tied
+        to the embedding keeps the skeleton's normal(init_std) for both: the reference never ties, and
+        its tiny embedding as the output layer too trained far worse (docs/recipes.md). ``init:
+        simple``: nothing."""
         if self.options.init != "reference":
             return
         D = self.d_model
@@ -245,12 +250,13 @@ class RWKV7TimeMix(TokenMixer):
                 nn.init.zeros_(mlp.value.weight)
             if block is not model.blocks[0]:
                 return
+            head = getattr(model, "head", None)
+            if not isinstance(head, nn.Linear):  # tied: the embedding is the output layer too (see above)
+                return
             if isinstance(model.embed, nn.Embedding):
                 nn.init.uniform_(model.embed.weight, -1e-4, 1e-4)
-            head = getattr(model, "head", None)
-            if isinstance(head, nn.Linear):
-                V = head.weight.shape[0]
-                nn.init.orthogonal_(head.weight, gain=0.5 * math.sqrt(V / D) if V > D else 0.5)
+            V = head.weight.shape[0]
+            nn.init.orthogonal_(head.weight, gain=0.5 * math.sqrt(V / D) if V > D else 0.5)
 
     def _reset_lerps(self) -> None:
         """The six token-shift lerps, shared by both inits: ``mu_* = 1 - (n/D)^(p_* (1 - l/L))``."""

@@ -10,6 +10,10 @@ corpus, ``configs/train/cpu-demo``) twice through the real trainer, from the sam
   (the initialisation and the optimizer groups this project used before issue 16's recipes);
 * ``after``: the defaults (``init: reference``, the family's weight-decay groups, ``w0`` at 2x lr).
 
+Diagnostics, trained only with ``--only <name>`` and reported when their runs exist: ``init_only`` (the
+reference init with the groups of before), ``before_untied`` / ``after_untied`` (both recipes with the
+head untied from the embedding, as the reference has it).
+
 ``--only before`` / ``--only after`` train one run (two processes can train both at once), and
 ``--report`` only reads the runs already there. Prints, per run, the final validation loss and bits/byte and the median training tokens/s, and writes
 ``<out>/results.json`` and ``<out>/loss.png`` (training loss, smoothed, and validation loss against the
@@ -34,6 +38,16 @@ RECIPES: Dict[str, List[str]] = {
     "before": ["model.mixer.init=simple", "train.weight_decay_groups=matrices", "train.lr_multipliers=false"],
     "after": [],
 }
+#: diagnostics (``--only <name>``; reported when their runs exist): the reference init alone, with the
+#: groups of before; both recipes with the head untied from the embedding, as the reference has it
+DIAGNOSTICS: Dict[str, List[str]] = {
+    "init_only": ["train.weight_decay_groups=matrices", "train.lr_multipliers=false"],
+    "before_untied": [*RECIPES["before"], "model.tie_embeddings=false"],
+    "after_untied": ["model.tie_embeddings=false"],
+}
+
+
+ALL = {**RECIPES, **DIAGNOSTICS}
 
 
 def overrides(model: str, steps: Optional[int], runs: Path, label: str, extra: Sequence[str]) -> List[str]:
@@ -49,7 +63,7 @@ def overrides(model: str, steps: Optional[int], runs: Path, label: str, extra: S
     ]
     if steps is not None:
         out += [f"train.max_steps={steps}", f"train.val_every_n_steps={max(1, steps // 3)}"]
-    return out + RECIPES[label] + list(extra)
+    return out + ALL[label] + list(extra)
 
 
 def read_metrics(run_dir: Path) -> Dict[str, Any]:
@@ -82,12 +96,35 @@ def collect(label: str, run_dir: Path) -> Dict[str, Any]:
     steps = metrics["train"][-1][0] + 1 if metrics["train"] else 0
     return {
         "label": label,
-        "overrides": RECIPES[label],
+        "overrides": ALL[label],
         "steps": steps,
         "val_loss": last[1],
         "val_bpb": last[2],
         **metrics,
     }
+
+
+def parameters(run_dir: Path) -> int:
+    """The trained model's parameter count (from the run's ``config.yaml``, built on the meta device)."""
+    import yaml
+
+    from lm.models.counting import count_parameters
+
+    return count_parameters(yaml.safe_load(open(run_dir / "config.yaml"))["model"])
+
+
+def markdown(results: List[Dict[str, Any]]) -> str:
+    """The results as a Markdown table."""
+    lines = [
+        "| run | overrides | parameters | val loss | bits/byte | tokens/s |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['label']} | {' '.join(f'`{o}`' for o in r['overrides']) or '(defaults)'} | "
+            f"{r['parameters'] / 1e6:.2f}M | {r['val_loss']:.3f} | {r['val_bpb']:.3f} | {r['tokens_per_s']:.0f} |"
+        )
+    return "\n".join(lines)
 
 
 def smooth(values: List[float], width: int = 10) -> List[float]:
@@ -105,7 +142,7 @@ def plot(results: List[Dict[str, Any]], path: Path, title: str) -> Path:
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for res, color in zip(results, ("tab:gray", "tab:red")):
+    for res, color in zip(results, ("tab:gray", "tab:red", "tab:blue", "black", "tab:orange")):
         steps = [s for s, _ in res["train"]]
         ax.plot(
             steps,
@@ -140,7 +177,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--steps", type=int, default=None, help="train.max_steps (default: the experiment's)")
     p.add_argument("--runs", default="runs/bench-recipes", help="where the two run directories go")
     p.add_argument("--out", default="docs/recipes", help="results.json and loss.png go here")
-    p.add_argument("--only", choices=sorted(RECIPES), default=None, help="train only this recipe (no report)")
+    p.add_argument("--only", choices=sorted(ALL), default=None, help="train only this recipe (no report)")
     p.add_argument("--report", action="store_true", help="no training: report the runs already in --runs")
     p.add_argument("overrides", nargs="*", help="more key=value overrides for both runs")
     args = p.parse_args(argv)
@@ -151,7 +188,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             train_run(args.experiment, overrides(args.model, args.steps, runs, label, args.overrides))
     if args.only:
         return 0
-    results = [collect(label, runs / label) for label in RECIPES]
+    present = [label for label in DIAGNOSTICS if (runs / label / "logs" / "metrics.csv").is_file()]
+    results = [collect(label, runs / label) for label in [*RECIPES, *present]]
+    for res in results:
+        res["parameters"] = parameters(runs / res["label"])
     for res in results:
         print(
             f"{res['label']:7s} steps {res['steps']}  val loss {res['val_loss']:.4f}  val bpb {res['val_bpb']:.4f}  "
@@ -164,6 +204,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "extra_overrides": args.overrides,
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
     }
+    print(markdown(results))
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "results.json", json.dumps({**meta, "runs": results}, indent=1) + "\n")
     if len(results) > 1:

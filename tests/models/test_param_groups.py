@@ -265,6 +265,15 @@ def test_rwkv7_reference_init_matrices(layer):
     assert_orthogonal(model.head.weight, 0.5)  # V = 61 < D = 64
 
 
+def test_rwkv7_reference_init_keeps_a_tied_embedding_normal():
+    """A head tied to the embedding: the shared matrix keeps the skeleton's normal(init_std) (the
+    reference's uniform(+-1e-4) embedding would be the output layer too)."""
+    model = reference_model()  # tie_embeddings: the skeleton's default
+    assert model.head is None
+    assert model.embed.weight.std().item() == pytest.approx(0.02, rel=0.1)
+    assert torch.all(model.blocks[0].mixer.output.weight == 0)  # the rest of the recipe applies
+
+
 def test_rwkv7_reference_head_gain_grows_with_the_vocabulary():
     model = reference_model(tie_embeddings=False, vocab_size=256)
     assert_orthogonal(model.head.weight, 0.5 * math.sqrt(256 / D))
