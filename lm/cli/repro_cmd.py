@@ -100,6 +100,9 @@ def formal_table_command(
     steps: int = typer.Option(1000, "--steps", help="training steps per cell"),
     d_model: int = typer.Option(64, "--d-model", help="model width (2 layers, 2 heads)"),
     examples: int = typer.Option(256, "--examples", help="test strings per bin"),
+    render_only: bool = typer.Option(
+        False, "--render-only", help="write the table from formal_table.json without training (missing cells: -)"
+    ),
 ) -> None:
     """Seed 001: models x languages x seeds on character prediction; writes formal_table.md/.json/.png."""
     from lm.errors import LMError
@@ -118,6 +121,7 @@ def formal_table_command(
         steps=steps,
         n_test=examples,
         log=typer.echo,
+        render_only=render_only,
         d_model=d_model,
     )
     typer.echo(open(f"{out}/formal_table.md").read())

@@ -152,6 +152,7 @@ def formal_table(
     steps: int = 1000,
     n_test: int = 256,
     log=print,
+    render_only: bool = False,
     **train_kw,
 ) -> Dict:
     """Run every (model, language, seed) cell and write the table, JSON and figure. ``models``: keys of
@@ -173,6 +174,8 @@ def formal_table(
         for lang in languages:
             for seed in seeds:
                 cell = done.get((family, variant, lang, seed))
+                if cell is None and render_only:
+                    continue
                 if cell is None:
                     cell = train_and_score(
                         family, variant, lang, seed, bins=bins, steps=steps, n_test=n_test, **train_kw
@@ -184,10 +187,17 @@ def formal_table(
                     )
                 cell["model"] = name
                 cells.append(cell)
+                # every finished cell is kept (with the cells of the earlier run), so a stopped run resumes
+                kept = {(c["family"], c["variant"], c["language"], int(c["seed"])): c for c in done.values()}
+                kept.update({(c["family"], c["variant"], c["language"], int(c["seed"])): c for c in cells})
+                write_json(out / "formal_table.json", {"setting": setting, "cells": list(kept.values())})
     result = {"setting": setting, "cells": cells}
     write_json(out / "formal_table.json", result)
+    if not cells:
+        raise LMError(f"--render-only: {out / 'formal_table.json'} has no cell of this setting")
     write_atomic(out / "formal_table.md", table_markdown(cells, list(chosen), languages))
-    _figure(cells, list(chosen), languages, out / "formal_table.png")
+    present = [lang for lang in languages if any(c["language"] == lang for c in cells)]
+    _figure(cells, list(chosen), present, out / "formal_table.png")
     return result
 
 
@@ -231,6 +241,7 @@ def _mean(cells: List[Dict], model: str, lang: str, b: int) -> Tuple[Optional[fl
 def table_markdown(cells: List[Dict], models: List[str], languages: List[str]) -> str:
     """Rows: models; columns: language x bin; cells: mean sequence accuracy (per seed in brackets)."""
     bins = {c["language"]: c["bins"] for c in cells}
+    languages = [lang for lang in languages if lang in bins]
     head = ["model"] + [
         f"{LANGUAGE_NAMES[lang]} bin {b} ({lo}-{hi})" for lang in languages for b, (lo, hi) in enumerate(bins[lang])
     ]

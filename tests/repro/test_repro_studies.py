@@ -131,6 +131,21 @@ def test_formal_table_command(tmp_path):
     assert [c["seq_acc"] for c in res["cells"] if c["language"] == "dyck1"] == [
         c["seq_acc"] for c in cells if c["variant"] == "lstm" and c["language"] == "dyck1"
     ]
+    # render only: the cells there are, "-" for the rest, nothing trained
+    logs = []
+    res = formal_table(
+        str(out),
+        models=["lstm/lstm", "transformer/transformer"],
+        languages=["dyck1"],
+        seeds=(0,),
+        steps=3,
+        n_test=8,
+        log=logs.append,
+        d_model=8,
+        render_only=True,
+    )
+    assert [c["variant"] for c in res["cells"]] == ["lstm"] and all("from the previous" in line for line in logs)
+    assert "| Transformer (softmax, RoPE) | - | - |" in (out / "formal_table.md").read_text()
     bad = run_lm("repro", "formal-table", "--models", "gru/gru", "--out", str(out), check=False)
     assert bad.returncode == 2 and "--models: unknown model 'gru/gru'" in bad.stderr
 
