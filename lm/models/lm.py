@@ -7,6 +7,11 @@
 ``forward(tokens, state=None) -> (logits, state)`` serves training, evaluation of long documents
 in pieces, and generation alike; the state is one entry per layer (for the Transformer a KV cache).
 
+``mixer_l`` is one family for every layer, or, with ``model.layers``, each layer's own
+(:mod:`lm.models.hybrid`: a pattern such as one softmax-attention layer in four, or a list); the state
+then mixes constant-size recurrent states and KV caches, and :meth:`LanguageModel.reserve_state`
+preallocates the caches for generation.
+
 ``doc_starts`` (bool [B, T], True at a document's first token; ``data.packing: reset``) makes every
 layer reset at document starts: the forward then equals running each document alone (a row's first
 segment continues the row's ``state`` unless ``doc_starts[b, 0]``), and the returned state is each
