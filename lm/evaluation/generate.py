@@ -3,11 +3,12 @@
 Every prompt is a new document: it starts after the end-of-document id, and generation of a
 sequence stops at the end-of-document id or after ``max_new_tokens``. Prompts are read in pieces
 (constant memory for the recurrent families), then all sequences of a batch decode together, one
-``step`` per token: the recurrent families carry a fixed-size state, the Transformer a KV cache
-that grows by one position per token. Batches: the recurrent families take any prompts together;
-the Transformer batches prompts of equal token length only (a KV cache cannot be padded), others
-run one after another. The Transformer refuses a prompt whose length plus ``max_new_tokens``
-exceeds its ``max_seq_len``.
+``step`` per token: recurrent layers carry a fixed-size state, attention layers (the Transformer's,
+a hybrid's) a KV cache preallocated to the prompt plus ``max_new_tokens`` positions and filled one
+position per token. Batches: the recurrent families take any prompts together; a model with
+attention layers batches prompts of equal token length only (a KV cache cannot be padded), others
+run one after another, and refuses a prompt whose length plus ``max_new_tokens`` exceeds its
+``max_seq_len``.
 """
 
 from __future__ import annotations
