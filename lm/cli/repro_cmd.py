@@ -77,6 +77,7 @@ def mechanism_command(
 def icl_gd_command(
     out: str = typer.Option("docs/repro", "--out", help="output directory"),
     steps: int = typer.Option(6000, "--steps", help="Adam steps per model"),
+    batch: int = typer.Option(256, "--batch", help="fresh sequences per step"),
     seed: int = typer.Option(1, "--seed", help="seed of the models and data"),
 ) -> None:
     """(c') In-context regression: each model's predictions against one GD step whose rate is fitted
@@ -84,9 +85,9 @@ def icl_gd_command(
     from lm.errors import LMError
     from lm.probes.repro_gated import icl_gd_study
 
-    if steps < 1:
-        raise LMError(f"--steps: {steps} must be >= 1")
-    icl_gd_study(out, steps=steps, seed=seed)
+    if steps < 1 or batch < 1:
+        raise LMError(f"--steps/--batch: must be >= 1, got {steps}, {batch}")
+    icl_gd_study(out, steps=steps, batch=batch, seed=seed)
     typer.echo(open(f"{out}/icl_gd.md").read())
 
 
