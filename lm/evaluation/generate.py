@@ -37,7 +37,8 @@ class Completion:
 
 
 def encode_prompts(ckpt: Checkpoint, tokenizer, prompts: Sequence[str], max_new_tokens: int) -> List[List[int]]:
-    """Token ids ``[eod] + encode(prompt)`` per prompt; the Transformer's length limit is checked."""
+    """Token ids ``[eod] + encode(prompt)`` per prompt; the length limit of a model with attention
+    layers is checked."""
     eod = ckpt.eod_id(tokenizer)
     ids = [[eod] + tokenizer.encode(p).ids for p in prompts]
     if not ckpt.recurrent:
@@ -46,7 +47,8 @@ def encode_prompts(ckpt: Checkpoint, tokenizer, prompts: Sequence[str], max_new_
                 raise LMError(
                     f"--prompt {i + 1}: {len(p)} tokens (with the start-of-document token) plus "
                     f"--max-new-tokens {max_new_tokens} = {len(p) + max_new_tokens} exceeds the "
-                    f"Transformer's max_seq_len ({ckpt.max_seq_len}); shorten the prompt or generate fewer tokens"
+                    f"max_seq_len ({ckpt.max_seq_len}) of {ckpt.name} (its attention layers' positions); shorten the "
+                    "prompt or generate fewer tokens"
                 )
     return ids
 
