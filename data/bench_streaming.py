@@ -8,7 +8,8 @@ library, as ``kind: stdlib`` reads them) and streamed with the prepared director
 model. Each run is ``lm train main`` for ``--steps`` steps without validation, probes or samples; its
 ``perf/tokens_per_s`` (logged every step) is averaged over the steps after ``--warmup``. Runs
 alternate (prepared, streamed, prepared, ...), ``--repeat`` times each, and the best mean of each
-is kept. Prints a Markdown table.
+is kept. The loaders alone (no model, same batch shape and workers) are timed too: what the data
+path could deliver. Prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -53,6 +54,36 @@ def _tokens_per_s(run_dir: Path, warmup: int) -> float:
     return statistics.fmean(values)
 
 
+def _loader_rates(prepared: Path, corpus: Path, out: Path, workers: int, batches: int = 150) -> Dict[str, float]:
+    """Tokens/s the training loader delivers alone (no model): batch 8 x 256, after 10 batches."""
+    from omegaconf import OmegaConf
+
+    from data.datamodule import TokenDataModule
+    from data.prepare import prepare
+    from lm.config.schema import DataConfig
+
+    settings = {
+        "name": "stdlib-stream",
+        "out_dir": str(out),
+        "streaming": True,
+        "source": {"kind": "jsonl", "paths": [str(corpus)]},
+        "tokenizer": {"path": str(prepared / "tokenizer.json")},
+    }
+    prepare(OmegaConf.merge(OmegaConf.structured(DataConfig), settings), echo=lambda s: None, progress=False)
+    rates = {}
+    for name, d in (("prepared shards", prepared), ("streaming", out)):
+        dm = TokenDataModule(d, 256, 8, seed=1, num_workers=workers, doc_start_mask=True)
+        it = iter(dm.train_dataloader())
+        for _ in range(10):
+            next(it)
+        t0 = time.perf_counter()
+        for _ in range(batches):
+            next(it)
+        rates[name] = batches * 8 * 256 / (time.perf_counter() - t0)
+        del it
+    return rates
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=40)
@@ -94,6 +125,7 @@ def main(argv=None) -> None:
             f"data.source.paths=[{corpus}]",
             f"data.tokenizer.path={prepared / 'tokenizer.json'}",
         ]
+        loader_rates = _loader_rates(prepared, corpus, work / "stream", args.workers)
         results: Dict[str, List[float]] = {"prepared shards": [], "streaming": []}
         for r in range(args.repeat):
             for name, extra in (("prepared shards", []), ("streaming", stream)):
@@ -109,11 +141,13 @@ def main(argv=None) -> None:
             f"best of {args.repeat}, DataLoader workers {args.workers}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
             f"load {os.getloadavg()[0]:.1f}\n"
         )
-        print("| data | tokens/s (best) | all runs | vs prepared |")
-        print("|---|---|---|---|")
+        print("| data | training tokens/s (best) | all runs | vs prepared | loader alone, tokens/s |")
+        print("|---|---|---|---|---|")
         for name, values in results.items():
             runs = ", ".join(f"{v:.0f}" for v in values)
-            print(f"| {name} | {max(values):.0f} | {runs} | {max(values) / base - 1:+.1%} |")
+            print(
+                f"| {name} | {max(values):.0f} | {runs} | {max(values) / base - 1:+.1%} | {loader_rates[name]:,.0f} |"
+            )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
