@@ -41,6 +41,8 @@ def hybrid(family, variant, layers, n_layers=4, **kw):
         mlp="rwkv_cmix" if family == "rwkv" else "swiglu",
         norm="layernorm" if family == "rwkv" else "rmsnorm",
     )
+    if family == "rwkv":  # the reference init zeroes RWKV-7's output maps: form checks would compare zeros
+        cfg["mixer"] = {"init": "simple"}
     cfg.update(kw)
     torch.manual_seed(0)
     return build_model(cfg).eval()
