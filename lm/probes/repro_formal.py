@@ -278,6 +278,7 @@ def _figure(cells: List[Dict], models: List[str], languages: List[str], path: Pa
                     color="w" if grid[i, j] < 0.6 else "k",
                 )
         ax.set_title(["bin 0 (training lengths)", "bin 1 (longer strings)"][b] + ": sequence accuracy", fontsize=9)
+    fig.subplots_adjust(left=0.2, right=0.88, bottom=0.22, wspace=0.08)
     fig.colorbar(im, ax=axes, shrink=0.8)
     save_figure(fig, path)
     plt.close(fig)

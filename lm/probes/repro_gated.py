@@ -227,6 +227,7 @@ def teacher_student_study(
         "setting": dict(
             dim=dim, key_dim=dim, length=length, steps=steps, batch=batch, lr=lr, seed=seed, gate_dim=gate_dim
         ),
+        "mean_field_over_power": power / float(y_test.pow(2).mean()),
         "construction_neurons": dim * dim + dim,
         "symmetric_neurons": dim * (dim + 1) // 2 + dim,
         "rows": rows,
