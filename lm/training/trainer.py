@@ -364,9 +364,9 @@ def _train(cfg: DictConfig, echo) -> TrainResult:
     )
     loggers = build_loggers(exp, run_dir, to_dict(exp))
     callbacks = build_callbacks(exp, run_dir, checkpoints, loggers)
+    callbacks += getattr(data.datamodule, "callbacks", list)()  # the data's own metrics (a mixture's per source)
     trainer = build_trainer(exp, devices, nodes, callbacks, loggers, echo)
     fit(trainer, module, data, plan, checkpoints)
-    callbacks += getattr(data.datamodule, "callbacks", list)()  # the data's own metrics (a mixture's per source)
     return finish(exp, trainer, module, data, plan, checkpoints, stop, echo)
 
 
