@@ -3,7 +3,7 @@
 Suite tasks (names accepted by ``--tasks``)::
 
     associative_recall  induction  mqar  icl_regression  lsa_teacher   (data/tasks generators)
-    parity aa_star abab_star anbn anbncn dyck1 reset_dyck1          (formal languages)
+    parity aa_star abab_star anbn anbncn shuffle2 dyck1 reset_dyck1 (formal languages)
     lm_icl_score                                                    (a language model on a corpus)
 
 How each is run depends on the checkpoint:
@@ -38,7 +38,7 @@ import torch
 from lm.errors import LMError, did_you_mean
 from lm.evaluation.common import Checkpoint, write_atomic, write_json
 
-FORMAL_LANGUAGES = ["parity", "aa_star", "abab_star", "anbn", "anbncn", "dyck1", "reset_dyck1"]
+FORMAL_LANGUAGES = ["parity", "aa_star", "abab_star", "anbn", "anbncn", "shuffle2", "dyck1", "reset_dyck1"]
 TOKEN_TASKS = ["associative_recall", "induction"]
 SUITE = TOKEN_TASKS + ["mqar", "icl_regression", "lsa_teacher"] + FORMAL_LANGUAGES + ["lm_icl_score"]
 #: per-example parameter draws have their own generator stream (examples use TEST_STREAM)
