@@ -7,9 +7,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
-import random
-import signal
 from pathlib import Path
 
 import numpy as np
@@ -170,9 +167,8 @@ def test_prepare_mixture_and_datamodule(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_sigkill_resume_with_a_mixture_is_bit_exact(tmp_path, tiny_data):
-    from lm.training.checkpoint import latest_complete, read_manifest
-    from tests.helpers import experiment, read_samples, run_lm
-    from tests.training.test_train import _final_weights, _start, _wait_for_step, assert_same_weights
+    from tests.helpers import read_samples
+    from tests.training.test_train import _final_weights, assert_same_weights, kill_and_resume
 
     corpus = tmp_path / "b.txt"
     corpus.write_text("\n\n".join(paragraph(i, 30) for i in range(300)) + "\n")
@@ -191,30 +187,9 @@ def test_sigkill_resume_with_a_mixture_is_bit_exact(tmp_path, tiny_data):
             },
         ],
     }
-    sections = dict(
-        data=data,
-        train={"max_steps": 24, "record_samples": True, "val_every_n_steps": 6},
-        checkpoint={"every_n_steps": 4},
-        model={"dropout": 0.1, "d_model": 32, "n_heads": 2, "n_layers": 2},
-    )
-    straight = experiment(tmp_path, tiny_data, name="mix-straight", **sections)
-    killed = experiment(tmp_path, tiny_data, name="mix-killed", **sections)
-    run_lm("train", str(straight))
-    kill_at = random.Random().randint(6, 21)
-    proc, log = _start(["train", str(killed)], tmp_path)
-    try:
-        _wait_for_step(tmp_path / "mix-killed", kill_at, proc)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        log.close()
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    run = tmp_path / "mix-killed"
-    assert read_manifest(latest_complete(run / "checkpoints"))["step"] < 24, "killed too late"
-    run_lm("train", str(killed), "resume=auto")
-    assert_same_weights(_final_weights(tmp_path / "mix-straight"), _final_weights(run))
-    assert read_samples(tmp_path / "mix-straight") == read_samples(run), f"samples differ (killed at {kill_at})"
+    straight, run, kill_at = kill_and_resume(tmp_path, tiny_data, name="mix", data=data)
+    assert_same_weights(_final_weights(straight), _final_weights(run))
+    assert read_samples(straight) == read_samples(run), f"samples differ (killed at {kill_at})"
 
     # per-source metrics: validation per source and tokens drawn per source, continued across the resume
     rows = list(csv.DictReader(open(run / "logs" / "metrics.csv")))

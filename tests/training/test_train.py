@@ -116,12 +116,17 @@ def assert_same_weights(a, b):
         assert torch.equal(a[key], b[key]), f"{key} differs after resume"
 
 
-def kill_and_resume(tmp_path, tiny_data, extra=(), max_steps=24, every=4, name="exp"):
+def kill_and_resume(tmp_path, tiny_data, extra=(), max_steps=24, every=4, name="exp", data=None, train=None):
+    """Train ``<name>-straight`` uninterrupted, and ``<name>-killed`` SIGKILLed at a random step then
+    resumed (``resume=auto``); returns (straight run, killed run, the step it was killed at). ``data``
+    and ``train`` add to the experiment's sections (``tests.helpers.experiment``)."""
     sections = dict(
-        train={"max_steps": max_steps, "record_samples": True, "val_every_n_steps": 6},
+        train={"max_steps": max_steps, "record_samples": True, "val_every_n_steps": 6, **(train or {})},
         checkpoint={"every_n_steps": every},
         model={"dropout": 0.1, "d_model": 32, "n_heads": 2, "n_layers": 2},
     )
+    if data is not None:
+        sections["data"] = data
     straight = experiment(tmp_path, tiny_data, name=f"{name}-straight", **sections)
     killed = experiment(tmp_path, tiny_data, name=f"{name}-killed", **sections)
     run_lm("train", str(straight), *extra)
