@@ -378,3 +378,30 @@ def load_model_groups(ckpt: Path):
     """The recipe's groups of the model a checkpoint's config describes (built fresh)."""
     config = read_manifest(ckpt)["config"]["model"]
     return build_model(config).weight_decay_groups()
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_warm_start_from_a_zero3_checkpoint(tmp_path, tiny_data):
+    """init_from= a DeepSpeed ZeRO-3 checkpoint (partitioned parameters, one CPU rank): the new run's
+    module holds the consolidated trained weights, with a fresh optimizer."""
+    base = experiment(tmp_path, tiny_data, name="z3", train={"max_steps": 3, "lr": 1e-2, "val_every_n_steps": 0})
+    run_lm("train", str(base), "train.strategy=deepspeed", "train.zero_stage=3", "train.accelerator=cpu")
+    ckpt = latest_complete(tmp_path / "z3" / "checkpoints")
+    assert (ckpt / "model.ckpt").is_dir()  # a sharded DeepSpeed checkpoint, not one file
+    trained = checkpoint_state_dict(ckpt)
+    vocab = read_manifest(ckpt)["config"]["model"]["vocab_size"]
+    path = experiment(tmp_path, tiny_data, name="warm", init_from=str(tmp_path / "z3"))
+    exp = resolve(load_experiment(str(path), [f"model.vocab_size={vocab}"]))
+    module = build_module(exp, SimpleNamespace(bytes_per_token=0.0), ResumePlan())
+    fresh = build_module(
+        resolve(load_experiment(str(experiment(tmp_path, tiny_data, name="fresh")), [f"model.vocab_size={vocab}"])),
+        SimpleNamespace(bytes_per_token=0.0),
+        ResumePlan(),
+    )
+    state = module.model.state_dict()
+    assert state.keys() == trained.keys()
+    for name, value in state.items():
+        assert torch.equal(value, trained[name]), name
+    assert any(not torch.equal(v, fresh.model.state_dict()[k]) for k, v in state.items()), "nothing was loaded"
+    assert not module.configure_optimizers()["optimizer"].state
