@@ -416,6 +416,30 @@ def _build(
     )
 
 
+def vocabulary_metadata(
+    vocab: int, eod_id: int, pad_id: int, dtype: str, sha: str, specials: List[str], tok_origin: Dict[str, Any]
+) -> Dict[str, Any]:
+    """The ``metadata.json`` fields that describe the token ids and the tokenizer (prepared and streamed
+    corpora alike); ``tok_origin``: where the tokenizer came from (``trained``, ``from``, ...)."""
+    return {
+        "vocab_size": vocab,
+        "eod_id": eod_id,
+        "pad_id": pad_id,
+        "dtype": dtype,
+        "tokenizer_sha256": sha,
+        "tokenizer": {
+            "file": TOKENIZER_FILE,
+            "sha256": sha,
+            "vocab_size": vocab,
+            "eod_token": specials[0],
+            "eod_id": eod_id,
+            "pad_token": specials[1],
+            "pad_id": pad_id,
+            **tok_origin,
+        },
+    }
+
+
 def _metadata(
     conf: Dict[str, Any],
     vocab: int,
@@ -437,21 +461,7 @@ def _metadata(
     return {
         "format": FORMAT,
         "name": conf.get("name"),
-        "vocab_size": vocab,
-        "eod_id": eod_id,
-        "pad_id": pad_id,
-        "dtype": dtype,
-        "tokenizer_sha256": sha,
-        "tokenizer": {
-            "file": TOKENIZER_FILE,
-            "sha256": sha,
-            "vocab_size": vocab,
-            "eod_token": specials[0],
-            "eod_id": eod_id,
-            "pad_token": specials[1],
-            "pad_id": pad_id,
-            **tok_origin,
-        },
+        **vocabulary_metadata(vocab, eod_id, pad_id, dtype, sha, specials, tok_origin),
         "splits": splits,
         "source": description,
         "documents": read_stats.documents,

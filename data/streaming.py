@@ -237,7 +237,7 @@ def prepare_stream(conf: Dict[str, Any], force: bool, echo, t_start: float) -> A
     import lm
     from data.atomic import atomic_directory
     from data.fingerprint import fingerprint
-    from data.prepare import PrepareResult, _local_tokenizer_sha
+    from data.prepare import PrepareResult, _local_tokenizer_sha, vocabulary_metadata
     from data.shards import FORMAT, METADATA_FILE
     from data.sources import _quiet_datasets
     from data.tokenizer import (
@@ -297,23 +297,15 @@ def prepare_stream(conf: Dict[str, Any], force: bool, echo, t_start: float) -> A
     meta = {
         "format": FORMAT,
         "name": conf.get("name"),
-        "vocab_size": vocab,
-        "eod_id": eod_id,
-        "pad_id": pad_id,
-        "dtype": token_dtype(vocab),
-        "tokenizer_sha256": sha,
-        "tokenizer": {
-            "file": TOKENIZER_FILE,
-            "sha256": sha,
-            "vocab_size": vocab,
-            "eod_token": specials[0],
-            "eod_id": eod_id,
-            "pad_token": specials[1],
-            "pad_id": pad_id,
-            "trained": False,
-            "from": where,
-            **({"added_special_tokens": added} if added else {}),
-        },
+        **vocabulary_metadata(
+            vocab,
+            eod_id,
+            pad_id,
+            token_dtype(vocab),
+            sha,
+            specials,
+            {"trained": False, "from": where, **({"added_special_tokens": added} if added else {})},
+        ),
         "splits": {},
         "stream": {
             "builder": builder,
