@@ -166,11 +166,9 @@ def table(rows: List[Dict[str, Any]], header: str) -> str:
 def plot(runs: Dict[str, List[Path]], path: Path, ylabel: str = "loss") -> None:
     """Training loss (left) and validation loss (right) against step: one colour per model, one
     line per run (seed)."""
-    import matplotlib
+    from lm.plotting import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, (ax_t, ax_v) = plt.subplots(1, 2, figsize=(11, 4))
     for i, (model, run_dirs) in enumerate(runs.items()):
         colour = f"C{i % 10}"
@@ -198,10 +196,8 @@ def plot(runs: Dict[str, List[Path]], path: Path, ylabel: str = "loss") -> None:
     if ax_v.get_legend_handles_labels()[0]:
         ax_v.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def main(argv=None) -> List[Dict[str, Any]]:
