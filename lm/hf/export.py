@@ -12,38 +12,10 @@ hash). Load it with ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_cod
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from lm.errors import LMError
-from lm.training.export import LoadedModel, load_model
-
-
-def check_out_dir(out: Path) -> None:
-    """A new directory or an empty one (one-line error otherwise)."""
-    if out.exists() and not out.is_dir():
-        raise LMError(f"export directory {out} is an existing file; name a new directory")
-    if out.exists() and any(out.iterdir()):
-        raise LMError(f"export directory {out} exists and is not empty; name a new directory")
-
-
-def write_atomically(out: Path, fill) -> Path:
-    """``fill(tmp_dir)`` into a temporary sibling directory, then rename it to ``out`` (a new or empty
-    directory only; single files go through :func:`data.atomic.write_atomic`)."""
-    check_out_dir(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        fill(tmp)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+from lm.training.export import LoadedModel, check_out_dir, load_model, write_export_dir
 
 
 def export_hf(source: str, out_dir: str) -> Path:
@@ -101,4 +73,4 @@ def write_hf(loaded: LoadedModel, out: Path, extra_info: dict | None = None) -> 
         }
         (tmp / "export.json").write_text(json.dumps(info, indent=1))
 
-    return write_atomically(out, fill)
+    return write_export_dir(out, fill)

@@ -63,7 +63,7 @@ def write_export(
 ) -> Path:
     """Build the model from ``model_cfg``, load ``state`` strictly (every key used, none missing),
     and write the export directory atomically."""
-    from lm.hf.export import check_out_dir, write_atomically
+    from lm.training.export import check_out_dir, write_export_dir
     from lm.models import build_model
 
     check_out_dir(out)
@@ -94,7 +94,7 @@ def write_export(
         }
         (tmp / "export.json").write_text(json.dumps(info, indent=1))
 
-    return write_atomically(out, fill)
+    return write_export_dir(out, fill)
 
 
 def swiglu_ratio(intermediate: int, d_model: int, source: Any) -> float:

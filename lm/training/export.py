@@ -12,15 +12,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from data.atomic import atomic_directory
 from lm.errors import LMError
 from lm.models import build_model
 from lm.models.lm import LanguageModel
@@ -72,19 +72,33 @@ def ordinary_modes(directory: Path) -> None:
         path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
-def export_checkpoint(checkpoint: str, out_dir: str) -> Path:
-    """Write an export directory atomically (temporary directory, then rename)."""
-    out = Path(out_dir)
+def check_out_dir(out: Path) -> None:
+    """A new directory or an empty one (one-line error otherwise)."""
     if out.exists() and not out.is_dir():
         raise LMError(f"export directory {out} is an existing file; name a new directory")
     if out.exists() and any(out.iterdir()):
         raise LMError(f"export directory {out} exists and is not empty; name a new directory")
+
+
+def write_export_dir(out: Path, fill: Callable[[Path], None]) -> Path:
+    """``fill(tmp_dir)`` into a temporary sibling directory, give it ordinary modes and rename it to ``out``
+    (a new or empty directory: :func:`check_out_dir`); nothing is left behind on failure."""
+    check_out_dir(out)
+    with atomic_directory(out) as tmp:
+        fill(tmp)
+        ordinary_modes(tmp)
+    return out
+
+
+def export_checkpoint(checkpoint: str, out_dir: str) -> Path:
+    """Write an export directory atomically (temporary directory, then rename)."""
+    out = Path(out_dir)
+    check_out_dir(out)
     ckpt_dir = resolve_checkpoint(checkpoint)
     manifest = read_manifest(ckpt_dir)
     state = checkpoint_state_dict(ckpt_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+
+    def fill(tmp: Path) -> None:
         save_file(state, str(tmp / WEIGHTS), metadata={"step": str(manifest["step"])})
         (tmp / "config.yaml").write_text(yaml.safe_dump(manifest["config"], sort_keys=False))
         tok = manifest.get("tokenizer", {})
@@ -98,14 +112,8 @@ def export_checkpoint(checkpoint: str, out_dir: str) -> Path:
             "tokenizer_sha256": tok.get("sha256"),
         }
         (tmp / "export.json").write_text(json.dumps(info, indent=1))
-        ordinary_modes(tmp)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+
+    return write_export_dir(out, fill)
 
 
 def load_weights(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any], Dict[str, Any]]:

@@ -6,6 +6,8 @@ families); ``AutoTokenizer`` prepends the end-of-document token; loading imports
 from __future__ import annotations
 
 import json
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -120,7 +122,14 @@ def test_cli_export_format_hf(tmp_path, tokenizer_file):
     from tests.evaluation.conftest import error_line, run_lm
 
     src = write_source(tmp_path / "src", tiny_config("deltanet"), tokenizer_file)
-    proc = run_lm("export", str(src), str(tmp_path / "hf-cli"), "--format", "hf")
+    old_umask = os.umask(0o022)
+    try:
+        proc = run_lm("export", str(src), str(tmp_path / "hf-cli"), "--format", "hf")
+    finally:
+        os.umask(old_umask)
+    # the modes a plain mkdir/open would give (not the temporary directory's 0700)
+    assert stat.S_IMODE((tmp_path / "hf-cli").stat().st_mode) == 0o755
+    assert {stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "hf-cli").iterdir()} == {0o644}
     assert "as a transformers model" in proc.stdout
     assert (tmp_path / "hf-cli" / "model.safetensors").is_file() and (
         tmp_path / "hf-cli" / "modeling_rnn_lm.py"
