@@ -51,27 +51,31 @@ def model_config(name: str, size: str, vocab: int, max_len: int = 65536) -> dict
     return cfg
 
 
+def timed_step(model, opt, tokens: torch.Tensor, device, dtype, **model_kwargs) -> float:
+    """Seconds of one training step (forward, next-token cross-entropy, backward, optimizer step) on
+    ``tokens`` [B, T + 1]; the GPU is synchronised on both sides."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        logits, _ = model(tokens[:, :-1], **model_kwargs)
+        loss = torch.nn.functional.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1)
+        )
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
 def time_steps(model, T: int, batch: int, vocab: int, steps: int, warmup: int, device, dtype) -> List[float]:
+    """Seconds of each of ``steps`` training steps after ``warmup`` untimed ones, random tokens [batch, T]."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     tokens = torch.randint(0, vocab, (batch, T + 1), device=device)
-    times = []
-    for i in range(warmup + steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            logits, _ = model(tokens[:, :-1])
-            loss = torch.nn.functional.cross_entropy(
-                logits.float().reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1)
-            )
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return times
+    times = [timed_step(model, opt, tokens, device, dtype) for _ in range(warmup + steps)]
+    return times[warmup:]
 
 
 def main(argv=None) -> None:

@@ -16,14 +16,13 @@ import argparse
 import json
 import platform
 import statistics
-import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
 
 from lm.models import build_model
-from lm.training.bench import model_config
+from lm.training.bench import model_config, timed_step
 from lm.training.cpu_allocator import keep_freed_memory
 
 DEFAULT_NAMES = ["gla", "deltanet", "rwkv7", "gated_rnn", "transformer"]
@@ -40,21 +39,7 @@ def document_starts(batch: int, T: int, docs: int, seed: int) -> torch.Tensor:
 
 
 def _step(model, opt, tokens: torch.Tensor, starts: Optional[torch.Tensor], device, dtype) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    begin = time.perf_counter()
-    kwargs = {} if starts is None else {"doc_starts": starts}
-    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-        logits, _ = model(tokens[:, :-1], **kwargs)
-        loss = torch.nn.functional.cross_entropy(
-            logits.float().reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1)
-        )
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - begin
+    return timed_step(model, opt, tokens, device, dtype, **({} if starts is None else {"doc_starts": starts}))
 
 
 def measure(
