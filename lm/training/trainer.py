@@ -346,7 +346,6 @@ def _train(cfg: DictConfig, echo) -> TrainResult:
     module = build_module(exp, data, plan)
     if rank0:
         _write_run_files(run_dir, exp, plan.step, data.tokenizer)
-    if rank0:
         _announce(exp, module, data, plan, threads, echo)
     stop = StopRequest() if exp.checkpoint.save_on_signal else None
     manifest_extra = {
