@@ -6,7 +6,8 @@ which is exactly one recurrence step with no chunk padding. If the chosen op lac
 the automatic choice falls back to ``torch``, then ``reference``; an explicit choice is an error.
 
 Packed sequences (``cu_seqlens``): a backend marked ``varlen`` (:func:`kernels._varlen.mark_varlen`)
-gets ``cu_seqlens=``; any other runs once per sequence (:func:`kernels._varlen.per_sequence`).
+gets ``cu_seqlens=`` (and ``offsets=``, the validated host copy, when marked so); any other runs once per
+sequence (:func:`kernels._varlen.per_sequence`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Callable, Dict, Optional
 
 import torch
 
-from kernels._varlen import is_varlen, per_sequence
+from kernels._varlen import is_varlen, per_sequence, takes_offsets
 
 BACKENDS = ("reference", "torch", "triton", "fla")
 ENV_VAR = "LM_KERNEL_BACKEND"
@@ -117,5 +118,7 @@ def call(op: str, fn: Callable, args: tuple, cu_seqlens: Optional[torch.Tensor],
     if cu_seqlens is None:
         return fn(*args)
     if is_varlen(fn):
+        if takes_offsets(fn):  # the host copy that validation read: no second device sync
+            return fn(*args, cu_seqlens=cu_seqlens, offsets=offsets)
         return fn(*args, cu_seqlens=cu_seqlens)
     return per_sequence(fn, offsets, args, n_steps, batched, empty_fn=_table(op)["reference"]())

@@ -17,16 +17,25 @@ import torch
 
 #: marker attribute of a backend callable that takes ``cu_seqlens=`` natively
 VARLEN_ATTR = "varlen"
+#: marker attribute of a native callable that also takes ``offsets=`` (the validated host copy)
+OFFSETS_ATTR = "varlen_offsets"
 
 
-def mark_varlen(fn: Callable) -> Callable:
-    """Mark ``fn`` as handling ``cu_seqlens`` natively (returns ``fn``)."""
+def mark_varlen(fn: Callable, host_offsets: bool = False) -> Callable:
+    """Mark ``fn`` as handling ``cu_seqlens`` natively (returns ``fn``); ``host_offsets``: it also takes
+    ``offsets=``, the offsets that validation read to the host, so that it does not read them again."""
     setattr(fn, VARLEN_ATTR, True)
+    setattr(fn, OFFSETS_ATTR, host_offsets)
     return fn
 
 
 def is_varlen(fn: Callable) -> bool:
     return bool(getattr(fn, VARLEN_ATTR, False))
+
+
+def takes_offsets(fn: Callable) -> bool:
+    """Whether the native ``fn`` takes ``offsets=`` (see :func:`mark_varlen`)."""
+    return bool(getattr(fn, OFFSETS_ATTR, False))
 
 
 def check_cu_seqlens(cu_seqlens: Optional[torch.Tensor], sizes: dict, ref: torch.Tensor) -> Optional[List[int]]:

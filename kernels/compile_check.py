@@ -11,7 +11,9 @@ the wheel ships). ptxas's ``-v`` log gives registers and spills; Triton's metada
 
 A row fails on a compile error, a timeout, shared memory over the per-block limit
 (:data:`SMEM_LIMIT`) or spills over :data:`SPILL_LIMIT_BYTES`; the exit status is then 1.
-``--subset ci`` compiles one configuration per kernel (sm_90, bf16, head dim 64).
+``--subset ci`` compiles one configuration per kernel (sm_90, bf16, head dim 64), and per kernel with a
+packed-sequence specialisation (``IS_VARLEN``) one of those too: the ``varlen`` cases pack documents into
+one row, with the host offsets passed as ``offsets=`` (meta tensors carry no values).
 """
 
 from __future__ import annotations
@@ -46,6 +48,10 @@ DTYPES = ("bf16", "fp32")
 HEAD_DIMS = (64, 128, 256)
 #: the training shape of the sweep: batch, sequence length, heads
 B, T_TRAIN, H = 8, 4096, 16
+_B = B  # (inside ``_call`` the name B is the batch of the case)
+#: documents per packed row of the ``varlen`` cases: at training length the whole batch packed into one
+#: row (B = 1, T = B T); at the fused-recurrent lengths one row of T steps
+PACKED_DOCS, PACKED_DOCS_SHORT = 80, 4
 #: the fused-recurrent kernels' shapes: one decoding step, and the longest sequence they take
 T_DECODE, T_SHORT = 1, 16
 #: the fast-weight ops (recurrent_delta, srwm) at the head sizes of their model configs
@@ -104,6 +110,11 @@ class Job:
             "calls": [f"{c.op} K={c.head} {c.dtype} {c.label}" for c in self.cases],
         }
 
+    def varlen(self) -> bool:
+        """Whether this is the packed-sequence (``IS_VARLEN``) specialisation of its kernel."""
+        names = list(self.signature)
+        return any(names[path[0]] == "IS_VARLEN" and bool(v) for path, v in self.constexprs)
+
     def constexpr_text(self) -> str:
         names = list(self.signature)
         return " ".join(f"{names[path[0]]}={_short(v)}" for path, v in self.constexprs if v is not None)
@@ -133,7 +144,7 @@ def _op_cases(op: str, head: int, dtype: str, subset: bool) -> List[Case]:
     train = {
         "linear_scan": [c(T_TRAIN)],
         "gla": [c(T_TRAIN), c(T_TRAIN, flags=("per-head g",)), c(T_TRAIN, flags=("V=K+1",))],
-        "delta_rule": [c(T_TRAIN), c(T_TRAIN, flags=("no g",))],
+        "delta_rule": [c(T_TRAIN), c(T_TRAIN, flags=("no g",)), c(T_TRAIN, flags=("varlen",))],
         "dplr": [c(T_TRAIN)],
         "softmax_scan": [c(T_TRAIN)],
         "recurrent_delta": [c(T_TRAIN)],
@@ -151,13 +162,27 @@ def _op_cases(op: str, head: int, dtype: str, subset: bool) -> List[Case]:
     return train + stateful + short + decode
 
 
+def packed_offsets(T: int, n_docs: int = PACKED_DOCS) -> List[int]:
+    """Offsets of ``n_docs`` documents of uneven lengths packed into T steps (boundaries inside chunks)."""
+    cuts = sorted({min(T, round(T * (i / n_docs) ** 1.3) + 3 * i) for i in range(1, n_docs)})
+    return [0] + cuts + [T]
+
+
 def _call(case: Case):
-    """Run ``case`` through the op's Triton backend on meta tensors (forward, then backward)."""
+    """Run ``case`` through the op's Triton backend on meta tensors (forward, then backward). A
+    ``varlen`` case packs documents into one row (:data:`PACKED_DOCS`): meta tensors carry no values, so
+    the host offsets are passed as ``offsets=`` (the launchers' host copy) with a meta ``cu_seqlens``."""
     import torch
 
     dt = {"bf16": torch.bfloat16, "fp32": torch.float32}[case.dtype]
     K, T = case.head, case.T
     V = K + 1 if "V=K+1" in case.flags else K
+    B, packed = _B, {}
+    if "varlen" in case.flags:
+        B, T = 1, (_B * T if T > T_SHORT else T)
+        offsets = packed_offsets(T, PACKED_DOCS if T > T_SHORT else PACKED_DOCS_SHORT)
+        packed = dict(cu_seqlens=torch.empty(len(offsets), device="meta", dtype=torch.int32), offsets=offsets)
+    N = len(packed["offsets"]) - 1 if packed else B  # leading dim of the states
 
     def x(*shape, dtype=dt):
         return torch.empty(*shape, device="meta", dtype=dtype, requires_grad=case.grad)
@@ -175,7 +200,8 @@ def _call(case: Case):
         out = fn(x(B, T, H, K), x(B, T, H, K), x(B, T, H, V), g, scale, st(B, H, K, V), case.state)
     elif case.op == "delta_rule":
         g = None if "no g" in case.flags else x(B, T, H)
-        out = fn(x(B, T, H, K), x(B, T, H, K), x(B, T, H, V), x(B, T, H), g, scale, st(B, H, K, V), case.state)
+        args = (x(B, T, H, K), x(B, T, H, K), x(B, T, H, V), x(B, T, H), g, scale, st(N, H, K, V), case.state)
+        out = fn(*args, **packed)
     elif case.op == "dplr":
         out = fn(
             *(x(B, T, H, K) for _ in range(2)),
@@ -566,10 +592,10 @@ def main(argv=None) -> int:
             raise SystemExit(f"compile_check: --head-dim: expected a positive size, got {h}")
     start = time.perf_counter()
     jobs, fallbacks = collect(cases_for(ops, dtypes, heads, subset=ci))
-    if ci:  # one configuration per kernel: its first launch
-        first: Dict[Tuple[str, str], Job] = {}
+    if ci:  # one configuration per kernel and packing (IS_VARLEN): its first launch
+        first: Dict[Tuple[str, str, bool], Job] = {}
         for job in jobs:
-            first.setdefault((job.module, job.name), job)
+            first.setdefault((job.module, job.name, job.varlen()), job)
         jobs = list(first.values())
     if args.list:
         for job in jobs:

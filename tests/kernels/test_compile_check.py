@@ -46,22 +46,20 @@ def test_recording_runs_the_real_launchers():
     jobs, fallbacks = _launches(
         "--op", "delta_rule", "--head-dim", "128", "--head-dim", "256", "--dtype", "bf16", "--subset", "ci"
     )
-    names = [j["kernel"] for j in jobs]
-    assert names == [
-        "_prep_fwd",
-        "_state_fwd",
-        "_output_fwd",
-        "_state_bwd",
-        "_grads_output_state",
-        "_grads_solve",
-        "_recurrent_fwd",
-        "_recurrent_bwd",
-    ]
+    names = [(j["kernel"], j["constexprs"]["IS_VARLEN"]) for j in jobs]
+    chunked = ["_prep_fwd", "_state_fwd", "_output_fwd", "_state_bwd", "_grads_output_state", "_grads_solve"]
+    recurrent = ["_recurrent_fwd", "_recurrent_bwd"]
+    # one launch per kernel and packing: plain, then packed sequences (the ``varlen`` case)
+    assert names == [(n, v) for kernels in (chunked, recurrent) for v in (False, True) for n in kernels]
     prep = jobs[0]
-    assert prep["constexprs"] == {"GATED": True, "BT": 32, "BK": 128, "BV": 128, "PREC": "tf32"}
+    assert prep["constexprs"] == {"GATED": True, "IS_VARLEN": False, "BT": 32, "BK": 128, "BV": 128, "PREC": "tf32"}
     assert prep["signature"]["k_ptr"] == "*bf16" and prep["signature"]["ainv_ptr"] == "*fp32"
     assert prep["options"]["num_stages"] == 1
-    assert [(f["head"], f["call"]) for f in fallbacks] == [(256, "T=4096 fwd+bwd"), (256, "T=4096 fwd+bwd no g")]
+    assert [(f["head"], f["call"]) for f in fallbacks] == [
+        (256, "T=4096 fwd+bwd"),
+        (256, "T=4096 fwd+bwd no g"),
+        (256, "T=4096 fwd+bwd varlen"),
+    ]
     assert all("exceed 128" in f["falls_back"] for f in fallbacks)
 
 

@@ -56,11 +56,15 @@ def make_packed(
     device: str = "cpu",
     seed: int = 0,
     per_sequence_weights: bool = False,
+    drop: Sequence[str] = (),
     **kw,
 ):
-    """(args, initial_state [N, ...] or None, cu_seqlens) for one packed row (B = 1)."""
+    """(args, initial_state [N, ...] or None, cu_seqlens) for one packed row (B = 1); ``drop``: optional
+    inputs left out (``delta_rule`` without ``g``)."""
     T, N = sum(lengths), len(lengths)
     args, _ = make_inputs(op, B=1, T=T, dtype=dtype, device=device, seed=seed, **kw)
+    for name in drop:
+        del args[name]
     state = None
     if with_state:
         _, state = make_inputs(op, B=N, T=1, with_state=True, device=device, seed=seed + 1, **kw)
@@ -124,6 +128,7 @@ def compare_packed(
     with_state: bool = False,
     device: str = "cpu",
     per_sequence_weights: bool = False,
+    drop: Sequence[str] = (),
     **make_kw,
 ) -> None:
     """``backend`` with ``cu_seqlens`` equals each sequence run alone through the reference: outputs,
@@ -131,7 +136,7 @@ def compare_packed(
     ``lengths`` defaults to :func:`lengths_for` the op."""
     lengths = lengths_for(op) if lengths is None else lengths
     args, state, cu = make_packed(
-        op, lengths, with_state, dtype, device, per_sequence_weights=per_sequence_weights, **make_kw
+        op, lengths, with_state, dtype, device, per_sequence_weights=per_sequence_weights, drop=drop, **make_kw
     )
     ref_args = {n: x.detach().float() for n, x in args.items()} if dtype != torch.float32 else args
     o_ref, s_ref, g_ref = packed_forward_backward(op, ref_args, state, cu, None)

@@ -10,11 +10,15 @@ describes them by a :class:`RecurrentKernels`; :func:`fused_recurrent` launches 
 function. The kernels take their arguments in this order (``inputs`` as the op's reference takes them,
 ``q`` first; ``None`` inputs get an unused pointer):
 
-* forward: ``*inputs, h0, o, ht, states, scale, T, H, K, V`` and the constexprs ``HAS_H0, STORE_FINAL,
-  SAVE_STATES, BK, BV`` (plus the op's own flags);
-* backward: ``*inputs, states, do, dht, *grads, dh0, scale, B, T, H, K, V`` and ``HAS_DHT, STORE_DH0, BK,
-  BV``. The value input's gradient is written whole ([B, T, H, V]); every other input's gradient is a
-  partial sum over this program's V block ([NV, *input.shape] fp32), summed on the host.
+* forward: ``*inputs, h0, o, ht, states, cu, scale, T, H, K, V`` and the constexprs ``HAS_H0,
+  STORE_FINAL, SAVE_STATES, IS_VARLEN, BK, BV`` (plus the op's own flags);
+* backward: ``*inputs, states, do, dht, *grads, dh0, cu, scale, B, T, H, K, V`` and ``HAS_DHT, STORE_DH0,
+  IS_VARLEN, BK, BV``. The value input's gradient is written whole ([B, T, H, V]); every other input's
+  gradient is a partial sum over this program's V block ([NV, *input.shape] fp32), summed on the host.
+
+Packed sequences (``cu_seqlens`` [N+1], B = 1, ``IS_VARLEN``): one program per (sequence, head) walks
+the steps ``cu[n] <= t < cu[n+1]`` of the packed row (:func:`step_range`), starting from ``h0[n]`` and
+storing ``ht[n]``; one launch, no host read of ``cu_seqlens``. An empty sequence takes no step.
 """
 
 from __future__ import annotations
@@ -44,6 +48,23 @@ def load_step(ptr, step, D, r, m):
     return tl.load(ptr + step * D + r, mask=m, other=0.0).to(tl.float32)
 
 
+@triton.jit
+def step_range(cu_ptr, i_bh, b, H, T, IS_VARLEN: tl.constexpr):
+    """(batch, first step, end step, row of (batch, head) in the [B, H, T, ...] buffers) of the time loop of
+    program ``i_bh`` (batch ``b``): steps 0..T of batch b, or with packed sequences (``IS_VARLEN``, B = 1,
+    one program per (sequence n = i_bh // H, head)) the steps cu[n]..cu[n+1] of batch 0."""
+    if IS_VARLEN:
+        t0 = tl.load(cu_ptr + i_bh // H)
+        t_end = tl.load(cu_ptr + i_bh // H + 1)
+        row = i_bh % H
+        b = row * 0
+    else:
+        t0 = 0
+        t_end = T
+        row = i_bh
+    return b, t0, t_end, row
+
+
 @dataclass(frozen=True)
 class RecurrentKernels:
     """An op's two fused-recurrent kernels and what the launcher needs to know about them."""
@@ -57,22 +78,24 @@ class RecurrentKernels:
 
 class FusedRecurrentFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, kernels: RecurrentKernels, scale, h0, output_final_state, save_states, *inputs):
+    def forward(ctx, kernels: RecurrentKernels, scale, h0, output_final_state, save_states, cu, *inputs):
         q, v = inputs[0], inputs[kernels.value_input]
         B, T, H, K = q.shape
         V = v.shape[-1]
+        NS = B if cu is None else cu.shape[0] - 1  # states: one per batch row, or per packed sequence
         BK, BV = block_size(K), min(block_size(V), BV_MAX)
         NV = triton.cdiv(V, BV)
         f32 = dict(device=q.device, dtype=torch.float32)
         o = torch.empty(B, T, H, V, device=q.device, dtype=q.dtype)
-        ht = torch.empty(B, H, K, V, **f32) if output_final_state else None
+        ht = torch.empty(NS, H, K, V, **f32) if output_final_state else None
         states = torch.empty(B, H, T, K, V, **f32) if save_states else None
-        kernels.fwd[(NV, B * H)](
+        kernels.fwd[(NV, NS * H)](
             *_or(inputs, o),
             _or(h0, o),
             o,
             _or(ht, o),
             _or(states, o),
+            _or(cu, o),
             scale,
             T,
             H,
@@ -81,13 +104,14 @@ class FusedRecurrentFunction(torch.autograd.Function):
             HAS_H0=h0 is not None,
             STORE_FINAL=ht is not None,
             SAVE_STATES=states is not None,
+            IS_VARLEN=cu is not None,
             BK=BK,
             BV=BV,
             **kernels.flags(inputs),
             **LAUNCH,
         )
         ctx.save_for_backward(*inputs, states)
-        ctx.kernels, ctx.scale, ctx.has_h0 = kernels, scale, h0 is not None
+        ctx.kernels, ctx.scale, ctx.has_h0, ctx.cu = kernels, scale, h0 is not None, cu
         return o, ht
 
     @staticmethod
@@ -108,14 +132,17 @@ class FusedRecurrentFunction(torch.autograd.Function):
             None if x is None else dv if i == kernels.value_input else torch.empty(NV, *x.shape, **f32)
             for i, x in enumerate(inputs)
         ]
-        dh0 = torch.empty(B, H, K, V, **f32) if ctx.has_h0 else None
-        kernels.bwd[(NV, B * H)](
+        cu = ctx.cu
+        NS = B if cu is None else cu.shape[0] - 1
+        dh0 = torch.empty(NS, H, K, V, **f32) if ctx.has_h0 else None
+        kernels.bwd[(NV, NS * H)](
             *_or(inputs, dv),
             states,
             do.contiguous(),
             _or(dht.contiguous() if dht is not None else None, dv),
             *_or(grads, dv),
             _or(dh0, dv),
+            _or(cu, dv),
             ctx.scale,
             B,
             T,
@@ -124,6 +151,7 @@ class FusedRecurrentFunction(torch.autograd.Function):
             V,
             HAS_DHT=dht is not None,
             STORE_DH0=dh0 is not None,
+            IS_VARLEN=cu is not None,
             BK=BK,
             BV=BV,
             **kernels.flags(inputs),
@@ -133,7 +161,7 @@ class FusedRecurrentFunction(torch.autograd.Function):
             None if d is None else d.to(x.dtype) if i == kernels.value_input else d.sum(0).to(x.dtype)
             for i, (x, d) in enumerate(zip(inputs, grads))
         ]
-        return (None, None, dh0, None, None, *grads)
+        return (None, None, dh0, None, None, None, *grads)
 
 
 def _or(x, dummy):
@@ -149,13 +177,16 @@ def fused_recurrent(
     scale: float,
     initial_state: Optional[torch.Tensor],
     output_final_state: bool,
+    cu_seqlens: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Run the op's fused-recurrent kernels on ``inputs`` (as its reference takes them, before ``scale``);
-    same result as the reference."""
+    same result as the reference. ``cu_seqlens`` [N+1]: packed sequences (B = 1, states [N, H, K, V])."""
     q, v = inputs[0], inputs[kernels.value_input]
+    cu = cu_seqlens.to(torch.int32).contiguous() if cu_seqlens is not None else None
     if q.shape[1] == 0:
-        return empty_result(q, v, initial_state, output_final_state)
+        n_states = cu.shape[0] - 1 if cu is not None else None
+        return empty_result(q, v, initial_state, output_final_state, n_states=n_states)
     inputs = tuple(x.contiguous() if x is not None else None for x in inputs)
     h0 = initial_state.float().contiguous() if initial_state is not None else None
     save = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (*inputs, h0))
-    return FusedRecurrentFunction.apply(kernels, float(scale), h0, bool(output_final_state), save, *inputs)
+    return FusedRecurrentFunction.apply(kernels, float(scale), h0, bool(output_final_state), save, cu, *inputs)

@@ -68,6 +68,37 @@ def chunk_start(i_n, i_bh, H, Tp, BT: tl.constexpr):
 
 
 @triton.jit
+def chunk_span(spans_ptr, c, t0, T, IS_VARLEN: tl.constexpr):
+    """(first step, end step) of chunk ``c``: ``(t0, T)`` as given, or with packed sequences (``IS_VARLEN``,
+    B = 1; :class:`kernels.ops.utils.chunk_table.ChunkTable`) row c of ``spans`` [NT, 2]: the chunk's
+    first step and the end of its sequence, which takes T's place in the loads and stores (they mask the
+    steps past it; the batch offset b T H is 0)."""
+    if IS_VARLEN:
+        t0 = tl.load(spans_ptr + 2 * c)
+        T = tl.load(spans_ptr + 2 * c + 1)
+    return t0, T
+
+
+@triton.jit
+def sequence_chunks(first_ptr, i_bh, b, H, NT, IS_VARLEN: tl.constexpr):
+    """(first chunk, end chunk, batch, buffer (batch x head) index) of the chunks that the state-passing
+    loop of program ``i_bh`` walks: all NT of batch x head ``i_bh``, or with packed sequences
+    (``IS_VARLEN``: one program per (sequence, head), ``first`` [N+1] = each sequence's first chunk) the
+    chunks of sequence ``i_bh // H``, in batch 0 and the buffers of head ``i_bh % H``."""
+    if IS_VARLEN:
+        n = i_bh // H
+        c_lo = tl.load(first_ptr + n)
+        c_hi = tl.load(first_ptr + n + 1)
+        i_buf = i_bh % H
+        b = i_buf * 0
+    else:
+        c_lo = 0
+        c_hi = NT
+        i_buf = i_bh
+    return c_lo, c_hi, b, i_buf
+
+
+@triton.jit
 def load_rows(ptr, b, h, t0, T, H, D, d0, BT: tl.constexpr, BD: tl.constexpr):
     """fp32 tile [BT, BD] of a [B, T, H, D] tensor: steps t0.., features d0..; zero outside."""
     rows = t0 + tl.arange(0, BT)

@@ -6,6 +6,7 @@
 """
 
 from kernels._dispatch import lazy
+from kernels._varlen import mark_varlen, takes_offsets
 from kernels.ops.utils.triton_path import pick_triton_path
 
 #: sequences up to this length take the fused-recurrent Triton kernel
@@ -14,14 +15,27 @@ _RECURRENT = lazy(__name__ + ".triton_recurrent", "delta_rule_fused_recurrent")
 _CHUNKED = lazy(__name__ + ".triton_chunk", "delta_rule_triton_chunked")
 
 
-def delta_rule_triton(q, k, v, beta, g, scale, initial_state=None, output_final_state=False):
+def delta_rule_triton(
+    q, k, v, beta, g, scale, initial_state=None, output_final_state=False, cu_seqlens=None, offsets=None
+):
     """Triton path (same signature as the reference): fused-recurrent for T <= ``RECURRENT_MAX_T``, chunked
     otherwise; heads wider than the chunked kernels' ``MAX_HEAD`` take the chunked PyTorch path (with a
-    warning), see :func:`~kernels.ops.utils.triton_path.pick_triton_path`."""
+    warning), see :func:`~kernels.ops.utils.triton_path.pick_triton_path`. All three take packed sequences
+    (``cu_seqlens``, B = 1, states [N, H, K, V]) natively; ``offsets``: its validated host copy."""
     from kernels.ops.common.tiles import MAX_HEAD
 
     fn = pick_triton_path("delta_rule", q, v, RECURRENT_MAX_T, MAX_HEAD, _RECURRENT, _CHUNKED, BACKENDS["torch"])
-    return fn(q, k, v, beta, g, scale, initial_state, output_final_state)
+    args = (q, k, v, beta, g, scale, initial_state, output_final_state)
+    if cu_seqlens is None:
+        return fn(*args)
+    if takes_offsets(fn):
+        return fn(*args, cu_seqlens=cu_seqlens, offsets=offsets)
+    if fn is BACKENDS["torch"]() and offsets is not None:  # its packed layout takes the host list too
+        return fn(*args, cu_seqlens=offsets)
+    return fn(*args, cu_seqlens=cu_seqlens)
+
+
+mark_varlen(delta_rule_triton, host_offsets=True)
 
 
 #: backend name -> loader returning the implementation (same signature as the reference)

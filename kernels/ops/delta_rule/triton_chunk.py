@@ -28,16 +28,20 @@ from kernels.ops.common.tiles import (
     chunk_cumsum,
     chunk_length,
     chunk_reverse_cumsum,
+    chunk_span,
     chunk_start,
     dot_precision,
     load_rows,
     load_steps,
     load_tile,
+    sequence_chunks,
     store_rows,
     store_steps,
     store_tile,
     unit_lower_inverse,
 )
+from kernels._varlen import mark_varlen
+from kernels.ops.utils.chunk_table import ChunkTable, host_offsets
 from kernels.ops.utils.chunks import empty_result
 
 _STATE_BV = 64  # V block of the state-passing kernels
@@ -80,12 +84,14 @@ def _prep_fwd(
     ainv_ptr,
     w_ptr,
     ut_ptr,
+    spans_ptr,
     T,
     H,
     K,
     V,
     Tp,
     GATED: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
     BT: tl.constexpr,
     BK: tl.constexpr,
     BV: tl.constexpr,
@@ -93,6 +99,7 @@ def _prep_fwd(
 ):
     i_n, i_bh = tl.program_id(0), tl.program_id(1)
     b, h, t0, row0 = chunk_start(i_n, i_bh, H, Tp, BT)
+    t0, T = chunk_span(spans_ptr, i_n, t0, T, IS_VARLEN)
     rows = tl.arange(0, BT)
     k = load_rows(k_ptr, b, h, t0, T, H, K, 0, BT, BK)
     v = load_rows(v_ptr, b, h, t0, T, H, V, 0, BT, BV)
@@ -120,6 +127,8 @@ def _state_fwd(
     states_ptr,
     u_ptr,
     ht_ptr,
+    spans_ptr,
+    first_ptr,
     T,
     H,
     K,
@@ -127,6 +136,7 @@ def _state_fwd(
     Tp,
     NT,
     GATED: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
     HAS_H0: tl.constexpr,
     STORE_FINAL: tl.constexpr,
     BT: tl.constexpr,
@@ -139,15 +149,16 @@ def _state_fwd(
     v0 = i_v * BV
     rows = tl.arange(0, BT)
     S = start_state(h0_ptr, i_bh.to(tl.int64), K, V, kv_offs, kv_mask, HAS_H0, BK, BV)
-    n = 0
-    while n < NT:  # not range(): breaks the Triton 3.6 interpreter
-        t0 = n * BT
-        row0 = i_bh * Tp + t0
-        store_state(states_ptr, S, i_bh.to(tl.int64) * NT + n, K, V, kv_offs, kv_mask)
+    c_lo, c_hi, b, i_buf = sequence_chunks(first_ptr, i_bh, b, H, NT, IS_VARLEN)
+    n = c_lo
+    while n < c_hi:  # not range(): breaks the Triton 3.6 interpreter
+        t0, T_n = chunk_span(spans_ptr, n, n * BT, T, IS_VARLEN)
+        row0 = i_buf * Tp + n * BT
+        store_state(states_ptr, S, i_buf.to(tl.int64) * NT + n, K, V, kv_offs, kv_mask)
         w = load_tile(w_ptr, row0, BT, K, 0, BT, BK)
         u = load_tile(ut_ptr, row0, BT, V, v0, BT, BV) - tl.dot(w, S, input_precision=PREC)
         store_tile(u_ptr, u, row0, BT, V, v0, BT, BV)
-        k = load_rows(k_ptr, b, h, t0, T, H, K, 0, BT, BK)
+        k = load_rows(k_ptr, b, h, t0, T_n, H, K, 0, BT, BK)
         if GATED:
             bc = tl.load(bcum_ptr + row0 + rows)
             b_last = tl.load(bcum_ptr + row0 + BT - 1)
@@ -167,6 +178,7 @@ def _output_fwd(
     states_ptr,
     u_ptr,
     o_ptr,
+    spans_ptr,
     scale,
     T,
     H,
@@ -175,6 +187,7 @@ def _output_fwd(
     Tp,
     NT,
     GATED: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
     BT: tl.constexpr,
     BK: tl.constexpr,
     BV: tl.constexpr,
@@ -182,6 +195,7 @@ def _output_fwd(
 ):
     i_n, i_bh, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h, t0, row0 = chunk_start(i_n, i_bh, H, Tp, BT)
+    t0, T = chunk_span(spans_ptr, i_n, t0, T, IS_VARLEN)
     v0 = i_v * BV
     q = load_rows(q_ptr, b, h, t0, T, H, K, 0, BT, BK)
     k = load_rows(k_ptr, b, h, t0, T, H, K, 0, BT, BK)
@@ -207,6 +221,8 @@ def _state_bwd(
     dstates_ptr,
     du_ptr,
     dh0_ptr,
+    spans_ptr,
+    first_ptr,
     scale,
     T,
     H,
@@ -215,6 +231,7 @@ def _state_bwd(
     Tp,
     NT,
     GATED: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
     HAS_DHT: tl.constexpr,
     STORE_DH0: tl.constexpr,
     BT: tl.constexpr,
@@ -228,15 +245,16 @@ def _state_bwd(
     v0 = i_v * BV
     rows = tl.arange(0, BT)
     dS = start_state(dht_ptr, i_bh.to(tl.int64), K, V, kv_offs, kv_mask, HAS_DHT, BK, BV)
-    i = 0
-    while i < NT:  # not range(): breaks the Triton 3.6 interpreter
-        n = NT - 1 - i
-        t0 = n * BT
-        row0 = i_bh * Tp + t0
-        store_state(dstates_ptr, dS, i_bh.to(tl.int64) * NT + n, K, V, kv_offs, kv_mask)
-        q = load_rows(q_ptr, b, h, t0, T, H, K, 0, BT, BK)
-        k = load_rows(k_ptr, b, h, t0, T, H, K, 0, BT, BK)
-        do = load_rows(do_ptr, b, h, t0, T, H, V, v0, BT, BV)
+    c_lo, c_hi, b, i_buf = sequence_chunks(first_ptr, i_bh, b, H, NT, IS_VARLEN)
+    i = c_lo
+    while i < c_hi:  # not range(): breaks the Triton 3.6 interpreter
+        n = c_hi - 1 - (i - c_lo)
+        t0, T_n = chunk_span(spans_ptr, n, n * BT, T, IS_VARLEN)
+        row0 = i_buf * Tp + n * BT
+        store_state(dstates_ptr, dS, i_buf.to(tl.int64) * NT + n, K, V, kv_offs, kv_mask)
+        q = load_rows(q_ptr, b, h, t0, T_n, H, K, 0, BT, BK)
+        k = load_rows(k_ptr, b, h, t0, T_n, H, K, 0, BT, BK)
+        do = load_rows(do_ptr, b, h, t0, T_n, H, V, v0, BT, BV)
         w = load_tile(w_ptr, row0, BT, K, 0, BT, BK)
         if GATED:
             bc = tl.load(bcum_ptr + row0 + rows)
@@ -272,6 +290,7 @@ def _grads_output_state(
     dq_ptr,
     dk_ptr,
     db_ptr,
+    spans_ptr,
     scale,
     T,
     H,
@@ -280,6 +299,7 @@ def _grads_output_state(
     Tp,
     NT,
     GATED: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
     BT: tl.constexpr,
     BK: tl.constexpr,
     BV: tl.constexpr,
@@ -293,6 +313,7 @@ def _grads_output_state(
     update) are left out of db, so that they do not leave rounding noise in tiny decay gradients."""
     i_n, i_bh, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h, t0, row0 = chunk_start(i_n, i_bh, H, Tp, BT)
+    t0, T = chunk_span(spans_ptr, i_n, t0, T, IS_VARLEN)
     k0 = i_k * BK
     srow = (i_bh * NT + i_n) * K + k0
     rows = tl.arange(0, BT)
@@ -343,6 +364,7 @@ def _grads_solve(
     dv_ptr,
     dbeta_ptr,
     db_ptr,
+    spans_ptr,
     T,
     H,
     K,
@@ -350,6 +372,7 @@ def _grads_solve(
     Tp,
     NT,
     GATED: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
     BT: tl.constexpr,
     BK: tl.constexpr,
     BV: tl.constexpr,
@@ -359,6 +382,7 @@ def _grads_solve(
     dv, dbeta, and the rest of dk and db (added to what ``_grads_output_state`` stored)."""
     i_n, i_bh = tl.program_id(0), tl.program_id(1)
     b, h, t0, row0 = chunk_start(i_n, i_bh, H, Tp, BT)
+    t0, T = chunk_span(spans_ptr, i_n, t0, T, IS_VARLEN)
     rows = tl.arange(0, BT)
     k = load_rows(k_ptr, b, h, t0, T, H, K, 0, BT, BK)
     v = load_rows(v_ptr, b, h, t0, T, H, V, 0, BT, BV)
@@ -406,16 +430,29 @@ def _state_bv(q, BV: int) -> int:
     return min(BV, _EXACT_STATE_BV if dot_precision(q.dtype) == "ieee" else _STATE_BV)
 
 
-def _sizes(q, v):
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    BT = _chunk(q, v)
-    NT = triton.cdiv(T, BT)
-    return B, T, H, K, V, BT, NT, NT * BT
+class _Layout:
+    """Sizes and chunk layout of one call: B, T, H, K, V, BT, NT (chunks per row), Tp = NT BT (buffer rows
+    per batch x head), NS (state-loop programs per head row: B, or N sequences), and with packed sequences
+    the :class:`~kernels.ops.utils.chunk_table.ChunkTable` (``table``; None otherwise)."""
+
+    def __init__(self, q, v, table=None):
+        self.B, self.T, self.H, self.K = q.shape
+        self.V = v.shape[-1]
+        self.BT = _chunk(q, v)
+        self.table = table
+        self.NT = table.NT if table is not None else triton.cdiv(self.T, self.BT)
+        self.Tp = self.NT * self.BT
+        self.NS = table.N if table is not None else self.B
+
+    def varlen_args(self, dummy):
+        """(spans, first) pointers and the IS_VARLEN flag of the kernels (``dummy`` when not packed)."""
+        if self.table is None:
+            return dummy, dummy, False
+        return self.table.spans, self.table.first, True
 
 
-def _forward(q, k, v, beta, bcum, scale, h0, need_final):
-    B, T, H, K, V, BT, NT, Tp = _sizes(q, v)
+def _forward(q, k, v, beta, bcum, scale, h0, need_final, L: _Layout):
+    B, T, H, K, V, BT, NT, Tp = L.B, L.T, L.H, L.K, L.V, L.BT, L.NT, L.Tp
     BK, BV = block_size(K), block_size(V)
     BVs = _state_bv(q, BV)
     prec = dot_precision(q.dtype)
@@ -426,12 +463,32 @@ def _forward(q, k, v, beta, bcum, scale, h0, need_final):
     ut = torch.empty(B, H, Tp, V, **f32)
     u = torch.empty(B, H, Tp, V, **f32)
     states = torch.empty(B, H, NT, K, V, **f32)
-    ht = torch.empty(B, H, K, V, **f32) if need_final else states
+    ht = torch.empty(L.NS, H, K, V, **f32) if need_final else states
     bc = bcum if gated else w  # placeholder pointer when ungated
+    spans, first, varlen = L.varlen_args(w)
     _prep_fwd[(NT, B * H)](
-        k, v, beta, bc, ainv, w, ut, T, H, K, V, Tp, GATED=gated, BT=BT, BK=BK, BV=BV, PREC=prec, **LAUNCH
+        k,
+        v,
+        beta,
+        bc,
+        ainv,
+        w,
+        ut,
+        spans,
+        T,
+        H,
+        K,
+        V,
+        Tp,
+        GATED=gated,
+        IS_VARLEN=varlen,
+        BT=BT,
+        BK=BK,
+        BV=BV,
+        PREC=prec,
+        **LAUNCH,
     )
-    _state_fwd[(triton.cdiv(V, BVs), B * H)](
+    _state_fwd[(triton.cdiv(V, BVs), L.NS * H)](
         k,
         w,
         ut,
@@ -440,6 +497,8 @@ def _forward(q, k, v, beta, bcum, scale, h0, need_final):
         states,
         u,
         ht,
+        spans,
+        first,
         T,
         H,
         K,
@@ -449,6 +508,7 @@ def _forward(q, k, v, beta, bcum, scale, h0, need_final):
         GATED=gated,
         HAS_H0=h0 is not None,
         STORE_FINAL=need_final,
+        IS_VARLEN=varlen,
         BT=BT,
         BK=BK,
         BV=BVs,
@@ -457,27 +517,53 @@ def _forward(q, k, v, beta, bcum, scale, h0, need_final):
     )
     o = torch.empty(B, T, H, V, device=q.device, dtype=q.dtype)
     _output_fwd[(NT, B * H, triton.cdiv(V, BVs))](
-        q, k, bc, states, u, o, scale, T, H, K, V, Tp, NT, GATED=gated, BT=BT, BK=BK, BV=BVs, PREC=prec, **LAUNCH
+        q,
+        k,
+        bc,
+        states,
+        u,
+        o,
+        spans,
+        scale,
+        T,
+        H,
+        K,
+        V,
+        Tp,
+        NT,
+        GATED=gated,
+        IS_VARLEN=varlen,
+        BT=BT,
+        BK=BK,
+        BV=BVs,
+        PREC=prec,
+        **LAUNCH,
     )
     return o, (ht if need_final else None), (ainv, w, ut, u, states)
 
 
 class DeltaRuleChunkFunction(torch.autograd.Function):
-    """Autograd wrapper of the chunked kernels; inputs contiguous, states fp32 [B, H, K, V]."""
+    """Autograd wrapper of the chunked kernels; inputs contiguous, states fp32 [B, H, K, V] (packed
+    sequences: ``table`` given, B = 1, states [N, H, K, V])."""
 
     @staticmethod
-    def forward(ctx, q, k, v, beta, g, scale, h0, output_final_state):
-        bcum = chunk_cumsum(g, _chunk(q, v)) if g is not None else None
-        o, ht, saved = _forward(q, k, v, beta, bcum, scale, h0, output_final_state)
+    def forward(ctx, q, k, v, beta, g, scale, h0, output_final_state, table=None):
+        L = _Layout(q, v, table)
+        if g is None:
+            bcum = None
+        else:
+            bcum = table.cumsum(g) if table is not None else chunk_cumsum(g, L.BT)
+        o, ht, saved = _forward(q, k, v, beta, bcum, scale, h0, output_final_state, L)
         ctx.save_for_backward(q, k, v, beta, bcum, *saved)
-        ctx.scale, ctx.gated, ctx.has_h0 = scale, g is not None, h0 is not None
+        ctx.scale, ctx.gated, ctx.has_h0, ctx.table = scale, g is not None, h0 is not None, table
         ctx.g_dtype = g.dtype if g is not None else None
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
         q, k, v, beta, bcum, ainv, w, ut, u, states = ctx.saved_tensors
-        B, T, H, K, V, BT, NT, Tp = _sizes(q, v)
+        L = _Layout(q, v, ctx.table)
+        B, T, H, K, V, BT, NT, Tp = L.B, L.T, L.H, L.K, L.V, L.BT, L.NT, L.Tp
         BK, BV = block_size(K), block_size(V)
         BVs = _state_bv(q, BV)
         prec = dot_precision(q.dtype)
@@ -486,9 +572,10 @@ class DeltaRuleChunkFunction(torch.autograd.Function):
         f32 = dict(device=q.device, dtype=torch.float32)
         dstates = torch.empty(B, H, NT, K, V, **f32)
         du = torch.empty(B, H, Tp, V, **f32)
-        dh0 = torch.empty(B, H, K, V, **f32) if ctx.has_h0 else None
+        dh0 = torch.empty(L.NS, H, K, V, **f32) if ctx.has_h0 else None
         bc = bcum if gated else w
-        _state_bwd[(triton.cdiv(V, BVs), B * H)](
+        spans, first, varlen = L.varlen_args(w)
+        _state_bwd[(triton.cdiv(V, BVs), L.NS * H)](
             q,
             k,
             do,
@@ -498,6 +585,8 @@ class DeltaRuleChunkFunction(torch.autograd.Function):
             dstates,
             du,
             dh0 if dh0 is not None else dstates,
+            spans,
+            first,
             ctx.scale,
             T,
             H,
@@ -508,6 +597,7 @@ class DeltaRuleChunkFunction(torch.autograd.Function):
             GATED=gated,
             HAS_DHT=dht is not None,
             STORE_DH0=dh0 is not None,
+            IS_VARLEN=varlen,
             BT=BT,
             BK=BK,
             BV=BVs,
@@ -532,6 +622,7 @@ class DeltaRuleChunkFunction(torch.autograd.Function):
             dq,
             dk,
             db_parts if gated else dbeta,
+            spans,
             ctx.scale,
             T,
             H,
@@ -540,6 +631,7 @@ class DeltaRuleChunkFunction(torch.autograd.Function):
             Tp,
             NT,
             GATED=gated,
+            IS_VARLEN=varlen,
             BT=BT,
             BK=BKg,
             BV=BV,
@@ -561,6 +653,7 @@ class DeltaRuleChunkFunction(torch.autograd.Function):
             dv,
             dbeta,
             db if gated else dbeta,
+            spans,
             T,
             H,
             K,
@@ -568,21 +661,36 @@ class DeltaRuleChunkFunction(torch.autograd.Function):
             Tp,
             NT,
             GATED=gated,
+            IS_VARLEN=varlen,
             BT=BT,
             BK=BK,
             BV=BV,
             PREC=prec,
             **_BWD_LAUNCH,
         )
-        dg = chunk_reverse_cumsum(db, T, BT).to(ctx.g_dtype) if gated else None
-        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbeta.to(beta.dtype), dg, None, dh0, None)
+        dg = None
+        if gated:
+            dg = ctx.table.reverse_cumsum(db) if ctx.table is not None else chunk_reverse_cumsum(db, T, BT)
+            dg = dg.to(ctx.g_dtype)
+        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbeta.to(beta.dtype), dg, None, dh0, None, None)
 
 
-def delta_rule_triton_chunked(q, k, v, beta, g, scale, initial_state=None, output_final_state=False):
-    """Chunked Triton path; same signature and result as the reference."""
+def delta_rule_triton_chunked(
+    q, k, v, beta, g, scale, initial_state=None, output_final_state=False, cu_seqlens=None, offsets=None
+):
+    """Chunked Triton path; same signature and result as the reference. ``cu_seqlens`` [N+1]: packed
+    sequences (B = 1, states [N, H, K, V]) in chunks aligned to sequence starts
+    (:class:`~kernels.ops.utils.chunk_table.ChunkTable`, built from ``offsets``, the validated host copy
+    of ``cu_seqlens``, or from one host read of it)."""
+    table = None
+    if cu_seqlens is not None:
+        table = ChunkTable(host_offsets(cu_seqlens, offsets), _chunk(q, v), q.device)
     if q.shape[1] == 0:
-        return empty_result(q, v, initial_state, output_final_state)
+        return empty_result(q, v, initial_state, output_final_state, n_states=table.N if table else None)
     q, k, v, beta = (x.contiguous() for x in (q, k, v, beta))
     g = g.contiguous() if g is not None else None
     h0 = initial_state.float().contiguous() if initial_state is not None else None
-    return DeltaRuleChunkFunction.apply(q, k, v, beta, g, float(scale), h0, bool(output_final_state))
+    return DeltaRuleChunkFunction.apply(q, k, v, beta, g, float(scale), h0, bool(output_final_state), table)
+
+
+mark_varlen(delta_rule_triton_chunked, host_offsets=True)

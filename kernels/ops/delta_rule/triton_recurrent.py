@@ -9,7 +9,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels.ops.common.recurrent import RecurrentKernels, fused_recurrent, load_step
+from kernels._varlen import mark_varlen
+from kernels.ops.common.recurrent import RecurrentKernels, fused_recurrent, load_step, step_range
 from kernels.ops.common.state import load_state, start_state, state_block, store_state
 
 
@@ -24,6 +25,7 @@ def _recurrent_fwd(
     o_ptr,
     ht_ptr,
     states_ptr,
+    cu_ptr,
     scale,
     T,
     H,
@@ -33,17 +35,18 @@ def _recurrent_fwd(
     HAS_H0: tl.constexpr,
     STORE_FINAL: tl.constexpr,
     SAVE_STATES: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
     BK: tl.constexpr,
     BV: tl.constexpr,
 ):
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     b, h, rk, rv, mk, mv, kv_offs, kv_mask = state_block(i_v, i_bh, H, K, V, BK, BV)
     S = start_state(h0_ptr, i_bh.to(tl.int64), K, V, kv_offs, kv_mask, HAS_H0, BK, BV)
-    t = 0
-    while t < T:  # not range(): breaks the Triton 3.6 interpreter
+    b, t, t_end, i_row = step_range(cu_ptr, i_bh, b, H, T, IS_VARLEN)
+    while t < t_end:  # not range(): breaks the Triton 3.6 interpreter
         step = (b.to(tl.int64) * T + t) * H + h
         if SAVE_STATES:
-            store_state(states_ptr, S, i_bh.to(tl.int64) * T + t, K, V, kv_offs, kv_mask)
+            store_state(states_ptr, S, i_row.to(tl.int64) * T + t, K, V, kv_offs, kv_mask)
         q = load_step(q_ptr, step, K, rk, mk)
         k = load_step(k_ptr, step, K, rk, mk)
         v = load_step(v_ptr, step, V, rv, mv)
@@ -75,6 +78,7 @@ def _recurrent_bwd(
     dbeta_ptr,
     dg_ptr,
     dh0_ptr,
+    cu_ptr,
     scale,
     B,
     T,
@@ -84,6 +88,7 @@ def _recurrent_bwd(
     GATED: tl.constexpr,
     HAS_DHT: tl.constexpr,
     STORE_DH0: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
     BK: tl.constexpr,
     BV: tl.constexpr,
 ):
@@ -92,11 +97,12 @@ def _recurrent_bwd(
     b, h, rk, rv, mk, mv, kv_offs, kv_mask = state_block(i_v, i_bh, H, K, V, BK, BV)
     part = i_v.to(tl.int64) * B * T * H  # offset of this V block's partial buffers (in steps)
     dS = start_state(dht_ptr, i_bh.to(tl.int64), K, V, kv_offs, kv_mask, HAS_DHT, BK, BV)
-    i = 0
-    while i < T:  # not range(): breaks the Triton 3.6 interpreter
-        t = T - 1 - i
+    b, t0, t_end, i_row = step_range(cu_ptr, i_bh, b, H, T, IS_VARLEN)
+    i = t0
+    while i < t_end:  # not range(): breaks the Triton 3.6 interpreter
+        t = t_end - 1 - (i - t0)
         step = (b.to(tl.int64) * T + t) * H + h
-        S_prev = load_state(states_ptr, i_bh.to(tl.int64) * T + t, K, V, kv_offs, kv_mask)
+        S_prev = load_state(states_ptr, i_row.to(tl.int64) * T + t, K, V, kv_offs, kv_mask)
         q = load_step(q_ptr, step, K, rk, mk)
         k = load_step(k_ptr, step, K, rk, mk)
         v = load_step(v_ptr, step, V, rv, mv)
@@ -136,6 +142,10 @@ KERNELS = RecurrentKernels(
 )
 
 
-def delta_rule_fused_recurrent(q, k, v, beta, g, scale, initial_state=None, output_final_state=False):
-    """Fused-recurrent Triton path; same signature and result as the reference."""
-    return fused_recurrent(KERNELS, (q, k, v, beta, g), scale, initial_state, output_final_state)
+def delta_rule_fused_recurrent(q, k, v, beta, g, scale, initial_state=None, output_final_state=False, cu_seqlens=None):
+    """Fused-recurrent Triton path; same signature and result as the reference. ``cu_seqlens`` [N+1]:
+    packed sequences natively (B = 1, states [N, H, K, V]; one program per sequence and head)."""
+    return fused_recurrent(KERNELS, (q, k, v, beta, g), scale, initial_state, output_final_state, cu_seqlens)
+
+
+mark_varlen(delta_rule_fused_recurrent)

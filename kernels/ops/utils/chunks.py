@@ -82,11 +82,13 @@ def chunk_length(T: int, chunk: int, power_of_two: bool = False) -> int:
     return C
 
 
-def empty_result(q: torch.Tensor, v: torch.Tensor, initial_state, output_final_state: bool):
-    """(output [B, 0, H, V], final state) of a length-0 sequence: the state passes through unchanged."""
+def empty_result(q: torch.Tensor, v: torch.Tensor, initial_state, output_final_state: bool, n_states=None):
+    """(output [B, 0, H, V], final state) of a length-0 sequence: the state passes through unchanged
+    (``n_states``: the leading dim of the states when not B, N packed sequences that are all empty)."""
     B, _, H, K = q.shape
     V = v.shape[-1]
-    S = initial_state.float() if initial_state is not None else q.new_zeros(B, H, K, V, dtype=torch.float32)
+    N = B if n_states is None else n_states
+    S = initial_state.float() if initial_state is not None else q.new_zeros(N, H, K, V, dtype=torch.float32)
     return q.new_zeros(B, 0, H, V), (S if output_final_state else None)
 
 

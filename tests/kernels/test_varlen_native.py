@@ -1,0 +1,92 @@
+"""Native packed sequences (``cu_seqlens``) in the Triton backends of ``delta_rule``, ``dplr`` and
+``softmax_scan``: both Triton paths (fused-recurrent for short rows, chunked in chunks aligned to sequence
+starts), gated and ungated, with and without initial states, fp32 tight and bf16 loose, against every
+sequence run alone through the reference (outputs, final states, gradients of every input and initial
+state); the native path is taken (no per-sequence loop) and ``cu_seqlens`` is read to the host once.
+``tests/kernels/test_varlen.py`` runs the default packing of every op and backend."""
+
+import pytest
+import torch
+
+import kernels
+from kernels._dispatch import resolve
+from kernels._varlen import is_varlen
+from tests.kernels.harness import TOL, device_for, needs_triton
+from tests.kernels.varlen_cases import compare_packed, make_packed
+
+pytestmark = needs_triton
+
+SHAPES = {"H": 2, "K": 8, "V": 6}
+#: T = 16: the fused-recurrent path (T <= RECURRENT_MAX_T); empty first/middle/last, length 1
+SHORT = (0, 5, 1, 6, 0, 1, 3, 0)
+#: chunked path (fp32: 32-step chunks, bf16: 64): a sequence of three chunks (70 = 32 + 32 + 6), one
+#: across a 64-step boundary of the packed row, length 0 and 1, a boundary inside every chunk of the row
+LONG = (3, 70, 0, 1, 29)
+DEVICE = device_for("triton")
+
+CASES = [
+    pytest.param(lengths, drop, id=f"{path}-{'ungated' if drop else 'gated'}")
+    for path, lengths in (("recurrent", SHORT), ("chunked", LONG))
+    for drop in ((), ("g",))
+]
+
+
+@pytest.mark.parametrize("lengths,drop", CASES)
+@pytest.mark.parametrize("with_state", [False, True], ids=["no_state", "state"])
+def test_delta_rule_native_fp32(lengths, drop, with_state):
+    compare_packed(
+        "delta_rule", "triton", TOL[torch.float32], lengths=lengths, with_state=with_state, drop=drop, device=DEVICE,
+        **SHAPES,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("lengths,drop", CASES)
+def test_delta_rule_native_bf16(lengths, drop):
+    compare_packed(
+        "delta_rule", "triton", TOL[torch.bfloat16], dtype=torch.bfloat16, lengths=lengths, with_state=True,
+        drop=drop, device=DEVICE, **SHAPES,
+    )  # fmt: skip
+
+
+NATIVE_OPS = ("delta_rule",)
+
+
+@pytest.mark.parametrize("op", NATIVE_OPS)
+@pytest.mark.parametrize("lengths", [SHORT, LONG], ids=["recurrent", "chunked"])
+def test_native_path_taken(op, lengths, monkeypatch):
+    """The Triton backend is marked varlen, never loops over sequences, and reads ``cu_seqlens`` to the
+    host once (validation's read, passed on as ``offsets``)."""
+    assert is_varlen(resolve(op, "triton", torch.device(DEVICE), sum(lengths)))
+
+    def no_loop(*args, **kwargs):
+        raise AssertionError("per_sequence called: the native path was not taken")
+
+    monkeypatch.setattr("kernels._dispatch.per_sequence", no_loop)
+    args, state, cu = make_packed(op, lengths, with_state=True, device=DEVICE, **SHAPES)
+    reads = []
+    tolist = torch.Tensor.tolist
+
+    def counting_tolist(self):
+        if self is cu:
+            reads.append(1)
+        return tolist(self)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", counting_tolist)
+    with torch.no_grad():
+        o, s = getattr(kernels, op)(
+            **args, initial_state=state, output_final_state=True, cu_seqlens=cu, backend="triton"
+        )
+    assert o.shape[1] == sum(lengths) and s.shape[0] == len(lengths)
+    assert len(reads) == 1, f"cu_seqlens read to the host {len(reads)} times"
+
+
+@pytest.mark.parametrize("op", NATIVE_OPS)
+def test_all_sequences_empty(op):
+    """T = 0 with N sequences: no output steps, every final state is the initial state."""
+    args, state, cu = make_packed(op, (0, 0, 0), with_state=True, device=DEVICE, **SHAPES)
+    with torch.no_grad():
+        o, s = getattr(kernels, op)(
+            **args, initial_state=state, output_final_state=True, cu_seqlens=cu, backend="triton"
+        )
+    assert o.shape[:2] == (1, 0)
+    torch.testing.assert_close(s, state.float())
