@@ -146,7 +146,7 @@ def _op_cases(op: str, head: int, dtype: str, subset: bool) -> List[Case]:
         "gla": [c(T_TRAIN), c(T_TRAIN, flags=("per-head g",)), c(T_TRAIN, flags=("V=K+1",))],
         "delta_rule": [c(T_TRAIN), c(T_TRAIN, flags=("no g",)), c(T_TRAIN, flags=("varlen",))],
         "dplr": [c(T_TRAIN)],
-        "softmax_scan": [c(T_TRAIN)],
+        "softmax_scan": [c(T_TRAIN), c(T_TRAIN, flags=("varlen",))],
         "recurrent_delta": [c(T_TRAIN)],
         "srwm": [c(T_TRAIN)],
     }[op]
@@ -212,8 +212,8 @@ def _call(case: Case):
             case.state,
         )
     elif case.op == "softmax_scan":
-        state = (st(B, H), st(B, H), st(B, H, V)) if case.state else None
-        out = fn(x(B, T, H), x(B, T, H, V), state, case.state)
+        state = (st(N, H), st(N, H), st(N, H, V)) if case.state else None
+        out = fn(x(B, T, H), x(B, T, H, V), state, case.state, **{k: v for k, v in packed.items() if k != "offsets"})
     elif case.op == "recurrent_delta":
         state = (st(B, H, K, V), st(B, H, V)) if case.state else None
         out = fn(

@@ -11,7 +11,7 @@ import torch
 import kernels
 from kernels._dispatch import resolve
 from kernels._varlen import is_varlen
-from tests.kernels.harness import TOL, device_for, needs_triton
+from tests.kernels.harness import TOL, _flat, device_for, needs_triton
 from tests.kernels.varlen_cases import compare_packed, make_packed
 
 pytestmark = needs_triton
@@ -48,7 +48,18 @@ def test_delta_rule_native_bf16(lengths, drop):
     )  # fmt: skip
 
 
-NATIVE_OPS = ("delta_rule",)
+@pytest.mark.parametrize("lengths", [SHORT, LONG], ids=["short", "long"])
+@pytest.mark.parametrize("with_state", [False, True], ids=["no_state", "state"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_softmax_scan_native(lengths, with_state, dtype):
+    """The segmented scan: tiles of 32 steps inside each sequence, boundaries inside tiles of the row."""
+    compare_packed(
+        "softmax_scan", "triton", TOL[dtype], dtype=dtype, lengths=lengths, with_state=with_state, device=DEVICE,
+        **SHAPES,
+    )  # fmt: skip
+
+
+NATIVE_OPS = ("delta_rule", "softmax_scan")
 
 
 @pytest.mark.parametrize("op", NATIVE_OPS)
@@ -76,7 +87,7 @@ def test_native_path_taken(op, lengths, monkeypatch):
         o, s = getattr(kernels, op)(
             **args, initial_state=state, output_final_state=True, cu_seqlens=cu, backend="triton"
         )
-    assert o.shape[1] == sum(lengths) and s.shape[0] == len(lengths)
+    assert o.shape[1] == sum(lengths) and _flat(s)[0].shape[0] == len(lengths)
     assert len(reads) == 1, f"cu_seqlens read to the host {len(reads)} times"
 
 
@@ -89,4 +100,5 @@ def test_all_sequences_empty(op):
             **args, initial_state=state, output_final_state=True, cu_seqlens=cu, backend="triton"
         )
     assert o.shape[:2] == (1, 0)
-    torch.testing.assert_close(s, state.float())
+    for a, b in zip(_flat(s), _flat(state)):
+        torch.testing.assert_close(a, b.float())

@@ -46,7 +46,7 @@ def _segmented_exclusive_scan(flags: torch.Tensor, totals: State) -> State:
     return tuple(seq)
 
 
-def _routed_max(s: torch.Tensor, sid: torch.Tensor, cu: torch.Tensor, m0: Optional[torch.Tensor], N: int):
+def routed_max(s: torch.Tensor, sid: torch.Tensor, cu: torch.Tensor, m0: Optional[torch.Tensor], N: int):
     """``m_n = max(m0[n], s over sequence n)`` [N, H], differentiable with the reference's tie split
     (see :func:`kernels.ops.softmax_scan.torch_chunk.max_routing_weights`; here per sequence)."""
     T, H = s.shape
@@ -118,7 +118,7 @@ def softmax_scan_chunked_packed(s, v, initial_state=None, output_final_state=Fal
     last, nonempty = last_steps(cu_seqlens)
     m_val = m_t.flatten(1, 2)[:, last].t()  # [N, H] (values: stabilisers carry no gradient)
     u_T, w_T = u_t.flatten(1, 2)[:, last].t(), w_t.flatten(1, 2)[:, last].transpose(0, 1)
-    m_T = _routed_max(s[0].float(), sid, cu_seqlens, None if initial_state is None else init[0], N)
+    m_T = routed_max(s[0].float(), sid, cu_seqlens, None if initial_state is None else init[0], N)
     keep = nonempty[:, None].expand(N, H)
     m_T = torch.where(keep, m_T, m_val)  # empty sequences: replaced by their initial state below
     shift = torch.exp(m_val - m_T)  # = 1, carries d/dm_T
