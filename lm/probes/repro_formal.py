@@ -33,6 +33,8 @@ MODELS: Dict[str, Tuple[str, str]] = {
     "DeltaNet (2024: conv, L2, SiLU)": ("linear_attention", "deltanet"),
     "recurrent delta": ("fwp", "recurrent_delta"),
     "SRWM": ("fwp", "srwm"),
+    "recurrent delta (official layer)": ("fwp", "recurrent_delta_paper"),
+    "SRWM (official layer)": ("fwp", "srwm_paper"),
     "LSTM": ("lstm", "lstm"),
     "Transformer (softmax, RoPE)": ("transformer", "transformer"),
 }

@@ -60,6 +60,8 @@ RECORDED = {
     ("aaren", "aaren"): {256: (0.0, 613248.0), 2048: (0.0, 613248.0)},
     ("fwp", "recurrent_delta"): {256: (49152.0, 811392.0), 2048: (49152.0, 811392.0)},
     ("fwp", "srwm"): {256: (49152.0, 711552.0), 2048: (49152.0, 711552.0)},
+    ("fwp", "recurrent_delta_paper"): {256: (49152.0, 811392.0), 2048: (49152.0, 811392.0)},
+    ("fwp", "srwm_paper"): {256: (49152.0, 662400.0), 2048: (49152.0, 662400.0)},  # no in_proj: 6 * 2 * 64^2 less
     ("gated_rnn", "static"): {256: (0.0, 662400.0), 2048: (0.0, 662400.0)},
     ("gated_rnn", "x_gated"): {256: (0.0, 662400.0), 2048: (0.0, 662400.0)},
     ("gated_rnn", "state_gated"): {256: (0.0, 711552.0), 2048: (0.0, 711552.0)},
@@ -131,6 +133,11 @@ MIXER_DECAY = {
         "b_proj.bias",
     ),
     "fwp/srwm": ("in_proj.weight o_norm.weight o_proj.weight w_b w_k w_q w_y", ""),
+    "fwp/recurrent_delta_paper": (
+        "b_proj.weight k_proj.weight o_proj.weight q_proj.weight r_b r_k r_q r_v v_proj.weight",
+        "",
+    ),
+    "fwp/srwm_paper": ("o_proj.weight w_b w_k w_q w_y", ""),
     "gated_rnn/static": ("w_g.weight w_o.weight w_q.weight w_v.weight", "nu"),
     "gated_rnn/x_gated": ("w_g.weight w_o.weight w_q.weight w_v.weight", "nu"),
     "gated_rnn/state_gated": ("w_g.weight w_m.weight w_o.weight w_q.weight w_v.weight", "nu w_g.bias w_v.bias"),

@@ -29,6 +29,12 @@ FAMILY = {
         "",
     ),
     "fwp/srwm": ("in_proj.weight o_proj.weight w_b w_k w_q w_y", "o_norm.weight", ""),
+    "fwp/recurrent_delta_paper": (
+        "b_proj.weight k_proj.weight o_proj.weight q_proj.weight r_b r_k r_q r_v v_proj.weight",
+        "",
+        "",
+    ),
+    "fwp/srwm_paper": ("o_proj.weight w_b w_k w_q w_y", "", ""),
     "gated_rnn/static": ("w_g.weight w_o.weight w_q.weight w_v.weight", "nu", ""),
     "gated_rnn/x_gated": ("w_g.weight w_o.weight w_q.weight w_v.weight", "nu", ""),
     "gated_rnn/state_gated": ("w_g.weight w_m.weight w_o.weight w_q.weight w_v.weight", "nu w_g.bias w_v.bias", ""),
