@@ -36,6 +36,7 @@ MODELS: Dict[str, Tuple[str, str]] = {
     "recurrent delta (official layer)": ("fwp", "recurrent_delta_paper"),
     "SRWM (official layer)": ("fwp", "srwm_paper"),
     "LSTM": ("lstm", "lstm"),
+    "e-LSTM": ("lstm", "elstm"),
     "Transformer (softmax, RoPE)": ("transformer", "transformer"),
 }
 LANGUAGES = ["parity", "aa_star", "abab_star", "anbn", "anbncn", "shuffle2", "dyck1", "reset_dyck1"]

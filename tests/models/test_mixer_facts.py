@@ -49,7 +49,7 @@ def flops_by_name(model, seq_len: int) -> float:
         return L * H * float(2 * C * (2 * K + V) + C * C + 6 * K * V)
     if cfg.family == "fwp":
         return L * H * 12.0 * hd * hd
-    if cfg.family == "lstm":  # torch.nn.LSTM's weights (not nn.Linear): 2 * 4N(d + N), N = d
+    if cfg.family == "lstm" and variant == "lstm":  # torch.nn.LSTM's weights (not nn.Linear): 2 * 4N(d + N), N = d
         return L * 2.0 * 4 * d * (d + d)
     return 0.0
 
@@ -75,6 +75,7 @@ RECORDED = {
     ("linear_attention", "linear_transformer_nonorm"): {256: (49152.0, 809856.0), 2048: (49152.0, 809856.0)},
     ("linear_attention", "deltanet_sumnorm"): {256: (81920.0, 909696.0), 2048: (81920.0, 909696.0)},
     ("lstm", "lstm"): {256: (131072.0, 908160.0), 2048: (131072.0, 908160.0)},
+    ("lstm", "elstm"): {256: (0.0, 711552.0), 2048: (0.0, 711552.0)},  # element-wise recurrence, nn.Linear maps
     ("linear_attention", "gated_deltanet"): {256: (81920.0, 960384.0), 2048: (81920.0, 960384.0)},
     ("linear_attention", "mamba2"): {256: (49152.0, 811392.0), 2048: (49152.0, 811392.0)},
     ("rwkv", "rwkv7"): {256: (90112.0, 1153920.0), 2048: (90112.0, 1153920.0)},
@@ -151,6 +152,7 @@ MIXER_DECAY = {
         "b_proj.bias",
     ),
     "lstm/lstm": ("lstm.weight_hh_l0 lstm.weight_ih_l0 w_o.weight", "lstm.bias_hh_l0 lstm.bias_ih_l0"),
+    "lstm/elstm": ("w_gate.weight w_o.weight w_zf.weight", "b_f b_z v_f v_z w_gate.bias"),
     "linear_attention/retnet": (
         "gate_proj.weight k_proj.weight o_norm.weight o_proj.weight q_proj.weight v_proj.weight",
         "",

@@ -71,6 +71,7 @@ FAMILY = {
         "",
     ),
     "lstm/lstm": ("lstm.weight_hh_l0 lstm.weight_ih_l0 w_o.weight", "lstm.bias_hh_l0 lstm.bias_ih_l0", ""),
+    "lstm/elstm": ("w_gate.weight w_o.weight w_zf.weight", "b_f b_z v_f v_z w_gate.bias", ""),
     "linear_attention/mamba2": (
         "a_proj.weight conv_k.weight conv_q.weight conv_v.weight gate_proj.weight k_proj.weight o_proj.weight "
         "q_proj.weight v_proj.weight",

@@ -273,3 +273,64 @@ def test_fwp_options_are_checked(variant, mixer, message):
         cfg["head_dim"] = 4  # 2 heads of 4 != d_model 16
     with pytest.raises(ConfigError, match=message):
         build_model(cfg)
+
+
+# ------------------------------------------------------------------ e-LSTM (QuasiLSTMlayer, #21)
+
+
+def test_elstm_is_the_official_cell():
+    """c_t = f c_{t-1} + (1 - f) z with z = tanh(W_z x + v_z c_{t-1} + b_z), f = sigmoid(W_f x + v_f c_{t-1}
+    + b_f); h_t = c_t sigmoid(W_g [x; c_t] + b_g); out = W_o h (QuasiLSTMlayer + QuasiLSTMModel's gate),
+    from a carried c."""
+    m = _mixer("lstm", "elstm", mixer={"hidden_dim": 12})
+    assert _params(m) == {
+        "w_zf.weight": (24, 16),
+        "v_z": (12,),
+        "v_f": (12,),
+        "b_z": (12,),
+        "b_f": (12,),
+        "w_gate.weight": (12, 28),
+        "w_gate.bias": (12,),
+        "w_o.weight": (16, 12),
+    }
+    x = torch.randn(2, 9, 16)
+    c0 = torch.randn(2, 12)
+    W_z, W_f = m.w_zf.weight[:12], m.w_zf.weight[12:]
+    c, hs = c0, []
+    for t in range(9):
+        z = torch.tanh(x[:, t] @ W_z.T + m.v_z * c + m.b_z)
+        f = torch.sigmoid(x[:, t] @ W_f.T + m.v_f * c + m.b_f)
+        c = f * c + (1 - f) * z
+        hs.append(c * torch.sigmoid(m.w_gate(torch.cat([x[:, t], c], -1))))
+    want = m.w_o(torch.stack(hs, 1))
+    with torch.no_grad():
+        got, state = m(x, state={"c": c0}, return_state=True)
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-4)
+    assert torch.allclose(state["c"], c, atol=1e-6)
+
+
+def test_elstm_has_the_official_initialisation():
+    """QuasiLSTMlayer.init_weights: every weight and bias of the cell ~ N(0, 0.1); the output gate at
+    nn.Linear's default (bounds: 4 standard errors)."""
+    torch.manual_seed(0)
+    model = build_model(dict(family="lstm", variant="elstm", vocab_size=16, d_model=256, n_layers=1, n_heads=4))
+    m = model.blocks[0].mixer
+    _assert_normal(m.w_zf.weight, 0.0, 0.1, "w_zf")
+    _assert_normal(torch.cat([m.v_z, m.v_f, m.b_z, m.b_f]), 0.0, 0.1, "v, b")
+    _assert_torch_linear(m.w_gate, "w_gate")
+
+
+def test_elstm_steps_packs_and_trains():
+    test_models.test_forward_equals_stepping_and_split("lstm", "elstm")
+    for carry in (False, True):
+        test_packed.test_packed_equals_separate_documents("lstm", "elstm", carry, "continue-len1end")
+    from lm.probes.repro_formal import MODELS, train_and_score
+
+    assert MODELS["e-LSTM"] == ("lstm", "elstm")
+    cell = train_and_score("lstm", "elstm", "parity", seed=0, steps=3, batch=4, d_model=16, n_test=4)
+    assert math.isfinite(cell["final_train_loss"])
+
+
+def test_lstm_cell_option_is_checked():
+    with pytest.raises(ConfigError, match="model.mixer.cell: 'gru' is not one of lstm, elstm"):
+        build_model(dict(family="lstm", vocab_size=16, d_model=16, n_layers=1, n_heads=2, mixer={"cell": "gru"}))
