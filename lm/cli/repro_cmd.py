@@ -94,7 +94,11 @@ def icl_gd_command(
 @repro_app.command("formal-table")
 def formal_table_command(
     out: str = typer.Option("docs/repro", "--out", help="output directory"),
-    models: str = typer.Option("", "--models", help="family/variant names, comma-separated (default: all eight)"),
+    models: str = typer.Option(
+        "",
+        "--models",
+        help="family/variant names, comma-separated (default: every model of lm.probes.repro_formal.MODELS)",
+    ),
     languages: str = typer.Option("", "--languages", help="languages, comma-separated (default: all eight)"),
     seeds: int = typer.Option(3, "--seeds", help="seeds 0..n-1 per cell"),
     bins: str = typer.Option("small", "--bins", help="length bins: small (CPU size) or paper"),
