@@ -135,12 +135,10 @@ def _softmax_scan_fwd_kernel(
 
 @triton.jit
 def _bwd_tile(s_ptr, v_ptr, o_ptr, ell_ptr, do_ptr, ds_ptr, dv_ptr, R_c, r_c, t0, T, tok_base, cols, col_ok, H, V,
-              LOWP, BLOCK_T):  # fmt: skip
+              rows, later, is_first, LOWP, BLOCK_T):  # fmt: skip
     """One tile of the backward scan: steps t0.. (before T) from ``tok_base`` (batch row, head); returns
-    the carries entering the tile's first step."""
-    rows = tl.arange(0, BLOCK_T)
-    later = rows[None, :] >= rows[:, None]  # [i, t]: t >= i
-    is_first = rows == 0
+    the carries entering the tile's first step (``rows``, ``later``, ``is_first``: the tile's row
+    indices, t >= i and row 0, built once by the caller)."""
     t = t0 + rows
     t_ok = t < T
     tok = tok_base + t * H
@@ -191,6 +189,9 @@ def _softmax_scan_bwd_kernel(
     i_h = i_bh % H
     cols = tl.arange(0, BLOCK_V)
     col_ok = cols < V
+    rows = tl.arange(0, BLOCK_T)
+    later = rows[None, :] >= rows[:, None]  # [i, t]: t >= i
+    is_first = rows == 0
     # carries after the last token: the final-state gradients (see the module docstring)
     R_c = tl.load(Rc_ptr + i_bh * V + cols, mask=col_ok, other=0.0)
     r_c = tl.load(rc_ptr + i_bh)
@@ -203,7 +204,7 @@ def _softmax_scan_bwd_kernel(
             t0 = t_lo + (n_tiles - 1 - i) * BLOCK_T  # tiles from last to first
             R_c, r_c = _bwd_tile(
                 s_ptr, v_ptr, o_ptr, ell_ptr, do_ptr, ds_ptr, dv_ptr, R_c, r_c, t0, t_end, i_h, cols, col_ok, H, V,
-                LOWP, BLOCK_T,
+                rows, later, is_first, LOWP, BLOCK_T,
             )  # fmt: skip
             i += 1
     else:
@@ -213,7 +214,7 @@ def _softmax_scan_bwd_kernel(
             t0 = (n_tiles - 1 - i) * BLOCK_T  # tiles from last to first
             R_c, r_c = _bwd_tile(
                 s_ptr, v_ptr, o_ptr, ell_ptr, do_ptr, ds_ptr, dv_ptr, R_c, r_c, t0, T, tok_base, cols, col_ok, H, V,
-                LOWP, BLOCK_T,
+                rows, later, is_first, LOWP, BLOCK_T,
             )  # fmt: skip
     tl.store(R0_ptr + i_bh * V + cols, R_c, mask=col_ok)
     tl.store(r0_ptr + i_bh, r_c)
