@@ -145,7 +145,7 @@ def _op_cases(op: str, head: int, dtype: str, subset: bool) -> List[Case]:
         "linear_scan": [c(T_TRAIN)],
         "gla": [c(T_TRAIN), c(T_TRAIN, flags=("per-head g",)), c(T_TRAIN, flags=("V=K+1",))],
         "delta_rule": [c(T_TRAIN), c(T_TRAIN, flags=("no g",)), c(T_TRAIN, flags=("varlen",))],
-        "dplr": [c(T_TRAIN)],
+        "dplr": [c(T_TRAIN), c(T_TRAIN, flags=("varlen",))],
         "softmax_scan": [c(T_TRAIN), c(T_TRAIN, flags=("varlen",))],
         "recurrent_delta": [c(T_TRAIN)],
         "srwm": [c(T_TRAIN)],
@@ -208,8 +208,9 @@ def _call(case: Case):
             x(B, T, H, V),
             *(x(B, T, H, K) for _ in range(3)),
             scale,
-            st(B, H, K, V),
+            st(N, H, K, V),
             case.state,
+            **packed,
         )
     elif case.op == "softmax_scan":
         state = (st(N, H), st(N, H), st(N, H, V)) if case.state else None

@@ -15,11 +15,6 @@ BACKENDS = ("reference", "torch", pytest.param("triton", marks=needs_triton))
 SHAPES = {"H": 2, "K": 8, "V": 6}
 
 
-#: (op, backend) pairs on the per-sequence fallback whose interpreted kernels take ~30 s per packed row:
-#: only the fp32 case with initial states (the fallback loop is generic and covered by the other ops)
-SLOW_FALLBACK = {("dplr", "triton")}
-
-
 _ID = {False: "no_state", True: "state"}
 
 
@@ -28,8 +23,6 @@ def _cases(states):
         for backend in BACKENDS:
             name = getattr(backend, "values", (backend,))[0]
             for with_state in states:
-                if (op, name) in SLOW_FALLBACK and with_state is not True:
-                    continue
                 marks = getattr(backend, "marks", ())
                 yield pytest.param(
                     op, name, with_state, marks=marks, id=f"{op}-{name}-{_ID.get(with_state, with_state)}"

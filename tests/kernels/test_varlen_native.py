@@ -1,6 +1,6 @@
 """Native packed sequences (``cu_seqlens``) in the Triton backends of ``delta_rule``, ``dplr`` and
-``softmax_scan``: both Triton paths (fused-recurrent for short rows, chunked in chunks aligned to sequence
-starts), gated and ungated, with and without initial states, fp32 tight and bf16 loose, against every
+``softmax_scan``: both Triton paths of delta_rule and dplr (fused-recurrent for short rows, chunked in
+chunks aligned to sequence starts), delta_rule gated and ungated, softmax_scan's segmented scan, with and without initial states, fp32 tight and bf16 loose, against every
 sequence run alone through the reference (outputs, final states, gradients of every input and initial
 state); the native path is taken (no per-sequence loop) and ``cu_seqlens`` is read to the host once.
 ``tests/kernels/test_varlen.py`` runs the default packing of every op and backend."""
@@ -59,7 +59,24 @@ def test_softmax_scan_native(lengths, with_state, dtype):
     )  # fmt: skip
 
 
-NATIVE_OPS = ("delta_rule", "softmax_scan")
+@pytest.mark.parametrize(
+    "lengths,with_state,dtype",
+    [
+        pytest.param(SHORT, True, torch.float32, id="recurrent-state-fp32"),
+        pytest.param(SHORT, False, torch.bfloat16, id="recurrent-no_state-bf16"),
+        pytest.param(LONG, False, torch.float32, id="chunked-no_state-fp32"),
+        pytest.param(LONG, True, torch.float32, id="chunked-state-fp32"),
+        pytest.param(LONG, True, torch.bfloat16, id="chunked-state-bf16"),
+    ],
+)
+def test_dplr_native(lengths, with_state, dtype):
+    """Both paths; per-key decays, so the chunk table's cumsum and its adjoint run over [T, H, K]."""
+    compare_packed(
+        "dplr", "triton", TOL[dtype], dtype=dtype, lengths=lengths, with_state=with_state, device=DEVICE, **SHAPES
+    )
+
+
+NATIVE_OPS = ("delta_rule", "softmax_scan", "dplr")
 
 
 @pytest.mark.parametrize("op", NATIVE_OPS)

@@ -6,8 +6,8 @@
 """
 
 from kernels._dispatch import lazy
-from kernels._varlen import mark_varlen, takes_offsets
-from kernels.ops.utils.triton_path import pick_triton_path
+from kernels._varlen import mark_varlen
+from kernels.ops.utils.triton_path import call_path, pick_triton_path
 
 #: sequences up to this length take the fused-recurrent Triton kernel
 RECURRENT_MAX_T = 16
@@ -26,13 +26,7 @@ def delta_rule_triton(
 
     fn = pick_triton_path("delta_rule", q, v, RECURRENT_MAX_T, MAX_HEAD, _RECURRENT, _CHUNKED, BACKENDS["torch"])
     args = (q, k, v, beta, g, scale, initial_state, output_final_state)
-    if cu_seqlens is None:
-        return fn(*args)
-    if takes_offsets(fn):
-        return fn(*args, cu_seqlens=cu_seqlens, offsets=offsets)
-    if fn is BACKENDS["torch"]() and offsets is not None:  # its packed layout takes the host list too
-        return fn(*args, cu_seqlens=offsets)
-    return fn(*args, cu_seqlens=cu_seqlens)
+    return call_path(fn, args, cu_seqlens, offsets, BACKENDS["torch"])
 
 
 mark_varlen(delta_rule_triton, host_offsets=True)

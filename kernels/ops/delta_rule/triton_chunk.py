@@ -13,6 +13,11 @@ Backward kernels: ``_state_bwd`` (reverse loop: the gradient of every leaving st
 ``_grads_output_state`` (per chunk and key block: dq, dk and db in part) and ``_grads_solve`` (per
 chunk: the rest of dk and db, dv, dbeta; two kernels to keep the live tiles, and so shared memory,
 small); then dg = reverse chunk cumsum of db on the host.
+
+Packed sequences (``cu_seqlens``, B = 1): the chunks are aligned to sequence starts
+(:class:`~kernels.ops.utils.chunk_table.ChunkTable`); every per-chunk kernel reads its chunk's first step
+and its sequence's end from the table (``IS_VARLEN``), the state loops run one program per (sequence,
+head) over that sequence's chunks, from ``h0[n]`` to ``ht[n]``.
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@
 """
 
 from kernels._dispatch import lazy
-from kernels.ops.utils.triton_path import pick_triton_path
+from kernels._varlen import mark_varlen
+from kernels.ops.utils.triton_path import call_path, pick_triton_path
 
 #: sequences up to this length take the fused-recurrent Triton kernel
 RECURRENT_MAX_T = 16
@@ -15,14 +16,19 @@ _RECURRENT = lazy(__name__ + ".triton_recurrent", "dplr_fused_recurrent")
 _CHUNKED = lazy(__name__ + ".triton_chunk", "dplr_triton_chunked")
 
 
-def dplr_triton(q, k, v, a, b, g, scale, initial_state=None, output_final_state=False):
+def dplr_triton(q, k, v, a, b, g, scale, initial_state=None, output_final_state=False, cu_seqlens=None, offsets=None):
     """Triton path (same signature as the reference): fused-recurrent for T <= ``RECURRENT_MAX_T``, chunked
     otherwise; heads wider than the chunked kernels' ``MAX_HEAD`` take the chunked PyTorch path (with a
-    warning), see :func:`~kernels.ops.utils.triton_path.pick_triton_path`."""
+    warning), see :func:`~kernels.ops.utils.triton_path.pick_triton_path`. All three take packed sequences
+    (``cu_seqlens``, B = 1, states [N, H, K, V]) natively; ``offsets``: its validated host copy."""
     from kernels.ops.dplr.triton_chunk_tiles import MAX_HEAD
 
     fn = pick_triton_path("dplr", q, v, RECURRENT_MAX_T, MAX_HEAD, _RECURRENT, _CHUNKED, BACKENDS["torch"])
-    return fn(q, k, v, a, b, g, scale, initial_state, output_final_state)
+    args = (q, k, v, a, b, g, scale, initial_state, output_final_state)
+    return call_path(fn, args, cu_seqlens, offsets, BACKENDS["torch"])
+
+
+mark_varlen(dplr_triton, host_offsets=True)
 
 
 #: backend name -> loader returning the implementation (same signature as the reference)

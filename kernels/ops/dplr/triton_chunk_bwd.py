@@ -22,7 +22,15 @@ import triton
 import triton.language as tl
 
 from kernels.ops.common.state import start_state, state_block, store_state
-from kernels.ops.common.tiles import chunk_start, load_rows, load_tile, store_rows, store_tile
+from kernels.ops.common.tiles import (
+    chunk_span,
+    chunk_start,
+    load_rows,
+    load_tile,
+    sequence_chunks,
+    store_rows,
+    store_tile,
+)
 from kernels.ops.dplr.triton_chunk_tiles import (
     add_w_state,
     carry_over_chunk,
@@ -47,6 +55,8 @@ def _solve_bwd(
     K,
     V,
     Tp,
+    spans_ptr,
+    IS_VARLEN: tl.constexpr,
     BT: tl.constexpr,
     BK: tl.constexpr,
     BV: tl.constexpr,
@@ -56,6 +66,7 @@ def _solve_bwd(
     dY = Ti^T dZ = dYo + Wb dS."""
     i_n, i_bh = tl.program_id(0), tl.program_id(1)
     bb, h, t0, row0 = chunk_start(i_n, i_bh, H, Tp, BT)
+    t0, T = chunk_span(spans_ptr, i_n, t0, T, IS_VARLEN)
     tinv_t = tl.trans(load_tile(tinv_ptr, row0, BT, BT, 0, BT, BT))
     k0 = 0
     while k0 < K:
@@ -89,6 +100,9 @@ def _state_bwd(
     V,
     Tp,
     NT,
+    spans_ptr,
+    first_ptr,
+    IS_VARLEN: tl.constexpr,
     HAS_DHT: tl.constexpr,
     STORE_DH0: tl.constexpr,
     BT: tl.constexpr,
@@ -103,19 +117,20 @@ def _state_bwd(
     bb, h, rk, rv, mk, mv, kv_offs, kv_mask = state_block(i_v, i_bh, H, K, V, BK, BV)
     v0 = i_v * BV
     dS = start_state(dht_ptr, i_bh.to(tl.int64), K, V, kv_offs, kv_mask, HAS_DHT, BK, BV)
-    i = 0
-    while i < NT:  # not range(): breaks the Triton 3.6 interpreter
-        n = NT - 1 - i
-        t0 = n * BT
-        row0 = i_bh * Tp + t0
-        store_state(dstates_ptr, dS, i_bh.to(tl.int64) * NT + n, K, V, kv_offs, kv_mask)
+    c_lo, c_hi, bb, i_buf = sequence_chunks(first_ptr, i_bh, bb, H, NT, IS_VARLEN)
+    i = c_lo
+    while i < c_hi:  # not range(): breaks the Triton 3.6 interpreter
+        n = c_hi - 1 - (i - c_lo)
+        t0, T_n = chunk_span(spans_ptr, n, n * BT, T, IS_VARLEN)
+        row0 = i_buf * Tp + n * BT
+        store_state(dstates_ptr, dS, i_buf.to(tl.int64) * NT + n, K, V, kv_offs, kv_mask)
         dy = add_w_state(
             load_tile(dyo_ptr, row0, BT, V, v0, BT, BV),
             wb_ptr,
             dS,
             dstates_ptr,
             row0,
-            (i_bh * NT + n) * K,
+            (i_buf * NT + n) * K,
             K,
             V,
             v0,
@@ -132,7 +147,7 @@ def _state_bwd(
             row0,
             K,
             qg_ptr,
-            load_rows(do_ptr, bb, h, t0, T, H, V, v0, BT, BV) * scale,
+            load_rows(do_ptr, bb, h, t0, T_n, H, V, v0, BT, BV) * scale,
             ap_ptr,
             dy,
             BT,
@@ -159,6 +174,8 @@ def _dscores_bwd(
     H,
     V,
     Tp,
+    spans_ptr,
+    IS_VARLEN: tl.constexpr,
     BT: tl.constexpr,
     BV: tl.constexpr,
     PREC: tl.constexpr,
@@ -167,6 +184,7 @@ def _dscores_bwd(
     dRn = incl(dY_next Z^T) with dY_next[t] = dY[t + 1] (0 at the chunk's last step)."""
     i_n, i_bh, which = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bb, h, t0, row0 = chunk_start(i_n, i_bh, H, Tp, BT)
+    t0, T = chunk_span(spans_ptr, i_n, t0, T, IS_VARLEN)
     acc_v = tl.zeros([BT, BT], dtype=tl.float32)
     acc_z = tl.zeros([BT, BT], dtype=tl.float32)
     v0 = 0
@@ -206,6 +224,8 @@ def _dv_bwd(
     V,
     Tp,
     NT,
+    spans_ptr,
+    IS_VARLEN: tl.constexpr,
     BT: tl.constexpr,
     BK: tl.constexpr,
     BV: tl.constexpr,
@@ -214,6 +234,7 @@ def _dv_bwd(
     """dV = scale Aqk^T dO + P^T dY + (k e^{G_C - G}) dS for one chunk and value block; keys in blocks."""
     i_n, i_bh, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bb, h, t0, row0 = chunk_start(i_n, i_bh, H, Tp, BT)
+    t0, T = chunk_span(spans_ptr, i_n, t0, T, IS_VARLEN)
     v0 = i_v * BV
     dv = scale * tl.dot(
         tl.trans(load_tile(aqk_ptr, row0, BT, BT, 0, BT, BT)),
@@ -263,6 +284,8 @@ def _grads_state(
     V,
     Tp,
     NT,
+    spans_ptr,
+    IS_VARLEN: tl.constexpr,
     BT: tl.constexpr,
     BK: tl.constexpr,
     BV: tl.constexpr,
@@ -272,6 +295,7 @@ def _grads_state(
     A' S, and dG, dG' (gradients of the cumulative decays G, G'; the host maps them to dg)."""
     i_n, i_bh, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bb, h, t0, row0 = chunk_start(i_n, i_bh, H, Tp, BT)
+    t0, T = chunk_span(spans_ptr, i_n, t0, T, IS_VARLEN)
     k0 = i_k * BK
     srow = (i_bh * NT + i_n) * K + k0
     acc_q = tl.zeros([BT, BK], dtype=tl.float32)  # dO S^T
@@ -334,6 +358,8 @@ def _grads_scores(
     H,
     K,
     Tp,
+    spans_ptr,
+    IS_VARLEN: tl.constexpr,
     BT: tl.constexpr,
     BS: tl.constexpr,
     BK: tl.constexpr,
@@ -347,9 +373,10 @@ def _grads_scores(
     i_n, j = i_nj // (BT // BS), i_nj % (BT // BS)
     bb, h = i_bh // H, i_bh % H
     t0, k0 = i_n * BT, i_k * BK
-    tj = t0 + j * BS
     row0 = i_bh * Tp + t0
     rj = row0 + j * BS
+    t0, T = chunk_span(spans_ptr, i_n, t0, T, IS_VARLEN)
+    tj = t0 + j * BS
     Gj = load_tile(G_ptr, rj, BS, K, k0, BS, BK)
     dq = tl.zeros([BS, BK], dtype=tl.float32)
     dan = tl.zeros([BS, BK], dtype=tl.float32)
@@ -420,6 +447,8 @@ def _grads_diag(
     H,
     K,
     Tp,
+    spans_ptr,
+    IS_VARLEN: tl.constexpr,
     BT: tl.constexpr,
     BS: tl.constexpr,
     BKC: tl.constexpr,
@@ -432,6 +461,8 @@ def _grads_diag(
     t0 = i_n * BT
     tj = t0 + j * BS
     rj = i_bh * Tp + tj  # buffer row of the block's first step
+    t0, T = chunk_span(spans_ptr, i_n, t0, T, IS_VARLEN)
+    tj = t0 + j * BS
     rs = tl.arange(0, BS)
     incl3 = (rs[:, None] >= rs[None, :])[:, :, None]
     strict3 = (rs[:, None] > rs[None, :])[:, :, None]

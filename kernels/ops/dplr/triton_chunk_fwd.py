@@ -17,7 +17,16 @@ import triton
 import triton.language as tl
 
 from kernels.ops.common.state import start_state, state_block, store_state
-from kernels.ops.common.tiles import chunk_start, load_rows, load_tile, store_rows, store_tile, unit_lower_inverse
+from kernels.ops.common.tiles import (
+    chunk_span,
+    chunk_start,
+    load_rows,
+    load_tile,
+    sequence_chunks,
+    store_rows,
+    store_tile,
+    unit_lower_inverse,
+)
 from kernels.ops.dplr.triton_chunk_tiles import add_w_state, carry_over_chunk, load_next_rows, load_prev, load_row
 
 
@@ -36,6 +45,8 @@ def _scores_fwd(
     H,
     K,
     Tp,
+    spans_ptr,
+    IS_VARLEN: tl.constexpr,
     BT: tl.constexpr,
     BS: tl.constexpr,
     BK: tl.constexpr,
@@ -48,9 +59,10 @@ def _scores_fwd(
     i_n, r = i_nr // (BT // BS), i_nr % (BT // BS)
     bb, h = i_bh // H, i_bh % H
     t0 = i_n * BT
-    tr = t0 + r * BS
     row0 = i_bh * Tp + t0  # buffer row of the chunk's first step
     rr = row0 + r * BS
+    t0, T = chunk_span(spans_ptr, i_n, t0, T, IS_VARLEN)
+    tr = t0 + r * BS
     c = 0
     while c < r:  # off-diagonal sub-blocks (not range(): breaks the Triton 3.6 interpreter)
         tc = t0 + c * BS
@@ -127,6 +139,8 @@ def _solve_fwd(
     K,
     V,
     Tp,
+    spans_ptr,
+    IS_VARLEN: tl.constexpr,
     BT: tl.constexpr,
     BK: tl.constexpr,
     BV: tl.constexpr,
@@ -136,6 +150,7 @@ def _solve_fwd(
     Zv = Ti P V (values in blocks; P[t] = Pn[t - 1]), so that Z = Zv + Wz S."""
     i_n, i_bh = tl.program_id(0), tl.program_id(1)
     bb, h, t0, row0 = chunk_start(i_n, i_bh, H, Tp, BT)
+    t0, T = chunk_span(spans_ptr, i_n, t0, T, IS_VARLEN)
     tinv = unit_lower_inverse(-load_prev(rn_ptr, row0, 0, BT, 0, BT, BT), BT, PREC)
     store_tile(tinv_ptr, tinv, row0, BT, BT, 0, BT, BT)
     k0 = 0
@@ -153,12 +168,29 @@ def _solve_fwd(
 
 @triton.jit
 def _decay_inputs(
-    q_ptr, k_ptr, a_ptr, b_ptr, G_ptr, qg_ptr, kd_ptr, bd_ptr, ap_ptr, T, H, K, Tp, BT: tl.constexpr, BK: tl.constexpr
+    q_ptr,
+    k_ptr,
+    a_ptr,
+    b_ptr,
+    G_ptr,
+    qg_ptr,
+    kd_ptr,
+    bd_ptr,
+    ap_ptr,
+    T,
+    H,
+    K,
+    Tp,
+    spans_ptr,
+    IS_VARLEN: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
 ):
     """One chunk and key block of q e^G, k e^{G_C - G}, b e^{G_C - G} and A' = a e^{G'} (exponents <= 0)
     into row-major [*, K] fp32 buffers."""
     i_n, i_bh, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bb, h, t0, row0 = chunk_start(i_n, i_bh, H, Tp, BT)
+    t0, T = chunk_span(spans_ptr, i_n, t0, T, IS_VARLEN)
     k0 = i_k * BK
     G = load_tile(G_ptr, row0, BT, K, k0, BT, BK)
     to_end = tl.exp(load_row(G_ptr, row0 + BT - 1, K, k0, BK)[None, :] - G)
@@ -187,6 +219,9 @@ def _state_fwd(
     V,
     Tp,
     NT,
+    spans_ptr,
+    first_ptr,
+    IS_VARLEN: tl.constexpr,
     HAS_H0: tl.constexpr,
     STORE_FINAL: tl.constexpr,
     BT: tl.constexpr,
@@ -202,18 +237,19 @@ def _state_fwd(
     bb, h, rk, rv, mk, mv, kv_offs, kv_mask = state_block(i_v, i_bh, H, K, V, BK, BV)
     v0 = i_v * BV
     S = start_state(h0_ptr, i_bh.to(tl.int64), K, V, kv_offs, kv_mask, HAS_H0, BK, BV)
-    n = 0
-    while n < NT:  # not range(): breaks the Triton 3.6 interpreter
-        t0 = n * BT
-        row0 = i_bh * Tp + t0
-        store_state(states_ptr, S, i_bh.to(tl.int64) * NT + n, K, V, kv_offs, kv_mask)
+    c_lo, c_hi, bb, i_buf = sequence_chunks(first_ptr, i_bh, bb, H, NT, IS_VARLEN)
+    n = c_lo
+    while n < c_hi:  # not range(): breaks the Triton 3.6 interpreter
+        t0, T_n = chunk_span(spans_ptr, n, n * BT, T, IS_VARLEN)
+        row0 = i_buf * Tp + n * BT
+        store_state(states_ptr, S, i_buf.to(tl.int64) * NT + n, K, V, kv_offs, kv_mask)
         z = add_w_state(
             load_tile(zv_ptr, row0, BT, V, v0, BT, BV),
             wz_ptr,
             S,
             states_ptr,
             row0,
-            (i_bh * NT + n) * K,
+            (i_buf * NT + n) * K,
             K,
             V,
             v0,
@@ -225,7 +261,7 @@ def _state_fwd(
         )
         store_tile(z_ptr, z, row0, BT, V, v0, BT, BV)
         S = carry_over_chunk(
-            S, G_ptr, row0, K, kd_ptr, load_rows(v_ptr, bb, h, t0, T, H, V, v0, BT, BV), bd_ptr, z, BT, BK, PREC
+            S, G_ptr, row0, K, kd_ptr, load_rows(v_ptr, bb, h, t0, T_n, H, V, v0, BT, BV), bd_ptr, z, BT, BK, PREC
         )
         n += 1
     if STORE_FINAL:
@@ -248,6 +284,8 @@ def _output_fwd(
     V,
     Tp,
     NT,
+    spans_ptr,
+    IS_VARLEN: tl.constexpr,
     BT: tl.constexpr,
     BK: tl.constexpr,
     BV: tl.constexpr,
@@ -256,6 +294,7 @@ def _output_fwd(
     """O = scale ((q e^G) S + Aqk V + Aqb Z) for one chunk and value block; keys in blocks."""
     i_n, i_bh, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bb, h, t0, row0 = chunk_start(i_n, i_bh, H, Tp, BT)
+    t0, T = chunk_span(spans_ptr, i_n, t0, T, IS_VARLEN)
     v0 = i_v * BV
     o = tl.dot(
         load_tile(aqk_ptr, row0, BT, BT, 0, BT, BT),

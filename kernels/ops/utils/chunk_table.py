@@ -44,13 +44,19 @@ class ChunkTable:
         xc = xp.index_select(0, self.rows).view(self.NT, self.BT, H, *rest).cumsum(1)
         return xc.view(self.NT * self.BT, H, *rest).transpose(0, 1).unsqueeze(0).contiguous()
 
+    def to_steps(self, d: torch.Tensor) -> torch.Tensor:
+        """Buffer rows back to the packed steps: d [1, H, NT BT, *rest] -> fp32 [1, T, H, *rest] (padded
+        rows dropped)."""
+        H, rest = d.shape[1], tuple(d.shape[3:])
+        out = d.new_zeros(self.T + 1, H, *rest, dtype=torch.float32)
+        out = out.index_add(0, self.rows, d[0].transpose(0, 1).float())
+        return out[: self.T].unsqueeze(0)
+
     def reverse_cumsum(self, d: torch.Tensor) -> torch.Tensor:
         """Adjoint of :meth:`cumsum`: d [1, H, NT BT, *rest] -> fp32 [1, T, H, *rest]."""
         H, rest = d.shape[1], tuple(d.shape[3:])
         dc = d[0].transpose(0, 1).reshape(self.NT, self.BT, H, *rest).flip(1).cumsum(1).flip(1)
-        out = d.new_zeros(self.T + 1, H, *rest, dtype=torch.float32)
-        out = out.index_add(0, self.rows, dc.reshape(self.NT * self.BT, H, *rest).float())
-        return out[: self.T].unsqueeze(0)
+        return self.to_steps(dc.reshape(self.NT * self.BT, H, *rest).transpose(0, 1).unsqueeze(0))
 
 
 def host_offsets(cu_seqlens: torch.Tensor, offsets: Optional[Sequence[int]]) -> Sequence[int]:

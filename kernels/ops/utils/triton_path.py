@@ -1,5 +1,5 @@
 """The ``triton`` backend of the ops with fused-recurrent and chunked Triton kernels (``delta_rule``, ``dplr``):
-which path a call takes."""
+which path a call takes, and how it is called with packed sequences."""
 
 from __future__ import annotations
 
@@ -30,3 +30,20 @@ def pick_triton_path(
         )
         return fallback()
     return chunked()
+
+
+def call_path(fn: Callable, args: tuple, cu_seqlens, offsets, torch_path: Callable[[], Callable]):
+    """Call the path ``fn`` picked by :func:`pick_triton_path` on ``args`` (the reference's positional
+    arguments), with packed sequences when ``cu_seqlens`` is given: every path takes them natively; the
+    ones marked to take ``offsets=`` (validation's host copy of ``cu_seqlens``) get it, and the chunked
+    PyTorch fallback (``torch_path``), whose packed layout also takes the host list, gets the list
+    itself, so that none reads ``cu_seqlens`` to the host again."""
+    from kernels._varlen import takes_offsets
+
+    if cu_seqlens is None:
+        return fn(*args)
+    if takes_offsets(fn):
+        return fn(*args, cu_seqlens=cu_seqlens, offsets=offsets)
+    if fn is torch_path() and offsets is not None:
+        return fn(*args, cu_seqlens=offsets)
+    return fn(*args, cu_seqlens=cu_seqlens)
