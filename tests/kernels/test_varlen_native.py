@@ -79,18 +79,22 @@ def test_dplr_native(lengths, with_state, dtype):
 NATIVE_OPS = ("delta_rule", "softmax_scan", "dplr")
 
 
-@pytest.mark.parametrize("op", NATIVE_OPS)
+@pytest.mark.parametrize(
+    "op,backend",
+    [(op, "triton") for op in NATIVE_OPS] + [("delta_rule", "torch"), ("dplr", "torch")],
+)
 @pytest.mark.parametrize("lengths", [SHORT, LONG], ids=["recurrent", "chunked"])
-def test_native_path_taken(op, lengths, monkeypatch):
-    """The Triton backend is marked varlen, never loops over sequences, and reads ``cu_seqlens`` to the
-    host once (validation's read, passed on as ``offsets``)."""
-    assert is_varlen(resolve(op, "triton", torch.device(DEVICE), sum(lengths)))
+def test_native_path_taken(op, backend, lengths, monkeypatch):
+    """The backend is marked varlen, never loops over sequences, and reads ``cu_seqlens`` to the host
+    once (validation's read, passed on as ``offsets``)."""
+    device = device_for(backend)
+    assert is_varlen(resolve(op, backend, torch.device(device), sum(lengths)))
 
     def no_loop(*args, **kwargs):
         raise AssertionError("per_sequence called: the native path was not taken")
 
     monkeypatch.setattr("kernels._dispatch.per_sequence", no_loop)
-    args, state, cu = make_packed(op, lengths, with_state=True, device=DEVICE, **SHAPES)
+    args, state, cu = make_packed(op, lengths, with_state=True, device=device, **SHAPES)
     reads = []
     tolist = torch.Tensor.tolist
 
@@ -102,7 +106,7 @@ def test_native_path_taken(op, lengths, monkeypatch):
     monkeypatch.setattr(torch.Tensor, "tolist", counting_tolist)
     with torch.no_grad():
         o, s = getattr(kernels, op)(
-            **args, initial_state=state, output_final_state=True, cu_seqlens=cu, backend="triton"
+            **args, initial_state=state, output_final_state=True, cu_seqlens=cu, backend=backend
         )
     assert o.shape[1] == sum(lengths) and _flat(s)[0].shape[0] == len(lengths)
     assert len(reads) == 1, f"cu_seqlens read to the host {len(reads)} times"

@@ -26,7 +26,7 @@ def delta_rule_triton(
 
     fn = pick_triton_path("delta_rule", q, v, RECURRENT_MAX_T, MAX_HEAD, _RECURRENT, _CHUNKED, BACKENDS["torch"])
     args = (q, k, v, beta, g, scale, initial_state, output_final_state)
-    return call_path(fn, args, cu_seqlens, offsets, BACKENDS["torch"])
+    return call_path(fn, args, cu_seqlens, offsets)
 
 
 mark_varlen(delta_rule_triton, host_offsets=True)

@@ -20,6 +20,7 @@ from typing import Optional
 
 import torch
 
+from kernels._varlen import mark_varlen
 from kernels.ops.utils.chunks import (
     causal_mask,
     chunk_length,
@@ -36,18 +37,31 @@ SEGMENT_CPU = 1024
 
 
 def delta_rule_chunked(
-    q, k, v, beta, g, scale, initial_state=None, output_final_state=False, chunk_size=64, segment=-1, cu_seqlens=None
+    q,
+    k,
+    v,
+    beta,
+    g,
+    scale,
+    initial_state=None,
+    output_final_state=False,
+    chunk_size=64,
+    segment=-1,
+    cu_seqlens=None,
+    offsets=None,
 ):
     """q, k: [B, T, H, K]; v: [B, T, H, V]; beta, g: [B, T, H]; state [B, H, K, V] (fp32).
 
     ``segment``: tokens per chunked pass, the state carried between passes (None: all at once;
     -1: the device default, ``SEGMENT_CPU`` on CPU so the temporaries stay cache-sized and the cost
     per token flat in T, one pass on GPU). ``cu_seqlens`` [N+1]: packed sequences (B = 1, states
-    [N, H, K, V]), handled natively (``delta_rule_chunked_varlen``).
+    [N, H, K, V]), handled natively (``delta_rule_chunked_varlen``); ``offsets``: its validated host copy
+    (the packed layout is built from it instead of reading ``cu_seqlens`` again).
     """
     if cu_seqlens is not None:
+        packed = offsets if offsets is not None else cu_seqlens
         return delta_rule_chunked_varlen(
-            q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens, chunk_size, segment
+            q, k, v, beta, g, scale, initial_state, output_final_state, packed, chunk_size, segment
         )
     if q.shape[1] == 0:
         return empty_result(q, v, initial_state, output_final_state)
@@ -221,4 +235,4 @@ def _varlen_pass(q, k, v, beta, g, scale: float, S, C: int, seqc, flows, X, own)
     return from_chunks(o, T), from_chunks(u_all, T), entering[:, 0].transpose(0, 1), S.view(1, H, K, V)
 
 
-delta_rule_chunked.varlen = True
+mark_varlen(delta_rule_chunked, host_offsets=True)

@@ -25,7 +25,7 @@ def dplr_triton(q, k, v, a, b, g, scale, initial_state=None, output_final_state=
 
     fn = pick_triton_path("dplr", q, v, RECURRENT_MAX_T, MAX_HEAD, _RECURRENT, _CHUNKED, BACKENDS["torch"])
     args = (q, k, v, a, b, g, scale, initial_state, output_final_state)
-    return call_path(fn, args, cu_seqlens, offsets, BACKENDS["torch"])
+    return call_path(fn, args, cu_seqlens, offsets)
 
 
 mark_varlen(dplr_triton, host_offsets=True)

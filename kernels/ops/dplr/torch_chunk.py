@@ -31,6 +31,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from kernels._varlen import mark_varlen
 from kernels.ops.utils.chunks import chunk_length, empty_result
 from kernels.ops.utils.chunks import from_chunks, per_chunk, to_chunks
 from kernels.ops.dplr.torch_chunk_scores import decayed_scores
@@ -42,11 +43,15 @@ def _shift_down(x: torch.Tensor) -> torch.Tensor:
     return F.pad(x[..., :-1, :], (0, 0, 1, 0))
 
 
-def dplr_chunked(q, k, v, a, b, g, scale, initial_state=None, output_final_state=False, chunk_size=64, cu_seqlens=None):
+def dplr_chunked(
+    q, k, v, a, b, g, scale, initial_state=None, output_final_state=False, chunk_size=64, cu_seqlens=None, offsets=None
+):
     """q, k, a, b, g: [B, T, H, K]; v: [B, T, H, V]; state [B, H, K, V] (fp32). ``cu_seqlens`` [N+1]: packed
-    sequences (B = 1, states [N, H, K, V]), handled natively (:func:`dplr_chunked_varlen`)."""
+    sequences (B = 1, states [N, H, K, V]), handled natively (:func:`dplr_chunked_varlen`); ``offsets``: its
+    validated host copy (the packed layout is built from it instead of reading ``cu_seqlens`` again)."""
     if cu_seqlens is not None:
-        return dplr_chunked_varlen(q, k, v, a, b, g, scale, initial_state, output_final_state, cu_seqlens, chunk_size)
+        packed = offsets if offsets is not None else cu_seqlens
+        return dplr_chunked_varlen(q, k, v, a, b, g, scale, initial_state, output_final_state, packed, chunk_size)
     B, T, H, K = q.shape
     V = v.shape[-1]
     if T == 0:
@@ -147,4 +152,4 @@ def _chunked_pass(q, k, v, a, b, g, scale: float, S: torch.Tensor, C: int, packe
     return o * scale, z_all, entering, S.view(B, H, K, V)
 
 
-dplr_chunked.varlen = True
+mark_varlen(dplr_chunked, host_offsets=True)

@@ -32,18 +32,15 @@ def pick_triton_path(
     return chunked()
 
 
-def call_path(fn: Callable, args: tuple, cu_seqlens, offsets, torch_path: Callable[[], Callable]):
+def call_path(fn: Callable, args: tuple, cu_seqlens, offsets):
     """Call the path ``fn`` picked by :func:`pick_triton_path` on ``args`` (the reference's positional
-    arguments), with packed sequences when ``cu_seqlens`` is given: every path takes them natively; the
-    ones marked to take ``offsets=`` (validation's host copy of ``cu_seqlens``) get it, and the chunked
-    PyTorch fallback (``torch_path``), whose packed layout also takes the host list, gets the list
-    itself, so that none reads ``cu_seqlens`` to the host again."""
+    arguments), with packed sequences when ``cu_seqlens`` is given: every path takes them natively, and
+    those marked to take ``offsets=`` (validation's host copy of ``cu_seqlens``) get it, so that none
+    reads ``cu_seqlens`` to the host again."""
     from kernels._varlen import takes_offsets
 
     if cu_seqlens is None:
         return fn(*args)
     if takes_offsets(fn):
         return fn(*args, cu_seqlens=cu_seqlens, offsets=offsets)
-    if fn is torch_path() and offsets is not None:
-        return fn(*args, cu_seqlens=offsets)
     return fn(*args, cu_seqlens=cu_seqlens)
