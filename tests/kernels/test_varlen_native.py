@@ -123,3 +123,10 @@ def test_all_sequences_empty(op):
     assert o.shape[:2] == (1, 0)
     for a, b in zip(_flat(s), _flat(state)):
         torch.testing.assert_close(a, b.float())
+
+
+@pytest.mark.parametrize("op", ["delta_rule", "dplr"])
+def test_recurrent_value_blocks(op):
+    """The fused-recurrent backward over packed sequences in several value blocks (V = 80 > 64: partial
+    sums over the blocks, one program per (block, sequence, head))."""
+    compare_packed(op, "triton", TOL[torch.float32], lengths=SHORT, with_state=True, device=DEVICE, H=1, K=8, V=80)

@@ -39,6 +39,9 @@ BV_MAX = 64
 #: K * BV <= 8,192 elements (K = 256, BV = 64 spilled 8.8 KB (delta_rule) and 14 KB (dplr) per thread;
 #: sm_80 / sm_90)
 BWD_STATE_ELEMS = 128 * 64
+#: the same with packed sequences, whose loop bounds and rows take registers too: K = 128, BV = 64 spilled
+#: 328 bytes per thread in dplr's backward (132 unpacked; sm_90, bf16), BV = 32 spills less
+BWD_STATE_ELEMS_VARLEN = 128 * 32
 
 
 @triton.jit
@@ -124,7 +127,9 @@ class FusedRecurrentFunction(torch.autograd.Function):
         B, T, H, K = q.shape
         V = v.shape[-1]
         BK = block_size(K)
-        BV = min(block_size(V), BV_MAX, max(16, BWD_STATE_ELEMS // BK))
+        cu = ctx.cu
+        elems = BWD_STATE_ELEMS if cu is None else BWD_STATE_ELEMS_VARLEN
+        BV = min(block_size(V), BV_MAX, max(16, elems // BK))
         NV = triton.cdiv(V, BV)
         f32 = dict(device=q.device, dtype=torch.float32)
         dv = torch.empty(B, T, H, V, **f32)
@@ -132,7 +137,6 @@ class FusedRecurrentFunction(torch.autograd.Function):
             None if x is None else dv if i == kernels.value_input else torch.empty(NV, *x.shape, **f32)
             for i, x in enumerate(inputs)
         ]
-        cu = ctx.cu
         NS = B if cu is None else cu.shape[0] - 1
         dh0 = torch.empty(NS, H, K, V, **f32) if ctx.has_h0 else None
         kernels.bwd[(NV, NS * H)](

@@ -101,9 +101,11 @@ def _recurrent_bwd(
     part = i_v.to(tl.int64) * B * T * H
     dS = start_state(dht_ptr, i_bh.to(tl.int64), K, V, kv_offs, kv_mask, HAS_DHT, BK, BV)
     bb, t0, t_end, i_row = step_range(cu_ptr, i_bh, bb, H, T, IS_VARLEN)
-    i = t0
-    while i < t_end:  # not range(): breaks the Triton 3.6 interpreter
-        t = t_end - 1 - (i - t0)
+    n_steps = t_end - t0
+    t_last = t_end - 1
+    i = 0
+    while i < n_steps:  # not range(): breaks the Triton 3.6 interpreter
+        t = t_last - i
         step = (bb.to(tl.int64) * T + t) * H + h
         S_prev = load_state(states_ptr, i_row.to(tl.int64) * T + t, K, V, kv_offs, kv_mask)
         q = load_step(q_ptr, step, K, rk, mk)

@@ -48,11 +48,11 @@ def _rescale(m_from, m_to):
 
 
 @triton.jit
-def _fwd_tile(s_ptr, v_ptr, o_ptr, ell_ptr, m_c, u_c, w_c, t0, T, i_b, i_h, cols, col_ok, H, V, LOWP, BLOCK_T):
-    """One tile of the forward scan: steps t0.. (before T) of batch row i_b; returns the new carries."""
-    rows = tl.arange(0, BLOCK_T)
-    causal = rows[:, None] >= rows[None, :]  # [t, i]: i <= t
-    is_last = rows == BLOCK_T - 1
+def _fwd_tile(s_ptr, v_ptr, o_ptr, ell_ptr, m_c, u_c, w_c, t0, T, i_b, i_h, cols, col_ok, H, V, rows, causal,
+              is_last, LOWP, BLOCK_T):  # fmt: skip
+    """One tile of the forward scan: steps t0.. (before T) of batch row i_b; returns the new carries
+    (``rows``, ``causal``, ``is_last``: the tile's row indices, i <= t and the last row, built once by the
+    caller)."""
     t = t0 + rows
     t_ok = t < T
     tok = (i_b.to(tl.int64) * T + t) * H + i_h  # token index into [B, T, H]
@@ -107,6 +107,8 @@ def _softmax_scan_fwd_kernel(
     i_h = i_bh % H
     cols = i_v * BLOCK_V + tl.arange(0, BLOCK_V)
     col_ok = cols < V
+    rows = tl.arange(0, BLOCK_T)
+    causal = rows[:, None] >= rows[None, :]  # [t, i]: i <= t
     if HAS_STATE:
         m_c = tl.load(m0_ptr + i_bh).to(tl.float32)
         u_c = tl.load(u0_ptr + i_bh).to(tl.float32)
@@ -115,19 +117,22 @@ def _softmax_scan_fwd_kernel(
         m_c = tl.max(tl.full([BLOCK_T], float("-inf"), tl.float32), 0)  # fp32 scalars
         u_c = tl.sum(tl.zeros([BLOCK_T], dtype=tl.float32), 0)
         w_c = tl.zeros([BLOCK_V], dtype=tl.float32)
+    is_last = rows == BLOCK_T - 1
     if IS_VARLEN:  # program (sequence i_bh // H, head): its steps cu[n]..cu[n+1] of batch row 0
         t0 = tl.load(cu_ptr + i_b)
         t_end = tl.load(cu_ptr + i_b + 1)
         while t0 < t_end:  # not range(): breaks the Triton 3.6 interpreter
             m_c, u_c, w_c = _fwd_tile(
-                s_ptr, v_ptr, o_ptr, ell_ptr, m_c, u_c, w_c, t0, t_end, i_h * 0, i_h, cols, col_ok, H, V, LOWP, BLOCK_T
-            )
+                s_ptr, v_ptr, o_ptr, ell_ptr, m_c, u_c, w_c, t0, t_end, i_h * 0, i_h, cols, col_ok, H, V, rows, causal,
+                is_last, LOWP, BLOCK_T,
+            )  # fmt: skip
             t0 += BLOCK_T
     else:
         for t0 in range(0, T, BLOCK_T):
             m_c, u_c, w_c = _fwd_tile(
-                s_ptr, v_ptr, o_ptr, ell_ptr, m_c, u_c, w_c, t0, T, i_b, i_h, cols, col_ok, H, V, LOWP, BLOCK_T
-            )
+                s_ptr, v_ptr, o_ptr, ell_ptr, m_c, u_c, w_c, t0, T, i_b, i_h, cols, col_ok, H, V, rows, causal,
+                is_last, LOWP, BLOCK_T,
+            )  # fmt: skip
     tl.store(wT_ptr + i_bh * V + cols, w_c, mask=col_ok)
     tl.store(mT_ptr + i_bh, m_c)
     tl.store(uT_ptr + i_bh, u_c)
