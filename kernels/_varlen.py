@@ -29,6 +29,12 @@ def mark_varlen(fn: Callable, host_offsets: bool = False) -> Callable:
     return fn
 
 
+def host_offsets(cu_seqlens: torch.Tensor, offsets: Optional[Sequence[int]]) -> Sequence[int]:
+    """The offsets as a list: ``offsets`` when the dispatcher passes the ones it validated, else one host
+    read of ``cu_seqlens`` (a direct call of a backend)."""
+    return offsets if offsets is not None else [int(x) for x in cu_seqlens.tolist()]
+
+
 def is_varlen(fn: Callable) -> bool:
     return bool(getattr(fn, VARLEN_ATTR, False))
 

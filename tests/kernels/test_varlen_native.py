@@ -81,7 +81,8 @@ NATIVE_OPS = ("delta_rule", "softmax_scan", "dplr")
 
 @pytest.mark.parametrize(
     "op,backend",
-    [(op, "triton") for op in NATIVE_OPS] + [("delta_rule", "torch"), ("dplr", "torch")],
+    [(op, "triton") for op in NATIVE_OPS + ("gla", "recurrent_delta", "srwm")]
+    + [(op, "torch") for op in ("delta_rule", "dplr", "gla", "recurrent_delta", "srwm")],
 )
 @pytest.mark.parametrize("lengths", [SHORT, LONG], ids=["recurrent", "chunked"])
 def test_native_path_taken(op, backend, lengths, monkeypatch):

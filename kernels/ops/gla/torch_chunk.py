@@ -29,6 +29,7 @@ from typing import Optional, Tuple
 import torch
 
 from kernels.ops.utils import chunks
+from kernels._varlen import host_offsets, mark_varlen
 from kernels.ops.utils.chunks import (
     causal_mask,
     empty_result,
@@ -208,12 +209,13 @@ def gla_chunked_varlen(
     cu_seqlens,
     chunk: int = CHUNK,
     segment: Optional[int] = -1,
+    offsets=None,
 ):
     """``gla_chunked`` over packed sequences: q, k, v, g [1, T, ...]; initial/final states [N, H, K, V]."""
     from kernels.ops.utils import packed as varlen
 
     T, H, K, V = q.shape[1], q.shape[2], q.shape[3], v.shape[-1]
-    L = varlen.Layout(cu_seqlens, T, chunk, q.device)
+    L = varlen.Layout(host_offsets(cu_seqlens, offsets), T, chunk, q.device)
     if T == 0:
         S = initial_state.float() if initial_state is not None else q.new_zeros(L.N, H, K, V, dtype=torch.float32)
         return q.new_zeros(1, 0, H, V), (S if output_final_state else None)
@@ -260,16 +262,28 @@ def default_segment(device: torch.device) -> Optional[int]:
 
 
 def gla_chunked(
-    q, k, v, g, scale, initial_state=None, output_final_state=False, chunk=CHUNK, segment=-1, cu_seqlens=None
+    q,
+    k,
+    v,
+    g,
+    scale,
+    initial_state=None,
+    output_final_state=False,
+    chunk=CHUNK,
+    segment=-1,
+    cu_seqlens=None,
+    offsets=None,
 ):
     """Same contract as ``gla_reference``: q, k [B,T,H,K], v [B,T,H,V], g [B,T,H,K] or [B,T,H].
 
     ``segment``: tokens per chunked pass (a multiple of ``chunk``; None: all at once; -1: the
     device default, see ``default_segment``). ``cu_seqlens`` [N+1]: packed sequences (B = 1, states
-    [N, H, K, V]), handled natively (``gla_chunked_varlen``).
+    [N, H, K, V]), handled natively (``gla_chunked_varlen``; ``offsets``: their validated host copy).
     """
     if cu_seqlens is not None:
-        return gla_chunked_varlen(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, chunk, segment)
+        return gla_chunked_varlen(
+            q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, chunk, segment, offsets
+        )
     B, T, H, K = q.shape
     V = v.shape[-1]
     if T == 0:
@@ -286,4 +300,4 @@ def gla_chunked(
     return o.transpose(1, 2).to(q.dtype), (S if output_final_state else None)
 
 
-gla_chunked.varlen = True
+mark_varlen(gla_chunked, host_offsets=True)

@@ -29,6 +29,7 @@ import triton.language as tl
 
 from kernels.ops.utils.chunks import empty_result
 from kernels.ops.common.dot import dot, masked_exp
+from kernels._varlen import host_offsets, mark_varlen
 
 CHUNK = 64
 SUB = 16
@@ -806,13 +807,15 @@ class _GLAChunkTriton(torch.autograd.Function):
         return dq, dk, dv, dg, None, dh0, None, dX, None
 
 
-def gla_triton_chunked_varlen(q, k, v, g, scale: float, initial_state, output_final_state: bool, cu_seqlens):
+def gla_triton_chunked_varlen(
+    q, k, v, g, scale: float, initial_state, output_final_state: bool, cu_seqlens, offsets=None
+):
     """Chunked Triton GLA over packed sequences (B = 1, states [N, H, K, V]): one launch sequence for
     the whole input; the initial states' in-chunk terms and the final states come from :mod:`kernels.ops.utils.packed`."""
     from kernels.ops.utils import packed as varlen
 
     T, H, K, V = q.shape[1], q.shape[2], q.shape[3], v.shape[-1]
-    L = varlen.Layout(cu_seqlens, T, CHUNK, q.device)
+    L = varlen.Layout(host_offsets(cu_seqlens, offsets), T, CHUNK, q.device)
     if T == 0:
         S = initial_state.float() if initial_state is not None else q.new_zeros(L.N, H, K, V, dtype=torch.float32)
         return q.new_zeros(1, 0, H, V), (S if output_final_state else None)
@@ -836,16 +839,19 @@ def gla_triton_chunked(q, k, v, g, scale, initial_state=None, output_final_state
     return o, (final if output_final_state else None)
 
 
-def gla_triton(q, k, v, g, scale, initial_state=None, output_final_state=False, cu_seqlens=None):
+def gla_triton(q, k, v, g, scale, initial_state=None, output_final_state=False, cu_seqlens=None, offsets=None):
     """The ``"triton"`` backend: fused-recurrent for T <= FUSED_MAX_T (generation), chunked otherwise;
-    both handle packed sequences (``cu_seqlens``, B = 1, states [N, H, K, V]) natively."""
+    both handle packed sequences (``cu_seqlens``, B = 1, states [N, H, K, V]; ``offsets``: their validated
+    host copy) natively."""
     if q.shape[1] <= FUSED_MAX_T:
         from kernels.ops.gla.triton_recurrent import gla_fused_recurrent
 
-        return gla_fused_recurrent(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens=cu_seqlens)
+        return gla_fused_recurrent(
+            q, k, v, g, scale, initial_state, output_final_state, cu_seqlens=cu_seqlens, offsets=offsets
+        )
     if cu_seqlens is not None:
-        return gla_triton_chunked_varlen(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
+        return gla_triton_chunked_varlen(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, offsets)
     return gla_triton_chunked(q, k, v, g, scale, initial_state, output_final_state)
 
 
-gla_triton.varlen = True
+mark_varlen(gla_triton, host_offsets=True)

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from kernels import _triton_compat as interpreter_compat
+from kernels._varlen import host_offsets, mark_varlen
 
 interpreter_compat.install()
 
@@ -423,14 +424,15 @@ def _dg(q, k, v, dq, dk, ht, dht, cu):
     return dg
 
 
-def gla_fused_recurrent(q, k, v, g, scale, initial_state=None, output_final_state=False, cu_seqlens=None):
+def gla_fused_recurrent(q, k, v, g, scale, initial_state=None, output_final_state=False, cu_seqlens=None, offsets=None):
     """Fused-recurrent Triton GLA (fwd + bwd), same contract as ``gla_reference``; with ``cu_seqlens``
-    (B = 1, states [N, H, K, V]) one launch runs every packed sequence from its own initial state."""
+    (B = 1, states [N, H, K, V]; ``offsets``: their validated host copy) one launch runs every packed
+    sequence from its own initial state."""
     B, T, H, K = q.shape
     if cu_seqlens is not None:
         from kernels.ops.utils import packed as varlen
 
-        L = varlen.Layout(cu_seqlens, T, 1, q.device)
+        L = varlen.Layout(host_offsets(cu_seqlens, offsets), T, 1, q.device)
         if L.M == 0:
             V = v.shape[-1]
             S = initial_state.float() if initial_state is not None else q.new_zeros(L.N, H, K, V, dtype=torch.float32)
@@ -446,4 +448,4 @@ def gla_fused_recurrent(q, k, v, g, scale, initial_state=None, output_final_stat
     return o, (final if output_final_state else None)
 
 
-gla_fused_recurrent.varlen = True
+mark_varlen(gla_fused_recurrent, host_offsets=True)

@@ -39,6 +39,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from kernels.ops.utils.step_rows import StepRows, step_rows
+from kernels._varlen import host_offsets, mark_varlen
 
 #: steps between saved states in the forward (the backward resets its rebuilt state there)
 CHECKPOINT = 64
@@ -217,20 +218,20 @@ class RecurrentDeltaLoop(torch.autograd.Function):
 
 
 def recurrent_delta_torch(
-    q, k, v, beta, r_q, r_k, r_v, r_b, initial_state=None, output_final_state=False, cu_seqlens=None
+    q, k, v, beta, r_q, r_k, r_v, r_b, initial_state=None, output_final_state=False, cu_seqlens=None, offsets=None
 ):
     """Same contract as :func:`recurrent_delta_reference`; state (S [B,H,K,V], y [B,H,V]) in fp32.
 
     With ``cu_seqlens`` [N+1] (B = 1) the N sequences run as N rows of one batched loop (sorted by
-    length, see :mod:`~kernels.ops.utils.step_rows`); states are [N, ...]. Reads
-    ``cu_seqlens`` on the host.
+    length, see :mod:`~kernels.ops.utils.step_rows`); states are [N, ...]. Reads ``cu_seqlens`` on
+    the host unless ``offsets`` (the dispatcher's validated host copy) are given.
     """
     B, T, H, _ = q.shape
-    offsets = None if cu_seqlens is None else cu_seqlens.tolist()
+    offsets = None if cu_seqlens is None else host_offsets(cu_seqlens, offsets)
     rows = step_rows(B, T, H, offsets, q.device)
     S0, y0 = (None, None) if initial_state is None else initial_state
     o, S, y = RecurrentDeltaLoop.apply(q, k, v, beta, r_q, r_k, r_v, r_b, S0, y0, rows)
     return o, ((S, y) if output_final_state else None)
 
 
-recurrent_delta_torch.varlen = True
+mark_varlen(recurrent_delta_torch, host_offsets=True)

@@ -37,6 +37,7 @@ from torch.autograd.function import once_differentiable
 
 from kernels.ops.utils.step_rows import StepRows, step_rows
 from kernels.ops.srwm.reference import broadcast_weights
+from kernels._varlen import host_offsets, mark_varlen
 
 #: steps between saved states in the forward (the backward resets its rebuilt state there)
 CHECKPOINT = 64
@@ -172,22 +173,23 @@ class SrwmLoop(torch.autograd.Function):
         return (dx, None, None, *grads)
 
 
-def srwm_torch(x, w_y, w_q, w_k, w_b, initial_state=None, output_final_state=False, cu_seqlens=None):
+def srwm_torch(x, w_y, w_q, w_k, w_b, initial_state=None, output_final_state=False, cu_seqlens=None, offsets=None):
     """Same contract as :func:`srwm_reference`; the final weights are returned in fp32.
 
     With ``cu_seqlens`` [N+1] (B = 1) the N sequences run as N rows of one batched loop (sorted by
     length, see :mod:`~kernels.ops.utils.step_rows`): shared [H, ...] weights start every
     sequence (their gradient summed over the sequences), batched ones are [N, ...]; final weights
-    [N, ...]. Reads ``cu_seqlens`` on the host.
+    [N, ...]. Reads ``cu_seqlens`` on the host unless ``offsets`` (the dispatcher's validated host copy)
+    are given.
     """
     weights = tuple(initial_state) if initial_state is not None else (w_y, w_q, w_k, w_b)
     V = weights[0].shape[-2]
     B, T, H, D = x.shape
-    rows = step_rows(B, T, H, None if cu_seqlens is None else cu_seqlens.tolist(), x.device)
+    rows = step_rows(B, T, H, None if cu_seqlens is None else host_offsets(cu_seqlens, offsets), x.device)
     o, W = SrwmLoop.apply(x, V, rows, *weights)
     if not output_final_state:
         return o, None
     return o, (W[:, :, :V], W[:, :, V : V + D], W[:, :, V + D : V + 2 * D], W[:, :, V + 2 * D :])
 
 
-srwm_torch.varlen = True
+mark_varlen(srwm_torch, host_offsets=True)

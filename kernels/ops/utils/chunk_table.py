@@ -12,9 +12,11 @@ decay 0). Built on the host from the offsets read once by validation (:func:`ker
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
+
+from kernels._varlen import host_offsets  # noqa: F401  (re-exported for the chunked kernels)
 
 
 class ChunkTable:
@@ -57,9 +59,3 @@ class ChunkTable:
         H, rest = d.shape[1], tuple(d.shape[3:])
         dc = d[0].transpose(0, 1).reshape(self.NT, self.BT, H, *rest).flip(1).cumsum(1).flip(1)
         return self.to_steps(dc.reshape(self.NT * self.BT, H, *rest).transpose(0, 1).unsqueeze(0))
-
-
-def host_offsets(cu_seqlens: torch.Tensor, offsets: Optional[Sequence[int]]) -> Sequence[int]:
-    """The offsets as a list: ``offsets`` when the dispatcher passes the ones it validated, else one host
-    read of ``cu_seqlens`` (a direct call of a backend)."""
-    return offsets if offsets is not None else [int(x) for x in cu_seqlens.tolist()]
