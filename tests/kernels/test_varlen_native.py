@@ -131,3 +131,28 @@ def test_recurrent_value_blocks(op):
     """The fused-recurrent backward over packed sequences in several value blocks (V = 80 > 64: partial
     sums over the blocks, one program per (block, sequence, head))."""
     compare_packed(op, "triton", TOL[torch.float32], lengths=SHORT, with_state=True, device=DEVICE, H=1, K=8, V=80)
+
+
+@pytest.mark.parametrize("lengths", [(5, 0, 16, 1, 17, 0), (0, 0), (8,), (3, 8, 8, 24)])
+def test_chunk_table_matches_its_definition(lengths):
+    """The vectorised chunk table equals the loop that defines it: chunks of at most BT steps that never
+    cross a sequence, each sequence's first chunk, and the packed step of every buffer row (T: padding)."""
+    from kernels.ops.utils.chunk_table import ChunkTable
+
+    BT = 8
+    offsets = [0]
+    for n in lengths:
+        offsets.append(offsets[-1] + n)
+    T = offsets[-1]
+    spans, first, rows = [], [0], []
+    for n in range(len(lengths)):
+        start, end = offsets[n], offsets[n + 1]
+        for t0 in range(start, end, BT):
+            spans.append([t0, end])
+            rows.extend(t if t < end else T for t in range(t0, t0 + BT))
+        first.append(len(spans))
+    table = ChunkTable(offsets, BT, "cpu")
+    assert (table.N, table.NT, table.T, table.BT) == (len(lengths), len(spans), T, BT)
+    assert table.spans.dtype == torch.int32 and table.spans.tolist() == spans
+    assert table.first.dtype == torch.int32 and table.first.tolist() == first
+    assert table.rows.dtype == torch.long and table.rows.tolist() == rows

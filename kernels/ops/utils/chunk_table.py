@@ -25,18 +25,18 @@ class ChunkTable:
     for padded rows) for the chunk-local cumsums."""
 
     def __init__(self, offsets: Sequence[int], BT: int, device):
-        T = int(offsets[-1])
-        spans, first, rows = [], [0], []
-        for n in range(len(offsets) - 1):
-            start, end = int(offsets[n]), int(offsets[n + 1])
-            for t0 in range(start, end, BT):
-                spans.append((t0, end))
-                rows.extend(t if t < end else T for t in range(t0, t0 + BT))
-            first.append(len(spans))
-        self.N, self.BT, self.NT, self.T = len(offsets) - 1, BT, len(spans), T
-        self.rows = torch.tensor(rows, dtype=torch.long).to(device)
-        self.spans = torch.tensor(spans, dtype=torch.int32).view(-1, 2).to(device)
-        self.first = torch.tensor(first, dtype=torch.int32).to(device)
+        cu = torch.tensor([int(x) for x in offsets], dtype=torch.long)
+        self.N, self.BT, self.T = len(cu) - 1, BT, int(cu[-1])
+        chunks = (cu[1:] - cu[:-1] + BT - 1) // BT  # chunks per sequence (0 for an empty one)
+        first = torch.cat([cu.new_zeros(1), chunks.cumsum(0)])
+        self.NT = int(first[-1])
+        seq = torch.repeat_interleave(torch.arange(self.N), chunks)  # [NT]: the sequence of each chunk
+        start = cu[seq] + (torch.arange(self.NT) - first[seq]) * BT
+        end = cu[seq + 1]
+        rows = start[:, None] + torch.arange(BT)[None, :]
+        self.rows = torch.where(rows < end[:, None], rows, self.T).reshape(-1).to(device)
+        self.spans = torch.stack([start, end], 1).to(torch.int32).to(device)
+        self.first = first.to(torch.int32).to(device)
 
     def cumsum(self, x: torch.Tensor) -> torch.Tensor:
         """Chunk-local inclusive cumsum of x [1, T, H, *rest] -> fp32 [1, H, NT BT, *rest]; padded rows
