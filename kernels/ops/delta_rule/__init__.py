@@ -1,35 +1,18 @@
 """``delta_rule``: the reference recurrence and its fast paths (see kernels/README.md).
 
 * ``torch``: :func:`kernels.ops.delta_rule.torch_chunk.delta_rule_chunked` (chunked WY/UT form, autograd).
-* ``triton``: :func:`delta_rule_triton` -- the fused-recurrent kernel for T <= ``RECURRENT_MAX_T``
-  (short sequences, generation), the chunked kernels otherwise.
+* ``triton``: ``delta_rule_triton`` -- the fused-recurrent kernel for T <= ``RECURRENT_MAX_T``
+  (short sequences, generation), the chunked kernels otherwise, the chunked PyTorch path for heads wider
+  than the chunked tiles (:func:`kernels.ops.utils.triton_path.triton_backend`).
 """
 
 from kernels._dispatch import lazy
-from kernels._varlen import mark_varlen
-from kernels.ops.utils.triton_path import call_path, pick_triton_path
+from kernels.ops.utils.triton_path import triton_backend
 
 #: sequences up to this length take the fused-recurrent Triton kernel
 RECURRENT_MAX_T = 16
 _RECURRENT = lazy(__name__ + ".triton_recurrent", "delta_rule_fused_recurrent")
 _CHUNKED = lazy(__name__ + ".triton_chunk", "delta_rule_triton_chunked")
-
-
-def delta_rule_triton(
-    q, k, v, beta, g, scale, initial_state=None, output_final_state=False, cu_seqlens=None, offsets=None
-):
-    """Triton path (same signature as the reference): fused-recurrent for T <= ``RECURRENT_MAX_T``, chunked
-    otherwise; heads wider than the chunked kernels' ``MAX_HEAD`` take the chunked PyTorch path (with a
-    warning), see :func:`~kernels.ops.utils.triton_path.pick_triton_path`. All three take packed sequences
-    (``cu_seqlens``, B = 1, states [N, H, K, V]) natively; ``offsets``: its validated host copy."""
-    from kernels.ops.common.tiles import MAX_HEAD
-
-    fn = pick_triton_path("delta_rule", q, v, RECURRENT_MAX_T, MAX_HEAD, _RECURRENT, _CHUNKED, BACKENDS["torch"])
-    args = (q, k, v, beta, g, scale, initial_state, output_final_state)
-    return call_path(fn, args, cu_seqlens, offsets)
-
-
-mark_varlen(delta_rule_triton, host_offsets=True)
 
 
 #: backend name -> loader returning the implementation (same signature as the reference)
@@ -39,3 +22,12 @@ BACKENDS = {
     "triton": lambda: delta_rule_triton,
     "fla": lazy(__name__ + ".fla", "delta_rule_fla"),
 }
+
+delta_rule_triton = triton_backend(
+    "delta_rule",
+    RECURRENT_MAX_T,
+    lazy("kernels.ops.common.tiles", "MAX_HEAD"),
+    _RECURRENT,
+    _CHUNKED,
+    BACKENDS["torch"],
+)

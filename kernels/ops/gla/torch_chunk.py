@@ -217,8 +217,7 @@ def gla_chunked_varlen(
     T, H, K, V = q.shape[1], q.shape[2], q.shape[3], v.shape[-1]
     L = varlen.Layout(host_offsets(cu_seqlens, offsets), T, chunk, q.device)
     if T == 0:
-        S = initial_state.float() if initial_state is not None else q.new_zeros(L.N, H, K, V, dtype=torch.float32)
-        return q.new_zeros(1, 0, H, V), (S if output_final_state else None)
+        return varlen.empty_packed(q, v, initial_state, output_final_state, L.N)
     h0 = L.select(initial_state)
     X = varlen.injection(g, h0, L)
     seqc, flows = L.seq_chunks(), L.flows()

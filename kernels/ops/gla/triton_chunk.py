@@ -814,11 +814,10 @@ def gla_triton_chunked_varlen(
     the whole input; the initial states' in-chunk terms and the final states come from :mod:`kernels.ops.utils.packed`."""
     from kernels.ops.utils import packed as varlen
 
-    T, H, K, V = q.shape[1], q.shape[2], q.shape[3], v.shape[-1]
+    T = q.shape[1]
     L = varlen.Layout(host_offsets(cu_seqlens, offsets), T, CHUNK, q.device)
     if T == 0:
-        S = initial_state.float() if initial_state is not None else q.new_zeros(L.N, H, K, V, dtype=torch.float32)
-        return q.new_zeros(1, 0, H, V), (S if output_final_state else None)
+        return varlen.empty_packed(q, v, initial_state, output_final_state, L.N)
     h0 = L.select(initial_state)
     X = varlen.injection(g, h0, L)
     o, hs = _GLAChunkTriton.apply(q, k, v, g, scale, None, L.seq.to(torch.int32), X, L.chunk_flags())

@@ -434,9 +434,7 @@ def gla_fused_recurrent(q, k, v, g, scale, initial_state=None, output_final_stat
 
         L = varlen.Layout(host_offsets(cu_seqlens, offsets), T, 1, q.device)
         if L.M == 0:
-            V = v.shape[-1]
-            S = initial_state.float() if initial_state is not None else q.new_zeros(L.N, H, K, V, dtype=torch.float32)
-            return q.new_zeros(1, 0, H, V), (S if output_final_state else None)
+            return varlen.empty_packed(q, v, initial_state, output_final_state, L.N)
         cu = torch.tensor(L.starts + [T], dtype=torch.int32, device=q.device)
         o, finals = _GLAFusedTriton.apply(q, k, v, g, scale, L.select(initial_state), cu)
         return o, (varlen.assemble_finals(finals, initial_state, L) if output_final_state else None)

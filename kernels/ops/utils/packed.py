@@ -43,6 +43,14 @@ import torch
 from kernels.ops.utils.chunks import masked_exp_diff
 
 
+def empty_packed(q, v, initial_state, output_final_state: bool, N: int):
+    """The result of a packed call with T = 0 (N empty sequences): no output steps, and each final state is
+    its initial state (zeros [N, H, K, V] without one, fp32)."""
+    H, K, V = q.shape[2], q.shape[3], v.shape[-1]
+    S = initial_state.float() if initial_state is not None else q.new_zeros(N, H, K, V, dtype=torch.float32)
+    return q.new_zeros(1, 0, H, V), (S if output_final_state else None)
+
+
 class Layout:
     """Host-side description of the packed sequences for chunks of ``C`` steps (one host read of cu).
 
@@ -300,8 +308,7 @@ def run_packed(
     T, H, K, V = q.shape[1], q.shape[2], q.shape[3], v.shape[-1]
     L = Layout(cu_seqlens, T, C, q.device)
     if T == 0:
-        S = initial_state.float() if initial_state is not None else q.new_zeros(L.N, H, K, V, dtype=torch.float32)
-        return q.new_zeros(1, 0, H, V), (S if output_final_state else None)
+        return empty_packed(q, v, initial_state, output_final_state, L.N)
     h0 = L.select(initial_state)
     X = injection(gate, h0, L)
     seqc, flows = L.seq_chunks(), L.flows()

@@ -1,5 +1,5 @@
 """The ``triton`` backend of the ops with fused-recurrent and chunked Triton kernels (``delta_rule``, ``dplr``):
-which path a call takes, and how it is called with packed sequences."""
+which path a call takes, and how it is called with packed sequences (:func:`triton_backend` builds it)."""
 
 from __future__ import annotations
 
@@ -44,3 +44,25 @@ def call_path(fn: Callable, args: tuple, cu_seqlens, offsets):
     if takes_offsets(fn):
         return fn(*args, cu_seqlens=cu_seqlens, offsets=offsets)
     return fn(*args, cu_seqlens=cu_seqlens)
+
+
+def triton_backend(
+    op: str,
+    recurrent_max_t: int,
+    max_head: Callable[[], int],
+    recurrent: Callable[[], Callable],
+    chunked: Callable[[], Callable],
+    fallback: Callable[[], Callable],
+) -> Callable:
+    """The ``"triton"`` backend of ``op``: called with the reference's positional arguments (q first, v
+    third), it takes the path :func:`pick_triton_path` picks (``max_head``: a loader of the chunked tiles'
+    widest head) and calls it through :func:`call_path`. All three paths take packed sequences
+    (``cu_seqlens``, B = 1, states [N, H, K, V]) natively; ``offsets``: their validated host copy."""
+    from kernels._varlen import mark_varlen
+
+    def triton(*args, cu_seqlens=None, offsets=None):
+        fn = pick_triton_path(op, args[0], args[2], recurrent_max_t, max_head(), recurrent, chunked, fallback)
+        return call_path(fn, args, cu_seqlens, offsets)
+
+    triton.__name__ = triton.__qualname__ = f"{op}_triton"
+    return mark_varlen(triton, host_offsets=True)
