@@ -18,8 +18,9 @@ Shuffle-2 interleaves a Dyck-1 word over ``()`` with one over ``[]`` (two indepe
 Lengths: a string's length is drawn uniformly among the lengths the language has inside
 [min_length, max_length] (``valid_lengths``); an explicit ``length`` is moved up to the next such
 length. ``length_bins: paper`` replaces the training range and the test bins with
-:data:`PAPER_BINS` (the ranges of Bhattamishra et al., 2020, which Irie et al., 2023 follow);
-``small`` with :data:`SMALL_BINS` (the same shape at CPU size).
+:data:`PAPER_BINS` (the windows of the data sets of Bhattamishra et al., 2020, which Irie et al.,
+2023 train and test on; see its comment for what is confirmed); ``small`` with :data:`SMALL_BINS`
+(the same shape at CPU size).
 
 Token ids: 0 PAD, 1 BOS, symbols from 2. Labels: one per symbol, then EOS.
 """
@@ -46,18 +47,51 @@ class FormalOptions:
     length_bins: str = "custom"  # custom: min/max_length, eval_lengths | paper: PAPER_BINS | small: SMALL_BINS
 
 
-#: (training range, [test bins]) of string lengths per language, after Bhattamishra et al. (2020),
-#: the ranges Irie et al. (2023) use (bin 0 = the training lengths, bin 1 = longer strings);
-#: a^n b^n and a^n b^n c^n as n in [1, 50] then [51, 100], here as string lengths
+#: (training range, [bin 0, bin 1]) of string lengths per language, inclusive, for ``length_bins:
+#: paper``. Sources (read, not copied): IDSIA/fwp-formal-lang@e0c1ce9 README.md ("Data": Irie et al.
+#: use the data sets Bhattamishra et al. released, except reset Dyck-1, which they generated with
+#: Bhattamishra's code; "valid" = Bin0, "valid2" = Bin1) and satwik77/Transformer-Formal-Languages
+#: @48eea2e generate_data.py (load_data, which cut those sets): bin 0 is drawn from the training
+#: window itself and bin 1 is the next window, from the training top U plus an offset to U + len_incr,
+#: in the window's unit; strings whose length falls outside a window are rejected, so a range here
+#: ends at lengths the language has.
+#: Confirmed from that code: the offsets, the units (n for a^n b^n / a^n b^n c^n, string length for
+#: the rest) and which lengths each language has. NOT confirmed: the window numbers (lower, U,
+#: len_incr): they are set on the command line and kept only in the released data (data_info.json;
+#: neither repository holds it, and the papers' tables could not be read here). 2 / 50 / 50 is the
+#: README's example call (README.md "Generating Other Datasets", Shuffle-4) and U + 2 = 52 the bin-1
+#: default of src/args.py (-bin1_lower_window); 500 / 100 for (aa)* and (abab)* and n >= 1 for the
+#: counter languages have no source here (an earlier transcription from memory), so check them
+#: against the papers before quoting them.
+#: Input convention there: the model reads the bare string (no BOS, src/utils/sentence_processing.py,
+#: src/dataloader.py Sampler.get_batch; Irie's copy_task_data.py adds none either) and is scored
+#: after each symbol; here BOS comes first, so the empty prefix's set (position 0) is scored too.
 PAPER_BINS: Dict[str, Tuple[Tuple[int, int], List[Tuple[int, int]]]] = {
+    # every length in the window (src/utils/parity_generator.py generate_list); bin 1 =
+    # [U + 1, U + len_incr] (generate_data.py, 'Parity')
     "parity": ((2, 50), [(2, 50), (51, 100)]),
+    # even lengths only: a uniform length in the window rounded down to a multiple of 2, rejected if
+    # it leaves the window (src/utils/nonstarfree_generator.py AAStarLanguage.generate_string,
+    # generate_list); bin 1 = [U + 1, U + len_incr] (generate_data.py, 'AAStar'). Numbers unsourced.
     "aa_star": ((2, 500), [(2, 500), (502, 600)]),
+    # multiples of 4, as for (aa)* (ABABStarLanguage.generate_string; generate_data.py, 'ABABStar').
+    # Numbers unsourced.
     "abab_star": ((4, 500), [(4, 500), (504, 600)]),
+    # the window is n, the string a^n b^n (src/utils/data_generator.py CounterLanguage.generate_sample);
+    # bin 1: n in [U + 1, U + len_incr] (generate_data.py, 'Counter'): n in [1, 50] then [51, 100]
     "anbn": ((2, 100), [(2, 100), (102, 200)]),
     "anbncn": ((3, 150), [(3, 150), (153, 300)]),
+    # even lengths (src/utils/shuffle_generator.py generate, generate_list); bin 1 = [U + 2,
+    # U + len_incr] (generate_data.py, 'Shuffle'); 2 / 50 / 50 is the README's Shuffle-4 call
     "shuffle2": ((2, 50), [(2, 50), (52, 100)]),
+    # even lengths (src/utils/dyck_generator.py); bin 1 from -bin1_lower_window/-bin1_upper_window,
+    # defaults 52 / 100 (generate_data.py, 'Dyck'; src/args.py)
     "dyck1": ((2, 50), [(2, 50), (52, 100)]),
-    "reset_dyck1": ((2, 50), [(2, 50), (52, 100)]),
+    # any length; bin 1 = [U + 1, U + len_incr] (generate_data.py, 'RDyck'), so 51, not 52. There the
+    # window bounds only the two Dyck-1 pieces around the one reset symbol, so strings run up to
+    # 2U + 1 (src/utils/reset_dyck_generator.py generate_reset_dyck, generate_list checks only the
+    # lower end); here they stay inside the window and may hold any number of resets.
+    "reset_dyck1": ((2, 50), [(2, 50), (51, 100)]),
 }
 
 #: CPU-sized bins of the same shape: training lengths up to ~40, test bin 1 up to twice that

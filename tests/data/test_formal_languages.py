@@ -114,19 +114,71 @@ def _words_of_length(language, n):
     return ["()" * (n // 2) + "r" * (n % 2)]
 
 
+def _member_lengths(language, lo, hi):
+    """The lengths in [lo, hi] that have a member, by the hand-made members and the recogniser."""
+    return [
+        n
+        for n in range(lo, hi + 1)
+        if any(len(w) == n and in_language(language, w) for w in _words_of_length(language, n))
+    ]
+
+
+#: How Bhattamishra et al.'s generate_data.py (satwik77/Transformer-Formal-Languages) cut the data sets
+#: Irie et al. use, per language: (symbols per window unit, lower, upper U, len_incr, bin-1 offset);
+#: bin 0 = the training window, bin 1 = [U + offset, U + len_incr]; the unit is n for a^n b^n and
+#: a^n b^n c^n (2 or 3 symbols each), the string length for the rest. The offsets and units are that
+#: code's; the window numbers are not confirmed (see the comment of formal.PAPER_BINS).
+SOURCE_WINDOWS = {
+    "parity": (1, 2, 50, 50, 1),
+    "aa_star": (1, 2, 500, 100, 1),
+    "abab_star": (1, 2, 500, 100, 1),
+    "anbn": (2, 1, 50, 50, 1),
+    "anbncn": (3, 1, 50, 50, 1),
+    "shuffle2": (1, 2, 50, 50, 2),
+    "dyck1": (1, 2, 50, 50, 2),  # -bin1_lower_window 52
+    "reset_dyck1": (1, 2, 50, 50, 1),
+}
+
+
+def _source_bins(language):
+    """(training range, [bin 0, bin 1]) in string lengths: each window in symbols, narrowed to the
+    lengths that have members (the generators there reject strings outside the window)."""
+    unit, lower, upper, incr, offset = SOURCE_WINDOWS[language]
+
+    def window(lo, hi):
+        lengths = _member_lengths(language, unit * lo, unit * hi)
+        return (lengths[0], lengths[-1])
+
+    train = window(lower, upper)
+    return train, [train, window(upper + offset, upper + incr)]
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_paper_bins_are_the_source_windows(language):
+    assert PAPER_BINS[language] == _source_bins(language)
+
+
 @pytest.mark.parametrize("kind", ["paper", "small"])
 @pytest.mark.parametrize("language", LANGUAGES)
-def test_explicit_lengths_and_bins(language, kind):
+def test_generators_cover_every_bin(language, kind):
+    """Each bin's lengths are exactly the lengths the language has there; a few of them (both ends
+    and random ones) come out of the generator at exactly that length, in the language; training
+    draws stay inside the training range."""
     task = task_for(language, length_bins=kind)
     (lo, hi), bins = BINS[kind][language]
     assert (task.options.min_length, task.options.max_length) == (lo, hi)
     assert task.eval_settings() == {"length": bins}
     rng = np.random.default_rng(1)
-    for b_lo, b_hi in bins:
-        for n in (b_lo, b_hi, (b_lo + b_hi) // 2):
+    for b_lo, b_hi in [(lo, hi)] + list(bins):
+        members = _member_lengths(language, b_lo, b_hi)
+        assert valid_lengths(language, b_lo, b_hi) == members, (language, b_lo, b_hi)
+        assert (members[0], members[-1]) == (b_lo, b_hi)  # a bin ends at lengths the language has
+        for n in sorted({b_lo, b_hi, *(int(x) for x in rng.choice(members, size=3))}):
             s = decode(task, task.example(rng, length=n)["inputs"])
-            assert in_language(language, s) and b_lo <= len(s) <= b_hi, (language, n, len(s))
-        assert valid_lengths(language, b_lo, b_hi)[0] == b_lo and valid_lengths(language, b_lo, b_hi)[-1] == b_hi
+            assert len(s) == n and in_language(language, s), (language, n, s)
+    for _ in range(5):
+        s = decode(task, task.example(rng)["inputs"])
+        assert lo <= len(s) <= hi and in_language(language, s), (language, s)
 
 
 def test_bad_length_options_are_config_errors():
