@@ -190,12 +190,11 @@ def formal_table(
                     )
                 cell["model"] = name
                 cells.append(cell)
-                # every finished cell is kept (with the cells of the earlier run), so a stopped run resumes
-                kept = {(c["family"], c["variant"], c["language"], int(c["seed"])): c for c in done.values()}
-                kept.update({(c["family"], c["variant"], c["language"], int(c["seed"])): c for c in cells})
-                write_json(out / "formal_table.json", {"setting": setting, "cells": list(kept.values())})
+                # every finished cell is kept with the earlier run's cells of this setting (other models,
+                # languages and seeds too), so a stopped run resumes and a table grows by parts
+                done[(family, variant, lang, seed)] = cell
+                write_json(out / "formal_table.json", {"setting": setting, "cells": list(done.values())})
     result = {"setting": setting, "cells": cells}
-    write_json(out / "formal_table.json", result)
     if not cells:
         raise LMError(f"--render-only: {out / 'formal_table.json'} has no cell of this setting")
     write_atomic(out / "formal_table.md", table_markdown(cells, list(chosen), languages))

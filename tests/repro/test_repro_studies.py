@@ -131,6 +131,11 @@ def test_formal_table_command(tmp_path):
     assert [c["seq_acc"] for c in res["cells"] if c["language"] == "dyck1"] == [
         c["seq_acc"] for c in cells if c["variant"] == "lstm" and c["language"] == "dyck1"
     ]
+    # the file keeps every cell of the setting, not only those of the last call's models and languages
+    kept = json.loads((out / "formal_table.json").read_text())["cells"]
+    assert {(c["variant"], c["language"]) for c in kept} == {
+        (v, lang) for v in ("lstm", "deltanet_sumnorm") for lang in ("dyck1", "shuffle2")
+    } | {("lstm", "parity")}
     # render only: the cells there are, "-" for the rest, nothing trained
     logs = []
     res = formal_table(
