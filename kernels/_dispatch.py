@@ -19,7 +19,7 @@ from typing import Callable, Dict, Optional
 
 import torch
 
-from kernels._varlen import is_varlen, per_sequence, takes_offsets
+from kernels._varlen import call_native, is_varlen, per_sequence
 
 BACKENDS = ("reference", "torch", "triton", "fla")
 ENV_VAR = "LM_KERNEL_BACKEND"
@@ -115,10 +115,6 @@ def call(op: str, fn: Callable, args: tuple, cu_seqlens: Optional[torch.Tensor],
     """Call the resolved ``fn``: plainly, natively with ``cu_seqlens=`` when it is marked ``varlen``, else
     once per sequence (``offsets``: the validated ``cu_seqlens`` as a list; zero-length sequences run
     through the reference, which returns the state unchanged)."""
-    if cu_seqlens is None:
-        return fn(*args)
-    if is_varlen(fn):
-        if takes_offsets(fn):  # the host copy that validation read: no second device sync
-            return fn(*args, cu_seqlens=cu_seqlens, offsets=offsets)
-        return fn(*args, cu_seqlens=cu_seqlens)
+    if cu_seqlens is None or is_varlen(fn):
+        return call_native(fn, args, cu_seqlens, offsets)
     return per_sequence(fn, offsets, args, n_steps, batched, empty_fn=_table(op)["reference"]())

@@ -35,6 +35,17 @@ def host_offsets(cu_seqlens: torch.Tensor, offsets: Optional[Sequence[int]]) -> 
     return offsets if offsets is not None else [int(x) for x in cu_seqlens.tolist()]
 
 
+def call_native(fn: Callable, args: tuple, cu_seqlens: Optional[torch.Tensor], offsets: Optional[Sequence[int]]):
+    """Call ``fn`` on ``args`` (the reference's positional arguments): plainly without ``cu_seqlens``, else
+    natively with ``cu_seqlens=``, plus ``offsets=`` (validation's host copy) when ``fn`` is marked to take
+    them, so that it does not read ``cu_seqlens`` to the host again."""
+    if cu_seqlens is None:
+        return fn(*args)
+    if takes_offsets(fn):
+        return fn(*args, cu_seqlens=cu_seqlens, offsets=offsets)
+    return fn(*args, cu_seqlens=cu_seqlens)
+
+
 def is_varlen(fn: Callable) -> bool:
     return bool(getattr(fn, VARLEN_ATTR, False))
 

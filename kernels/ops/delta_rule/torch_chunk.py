@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from kernels._varlen import mark_varlen
+from kernels._varlen import host_offsets, mark_varlen
 from kernels.ops.utils.chunks import (
     causal_mask,
     chunk_length,
@@ -59,9 +59,18 @@ def delta_rule_chunked(
     (the packed layout is built from it instead of reading ``cu_seqlens`` again).
     """
     if cu_seqlens is not None:
-        packed = offsets if offsets is not None else cu_seqlens
         return delta_rule_chunked_varlen(
-            q, k, v, beta, g, scale, initial_state, output_final_state, packed, chunk_size, segment
+            q,
+            k,
+            v,
+            beta,
+            g,
+            scale,
+            initial_state,
+            output_final_state,
+            host_offsets(cu_seqlens, offsets),
+            chunk_size,
+            segment,
         )
     if q.shape[1] == 0:
         return empty_result(q, v, initial_state, output_final_state)

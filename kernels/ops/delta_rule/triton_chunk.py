@@ -45,8 +45,8 @@ from kernels.ops.common.tiles import (
     store_tile,
     unit_lower_inverse,
 )
-from kernels._varlen import mark_varlen
-from kernels.ops.utils.chunk_table import ChunkTable, host_offsets
+from kernels._varlen import host_offsets, mark_varlen
+from kernels.ops.utils.chunk_table import ChunkTable
 from kernels.ops.utils.chunks import empty_result
 
 _STATE_BV = 64  # V block of the state-passing kernels

@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from kernels._varlen import mark_varlen
+from kernels._varlen import host_offsets, mark_varlen
 from kernels.ops.utils.chunks import chunk_length, empty_result
 from kernels.ops.utils.chunks import from_chunks, per_chunk, to_chunks
 from kernels.ops.dplr.torch_chunk_scores import decayed_scores
@@ -50,7 +50,7 @@ def dplr_chunked(
     sequences (B = 1, states [N, H, K, V]), handled natively (:func:`dplr_chunked_varlen`); ``offsets``: its
     validated host copy (the packed layout is built from it instead of reading ``cu_seqlens`` again)."""
     if cu_seqlens is not None:
-        packed = offsets if offsets is not None else cu_seqlens
+        packed = host_offsets(cu_seqlens, offsets)
         return dplr_chunked_varlen(q, k, v, a, b, g, scale, initial_state, output_final_state, packed, chunk_size)
     B, T, H, K = q.shape
     V = v.shape[-1]

@@ -35,8 +35,8 @@ from typing import Tuple
 import torch
 import triton
 
-from kernels._varlen import mark_varlen
-from kernels.ops.utils.chunk_table import ChunkTable, host_offsets
+from kernels._varlen import host_offsets, mark_varlen
+from kernels.ops.utils.chunk_table import ChunkTable
 from kernels.ops.utils.chunks import empty_result
 from kernels.ops.common.tiles import chunk_cumsum, chunk_reverse_cumsum, dot_precision
 from kernels.ops.dplr.triton_chunk_bwd import (

@@ -217,7 +217,7 @@ def gla_chunked_varlen(
     T, H, K, V = q.shape[1], q.shape[2], q.shape[3], v.shape[-1]
     L = varlen.Layout(host_offsets(cu_seqlens, offsets), T, chunk, q.device)
     if T == 0:
-        return varlen.empty_packed(q, v, initial_state, output_final_state, L.N)
+        return empty_result(q, v, initial_state, output_final_state, n_states=L.N)
     h0 = L.select(initial_state)
     X = varlen.injection(g, h0, L)
     seqc, flows = L.seq_chunks(), L.flows()

@@ -817,7 +817,7 @@ def gla_triton_chunked_varlen(
     T = q.shape[1]
     L = varlen.Layout(host_offsets(cu_seqlens, offsets), T, CHUNK, q.device)
     if T == 0:
-        return varlen.empty_packed(q, v, initial_state, output_final_state, L.N)
+        return empty_result(q, v, initial_state, output_final_state, n_states=L.N)
     h0 = L.select(initial_state)
     X = varlen.injection(g, h0, L)
     o, hs = _GLAChunkTriton.apply(q, k, v, g, scale, None, L.seq.to(torch.int32), X, L.chunk_flags())

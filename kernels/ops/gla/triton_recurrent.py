@@ -22,6 +22,7 @@ import triton.language as tl
 
 from kernels import _triton_compat as interpreter_compat
 from kernels._varlen import host_offsets, mark_varlen
+from kernels.ops.utils.chunks import empty_result
 
 interpreter_compat.install()
 
@@ -434,14 +435,12 @@ def gla_fused_recurrent(q, k, v, g, scale, initial_state=None, output_final_stat
 
         L = varlen.Layout(host_offsets(cu_seqlens, offsets), T, 1, q.device)
         if L.M == 0:
-            return varlen.empty_packed(q, v, initial_state, output_final_state, L.N)
+            return empty_result(q, v, initial_state, output_final_state, n_states=L.N)
         cu = torch.tensor(L.starts + [T], dtype=torch.int32, device=q.device)
         o, finals = _GLAFusedTriton.apply(q, k, v, g, scale, L.select(initial_state), cu)
         return o, (varlen.assemble_finals(finals, initial_state, L) if output_final_state else None)
     if T == 0:
-        V = v.shape[-1]
-        S = q.new_zeros(B, H, K, V, dtype=torch.float32) if initial_state is None else initial_state.float()
-        return q.new_zeros(B, 0, H, V), (S if output_final_state else None)
+        return empty_result(q, v, initial_state, output_final_state)
     o, final = _GLAFusedTriton.apply(q, k, v, g, scale, initial_state)
     return o, (final if output_final_state else None)
 

@@ -16,8 +16,6 @@ from typing import Sequence
 
 import torch
 
-from kernels._varlen import host_offsets  # noqa: F401  (re-exported for the chunked kernels)
-
 
 class ChunkTable:
     """``spans`` (int32 [NT, 2]: first step, end of the sequence), ``first`` (int32 [N+1]: each sequence's

@@ -40,15 +40,7 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
-from kernels.ops.utils.chunks import masked_exp_diff
-
-
-def empty_packed(q, v, initial_state, output_final_state: bool, N: int):
-    """The result of a packed call with T = 0 (N empty sequences): no output steps, and each final state is
-    its initial state (zeros [N, H, K, V] without one, fp32)."""
-    H, K, V = q.shape[2], q.shape[3], v.shape[-1]
-    S = initial_state.float() if initial_state is not None else q.new_zeros(N, H, K, V, dtype=torch.float32)
-    return q.new_zeros(1, 0, H, V), (S if output_final_state else None)
+from kernels.ops.utils.chunks import empty_result, masked_exp_diff
 
 
 class Layout:
@@ -308,7 +300,7 @@ def run_packed(
     T, H, K, V = q.shape[1], q.shape[2], q.shape[3], v.shape[-1]
     L = Layout(cu_seqlens, T, C, q.device)
     if T == 0:
-        return empty_packed(q, v, initial_state, output_final_state, L.N)
+        return empty_result(q, v, initial_state, output_final_state, n_states=L.N)
     h0 = L.select(initial_state)
     X = injection(gate, h0, L)
     seqc, flows = L.seq_chunks(), L.flows()

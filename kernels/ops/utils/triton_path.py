@@ -32,20 +32,6 @@ def pick_triton_path(
     return chunked()
 
 
-def call_path(fn: Callable, args: tuple, cu_seqlens, offsets):
-    """Call the path ``fn`` picked by :func:`pick_triton_path` on ``args`` (the reference's positional
-    arguments), with packed sequences when ``cu_seqlens`` is given: every path takes them natively, and
-    those marked to take ``offsets=`` (validation's host copy of ``cu_seqlens``) get it, so that none
-    reads ``cu_seqlens`` to the host again."""
-    from kernels._varlen import takes_offsets
-
-    if cu_seqlens is None:
-        return fn(*args)
-    if takes_offsets(fn):
-        return fn(*args, cu_seqlens=cu_seqlens, offsets=offsets)
-    return fn(*args, cu_seqlens=cu_seqlens)
-
-
 def triton_backend(
     op: str,
     recurrent_max_t: int,
@@ -56,13 +42,13 @@ def triton_backend(
 ) -> Callable:
     """The ``"triton"`` backend of ``op``: called with the reference's positional arguments (q first, v
     third), it takes the path :func:`pick_triton_path` picks (``max_head``: a loader of the chunked tiles'
-    widest head) and calls it through :func:`call_path`. All three paths take packed sequences
+    widest head) and calls it through :func:`kernels._varlen.call_native`. All three paths take packed sequences
     (``cu_seqlens``, B = 1, states [N, H, K, V]) natively; ``offsets``: their validated host copy."""
-    from kernels._varlen import mark_varlen
+    from kernels._varlen import call_native, mark_varlen
 
     def triton(*args, cu_seqlens=None, offsets=None):
         fn = pick_triton_path(op, args[0], args[2], recurrent_max_t, max_head(), recurrent, chunked, fallback)
-        return call_path(fn, args, cu_seqlens, offsets)
+        return call_native(fn, args, cu_seqlens, offsets)
 
     triton.__name__ = triton.__qualname__ = f"{op}_triton"
     return mark_varlen(triton, host_offsets=True)
