@@ -102,7 +102,6 @@ class FastWeightProgrammer(TokenMixer):
 
     def __init__(self, cfg: Any, options: FWPOptions, layer_idx: int):
         super().__init__(cfg, options, layer_idx)
-        self.check_config(cfg, options)  # also when built without a validated experiment config
         D, H, K = self.d_model, self.n_heads, self.head_dim
         self.kind = options.kind
         if self.kind == "recurrent_delta":

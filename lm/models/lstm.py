@@ -57,7 +57,6 @@ class LSTMMixer(TokenMixer):
 
     def __init__(self, cfg: Any, options: LSTMOptions, layer_idx: int):
         super().__init__(cfg, options, layer_idx)
-        self.check_config(cfg, options)  # also when built without a validated experiment config
         self.hidden_dim = N = options.hidden_dim or self.d_model
         self.cell = options.cell
         if self.cell == "lstm":

@@ -88,6 +88,7 @@ class TokenMixer(nn.Module, abc.ABC):
         self.n_heads = int(cfg.n_heads)
         self.head_dim = head_dim(cfg)
         self.backend = None if cfg.kernel_backend in (None, "auto") else cfg.kernel_backend  # None: by device
+        self.check_config(cfg, options)  # also when built without a validated experiment config
 
     @abc.abstractmethod
     def forward(

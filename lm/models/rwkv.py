@@ -142,7 +142,6 @@ class RWKV7TimeMix(TokenMixer):
 
     def __init__(self, cfg: Any, options: RWKV7Options, layer_idx: int):
         super().__init__(cfg, options, layer_idx)
-        self.check_config(cfg, options)  # also when built without a validated experiment config
         D, H, K = self.d_model, self.n_heads, self.head_dim
         HK = H * K
         self.mu = nn.Parameter(torch.zeros(len(BRANCHES), D))
