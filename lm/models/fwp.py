@@ -34,12 +34,13 @@ come in two definitions:
   (y = W x here, x W there), the same distribution.
 
 The paper variants are presets of the options below (``output_norm``, ``beta_bias``, ``in_proj``,
-``proj_init``, ``recurrent_init``, ``srwm_q_init_scale``, ``srwm_beta_init_mean``), whose defaults
-are the project's layer. Left as the project's skeleton (``lm/models/lm.py``) for every variant: the
-pre-norm block ``h + W_o f(norm(h))``. That is the official recurrent delta block too (with LayerNorm),
-but the official SRWM block is ``LN(h) + W_o srwm(h)``: the SRWM reads the un-normalised stream and
-the norm sits on the residual path. The model around the layers is the skeleton's as well (the
-official one: embedding N(0, 1), ReLU feed-forward blocks with biases, no final norm).
+``proj_init``, ``recurrent_init``, ``srwm_q_init_scale``, ``srwm_beta_init_mean``, ``block_norm``),
+whose defaults are the project's layer. The block: the skeleton's pre-norm ``h + W_o f(norm(h))``
+(``block_norm: input``) is the official recurrent delta block too (with LayerNorm); the official
+SRWM block is ``norm(h) + W_o srwm(h)`` (``block_norm: residual``, set by ``srwm_paper``): the SRWM
+reads the un-normalised stream and the norm sits on the residual path (``lm/models/lm.py: Block``).
+The model around the layers is the skeleton's (the official one: embedding N(0, 1), ReLU
+feed-forward blocks with biases, no final norm).
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ class FWPOptions:
     proj_init: str = "skeleton"  # skeleton: normal(init_std) | torch: nn.Linear's U(+-1/sqrt(fan_in)) (official)
     srwm_q_init_scale: float = 1.0  # srwm: W_q ~ N(0, scale / sqrt(D)) (official 0.01)
     srwm_beta_init_mean: float = 0.0  # srwm: w_b ~ N(mean, 1 / sqrt(D)) (official -1)
+    block_norm: str = "input"  # input: h + W_o f(norm(h)) | residual: norm(h) + W_o f(h) (official SRWM block)
 
 
 KINDS = ("recurrent_delta", "srwm")
@@ -92,6 +94,7 @@ VARIANTS = {
         "in_proj": False,
         "srwm_q_init_scale": 0.01,
         "srwm_beta_init_mean": -1.0,
+        "block_norm": "residual",
     },
 }
 
@@ -126,7 +129,12 @@ class FastWeightProgrammer(TokenMixer):
 
     @staticmethod
     def check_config(cfg: Any, options: FWPOptions) -> None:
-        choices = {"kind": KINDS, "recurrent_init": ("std", "head_dim"), "proj_init": ("skeleton", "torch")}
+        choices = {
+            "kind": KINDS,
+            "recurrent_init": ("std", "head_dim"),
+            "proj_init": ("skeleton", "torch"),
+            "block_norm": ("input", "residual"),
+        }
         for key, allowed in choices.items():
             if getattr(options, key) not in allowed:
                 raise ConfigError(f"model.mixer.{key}: '{getattr(options, key)}' is not one of {', '.join(allowed)}")

@@ -52,6 +52,8 @@ def as_model_config(cfg: Any) -> ModelConfig:
 class Block(nn.Module):
     """Pre-norm residual block: token mixer then channel mixer. Block 0 of a family whose options
     set ``embed_norm`` (RWKV-7's ln0) first normalises the embedding: ``h_0 = norm0(embed(tokens))``.
+    A family whose options set ``block_norm: residual`` (the official SRWM block) puts the token
+    mixer's norm on the residual path instead: ``h = norm(h) + mixer(h)``.
 
     ``layer``: this block's token mixer (:class:`~lm.models.hybrid.LayerSpec`); the mixer is built as
     layer ``layer.index`` of its family's ``layer.count`` (the single-family model: ``layer_idx`` of
@@ -65,6 +67,7 @@ class Block(nn.Module):
         embed_norm = layer_idx == 0 and getattr(options, "embed_norm", False)
         self.norm0 = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps) if embed_norm else None
         self.norm1 = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
+        self.norm_on_residual = getattr(options, "block_norm", "input") == "residual"
         self.mixer = spec.mixer(layer.mixer_config(cfg), options, layer.index)
         self.mlp = make_mlp(cfg.mlp, cfg.d_model, cfg.mlp_ratio)
         self.norm2 = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps) if self.mlp is not None else None
@@ -83,8 +86,9 @@ class Block(nn.Module):
         mix_state = None if state is None else state.get("mixer")
         if self.norm0 is not None:
             x = self.norm0(x)
+        mixer_in, x = self.mixer_inputs(x)
         h, mix_state = self.mixer(
-            self.norm1(x),
+            mixer_in,
             mix_state,
             return_state=return_state,
             **shared_kwargs(self.mixer, shared),
@@ -92,6 +96,12 @@ class Block(nn.Module):
         )
         x, mlp_state = self.add_mixer_output(x, h, None if state is None else state.get("mlp"), segments)
         return x, ({"mixer": mix_state, "mlp": mlp_state} if return_state else None)
+
+    def mixer_inputs(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(the token mixer's input, the residual path)`` for the block input ``x`` [B, T, D]:
+        ``(norm(x), x)`` pre-norm, ``(x, norm(x))`` with ``block_norm: residual``."""
+        normed = self.norm1(x)
+        return (x, normed) if self.norm_on_residual else (normed, x)
 
     def add_mixer_output(
         self, x: torch.Tensor, h: torch.Tensor, mlp_state: Any = None, segments: Optional[Segments] = None

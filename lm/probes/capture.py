@@ -37,7 +37,7 @@ def capture_layers(model: LanguageModel, inputs: torch.Tensor) -> List[LayerIO]:
         shared = layer_shared(shareds, block)
         if block.norm0 is not None:
             h = block.norm0(h)
-        x = block.norm1(h)
+        x, h = block.mixer_inputs(h)
         kwargs = shared_kwargs(block.mixer, shared)
         seen = {"shared": dict(shared)} if kwargs else {}  # before this layer adds to it
         y, state = block.mixer(x, return_state=True, **kwargs)

@@ -238,6 +238,29 @@ def test_srwm_paper_is_the_official_layer():
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize(
+    "variant,norm_on_residual", [("srwm_paper", True), ("recurrent_delta_paper", False), ("srwm", False)]
+)
+def test_fwp_blocks_are_the_official_blocks(variant, norm_on_residual):
+    """SRWMlayer's block is ``LN(h) + W_o srwm(h)`` (the layer reads the raw stream, the norm sits on
+    the residual path); RecUpdateTanhFastFFlayer's (and the project's) is ``h + W_o f(LN(h))``."""
+    torch.manual_seed(0)
+    cfg = dict(family="fwp", variant=variant, vocab_size=16, d_model=16, n_layers=1, n_heads=2, mlp="none")
+    block = build_model({**cfg, "norm": "layernorm"}).blocks[0].eval()
+    with torch.no_grad():
+        block.norm1.weight.uniform_(0.5, 1.5)
+        block.norm1.bias.uniform_(-0.5, 0.5)
+    h = 3.0 * torch.randn(2, 9, 16) + 1.0  # far from normalised: the two blocks differ
+    with torch.no_grad():
+        got, _ = block(h)
+        normed = F.layer_norm(h, (16,), block.norm1.weight, block.norm1.bias, block.norm1.eps)
+        want = normed + block.mixer(h)[0] if norm_on_residual else h + block.mixer(normed)[0]
+        other = h + block.mixer(normed)[0] if norm_on_residual else normed + block.mixer(h)[0]
+    assert block.norm_on_residual is norm_on_residual
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert (got - other).abs().max() > 0.1
+
+
 @pytest.mark.parametrize("variant", PAPER_FWP)
 def test_fwp_paper_layers_step_and_pack(variant):
     """The whole-sequence form equals stepping (and prefix + carried state); a packed window with
@@ -265,6 +288,7 @@ def test_fwp_paper_layers_train_a_formal_language_cell(variant):
         ("srwm", {"srwm_q_init_scale": -1.0}, "model.mixer.srwm_q_init_scale: -1.0 must be >= 0"),
         ("srwm_paper", {"proj_init": "xavier"}, "model.mixer.proj_init: 'xavier' is not one of skeleton, torch"),
         ("recurrent_delta", {"recurrent_init": "fan_in"}, "model.mixer.recurrent_init: 'fan_in' is not one of"),
+        ("srwm", {"block_norm": "post"}, "model.mixer.block_norm: 'post' is not one of input, residual"),
     ],
 )
 def test_fwp_options_are_checked(variant, mixer, message):
