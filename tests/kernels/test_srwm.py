@@ -167,6 +167,49 @@ def test_triton_segments_batched_weights_v_ne_d(triton_backend, monkeypatch):
     _compare(_batched(args, 2, ("w_y", "w_q")), None, "triton")
 
 
+def _row_blocked(monkeypatch):
+    """Force the row-blocked kernels (the D = V = 128 path, weights in global memory) at a small size:
+    8-row blocks, checkpoints every 8 steps."""
+    from kernels.ops.srwm import triton_recurrent
+
+    monkeypatch.setattr(triton_recurrent, "ROWS_ABOVE_TILE", 0)
+    monkeypatch.setattr(triton_recurrent, "ROW_BLOCK", 8)
+    monkeypatch.setattr(triton_recurrent, "CHECKPOINT", 8)
+    assert triton_recurrent._blocks(12, 10)[3]
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_row_blocked(triton_backend, monkeypatch, dtype):
+    """D = 12, V = 10 (R = 38 rows: a partial last 8-row block, blocks straddling the matrices), T = 19
+    across checkpoints, resumed from a state."""
+    _row_blocked(monkeypatch)
+    compare_backends(OP, "triton", dtype=dtype, T=19, with_state=True, B=2, H=2, K=12, V=10)
+
+
+@pytest.mark.triton
+def test_triton_row_blocked_shared_weights(triton_backend, monkeypatch):
+    """The same path from shared [H, ...] weights (their gradient summed over the batch)."""
+    _row_blocked(monkeypatch)
+    compare_backends(OP, "triton", T=9, B=2, H=1, K=12, V=10)
+
+
+@pytest.mark.triton
+def test_triton_row_blocked_packed(triton_backend, monkeypatch):
+    _row_blocked(monkeypatch)
+    compare_packed(
+        OP,
+        "triton",
+        TOL[torch.float32],
+        lengths=(5, 0, 17, 1, 3),
+        per_sequence_weights=True,
+        device=device_for("triton"),
+        H=2,
+        K=12,
+        V=10,
+    )
+
+
 @pytest.mark.triton
 def test_triton_matches_reference_bf16(triton_backend):
     compare_backends(OP, "triton", dtype=torch.bfloat16, T=7, **TRITON_SHAPE)

@@ -16,7 +16,9 @@ the adjoint equations of :mod:`kernels.ops.srwm.torch_recurrent`; it writes ``dx
 initial weights' gradient at the end (summed over the batch afterwards for shared weights).
 With ``cu_seqlens`` a program is one (sequence, head) of the packed input: it starts at the sequence's
 first step and walks its length only (checkpoints laid out per sequence, see ``sequence_span``).
-Registers: 8 tiles of up to [max(V, D), D]; D = V = 128 compiles but spills.
+Registers: 8 tiles of up to [max(V, D), D] in the backward, which spill at D = V = 128: heads with
+tiles over :data:`ROWS_ABOVE_TILE` take the row-blocked kernels of
+:mod:`kernels.ops.srwm.triton_recurrent_rows` instead (weights in global memory).
 """
 
 from __future__ import annotations
@@ -37,14 +39,17 @@ from kernels.ops.common.loop import (
     sigmoid_fp32,
 )
 from kernels.ops.srwm.torch_recurrent import CHECKPOINT, stack_weights
+from kernels.ops.srwm.triton_recurrent_rows import _pick, _srwm_bwd_rows_kernel, _srwm_fwd_rows_kernel
+
+#: heads whose largest weight tile [max(V, D), D] (padded) is over this many elements (D = V = 128) take
+#: the row-blocked kernels of :mod:`kernels.ops.srwm.triton_recurrent_rows` (weights in global memory,
+#: :data:`ROW_BLOCK` rows at a time); below it the weights stay in registers (module constants: tests
+#: lower them)
+ROWS_ABOVE_TILE = 64 * 64
+ROW_BLOCK = 32
+ROWS_WARPS = 8
 
 interpreter_compat.install()  # Triton 3.6 interpreter + NumPy 2: scalar loop bounds
-
-
-@triton.jit
-def _pick(vec, i4, i: tl.constexpr):
-    """Element i of a [4] vector as a scalar."""
-    return tl.sum(tl.where(i4 == i, vec, 0.0), 0)
 
 
 @triton.jit
@@ -288,10 +293,13 @@ def _srwm_bwd_kernel(
     tl.store(dw0_ptr + o_b, dWb, mask=ok_4d)
 
 
-def _blocks(D: int, V: int) -> Tuple[int, int, int]:
+def _blocks(D: int, V: int) -> Tuple[int, int, int, bool]:
+    """(BD, BV, warps, whether the row-blocked kernels run)."""
     BD = max(16, triton.next_power_of_2(D))
     BV = max(16, triton.next_power_of_2(V))
-    return BD, BV, num_warps_for(max(BD, BV) * BD)
+    if max(BD, BV) * BD > ROWS_ABOVE_TILE:
+        return BD, BV, ROWS_WARPS, True
+    return BD, BV, num_warps_for(max(BD, BV) * BD), False
 
 
 class SrwmTriton(torch.autograd.Function):
@@ -313,27 +321,26 @@ class SrwmTriton(torch.autograd.Function):
         cu, ckoff, ck_rows, NC = checkpoint_layout(cu_seqlens, B, T, H, CHECKPOINT, W0)
         ck = torch.empty(ck_rows, R, D, device=dev)
         W_T = torch.empty(N, H, R, D, device=dev)
-        BD, BV, warps = _blocks(D, V)
-        _srwm_fwd_kernel[(N * H,)](
-            x_c,
-            W0,
-            Z,
-            Dd,
-            ck,
-            W_T,
-            cu,
-            ckoff,
-            T,
-            H,
-            D,
-            V,
-            NC,
-            CHECKPOINT=CHECKPOINT,
-            BD=BD,
-            BV=BV,
-            IS_VARLEN=cu_seqlens is not None,
-            num_warps=warps,
-        )
+        BD, BV, warps, rows = _blocks(D, V)
+        args = (x_c, W0, Z, Dd, ck, W_T, cu, ckoff, T, H, D, V, NC)
+        if rows:
+            _srwm_fwd_rows_kernel[(N * H,)](
+                *args,
+                CHECKPOINT=CHECKPOINT,
+                BD=BD,
+                BR=ROW_BLOCK,
+                IS_VARLEN=cu_seqlens is not None,
+                num_warps=warps,
+            )
+        else:
+            _srwm_fwd_kernel[(N * H,)](
+                *args,
+                CHECKPOINT=CHECKPOINT,
+                BD=BD,
+                BV=BV,
+                IS_VARLEN=cu_seqlens is not None,
+                num_warps=warps,
+            )
         ctx.save_for_backward(x_c, Z, Dd, ck, W_T, cu, ckoff)
         ctx.V = V
         ctx.meta = (NC, cu_seqlens is not None)
@@ -353,8 +360,34 @@ class SrwmTriton(torch.autograd.Function):
         do = torch.zeros(B, T, H, V, device=dev) if do is None else do.contiguous()
         dW_T = torch.zeros_like(W_T) if dW_T is None else dW_T.float().contiguous()
         dx = torch.empty(B, T, H, D, device=dev)
+        BD, BV, warps, rows = _blocks(D, V)
+        if rows:  # scratch: the weights (from W_T back to W_0) and their gradient (ends as dW_0)
+            dW0 = dW_T.clone()
+            _srwm_bwd_rows_kernel[(N * H,)](
+                x,
+                Z,
+                Dd,
+                ck,
+                W_T.clone(),
+                do,
+                dW0,
+                dx,
+                torch.empty(N * H, 2, V + 2 * D + 4, device=dev),
+                cu,
+                ckoff,
+                T,
+                H,
+                D,
+                V,
+                NC,
+                CHECKPOINT=CHECKPOINT,
+                BD=BD,
+                BR=ROW_BLOCK,
+                IS_VARLEN=is_varlen,
+                num_warps=warps,
+            )
+            return (dx.to(x.dtype), None, None, *_weight_grads(dW0, ctx.shapes, V, D))
         dW0 = torch.empty_like(W_T)
-        BD, BV, warps = _blocks(D, V)
         _srwm_bwd_kernel[(N * H,)](
             x,
             Z,
@@ -378,12 +411,18 @@ class SrwmTriton(torch.autograd.Function):
             IS_VARLEN=is_varlen,
             num_warps=warps,
         )
-        grads = []
-        bounds = (0, V, V + D, V + 2 * D, V + 2 * D + 4)
-        for (dim, dtype), lo, hi in zip(ctx.shapes, bounds[:-1], bounds[1:]):
-            g = dW0[:, :, lo:hi]
-            grads.append((g.sum(0) if dim == 3 else g).to(dtype))
-        return (dx.to(x.dtype), None, None, *grads)
+        return (dx.to(x.dtype), None, None, *_weight_grads(dW0, ctx.shapes, V, D))
+
+
+def _weight_grads(dW0, shapes, V: int, D: int):
+    """The four initial weights' gradients from the stacked ``dW0`` [N, H, R, D] (summed over the batch
+    for weights shared by it), in their dtypes."""
+    grads = []
+    bounds = (0, V, V + D, V + 2 * D, V + 2 * D + 4)
+    for (dim, dtype), lo, hi in zip(shapes, bounds[:-1], bounds[1:]):
+        g = dW0[:, :, lo:hi]
+        grads.append((g.sum(0) if dim == 3 else g).to(dtype))
+    return grads
 
 
 def srwm_triton(x, w_y, w_q, w_k, w_b, initial_state=None, output_final_state=False, cu_seqlens=None):
