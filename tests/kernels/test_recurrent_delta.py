@@ -139,6 +139,40 @@ def test_triton_segments_and_k_ne_v(triton_backend, monkeypatch):
     compare_backends(OP, "triton", T=33, with_state=True, B=1, H=2, K=16, V=8)
 
 
+def _row_blocked(monkeypatch):
+    """Force the backward's row-blocked reads of R (the K = V = 128 path) at a small size: 8-row blocks."""
+    from kernels.ops.recurrent_delta import triton_recurrent
+
+    monkeypatch.setattr(triton_recurrent, "ROW_BLOCKED_TILE", 0)
+    monkeypatch.setattr(triton_recurrent, "ROW_BLOCK", 8)
+    monkeypatch.setattr(triton_recurrent, "CHECKPOINT", 8)
+    assert triton_recurrent._blocks(20, 12)[2] == 8
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_row_blocked_backward(triton_backend, monkeypatch, dtype):
+    """K = 20, V = 12 in 8-row blocks of R (a partial last block), T = 33 across checkpoints, with a state."""
+    _row_blocked(monkeypatch)
+    compare_backends(OP, "triton", dtype=dtype, T=33, with_state=True, B=2, H=2, K=20, V=12)
+
+
+@pytest.mark.triton
+def test_triton_row_blocked_packed(triton_backend, monkeypatch):
+    _row_blocked(monkeypatch)
+    compare_packed(
+        OP,
+        "triton",
+        TOL[torch.float32],
+        lengths=(5, 0, 19, 1, 3),
+        with_state=True,
+        device=device_for("triton"),
+        H=2,
+        K=20,
+        V=12,
+    )
+
+
 @pytest.mark.triton
 def test_triton_matches_reference_bf16(triton_backend):
     compare_backends(OP, "triton", dtype=torch.bfloat16, T=7, with_state=True, **TRITON_SHAPE)

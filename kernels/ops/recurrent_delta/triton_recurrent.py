@@ -15,7 +15,11 @@ recomputes ``q, k, v, b`` from the saved ``y_{t-1}``, rebuilds ``S_{t-1} = S_t -
 the saved checkpoint every ``CHECKPOINT`` steps) and applies the adjoint equations documented in
 :mod:`kernels.ops.recurrent_delta.torch_recurrent`, writing the gradients of the four input parts per
 step, ``r_t = tanh(y_{t-1})`` per step and the initial state's gradient at the end.
-``dR = sum dz r^T`` is one matmul in PyTorch afterwards.
+``dR = sum dz r^T`` is one matmul in PyTorch afterwards. At K = V = 128 (tiles over
+:data:`ROW_BLOCKED_TILE`) whole [K, V] tiles of ``R`` next to ``S`` and ``dS`` spill, so the backward reads
+``R`` in blocks of :data:`ROW_BLOCK` rows: ``R x`` is written into the step's ``dq``/``dk`` rows and read
+back, ``R^T dz`` reads back the ``dz`` rows just stored (a CTA barrier around each; the same bytes of
+``R`` read as before, plus 3 K + V fp32 words a step through L1), and it runs 8 warps.
 
 With ``cu_seqlens`` a program is one (sequence, head) of the packed input (B = 1): it starts at the
 sequence's first step ``cu[n]``, walks its ``L = cu[n+1] - cu[n]`` steps only (no step of another
@@ -41,6 +45,35 @@ from kernels.ops.common.loop import (
     tanh_fp32,
 )
 from kernels.ops.recurrent_delta.torch_recurrent import CHECKPOINT
+
+#: [BK, BV] state tiles larger than this (K = V = 128) make the backward read ``R_q``, ``R_k``, ``R_v`` in
+#: blocks of :data:`ROW_BLOCK` rows (through the step's gradient rows in global memory) instead of whole
+#: [K, V] tiles, which spill next to ``S`` and ``dS`` (module constants: tests lower them)
+ROW_BLOCKED_TILE = 64 * 64
+ROW_BLOCK = 16
+
+
+@triton.jit
+def _rows_matvec(m_ptr, x, a_ptr, out_ptr, n, V, iv, ok_v, BR: tl.constexpr):
+    """``out[i] = a[i] + sum_j m[i, j] x[j]`` for the ``n`` rows of ``m`` [n, V], ``BR`` rows at a time."""
+    for r0 in range(0, n, BR):
+        rows = r0 + tl.arange(0, BR)
+        ok = rows < n
+        m = tl.load(m_ptr + rows[:, None] * V + iv[None, :], mask=ok[:, None] & ok_v[None, :], other=0.0)
+        a = tl.load(a_ptr + rows, mask=ok, other=0.0).to(tl.float32)
+        tl.store(out_ptr + rows, a + tl.sum(m * x[None, :], 1), mask=ok)
+
+
+@triton.jit
+def _rows_vecmat(m_ptr, d_ptr, n, V, iv, ok_v, BR: tl.constexpr):
+    """``sum_i d[i] m[i, :]`` over the ``n`` rows of ``m`` [n, V] (fp32 ``d`` [n]), ``BR`` rows at a time."""
+    acc = tl.zeros_like(iv).to(tl.float32)
+    for r0 in range(0, n, BR):
+        rows = r0 + tl.arange(0, BR)
+        ok = rows < n
+        m = tl.load(m_ptr + rows[:, None] * V + iv[None, :], mask=ok[:, None] & ok_v[None, :], other=0.0)
+        acc += tl.sum(m * tl.load(d_ptr + rows, mask=ok, other=0.0)[:, None], 0)
+    return acc
 
 
 @triton.jit
@@ -164,6 +197,7 @@ def _rdn_bwd_kernel(
     CHECKPOINT: tl.constexpr,
     BK: tl.constexpr,
     BV: tl.constexpr,
+    BR: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -212,16 +246,22 @@ def _rdn_bwd_kernel(
         y_prev = tl.load(y_ptr - H * V + iv, mask=ok_v & (iv * 0 + t > 0), other=0.0) + tl.where(t == 0, y0, 0.0)
         r = tanh_fp32(y_prev)
         tl.store(r_ptr + iv, r, mask=ok_v)
-        qs = masked_softmax(
-            tl.load(q_ptr + ik, mask=ok_k, other=0.0).to(tl.float32)
-            + tl.sum(tl.load(rq_ptr + kv, mask=ok_kv, other=0.0) * r[None, :], 1),
-            ok_k,
-        )
-        ks = masked_softmax(
-            tl.load(k_ptr + ik, mask=ok_k, other=0.0).to(tl.float32)
-            + tl.sum(tl.load(rk_ptr + kv, mask=ok_kv, other=0.0) * r[None, :], 1),
-            ok_k,
-        )
+        if BR == BK:
+            zq = tl.load(q_ptr + ik, mask=ok_k, other=0.0).to(tl.float32) + tl.sum(
+                tl.load(rq_ptr + kv, mask=ok_kv, other=0.0) * r[None, :], 1
+            )
+            zk = tl.load(k_ptr + ik, mask=ok_k, other=0.0).to(tl.float32) + tl.sum(
+                tl.load(rk_ptr + kv, mask=ok_kv, other=0.0) * r[None, :], 1
+            )
+        else:  # R x r in row blocks through this step's dq / dk rows (rewritten below)
+            _rows_matvec(rq_ptr, r, q_ptr, dq_ptr, K, V, iv, ok_v, BR)
+            _rows_matvec(rk_ptr, r, k_ptr, dk_ptr, K, V, iv, ok_v, BR)
+            tl.debug_barrier()
+            zq = tl.load(dq_ptr + ik, mask=ok_k, other=0.0)
+            zk = tl.load(dk_ptr + ik, mask=ok_k, other=0.0)
+            tl.debug_barrier()
+        qs = masked_softmax(zq, ok_k)
+        ks = masked_softmax(zk, ok_k)
         b = sigmoid_fp32(tl.load(beta_ptr).to(tl.float32) + tl.sum(tl.load(rb_ptr + iv, mask=ok_v, other=0.0) * r, 0))
         u = tl.load(u_ptr + iv, mask=ok_v, other=0.0)
         # adjoint of y_t = S_t^T q
@@ -229,9 +269,10 @@ def _rdn_bwd_kernel(
         dS += qs[:, None] * dy[None, :]
         dq = tl.sum(S * dy[None, :], 1)
         # S_{t-1}: invert the update, or reload the checkpoint
-        is_ck = t % CHECKPOINT == 0
-        S_ck = tl.load(ck_ptr + (t // CHECKPOINT) * K * V + kv, mask=ok_kv & (kv * 0 + t % CHECKPOINT == 0), other=0.0)
-        S = tl.where(is_ck, S_ck, S - ks[:, None] * u[None, :])
+        if t % CHECKPOINT == 0:
+            S = tl.load(ck_ptr + (t // CHECKPOINT) * K * V + kv, mask=ok_kv, other=0.0)
+        else:
+            S = S - ks[:, None] * u[None, :]
         # adjoint of S_t = S_{t-1} + k u^T, u = b (v - S_{t-1}^T k)
         du = tl.sum(dS * ks[:, None], 0)
         dv = b * du
@@ -245,12 +286,20 @@ def _rdn_bwd_kernel(
         tl.store(dv_ptr + iv, dv, mask=ok_v)
         tl.store(dbeta_ptr, dzb)
         # through r = tanh(y_{t-1}) (R re-read here rather than kept live through the step)
-        dr = (
-            tl.sum(tl.load(rq_ptr + kv, mask=ok_kv, other=0.0) * dzq[:, None], 0)
-            + tl.sum(tl.load(rk_ptr + kv, mask=ok_kv, other=0.0) * dzk[:, None], 0)
-            + tl.sum(tl.load(rv_ptr + vv, mask=ok_vv, other=0.0) * dv[:, None], 0)
-            + tl.load(rb_ptr + iv, mask=ok_v, other=0.0) * dzb
-        )
+        if BR == BK:
+            dr = (
+                tl.sum(tl.load(rq_ptr + kv, mask=ok_kv, other=0.0) * dzq[:, None], 0)
+                + tl.sum(tl.load(rk_ptr + kv, mask=ok_kv, other=0.0) * dzk[:, None], 0)
+                + tl.sum(tl.load(rv_ptr + vv, mask=ok_vv, other=0.0) * dv[:, None], 0)
+            )
+        else:  # R^T dz in row blocks, dz read back from the rows just stored
+            tl.debug_barrier()
+            dr = (
+                _rows_vecmat(rq_ptr, dq_ptr, K, V, iv, ok_v, BR)
+                + _rows_vecmat(rk_ptr, dk_ptr, K, V, iv, ok_v, BR)
+                + _rows_vecmat(rv_ptr, dv_ptr, V, V, iv, ok_v, BR)
+            )
+        dr += tl.load(rb_ptr + iv, mask=ok_v, other=0.0) * dzb
         dy_next = dr * (1.0 - r * r)
         q_ptr -= H * K
         k_ptr -= H * K
@@ -268,10 +317,16 @@ def _rdn_bwd_kernel(
     tl.store(dy0_ptr + pid64 * V + iv, dy_next, mask=ok_v)
 
 
-def _blocks(K: int, V: int) -> Tuple[int, int, int]:
+def _blocks(K: int, V: int) -> Tuple[int, int, int, int, int]:
+    """(BK, BV, BR, forward warps, backward warps). The backward reads ``R`` in blocks of ``BR`` rows when a
+    [BK, BV] tile is over :data:`ROW_BLOCKED_TILE` (else ``BR = BK``: whole tiles), and then runs 8 warps
+    (255 registers a thread for ``S`` and ``dS``; 16 warps cap a thread at 128 and spill)."""
     BK = max(16, triton.next_power_of_2(K))
     BV = max(16, triton.next_power_of_2(V))
-    return BK, BV, num_warps_for(max(BK, BV) * BV)
+    warps = num_warps_for(max(BK, BV) * BV)
+    if BK * BV <= ROW_BLOCKED_TILE:
+        return BK, BV, BK, warps, warps
+    return BK, BV, min(BK, ROW_BLOCK), warps, 8
 
 
 class RecurrentDeltaTriton(torch.autograd.Function):
@@ -296,7 +351,7 @@ class RecurrentDeltaTriton(torch.autograd.Function):
         ck = torch.empty(ck_rows, K, V, device=dev)
         S_T = torch.empty(N, H, K, V, device=dev)
         y_T = torch.empty(N, H, V, device=dev)
-        BK, BV, warps = _blocks(K, V)
+        BK, BV, _, warps, _ = _blocks(K, V)
         _rdn_fwd_kernel[(N * H,)](
             q_c,
             k_c,
@@ -348,7 +403,7 @@ class RecurrentDeltaTriton(torch.autograd.Function):
         r = torch.empty(B, T, H, V, device=dev)  # tanh(y_{t-1}) of every step, for dR
         dS0 = torch.empty_like(S_T)
         dy0 = torch.empty_like(y0)
-        BK, BV, warps = _blocks(K, V)
+        BK, BV, BR, _, warps = _blocks(K, V)
         _rdn_bwd_kernel[(N * H,)](
             q,
             k,
@@ -380,6 +435,7 @@ class RecurrentDeltaTriton(torch.autograd.Function):
             CHECKPOINT=CHECKPOINT,
             BK=BK,
             BV=BV,
+            BR=BR,
             IS_VARLEN=is_varlen,
             num_warps=warps,
         )
