@@ -170,6 +170,21 @@ def test_triton_chunked_block_sizes(K, V):
 
 
 @triton_test
+@pytest.mark.parametrize("per_head_gate", [False, True])
+def test_triton_fused_narrow_value_blocks(monkeypatch, per_head_gate):
+    """The fused-recurrent kernels with value blocks narrowed by MAX_STATE_TILE (the K = 256 case): K = 32,
+    V = 40 in 16-column blocks (the last partial), dq/dk partial sums over 3 blocks, with a state."""
+    from kernels.ops.gla import triton_chunk, triton_recurrent
+
+    monkeypatch.setattr(triton_recurrent, "MAX_STATE_TILE", 32 * 16)
+    assert triton_recurrent._blocks(32, 40) == (32, 16)
+    assert triton_chunk.FUSED_MAX_T >= 9
+    compare_backends(
+        OP, "triton", T=9, decay="moderate", per_head_gate=per_head_gate, with_state=True, B=2, H=1, K=32, V=40
+    )
+
+
+@triton_test
 def test_triton_split_equals_one_pass():
     """Chunked pass (T = 40) then fused pass (T = 12, the default choice for short T)."""
     check_split(OP, "triton", 40, T=52, with_state=True, B=1, H=2, K=16, V=16)

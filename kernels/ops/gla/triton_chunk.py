@@ -45,6 +45,8 @@ def _block(n: int, cap: int = 64) -> int:
 DQK_BLOCK_K = 32
 #: 8 warps: no register spills for 64 x 64 fp32 state tiles (checked by compiling for sm_90)
 NUM_WARPS = 8
+#: steps per ``tl.dot`` in the fp32 state loops (``_fwd_states``, ``_bwd_states``); bf16 takes whole chunks
+STATE_ROWS_FP32 = 16
 
 
 @triton.jit
@@ -61,6 +63,42 @@ def _chunk_cumsum_kernel(g_ptr, b_ptr, T, H, K, PER_HEAD: tl.constexpr, C: tl.co
     else:
         g = tl.load(g_ptr + tok[:, None] * K + kk[None, :], mask=ok, other=0.0).to(tl.float32)
     tl.store(b_ptr + tok[:, None] * K + kk[None, :], tl.cumsum(g, 0), mask=ok)
+
+
+@triton.jit
+def _kv_rows(k_ptr, v_ptr, b_ptr, sid_ptr, tok0, t, T, H, K, V, kk, vv, b_last, s1, flows, LOWP: tl.constexpr,
+             VARLEN: tl.constexpr):  # fmt: skip
+    """``(k * exp(b_last - b))^T v`` over the steps ``t`` of one chunk (with VARLEN only the chunk's last
+    sequence's steps, and only if it flows into the next chunk)."""
+    t_ok = t < T
+    tok = tok0 + t * H
+    k = tl.load(k_ptr + tok[:, None] * K + kk[None, :], mask=t_ok[:, None] & (kk < K)[None, :], other=0.0)
+    v = tl.load(v_ptr + tok[:, None] * V + vv[None, :], mask=t_ok[:, None] & (vv < V)[None, :], other=0.0)
+    b = tl.load(b_ptr + tok[:, None] * K + kk[None, :], mask=t_ok[:, None] & (kk < K)[None, :], other=0.0)
+    if VARLEN:
+        sid = tl.load(sid_ptr + t, mask=t_ok, other=-1)
+        k_out = k.to(tl.float32) * masked_exp(b_last[None, :] - b, (t_ok & (sid == s1) & flows)[:, None])
+    else:
+        k_out = k.to(tl.float32) * masked_exp(b_last[None, :] - b, t_ok[:, None])
+    return dot(tl.trans(k_out), v.to(tl.float32), LOWP)
+
+
+@triton.jit
+def _qdo_rows(q_ptr, do_ptr, b_ptr, sid_ptr, tok0, t, T, H, K, V, kk, vv, s0, scale, LOWP: tl.constexpr,
+              VARLEN: tl.constexpr):  # fmt: skip
+    """``scale (q * exp(b))^T do`` over the steps ``t`` of one chunk (with VARLEN only the chunk's first
+    sequence's steps)."""
+    t_ok = t < T
+    tok = tok0 + t * H
+    q = tl.load(q_ptr + tok[:, None] * K + kk[None, :], mask=t_ok[:, None] & (kk < K)[None, :], other=0.0)
+    do = tl.load(do_ptr + tok[:, None] * V + vv[None, :], mask=t_ok[:, None] & (vv < V)[None, :], other=0.0)
+    b = tl.load(b_ptr + tok[:, None] * K + kk[None, :], mask=t_ok[:, None] & (kk < K)[None, :], other=0.0)
+    if VARLEN:
+        first = t_ok & (tl.load(sid_ptr + t, mask=t_ok, other=-1) == s0)
+        q_in = q.to(tl.float32) * masked_exp(b, first[:, None]) * scale
+    else:
+        q_in = q.to(tl.float32) * masked_exp(b, t_ok[:, None]) * scale
+    return dot(tl.trans(q_in), do.to(tl.float32), LOWP)
 
 
 @triton.jit
@@ -85,6 +123,7 @@ def _fwd_states_kernel(
     BV: tl.constexpr,
     VARLEN: tl.constexpr,
     HAS_X: tl.constexpr,
+    R: tl.constexpr,
 ):
     i_bh, i_k, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
@@ -101,29 +140,27 @@ def _fwd_states_kernel(
     else:
         S = tl.zeros([BK, BV], dtype=tl.float32)
     tok0 = i_b.to(tl.int64) * T * H + i_h
-    rows = tl.arange(0, C)
+    rows = tl.arange(0, R)
     for n in range(0, N):
         tl.store(hs_base + n * K * V + state_offs, S, mask=kv_ok)
-        t = n * C + rows
-        t_ok = t < T
-        tok = tok0 + t * H
-        k = tl.load(k_ptr + tok[:, None] * K + kk[None, :], mask=t_ok[:, None] & (kk < K)[None, :], other=0.0)
-        v = tl.load(v_ptr + tok[:, None] * V + vv[None, :], mask=t_ok[:, None] & (vv < V)[None, :], other=0.0)
-        b = tl.load(b_ptr + tok[:, None] * K + kk[None, :], mask=t_ok[:, None] & (kk < K)[None, :], other=0.0)
         t_last = tl.minimum(n * C + C, T) - 1
         b_last = tl.load(b_ptr + (tok0 + t_last * H) * K + kk, mask=kk < K, other=0.0)
         if VARLEN:  # only the last sequence's steps, and only if it continues into the next chunk
             s0, s1, flows = _chunk_seqs(sid_ptr, n * C, t_last, T)
-            sid = tl.load(sid_ptr + t, mask=t_ok, other=-1)
-            k_out = k.to(tl.float32) * masked_exp(b_last[None, :] - b, (t_ok & (sid == s1) & flows)[:, None])
             decay = tl.where(flows & (s0 == s1), tl.exp(b_last), 0.0)
-            S = S * decay[:, None] + dot(tl.trans(k_out), v.to(tl.float32), LOWP)
-            if HAS_X:  # a branch, not a masked load: the software pipeliner would prefetch the tile
-                if (tl.load(flag_ptr + n + 1) & 1) != 0:
-                    S += tl.load(x_base + (n + 1) * K * V + state_offs, mask=kv_ok, other=0.0)
         else:
-            k_out = k.to(tl.float32) * masked_exp(b_last[None, :] - b, t_ok[:, None])
-            S = S * tl.exp(b_last)[:, None] + dot(tl.trans(k_out), v.to(tl.float32), LOWP)
+            s1, flows = 0, True
+            decay = tl.exp(b_last)
+        # the chunk's k v^T in blocks of R rows (R < C for fp32: smaller FMA-dot operands)
+        kv = _kv_rows(k_ptr, v_ptr, b_ptr, sid_ptr, tok0, n * C + rows, T, H, K, V, kk, vv, b_last, s1, flows, LOWP,
+                      VARLEN)  # fmt: skip
+        for j in tl.static_range(1, C // R):
+            kv += _kv_rows(k_ptr, v_ptr, b_ptr, sid_ptr, tok0, n * C + j * R + rows, T, H, K, V, kk, vv, b_last, s1,
+                           flows, LOWP, VARLEN)  # fmt: skip
+        S = S * decay[:, None] + kv
+        if VARLEN and HAS_X:  # a branch, not a masked load: the software pipeliner would prefetch the tile
+            if (tl.load(flag_ptr + n + 1) & 1) != 0:
+                S += tl.load(x_base + (n + 1) * K * V + state_offs, mask=kv_ok, other=0.0)
     tl.store(hs_base + N * K * V + state_offs, S, mask=kv_ok)
 
 
@@ -298,6 +335,7 @@ def _bwd_states_kernel(
     BK: tl.constexpr,
     BV: tl.constexpr,
     VARLEN: tl.constexpr,
+    R: tl.constexpr,
 ):
     """dhs[n] = dL/d(state entering chunk n) (dhs[N]: of the final state). With VARLEN, ``dht`` is
     [B * H, N + 1, K, V]: the gradients of all entering states from outside (the final states')."""
@@ -316,30 +354,27 @@ def _bwd_states_kernel(
     else:
         dS = tl.zeros([BK, BV], dtype=tl.float32)
     tok0 = i_b.to(tl.int64) * T * H + i_h
-    rows = tl.arange(0, C)
+    rows = tl.arange(0, R)
     for i in range(0, N):
         n = N - 1 - i
         tl.store(dhs_base + (n + 1) * K * V + state_offs, dS, mask=kv_ok)
-        t = n * C + rows
-        t_ok = t < T
-        tok = tok0 + t * H
-        q = tl.load(q_ptr + tok[:, None] * K + kk[None, :], mask=t_ok[:, None] & (kk < K)[None, :], other=0.0)
-        do = tl.load(do_ptr + tok[:, None] * V + vv[None, :], mask=t_ok[:, None] & (vv < V)[None, :], other=0.0)
-        b = tl.load(b_ptr + tok[:, None] * K + kk[None, :], mask=t_ok[:, None] & (kk < K)[None, :], other=0.0)
         t_last = tl.minimum(n * C + C, T) - 1
         b_last = tl.load(b_ptr + (tok0 + t_last * H) * K + kk, mask=kk < K, other=0.0)
         if VARLEN:
             s0, s1, flows = _chunk_seqs(sid_ptr, n * C, t_last, T)
-            first = t_ok & (tl.load(sid_ptr + t, mask=t_ok, other=-1) == s0)
-            q_in = q.to(tl.float32) * masked_exp(b, first[:, None]) * scale
             decay = tl.where(flows & (s0 == s1), tl.exp(b_last), 0.0)
-            dS = dS * decay[:, None] + dot(tl.trans(q_in), do.to(tl.float32), LOWP)
-            if HAS_DHT:  # only chunks whose entering state a final state reads (flag bit 1)
-                if (tl.load(flag_ptr + n) & 2) != 0:
-                    dS += tl.load(ext_base + n * K * V + state_offs, mask=kv_ok, other=0.0)
         else:
-            q_in = q.to(tl.float32) * masked_exp(b, t_ok[:, None]) * scale
-            dS = dS * tl.exp(b_last)[:, None] + dot(tl.trans(q_in), do.to(tl.float32), LOWP)
+            s0 = 0
+            decay = tl.exp(b_last)
+        # the chunk's scale (q e^b)^T do in blocks of R rows (R < C for fp32: smaller FMA-dot operands)
+        qdo = _qdo_rows(q_ptr, do_ptr, b_ptr, sid_ptr, tok0, n * C + rows, T, H, K, V, kk, vv, s0, scale, LOWP, VARLEN)
+        for j in tl.static_range(1, C // R):
+            qdo += _qdo_rows(q_ptr, do_ptr, b_ptr, sid_ptr, tok0, n * C + j * R + rows, T, H, K, V, kk, vv, s0, scale,
+                             LOWP, VARLEN)  # fmt: skip
+        dS = dS * decay[:, None] + qdo
+        if VARLEN and HAS_DHT:  # only chunks whose entering state a final state reads (flag bit 1)
+            if (tl.load(flag_ptr + n) & 2) != 0:
+                dS += tl.load(ext_base + n * K * V + state_offs, mask=kv_ok, other=0.0)
     tl.store(dhs_base + state_offs, dS, mask=kv_ok)
 
 
@@ -613,6 +648,10 @@ class _Shapes:
         # injected initial states, the final states' gradients); in fp32 at 64 x 64 that spilled ~7 KB
         # per thread on sm_90 (compile gate), so those loops take half-width value blocks
         self.BV_states = self.BV if not varlen or self.lowp else _block(self.V, 32)
+        # exact fp32 dots are FMA loops whose operands each thread holds over the whole reduction: the
+        # state loops' [C, BK]^T [C, BV] products spilled 4-5 KB per thread on sm_80, so fp32 sums them
+        # over blocks of STATE_ROWS_FP32 steps
+        self.state_rows = CHUNK if self.lowp else STATE_ROWS_FP32
 
 
 def _cumsum(g: torch.Tensor, s: _Shapes) -> torch.Tensor:
@@ -646,6 +685,7 @@ def _states(k, v, b, h0, s: _Shapes, sid=None, X=None, flags=None) -> torch.Tens
         BV=s.BV_states,
         VARLEN=sid is not None,
         HAS_X=X is not None,
+        R=s.state_rows,
         num_warps=NUM_WARPS,
     )
     return hs
@@ -725,6 +765,7 @@ class _GLAChunkTriton(torch.autograd.Function):
             BK=s.BK,
             BV=s.BV_states,
             VARLEN=varlen,
+            R=s.state_rows,
             num_warps=NUM_WARPS,
         )
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)

@@ -291,8 +291,14 @@ def _fused_bwd_sequence(
         tl.store(dh0_ptr + state_offs, dS, mask=kv_ok)
 
 
+#: largest [BK, BV] state slice of one program: at K = 256 a [256, 64] slice spilled 280-320 bytes per
+#: thread in the backward (V = K + 1, compile gate), so wide keys take narrower value blocks
+MAX_STATE_TILE = 128 * 64
+
+
 def _blocks(K: int, V: int) -> Tuple[int, int]:
-    return max(16, triton.next_power_of_2(K)), min(64, max(16, triton.next_power_of_2(V)))
+    BK = max(16, triton.next_power_of_2(K))
+    return BK, min(64, max(16, triton.next_power_of_2(V)), max(16, MAX_STATE_TILE // BK))
 
 
 class _GLAFusedTriton(torch.autograd.Function):
