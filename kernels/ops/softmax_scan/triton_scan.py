@@ -288,6 +288,7 @@ class _SoftmaxScanTriton(torch.autograd.Function):
         ds = torch.empty(B, T, H, device=s.device, dtype=torch.float32)
         dv = torch.empty_like(v)
         R0, r0 = torch.empty_like(wT), torch.empty_like(uT)
+        block_v = max(16, triton.next_power_of_2(V))
         _softmax_scan_bwd_kernel[(mT.shape[0] * H,)](
             s,
             v,
@@ -307,8 +308,8 @@ class _SoftmaxScanTriton(torch.autograd.Function):
             IS_VARLEN=cu is not None,
             LOWP=v.dtype != torch.float32,
             BLOCK_T=BLOCK_T,
-            BLOCK_V=max(16, triton.next_power_of_2(V)),
-            num_warps=8,
+            BLOCK_V=block_v,
+            num_warps=8 if block_v <= 128 else 16,  # [BLOCK_T, 256] fp32 tiles spill at 8 warps
         )
         if cu is not None:
             return _packed_initial_grads(ds, dv, s, ell, R0, r0, init, cu)
