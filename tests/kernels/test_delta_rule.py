@@ -40,13 +40,19 @@ class TestDeltaRule(ChunkedOpCases):
 @harness.triton_test
 @pytest.mark.parametrize("gated", [True, False])
 def test_triton_chunk_grads_walk_key_blocks(monkeypatch, gated):
-    # key block of the per-chunk gradient kernel shrunk to 16 so that K = 40 takes 3 blocks (the last
-    # half empty), with 32-step chunks, as K = 128 takes 2 blocks of 64 on a GPU
+    # key block of the per-chunk gradient kernel and the key / value blocks of every contraction shrunk
+    # to 16 so that K = 40 takes 3 blocks (the last half empty) and V = 24 two, with 32-step chunks, as
+    # K = V = 128 takes 4 blocks of 32 in fp32 (2 of 64 in bf16, 4 of 32 in _grads_solve) on a GPU: the
+    # state loops then read W S and Kd dS back from the states they store
     from kernels.ops.common import tiles as triton_utils
     from kernels.ops.delta_rule import triton_chunk
 
     monkeypatch.setattr(triton_chunk, "_GRAD_BK", 16)
     monkeypatch.setattr(triton_chunk, "_GRAD_BK_FP32", 16)
+    monkeypatch.setattr(triton_chunk, "_EXACT_BLOCK", 16)
+    monkeypatch.setattr(triton_chunk, "_SOLVE_BLOCK", 16)
+    blk = triton_chunk._blocks(40, 24, torch.float32)
+    assert (blk.BK, blk.BKC, blk.BVC, blk.BKD, blk.BVD, blk.BKG) == (64, 16, 16, 16, 16, 16)
     monkeypatch.setattr(triton_utils, "WIDE_HEAD", 16)
     monkeypatch.setattr(delta_rule_op, "RECURRENT_MAX_T", 0)
     shape = dict(B=1, T=40, H=1, K=40, V=24, with_state=True, seed=5)
@@ -54,6 +60,19 @@ def test_triton_chunk_grads_walk_key_blocks(monkeypatch, gated):
         harness.compare_backends(OP, "triton", decay="moderate", **shape)
     else:
         _compare_without_gate("triton", **shape)
+
+
+@harness.triton_test
+def test_triton_chunk_blocks_of_bf16_heads_of_64(monkeypatch):
+    # the blocks bf16 inputs take at K = V = 64 (64-step chunks): the backward state loop in value blocks of
+    # 32 (the forward one whole), _grads_solve in key and value blocks of 32
+    from kernels.ops.delta_rule import triton_chunk
+
+    blk = triton_chunk._blocks(64, 64, torch.bfloat16)
+    assert (blk.BT, blk.BVS, blk.BVSB, blk.BKD, blk.BVD) == (64, 64, 32, 32, 32)
+    monkeypatch.setattr(delta_rule_op, "RECURRENT_MAX_T", 0)
+    shape = dict(B=1, T=100, H=1, K=64, V=64, decay="moderate", with_state=True)
+    harness.compare_backends(OP, "triton", dtype=torch.bfloat16, **shape)
 
 
 @harness.triton_test

@@ -10,6 +10,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from kernels.ops.common.tiles import load_tile
+
 
 @triton.jit
 def state_block(i_v, i_bh, H, K, V, BK: tl.constexpr, BV: tl.constexpr):
@@ -44,3 +46,38 @@ def start_state(ptr, row, K, V, kv_offs, kv_mask, HAS: tl.constexpr, BK: tl.cons
 def store_state(ptr, S, row, K, V, kv_offs, kv_mask):
     """Store the state block into [K, V] matrix ``row`` (int64) of ``ptr``."""
     tl.store(ptr + row * K * V + kv_offs, S, mask=kv_mask)
+
+
+@triton.jit
+def add_w_state(
+    acc,
+    w_ptr,
+    S,
+    states_ptr,
+    row0,
+    srow,
+    K,
+    V,
+    v0,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    BKR: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """``acc + W S`` in the state loops (Z = Zv + Wz S forward, dY = dYo + Wb dS backward): W [BT, K] of the
+    chunk at buffer row ``row0``, S the held [BK, BV] block; BKR < BK: in key blocks of BKR read back from
+    the state just stored at row ``srow`` of ``states_ptr`` (smaller dot operands for exact fp32 dots)."""
+    if BKR < BK:
+        tl.debug_barrier()
+        k0 = 0
+        while k0 < K:
+            acc += tl.dot(
+                load_tile(w_ptr, row0, BT, K, k0, BT, BKR),
+                load_tile(states_ptr, srow + k0, K - k0, V, v0, BKR, BV),
+                input_precision=PREC,
+            )
+            k0 += BKR
+    else:
+        acc += tl.dot(load_tile(w_ptr, row0, BT, K, 0, BT, BK), S, input_precision=PREC)
+    return acc

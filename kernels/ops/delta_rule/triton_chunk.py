@@ -14,6 +14,12 @@ Backward kernels: ``_state_bwd`` (reverse loop: the gradient of every leaving st
 chunk: the rest of dk and db, dv, dbeta; two kernels to keep the live tiles, and so shared memory,
 small); then dg = reverse chunk cumsum of db on the host.
 
+Every contraction over keys or values runs in blocks (:class:`_Blocks`: at most 64 wide in bf16, 32 in
+fp32, whose exact dots are FMA loops holding the whole reduction per thread), summing partial products;
+the state loops, which hold a [K, BV] state, read it back in key blocks from the copy they store for the
+other kernels when the key block is narrower than K. No tile is wider than its block, so the kernels fit
+the registers at K = V = 128 (``python -m kernels.compile_check``: at most 256 spilled bytes per thread).
+
 Packed sequences (``cu_seqlens``, B = 1): the chunks are aligned to sequence starts
 (:class:`~kernels.ops.utils.chunk_table.ChunkTable`); every per-chunk kernel reads its chunk's first step
 and its sequence's end from the table (``IS_VARLEN``), the state loops run one program per (sequence,
@@ -22,11 +28,13 @@ head) over that sequence's chunks, from ``h0[n]`` to ``ht[n]``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
-from kernels.ops.common.state import start_state, state_block, store_state
+from kernels.ops.common.state import add_w_state, start_state, state_block, store_state
 from kernels.ops.common.tiles import (
     LAUNCH,
     block_size,
@@ -61,9 +69,61 @@ _GRAD_BK = 32
 _GRAD_BK_FP32 = 16
 #: exact fp32 dots (fp32 inputs) are FMA loops in which each thread holds its operands' whole reduction
 #: length: with 64-step chunks and 64-wide state blocks K = V = 64 spilled 16-68 KB per thread (sm_80 /
-#: sm_90); 32-step chunks and state value blocks of 16 spill nothing there (K = 128 still spills)
+#: sm_90); 32-step chunks and state value blocks of 16 spill nothing there (K = 128 spilled too, up to
+#: 24 KB, until the contractions ran in blocks, below)
 _EXACT_CHUNK = 32
 _EXACT_STATE_BV = 16
+#: widest key / value block of the contractions over keys (values) inside a kernel: the per-chunk
+#: kernels and the state loops sum them over blocks (the state loops' W S and Kd dS from the state they
+#: just stored), so an exact fp32 FMA dot holds at most a 32-long reduction per operand (K = 128 spilled
+#: 0.3-24 KB per thread with whole keys) and a tf32 one at most 64
+_BLOCK = 64
+_EXACT_BLOCK = 32
+#: elements of a [BT, BV] tile of the backward state loop (its value block): at 64-step chunks (bf16,
+#: K = V = 64) value blocks of 64 spilled 380-840 bytes per thread on sm_80, blocks of 32 at most 64
+_STATE_BWD_ELEMS = 64 * 32
+#: key and value block of ``_grads_solve``, which holds three [BT, BT] tiles besides its blocks: bf16
+#: whole 64-wide blocks spilled 650-2,900 bytes per thread at K = V = 64 (sm_80), blocks of 64 at
+#: K = V = 128 68-116 (sm_80 / sm_90), blocks of 32 at most 212 at K = 64 (sm_80) and 0 elsewhere
+_SOLVE_BLOCK = 32
+
+
+@dataclass(frozen=True)
+class _Blocks:
+    """Chunk length and tile widths of one call (K keys, V values, input dtype)."""
+
+    BT: int  # chunk length
+    BK: int  # whole key width (the state loops' state block, dq / dk tiles)
+    BV: int  # whole value width
+    BVS: int  # value block of the forward state loop and of the output kernel
+    BVSB: int  # value block of the backward state loop
+    BKC: int  # key block of the contractions over keys (forward kernels, state loops)
+    BVC: int  # value block of the contractions over values in ``_grads_output_state``
+    BKG: int  # key block of ``_grads_output_state`` (one program per block)
+    BKD: int  # key block of ``_grads_solve``
+    BVD: int  # value block of ``_grads_solve``
+
+
+def _blocks(K: int, V: int, dtype: torch.dtype) -> _Blocks:
+    """Block sizes for K keys, V values and inputs of ``dtype`` (fp32: exact dots, smaller tiles)."""
+    exact = dot_precision(dtype) == "ieee"
+    BT = chunk_length(K, V)
+    BK, BV = block_size(K), block_size(V)
+    BT = min(BT, _EXACT_CHUNK) if exact else BT
+    blk = _EXACT_BLOCK if exact else _BLOCK
+    BVS = min(BV, _EXACT_STATE_BV if exact else _STATE_BV)
+    return _Blocks(
+        BT=BT,
+        BK=BK,
+        BV=BV,
+        BVS=BVS,
+        BVSB=min(BVS, max(16, _STATE_BWD_ELEMS // BT)),
+        BKC=min(BK, blk),
+        BVC=min(BV, blk),
+        BKG=min(BK, _GRAD_BK_FP32 if exact else _GRAD_BK),
+        BKD=min(BK, _SOLVE_BLOCK),
+        BVD=min(BV, _SOLVE_BLOCK),
+    )
 
 
 @triton.jit
@@ -98,28 +158,40 @@ def _prep_fwd(
     GATED: tl.constexpr,
     IS_VARLEN: tl.constexpr,
     BT: tl.constexpr,
-    BK: tl.constexpr,
-    BV: tl.constexpr,
+    BKC: tl.constexpr,
+    BVC: tl.constexpr,
     PREC: tl.constexpr,
 ):
+    """Per chunk: Ai = (I + A)^-1, W = Ai diag(beta gamma) K and U~ = Ai diag(beta) V; K K^T summed over
+    key blocks of BKC, W and U~ formed in key / value blocks of BKC / BVC (each block read again)."""
     i_n, i_bh = tl.program_id(0), tl.program_id(1)
     b, h, t0, row0 = chunk_start(i_n, i_bh, H, Tp, BT)
     t0, T = chunk_span(spans_ptr, i_n, t0, T, IS_VARLEN)
     rows = tl.arange(0, BT)
-    k = load_rows(k_ptr, b, h, t0, T, H, K, 0, BT, BK)
-    v = load_rows(v_ptr, b, h, t0, T, H, V, 0, BT, BV)
     beta = load_steps(beta_ptr, b, h, t0, T, H, BT)
     if GATED:
         bc = tl.load(bcum_ptr + row0 + rows)
     else:
         bc = tl.zeros([BT], dtype=tl.float32)
-    A = beta[:, None] * _decay_matrix(bc, GATED, True, BT) * tl.dot(k, tl.trans(k), input_precision=PREC)
-    ainv = unit_lower_inverse(A, BT, PREC)
+    kk = tl.zeros([BT, BT], dtype=tl.float32)
+    k0 = 0
+    while k0 < K:
+        kb = load_rows(k_ptr, b, h, t0, T, H, K, k0, BT, BKC)
+        kk += tl.dot(kb, tl.trans(kb), input_precision=PREC)
+        k0 += BKC
+    ainv = unit_lower_inverse(beta[:, None] * _decay_matrix(bc, GATED, True, BT) * kk, BT, PREC)
     store_tile(ainv_ptr, ainv, row0, BT, BT, 0, BT, BT)
-    w = tl.dot(ainv, k * (beta * tl.exp(bc))[:, None], input_precision=PREC)
-    ut = tl.dot(ainv, v * beta[:, None], input_precision=PREC)
-    store_tile(w_ptr, w, row0, BT, K, 0, BT, BK)
-    store_tile(ut_ptr, ut, row0, BT, V, 0, BT, BV)
+    k_scale = (beta * tl.exp(bc))[:, None]
+    k0 = 0
+    while k0 < K:
+        w = tl.dot(ainv, load_rows(k_ptr, b, h, t0, T, H, K, k0, BT, BKC) * k_scale, input_precision=PREC)
+        store_tile(w_ptr, w, row0, BT, K, k0, BT, BKC)
+        k0 += BKC
+    v0 = 0
+    while v0 < V:
+        ut = tl.dot(ainv, load_rows(v_ptr, b, h, t0, T, H, V, v0, BT, BVC) * beta[:, None], input_precision=PREC)
+        store_tile(ut_ptr, ut, row0, BT, V, v0, BT, BVC)
+        v0 += BVC
 
 
 @triton.jit
@@ -147,8 +219,11 @@ def _state_fwd(
     BT: tl.constexpr,
     BK: tl.constexpr,
     BV: tl.constexpr,
+    BKC: tl.constexpr,
     PREC: tl.constexpr,
 ):
+    """Per head and V block, over the chunks: store the entering state S, U = U~ - W S (W S in key blocks
+    of BKC read back from the stored state when BKC < BK), S' = gamma_C S + (K * exp(b_C - b))^T U."""
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     b, h, rk, rv, mk, mv, kv_offs, kv_mask = state_block(i_v, i_bh, H, K, V, BK, BV)
     v0 = i_v * BV
@@ -159,9 +234,12 @@ def _state_fwd(
     while n < c_hi:  # not range(): breaks the Triton 3.6 interpreter
         t0, T_n = chunk_span(spans_ptr, n, n * BT, T, IS_VARLEN)
         row0 = i_buf * Tp + n * BT
-        store_state(states_ptr, S, i_buf.to(tl.int64) * NT + n, K, V, kv_offs, kv_mask)
-        w = load_tile(w_ptr, row0, BT, K, 0, BT, BK)
-        u = load_tile(ut_ptr, row0, BT, V, v0, BT, BV) - tl.dot(w, S, input_precision=PREC)
+        srow = i_buf.to(tl.int64) * NT + n
+        store_state(states_ptr, S, srow, K, V, kv_offs, kv_mask)
+        ws = add_w_state(
+            tl.zeros([BT, BV], dtype=tl.float32), w_ptr, S, states_ptr, row0, srow * K, K, V, v0, BT, BK, BV, BKC, PREC
+        )
+        u = load_tile(ut_ptr, row0, BT, V, v0, BT, BV) - ws
         store_tile(u_ptr, u, row0, BT, V, v0, BT, BV)
         k = load_rows(k_ptr, b, h, t0, T_n, H, K, 0, BT, BK)
         if GATED:
@@ -194,24 +272,32 @@ def _output_fwd(
     GATED: tl.constexpr,
     IS_VARLEN: tl.constexpr,
     BT: tl.constexpr,
-    BK: tl.constexpr,
     BV: tl.constexpr,
+    BKC: tl.constexpr,
     PREC: tl.constexpr,
 ):
+    """Per chunk and V block: O = scale (diag(gamma) Q S + (M * Q K^T) U), Q K^T and Q S summed over key
+    blocks of BKC."""
     i_n, i_bh, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h, t0, row0 = chunk_start(i_n, i_bh, H, Tp, BT)
     t0, T = chunk_span(spans_ptr, i_n, t0, T, IS_VARLEN)
     v0 = i_v * BV
-    q = load_rows(q_ptr, b, h, t0, T, H, K, 0, BT, BK)
-    k = load_rows(k_ptr, b, h, t0, T, H, K, 0, BT, BK)
-    S = load_tile(states_ptr, (i_bh * NT + i_n) * K, K, V, v0, BK, BV)
+    srow = (i_bh * NT + i_n) * K
+    scores = tl.zeros([BT, BT], dtype=tl.float32)
+    qs = tl.zeros([BT, BV], dtype=tl.float32)
+    k0 = 0
+    while k0 < K:
+        qb = load_rows(q_ptr, b, h, t0, T, H, K, k0, BT, BKC)
+        scores += tl.dot(qb, tl.trans(load_rows(k_ptr, b, h, t0, T, H, K, k0, BT, BKC)), input_precision=PREC)
+        qs += tl.dot(qb, load_tile(states_ptr, srow + k0, K - k0, V, v0, BKC, BV), input_precision=PREC)
+        k0 += BKC
     u = load_tile(u_ptr, row0, BT, V, v0, BT, BV)
     if GATED:
         bc = tl.load(bcum_ptr + row0 + tl.arange(0, BT))
     else:
         bc = tl.zeros([BT], dtype=tl.float32)
-    scores = tl.dot(q, tl.trans(k), input_precision=PREC) * _decay_matrix(bc, GATED, False, BT)
-    o = tl.dot(q, S, input_precision=PREC) * tl.exp(bc)[:, None] + tl.dot(scores, u, input_precision=PREC)
+    scores = scores * _decay_matrix(bc, GATED, False, BT)
+    o = qs * tl.exp(bc)[:, None] + tl.dot(scores, u, input_precision=PREC)
     store_rows(o_ptr, o * scale, b, h, t0, T, H, V, v0, BT, BV)
 
 
@@ -242,9 +328,11 @@ def _state_bwd(
     BT: tl.constexpr,
     BK: tl.constexpr,
     BV: tl.constexpr,
+    BKC: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """Reverse loop: dS (gradient of the state leaving chunk n) and dU = scale scores^T dO + Kd dS."""
+    """Reverse loop: dS (gradient of the state leaving chunk n) and dU = scale scores^T dO + Kd dS, the
+    contractions over keys in blocks of BKC (Kd dS from the stored dS when BKC < BK)."""
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     b, h, rk, rv, mk, mv, kv_offs, kv_mask = state_block(i_v, i_bh, H, K, V, BK, BV)
     v0 = i_v * BV
@@ -256,23 +344,36 @@ def _state_bwd(
         n = c_hi - 1 - (i - c_lo)
         t0, T_n = chunk_span(spans_ptr, n, n * BT, T, IS_VARLEN)
         row0 = i_buf * Tp + n * BT
-        store_state(dstates_ptr, dS, i_buf.to(tl.int64) * NT + n, K, V, kv_offs, kv_mask)
-        q = load_rows(q_ptr, b, h, t0, T_n, H, K, 0, BT, BK)
-        k = load_rows(k_ptr, b, h, t0, T_n, H, K, 0, BT, BK)
-        do = load_rows(do_ptr, b, h, t0, T_n, H, V, v0, BT, BV)
-        w = load_tile(w_ptr, row0, BT, K, 0, BT, BK)
+        srow = i_buf.to(tl.int64) * NT + n
+        store_state(dstates_ptr, dS, srow, K, V, kv_offs, kv_mask)
         if GATED:
             bc = tl.load(bcum_ptr + row0 + rows)
             b_last = tl.load(bcum_ptr + row0 + BT - 1)
         else:
             bc = tl.zeros([BT], dtype=tl.float32)
             b_last = 0.0
-        # scores^T[i, t] = exp(b_t - b_i) k_i . q_t for t >= i
-        scores_t = tl.dot(k, tl.trans(q), input_precision=PREC) * tl.trans(_decay_matrix(bc, GATED, False, BT))
-        kd = k * tl.exp(b_last - bc)[:, None]
-        du = scale * tl.dot(scores_t, do, input_precision=PREC) + tl.dot(kd, dS, input_precision=PREC)
+        to_end = tl.exp(b_last - bc)[:, None]
+        # scores^T[i, t] = exp(b_t - b_i) k_i . q_t for t >= i, and Kd dS, Kd = K * exp(b_C - b)
+        scores_t = tl.zeros([BT, BT], dtype=tl.float32)
+        kd_ds = tl.zeros([BT, BV], dtype=tl.float32)
+        if BKC < BK:
+            tl.debug_barrier()  # dS just stored, read back in key blocks
+        k0 = 0
+        while k0 < K:
+            kb = load_rows(k_ptr, b, h, t0, T_n, H, K, k0, BT, BKC)
+            scores_t += tl.dot(kb, tl.trans(load_rows(q_ptr, b, h, t0, T_n, H, K, k0, BT, BKC)), input_precision=PREC)
+            if BKC < BK:
+                ds_block = load_tile(dstates_ptr, srow * K + k0, K - k0, V, v0, BKC, BV)
+                kd_ds += tl.dot(kb * to_end, ds_block, input_precision=PREC)
+            else:
+                kd_ds += tl.dot(kb * to_end, dS, input_precision=PREC)
+            k0 += BKC
+        do = load_rows(do_ptr, b, h, t0, T_n, H, V, v0, BT, BV)
+        scores_t = scores_t * tl.trans(_decay_matrix(bc, GATED, False, BT))
+        du = scale * tl.dot(scores_t, do, input_precision=PREC) + kd_ds
         store_tile(du_ptr, du, row0, BT, V, v0, BT, BV)
-        qg = q * (scale * tl.exp(bc))[:, None]
+        w = load_tile(w_ptr, row0, BT, K, 0, BT, BK)
+        qg = load_rows(q_ptr, b, h, t0, T_n, H, K, 0, BT, BK) * (scale * tl.exp(bc))[:, None]
         dS = (
             dS * tl.exp(b_last)
             + tl.dot(tl.trans(qg), do, input_precision=PREC)
@@ -307,12 +408,12 @@ def _grads_output_state(
     IS_VARLEN: tl.constexpr,
     BT: tl.constexpr,
     BK: tl.constexpr,
-    BV: tl.constexpr,
+    BVC: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """Per chunk and key block of BK (values whole, BV >= V), the output and state-update paths:
-    that block's columns of dq and dk (part), and its share of db (b = chunk cumsum of g), stored
-    at ``db_ptr``'s row block ``i_k`` ([NK, B*H*Tp]; the host sums the key blocks).
+    """Per chunk and key block of BK (the contractions over values in blocks of BVC), the output and
+    state-update paths: that block's columns of dq and dk (part), and its share of db (b = chunk cumsum
+    of g), stored at ``db_ptr``'s row block ``i_k`` ([NK, B*H*Tp]; the host sums the key blocks).
 
     Terms whose decay exponent is exactly 0 (the scores' diagonal, the chunk's last step in the state
     update) are left out of db, so that they do not leave rounding noise in tiny decay gradients."""
@@ -322,12 +423,24 @@ def _grads_output_state(
     k0 = i_k * BK
     srow = (i_bh * NT + i_n) * K + k0
     rows = tl.arange(0, BT)
+    # dO U^T, dO S^T, U dS^T and sum(dS * S) over value blocks
+    do_u = tl.zeros([BT, BT], dtype=tl.float32)
+    do_s = tl.zeros([BT, BK], dtype=tl.float32)
+    u_ds = tl.zeros([BT, BK], dtype=tl.float32)
+    ds_s = tl.zeros([BK], dtype=tl.float32)
+    v0 = 0
+    while v0 < V:
+        do = load_rows(do_ptr, b, h, t0, T, H, V, v0, BT, BVC)
+        u = load_tile(u_ptr, row0, BT, V, v0, BT, BVC)
+        S = load_tile(states_ptr, srow, K - k0, V, v0, BK, BVC)
+        dS = load_tile(dstates_ptr, srow, K - k0, V, v0, BK, BVC)
+        do_u += tl.dot(do, tl.trans(u), input_precision=PREC)
+        do_s += tl.dot(do, tl.trans(S), input_precision=PREC)
+        u_ds += tl.dot(u, tl.trans(dS), input_precision=PREC)
+        ds_s += tl.sum(dS * S, 1)
+        v0 += BVC
     q = load_rows(q_ptr, b, h, t0, T, H, K, k0, BT, BK)
     k = load_rows(k_ptr, b, h, t0, T, H, K, k0, BT, BK)
-    do = load_rows(do_ptr, b, h, t0, T, H, V, 0, BT, BV)
-    u = load_tile(u_ptr, row0, BT, V, 0, BT, BV)
-    S = load_tile(states_ptr, srow, K - k0, V, 0, BK, BV)
-    dS = load_tile(dstates_ptr, srow, K - k0, V, 0, BK, BV)
     if GATED:
         bc = tl.load(bcum_ptr + row0 + rows)
         b_last = tl.load(bcum_ptr + row0 + BT - 1)
@@ -335,18 +448,18 @@ def _grads_output_state(
         bc = tl.zeros([BT], dtype=tl.float32)
         b_last = 0.0
     # output: O = scale (diag(gamma) Q S + (M * Q K^T) U)
-    p = tl.dot(do, tl.trans(u), input_precision=PREC) * _decay_matrix(bc, GATED, False, BT) * scale
-    dq_gamma = tl.dot(do, tl.trans(S), input_precision=PREC) * (scale * tl.exp(bc))[:, None]
+    p = do_u * _decay_matrix(bc, GATED, False, BT) * scale
+    dq_gamma = do_s * (scale * tl.exp(bc))[:, None]
     dq = dq_gamma + tl.dot(p, k, input_precision=PREC)
     dk = tl.dot(tl.trans(p), q, input_precision=PREC)
     pqk = tl.where(rows[:, None] > rows[None, :], p * tl.dot(q, tl.trans(k), input_precision=PREC), 0.0)
     db = tl.sum(dq_gamma * q, 1) + tl.sum(pqk, 1) - tl.sum(pqk, 0)
     # state update: S' = gamma_C S + (K * exp(b_C - b))^T U
-    dk_state = tl.dot(u, tl.trans(dS), input_precision=PREC) * tl.exp(b_last - bc)[:, None]
+    dk_state = u_ds * tl.exp(b_last - bc)[:, None]
     dk += dk_state
     d_end = tl.where(rows < BT - 1, tl.sum(dk_state * k, 1), 0.0)
     db -= d_end
-    db_last = tl.sum(d_end, 0) + tl.exp(b_last) * tl.sum(tl.sum(dS * S, 1), 0)
+    db_last = tl.sum(d_end, 0) + tl.exp(b_last) * tl.sum(ds_s, 0)
     db = tl.where(rows == BT - 1, db + db_last, db)
     store_rows(dq_ptr, dq, b, h, t0, T, H, K, k0, BT, BK)
     store_rows(dk_ptr, dk, b, h, t0, T, H, K, k0, BT, BK)
@@ -379,71 +492,95 @@ def _grads_solve(
     GATED: tl.constexpr,
     IS_VARLEN: tl.constexpr,
     BT: tl.constexpr,
-    BK: tl.constexpr,
-    BV: tl.constexpr,
+    BKC: tl.constexpr,
+    BVC: tl.constexpr,
     PREC: tl.constexpr,
 ):
     """Per chunk, the WY path U = U~ - W S, [U~ | W] = Ai [diag(beta) V | diag(beta gamma) K]:
-    dv, dbeta, and the rest of dk and db (added to what ``_grads_output_state`` stored)."""
+    dv, dbeta, and the rest of dk and db (added to what ``_grads_output_state`` stored).
+
+    Values in blocks of BVC: dXv = Ai^T dU (dv, dbeta, dA); keys in blocks of BKC: dXk = -Ai^T dU S^T
+    (dk, db, dbeta, dA) and K K^T; then, once dA is whole, the K K^T term of dk, key block by key block
+    (dk read back and stored twice)."""
     i_n, i_bh = tl.program_id(0), tl.program_id(1)
     b, h, t0, row0 = chunk_start(i_n, i_bh, H, Tp, BT)
     t0, T = chunk_span(spans_ptr, i_n, t0, T, IS_VARLEN)
     rows = tl.arange(0, BT)
-    k = load_rows(k_ptr, b, h, t0, T, H, K, 0, BT, BK)
-    v = load_rows(v_ptr, b, h, t0, T, H, V, 0, BT, BV)
+    srow = (i_bh * NT + i_n) * K
     beta = load_steps(beta_ptr, b, h, t0, T, H, BT)
-    ainv = load_tile(ainv_ptr, row0, BT, BT, 0, BT, BT)
-    du = load_tile(du_ptr, row0, BT, V, 0, BT, BV)
-    S = load_tile(states_ptr, (i_bh * NT + i_n) * K, K, V, 0, BK, BV)
+    ainv_t = tl.trans(load_tile(ainv_ptr, row0, BT, BT, 0, BT, BT))
     if GATED:
         bc = tl.load(bcum_ptr + row0 + rows)
     else:
         bc = tl.zeros([BT], dtype=tl.float32)
     gamma = tl.exp(bc)
-    dxv = tl.dot(tl.trans(ainv), du, input_precision=PREC)
-    dxk = -tl.dot(tl.trans(ainv), tl.dot(du, tl.trans(S), input_precision=PREC), input_precision=PREC)
-    dxk_k = tl.sum(dxk * k, 1)
-    dbeta = tl.sum(dxv * v, 1) + gamma * dxk_k
+    # A = strict_lower(diag(beta) exp(b_t - b_j) K K^T), Ai = (I + A)^-1: dA = -(dXv U~^T + dXk W^T)
+    da = tl.zeros([BT, BT], dtype=tl.float32)
+    dbeta = tl.zeros([BT], dtype=tl.float32)
+    v0 = 0
+    while v0 < V:
+        dxv = tl.dot(ainv_t, load_tile(du_ptr, row0, BT, V, v0, BT, BVC), input_precision=PREC)
+        store_rows(dv_ptr, dxv * beta[:, None], b, h, t0, T, H, V, v0, BT, BVC)
+        dbeta += tl.sum(dxv * load_rows(v_ptr, b, h, t0, T, H, V, v0, BT, BVC), 1)
+        da += tl.dot(dxv, tl.trans(load_tile(ut_ptr, row0, BT, V, v0, BT, BVC)), input_precision=PREC)
+        v0 += BVC
+    kk = tl.zeros([BT, BT], dtype=tl.float32)
+    dxk_k = tl.zeros([BT], dtype=tl.float32)
+    k0 = 0
+    while k0 < K:
+        du_st = tl.zeros([BT, BKC], dtype=tl.float32)
+        v0 = 0
+        while v0 < V:
+            du_st += tl.dot(
+                load_tile(du_ptr, row0, BT, V, v0, BT, BVC),
+                tl.trans(load_tile(states_ptr, srow + k0, K - k0, V, v0, BKC, BVC)),
+                input_precision=PREC,
+            )
+            v0 += BVC
+        dxk = -tl.dot(ainv_t, du_st, input_precision=PREC)
+        kb = load_rows(k_ptr, b, h, t0, T, H, K, k0, BT, BKC)
+        dxk_k += tl.sum(dxk * kb, 1)
+        da += tl.dot(dxk, tl.trans(load_tile(w_ptr, row0, BT, K, k0, BT, BKC)), input_precision=PREC)
+        kk += tl.dot(kb, tl.trans(kb), input_precision=PREC)
+        dk = dxk * (beta * gamma)[:, None] + load_rows(dk_ptr, b, h, t0, T, H, K, k0, BT, BKC)
+        store_rows(dk_ptr, dk, b, h, t0, T, H, K, k0, BT, BKC)
+        k0 += BKC
+    dbeta += gamma * dxk_k
     db = beta * gamma * dxk_k
-    dk = dxk * (beta * gamma)[:, None]
-    store_rows(dv_ptr, dxv * beta[:, None], b, h, t0, T, H, V, 0, BT, BV)
-    # Ai = (I + A)^-1, A = strict_lower(diag(beta) exp(b_t - b_j) K K^T): dA = -(dXv U~^T + dXk W^T)
-    da = tl.dot(dxv, tl.trans(load_tile(ut_ptr, row0, BT, V, 0, BT, BV)), input_precision=PREC) + tl.dot(
-        dxk, tl.trans(load_tile(w_ptr, row0, BT, K, 0, BT, BK)), input_precision=PREC
-    )
     da = -da * _decay_matrix(bc, GATED, True, BT)
-    kk = tl.dot(k, tl.trans(k), input_precision=PREC)
     dbeta += tl.sum(da * kk, 1)
     dkk = da * beta[:, None]
-    dk += tl.dot(dkk, k, input_precision=PREC) + tl.dot(tl.trans(dkk), k, input_precision=PREC)
     da_a = dkk * kk  # dA * A
     db += tl.sum(da_a, 1) - tl.sum(da_a, 0)
     store_steps(dbeta_ptr, dbeta, b, h, t0, T, H, BT)
-    store_rows(dk_ptr, dk + load_rows(dk_ptr, b, h, t0, T, H, K, 0, BT, BK), b, h, t0, T, H, K, 0, BT, BK)
     if GATED:
         tl.store(db_ptr + row0 + rows, db + tl.load(db_ptr + row0 + rows))
+    tl.debug_barrier()  # dk of this chunk stored above, read back by other threads
+    k0 = 0
+    while k0 < K:
+        kb = load_rows(k_ptr, b, h, t0, T, H, K, k0, BT, BKC)
+        dk = tl.dot(dkk, kb, input_precision=PREC) + tl.dot(tl.trans(dkk), kb, input_precision=PREC)
+        dk += load_rows(dk_ptr, b, h, t0, T, H, K, k0, BT, BKC)
+        store_rows(dk_ptr, dk, b, h, t0, T, H, K, k0, BT, BKC)
+        k0 += BKC
 
 
 def _chunk(q, v) -> int:
     """Chunk length: ``chunk_length``, at most ``_EXACT_CHUNK`` for fp32 inputs (exact dots)."""
-    BT = chunk_length(q.shape[-1], v.shape[-1])
-    return min(BT, _EXACT_CHUNK) if dot_precision(q.dtype) == "ieee" else BT
-
-
-def _state_bv(q, BV: int) -> int:
-    """Value block of the state-passing kernels."""
-    return min(BV, _EXACT_STATE_BV if dot_precision(q.dtype) == "ieee" else _STATE_BV)
+    return _blocks(q.shape[-1], v.shape[-1], q.dtype).BT
 
 
 class _Layout:
-    """Sizes and chunk layout of one call: B, T, H, K, V, BT, NT (chunks per row), Tp = NT BT (buffer rows
-    per batch x head), NS (state-loop programs per head row: B, or N sequences), and with packed sequences
-    the :class:`~kernels.ops.utils.chunk_table.ChunkTable` (``table``; None otherwise)."""
+    """Sizes and chunk layout of one call: B, T, H, K, V, the block sizes (``blk``, :class:`_Blocks`), BT,
+    NT (chunks per row), Tp = NT BT (buffer rows per batch x head), NS (state-loop programs per head row:
+    B, or N sequences), and with packed sequences the :class:`~kernels.ops.utils.chunk_table.ChunkTable`
+    (``table``; None otherwise)."""
 
     def __init__(self, q, v, table=None):
         self.B, self.T, self.H, self.K = q.shape
         self.V = v.shape[-1]
-        self.BT = _chunk(q, v)
+        self.blk = _blocks(self.K, self.V, q.dtype)
+        self.BT = self.blk.BT
         self.table = table
         self.NT = table.NT if table is not None else triton.cdiv(self.T, self.BT)
         self.Tp = self.NT * self.BT
@@ -457,9 +594,7 @@ class _Layout:
 
 
 def _forward(q, k, v, beta, bcum, scale, h0, need_final, L: _Layout):
-    B, T, H, K, V, BT, NT, Tp = L.B, L.T, L.H, L.K, L.V, L.BT, L.NT, L.Tp
-    BK, BV = block_size(K), block_size(V)
-    BVs = _state_bv(q, BV)
+    B, T, H, K, V, BT, NT, Tp, blk = L.B, L.T, L.H, L.K, L.V, L.BT, L.NT, L.Tp, L.blk
     prec = dot_precision(q.dtype)
     gated = bcum is not None
     f32 = dict(device=q.device, dtype=torch.float32)
@@ -488,12 +623,12 @@ def _forward(q, k, v, beta, bcum, scale, h0, need_final, L: _Layout):
         GATED=gated,
         IS_VARLEN=varlen,
         BT=BT,
-        BK=BK,
-        BV=BV,
+        BKC=blk.BKC,
+        BVC=blk.BVC,
         PREC=prec,
         **LAUNCH,
     )
-    _state_fwd[(triton.cdiv(V, BVs), L.NS * H)](
+    _state_fwd[(triton.cdiv(V, blk.BVS), L.NS * H)](
         k,
         w,
         ut,
@@ -515,13 +650,14 @@ def _forward(q, k, v, beta, bcum, scale, h0, need_final, L: _Layout):
         STORE_FINAL=need_final,
         IS_VARLEN=varlen,
         BT=BT,
-        BK=BK,
-        BV=BVs,
+        BK=blk.BK,
+        BV=blk.BVS,
+        BKC=blk.BKC,
         PREC=prec,
         **LAUNCH,
     )
     o = torch.empty(B, T, H, V, device=q.device, dtype=q.dtype)
-    _output_fwd[(NT, B * H, triton.cdiv(V, BVs))](
+    _output_fwd[(NT, B * H, triton.cdiv(V, blk.BVS))](
         q,
         k,
         bc,
@@ -539,8 +675,8 @@ def _forward(q, k, v, beta, bcum, scale, h0, need_final, L: _Layout):
         GATED=gated,
         IS_VARLEN=varlen,
         BT=BT,
-        BK=BK,
-        BV=BVs,
+        BV=blk.BVS,
+        BKC=blk.BKC,
         PREC=prec,
         **LAUNCH,
     )
@@ -568,9 +704,7 @@ class DeltaRuleChunkFunction(torch.autograd.Function):
     def backward(ctx, do, dht):
         q, k, v, beta, bcum, ainv, w, ut, u, states = ctx.saved_tensors
         L = _Layout(q, v, ctx.table)
-        B, T, H, K, V, BT, NT, Tp = L.B, L.T, L.H, L.K, L.V, L.BT, L.NT, L.Tp
-        BK, BV = block_size(K), block_size(V)
-        BVs = _state_bv(q, BV)
+        B, T, H, K, V, BT, NT, Tp, blk = L.B, L.T, L.H, L.K, L.V, L.BT, L.NT, L.Tp, L.blk
         prec = dot_precision(q.dtype)
         gated = ctx.gated
         do = do.contiguous()
@@ -580,7 +714,7 @@ class DeltaRuleChunkFunction(torch.autograd.Function):
         dh0 = torch.empty(L.NS, H, K, V, **f32) if ctx.has_h0 else None
         bc = bcum if gated else w
         spans, first, varlen = L.varlen_args(w)
-        _state_bwd[(triton.cdiv(V, BVs), L.NS * H)](
+        _state_bwd[(triton.cdiv(V, blk.BVSB), L.NS * H)](
             q,
             k,
             do,
@@ -604,8 +738,9 @@ class DeltaRuleChunkFunction(torch.autograd.Function):
             STORE_DH0=dh0 is not None,
             IS_VARLEN=varlen,
             BT=BT,
-            BK=BK,
-            BV=BVs,
+            BK=blk.BK,
+            BV=blk.BVSB,
+            BKC=blk.BKC,
             PREC=prec,
             **_BWD_LAUNCH,
         )
@@ -613,8 +748,7 @@ class DeltaRuleChunkFunction(torch.autograd.Function):
         dk = torch.empty(B, T, H, K, **f32)
         dv = torch.empty(B, T, H, V, **f32)
         dbeta = torch.empty(B, T, H, **f32)
-        BKg = min(BK, _GRAD_BK_FP32 if prec == "ieee" else _GRAD_BK)
-        NKg = triton.cdiv(K, BKg)
+        NKg = triton.cdiv(K, blk.BKG)
         db_parts = torch.empty(NKg, B, H, Tp, **f32) if gated else None
         _grads_output_state[(NT, B * H, NKg)](
             q,
@@ -638,8 +772,8 @@ class DeltaRuleChunkFunction(torch.autograd.Function):
             GATED=gated,
             IS_VARLEN=varlen,
             BT=BT,
-            BK=BKg,
-            BV=BV,
+            BK=blk.BKG,
+            BVC=blk.BVC,
             PREC=prec,
             **_BWD_LAUNCH,
         )
@@ -668,8 +802,8 @@ class DeltaRuleChunkFunction(torch.autograd.Function):
             GATED=gated,
             IS_VARLEN=varlen,
             BT=BT,
-            BK=BK,
-            BV=BV,
+            BKC=blk.BKD,
+            BVC=blk.BVD,
             PREC=prec,
             **_BWD_LAUNCH,
         )

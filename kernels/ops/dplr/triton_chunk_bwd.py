@@ -21,7 +21,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels.ops.common.state import start_state, state_block, store_state
+from kernels.ops.common.state import add_w_state, start_state, state_block, store_state
 from kernels.ops.common.tiles import (
     chunk_span,
     chunk_start,
@@ -32,7 +32,6 @@ from kernels.ops.common.tiles import (
     store_tile,
 )
 from kernels.ops.dplr.triton_chunk_tiles import (
-    add_w_state,
     carry_over_chunk,
     load_next,
     load_next_rows,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels.ops.common.state import start_state, state_block, store_state
+from kernels.ops.common.state import add_w_state, start_state, state_block, store_state
 from kernels.ops.common.tiles import (
     chunk_span,
     chunk_start,
@@ -27,7 +27,7 @@ from kernels.ops.common.tiles import (
     store_tile,
     unit_lower_inverse,
 )
-from kernels.ops.dplr.triton_chunk_tiles import add_w_state, carry_over_chunk, load_next_rows, load_prev, load_row
+from kernels.ops.dplr.triton_chunk_tiles import carry_over_chunk, load_next_rows, load_prev, load_row
 
 
 @triton.jit

@@ -121,41 +121,6 @@ def load_next_rows(ptr, bb, h, t, t_end, T, H, K, d0, BR: tl.constexpr, BK: tl.c
 
 
 @triton.jit
-def add_w_state(
-    acc,
-    w_ptr,
-    S,
-    states_ptr,
-    row0,
-    srow,
-    K,
-    V,
-    v0,
-    BT: tl.constexpr,
-    BK: tl.constexpr,
-    BV: tl.constexpr,
-    BKR: tl.constexpr,
-    PREC: tl.constexpr,
-):
-    """``acc + W S`` in the state loops (Z = Zv + Wz S forward, dY = dYo + Wb dS backward): W [BT, K] of the
-    chunk at buffer row ``row0``, S the held [BK, BV] block; BKR < BK: in key blocks of BKR read back from
-    the state just stored at row ``srow`` of ``states_ptr`` (smaller dot operands for exact fp32 dots)."""
-    if BKR < BK:
-        tl.debug_barrier()
-        k0 = 0
-        while k0 < K:
-            acc += tl.dot(
-                load_tile(w_ptr, row0, BT, K, k0, BT, BKR),
-                load_tile(states_ptr, srow + k0, K - k0, V, v0, BKR, BV),
-                input_precision=PREC,
-            )
-            k0 += BKR
-    else:
-        acc += tl.dot(load_tile(w_ptr, row0, BT, K, 0, BT, BK), S, input_precision=PREC)
-    return acc
-
-
-@triton.jit
 def carry_over_chunk(S, G_ptr, row0, K, x_ptr, y, x2_ptr, y2, BT: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
     """The state (forward) or its gradient (backward) carried over the chunk at buffer row ``row0``:
     ``S e^{G_C} + X^T y + X2^T y2`` with X, X2 [BT, K] buffers and G_C the chunk's total log decay."""
