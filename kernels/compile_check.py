@@ -11,7 +11,8 @@ the wheel ships). ptxas's ``-v`` log gives registers and spills; Triton's metada
 
 A row fails on a compile error, a timeout, shared memory over the per-block limit
 (:data:`SMEM_LIMIT`) or spills over :data:`SPILL_LIMIT_BYTES`; the exit status is then 1.
-``--subset ci`` compiles one configuration per kernel (sm_90, bf16, head dim 64), and per kernel with a
+``--subset ci`` compiles one configuration per kernel (sm_90, bf16, head dim 64; srwm and recurrent_delta
+also at 128, where their launchers take other kernels or tiling), and per kernel with a
 packed-sequence specialisation (``IS_VARLEN``) one of those too: the ``varlen`` cases pack documents into
 one row, with the host offsets passed as ``offsets=`` (meta tensors carry no values).
 """
@@ -56,6 +57,9 @@ PACKED_DOCS, PACKED_DOCS_SHORT = 80, 4
 T_DECODE, T_SHORT = 1, 16
 #: the fast-weight ops (recurrent_delta, srwm) at the head sizes of their model configs
 FWP_HEAD_DIMS = (64, 128)
+#: ops whose launchers switch kernels or tiling at a wider head (srwm's row-blocked kernels and
+#: recurrent_delta's row-blocked backward at K = 128): the CI subset compiles that head dim too
+CI_WIDE_HEADS = {"recurrent_delta": 128, "srwm": 128}
 OPS = ("linear_scan", "gla", "delta_rule", "dplr", "softmax_scan", "recurrent_delta", "srwm")
 #: default per-compile limit (seconds); a compile that takes longer is a failure ("timeout")
 TIMEOUT = 300
@@ -139,6 +143,15 @@ def cases_for(ops: Sequence[str], dtypes: Sequence[str], heads: Sequence[int], s
     return out
 
 
+def ci_cases(ops: Sequence[str], dtypes: Sequence[str]) -> List[Case]:
+    """The CI subset's calls: head dim 64 for every op, plus :data:`CI_WIDE_HEADS`."""
+    out = cases_for(ops, dtypes, [64], subset=True)
+    for op in ops:
+        if op in CI_WIDE_HEADS:
+            out += [c for dtype in dtypes for c in _op_cases(op, CI_WIDE_HEADS[op], dtype, True)]
+    return out
+
+
 def _op_cases(op: str, head: int, dtype: str, subset: bool) -> List[Case]:
     c = lambda T, **kw: Case(op, head, dtype, T, **kw)  # noqa: E731
     train = {
@@ -147,8 +160,8 @@ def _op_cases(op: str, head: int, dtype: str, subset: bool) -> List[Case]:
         "delta_rule": [c(T_TRAIN), c(T_TRAIN, flags=("no g",)), c(T_TRAIN, flags=("varlen",))],
         "dplr": [c(T_TRAIN), c(T_TRAIN, flags=("varlen",))],
         "softmax_scan": [c(T_TRAIN), c(T_TRAIN, flags=("varlen",))],
-        "recurrent_delta": [c(T_TRAIN)],
-        "srwm": [c(T_TRAIN)],
+        "recurrent_delta": [c(T_TRAIN), c(T_TRAIN, flags=("varlen",))],
+        "srwm": [c(T_TRAIN), c(T_TRAIN, flags=("varlen",))],
     }[op]
     short = []
     if op in ("gla", "delta_rule", "dplr"):  # fused-recurrent kernels (T <= 16)
@@ -190,6 +203,7 @@ def _call(case: Case):
     def st(*shape):
         return x(*shape, dtype=torch.float32) if case.state else None
 
+    device_only = {k: v for k, v in packed.items() if k != "offsets"}  # backends that read no host offsets
     fn = importlib.import_module(f"kernels.ops.{case.op}").BACKENDS["triton"]()
     scale = K**-0.5
     if case.op == "linear_scan":
@@ -214,9 +228,9 @@ def _call(case: Case):
         )
     elif case.op == "softmax_scan":
         state = (st(N, H), st(N, H), st(N, H, V)) if case.state else None
-        out = fn(x(B, T, H), x(B, T, H, V), state, case.state, **{k: v for k, v in packed.items() if k != "offsets"})
+        out = fn(x(B, T, H), x(B, T, H, V), state, case.state, **device_only)
     elif case.op == "recurrent_delta":
-        state = (st(B, H, K, V), st(B, H, V)) if case.state else None
+        state = (st(N, H, K, V), st(N, H, V)) if case.state else None
         out = fn(
             x(B, T, H, K),
             x(B, T, H, K),
@@ -228,10 +242,11 @@ def _call(case: Case):
             x(H, V),
             state,
             case.state,
+            **device_only,
         )
     elif case.op == "srwm":
-        state = (st(B, H, V, K), st(B, H, K, K), st(B, H, K, K), st(B, H, 4, K)) if case.state else None
-        out = fn(x(B, T, H, K), x(H, V, K), x(H, K, K), x(H, K, K), x(H, 4, K), state, case.state)
+        state = (st(N, H, V, K), st(N, H, K, K), st(N, H, K, K), st(N, H, 4, K)) if case.state else None
+        out = fn(x(B, T, H, K), x(H, V, K), x(H, K, K), x(H, K, K), x(H, 4, K), state, case.state, **device_only)
     else:
         raise ValueError(f"--op: unknown op '{case.op}'; choose from {', '.join(OPS)}")
     if case.grad:
@@ -540,7 +555,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--subset",
         choices=["ci", "full"],
         default="full",
-        help="ci: one configuration per kernel (sm_90, bf16, head dim 64); full: the sweep",
+        help="ci: one configuration per kernel (sm_90, bf16, head dim 64; srwm, recurrent_delta also 128); full: the sweep",
     )
     p.add_argument(
         "--arch",
@@ -592,11 +607,12 @@ def main(argv=None) -> int:
         if h < 1:
             raise SystemExit(f"compile_check: --head-dim: expected a positive size, got {h}")
     start = time.perf_counter()
-    jobs, fallbacks = collect(cases_for(ops, dtypes, heads, subset=ci))
-    if ci:  # one configuration per kernel and packing (IS_VARLEN): its first launch
-        first: Dict[Tuple[str, str, bool], Job] = {}
+    cases = ci_cases(ops, dtypes) if ci and not args.head_dim else cases_for(ops, dtypes, heads, subset=ci)
+    jobs, fallbacks = collect(cases)
+    if ci:  # one configuration per kernel, packing (IS_VARLEN) and head dim: its first launch
+        first: Dict[Tuple[str, str, bool, int], Job] = {}
         for job in jobs:
-            first.setdefault((job.module, job.name, job.varlen()), job)
+            first.setdefault((job.module, job.name, job.varlen(), job.cases[0].head), job)
         jobs = list(first.values())
     if args.list:
         for job in jobs:
@@ -619,7 +635,7 @@ def main(argv=None) -> int:
         f"Triton {triton.__version__} ({', '.join(tools) or 'ptxas'}), "
         f"{'ci subset' if ci else 'full sweep'}: {len(items)} compiles "
         f"({len(jobs)} distinct launches x {', '.join(f'sm_{a}' for a in archs)}), dtypes "
-        f"{', '.join(dtypes)}, head dims {', '.join(map(str, heads))}, B={B} H={H} T={T_TRAIN} "
+        f"{', '.join(dtypes)}, head dims {', '.join(map(str, sorted({c.head for c in cases})))}, B={B} H={H} T={T_TRAIN} "
         f"(recurrent: T={T_DECODE}, {T_SHORT}); {failed} failed; {len(fallbacks)} PyTorch fallbacks; "
         f"wall {wall:.0f} s with {args.jobs} workers; limits: shared memory "
         f"{', '.join(f'sm_{a} {SMEM_LIMIT[a]:,} B' for a in archs)}, spills {SPILL_LIMIT_BYTES} B"

@@ -46,13 +46,16 @@ def test_recording_runs_the_real_launchers():
     jobs, fallbacks = _launches(
         "--op", "delta_rule", "--head-dim", "128", "--head-dim", "256", "--dtype", "bf16", "--subset", "ci"
     )
-    names = [(j["kernel"], j["constexprs"]["IS_VARLEN"]) for j in jobs]
+    names = [(j["kernel"], j["constexprs"]["IS_VARLEN"]) for j in jobs if "K=128" in j["calls"][0]]
     chunked = ["_prep_fwd", "_state_fwd", "_output_fwd", "_state_bwd", "_grads_output_state", "_grads_solve"]
     recurrent = ["_recurrent_fwd", "_recurrent_bwd"]
-    # one launch per kernel and packing: plain, then packed sequences (the ``varlen`` case)
+    # one launch per kernel, packing and head dim: plain, then packed sequences (the ``varlen`` case)
     assert names == [(n, v) for kernels in (chunked, recurrent) for v in (False, True) for n in kernels]
+    # at 256 only the fused-recurrent kernels launch (T <= 16); the chunked path falls back
+    wide = {j["kernel"] for j in jobs if "K=256" in j["calls"][0]}
+    assert wide == set(recurrent)
     prep = jobs[0]
-    assert prep["constexprs"] == {"GATED": True, "IS_VARLEN": False, "BT": 32, "BK": 128, "BV": 128, "PREC": "tf32"}
+    assert prep["constexprs"] == {"GATED": True, "IS_VARLEN": False, "BT": 32, "BKC": 64, "BVC": 64, "PREC": "tf32"}
     assert prep["signature"]["k_ptr"] == "*bf16" and prep["signature"]["ainv_ptr"] == "*fp32"
     assert prep["options"]["num_stages"] == 1
     assert [(f["head"], f["call"]) for f in fallbacks] == [
@@ -77,6 +80,19 @@ def test_ci_subset_has_one_launch_per_kernel():
     cases = cc.cases_for(list(cc.OPS), ["bf16"], [64], subset=True)
     assert all(c.dtype == "bf16" and c.head == 64 for c in cases)
     assert {c.op for c in cases} == set(cc.OPS)
+    wide = [c for c in cc.ci_cases(list(cc.OPS), ["bf16"]) if c.head != 64]
+    assert {(c.op, c.head) for c in wide} == set(cc.CI_WIDE_HEADS.items())
+
+
+def test_ci_subset_compiles_the_wide_head_kernels():
+    """srwm's row-blocked kernels exist only at K = 128 and recurrent_delta's backward tiles differently
+    there: the CI subset records them (plain and packed) beside the K = 64 launches."""
+    jobs, _ = _launches("--subset", "ci", "--op", "srwm", "--op", "recurrent_delta")
+    seen = {
+        (j["kernel"], j["constexprs"].get("BD", j["constexprs"].get("BK")), j["constexprs"]["IS_VARLEN"]) for j in jobs
+    }
+    for kernel in ("_srwm_fwd_rows_kernel", "_srwm_bwd_rows_kernel", "_rdn_fwd_kernel", "_rdn_bwd_kernel"):
+        assert (kernel, 128, False) in seen and (kernel, 128, True) in seen, kernel
 
 
 def test_parse_ptxas_log_and_verdicts():
