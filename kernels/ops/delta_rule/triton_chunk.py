@@ -282,7 +282,7 @@ def _output_fwd(
     b, h, t0, row0 = chunk_start(i_n, i_bh, H, Tp, BT)
     t0, T = chunk_span(spans_ptr, i_n, t0, T, IS_VARLEN)
     v0 = i_v * BV
-    srow = (i_bh * NT + i_n) * K
+    srow = (i_bh.to(tl.int64) * NT + i_n) * K
     scores = tl.zeros([BT, BT], dtype=tl.float32)
     qs = tl.zeros([BT, BV], dtype=tl.float32)
     k0 = 0
@@ -421,7 +421,7 @@ def _grads_output_state(
     b, h, t0, row0 = chunk_start(i_n, i_bh, H, Tp, BT)
     t0, T = chunk_span(spans_ptr, i_n, t0, T, IS_VARLEN)
     k0 = i_k * BK
-    srow = (i_bh * NT + i_n) * K + k0
+    srow = (i_bh.to(tl.int64) * NT + i_n) * K + k0
     rows = tl.arange(0, BT)
     # dO U^T, dO S^T, U dS^T and sum(dS * S) over value blocks
     do_u = tl.zeros([BT, BT], dtype=tl.float32)
@@ -506,7 +506,7 @@ def _grads_solve(
     b, h, t0, row0 = chunk_start(i_n, i_bh, H, Tp, BT)
     t0, T = chunk_span(spans_ptr, i_n, t0, T, IS_VARLEN)
     rows = tl.arange(0, BT)
-    srow = (i_bh * NT + i_n) * K
+    srow = (i_bh.to(tl.int64) * NT + i_n) * K
     beta = load_steps(beta_ptr, b, h, t0, T, H, BT)
     ainv_t = tl.trans(load_tile(ainv_ptr, row0, BT, BT, 0, BT, BT))
     if GATED:

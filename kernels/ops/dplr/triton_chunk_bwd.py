@@ -245,7 +245,7 @@ def _dv_bwd(
         load_tile(dy_ptr, row0, BT, V, v0, BT, BV),
         input_precision=PREC,
     )
-    srow = (i_bh * NT + i_n) * K
+    srow = (i_bh.to(tl.int64) * NT + i_n) * K
     k0 = 0
     while k0 < K:
         dv += tl.dot(
@@ -296,7 +296,7 @@ def _grads_state(
     bb, h, t0, row0 = chunk_start(i_n, i_bh, H, Tp, BT)
     t0, T = chunk_span(spans_ptr, i_n, t0, T, IS_VARLEN)
     k0 = i_k * BK
-    srow = (i_bh * NT + i_n) * K + k0
+    srow = (i_bh.to(tl.int64) * NT + i_n) * K + k0
     acc_q = tl.zeros([BT, BK], dtype=tl.float32)  # dO S^T
     acc_k = tl.zeros([BT, BK], dtype=tl.float32)  # V dS^T
     acc_b = tl.zeros([BT, BK], dtype=tl.float32)  # Z dS^T

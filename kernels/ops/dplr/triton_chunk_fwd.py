@@ -304,7 +304,7 @@ def _output_fwd(
     o += tl.dot(
         load_tile(aqb_ptr, row0, BT, BT, 0, BT, BT), load_tile(z_ptr, row0, BT, V, v0, BT, BV), input_precision=PREC
     )
-    srow = (i_bh * NT + i_n) * K  # row of the entering state's first key
+    srow = (i_bh.to(tl.int64) * NT + i_n) * K  # row of the entering state's first key
     k0 = 0
     while k0 < K:
         o += tl.dot(

@@ -132,7 +132,9 @@ def _rdn_fwd_kernel(
     u_ptr += bos * H * V + i_h * V
     ck_ptr += ck_row * K * V
     for t in range(0, L):
-        tl.store(ck_ptr + (t // CHECKPOINT) * K * V + kv, S, mask=ok_kv & (kv * 0 + t % CHECKPOINT == 0))
+        tl.store(
+            ck_ptr + tl.cast(t // CHECKPOINT, tl.int64) * K * V + kv, S, mask=ok_kv & (kv * 0 + t % CHECKPOINT == 0)
+        )
         r = tanh_fp32(y)
         zq = tl.load(q_ptr + ik, mask=ok_k, other=0.0).to(tl.float32) + tl.sum(
             tl.load(rq_ptr + kv, mask=ok_kv, other=0.0) * r[None, :], 1
@@ -270,7 +272,7 @@ def _rdn_bwd_kernel(
         dq = tl.sum(S * dy[None, :], 1)
         # S_{t-1}: invert the update, or reload the checkpoint
         if t % CHECKPOINT == 0:
-            S = tl.load(ck_ptr + (t // CHECKPOINT) * K * V + kv, mask=ok_kv, other=0.0)
+            S = tl.load(ck_ptr + tl.cast(t // CHECKPOINT, tl.int64) * K * V + kv, mask=ok_kv, other=0.0)
         else:
             S = S - ks[:, None] * u[None, :]
         # adjoint of S_t = S_{t-1} + k u^T, u = b (v - S_{t-1}^T k)
@@ -438,6 +440,7 @@ class RecurrentDeltaTriton(torch.autograd.Function):
             BR=BR,
             IS_VARLEN=is_varlen,
             num_warps=warps,
+            num_stages=1 if BR < BK else 3,  # the row-blocked path orders memory with barriers: no pipelining
         )
         dz = torch.cat([dq, dk, dv, dbeta.unsqueeze(-1)], -1)
         dR = torch.einsum("bthf,bthv->hfv", dz, r)

@@ -100,7 +100,7 @@ def _srwm_fwd_kernel(
     d_ptr += bos * H * R + i_h * R
     ck_ptr += ck_row * R * D
     for t in range(0, L):
-        ck = ck_ptr + (t // CHECKPOINT) * R * D
+        ck = ck_ptr + tl.cast(t // CHECKPOINT, tl.int64) * R * D
         tl.store(ck + o_y, Wy, mask=ok_yd & (o_y * 0 + t % CHECKPOINT == 0))
         tl.store(ck + o_q, Wq, mask=ok_dd & (o_q * 0 + t % CHECKPOINT == 0))
         tl.store(ck + o_k, Wk, mask=ok_dd & (o_k * 0 + t % CHECKPOINT == 0))
@@ -224,7 +224,7 @@ def _srwm_bwd_kernel(
         )
         # M_{t-1}: invert the update, or reload the checkpoint
         is_ck = t % CHECKPOINT == 0
-        ck = ck_ptr + (t // CHECKPOINT) * R * D
+        ck = ck_ptr + tl.cast(t // CHECKPOINT, tl.int64) * R * D
         Wy = tl.where(
             is_ck,
             tl.load(ck + o_y, mask=ok_yd & (o_y * 0 + t % CHECKPOINT == 0), other=0.0),
@@ -331,6 +331,7 @@ class SrwmTriton(torch.autograd.Function):
                 BR=ROW_BLOCK,
                 IS_VARLEN=cu_seqlens is not None,
                 num_warps=warps,
+                num_stages=1,  # the scratch is ordered by barriers: no pipelining across them
             )
         else:
             _srwm_fwd_kernel[(N * H,)](
@@ -385,6 +386,7 @@ class SrwmTriton(torch.autograd.Function):
                 BR=ROW_BLOCK,
                 IS_VARLEN=is_varlen,
                 num_warps=warps,
+                num_stages=1,
             )
             return (dx.to(x.dtype), None, None, *_weight_grads(dW0, ctx.shapes, V, D))
         dW0 = torch.empty_like(W_T)

@@ -111,7 +111,7 @@ def _srwm_fwd_rows_kernel(
         b = sigmoid_fp32(tl.load(z_ptr + V + 2 * D + i4))
         c = qs - ks
         x = tl.load(x_ptr + H * D + idd, mask=ok_d & (idd * 0 + t + 1 < L), other=0.0).to(tl.float32)
-        ck = ck_ptr + (t // CHECKPOINT) * R * D
+        ck = ck_ptr + tl.cast(t // CHECKPOINT, tl.int64) * R * D
         for r0 in range(0, R, BR):
             rows = r0 + ir
             ok_r = rows < R
@@ -181,7 +181,7 @@ def _srwm_bwd_rows_kernel(
         qs = masked_softmax(tl.load(z_ptr + V + idd, mask=ok_d, other=0.0), ok_d)
         ks = masked_softmax(tl.load(z_ptr + V + D + idd, mask=ok_d, other=0.0), ok_d)
         b = sigmoid_fp32(tl.load(z_ptr + V + 2 * D + i4))
-        ck = ck_ptr + (t // CHECKPOINT) * R * D
+        ck = ck_ptr + tl.cast(t // CHECKPOINT, tl.int64) * R * D
         dka = tl.zeros([BD], dtype=tl.float32)
         dc = tl.zeros([BD], dtype=tl.float32)
         g = tl.zeros([4], dtype=tl.float32)
