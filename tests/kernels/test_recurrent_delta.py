@@ -174,6 +174,19 @@ def test_triton_row_blocked_packed(triton_backend, monkeypatch):
 
 
 @pytest.mark.triton
+def test_triton_rejects_a_sequence_past_int32_checkpoint_offsets(triton_backend):
+    """A sequence's checkpoints are offset in int32 inside the kernels: a longer one is a clear error,
+    raised on the host before any launch (meta tensors: nothing is allocated)."""
+    from kernels.ops.recurrent_delta.triton_recurrent import recurrent_delta_triton
+
+    T, K = 2**23 + 2**20, 128  # (T / 64) K^2 > 2^31
+    x = torch.empty(1, T, 1, K, device="meta")
+    r = torch.empty(1, K, K, device="meta")
+    with pytest.raises(ValueError, match=f"T={T} with K=128, V=128 is too long for one fused sequence"):
+        recurrent_delta_triton(x, x, x, torch.empty(1, T, 1, device="meta"), r, r, r, torch.empty(1, K, device="meta"))
+
+
+@pytest.mark.triton
 def test_triton_matches_reference_bf16(triton_backend):
     compare_backends(OP, "triton", dtype=torch.bfloat16, T=7, with_state=True, **TRITON_SHAPE)
 

@@ -132,9 +132,7 @@ def _rdn_fwd_kernel(
     u_ptr += bos * H * V + i_h * V
     ck_ptr += ck_row * K * V
     for t in range(0, L):
-        tl.store(
-            ck_ptr + tl.cast(t // CHECKPOINT, tl.int64) * K * V + kv, S, mask=ok_kv & (kv * 0 + t % CHECKPOINT == 0)
-        )
+        tl.store(ck_ptr + (t // CHECKPOINT) * K * V + kv, S, mask=ok_kv & (kv * 0 + t % CHECKPOINT == 0))
         r = tanh_fp32(y)
         zq = tl.load(q_ptr + ik, mask=ok_k, other=0.0).to(tl.float32) + tl.sum(
             tl.load(rq_ptr + kv, mask=ok_kv, other=0.0) * r[None, :], 1
@@ -272,7 +270,7 @@ def _rdn_bwd_kernel(
         dq = tl.sum(S * dy[None, :], 1)
         # S_{t-1}: invert the update, or reload the checkpoint
         if t % CHECKPOINT == 0:
-            S = tl.load(ck_ptr + tl.cast(t // CHECKPOINT, tl.int64) * K * V + kv, mask=ok_kv, other=0.0)
+            S = tl.load(ck_ptr + (t // CHECKPOINT) * K * V + kv, mask=ok_kv, other=0.0)
         else:
             S = S - ks[:, None] * u[None, :]
         # adjoint of S_t = S_{t-1} + k u^T, u = b (v - S_{t-1}^T k)
@@ -341,6 +339,8 @@ class RecurrentDeltaTriton(torch.autograd.Function):
     def forward(ctx, q, k, v, beta, r_q, r_k, r_v, r_b, S0, y0, cu_seqlens):
         B, T, H, K = q.shape
         V = v.shape[-1]
+        if (T // CHECKPOINT + 1) * K * V >= 2**31:  # the kernels offset a sequence's checkpoints in int32
+            raise ValueError(f"recurrent_delta (triton): T={T} with K={K}, V={V} is too long for one fused sequence")
         N = B if cu_seqlens is None else cu_seqlens.numel() - 1
         dev = q.device
         q_c, k_c, v_c, beta_c = (x.contiguous() for x in (q, k, v, beta))
