@@ -127,10 +127,11 @@ class ChunkedOpCases:
     @pytest.mark.triton
     @pytest.mark.parametrize("triton_path", ["recurrent"], indirect=True)
     def test_triton_recurrent_backward_in_value_blocks(self, triton_path, monkeypatch):
-        # wide keys shrink the fused-recurrent backward's value block (state and gradient on chip): here 16
-        # against the forward's 64, V = 40 in three blocks (the last one masked)
+        # wide keys shrink the fused-recurrent value blocks (the state, and in the backward its gradient, on
+        # chip): here 32 in the forward (V = 40 in two blocks) and 16 in the backward (three), the last masked
         from kernels.ops.common import recurrent
 
+        monkeypatch.setattr(recurrent, "FWD_STATE_ELEMS", 16 * 32)
         monkeypatch.setattr(recurrent, "BWD_STATE_ELEMS", 16 * 16)
         harness.compare_backends(self.OP, "triton", B=1, T=7, H=2, K=16, V=40, decay="moderate", with_state=True)
 

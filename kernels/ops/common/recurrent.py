@@ -35,6 +35,9 @@ from kernels.ops.utils.chunks import empty_result
 
 #: value block of the forward
 BV_MAX = 64
+#: the forward holds the [K, BV] state block: at K = 256 its value block shrinks to 32 (BV = 64 spilled 272
+#: bytes per thread in dplr's forward with Triton 3.6, sm_90 bf16; 3.9 kept it in registers)
+FWD_STATE_ELEMS = 128 * 64
 #: the backward holds the state and its gradient ([K, BV] each): for wide keys its value block shrinks to
 #: K * BV <= 8,192 elements (K = 256, BV = 64 spilled 8.8 KB (delta_rule) and 14 KB (dplr) per thread;
 #: sm_80 / sm_90)
@@ -86,7 +89,8 @@ class FusedRecurrentFunction(torch.autograd.Function):
         B, T, H, K = q.shape
         V = v.shape[-1]
         NS = B if cu is None else cu.shape[0] - 1  # states: one per batch row, or per packed sequence
-        BK, BV = block_size(K), min(block_size(V), BV_MAX)
+        BK = block_size(K)
+        BV = min(block_size(V), BV_MAX, max(16, FWD_STATE_ELEMS // BK))
         NV = triton.cdiv(V, BV)
         f32 = dict(device=q.device, dtype=torch.float32)
         o = torch.empty(B, T, H, V, device=q.device, dtype=q.dtype)
