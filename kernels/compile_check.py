@@ -156,7 +156,12 @@ def _op_cases(op: str, head: int, dtype: str, subset: bool) -> List[Case]:
     c = lambda T, **kw: Case(op, head, dtype, T, **kw)  # noqa: E731
     train = {
         "linear_scan": [c(T_TRAIN)],
-        "gla": [c(T_TRAIN), c(T_TRAIN, flags=("per-head g",)), c(T_TRAIN, flags=("V=K+1",))],
+        "gla": [
+            c(T_TRAIN),
+            c(T_TRAIN, flags=("per-head g",)),
+            c(T_TRAIN, flags=("V=K+1",)),
+            c(T_TRAIN, flags=("varlen",)),
+        ],
         "delta_rule": [c(T_TRAIN), c(T_TRAIN, flags=("no g",)), c(T_TRAIN, flags=("varlen",))],
         "dplr": [c(T_TRAIN), c(T_TRAIN, flags=("varlen",))],
         "softmax_scan": [c(T_TRAIN), c(T_TRAIN, flags=("varlen",))],
@@ -211,7 +216,7 @@ def _call(case: Case):
         out = fn(x(B, T, D), x(B, T, D), st(B, D), case.state)
     elif case.op == "gla":
         g = x(B, T, H) if "per-head g" in case.flags else x(B, T, H, K)
-        out = fn(x(B, T, H, K), x(B, T, H, K), x(B, T, H, V), g, scale, st(B, H, K, V), case.state)
+        out = fn(x(B, T, H, K), x(B, T, H, K), x(B, T, H, V), g, scale, st(N, H, K, V), case.state, **packed)
     elif case.op == "delta_rule":
         g = None if "no g" in case.flags else x(B, T, H)
         args = (x(B, T, H, K), x(B, T, H, K), x(B, T, H, V), x(B, T, H), g, scale, st(N, H, K, V), case.state)

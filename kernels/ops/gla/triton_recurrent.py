@@ -421,7 +421,8 @@ def _dg(q, k, v, dq, dk, ht, dht, cu):
     if cu is None:
         dg = rev
     else:
-        seq = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=x.device), cu.diff().long())
+        # output_size: the lengths sum to T (validated), and a known size needs no device-to-host sync
+        seq = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=x.device), cu.diff().long(), output_size=T)
         after = torch.cat([rev, rev.new_zeros(1, 1, *rev.shape[2:])], 1)[0, cu[1:].long()]  # [M, H, K]
         dg = rev - after[seq][None]
     dg = dg.float()
