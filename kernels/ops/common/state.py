@@ -70,14 +70,33 @@ def add_w_state(
     the state just stored at row ``srow`` of ``states_ptr`` (smaller dot operands for exact fp32 dots)."""
     if BKR < BK:
         tl.debug_barrier()
-        k0 = 0
-        while k0 < K:
-            acc += tl.dot(
-                load_tile(w_ptr, row0, BT, K, k0, BT, BKR),
-                load_tile(states_ptr, srow + k0, K - k0, V, v0, BKR, BV),
-                input_precision=PREC,
-            )
-            k0 += BKR
-    else:
-        acc += tl.dot(load_tile(w_ptr, row0, BT, K, 0, BT, BK), S, input_precision=PREC)
+        return add_stored_state_product(acc, w_ptr, row0, states_ptr, srow, K, V, v0, BT, BKR, BV, PREC)
+    return acc + tl.dot(load_tile(w_ptr, row0, BT, K, 0, BT, BK), S, input_precision=PREC)
+
+
+@triton.jit
+def add_stored_state_product(
+    acc,
+    a_ptr,
+    row0,
+    states_ptr,
+    srow,
+    K,
+    V,
+    v0,
+    BT: tl.constexpr,
+    BKR: tl.constexpr,
+    BV: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """``acc + A S`` in key blocks of BKR: A [BT, K] at buffer row ``row0`` of ``a_ptr``, S the stored [K, V]
+    state whose first key is row ``srow`` (int64) of ``states_ptr``, value columns ``v0 + [0, BV)``."""
+    k0 = 0
+    while k0 < K:
+        acc += tl.dot(
+            load_tile(a_ptr, row0, BT, K, k0, BT, BKR),
+            load_tile(states_ptr, srow + k0, K - k0, V, v0, BKR, BV),
+            input_precision=PREC,
+        )
+        k0 += BKR
     return acc

@@ -21,7 +21,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels.ops.common.state import add_w_state, start_state, state_block, store_state
+from kernels.ops.common.state import add_stored_state_product, add_w_state, start_state, state_block, store_state
 from kernels.ops.common.tiles import (
     chunk_span,
     chunk_start,
@@ -246,14 +246,7 @@ def _dv_bwd(
         input_precision=PREC,
     )
     srow = (i_bh.to(tl.int64) * NT + i_n) * K
-    k0 = 0
-    while k0 < K:
-        dv += tl.dot(
-            load_tile(kd_ptr, row0, BT, K, k0, BT, BK),
-            load_tile(dstates_ptr, srow + k0, K - k0, V, v0, BK, BV),
-            input_precision=PREC,
-        )
-        k0 += BK
+    dv = add_stored_state_product(dv, kd_ptr, row0, dstates_ptr, srow, K, V, v0, BT, BK, BV, PREC)
     store_rows(dv_ptr, dv, bb, h, t0, T, H, V, v0, BT, BV)
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels.ops.common.state import add_w_state, start_state, state_block, store_state
+from kernels.ops.common.state import add_stored_state_product, add_w_state, start_state, state_block, store_state
 from kernels.ops.common.tiles import (
     chunk_span,
     chunk_start,
@@ -305,12 +305,5 @@ def _output_fwd(
         load_tile(aqb_ptr, row0, BT, BT, 0, BT, BT), load_tile(z_ptr, row0, BT, V, v0, BT, BV), input_precision=PREC
     )
     srow = (i_bh.to(tl.int64) * NT + i_n) * K  # row of the entering state's first key
-    k0 = 0
-    while k0 < K:
-        o += tl.dot(
-            load_tile(qg_ptr, row0, BT, K, k0, BT, BK),
-            load_tile(states_ptr, srow + k0, K - k0, V, v0, BK, BV),
-            input_precision=PREC,
-        )
-        k0 += BK
+    o = add_stored_state_product(o, qg_ptr, row0, states_ptr, srow, K, V, v0, BT, BK, BV, PREC)
     store_rows(o_ptr, o * scale, bb, h, t0, T, H, V, v0, BT, BV)

@@ -39,7 +39,7 @@ from kernels.ops.common.loop import (
     sigmoid_fp32,
 )
 from kernels.ops.srwm.torch_recurrent import CHECKPOINT, stack_weights
-from kernels.ops.srwm.triton_recurrent_rows import _pick, _srwm_bwd_rows_kernel, _srwm_fwd_rows_kernel
+from kernels.ops.srwm.triton_recurrent_rows import _pick, _srwm_bwd_rows_kernel, _srwm_fwd_rows_kernel, step_gates
 
 #: heads whose largest weight tile [max(V, D), D] (padded) is over this many elements (D = V = 128) take
 #: the row-blocked kernels of :mod:`kernels.ops.srwm.triton_recurrent_rows` (weights in global memory,
@@ -200,9 +200,7 @@ def _srwm_bwd_kernel(
     for i in range(0, L):
         t = L - 1 - i
         # the step's activations and saved products
-        qs = masked_softmax(tl.load(z_ptr + V + idd, mask=ok_d, other=0.0), ok_d)
-        ks = masked_softmax(tl.load(z_ptr + V + D + idd, mask=ok_d, other=0.0), ok_d)
-        b = sigmoid_fp32(tl.load(z_ptr + V + 2 * D + i4))
+        qs, ks, b = step_gates(z_ptr, V, D, idd, ok_d, i4)
         b0 = _pick(b, i4, 0)
         b1 = _pick(b, i4, 1)
         b2 = _pick(b, i4, 2)
@@ -322,26 +320,18 @@ class SrwmTriton(torch.autograd.Function):
         ck = torch.empty(ck_rows, R, D, device=dev)
         W_T = torch.empty(N, H, R, D, device=dev)
         BD, BV, warps, rows = _blocks(D, V)
-        args = (x_c, W0, Z, Dd, ck, W_T, cu, ckoff, T, H, D, V, NC)
-        if rows:
-            _srwm_fwd_rows_kernel[(N * H,)](
-                *args,
-                CHECKPOINT=CHECKPOINT,
-                BD=BD,
-                BR=ROW_BLOCK,
-                IS_VARLEN=cu_seqlens is not None,
-                num_warps=warps,
-                num_stages=1,  # the scratch is ordered by barriers: no pipelining across them
-            )
-        else:
-            _srwm_fwd_kernel[(N * H,)](
-                *args,
-                CHECKPOINT=CHECKPOINT,
-                BD=BD,
-                BV=BV,
-                IS_VARLEN=cu_seqlens is not None,
-                num_warps=warps,
-            )
+        # the row-blocked kernel's scratch is ordered by barriers: no pipelining across them
+        kernel, tiles = (
+            (_srwm_fwd_rows_kernel, dict(BR=ROW_BLOCK, num_stages=1)) if rows else (_srwm_fwd_kernel, dict(BV=BV))
+        )
+        kernel[(N * H,)](
+            *(x_c, W0, Z, Dd, ck, W_T, cu, ckoff, T, H, D, V, NC),
+            CHECKPOINT=CHECKPOINT,
+            BD=BD,
+            IS_VARLEN=cu_seqlens is not None,
+            num_warps=warps,
+            **tiles,
+        )
         ctx.save_for_backward(x_c, Z, Dd, ck, W_T, cu, ckoff)
         ctx.V = V
         ctx.meta = (NC, cu_seqlens is not None)

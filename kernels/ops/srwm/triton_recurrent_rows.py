@@ -44,6 +44,22 @@ def _pick(vec, i4, i: tl.constexpr):
 
 
 @triton.jit
+def step_gates(z_ptr, V, D, idd, ok_d, i4):
+    """``(softmax(q), softmax(k), sigmoid(beta))`` of the step whose stacked row ``z = W x`` is at ``z_ptr``."""
+    qs = masked_softmax(tl.load(z_ptr + V + idd, mask=ok_d, other=0.0), ok_d)
+    ks = masked_softmax(tl.load(z_ptr + V + D + idd, mask=ok_d, other=0.0), ok_d)
+    return qs, ks, sigmoid_fp32(tl.load(z_ptr + V + 2 * D + i4))
+
+
+@triton.jit
+def _row_block(r0, ir, idd, ok_d, R, D):
+    """Rows ``r0 + ir`` of the stacked [R, D] weights: (rows, their mask, element offsets, element mask)."""
+    rows = r0 + ir
+    ok_r = rows < R
+    return rows, ok_r, rows[:, None] * D + idd[None, :], ok_r[:, None] & ok_d[None, :]
+
+
+@triton.jit
 def _row_segment(rows, V, D):
     """Which matrix each stacked row belongs to: 0 (W_y), 1 (W_q), 2 (W_k), 3 (w_b)."""
     return (rows >= V).to(tl.int32) + (rows >= V + D).to(tl.int32) + (rows >= V + 2 * D).to(tl.int32)
@@ -97,26 +113,18 @@ def _srwm_fwd_rows_kernel(
     # copy the initial weights into the scratch; z_0 = W_0 x_0
     x = tl.load(x_ptr + idd, mask=ok_d & (idd * 0 + L > 0), other=0.0).to(tl.float32)
     for r0 in range(0, R, BR):
-        rows = r0 + ir
-        ok_r = rows < R
-        o_w = rows[:, None] * D + idd[None, :]
-        ok_w = ok_r[:, None] & ok_d[None, :]
+        rows, ok_r, o_w, ok_w = _row_block(r0, ir, idd, ok_d, R, D)
         W = tl.load(w0_ptr + o_w, mask=ok_w, other=0.0)
         tl.store(wT_ptr + o_w, W, mask=ok_w)
         tl.store(z_ptr + rows, tl.sum(W * x[None, :], 1), mask=ok_r & (rows * 0 + L > 0))
     for t in range(0, L):
         tl.debug_barrier()  # the scratch rows and z_t written by other threads
-        qs = masked_softmax(tl.load(z_ptr + V + idd, mask=ok_d, other=0.0), ok_d)
-        ks = masked_softmax(tl.load(z_ptr + V + D + idd, mask=ok_d, other=0.0), ok_d)
-        b = sigmoid_fp32(tl.load(z_ptr + V + 2 * D + i4))
+        qs, ks, b = step_gates(z_ptr, V, D, idd, ok_d, i4)
         c = qs - ks
         x = tl.load(x_ptr + H * D + idd, mask=ok_d & (idd * 0 + t + 1 < L), other=0.0).to(tl.float32)
         ck = ck_ptr + tl.cast(t // CHECKPOINT, tl.int64) * R * D
         for r0 in range(0, R, BR):
-            rows = r0 + ir
-            ok_r = rows < R
-            o_w = rows[:, None] * D + idd[None, :]
-            ok_w = ok_r[:, None] & ok_d[None, :]
+            rows, ok_r, o_w, ok_w = _row_block(r0, ir, idd, ok_d, R, D)
             W = tl.load(wT_ptr + o_w, mask=ok_w, other=0.0)
             if t % CHECKPOINT == 0:
                 tl.store(ck + o_w, W, mask=ok_w)
@@ -178,18 +186,13 @@ def _srwm_bwd_rows_kernel(
     for i in range(0, L):
         t = L - 1 - i
         tl.debug_barrier()  # the previous step's dW rows
-        qs = masked_softmax(tl.load(z_ptr + V + idd, mask=ok_d, other=0.0), ok_d)
-        ks = masked_softmax(tl.load(z_ptr + V + D + idd, mask=ok_d, other=0.0), ok_d)
-        b = sigmoid_fp32(tl.load(z_ptr + V + 2 * D + i4))
+        qs, ks, b = step_gates(z_ptr, V, D, idd, ok_d, i4)
         ck = ck_ptr + tl.cast(t // CHECKPOINT, tl.int64) * R * D
         dka = tl.zeros([BD], dtype=tl.float32)
         dc = tl.zeros([BD], dtype=tl.float32)
         g = tl.zeros([4], dtype=tl.float32)
         for r0 in range(0, R, BR):
-            rows = r0 + ir
-            ok_r = rows < R
-            o_w = rows[:, None] * D + idd[None, :]
-            ok_w = ok_r[:, None] & ok_d[None, :]
+            rows, ok_r, o_w, ok_w = _row_block(r0, ir, idd, ok_d, R, D)
             seg = _row_segment(rows, V, D)
             beta = _row_beta(seg, b, i4)
             dvec = tl.load(d_ptr + rows, mask=ok_r, other=0.0)
@@ -219,10 +222,7 @@ def _srwm_bwd_rows_kernel(
         c = qs - ks
         dx = tl.zeros([BD], dtype=tl.float32)
         for r0 in range(0, R, BR):
-            rows = r0 + ir
-            ok_r = rows < R
-            o_w = rows[:, None] * D + idd[None, :]
-            ok_w = ok_r[:, None] & ok_d[None, :]
+            rows, ok_r, o_w, ok_w = _row_block(r0, ir, idd, ok_d, R, D)
             dz = tl.load(do_ptr + rows, mask=rows < V, other=0.0).to(tl.float32) + tl.load(
                 dz_ptr + rows, mask=ok_r & (rows >= V), other=0.0
             )
