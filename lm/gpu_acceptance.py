@@ -46,7 +46,7 @@ KERNEL_CASES = (
     ("recurrent_delta", ""),
     ("srwm", ""),
 )
-FLA_OPS = ("gla", "delta_rule", "dplr")
+FLA_OPS = ("linear_scan", "gla", "delta_rule", "dplr")  # linear_scan: fla's fused-recurrent HGRN
 
 
 @dataclass

@@ -193,7 +193,7 @@ class ModelConfig(Frozen):
     input_dim: Optional[int] = None  # continuous inputs (regression tasks): linear embedding
     output_dim: Optional[int] = None  # continuous outputs: linear readout instead of the LM head
     # the scan ops' backend (kernels/README.md); auto (or null): by device, fla: flash-linear-attention's
-    # kernels (the fla extra; gla, delta_rule, dplr only)
+    # kernels (the fla extra; linear_scan, gla, delta_rule and dplr have them)
     kernel_backend: Optional[str] = choice("auto", ("auto", "reference", "torch", "triton", "fla"))
     mixer: Dict[str, Any] = field(default_factory=dict)
     # a hybrid (lm/models/hybrid.py): null, every layer is `family`; a pattern {every: N, mixer: <layer>,

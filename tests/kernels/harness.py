@@ -91,6 +91,8 @@ def make_inputs(
             a = torch.ones(B, T, D)
         elif decay == "strong":
             a = a * 0.01
+        elif decay == "nonnegative":  # [0, 1) with exact zeros (resets), as gated models give
+            a = a.abs().masked_fill(torch.rand(B, T, D, generator=gen) < 0.1, 0.0)
         args = {"a": a, "b": randn(B, T, D)}
         if with_state:
             state = randn(B, D)

@@ -23,6 +23,7 @@ import sys
 import pytest
 import torch
 
+import kernels
 from kernels._dispatch import choose_backend, fla_available, resolve, triton_interpret
 from tests.kernels import harness
 
@@ -64,6 +65,7 @@ def fla_on_interpreter():
     import fla.ops.generalized_delta_rule  # noqa: F401
     import fla.ops.gated_delta_rule  # noqa: F401
     import fla.ops.gla  # noqa: F401
+    import fla.ops.hgrn  # noqa: F401
     import fla.ops.simple_gla  # noqa: F401
     import triton.language as tl
     import triton.runtime.autotuner as autotuner
@@ -130,7 +132,81 @@ def test_split_equals_one_pass_and_empty(op):
     assert out.shape[1] == 0 and torch.equal(final, state.float())
 
 
-def test_ops_without_fla_backend_are_named():
-    """linear_scan has no fla counterpart (fla's hgrn needs positive decays); asking is a clear error."""
-    with pytest.raises(ValueError, match="op 'linear_scan' has no 'fla' backend"):
-        resolve("linear_scan", choose_backend("fla", torch.device(DEVICE)), torch.device(DEVICE), 10)
+@pytest.mark.parametrize("T", [1, 37, 100])
+def test_linear_scan(T):
+    """a in [0, 1) with exact zeros: a reset's gradient da_t = dh~_t h_{t-1} stays finite."""
+    harness.compare_backends(
+        "linear_scan", "fla", T=T, decay="nonnegative", with_state=True, seed=T, device=DEVICE, K=16
+    )
+
+
+def test_linear_scan_half_split_empty_and_packed():
+    harness.compare_backends(
+        "linear_scan", "fla", dtype=HALF, T=30, decay="nonnegative", with_state=True, device=DEVICE
+    )
+    harness.check_split("linear_scan", "fla", 20, T=45, decay="nonnegative", with_state=True, device=DEVICE)
+    args, state = harness.make_inputs("linear_scan", T=0, with_state=True, device=DEVICE)
+    out, final = harness.run("linear_scan", args, state, "fla")
+    assert out.shape[1] == 0 and torch.equal(final, state.float())
+    # packed sequences (an empty one too): the reset transformation around fla's kernel, with gradients
+    args, _ = harness.make_inputs("linear_scan", B=1, T=40, decay="nonnegative", device=DEVICE)
+    cu = torch.tensor([0, 7, 7, 25, 40], device=DEVICE)
+    h0 = torch.randn(4, args["a"].shape[-1], device=DEVICE)
+    o_ref, s_ref, g_ref = harness.forward_backward("linear_scan", args, h0, "reference", cu_seqlens=cu)
+    o, s, g = harness.forward_backward("linear_scan", args, h0, "fla", cu_seqlens=cu)
+    harness.assert_close("packed output", o, o_ref, 1e-5)
+    harness.assert_close("packed final states", s, s_ref, 1e-5)
+    for name in g_ref:
+        harness.assert_close(f"packed grad {name}", g[name], g_ref[name], 1e-5)
+
+
+def test_linear_scan_negative_coefficient_is_named_under_checks(monkeypatch):
+    """fla's log-space gates cannot express a < 0: an error with LM_KERNEL_CHECKS=1 (not read otherwise)."""
+    args, _ = harness.make_inputs("linear_scan", T=5, device=DEVICE)
+    monkeypatch.setenv("LM_KERNEL_CHECKS", "1")
+    with pytest.raises(ValueError, match="backend 'fla'.*needs a >= 0"):
+        kernels.linear_scan(args["a"].detach(), args["b"].detach(), backend="fla")
+
+
+def test_every_op_with_an_fla_counterpart_has_the_backend():
+    """The ops fla has (gla, gated delta rule, dplr, hgrn) take backend='fla'; the others are a clear error."""
+    for op in ("linear_scan", "gla", "delta_rule", "dplr"):
+        resolve(op, choose_backend("fla", torch.device(DEVICE)), torch.device(DEVICE), 10)
+    for op in ("softmax_scan", "recurrent_delta", "srwm"):
+        with pytest.raises(ValueError, match=f"op '{op}' has no 'fla' backend"):
+            resolve(op, choose_backend("fla", torch.device(DEVICE)), torch.device(DEVICE), 10)
+
+
+@pytest.mark.parametrize("family,variant", [("gated_rnn", "input_dependent"), ("linear_attention", "gla")])
+def test_model_kernel_backend_fla_equals_torch(family, variant, monkeypatch):
+    """``model.kernel_backend: fla`` end to end: logits and gradients as the chunked PyTorch kernels
+    give, on the stream and with document resets (``doc_starts``)."""
+    from lm.models import build_model
+
+    monkeypatch.delenv("LM_KERNEL_BACKEND", raising=False)
+    gen = torch.Generator().manual_seed(5)
+    tokens = torch.randint(0, 48, (2, 40), generator=gen)
+    starts = torch.zeros(2, 40, dtype=torch.bool)
+    starts[:, 0], starts[0, 13], starts[1, 29] = True, True, True
+    for doc_starts in (None, starts):
+        results = []
+        for backend in ("torch", "fla"):
+            torch.manual_seed(0)
+            model = build_model(
+                dict(
+                    family=family,
+                    variant=variant,
+                    vocab_size=48,
+                    d_model=32,
+                    n_layers=2,
+                    n_heads=2,
+                    kernel_backend=backend,
+                )
+            ).to(DEVICE)
+            logits, _ = model(tokens.to(DEVICE), doc_starts=None if doc_starts is None else doc_starts.to(DEVICE))
+            logits.float().square().mean().backward()
+            results.append((logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+        (ref, ref_grads), (out, grads) = results
+        harness.assert_close(f"logits (doc_starts={doc_starts is not None})", out, ref, 1e-4)
+        for name, g in ref_grads.items():
+            harness.assert_close(f"grad {name}", grads[name], g, 1e-3)

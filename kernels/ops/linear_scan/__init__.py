@@ -1,6 +1,7 @@
 """``linear_scan``: the reference recurrence and its fast paths (see kernels/README.md).
 
-The fast paths take ``cu_seqlens`` natively (:func:`kernels.ops.linear_scan.packed.packed`).
+The fast paths take ``cu_seqlens`` natively (:func:`kernels.ops.linear_scan.packed.packed`); the ``fla``
+backend needs ``a >= 0`` (see :mod:`kernels.ops.linear_scan.fla`).
 """
 
 import functools
@@ -19,4 +20,5 @@ BACKENDS = {
     "reference": lazy(__name__ + ".reference", "linear_scan_reference"),
     "torch": _packed(__name__ + ".torch_chunk", "linear_scan_chunked"),
     "triton": _packed(__name__ + ".triton_scan", "linear_scan_triton"),
+    "fla": _packed(__name__ + ".fla", "linear_scan_fla"),
 }
