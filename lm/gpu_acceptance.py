@@ -13,7 +13,9 @@ Runs on one CUDA GPU (H100/H200: under 10 minutes) and writes a Markdown report 
 6. generation ms/token (125M models, bf16, after a 4k-token prompt).
 
 Each section is guarded: a failure is reported (with its last error line) and the rest still runs.
-Without CUDA it says so and exits 0. ``--cpu-smoke`` runs the same code paths at tiny shapes on the
+The report is rewritten after every section, so a run stopped from outside keeps what it measured;
+``--budget-s`` bounds the whole run (a section that would start after it is skipped and the training
+runs' timeouts shrink to what is left). Without CUDA it says so and exits 0. ``--cpu-smoke`` runs the same code paths at tiny shapes on the
 CPU (Triton on the interpreter, timings on CPU tensors, fla skipped) so a test can prove the
 script works; its figures mean nothing.
 """
@@ -34,6 +36,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
+TRAIN_TIMEOUT_S = 900.0  # one ``lm train`` run (compiles every kernel on a fresh machine)
 TRAIN_MODELS = ("gla", "gated_rnn", "rwkv7")
 #: op -> (label, kernels.bench input variant); gla with a per-key and a per-head gate
 KERNEL_CASES = (
@@ -110,11 +113,24 @@ def cpu_smoke_plan() -> Plan:
 
 
 class Report:
-    """Markdown sections; progress goes to stdout as they are written."""
+    """Markdown sections, written to ``out`` after each one; progress goes to stdout. ``budget_s``: the
+    seconds the whole run may take (None: unbounded)."""
 
-    def __init__(self) -> None:
+    def __init__(self, out: Optional[Path] = None, budget_s: Optional[float] = None) -> None:
         self.lines: List[str] = []
         self.failures: List[str] = []
+        self.skipped: List[str] = []
+        self.out = out
+        self.deadline = None if budget_s is None else time.monotonic() + budget_s
+
+    def remaining_s(self) -> Optional[float]:
+        """Seconds left of the budget (None: unbounded)."""
+        return None if self.deadline is None else self.deadline - time.monotonic()
+
+    def write(self) -> None:
+        if self.out is not None:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            self.out.write_text(self.text())
 
     def add(self, *lines: str) -> None:
         self.lines.extend(lines)
@@ -127,8 +143,15 @@ class Report:
 
     def section(self, title: str, fn: Callable[["Report"], None]) -> None:
         """Run one section; an exception is recorded in the report and does not stop the run."""
-        print(f"[gpu-acceptance] {title} ...", flush=True)
         self.add(f"## {title}", "")
+        left = self.remaining_s()
+        if left is not None and left <= 0:
+            self.add("_skipped: the time budget (--budget-s) was spent_", "")
+            self.skipped.append(title)
+            print(f"[gpu-acceptance] {title}: skipped (time budget spent)", flush=True)
+            self.write()
+            return
+        print(f"[gpu-acceptance] {title} ...", flush=True)
         t0 = time.perf_counter()
         try:
             fn(self)
@@ -139,6 +162,7 @@ class Report:
             print(f"[gpu-acceptance] {title} FAILED: {last}", flush=True)
         self.add(f"_{time.perf_counter() - t0:.0f} s_", "")
         print(f"[gpu-acceptance] {title} done in {time.perf_counter() - t0:.0f} s", flush=True)
+        self.write()
 
     def text(self) -> str:
         return "\n".join(self.lines) + "\n"
@@ -254,7 +278,7 @@ def kernel_timings(plan: Plan, report: Report) -> None:
     backends = ["triton", "torch"] if plan.device == "cuda" else ["torch"]
     use_fla = plan.device == "cuda" and fla_available()
     rows = []
-    for op, variant in KERNEL_CASES[1:5]:  # gla (both gates), delta_rule, dplr
+    for op, variant in KERNEL_CASES[:5]:  # linear_scan, gla (both gates), delta_rule, dplr
         label = f"{op} (per-head g)" if variant == "head" else op
         times = {b: time_op(op, b, s, plan.repeats, variant) for b in backends}
         if use_fla and op in FLA_OPS:
@@ -367,20 +391,25 @@ def train_runs(plan: Plan, workdir: Path) -> list:
 
 
 def training(plan: Plan, report: Report) -> None:
+    from lm.process_group import run_group
     from lm.training.callbacks import read_metrics_csv
 
     runs = train_runs(plan, Path(tempfile.mkdtemp(prefix="gpu-acceptance-")))
     rows = []
     for name, strategy, run_dir, overrides in runs:
+        left = report.remaining_s()
+        timeout = TRAIN_TIMEOUT_S if left is None else min(TRAIN_TIMEOUT_S, left)
+        if timeout < 30:
+            rows.append((name, strategy, "skipped", "", "", "", "", "time budget (--budget-s) spent"))
+            continue
         print(f"  lm train {name}/{plan.model_size} ({strategy}) ...", flush=True)
         t0 = time.perf_counter()
-        proc = subprocess.run(
-            [sys.executable, "-m", "lm.cli.main", "train", "main", *overrides],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )
+        try:  # its own process group: DeepSpeed's or Lightning's children die with it
+            proc = run_group([sys.executable, "-m", "lm.cli.main", "train", "main", *overrides], timeout, cwd=ROOT)
+        except subprocess.TimeoutExpired:
+            rows.append((name, strategy, "TIMEOUT", "", "", "", f"{timeout:.0f}", f"killed after {timeout:.0f} s"))
+            report.failures.append(f"lm train {name} ({strategy}): timed out after {timeout:.0f} s")
+            continue
         wall = time.perf_counter() - t0
         if proc.returncode != 0:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
@@ -462,8 +491,8 @@ SECTIONS = (
 )
 
 
-def run(plan: Plan, out: Path, skip: Sequence[str] = ()) -> Report:
-    report = Report()
+def run(plan: Plan, out: Path, skip: Sequence[str] = (), budget_s: Optional[float] = None) -> Report:
+    report = Report(out, budget_s)
     title = "CPU smoke run (figures meaningless)" if plan.device == "cpu" else "GPU acceptance"
     report.add(f"# {title}", "", "Written by `python -m lm.gpu_acceptance`.", "")
     t0 = time.perf_counter()
@@ -475,12 +504,12 @@ def run(plan: Plan, out: Path, skip: Sequence[str] = ()) -> Report:
         "## Summary",
         "",
         f"Total {time.perf_counter() - t0:.0f} s; "
-        + (f"{len(report.failures)} failure(s):" if report.failures else "no failures."),
+        + (f"{len(report.failures)} failure(s):" if report.failures else "no failures.")
+        + (f" Skipped for the time budget: {', '.join(report.skipped)}." if report.skipped else ""),
         "",
     )
     report.add(*[f"- {f}" for f in report.failures])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(report.text())
+    report.write()
     print(f"[gpu-acceptance] report written to {out}", flush=True)
     return report
 
@@ -495,6 +524,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         help="the same code paths at tiny shapes on the CPU (Triton on the interpreter)",
     )
     p.add_argument("--skip", default="", help="comma-separated section numbers or first words to skip")
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="seconds the whole run may take: later sections are skipped, training timeouts shrink",
+    )
     args = p.parse_args(argv)
     if args.cpu_smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before any Triton kernel module is imported
@@ -509,7 +544,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             )
             return 0
         plan = gpu_plan(args.quick)
-    report = run(plan, args.out, [s.strip().lower() for s in args.skip.split(",") if s.strip()])
+    skip = [s.strip().lower() for s in args.skip.split(",") if s.strip()]
+    report = run(plan, args.out, skip, args.budget_s)
     return 1 if report.failures else 0
 
 

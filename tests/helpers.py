@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -17,6 +16,8 @@ from pathlib import Path
 from typing import Dict, List
 
 import yaml
+
+from lm.process_group import kill_group, run_group  # noqa: F401  (re-exported for the tests)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -84,29 +85,6 @@ def lm_env() -> Dict[str, str]:
 
 def lm_command(*args: str) -> List[str]:
     return [sys.executable, "-m", "lm.cli.main", *args]
-
-
-def kill_group(proc: subprocess.Popen) -> None:
-    """SIGKILL ``proc``'s whole process group (it was started with ``start_new_session=True``)."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def run_group(cmd: List[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
-    """``subprocess.run`` in a new session; on timeout or any interruption the whole group is killed."""
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **kwargs
-    )
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except BaseException:
-        kill_group(proc)
-        proc.communicate()
-        raise
-    kill_group(proc)  # leftovers of a finished command (e.g. an orphaned rank) go too
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def run_lm(*args: str, timeout: float = 600, check: bool = True, env=None) -> subprocess.CompletedProcess:

@@ -21,7 +21,6 @@ import csv
 import json
 import math
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from data.atomic import write_atomic
+from lm.process_group import kill_group
 
 #: the wall time of a comparison's run, kept in its run directory so that a read-back table shows it
 WALL_FILE = "compare_wall.json"
@@ -75,7 +75,7 @@ def run_one(cmd: List[str], log_path: Path) -> int:
             return proc.wait()
         finally:
             if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
+                kill_group(proc)
                 proc.wait()
 
 

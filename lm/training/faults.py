@@ -30,6 +30,8 @@ from typing import Any, Dict, List, Optional
 import torch
 import yaml
 
+from lm.process_group import kill_group
+
 MODES = {
     "single": [],
     "zero2": ["train.devices=2", "train.accelerator=cpu", "train.strategy=deepspeed", "train.zero_stage=2"],
@@ -68,10 +70,7 @@ def _run(args: List[str], log: Path, timeout: float = 900) -> None:
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+    kill_group(proc)
     proc.wait()
 
 

@@ -181,7 +181,7 @@ def test_every_op_with_an_fla_counterpart_has_the_backend():
 def test_model_kernel_backend_fla_equals_torch(family, variant, monkeypatch):
     """``model.kernel_backend: fla`` end to end: logits and gradients as the chunked PyTorch kernels
     give, on the stream and with document resets (``doc_starts``)."""
-    from lm.models import build_model
+    from tests.models.test_kernel_backend import logits_and_grads, tiny
 
     monkeypatch.delenv("LM_KERNEL_BACKEND", raising=False)
     gen = torch.Generator().manual_seed(5)
@@ -191,21 +191,10 @@ def test_model_kernel_backend_fla_equals_torch(family, variant, monkeypatch):
     for doc_starts in (None, starts):
         results = []
         for backend in ("torch", "fla"):
-            torch.manual_seed(0)
-            model = build_model(
-                dict(
-                    family=family,
-                    variant=variant,
-                    vocab_size=48,
-                    d_model=32,
-                    n_layers=2,
-                    n_heads=2,
-                    kernel_backend=backend,
-                )
-            ).to(DEVICE)
-            logits, _ = model(tokens.to(DEVICE), doc_starts=None if doc_starts is None else doc_starts.to(DEVICE))
-            logits.float().square().mean().backward()
-            results.append((logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+            model = tiny(family, variant, backend).to(DEVICE)
+            results.append(
+                logits_and_grads(model, tokens.to(DEVICE), None if doc_starts is None else doc_starts.to(DEVICE))
+            )
         (ref, ref_grads), (out, grads) = results
         harness.assert_close(f"logits (doc_starts={doc_starts is not None})", out, ref, 1e-4)
         for name, g in ref_grads.items():

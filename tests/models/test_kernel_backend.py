@@ -31,8 +31,8 @@ def tiny(family, variant, backend):
     return build_model(cfg)
 
 
-def logits_and_grads(model, tokens):
-    logits, _ = model(tokens)
+def logits_and_grads(model, tokens, doc_starts=None):
+    logits, _ = model(tokens, doc_starts=doc_starts)
     logits.float().square().mean().backward()
     return logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
