@@ -3,11 +3,13 @@
 #   make test   create .venv if needed, install, run the test suite
 #   make lint   ruff (lint + format check) and mypy (the files in pyproject.toml: lm/config, lm/training, data)
 #   make test-fast  the suite without slow, distributed and SLURM tests (a few minutes)
+#   make device-wheels  the wheels that the GPU acceptance needs on a lent GPU machine with no network, in .whl/
+#                   (docs/gpu-device.md)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 
-.PHONY: install demo test test-fast lint clean
+.PHONY: install demo test test-fast lint device-wheels clean
 
 $(BIN)/lm: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +33,9 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+
+device-wheels: install
+	PYTHON=$(BIN)/python scripts/device_wheels.sh
 
 clean:
 	rm -rf runs artifacts
