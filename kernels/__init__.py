@@ -4,7 +4,9 @@ Each public op validates its arguments (``ValueError`` naming the argument and e
 log-decay sign, a value check, only on the reference backend or with ``LM_KERNEL_CHECKS=1``),
 then dispatches to a backend: ``"reference"`` (the step-by-step recurrence), ``"torch"``
 (chunked/parallel PyTorch) or ``"triton"``; see :mod:`kernels._dispatch` for the rule.
-All return ``(output, final_state or None)``.
+All return ``(output, final_state or None)``. Backends run with autocast off: the inputs' dtypes and
+the contract's precision rules decide, not autocast's op lists (which would turn a backend's fp32
+state products into half-precision ones, or mix dtypes inside its loops).
 
 Every op takes ``cu_seqlens`` (int32/int64 ``[N+1]``): packed sequences with B = 1, each run as if alone,
 with ``initial_state`` and the final state per sequence (leading N instead of B); see
@@ -13,6 +15,7 @@ with ``initial_state`` and the final state per sequence (leading N instead of B)
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Tuple
 
 import torch
@@ -52,7 +55,15 @@ def _run(
     fn = resolve(op, choose_backend(backend, device), device, T)
     if log_decay is not None and value_checks_enabled(is_reference(op, fn)):
         check_log_decay("g", log_decay)
-    return call(op, fn, args, cu_seqlens, offsets, n_steps, batched)
+    with _autocast_off(device):
+        return call(op, fn, args, cu_seqlens, offsets, n_steps, batched)
+
+
+def _autocast_off(device: torch.device):
+    """Autocast disabled for ``device`` while a backend runs (a no-op where it is not enabled)."""
+    if device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _lead(offsets) -> str:

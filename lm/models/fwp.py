@@ -46,7 +46,7 @@ feed-forward blocks with biases, no final norm).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Tuple
 
 import torch
 import torch.nn as nn
@@ -55,7 +55,7 @@ import kernels
 from kernels.ops.srwm.reference import broadcast_weights
 from lm.errors import ConfigError
 from lm.models.layers import HeadNorm
-from lm.models.mixer import TokenMixer, get, packed_scan
+from lm.models.mixer import TokenMixer, compute_dtype, get, packed_scan
 from lm.models.registry import head_dim, register
 
 
@@ -176,10 +176,23 @@ class FastWeightProgrammer(TokenMixer):
                 nn.init.normal_(self.w_b, o.srwm_beta_init_mean, K**-0.5)
 
     def srwm_input(self, x: torch.Tensor) -> torch.Tensor:
-        """x [B, T, D] -> the SRWM's input per head [B, T, H, K]: ``W_in x``, or x split into heads."""
+        """x [B, T, D] -> the SRWM's input per head [B, T, H, K]: ``W_in x``, or x split into heads
+        (in :func:`compute_dtype`)."""
         B, T, _ = x.shape
         h = self.in_proj(x) if self.in_proj is not None else x
-        return h.reshape(B, T, self.n_heads, self.head_dim)
+        return h.reshape(B, T, self.n_heads, self.head_dim).to(compute_dtype(x))
+
+    def recurrent_delta_inputs(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """x [B, T, D] -> q, k, v [B, T, H, K] and the learning-rate logits [B, T, H] (in
+        :func:`compute_dtype`)."""
+        B, T, _ = x.shape
+        H, K, dt = self.n_heads, self.head_dim, compute_dtype(x)
+        q, k, v = (proj(x).view(B, T, H, K).to(dt) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        return q, k, v, self.b_proj(x).to(dt)
+
+    def recurrent_weights(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """R_q, R_k, R_v, r_b in the kernels' dtype (:func:`compute_dtype`)."""
+        return tuple(p.to(compute_dtype(x)) for p in (self.r_q, self.r_k, self.r_v, self.r_b))
 
     def forward(self, x, state=None, return_state=False, segments=None):
         if segments is not None:
@@ -189,14 +202,8 @@ class FastWeightProgrammer(TokenMixer):
         if self.kind == "recurrent_delta":
             S0 = None if get(state, "S") is None else (state["S"], state["y"])
             out, final = kernels.recurrent_delta(
-                self.q_proj(x).view(B, T, H, K),
-                self.k_proj(x).view(B, T, H, K),
-                self.v_proj(x).view(B, T, H, K),
-                self.b_proj(x),
-                self.r_q.to(x.dtype),
-                self.r_k.to(x.dtype),
-                self.r_v.to(x.dtype),
-                self.r_b.to(x.dtype),
+                *self.recurrent_delta_inputs(x),
+                *self.recurrent_weights(x),
                 initial_state=S0,
                 output_final_state=return_state,
                 backend=self.backend,
@@ -207,7 +214,7 @@ class FastWeightProgrammer(TokenMixer):
             weights = (self.w_y, self.w_q, self.w_k, self.w_b)
             out, final = kernels.srwm(
                 self.srwm_input(x),
-                *(w.to(x.dtype) for w in weights),
+                *(w.to(compute_dtype(x)) for w in weights),
                 initial_state=W0,
                 output_final_state=return_state,
                 backend=self.backend,
@@ -232,26 +239,18 @@ class FastWeightProgrammer(TokenMixer):
             out, final = packed_scan(
                 kernels.recurrent_delta,
                 segments,
-                (
-                    self.q_proj(x).view(B, T, H, K),
-                    self.k_proj(x).view(B, T, H, K),
-                    self.v_proj(x).view(B, T, H, K),
-                    self.b_proj(x),
-                ),
+                self.recurrent_delta_inputs(x),
                 S0,
                 fresh,
                 return_state,
-                r_q=self.r_q.to(x.dtype),
-                r_k=self.r_k.to(x.dtype),
-                r_v=self.r_v.to(x.dtype),
-                r_b=self.r_b.to(x.dtype),
+                **dict(zip(("r_q", "r_k", "r_v", "r_b"), self.recurrent_weights(x))),
                 backend=self.backend,
             )
             new_state = {"S": final[0], "y": final[1]} if return_state else None
         else:
             weights = (self.w_y, self.w_q, self.w_k, self.w_b)
             fresh = lambda n: tuple(broadcast_weights(w.float(), n) for w in weights)  # noqa: E731
-            w_y, w_q, w_k, w_b = (w.to(x.dtype) for w in weights)
+            w_y, w_q, w_k, w_b = (w.to(compute_dtype(x)) for w in weights)
             out, final = packed_scan(
                 kernels.srwm,
                 segments,

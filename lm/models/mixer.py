@@ -64,6 +64,15 @@ class ImplicitAttention:
         return float((rebuilt - self.output.double()).abs().max() / scale)
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a mixer hands its kernels: autocast's where autocast is on for x's device (in
+    ``bf16-mixed`` training the projections come out in bf16 while the residual stream x and the
+    parameters stay fp32, and the kernels take q, k, v and their weights in one dtype), else x's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
 def onehot_values(B: int, T: int, H: int, device) -> torch.Tensor:
     """Identity values [B, T, H, T]: a kernel linear in v, run on them, returns its weights."""
     eye = torch.eye(T, device=device)

@@ -80,7 +80,7 @@ import kernels
 from lm.errors import ConfigError, did_you_mean
 from lm.models.flops import kernel_chunk
 from lm.models.layers import HeadNorm, RWKVChannelMix, l2_normalize, token_shift
-from lm.models.mixer import ImplicitAttention, TokenMixer, get, onehot_values, packed_scan
+from lm.models.mixer import ImplicitAttention, TokenMixer, compute_dtype, get, onehot_values, packed_scan
 from lm.models.registry import register
 
 BRANCHES = ("r", "w", "k", "v", "a", "g")
@@ -309,18 +309,19 @@ class RWKV7TimeMix(TokenMixer):
         (``segments``: the token shift resets at document starts; the value residual is per token)."""
         B, T, D = x.shape
         H, K = self.n_heads, self.head_dim
+        dt = compute_dtype(x)  # the kernels' dtype (autocast's in mixed precision)
         prev, last = token_shift(x, get(state, "shift"), segments)
         mixed = x[:, :, None] + (prev - x)[:, :, None] * self.mu.to(x.dtype)  # [B, T, 6, D]
         xr, xw, xk, xv, xa, xg = mixed.unbind(2)
-        r = self.receptance(xr).view(B, T, H, K)
+        r = self.receptance(xr).view(B, T, H, K).to(dt)
         k = self.key(xk)
-        v = self.value_residual(self.value(xv), xv, shared).view(B, T, H, K)
+        v = self.value_residual(self.value(xv), xv, shared).view(B, T, H, K).to(dt)
         log_w = -math.exp(-0.5) * torch.sigmoid(self.w0 + self.w_up(torch.tanh(self.w_down(xw))).float())
-        a = torch.sigmoid(self.a0 + self.a_up(self.a_down(xa))).to(x.dtype)
+        a = torch.sigmoid(self.a0 + self.a_up(self.a_down(xa))).to(dt)
         gate = self.g_up(torch.sigmoid(self.g_down(xg)))
-        kk = l2_normalize((k * self.k_k).view(B, T, H, K))
-        k = (k * (1 + (a - 1) * self.k_a)).view(B, T, H, K)
-        return r, k, v, kk, a.view(B, T, H, K), log_w.view(B, T, H, K).to(x.dtype), gate, last
+        kk = l2_normalize((k * self.k_k).view(B, T, H, K)).to(dt)
+        k = (k * (1 + (a - 1) * self.k_a)).view(B, T, H, K).to(dt)
+        return r, k, v, kk, a.view(B, T, H, K), log_w.view(B, T, H, K).to(dt), gate, last
 
     def forward(self, x, state=None, return_state=False, shared=None, segments=None):
         B, T, D = x.shape

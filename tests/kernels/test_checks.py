@@ -67,3 +67,24 @@ def test_meta_tensors_pass_the_public_checks():
     g = torch.empty(1, 20, 2, 4, device="meta")
     out, _ = kernels.gla(q, q, torch.empty(1, 20, 2, 3, device="meta"), g, backend="torch")
     assert out.shape == (1, 20, 2, 3) and out.device.type == "meta"
+
+
+@pytest.mark.parametrize("op", ["linear_scan", "gla", "delta_rule", "dplr", "softmax_scan", "recurrent_delta", "srwm"])
+def test_backends_run_with_autocast_off(op):
+    """A forward under bf16 autocast computes exactly what it computes without it, gradients too (the
+    backward outside autocast, as Lightning runs it): the inputs' dtype decides (recurrent_delta's fp32
+    state products used to come out of autocast in bf16 and fail)."""
+    from tests.kernels.harness import run
+
+    args, state = make_inputs(op, T=21, B=1, H=2, K=4, V=4, with_state=True)
+    results = []
+    for autocast in (False, True):
+        leaves = {n: x.detach().clone().requires_grad_() for n, x in args.items()}
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out, _ = run(op, leaves, state, "torch")
+        out.square().sum().backward()
+        results.append((out.detach(), {n: x.grad for n, x in leaves.items()}))
+    (o, g), (o_cast, g_cast) = results
+    assert o_cast.dtype == torch.float32 and torch.equal(o_cast, o)
+    for name in g:  # srwm's w_* get no gradient when an initial state replaces them
+        assert (g[name] is None and g_cast[name] is None) or torch.equal(g_cast[name], g[name]), name
