@@ -62,6 +62,12 @@ def test_triton_equals_torch_fp32(family, variant, monkeypatch):
         ref = logits_and_grads(tiny(family, variant, "torch"), tokens, doc_starts)
         out = logits_and_grads(tiny(family, variant, "triton"), tokens, doc_starts)
         _compare(f"{family}/{variant} (documents: {doc_starts is not None})", out, ref, 1e-4)
+    # decoding on the Triton path (short prompts take the fused-recurrent kernels, then one-token steps)
+    model, ref_model = tiny(family, variant, "triton"), tiny(family, variant, "torch")
+    with torch.no_grad():
+        _, state = model(tokens[:, :9], return_state=True)
+        stepped, _ = model.step(tokens[:, 9], state)
+        assert_close(f"{family}/{variant}: decode step", stepped, ref_model(tokens[:, :10])[0][:, -1], 1e-4)
 
 
 @pytest.mark.triton
