@@ -194,6 +194,10 @@ class FastWeightProgrammer(TokenMixer):
         """R_q, R_k, R_v, r_b in the kernels' dtype (:func:`compute_dtype`)."""
         return tuple(p.to(compute_dtype(x)) for p in (self.r_q, self.r_k, self.r_v, self.r_b))
 
+    def srwm_weights(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """The initial W_y, W_q, W_k, w_b in the kernels' dtype (:func:`compute_dtype`)."""
+        return tuple(w.to(compute_dtype(x)) for w in (self.w_y, self.w_q, self.w_k, self.w_b))
+
     def forward(self, x, state=None, return_state=False, segments=None):
         if segments is not None:
             return self._forward_segments(x, state, return_state, segments)
@@ -211,10 +215,9 @@ class FastWeightProgrammer(TokenMixer):
             new_state = {"S": final[0], "y": final[1]} if return_state else None
         else:
             W0 = get(state, "W")
-            weights = (self.w_y, self.w_q, self.w_k, self.w_b)
             out, final = kernels.srwm(
                 self.srwm_input(x),
-                *(w.to(compute_dtype(x)) for w in weights),
+                *self.srwm_weights(x),
                 initial_state=W0,
                 output_final_state=return_state,
                 backend=self.backend,
@@ -250,7 +253,7 @@ class FastWeightProgrammer(TokenMixer):
         else:
             weights = (self.w_y, self.w_q, self.w_k, self.w_b)
             fresh = lambda n: tuple(broadcast_weights(w.float(), n) for w in weights)  # noqa: E731
-            w_y, w_q, w_k, w_b = (w.to(compute_dtype(x)) for w in weights)
+            w_y, w_q, w_k, w_b = self.srwm_weights(x)
             out, final = packed_scan(
                 kernels.srwm,
                 segments,
